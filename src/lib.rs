@@ -1,0 +1,38 @@
+//! Outpost: a store-and-forward edge agent for IoT gateways.
+//!
+//! # Modules
+//!
+//! - [`config`]: the TOML configuration, its drop-ins and environment overrides, and
+//!   error reports that name file, line and key.
+//! - [`model`]: readings, their stable uids and flags, batches with acknowledgements.
+//! - [`sources`]: producers of readings (`simulated`; LoRaWAN and serial sources are
+//!   added beside it), one file per kind, selected by a tagged config enum.
+//! - [`store`]: the SQLite store: one writer thread with group commit, read
+//!   connections for everyone else, retention and the size cap.
+//! - [`pipeline`]: wiring and ordered shutdown.
+//! - [`status`]: the `outpost status` summary.
+//! - [`cli`]: the command line (`run`, `check`, `status`, `demo`).
+//!
+//! # Data flow
+//!
+//! ```text
+//! sources ──(bounded mpsc of Batch{readings, ack})──▶ store writer thread
+//!                                                     (group commit, synchronous=FULL,
+//!                                                      then resolves each ack)
+//!                                                          │ committed id (watch)
+//!                                                          ▼
+//!                              consumers read committed readings on their own
+//!                              read connections (demo printer; alerts, sync next)
+//! ```
+//!
+//! A reading is acknowledged to its producer only after its transaction committed
+//! (G1); shutdown stops sources first and lets every later stage drain.
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod model;
+pub mod pipeline;
+pub mod sources;
+pub mod status;
+pub mod store;

@@ -1,0 +1,206 @@
+//! The command line. Each subcommand parses its arguments, loads what it needs and
+//! calls the library; signal handling lives here, not in components.
+
+use crate::config::{self, Config, HumanDuration};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a configuration that was rejected.
+pub const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Store-and-forward edge agent: LoRaWAN and serial sensors, local alerts, sync to PostgreSQL.",
+    long_about = "Outpost reads sensors on a site gateway, keeps every reading in SQLite before \
+                  acknowledging it, evaluates alerts locally and syncs to a central PostgreSQL.\n\n\
+                  Start with `outpost demo` (no configuration needed), then edit \
+                  /etc/outpost/outpost.toml and run `outpost check`."
+)]
+pub struct Cli {
+    /// The configuration file (drop-ins are read from conf.d/ beside it).
+    #[arg(long, short = 'c', global = true, env = "OUTPOST_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent (what the systemd service does).
+    Run,
+    /// Validate the configuration and print it with secrets redacted (exit 2 if invalid).
+    Check,
+    /// Summarise the local database: last reading per device, backlog, problems.
+    Status {
+        /// Read this database instead of the configured one.
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run simulated sensors into a local database and print readings as they commit.
+    Demo {
+        /// Where the demo database goes (default: a new directory under /tmp).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Stop after this long (e.g. "30s"); default: until Ctrl-C.
+        #[arg(long, value_name = "DURATION")]
+        duration: Option<HumanDuration>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check => check(&config::resolve_path(cli.config.as_deref())),
+        Command::Run => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!("outpost: the configuration has {} problem(s); not starting.", errors.0.len());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_tracing(&config.log.level);
+            run_async(|token| crate::pipeline::run(config, token))
+        }
+        Command::Status { db, json } => status(cli.config.as_deref(), db, json),
+        Command::Demo { dir, duration } => {
+            init_tracing("warn");
+            let dir = match dir {
+                Some(d) => d,
+                None => std::env::temp_dir().join(format!("outpost-demo-{}", std::process::id())),
+            };
+            run_async(move |token| {
+                if let Some(d) = duration {
+                    let t = token.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(d.get()).await;
+                        t.cancel();
+                    });
+                }
+                async move { crate::demo::run(&dir, token, std::io::stdout()).await }
+            })
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!("# {}: the configuration is valid. Effective configuration:\n", path.display());
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("outpost: {} problem(s) in the configuration.", errors.0.len());
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
+    let db = match db {
+        Some(db) => db,
+        None => {
+            let path = config::resolve_path(config_path);
+            match Config::load(&path) {
+                Ok(c) => c.storage.path,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!("outpost: cannot find the database without a valid configuration; use --db PATH.");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    if !db.exists() {
+        eprintln!("outpost: no database at {} (has the agent run yet?)", db.display());
+        return ExitCode::FAILURE;
+    }
+    match crate::store::status_report(&db) {
+        Ok(report) if json => match serde_json::to_string_pretty(&report) {
+            Ok(s) => {
+                println!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(report) => {
+            print!("{}", crate::status::render(&report, &db.display().to_string()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost: cannot read {}: {e}", db.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `f` on a multi-threaded runtime with a shutdown token cancelled by SIGTERM or
+/// SIGINT.
+fn run_async<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let token = CancellationToken::new();
+        spawn_signal_handler(token.clone());
+        match f(token).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "Outpost stopped with an error.");
+                eprintln!("outpost: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn spawn_signal_handler(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("Cannot install signal handlers.");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down."),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down."),
+        }
+        token.cancel();
+    });
+}
+
+/// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps, which the
+/// journal adds itself. `RUST_LOG` overrides the configured level.
+pub fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).try_init()
+    } else {
+        builder.try_init()
+    };
+}

@@ -1,0 +1,102 @@
+//! Sources: everything that produces readings. The set is closed, so configuration is a
+//! tagged enum (`type = "…"`) and each variant runs its own component.
+//!
+//! Every source hands [`Batch`]es to the store through a bounded channel and
+//! acknowledges its producer only after the batch's commit (G1). Sources stop when the
+//! shutdown token is cancelled and drop their sender, which lets the writer finish.
+
+pub mod simulated;
+
+use crate::config::{check_identifier, Problems};
+use crate::model::Batch;
+use crate::store::Store;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One `[[sources]]` entry.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum SourceConfig {
+    Simulated(simulated::SimulatedConfig),
+}
+
+/// The `type` values, for messages.
+const TYPES: &[&str] = &["simulated"];
+
+impl SourceConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SourceConfig::Simulated(c) => &c.name,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Simulated(_) => "simulated",
+        }
+    }
+
+    /// Deserializes one `[[sources]]` table, reporting problems with their key paths.
+    /// (Done by hand rather than through serde's internally tagged enums, which lose
+    /// the path of an error inside the variant.)
+    pub fn from_json(mut value: Value, path: &str, problems: &mut Problems) -> Option<SourceConfig> {
+        let Some(map) = value.as_object_mut() else {
+            problems.push(path, "expected a table");
+            return None;
+        };
+        let kind = match map.remove("type") {
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                problems.push(format!("{path}.type"), format!("expected a string, found {other}"));
+                return None;
+            }
+            None => {
+                problems.push(
+                    format!("{path}.type"),
+                    format!("the required key `type` is missing; one of {}", quoted(TYPES)),
+                );
+                return None;
+            }
+        };
+        match kind.as_str() {
+            "simulated" => problems.deserialize(value, path).map(SourceConfig::Simulated),
+            other => {
+                problems.push(
+                    format!("{path}.type"),
+                    format!("unknown source type {other:?}; expected one of {}", quoted(TYPES)),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        problems.check(format!("{path}.name"), check_identifier(self.name(), "the source name"));
+        match self {
+            SourceConfig::Simulated(c) => c.validate(path, problems),
+        }
+    }
+
+    /// Runs the source until `shutdown` is cancelled.
+    pub async fn run(self, ctx: SourceContext) -> anyhow::Result<()> {
+        match self {
+            SourceConfig::Simulated(c) => simulated::run(c, ctx).await,
+        }
+    }
+}
+
+fn quoted(items: &[&str]) -> String {
+    items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+}
+
+/// What a running source is given.
+#[derive(Clone)]
+pub struct SourceContext {
+    /// Where batches go; bounded: a full channel makes the source wait.
+    pub out: mpsc::Sender<Batch>,
+    pub shutdown: CancellationToken,
+    /// For durable source state (cursors, sequences) and read queries.
+    pub store: Store,
+}

@@ -1,0 +1,123 @@
+//! `outpost status`: a human summary read straight from the database, so it works
+//! whether or not the service runs (WAL readers never block the writer).
+
+use crate::store::StatusReport;
+use chrono::{DateTime, Utc};
+use std::fmt::Write;
+
+/// "4s", "12m", "3h", "2d" — ages as a technician reads them.
+pub fn age(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
+    let secs = (now - then).num_seconds();
+    if secs < 0 {
+        return "in the future".into();
+    }
+    let secs = secs as u64;
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+pub fn format_value(value: f64, unit: Option<&str>) -> String {
+    let mut s = if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    };
+    if let Some(u) = unit.filter(|u| !u.is_empty()) {
+        s.push(' ');
+        s.push_str(u);
+    }
+    s
+}
+
+/// Renders the report as aligned text.
+pub fn render(report: &StatusReport, database: &str) -> String {
+    let mut out = String::new();
+    let now = report.now;
+    let _ = writeln!(out, "Database: {database} (schema {})", report.schema_version);
+    let backlog = match report.backlog.oldest_received_at {
+        Some(oldest) => format!("{} unsynced, oldest {} old", report.backlog.rows, age(now, oldest)),
+        None => "nothing unsynced".to_string(),
+    };
+    let _ = writeln!(out, "Readings: {} stored; backlog: {backlog}", report.total_readings);
+    if report.pruned_unsynced > 0 {
+        let _ = writeln!(
+            out,
+            "WARNING: {} unsynced readings were deleted to respect storage.max_size",
+            report.pruned_unsynced
+        );
+    }
+    if report.rejected > 0 {
+        let _ = writeln!(out, "Rejected input kept for diagnosis: {}", report.rejected);
+    }
+    let _ = writeln!(out);
+    if report.series.is_empty() {
+        let _ = writeln!(out, "No readings yet.");
+        return out;
+    }
+    let header = ["SOURCE", "DEVICE", "METRIC", "LAST VALUE", "AGE", "COUNT"];
+    let rows: Vec<[String; 6]> = report
+        .series
+        .iter()
+        .map(|s| {
+            [
+                s.source.clone(),
+                s.device.clone(),
+                s.metric.clone(),
+                format_value(s.value, s.unit.as_deref()),
+                age(now, s.observed_at),
+                s.count.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&header, &rows));
+    out
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_and_values() {
+        let now = Utc::now();
+        assert_eq!(age(now, now - chrono::Duration::seconds(5)), "5s");
+        assert_eq!(age(now, now - chrono::Duration::minutes(5)), "5m");
+        assert_eq!(age(now, now - chrono::Duration::hours(5)), "5h");
+        assert_eq!(age(now, now - chrono::Duration::days(5)), "5d");
+        assert_eq!(age(now, now + chrono::Duration::days(5)), "in the future");
+        assert_eq!(format_value(4.256, Some("°C")), "4.26 °C");
+        assert_eq!(format_value(1.0, None), "1");
+    }
+}

@@ -1,0 +1,391 @@
+//! The local store: one SQLite database in WAL mode with `synchronous=FULL`.
+//!
+//! Guarantees:
+//! - **A batch is acknowledged only after its commit** (G1). The single writer thread
+//!   owns the write connection, groups batches into one transaction (up to
+//!   `batch_max_rows` rows or `batch_max_delay`), commits, and only then resolves each
+//!   batch's acknowledgement. A failed commit resolves them with the error instead.
+//! - **Each uid is stored once** (G2): redeliveries count as duplicates.
+//! - **Disk use is bounded** (G4): synced readings older than `retention` are pruned;
+//!   above `max_size`, the oldest synced readings go next, and only then the oldest
+//!   unsynced ones, counted and logged at error level. Other tables (alert events,
+//!   notifications) are never pruned to make room.
+//! - **A full disk does not stop the agent**: SQLITE_FULL fails the group (nothing is
+//!   acknowledged), ingest pauses briefly and resumes by itself when space returns.
+//! - **A corrupt database does not crash-loop the agent**: it is moved aside (kept for
+//!   diagnosis) and a fresh one is created.
+//!
+//! Everyone else reads through their own read-only connections ([`Store::reader`]).
+
+mod read;
+pub mod schema;
+mod writer;
+
+pub use read::{BacklogSummary, CommittedReadings, SeriesSummary, StatusReport, StoredReading};
+pub use writer::{StoreStats, WriteOp};
+
+use crate::config::{ByteSize, HumanDuration, Problems};
+use crate::model::Batch;
+use rusqlite::{Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// `[storage]`: where and how readings are kept on the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The SQLite database file. Its directory must be writable (WAL needs it).
+    #[serde(default = "default_path")]
+    pub path: PathBuf,
+    /// Commit a group once it holds this many readings (1 to 100000).
+    #[serde(default = "default_batch_max_rows")]
+    pub batch_max_rows: usize,
+    /// ... or once the first reading of the group has waited this long (at most 10s).
+    /// Longer is cheaper for SD cards; shorter acknowledges sooner.
+    #[serde(default = "default_batch_max_delay")]
+    pub batch_max_delay: HumanDuration,
+    /// Batches waiting for the writer; sources wait when it is full (1 to 65536).
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+    /// Synced readings older than this are deleted.
+    #[serde(default = "default_retention")]
+    pub retention: HumanDuration,
+    /// The cap on the database's used size (at least 1MiB). See G4 for what is pruned.
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+    /// How often retention and the size cap are enforced.
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval: HumanDuration,
+    /// How long a reader waits for a lock before giving up.
+    #[serde(default = "default_busy_timeout")]
+    pub busy_timeout: HumanDuration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: default_path(),
+            batch_max_rows: default_batch_max_rows(),
+            batch_max_delay: default_batch_max_delay(),
+            channel_capacity: default_channel_capacity(),
+            retention: default_retention(),
+            max_size: default_max_size(),
+            prune_interval: default_prune_interval(),
+            busy_timeout: default_busy_timeout(),
+        }
+    }
+}
+
+fn default_path() -> PathBuf {
+    PathBuf::from("/var/lib/outpost/outpost.db")
+}
+fn default_batch_max_rows() -> usize {
+    1000
+}
+fn default_batch_max_delay() -> HumanDuration {
+    HumanDuration::from_millis(50)
+}
+fn default_channel_capacity() -> usize {
+    1024
+}
+fn default_retention() -> HumanDuration {
+    HumanDuration::from_secs(7 * 86400)
+}
+fn default_max_size() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_prune_interval() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_busy_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+
+impl StorageConfig {
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        if self.path.as_os_str().is_empty() {
+            problems.push(format!("{path}.path"), "must name the database file");
+        }
+        if !(1..=100_000).contains(&self.batch_max_rows) {
+            problems.push(
+                format!("{path}.batch_max_rows"),
+                format!("must be between 1 and 100000, found {}", self.batch_max_rows),
+            );
+        }
+        let delay = self.batch_max_delay.get();
+        if delay.is_zero() || delay > std::time::Duration::from_secs(10) {
+            problems.push(
+                format!("{path}.batch_max_delay"),
+                format!("must be more than 0 and at most 10s, found {}", self.batch_max_delay),
+            );
+        }
+        if !(1..=65_536).contains(&self.channel_capacity) {
+            problems.push(
+                format!("{path}.channel_capacity"),
+                format!("must be between 1 and 65536, found {}", self.channel_capacity),
+            );
+        }
+        if self.retention.get() < std::time::Duration::from_secs(60) {
+            problems.push(format!("{path}.retention"), "must be at least 1m");
+        }
+        if self.max_size.0 < (1 << 20) {
+            problems.push(
+                format!("{path}.max_size"),
+                format!("must be at least 1MiB, found {}", self.max_size),
+            );
+        }
+        if self.prune_interval.get() < std::time::Duration::from_secs(1) {
+            problems.push(format!("{path}.prune_interval"), "must be at least 1s");
+        }
+        if self.busy_timeout.get() > std::time::Duration::from_secs(300) {
+            problems.push(format!("{path}.busy_timeout"), "must be at most 5m");
+        }
+    }
+}
+
+/// Why the store could not do what was asked. Cloneable so one commit failure can be
+/// reported to every batch of the group.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("the disk is full (SQLITE_FULL); nothing of this batch was stored")]
+    Full,
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("the commit was rolled back; nothing of this batch was stored")]
+    RolledBack,
+    #[error("cannot open the database {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("SQLite: {0}")]
+    Sqlite(String),
+}
+
+impl StoreError {
+    pub fn from_sqlite(e: &rusqlite::Error) -> StoreError {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full,
+            Some(rusqlite::ErrorCode::OperationAborted) => StoreError::RolledBack,
+            _ => StoreError::Sqlite(e.to_string()),
+        }
+    }
+}
+
+/// Options that are not configuration: hooks for tests and tools.
+#[derive(Default)]
+pub struct StoreOptions {
+    /// Caps the database at this many pages (`PRAGMA max_page_count`), e.g. to
+    /// simulate a full disk in tests.
+    pub max_page_count: Option<u64>,
+    /// Called on each commit; returning `true` turns the commit into a rollback
+    /// (SQLite's commit hook). For fault-injection tests.
+    pub commit_hook: Option<Box<dyn FnMut() -> bool + Send>>,
+}
+
+/// A cloneable handle to the store: sends writes to the writer thread and opens
+/// read connections.
+#[derive(Clone)]
+pub struct Store {
+    path: Arc<PathBuf>,
+    busy_timeout: std::time::Duration,
+    ops: mpsc::Sender<WriteOp>,
+    committed: watch::Receiver<i64>,
+    stats: Arc<StoreStats>,
+}
+
+/// What [`Store::open`] returns besides the handle: the ingest side of the pipeline and
+/// the writer's completion.
+pub struct Ingest {
+    /// Sources send their batches here. When every clone is dropped, the writer
+    /// commits what it holds and stops accepting readings.
+    pub sender: mpsc::Sender<Batch>,
+    /// Resolves when the writer thread has committed everything and closed.
+    pub finished: oneshot::Receiver<()>,
+}
+
+impl Store {
+    /// Opens (creating, migrating or recovering) the database and starts the writer.
+    pub fn open(config: &StorageConfig, options: StoreOptions) -> Result<(Store, Ingest), StoreError> {
+        let conn = open_writer_connection(config, &options)?;
+        let (batch_tx, batch_rx) = mpsc::channel(config.channel_capacity.max(1));
+        let (op_tx, op_rx) = mpsc::channel(256);
+        let last_id: i64 = conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| r.get(0))
+            .map_err(|e| StoreError::from_sqlite(&e))?;
+        let (committed_tx, committed_rx) = watch::channel(last_id);
+        let stats = Arc::new(StoreStats::default());
+        let (finished_tx, finished_rx) = oneshot::channel();
+        writer::spawn(
+            conn,
+            config.clone(),
+            options.commit_hook,
+            batch_rx,
+            op_rx,
+            committed_tx,
+            stats.clone(),
+            finished_tx,
+        )?;
+        Ok((
+            Store {
+                path: Arc::new(config.path.clone()),
+                busy_timeout: config.busy_timeout.get(),
+                ops: op_tx,
+                committed: committed_rx,
+                stats,
+            },
+            Ingest {
+                sender: batch_tx,
+                finished: finished_rx,
+            },
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stats(&self) -> &Arc<StoreStats> {
+        &self.stats
+    }
+
+    /// A new read-only connection (WAL readers never block the writer).
+    pub fn reader(&self) -> rusqlite::Result<Connection> {
+        open_reader(&self.path, self.busy_timeout)
+    }
+
+    /// Runs `op` inside the writer's next group transaction (in its own savepoint) and
+    /// resolves after that transaction committed. `op` must be quick: it runs on the
+    /// thread that commits every reading.
+    pub async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let op = WriteOp::new(op, tx);
+        self.ops.send(op).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The id of the newest committed reading; changes after every commit.
+    pub fn committed_watch(&self) -> watch::Receiver<i64> {
+        self.committed.clone()
+    }
+
+    /// Committed readings with an id above `after`, as they are committed. The stream
+    /// ends after the writer has closed and every row was delivered.
+    pub fn committed_readings(&self, after: i64) -> rusqlite::Result<CommittedReadings> {
+        CommittedReadings::new(self.reader()?, self.committed.clone(), after)
+    }
+}
+
+pub(crate) fn open_reader(path: &Path, busy_timeout: std::time::Duration) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    conn.busy_timeout(busy_timeout)?;
+    Ok(conn)
+}
+
+/// Opens the write connection; a database that cannot be opened or fails
+/// `quick_check` is moved aside and replaced by a fresh one.
+fn open_writer_connection(config: &StorageConfig, options: &StoreOptions) -> Result<Connection, StoreError> {
+    let path = &config.path;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: format!("cannot create its directory: {e}"),
+        })?;
+    }
+    match try_open(config, options) {
+        Ok(conn) => Ok(conn),
+        Err(OpenFailure::Unusable(reason)) => {
+            let aside = move_aside(path).map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: format!("{reason}; moving it aside failed too: {e}"),
+            })?;
+            tracing::error!(
+                path = %path.display(),
+                moved_to = %aside.display(),
+                reason = %reason,
+                "The database is unusable; it was moved aside and a fresh one created. Unsynced readings in it were not sent."
+            );
+            try_open(config, options).map_err(|f| StoreError::Open {
+                path: path.display().to_string(),
+                reason: f.to_string(),
+            })
+        }
+        Err(f @ OpenFailure::Environment(_)) => Err(StoreError::Open {
+            path: path.display().to_string(),
+            reason: f.to_string(),
+        }),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum OpenFailure {
+    /// The file is damaged or not a database: move it aside.
+    #[error("{0}")]
+    Unusable(String),
+    /// Permissions, a read-only filesystem, a newer schema: moving aside would not help.
+    #[error("{0}")]
+    Environment(String),
+}
+
+fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection, OpenFailure> {
+    use rusqlite::ErrorCode::*;
+    let classify = |e: rusqlite::Error| match e.sqlite_error_code() {
+        Some(DatabaseCorrupt | NotADatabase) => OpenFailure::Unusable(e.to_string()),
+        _ => OpenFailure::Environment(e.to_string()),
+    };
+    let mut conn = Connection::open(&config.path).map_err(classify)?;
+    conn.busy_timeout(config.busy_timeout.get()).map_err(classify)?;
+    // auto_vacuum must be chosen before the first table exists; INCREMENTAL lets the
+    // pruner hand freed pages back to the filesystem (which matters on a full disk).
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").map_err(classify)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(classify)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(OpenFailure::Environment(format!(
+            "cannot switch to WAL mode (got {mode}); is the filesystem writable?"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL").map_err(classify)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(classify)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(classify)?;
+    if check != "ok" {
+        return Err(OpenFailure::Unusable(format!("quick_check failed: {check}")));
+    }
+    if let Some(pages) = options.max_page_count {
+        conn.pragma_update(None, "max_page_count", pages).map_err(classify)?;
+    }
+    schema::migrate(&mut conn).map_err(|e| match e {
+        rusqlite::Error::InvalidParameterName(msg) => OpenFailure::Environment(msg),
+        other => classify(other),
+    })?;
+    Ok(conn)
+}
+
+/// Renames the database and its WAL/SHM files to `<name>.corrupt-<unix time>`.
+fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S");
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    std::fs::rename(path, &aside)?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            let _ = std::fs::rename(&side, format!("{}{suffix}", aside.display()));
+        }
+    }
+    Ok(aside)
+}
+
+/// The status summary, read from the database at `path` without the agent's help.
+pub fn status_report(path: &Path) -> rusqlite::Result<StatusReport> {
+    let conn = open_reader(path, std::time::Duration::from_secs(5))?;
+    read::status(&conn, chrono::Utc::now())
+}

@@ -1,0 +1,201 @@
+//! Reading the store: the stream of committed readings for downstream consumers, and
+//! the summary behind `outpost status`.
+
+use crate::model::{from_micros, Reading, Uid};
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// A committed reading with its local sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredReading {
+    pub id: i64,
+    pub reading: Reading,
+    pub synced: bool,
+}
+
+pub(crate) const SELECT_READING: &str = "SELECT id, uid, source, device, metric, value, unit, \
+    observed_at, received_at, flags, meta, synced FROM readings";
+
+pub(crate) fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
+    let uid: Vec<u8> = row.get(1)?;
+    let meta: Option<String> = row.get(10)?;
+    Ok(StoredReading {
+        id: row.get(0)?,
+        reading: Reading {
+            uid: Uid::from_slice(&uid).unwrap_or(Uid([0; 16])),
+            source: row.get(2)?,
+            device: row.get(3)?,
+            metric: row.get(4)?,
+            value: row.get(5)?,
+            unit: row.get(6)?,
+            observed_at: from_micros(row.get(7)?),
+            received_at: from_micros(row.get(8)?),
+            flags: row.get(9)?,
+            meta: meta.and_then(|m| serde_json::from_str(&m).ok()),
+        },
+        synced: row.get::<_, i64>(11)? != 0,
+    })
+}
+
+/// Committed readings in commit order, read from the database after each commit
+/// announcement. Memory stays bounded however far a consumer falls behind: what it has
+/// not read yet waits in SQLite, not in a channel.
+pub struct CommittedReadings {
+    conn: Option<Connection>,
+    watch: watch::Receiver<i64>,
+    after: i64,
+}
+
+impl CommittedReadings {
+    pub(super) fn new(conn: Connection, watch: watch::Receiver<i64>, after: i64) -> rusqlite::Result<Self> {
+        Ok(CommittedReadings {
+            conn: Some(conn),
+            watch,
+            after,
+        })
+    }
+
+    /// The id of the last reading returned.
+    pub fn position(&self) -> i64 {
+        self.after
+    }
+
+    /// Up to `max` readings committed after the last one returned; waits for a commit
+    /// when there are none. `None` once the writer has closed and all were returned.
+    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<StoredReading>> {
+        loop {
+            let newest = *self.watch.borrow_and_update();
+            if newest > self.after {
+                let rows = self.read(max).await;
+                match rows {
+                    Ok(rows) if !rows.is_empty() => {
+                        self.after = rows.last().map(|r| r.id).unwrap_or(self.after);
+                        return Some(rows);
+                    }
+                    Ok(_) => {
+                        // Rows were pruned in between; skip ahead.
+                        self.after = newest;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Reading committed readings failed; retrying.");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+                continue;
+            }
+            if self.watch.changed().await.is_err() {
+                // The writer closed: deliver what is left, then end.
+                let rows = self.read(max).await.unwrap_or_default();
+                if rows.is_empty() {
+                    return None;
+                }
+                self.after = rows.last().map(|r| r.id).unwrap_or(self.after);
+                return Some(rows);
+            }
+        }
+    }
+
+    async fn read(&mut self, max: usize) -> rusqlite::Result<Vec<StoredReading>> {
+        let Some(conn) = self.conn.take() else {
+            return Ok(Vec::new());
+        };
+        let after = self.after;
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let result = read_after(&conn, after, max);
+            (conn, result)
+        })
+        .await
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        self.conn = Some(conn);
+        result
+    }
+}
+
+pub(crate) fn read_after(conn: &Connection, after: i64, max: usize) -> rusqlite::Result<Vec<StoredReading>> {
+    let mut stmt = conn.prepare_cached(&format!("{SELECT_READING} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+    let rows = stmt.query_map(params![after, max as i64], reading_from_row)?;
+    rows.collect()
+}
+
+/// The last reading of one series (source, device, metric).
+#[derive(Debug, Clone, Serialize)]
+pub struct SeriesSummary {
+    pub source: String,
+    pub device: String,
+    pub metric: String,
+    pub value: f64,
+    pub unit: Option<String>,
+    pub observed_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub count: i64,
+}
+
+/// Readings not yet in central.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct BacklogSummary {
+    pub rows: i64,
+    pub oldest_received_at: Option<DateTime<Utc>>,
+}
+
+/// What `outpost status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub now: DateTime<Utc>,
+    pub series: Vec<SeriesSummary>,
+    pub total_readings: i64,
+    pub backlog: BacklogSummary,
+    pub pruned_unsynced: i64,
+    pub rejected: i64,
+    pub schema_version: i64,
+}
+
+pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<StatusReport> {
+    let mut stmt = conn.prepare(
+        "SELECT source, device, metric, value, unit, observed_at, received_at, count \
+         FROM series ORDER BY source, device, metric",
+    )?;
+    let series = stmt
+        .query_map([], |r| {
+            Ok(SeriesSummary {
+                source: r.get(0)?,
+                device: r.get(1)?,
+                metric: r.get(2)?,
+                value: r.get(3)?,
+                unit: r.get(4)?,
+                observed_at: from_micros(r.get(5)?),
+                received_at: from_micros(r.get(6)?),
+                count: r.get(7)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let total_readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?;
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| r.get(0))?;
+    // Ids follow arrival, so the lowest unsynced id is the oldest (and uses the index).
+    let oldest: Option<i64> = conn
+        .query_row(
+            "SELECT received_at FROM readings WHERE synced = 0 ORDER BY id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let pruned_unsynced = conn
+        .query_row("SELECT value FROM counters WHERE name = 'pruned_unsynced'", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let rejected = conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get(0))?;
+    let schema_version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    Ok(StatusReport {
+        now,
+        series,
+        total_readings,
+        backlog: BacklogSummary {
+            rows,
+            oldest_received_at: oldest.map(from_micros),
+        },
+        pruned_unsynced,
+        rejected,
+        schema_version,
+    })
+}

@@ -1,0 +1,90 @@
+//! Embedded, versioned migrations of the local database (`PRAGMA user_version`).
+//!
+//! Migrations only ever move forward; each runs in its own transaction, so an
+//! interrupted upgrade is retried whole at the next start. Later components append
+//! their tables here instead of creating them on the fly.
+
+use rusqlite::Connection;
+
+/// Each entry upgrades the schema from version `index` to `index + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: readings, per-series summary, source state, rejected input, counters.
+    r#"
+    CREATE TABLE readings (
+        id          INTEGER PRIMARY KEY,          -- local sequence, also the sync order
+        uid         BLOB NOT NULL UNIQUE,         -- 16 bytes, stable across redeliveries (G2)
+        source      TEXT NOT NULL,
+        device      TEXT NOT NULL,
+        metric      TEXT NOT NULL,
+        value       REAL NOT NULL,
+        unit        TEXT,
+        observed_at INTEGER NOT NULL,             -- microseconds since the epoch, UTC
+        received_at INTEGER NOT NULL,
+        flags       INTEGER NOT NULL DEFAULT 0,
+        meta        TEXT,                         -- JSON with source context (f_cnt, RSSI, ...)
+        synced      INTEGER NOT NULL DEFAULT 0    -- 1 once central has committed it
+    );
+    CREATE INDEX readings_unsynced ON readings(id) WHERE synced = 0;
+    CREATE INDEX readings_series ON readings(device, metric, observed_at);
+
+    -- The last reading of each series, kept by the writer so `outpost status` and
+    -- health never scan the readings table.
+    CREATE TABLE series (
+        source      TEXT NOT NULL,
+        device      TEXT NOT NULL,
+        metric      TEXT NOT NULL,
+        value       REAL NOT NULL,
+        unit        TEXT,
+        observed_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        count       INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (source, device, metric)
+    ) WITHOUT ROWID;
+
+    -- Small durable state owned by sources: backfill cursors, local sequences.
+    CREATE TABLE source_state (
+        source TEXT NOT NULL,
+        key    TEXT NOT NULL,
+        value  TEXT NOT NULL,
+        PRIMARY KEY (source, key)
+    ) WITHOUT ROWID;
+
+    -- Input that could not be used, kept (bounded) for diagnosis.
+    CREATE TABLE rejected (
+        id          INTEGER PRIMARY KEY,
+        source      TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        detail      TEXT,
+        payload     BLOB,
+        received_at INTEGER NOT NULL
+    );
+
+    -- Durable counters that must survive restarts (e.g. readings pruned unsynced).
+    CREATE TABLE counters (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// The schema version this build writes.
+pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Applies every pending migration. Refuses a database from a newer version of the agent
+/// rather than guessing at its layout.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<i64> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > CURRENT_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the database has schema version {version}, newer than this agent's {CURRENT_VERSION}; \
+             install the newer agent or move the database aside"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(CURRENT_VERSION)
+}

@@ -1,0 +1,524 @@
+//! The store writer: the only thread that writes to the database.
+//!
+//! It takes batches of readings and write operations from two bounded channels, groups
+//! them into one transaction (each batch and operation in its own savepoint, so one bad
+//! batch cannot fail the others), commits with `synchronous=FULL`, and only then
+//! resolves the acknowledgements and announces the newest committed reading id.
+
+use super::{StorageConfig, StoreError};
+use crate::model::{to_micros, Batch, Committed, Reading};
+use rusqlite::{params, Connection};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type OpFn = Box<dyn FnOnce(&Connection) -> Result<Completion, rusqlite::Error> + Send>;
+
+/// A write of another component (alert state, outbox rows, sync marks, cursors) that
+/// rides in the writer's next group transaction.
+pub struct WriteOp {
+    run: OpFn,
+}
+
+impl WriteOp {
+    pub(super) fn new<T, F>(op: F, done: oneshot::Sender<Result<T, StoreError>>) -> WriteOp
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        WriteOp {
+            run: Box::new(move |conn| match op(conn) {
+                Ok(value) => Ok(Box::new(move |committed: Result<(), StoreError>| {
+                    let _ = done.send(committed.map(|()| value));
+                }) as Completion),
+                Err(e) => {
+                    let _ = done.send(Err(StoreError::from_sqlite(&e)));
+                    Err(e)
+                }
+            }),
+        }
+    }
+}
+
+/// Counters the writer keeps for status, health and metrics.
+#[derive(Default, Debug)]
+pub struct StoreStats {
+    pub readings_inserted: AtomicU64,
+    pub readings_duplicate: AtomicU64,
+    /// Readings refused before insertion (a value that is not a finite number).
+    pub readings_invalid: AtomicU64,
+    pub commits: AtomicU64,
+    pub commit_failures: AtomicU64,
+    /// Readings not stored (and not acknowledged) because the disk was full.
+    pub readings_refused_full: AtomicU64,
+    pub pruned_synced: AtomicU64,
+    pub pruned_unsynced: AtomicU64,
+    pub disk_full: AtomicBool,
+    /// Unix milliseconds of the last successful commit (0 before the first).
+    pub last_commit_ms: AtomicU64,
+    /// Duration of the last commit in microseconds.
+    pub last_commit_us: AtomicU64,
+}
+
+const INSERT_READING: &str = "INSERT INTO readings \
+    (uid, source, device, metric, value, unit, observed_at, received_at, flags, meta) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(uid) DO NOTHING";
+
+const UPSERT_SERIES: &str = "INSERT INTO series \
+    (source, device, metric, value, unit, observed_at, received_at, count) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+    ON CONFLICT(source, device, metric) DO UPDATE SET \
+      count = count + excluded.count, \
+      value = CASE WHEN excluded.observed_at >= series.observed_at THEN excluded.value ELSE series.value END, \
+      unit = CASE WHEN excluded.observed_at >= series.observed_at THEN excluded.unit ELSE series.unit END, \
+      received_at = MAX(series.received_at, excluded.received_at), \
+      observed_at = MAX(series.observed_at, excluded.observed_at)";
+
+/// How long ingest pauses after the disk was found full before trying again.
+const FULL_PAUSE: Duration = Duration::from_millis(500);
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn spawn(
+    conn: Connection,
+    config: StorageConfig,
+    commit_hook: Option<Box<dyn FnMut() -> bool + Send>>,
+    batches: mpsc::Receiver<Batch>,
+    ops: mpsc::Receiver<WriteOp>,
+    committed: watch::Sender<i64>,
+    stats: Arc<StoreStats>,
+    finished: oneshot::Sender<()>,
+) -> Result<(), StoreError> {
+    if let Some(hook) = commit_hook {
+        conn.commit_hook(Some(hook));
+    }
+    let writer = Writer {
+        conn,
+        config,
+        stats,
+        committed: Some(committed),
+        last_full_log: None,
+    };
+    std::thread::Builder::new()
+        .name("outpost-store".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+                Ok(rt) => rt.block_on(writer.run(batches, ops)),
+                Err(e) => tracing::error!(error = %e, "Cannot start the store writer's runtime."),
+            }
+            let _ = finished.send(());
+        })
+        .map(|_| ())
+        .map_err(|e| StoreError::Sqlite(format!("cannot start the writer thread: {e}")))
+}
+
+struct Writer {
+    conn: Connection,
+    config: StorageConfig,
+    stats: Arc<StoreStats>,
+    /// Dropped once the readings channel is closed and drained, which ends every
+    /// [`super::CommittedReadings`] stream.
+    committed: Option<watch::Sender<i64>>,
+    last_full_log: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Group {
+    batches: Vec<Batch>,
+    ops: Vec<WriteOp>,
+    rows: usize,
+}
+
+impl Group {
+    fn push_batch(&mut self, batch: Batch) {
+        self.rows += batch.readings.len();
+        self.batches.push(batch);
+    }
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty() && self.ops.is_empty()
+    }
+}
+
+impl Writer {
+    async fn run(mut self, mut batches: mpsc::Receiver<Batch>, mut ops: mpsc::Receiver<WriteOp>) {
+        let mut batches_open = true;
+        let mut ops_open = true;
+        let mut prune_timer = tokio::time::interval(self.config.prune_interval.get());
+        prune_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let max_rows = self.config.batch_max_rows.max(1);
+        let max_delay = self.config.batch_max_delay.get();
+        while batches_open || ops_open {
+            let mut group = Group::default();
+            tokio::select! {
+                biased;
+                op = ops.recv(), if ops_open => match op {
+                    Some(op) => group.ops.push(op),
+                    None => ops_open = false,
+                },
+                batch = batches.recv(), if batches_open => match batch {
+                    Some(batch) => group.push_batch(batch),
+                    None => batches_open = false,
+                },
+                _ = prune_timer.tick() => {
+                    self.prune_now();
+                    continue;
+                }
+            }
+            if !group.is_empty() {
+                let deadline = tokio::time::Instant::now() + max_delay;
+                while group.rows < max_rows && (batches_open || ops_open) {
+                    tokio::select! {
+                        biased;
+                        op = ops.recv(), if ops_open => match op {
+                            Some(op) => group.ops.push(op),
+                            None => ops_open = false,
+                        },
+                        batch = batches.recv(), if batches_open => match batch {
+                            Some(batch) => group.push_batch(batch),
+                            None => batches_open = false,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                if self.commit(group).is_err() {
+                    tokio::time::sleep(FULL_PAUSE).await;
+                }
+            }
+            if !batches_open && self.committed.is_some() {
+                // Every reading that was accepted is committed: downstream streams end.
+                self.committed = None;
+            }
+        }
+    }
+
+    /// Commits one group. Returns `Err` only when the disk is full.
+    fn commit(&mut self, group: Group) -> Result<(), ()> {
+        let started = Instant::now();
+        match self.try_commit(&group.batches, group.ops) {
+            Ok(Outcome {
+                per_batch,
+                completions,
+                max_id,
+            }) => {
+                let elapsed = started.elapsed();
+                let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+                self.stats.commits.fetch_add(1, Relaxed);
+                self.stats.last_commit_ms.store(now_ms, Relaxed);
+                self.stats.last_commit_us.store(elapsed.as_micros() as u64, Relaxed);
+                if self.stats.disk_full.swap(false, Relaxed) {
+                    tracing::warn!("Disk space is available again; ingest resumed.");
+                }
+                for (batch, result) in group.batches.into_iter().zip(per_batch) {
+                    if let Ok(c) = &result {
+                        self.stats.readings_inserted.fetch_add(c.inserted as u64, Relaxed);
+                        self.stats.readings_duplicate.fetch_add(c.duplicates as u64, Relaxed);
+                    }
+                    if let Some(ack) = batch.ack {
+                        let _ = ack.send(result);
+                    }
+                }
+                for done in completions {
+                    done(Ok(()));
+                }
+                if let (Some(id), Some(tx)) = (max_id, &self.committed) {
+                    tx.send_replace(id);
+                }
+                Ok(())
+            }
+            Err((error, completions)) => {
+                self.stats.commit_failures.fetch_add(1, Relaxed);
+                let full = error == StoreError::Full;
+                if full {
+                    self.stats.readings_refused_full.fetch_add(group.rows as u64, Relaxed);
+                    self.stats.disk_full.store(true, Relaxed);
+                    let now = Instant::now();
+                    let quiet = match self.last_full_log {
+                        Some(t) => now.duration_since(t) < Duration::from_secs(60),
+                        None => false,
+                    };
+                    if !quiet {
+                        self.last_full_log = Some(now);
+                        tracing::error!(
+                            path = %self.config.path.display(),
+                            refused = self.stats.readings_refused_full.load(Relaxed),
+                            "The disk is full: readings are not acknowledged and ingest pauses until space returns."
+                        );
+                    }
+                } else {
+                    tracing::error!(error = %error, rows = group.rows, "A commit failed; its batches were not acknowledged.");
+                }
+                for batch in group.batches {
+                    if let Some(ack) = batch.ack {
+                        let _ = ack.send(Err(error.clone()));
+                    }
+                }
+                for done in completions {
+                    done(Err(error.clone()));
+                }
+                if full {
+                    // Retention may free room for new readings.
+                    self.prune_now();
+                    Err(())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn try_commit(
+        &mut self,
+        batches: &[Batch],
+        ops: Vec<WriteOp>,
+    ) -> Result<Outcome, (StoreError, Vec<Completion>)> {
+        let conn = &self.conn;
+        let mut completions = Vec::with_capacity(ops.len());
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            return Err((StoreError::from_sqlite(&e), completions));
+        }
+        let mut per_batch = Vec::with_capacity(batches.len());
+        let mut series: HashMap<(&str, &str, &str), (&Reading, i64)> = HashMap::new();
+        let mut max_id = None;
+        let fail = |e: &rusqlite::Error| {
+            let _ = conn.execute_batch("ROLLBACK");
+            StoreError::from_sqlite(e)
+        };
+        for batch in batches {
+            match insert_batch(conn, &batch.readings, &self.stats) {
+                Ok((committed, touched, id)) => {
+                    for (key, (reading, count)) in touched {
+                        let slot = series.entry(key).or_insert((reading, 0));
+                        if reading.observed_at >= slot.0.observed_at {
+                            slot.0 = reading;
+                        }
+                        slot.1 += count;
+                    }
+                    max_id = max_id.max(id);
+                    per_batch.push(Ok(committed));
+                }
+                Err(e) if is_full(&e) => return Err((fail(&e), completions)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "A batch was refused by the store; the others proceed.");
+                    per_batch.push(Err(StoreError::from_sqlite(&e)));
+                }
+            }
+        }
+        for op in ops {
+            let result = conn
+                .execute_batch("SAVEPOINT op")
+                .and_then(|()| (op.run)(conn))
+                .and_then(|done| conn.execute_batch("RELEASE op").map(|()| done));
+            match result {
+                Ok(done) => completions.push(done),
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                    if is_full(&e) {
+                        return Err((fail(&e), completions));
+                    }
+                }
+            }
+        }
+        let upsert = conn.prepare_cached(UPSERT_SERIES).and_then(|mut stmt| {
+            for ((source, device, metric), (r, count)) in &series {
+                stmt.execute(params![
+                    source,
+                    device,
+                    metric,
+                    r.value,
+                    r.unit,
+                    to_micros(r.observed_at),
+                    to_micros(r.received_at),
+                    count
+                ])?;
+            }
+            Ok(())
+        });
+        if let Err(e) = upsert {
+            return Err((fail(&e), completions));
+        }
+        if let Err(e) = conn.execute_batch("COMMIT") {
+            let error = if is_full(&e) {
+                StoreError::Full
+            } else {
+                StoreError::RolledBack
+            };
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            tracing::debug!(error = %e, "Commit failed.");
+            return Err((error, completions));
+        }
+        Ok(Outcome {
+            per_batch,
+            completions,
+            max_id,
+        })
+    }
+
+    fn prune_now(&mut self) {
+        if let Err(e) = prune(&self.conn, &self.config, chrono::Utc::now(), &self.stats) {
+            if !is_full(&e) {
+                tracing::warn!(error = %e, "Pruning the store failed; will retry.");
+            }
+        }
+    }
+}
+
+struct Outcome {
+    per_batch: Vec<Result<Committed, StoreError>>,
+    completions: Vec<Completion>,
+    max_id: Option<i64>,
+}
+
+fn is_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
+type Touched<'a> = HashMap<(&'a str, &'a str, &'a str), (&'a Reading, i64)>;
+
+/// Inserts one batch in its own savepoint; returns what was inserted, the series it
+/// touched and the highest new id.
+fn insert_batch<'a>(
+    conn: &Connection,
+    readings: &'a [Reading],
+    stats: &StoreStats,
+) -> rusqlite::Result<(Committed, Touched<'a>, Option<i64>)> {
+    conn.execute_batch("SAVEPOINT batch")?;
+    let result = (|| {
+        let mut stmt = conn.prepare_cached(INSERT_READING)?;
+        let mut committed = Committed::default();
+        let mut touched: Touched<'a> = HashMap::new();
+        let mut max_id = None;
+        for r in readings {
+            if !r.value.is_finite() {
+                // SQLite would store NaN as NULL and fail the whole batch.
+                stats.readings_invalid.fetch_add(1, Relaxed);
+                continue;
+            }
+            let meta = r.meta.as_ref().map(|m| m.to_string());
+            let n = stmt.execute(params![
+                &r.uid.0[..],
+                r.source,
+                r.device,
+                r.metric,
+                r.value,
+                r.unit,
+                to_micros(r.observed_at),
+                to_micros(r.received_at),
+                r.flags,
+                meta
+            ])?;
+            if n == 1 {
+                committed.inserted += 1;
+                max_id = Some(conn.last_insert_rowid());
+                let slot = touched
+                    .entry((r.source.as_str(), r.device.as_str(), r.metric.as_str()))
+                    .or_insert((r, 0));
+                if r.observed_at >= slot.0.observed_at {
+                    slot.0 = r;
+                }
+                slot.1 += 1;
+            } else {
+                committed.duplicates += 1;
+            }
+        }
+        Ok((committed, touched, max_id))
+    })();
+    match result {
+        Ok(v) => {
+            conn.execute_batch("RELEASE batch")?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO batch; RELEASE batch");
+            Err(e)
+        }
+    }
+}
+
+/// Bytes in use by the database (pages that are not on the free list).
+pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(((pages - free).max(0) * size) as u64)
+}
+
+const PRUNE_CHUNK: usize = 5000;
+
+/// Enforces retention and the size cap (G4), in this order: synced readings older than
+/// the retention window; then, while over `max_size`, the oldest synced readings; then
+/// the oldest unsynced ones (counted durably and logged at error level). Only the
+/// readings and rejected tables are ever pruned.
+pub(crate) fn prune(
+    conn: &Connection,
+    config: &StorageConfig,
+    now: chrono::DateTime<chrono::Utc>,
+    stats: &StoreStats,
+) -> rusqlite::Result<()> {
+    let retention = chrono::Duration::from_std(config.retention.get()).unwrap_or(chrono::Duration::MAX);
+    let cutoff = to_micros(now.checked_sub_signed(retention).unwrap_or(chrono::DateTime::UNIX_EPOCH));
+    let mut synced = 0usize;
+    loop {
+        let n = conn.execute(
+            "DELETE FROM readings WHERE id IN (SELECT id FROM readings \
+             WHERE synced = 1 AND received_at < ?1 ORDER BY id LIMIT ?2)",
+            params![cutoff, PRUNE_CHUNK],
+        )?;
+        synced += n;
+        if n < PRUNE_CHUNK {
+            break;
+        }
+    }
+    conn.execute(
+        "DELETE FROM rejected WHERE id <= (SELECT MAX(id) FROM rejected) - 1000",
+        [],
+    )?;
+    let cap = config.max_size.0;
+    while used_bytes(conn)? > cap {
+        let n = conn.execute(
+            "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE synced = 1 ORDER BY id LIMIT ?1)",
+            [PRUNE_CHUNK],
+        )?;
+        synced += n;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut unsynced = 0usize;
+    while used_bytes(conn)? > cap {
+        let n = conn.execute(
+            "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE synced = 0 ORDER BY id LIMIT ?1)",
+            [PRUNE_CHUNK],
+        )?;
+        if n == 0 {
+            break;
+        }
+        unsynced += n;
+    }
+    if unsynced > 0 {
+        conn.execute(
+            "INSERT INTO counters(name, value) VALUES ('pruned_unsynced', ?1) \
+             ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            [unsynced as i64],
+        )?;
+        stats.pruned_unsynced.fetch_add(unsynced as u64, Relaxed);
+        tracing::error!(
+            pruned = unsynced,
+            max_size = %config.max_size,
+            "The store reached storage.max_size: the oldest UNSYNCED readings were deleted and will never reach central."
+        );
+    }
+    if synced > 0 {
+        stats.pruned_synced.fetch_add(synced as u64, Relaxed);
+        tracing::debug!(pruned = synced, "Pruned synced readings.");
+    }
+    if synced + unsynced > 0 {
+        // Hand freed pages back to the filesystem (auto_vacuum = INCREMENTAL).
+        conn.execute_batch("PRAGMA incremental_vacuum")?;
+    }
+    Ok(())
+}
