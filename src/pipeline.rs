@@ -59,6 +59,12 @@ impl Pipeline {
         })
     }
 
+    /// The shutdown token, for consumers that run on timers rather than on committed
+    /// readings (sync, notification delivery): they stop when it is cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     /// Runs a downstream consumer (e.g. something reading committed readings). It must
     /// end by itself once its input ends, and drop its store handles.
     pub fn spawn_consumer(&mut self, task: impl Future<Output = ()> + Send + 'static) {
@@ -84,6 +90,8 @@ impl Pipeline {
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown)?;
+    // Downstream consumers (alerts, notifications, sync, http) are started here with
+    // `pipeline.spawn_consumer(...)`.
     tracing::info!(
         gateway = %config.agent.gateway_id,
         sources = config.sources.len(),
