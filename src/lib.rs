@@ -33,6 +33,7 @@ pub mod config;
 pub mod demo;
 pub mod model;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod sources;
 pub mod status;
 pub mod store;

@@ -5,6 +5,7 @@
 //! acknowledges its producer only after the batch's commit (G1). Sources stop when the
 //! shutdown token is cancelled and drop their sender, which lets the writer finish.
 
+pub mod mapping;
 pub mod simulated;
 
 use crate::config::{check_identifier, Problems};

@@ -267,6 +267,27 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Keeps input that could not be used in the bounded `rejected` table (the newest
+    /// 1000 rows) for diagnosis. Never waits: if the writer is busy the row is skipped,
+    /// which is acceptable for diagnostics (the caller counts rejections anyway).
+    pub fn record_rejected(&self, source: &str, reason: &str, detail: &str, payload: &[u8]) {
+        const MAX_PAYLOAD: usize = 4096;
+        let (source, reason, detail) = (source.to_string(), reason.to_string(), detail.to_string());
+        let payload = payload[..payload.len().min(MAX_PAYLOAD)].to_vec();
+        let (tx, _rx) = oneshot::channel();
+        let op = WriteOp::new(
+            move |conn| {
+                conn.execute(
+                    "INSERT INTO rejected(source, reason, detail, payload, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    rusqlite::params![source, reason, detail, payload, chrono::Utc::now().timestamp_micros()],
+                )
+                .map(|_| ())
+            },
+            tx,
+        );
+        let _ = self.ops.try_send(op);
+    }
+
     /// The id of the newest committed reading; changes after every commit.
     pub fn committed_watch(&self) -> watch::Receiver<i64> {
         self.committed.clone()
