@@ -34,6 +34,7 @@ pub mod demo;
 pub mod model;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod readings;
 pub mod sources;
 pub mod status;
 pub mod store;

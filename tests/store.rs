@@ -344,7 +344,7 @@ async fn a_failing_batch_fails_alone_within_its_group() {
         3,
         "nothing of the failed batch, all of the others"
     );
-    assert!(!stored.contains(&reading(4).uid.0.to_vec()));
+    assert!(!stored.contains(reading(4).uid.0.as_slice()));
     assert_eq!(
         store.stats().commits.load(Ordering::Relaxed),
         2,

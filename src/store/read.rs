@@ -15,10 +15,10 @@ pub struct StoredReading {
     pub synced: bool,
 }
 
-pub(crate) const SELECT_READING: &str = "SELECT id, uid, source, device, metric, value, unit, \
+pub const SELECT_READING: &str = "SELECT id, uid, source, device, metric, value, unit, \
     observed_at, received_at, flags, meta, synced FROM readings";
 
-pub(crate) fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
+pub fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
     let uid: Vec<u8> = row.get(1)?;
     let meta: Option<String> = row.get(10)?;
     Ok(StoredReading {
