@@ -31,6 +31,9 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod ratelimit;
@@ -38,3 +41,4 @@ pub mod readings;
 pub mod sources;
 pub mod status;
 pub mod store;
+pub mod systemd;

@@ -22,7 +22,7 @@ pub mod schema;
 mod writer;
 
 pub use read::{
-    reading_from_row, BacklogSummary, CommittedReadings, SeriesSummary, StatusReport,
+    backlog, reading_from_row, BacklogSummary, CommittedReadings, SeriesSummary, StatusReport,
     StoredReading, SELECT_READING,
 };
 pub use writer::{StoreStats, WriteOp};
@@ -198,7 +198,7 @@ pub struct StoreOptions {
 
 /// A cloneable handle to the store: sends writes to the writer thread and opens
 /// read connections.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Store {
     path: Arc<PathBuf>,
     busy_timeout: std::time::Duration,

@@ -44,7 +44,7 @@ impl WriteOp {
 }
 
 /// Counters the writer keeps for status, health and metrics.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct StoreStats {
     pub readings_inserted: AtomicU64,
     pub readings_duplicate: AtomicU64,
@@ -61,6 +61,30 @@ pub struct StoreStats {
     pub last_commit_ms: AtomicU64,
     /// Duration of the last commit in microseconds.
     pub last_commit_us: AtomicU64,
+    /// Every commit's duration, for `/metrics`.
+    pub commit_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        StoreStats {
+            readings_inserted: Default::default(),
+            readings_duplicate: Default::default(),
+            readings_invalid: Default::default(),
+            commits: Default::default(),
+            commit_failures: Default::default(),
+            readings_refused_full: Default::default(),
+            pruned_synced: Default::default(),
+            pruned_unsynced: Default::default(),
+            disk_full: Default::default(),
+            last_commit_ms: Default::default(),
+            last_commit_us: Default::default(),
+            // 0.5 ms to about 4 s.
+            commit_latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+            ),
+        }
+    }
 }
 
 const INSERT_READING: &str = "INSERT INTO readings \
