@@ -123,8 +123,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             started: std::time::Instant::now(),
             source_max_silence: config.http.source_max_silence.get(),
         });
-        pipeline.spawn_consumer(crate::http::serve(
-            listener,
+        pipeline.spawn_consumer(crate::http::run(
+            config.http.listen.clone(),
             pipeline.metrics.clone(),
             probe,
             shutdown.clone(),
