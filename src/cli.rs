@@ -52,6 +52,11 @@ pub enum Command {
         #[arg(long, value_name = "DURATION")]
         duration: Option<HumanDuration>,
     },
+    /// The central PostgreSQL schema: print it, apply it, maintain its partitions.
+    Central {
+        #[command(subcommand)]
+        command: crate::sync::central::CentralCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -72,6 +77,9 @@ pub fn main() -> ExitCode {
             run_async(|token| crate::pipeline::run(config, token))
         }
         Command::Status { db, json } => status(cli.config.as_deref(), db, json),
+        Command::Central { command } => {
+            crate::sync::central::command(&config::resolve_path(cli.config.as_deref()), command)
+        }
         Command::Demo { dir, duration } => {
             init_tracing("warn");
             let dir = match dir {

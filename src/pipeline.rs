@@ -89,9 +89,13 @@ impl Pipeline {
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown)?;
+    let mut pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown)?;
     // Downstream consumers (alerts, notifications, sync, http) are started here with
     // `pipeline.spawn_consumer(...)`.
+    if let Some(sync) = config.sync.clone().filter(|s| s.enabled) {
+        let store = pipeline.store.clone();
+        pipeline.spawn_consumer(crate::sync::run(sync, config.agent.clone(), store, pipeline.shutdown_token()));
+    }
     tracing::info!(
         gateway = %config.agent.gateway_id,
         sources = config.sources.len(),

@@ -30,6 +30,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub sources: Vec<SourceConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::sync::SyncConfig>,
 }
 
 /// `[agent]`: who this gateway is.
@@ -242,7 +244,7 @@ fn humanize(raw: &str) -> String {
     words(raw)
 }
 
-const SECTIONS: &[&str] = &["agent", "storage", "log", "sources"];
+const SECTIONS: &[&str] = &["agent", "storage", "log", "sources", "sync"];
 
 impl Config {
     /// Loads and checks the configuration at `path` with its drop-ins and environment.
@@ -286,6 +288,7 @@ impl Config {
         let log = section("log", &mut problems)
             .and_then(|v| problems.deserialize(v, "log"))
             .unwrap_or_default();
+        let sync = section("sync", &mut problems).and_then(|v| problems.deserialize(v, "sync"));
         let mut sources = Vec::new();
         match root.remove("sources") {
             None => {}
@@ -304,6 +307,7 @@ impl Config {
             storage,
             log,
             sources,
+            sync,
         };
         config.validate(&mut problems);
         for (key, message) in problems.0 {
@@ -326,6 +330,9 @@ impl Config {
             problems.push("log.level", format!("not a valid log filter ({e}); try \"info\" or \"debug\""));
         }
         self.storage.validate("storage", problems);
+        if let Some(sync) = &self.sync {
+            sync.validate("sync", problems);
+        }
         let mut names = std::collections::HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {
             let path = format!("sources[{i}]");
