@@ -88,20 +88,16 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     check_url_text(url)?;
     let config = parse_url_allowing_password(url)?;
     if config.get_password().is_some() {
-        return Err(
-            "contains a password: put it in sync.password or sync.password_file, \
+        return Err("contains a password: put it in sync.password or sync.password_file, \
                     which are never printed"
-                .into(),
-        );
+            .into());
     }
     Ok(config)
 }
 
 fn check_url_text(url: &str) -> Result<(), String> {
     if url.trim().is_empty() {
-        return Err(
-            "is empty; expected e.g. \"postgres://outpost@central.example:6432/fleet\"".into(),
-        );
+        return Err("is empty; expected e.g. \"postgres://outpost@central.example:6432/fleet\"".into());
     }
     if url.len() > super::MAX_URL_LEN {
         return Err(format!("is longer than {} characters", super::MAX_URL_LEN));
@@ -109,16 +105,11 @@ fn check_url_text(url: &str) -> Result<(), String> {
     let lower = url.to_ascii_lowercase();
     for key in ["sslmode", "sslrootcert", "sslcert", "sslkey"] {
         if lower.contains(key) {
-            return Err(format!(
-                "sets {key}; use sync.sslmode and sync.ca_file instead"
-            ));
+            return Err(format!("sets {key}; use sync.sslmode and sync.ca_file instead"));
         }
     }
     if lower.contains("options") {
-        return Err(
-            "sets options (session settings), which PgBouncer in transaction mode cannot keep"
-                .into(),
-        );
+        return Err("sets options (session settings), which PgBouncer in transaction mode cannot keep".into());
     }
     Ok(())
 }
@@ -136,8 +127,7 @@ pub fn parse_url_allowing_password(url: &str) -> Result<tokio_postgres::Config, 
              expected e.g. \"postgres://outpost@central.example:6432/fleet\""
         ));
     }
-    let config =
-        tokio_postgres::Config::from_str(url).map_err(|e| format!("cannot be parsed: {e}"))?;
+    let config = tokio_postgres::Config::from_str(url).map_err(|e| format!("cannot be parsed: {e}"))?;
     if config.get_hosts().is_empty() {
         return Err("names no host".into());
     }
@@ -153,18 +143,12 @@ pub fn load_ca_file(path: &Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
-        roots.add(cert).map_err(|e| {
-            format!(
-                "{} holds a certificate that cannot be used: {e}",
-                path.display()
-            )
-        })?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{} holds a certificate that cannot be used: {e}", path.display()))?;
     }
     if roots.is_empty() {
-        return Err(format!(
-            "no certificate found in {} (expected PEM)",
-            path.display()
-        ));
+        return Err(format!("no certificate found in {} (expected PEM)", path.display()));
     }
     Ok(roots)
 }
@@ -227,13 +211,7 @@ pub async fn connect(options: &ConnectOptions) -> Result<Central, SyncError> {
         config.password(password.expose());
     }
     config.connect_timeout(options.connect_timeout);
-    config.application_name(
-        options
-            .application_name
-            .chars()
-            .take(60)
-            .collect::<String>(),
-    );
+    config.application_name(options.application_name.chars().take(60).collect::<String>());
     let target = describe_target(&config);
     let user = config.get_user().unwrap_or("").to_string();
     let classify = |e: tokio_postgres::Error| classify_connect_error(e, &target, &user);
@@ -243,19 +221,14 @@ pub async fn connect(options: &ConnectOptions) -> Result<Central, SyncError> {
         match options.sslmode {
             SslMode::Disable => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                let (client, connection) = config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(classify)?;
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(classify)?;
                 Ok((client, spawn_driver(connection)))
             }
             mode => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let tls = tls_config(mode, options.ca_file.as_deref()).map_err(|reason| {
-                    SyncError::Tls {
-                        target: target.clone(),
-                        reason,
-                    }
+                let tls = tls_config(mode, options.ca_file.as_deref()).map_err(|reason| SyncError::Tls {
+                    target: target.clone(),
+                    reason,
                 })?;
                 let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
                 let (client, connection) = config.connect(make).await.map_err(classify)?;
@@ -304,16 +277,11 @@ fn tls_config(mode: SslMode, ca_file: Option<&Path>) -> Result<rustls::ClientCon
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot set up TLS: {e}"))?;
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| format!("cannot use the CA certificates: {e}"))?;
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| format!("cannot use the CA certificates: {e}"))?;
     let config = match mode {
-        SslMode::VerifyFull | SslMode::Disable => {
-            builder.with_webpki_verifier(webpki).with_no_client_auth()
-        }
+        SslMode::VerifyFull | SslMode::Disable => builder.with_webpki_verifier(webpki).with_no_client_auth(),
         SslMode::VerifyCa | SslMode::Require => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(LaxVerifier {
@@ -346,16 +314,13 @@ impl rustls::client::danger::ServerCertVerifier for LaxVerifier {
             return Ok(rustls::client::danger::ServerCertVerified::assertion());
         }
         use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            Err(rustls::Error::InvalidCertificate(
-                NotValidForName | NotValidForNameContext { .. },
-            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
             other => other,
         }
     }
@@ -391,10 +356,7 @@ fn find_tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             return Some(describe_tls(tls));
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            {
+            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
                 return Some(describe_tls(tls));
             }
         }
@@ -431,7 +393,11 @@ fn classify_connect_error(e: tokio_postgres::Error, target: &str, user: &str) ->
     if let Some(db) = e.as_db_error() {
         let detail = db.message().to_string();
         let code = db.code();
-        if *code == SqlState::INVALID_PASSWORD || detail.contains("password authentication failed")
+        // PostgreSQL: 28P01 "password authentication failed"; PgBouncer: 08P01 "SASL
+        // authentication failed" (SCRAM) or "password authentication failed" (md5).
+        if *code == SqlState::INVALID_PASSWORD
+            || detail.contains("password authentication failed")
+            || detail.contains("SASL authentication failed")
         {
             return SyncError::WrongPassword {
                 target: target.into(),
@@ -439,9 +405,7 @@ fn classify_connect_error(e: tokio_postgres::Error, target: &str, user: &str) ->
                 detail,
             };
         }
-        if *code == SqlState::INVALID_CATALOG_NAME
-            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-        {
+        if *code == SqlState::INVALID_CATALOG_NAME || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
             return SyncError::LoginRefused {
                 target: target.into(),
                 detail,
@@ -469,8 +433,7 @@ fn classify_connect_error(e: tokio_postgres::Error, target: &str, user: &str) ->
     if text.contains("server does not support TLS") {
         return SyncError::Tls {
             target: target.into(),
-            reason: "the server does not offer TLS; enable it there or set sslmode = \"disable\""
-                .into(),
+            reason: "the server does not offer TLS; enable it there or set sslmode = \"disable\"".into(),
         };
     }
     SyncError::Connect {
@@ -497,9 +460,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 fn classify_statement_error(e: tokio_postgres::Error, target: &str) -> SyncError {
     if let Some(db) = e.as_db_error() {
         if *db.code() == SqlState::UNDEFINED_TABLE || *db.code() == SqlState::INVALID_SCHEMA_NAME {
-            return SyncError::SchemaMissing {
-                target: target.into(),
-            };
+            return SyncError::SchemaMissing { target: target.into() };
         }
         let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
         if let Some(detail) = db.detail() {
@@ -546,7 +507,13 @@ impl Central {
         let bound = timeout + Duration::from_secs(5);
         match tokio::time::timeout(bound, run).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(classify_statement_error(e, &self.target)),
+            Ok(Err(e)) => {
+                // Leave the connection usable if it still is (a failed statement aborts
+                // the transaction); a broken one fails this at once.
+                let rollback = self.client.batch_execute("ROLLBACK");
+                let _ = tokio::time::timeout(Duration::from_secs(5), rollback).await;
+                Err(classify_statement_error(e, &self.target))
+            }
             Err(_) => Err(SyncError::Timeout(bound)),
         }
     }
@@ -554,10 +521,10 @@ impl Central {
     /// Checks that the central schema exists and has the version this agent writes.
     pub async fn check_schema(&self) -> Result<i32, SyncError> {
         let rows = self
-            .transaction(self.client.query_typed(
-                "SELECT COALESCE(MAX(version), 0) FROM outpost.schema_version",
-                &[],
-            ))
+            .transaction(
+                self.client
+                    .query_typed("SELECT COALESCE(MAX(version), 0) FROM outpost.schema_version", &[]),
+            )
             .await?;
         let found: i32 = rows.first().and_then(|r| r.try_get(0).ok()).unwrap_or(0);
         if found == 0 {
@@ -582,67 +549,59 @@ impl Central {
 
     /// Uploads readings in one transaction; already present rows are skipped. Returns
     /// how many rows were new centrally.
-    pub async fn upload_readings(
-        &self,
-        gateway_id: &str,
-        rows: &ReadingColumns,
-    ) -> Result<u64, SyncError> {
+    pub async fn upload_readings(&self, gateway_id: &str, rows: &ReadingColumns) -> Result<u64, SyncError> {
         if rows.is_empty() {
             return Ok(0);
         }
         self.transaction(self.client.execute_typed(
-                "INSERT INTO outpost.readings \
+            "INSERT INTO outpost.readings \
                    (gateway_id, uid, observed_at, received_at, source, device, metric, value, unit, flags, meta) \
                  SELECT $1, r.* FROM unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[], $5::text[], \
                    $6::text[], $7::text[], $8::float8[], $9::text[], $10::int4[], $11::jsonb[]) \
                    AS r(uid, observed_at, received_at, source, device, metric, value, unit, flags, meta) \
                  ON CONFLICT DO NOTHING",
-                &[
-                    (&gateway_id, Type::TEXT),
-                    (&rows.uid, Type::UUID_ARRAY),
-                    (&rows.observed_at, Type::TIMESTAMPTZ_ARRAY),
-                    (&rows.received_at, Type::TIMESTAMPTZ_ARRAY),
-                    (&rows.source, Type::TEXT_ARRAY),
-                    (&rows.device, Type::TEXT_ARRAY),
-                    (&rows.metric, Type::TEXT_ARRAY),
-                    (&rows.value, Type::FLOAT8_ARRAY),
-                    (&rows.unit, Type::TEXT_ARRAY),
-                    (&rows.flags, Type::INT4_ARRAY),
-                    (&rows.meta, Type::JSONB_ARRAY),
-                ],
+            &[
+                (&gateway_id, Type::TEXT),
+                (&rows.uid, Type::UUID_ARRAY),
+                (&rows.observed_at, Type::TIMESTAMPTZ_ARRAY),
+                (&rows.received_at, Type::TIMESTAMPTZ_ARRAY),
+                (&rows.source, Type::TEXT_ARRAY),
+                (&rows.device, Type::TEXT_ARRAY),
+                (&rows.metric, Type::TEXT_ARRAY),
+                (&rows.value, Type::FLOAT8_ARRAY),
+                (&rows.unit, Type::TEXT_ARRAY),
+                (&rows.flags, Type::INT4_ARRAY),
+                (&rows.meta, Type::JSONB_ARRAY),
+            ],
         ))
         .await
     }
 
     /// Uploads alert events in one transaction; already present events are skipped.
-    pub async fn upload_alert_events(
-        &self,
-        gateway_id: &str,
-        rows: &AlertEventColumns,
-    ) -> Result<u64, SyncError> {
+    pub async fn upload_alert_events(&self, gateway_id: &str, rows: &AlertEventColumns) -> Result<u64, SyncError> {
         if rows.is_empty() {
             return Ok(0);
         }
         self.transaction(self.client.execute_typed(
-                "INSERT INTO outpost.alert_events \
+            "INSERT INTO outpost.alert_events \
                    (gateway_id, uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message) \
                  SELECT $1, e.* FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
                    $7::text[], $8::float8[], $9::float8[], $10::timestamptz[], $11::jsonb[]) \
                    AS e(uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message) \
                  ON CONFLICT DO NOTHING",
-                &[
-                    (&gateway_id, Type::TEXT),
-                    (&rows.uid, Type::UUID_ARRAY),
-                    (&rows.rule, Type::TEXT_ARRAY),
-                    (&rows.device, Type::TEXT_ARRAY),
-                    (&rows.metric, Type::TEXT_ARRAY),
-                    (&rows.kind, Type::TEXT_ARRAY),
-                    (&rows.severity, Type::TEXT_ARRAY),
-                    (&rows.value, Type::FLOAT8_ARRAY),
-                    (&rows.threshold, Type::FLOAT8_ARRAY),
-                    (&rows.occurred_at, Type::TIMESTAMPTZ_ARRAY),
-                    (&rows.message, Type::JSONB_ARRAY),
-                ],
+            &[
+                (&gateway_id, Type::TEXT),
+                (&rows.uid, Type::UUID_ARRAY),
+                (&rows.rule, Type::TEXT_ARRAY),
+                (&rows.device, Type::TEXT_ARRAY),
+                (&rows.metric, Type::TEXT_ARRAY),
+                (&rows.kind, Type::TEXT_ARRAY),
+                (&rows.severity, Type::TEXT_ARRAY),
+                (&rows.value, Type::FLOAT8_ARRAY),
+                (&rows.threshold, Type::FLOAT8_ARRAY),
+                (&rows.occurred_at, Type::TIMESTAMPTZ_ARRAY),
+                (&rows.message, Type::JSONB_ARRAY),
+            ],
         ))
         .await
     }
@@ -653,11 +612,7 @@ impl Central {
 pub struct UuidBytes(pub [u8; 16]);
 
 impl ToSql for UuidBytes {
-    fn to_sql(
-        &self,
-        _: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         out.extend_from_slice(&self.0);
         Ok(IsNull::No)
     }
@@ -673,11 +628,7 @@ impl ToSql for UuidBytes {
 pub struct RawJson(pub String);
 
 impl ToSql for RawJson {
-    fn to_sql(
-        &self,
-        _: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         out.extend_from_slice(&[1]);
         out.extend_from_slice(self.0.as_bytes());
         Ok(IsNull::No)
