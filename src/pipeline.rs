@@ -29,7 +29,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Opens the store and starts every configured source.
-    pub fn start(config: &Config, options: StoreOptions, shutdown: CancellationToken) -> anyhow::Result<Pipeline> {
+    pub fn start(
+        config: &Config,
+        options: StoreOptions,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Pipeline> {
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
         let mut sources = JoinSet::new();
         for source in config.sources.iter().cloned() {
@@ -44,7 +48,9 @@ impl Pipeline {
                 tracing::info!(source = %name, kind, "Source started.");
                 match source.run(ctx).await {
                     Ok(()) => tracing::info!(source = %name, "Source stopped."),
-                    Err(e) => tracing::error!(source = %name, error = format!("{e:#}"), "Source failed."),
+                    Err(e) => {
+                        tracing::error!(source = %name, error = format!("{e:#}"), "Source failed.")
+                    }
                 }
             });
         }
@@ -94,7 +100,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // `pipeline.spawn_consumer(...)`.
     if let Some(sync) = config.sync.clone().filter(|s| s.enabled) {
         let store = pipeline.store.clone();
-        pipeline.spawn_consumer(crate::sync::run(sync, config.agent.clone(), store, pipeline.shutdown_token()));
+        pipeline.spawn_consumer(crate::sync::run(
+            sync,
+            config.agent.clone(),
+            store,
+            pipeline.shutdown_token(),
+        ));
     }
     tracing::info!(
         gateway = %config.agent.gateway_id,

@@ -42,7 +42,9 @@ async fn central(layout: Layout) -> (Postgres, PgBouncer) {
 
 /// A fresh query connection straight to PostgreSQL (checks survive server restarts).
 async fn pg_client(pg_url: &str) -> Option<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls).await.ok()?;
+    let (client, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
     tokio::spawn(conn);
     Some(client)
 }
@@ -119,7 +121,12 @@ impl Agent {
             site: "test site".into(),
         };
         let store = self.store.clone().unwrap();
-        self.worker = Some(tokio::spawn(outpost::sync::run(sync, agent, store, self.token.clone())));
+        self.worker = Some(tokio::spawn(outpost::sync::run(
+            sync,
+            agent,
+            store,
+            self.token.clone(),
+        )));
     }
 
     /// Writes `n` unsynced readings straight into SQLite, observed from `start` on,
@@ -142,14 +149,20 @@ impl Agent {
 
     fn unsynced(&self) -> i64 {
         self.local()
-            .query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
+                r.get(0)
+            })
             .unwrap()
     }
 
     fn local_uids(&self, synced: bool) -> BTreeSet<String> {
         let conn = self.local();
-        let mut stmt = conn.prepare("SELECT hex(uid) FROM readings WHERE synced = ?1").unwrap();
-        let rows = stmt.query_map([synced as i64], |r| r.get::<_, String>(0)).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT hex(uid) FROM readings WHERE synced = ?1")
+            .unwrap();
+        let rows = stmt
+            .query_map([synced as i64], |r| r.get::<_, String>(0))
+            .unwrap();
         rows.map(|r| r.unwrap().to_lowercase()).collect()
     }
 
@@ -169,7 +182,13 @@ impl Agent {
     }
 }
 
-fn bulk_insert(path: &Path, gateway: &str, n: usize, start: chrono::DateTime<chrono::Utc>, flags: u32) {
+fn bulk_insert(
+    path: &Path,
+    gateway: &str,
+    n: usize,
+    start: chrono::DateTime<chrono::Utc>,
+    flags: u32,
+) {
     let mut conn = rusqlite::Connection::open(path).unwrap();
     conn.busy_timeout(Duration::from_secs(30)).unwrap();
     let tx = conn.transaction().unwrap();
@@ -183,7 +202,11 @@ fn bulk_insert(path: &Path, gateway: &str, n: usize, start: chrono::DateTime<chr
         let received = chrono::Utc::now().timestamp_micros();
         let base = start.timestamp_micros();
         let offset: i64 = tx
-            .query_row("SELECT COUNT(*) FROM readings WHERE source = 'bulk'", [], |r| r.get(0))
+            .query_row(
+                "SELECT COUNT(*) FROM readings WHERE source = 'bulk'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         for i in 0..n as i64 {
             let k = offset + i;
@@ -241,7 +264,12 @@ async fn assert_exactly_once(pg_url: &str, agent: &Agent, expected: usize) {
         "{}: duplicates in central",
         agent.gateway
     );
-    assert_eq!(central.len(), expected, "{}: rows in central", agent.gateway);
+    assert_eq!(
+        central.len(),
+        expected,
+        "{}: rows in central",
+        agent.gateway
+    );
     assert_eq!(agent.unsynced(), 0, "{}: unsynced rows left", agent.gateway);
     assert_eq!(
         agent.local_uids(true),
@@ -272,7 +300,10 @@ fn assert_no_prepared_statement_errors(pg: &Postgres, bouncer: &PgBouncer) {
 async fn three_agents_through_a_pool_of_two(layout: Layout) {
     let (pg, bouncer) = central(layout).await;
     let pg_url = pg.url();
-    let mut agents: Vec<Agent> = ["gw-a", "gw-b", "gw-c"].iter().map(|g| Agent::open(g)).collect();
+    let mut agents: Vec<Agent> = ["gw-a", "gw-b", "gw-c"]
+        .iter()
+        .map(|g| Agent::open(g))
+        .collect();
     let start = chrono::Utc::now() - chrono::Duration::hours(2);
     for a in &agents {
         a.bulk_insert(12_000, start, 0);
@@ -396,10 +427,16 @@ async fn wrong_password_is_reported_with_the_keys_to_fix() {
     let url = format!("postgres://outpost@127.0.0.1:{}/outpost", bouncer.port());
     let mut opts = options(&url);
     opts.password = Some(Secret::new("not-the-password"));
-    let err = connect(&opts).await.err().expect("a wrong password must fail");
+    let err = connect(&opts)
+        .await
+        .err()
+        .expect("a wrong password must fail");
     assert!(matches!(err, SyncError::WrongPassword { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains("refused the password for user \"outpost\""), "{text}");
+    assert!(
+        text.contains("refused the password for user \"outpost\""),
+        "{text}"
+    );
     assert!(text.contains("sync.password_file"), "{text}");
     assert!(!text.contains("not-the-password"), "{text}");
 
@@ -429,7 +466,10 @@ async fn missing_or_mismatched_schema_says_what_to_run() {
     let c = connect(&options(&bouncer.url())).await.unwrap();
     let err = c.check_schema().await.expect_err("no schema yet");
     assert!(matches!(err, SyncError::SchemaMissing { .. }), "{err:?}");
-    assert!(err.to_string().contains("run `outpost central migrate`"), "{err}");
+    assert!(
+        err.to_string().contains("run `outpost central migrate`"),
+        "{err}"
+    );
 
     central::migrate(&c, Layout::Plain).await.unwrap();
     assert_eq!(c.check_schema().await.unwrap(), central::SCHEMA_VERSION);
@@ -439,7 +479,10 @@ async fn missing_or_mismatched_schema_says_what_to_run() {
 
     pg.psql("INSERT INTO outpost.schema_version (version, description) VALUES (99, 'future')");
     let err = c.check_schema().await.expect_err("a newer schema");
-    assert!(err.to_string().contains("upgrade outpost on this gateway"), "{err}");
+    assert!(
+        err.to_string().contains("upgrade outpost on this gateway"),
+        "{err}"
+    );
     pg.psql("DELETE FROM outpost.schema_version");
     let err = c.check_schema().await.expect_err("no version recorded");
     assert!(err.to_string().contains("outpost central migrate"), "{err}");
@@ -468,19 +511,27 @@ async fn tls_is_verified_and_a_wrong_ca_is_reported() {
     .err()
     .expect("a certificate from another CA must be refused");
     assert!(matches!(err, SyncError::Tls { .. }), "{err:?}");
-    assert!(err.to_string().contains("not signed by a trusted CA"), "{err}");
+    assert!(
+        err.to_string().contains("not signed by a trusted CA"),
+        "{err}"
+    );
     assert!(err.to_string().contains("sync.ca_file"), "{err}");
 
     // verify-full with the right CA works, end to end.
-    let c = connect(&tls_options(&pg, SslMode::VerifyFull, Some(ca.ca_pem()), "localhost"))
-        .await
-        .expect("verify-full with the right CA");
+    let c = connect(&tls_options(
+        &pg,
+        SslMode::VerifyFull,
+        Some(ca.ca_pem()),
+        "localhost",
+    ))
+    .await
+    .expect("verify-full with the right CA");
     central::migrate(&c, Layout::Plain).await.unwrap();
     let ssl = c
-        .transaction(
-            c.client()
-                .query_typed("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]),
-        )
+        .transaction(c.client().query_typed(
+            "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        ))
         .await
         .unwrap();
     assert_eq!(ssl[0].get::<_, String>(0), "true");
@@ -488,9 +539,14 @@ async fn tls_is_verified_and_a_wrong_ca_is_reported() {
     // A name the certificate does not carry: refused by verify-full, fine for verify-ca.
     let (cert, key) = ca.issue_server_cert("other", &["db.example"]);
     drop((cert, key));
-    let err = connect(&tls_options(&pg, SslMode::VerifyFull, Some(ca.ca_pem()), "127.0.0.2"))
-        .await
-        .err();
+    let err = connect(&tls_options(
+        &pg,
+        SslMode::VerifyFull,
+        Some(ca.ca_pem()),
+        "127.0.0.2",
+    ))
+    .await
+    .err();
     if let Some(err) = err {
         // 127.0.0.2 is not in the certificate (localhost, 127.0.0.1); the server may also
         // not listen there, which is a connect error instead.
@@ -499,14 +555,19 @@ async fn tls_is_verified_and_a_wrong_ca_is_reported() {
             "{err:?}"
         );
     }
+    assert!(connect(&tls_options(
+        &pg,
+        SslMode::VerifyCa,
+        Some(ca.ca_pem()),
+        "localhost"
+    ))
+    .await
+    .is_ok());
     assert!(
-        connect(&tls_options(&pg, SslMode::VerifyCa, Some(ca.ca_pem()), "localhost"))
+        connect(&tls_options(&pg, SslMode::Require, None, "localhost"))
             .await
             .is_ok()
     );
-    assert!(connect(&tls_options(&pg, SslMode::Require, None, "localhost"))
-        .await
-        .is_ok());
 
     // Plain TCP to a TLS-only server is refused with the server's reason.
     let err = connect(&tls_options(&pg, SslMode::Disable, None, "localhost"))
@@ -563,27 +624,43 @@ async fn partitioned_rows_land_in_their_month_and_maintain_is_idempotent() {
         central::partition_name(next_month.date_naive())
     );
     assert_eq!(partition_of(&client, &uid("old")).await, "readings_default");
-    assert_eq!(partition_of(&client, &uid("future")).await, "readings_default");
+    assert_eq!(
+        partition_of(&client, &uid("future")).await,
+        "readings_default"
+    );
 
     // Maintain is idempotent.
     let today = now.date_naive();
-    assert_eq!(central::maintain(&c, today, 1, 3).await.unwrap(), Vec::<String>::new());
-    let count_partitions = "SELECT COUNT(*) FROM pg_inherits WHERE inhparent = 'outpost.readings'::regclass";
+    assert_eq!(
+        central::maintain(&c, today, 1, 3).await.unwrap(),
+        Vec::<String>::new()
+    );
+    let count_partitions =
+        "SELECT COUNT(*) FROM pg_inherits WHERE inhparent = 'outpost.readings'::regclass";
     let before = pg_i64(&pg.url(), count_partitions).await;
-    assert_eq!(central::maintain(&c, today, 1, 3).await.unwrap(), Vec::<String>::new());
+    assert_eq!(
+        central::maintain(&c, today, 1, 3).await.unwrap(),
+        Vec::<String>::new()
+    );
     assert_eq!(pg_i64(&pg.url(), count_partitions).await, before);
 
     // A month created later takes its rows out of the default partition.
     let june_2030 = chrono::NaiveDate::from_ymd_opt(2030, 6, 15).unwrap();
     let created = central::maintain(&c, june_2030, 0, 0).await.unwrap();
     assert_eq!(created, ["readings_y2030m06"]);
-    assert_eq!(partition_of(&client, &uid("future")).await, "readings_y2030m06");
+    assert_eq!(
+        partition_of(&client, &uid("future")).await,
+        "readings_y2030m06"
+    );
     assert_eq!(
         central::maintain(&c, june_2030, 0, 0).await.unwrap(),
         Vec::<String>::new()
     );
     // The moved row keeps its uniqueness: re-sending it changes nothing.
-    agent.local().execute("UPDATE readings SET synced = 0", []).unwrap();
+    agent
+        .local()
+        .execute("UPDATE readings SET synced = 0", [])
+        .unwrap();
     wait_drained(&pg.url(), &agent, 4).await;
     assert_eq!(central_uids(&pg.url(), "gw-part").await.len(), 4);
     agent.stop().await;
@@ -611,7 +688,9 @@ async fn live_reading_reaches_central_within_one_interval_despite_a_200k_backlog
     agent.ingest(fresh_reading("gw-live", "now")).await;
     let committed = Instant::now();
     let uid = Uid::derive(&["gw-live", "live", "now"]).to_hex();
-    let probe = format!("SELECT COUNT(*) FROM outpost.readings WHERE replace(uid::text, '-', '') = '{uid}'");
+    let probe = format!(
+        "SELECT COUNT(*) FROM outpost.readings WHERE replace(uid::text, '-', '') = '{uid}'"
+    );
     wait_for("the fresh reading in central", DEADLINE, async || {
         pg_i64(&pg_url, &probe).await == Some(1)
     })
@@ -620,7 +699,10 @@ async fn live_reading_reaches_central_within_one_interval_despite_a_200k_backlog
     let drained = pg_i64(&pg_url, count).await.unwrap();
     eprintln!("fresh reading visible after {took:?}; {drained} backlog rows in central by then");
     // One interval, plus the batch that may be in flight and this box's slowness.
-    assert!(took <= interval + Duration::from_millis(1500), "took {took:?}");
+    assert!(
+        took <= interval + Duration::from_millis(1500),
+        "took {took:?}"
+    );
     assert!(
         drained < backlog as i64,
         "the backlog was not still draining ({drained} rows)"
@@ -665,12 +747,19 @@ async fn unsynchronised_clock_readings_are_held_then_sent_flagged() {
         );
     }
     wait_drained(&pg_url, &agent, 150).await;
-    assert!(held.elapsed() >= Duration::from_secs(4), "released before the bound");
+    assert!(
+        held.elapsed() >= Duration::from_secs(4),
+        "released before the bound"
+    );
     let flagged = format!(
         "SELECT COUNT(*) FROM outpost.readings WHERE flags = {}",
         flags::CLOCK_UNSYNCED
     );
-    assert_eq!(pg_i64(&pg_url, &flagged).await, Some(49), "sent with their flag");
+    assert_eq!(
+        pg_i64(&pg_url, &flagged).await,
+        Some(49),
+        "sent with their flag"
+    );
     agent.stop().await;
 }
 
@@ -710,9 +799,14 @@ async fn alert_events_sync_from_a_local_table() {
     wait_for("the events in central and marked", DEADLINE, async || {
         let marked: i64 = rusqlite::Connection::open(&path)
             .unwrap()
-            .query_row("SELECT COUNT(*) FROM alert_events WHERE synced = 1", [], |r| r.get(0))
+            .query_row(
+                "SELECT COUNT(*) FROM alert_events WHERE synced = 1",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
-        marked == 3 && pg_i64(&pg.url(), "SELECT COUNT(*) FROM outpost.alert_events").await == Some(3)
+        marked == 3
+            && pg_i64(&pg.url(), "SELECT COUNT(*) FROM outpost.alert_events").await == Some(3)
     })
     .await;
     assert_eq!(
@@ -744,7 +838,10 @@ fn outpost(args: &[&str]) -> (bool, String, String) {
 #[test]
 fn central_commands_print_migrate_and_maintain() {
     let (ok, sql, _) = outpost(&["central", "schema", "--partitioned"]);
-    assert!(ok && sql.contains("PARTITION BY RANGE (observed_at)"), "{sql}");
+    assert!(
+        ok && sql.contains("PARTITION BY RANGE (observed_at)"),
+        "{sql}"
+    );
 
     let pg = Postgres::start();
     let bouncer = PgBouncer::start(&pg);
@@ -752,7 +849,10 @@ fn central_commands_print_migrate_and_maintain() {
     let plain = outpost(&["central", "schema"]).1;
     pg.psql(&plain);
     pg.psql(&plain);
-    assert_eq!(pg.psql("SELECT MAX(version) FROM outpost.schema_version"), "1");
+    assert_eq!(
+        pg.psql("SELECT MAX(version) FROM outpost.schema_version"),
+        "1"
+    );
     pg.psql("DROP SCHEMA outpost CASCADE");
 
     let url = bouncer.url();
@@ -781,7 +881,10 @@ fn central_commands_print_migrate_and_maintain() {
     ]);
     assert!(ok && out.contains("up to date"), "{out}{err}");
     let (ok, out, err) = outpost(&["central", "maintain", "--url", &url, "--sslmode", "disable"]);
-    assert!(ok && out.contains("Every partition exists already"), "{out}{err}");
+    assert!(
+        ok && out.contains("Every partition exists already"),
+        "{out}{err}"
+    );
     let (ok, out, err) = outpost(&[
         "central",
         "maintain",
@@ -796,6 +899,13 @@ fn central_commands_print_migrate_and_maintain() {
 
     let (ok, _, err) = outpost(&["central", "migrate"]);
     assert!(!ok && err.contains("pass --url"), "{err}");
-    let (ok, _, err) = outpost(&["central", "migrate", "--url", &url, "--sslmode", "sometimes"]);
+    let (ok, _, err) = outpost(&[
+        "central",
+        "migrate",
+        "--url",
+        &url,
+        "--sslmode",
+        "sometimes",
+    ]);
     assert!(!ok && err.contains("verify-full"), "{err}");
 }

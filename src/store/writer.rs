@@ -104,7 +104,10 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("outpost-store".into())
         .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
                 Ok(rt) => rt.block_on(writer.run(batches, ops)),
                 Err(e) => tracing::error!(error = %e, "Cannot start the store writer's runtime."),
             }
@@ -149,6 +152,7 @@ impl Writer {
         prune_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_rows = self.config.batch_max_rows.max(1);
         let max_delay = self.config.batch_max_delay.get();
+        let mut last_commit = tokio::time::Instant::now();
         while batches_open || ops_open {
             let mut group = Group::default();
             tokio::select! {
@@ -167,8 +171,40 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                let deadline = tokio::time::Instant::now() + max_delay;
+                // Group commit: take everything already queued; commit as soon as the
+                // queue is empty, but never sooner than `batch_max_delay` after the
+                // previous commit (bounding fsyncs per second on SD cards) and never
+                // with more than `batch_max_rows` rows. Whatever arrives during a
+                // commit's fsync forms the next group.
+                let earliest = last_commit + max_delay;
                 while group.rows < max_rows && (batches_open || ops_open) {
+                    let mut took = false;
+                    if ops_open {
+                        match ops.try_recv() {
+                            Ok(op) => {
+                                group.ops.push(op);
+                                took = true;
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => ops_open = false,
+                            Err(mpsc::error::TryRecvError::Empty) => {}
+                        }
+                    }
+                    if batches_open && group.rows < max_rows {
+                        match batches.try_recv() {
+                            Ok(batch) => {
+                                group.push_batch(batch);
+                                took = true;
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => batches_open = false,
+                            Err(mpsc::error::TryRecvError::Empty) => {}
+                        }
+                    }
+                    if took {
+                        continue;
+                    }
+                    if tokio::time::Instant::now() >= earliest {
+                        break;
+                    }
                     tokio::select! {
                         biased;
                         op = ops.recv(), if ops_open => match op {
@@ -179,10 +215,12 @@ impl Writer {
                             Some(batch) => group.push_batch(batch),
                             None => batches_open = false,
                         },
-                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = tokio::time::sleep_until(earliest) => break,
                     }
                 }
-                if self.commit(group).is_err() {
+                let full = self.commit(group).is_err();
+                last_commit = tokio::time::Instant::now();
+                if full {
                     tokio::time::sleep(FULL_PAUSE).await;
                 }
             }
@@ -206,14 +244,20 @@ impl Writer {
                 let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
                 self.stats.commits.fetch_add(1, Relaxed);
                 self.stats.last_commit_ms.store(now_ms, Relaxed);
-                self.stats.last_commit_us.store(elapsed.as_micros() as u64, Relaxed);
+                self.stats
+                    .last_commit_us
+                    .store(elapsed.as_micros() as u64, Relaxed);
                 if self.stats.disk_full.swap(false, Relaxed) {
                     tracing::warn!("Disk space is available again; ingest resumed.");
                 }
                 for (batch, result) in group.batches.into_iter().zip(per_batch) {
                     if let Ok(c) = &result {
-                        self.stats.readings_inserted.fetch_add(c.inserted as u64, Relaxed);
-                        self.stats.readings_duplicate.fetch_add(c.duplicates as u64, Relaxed);
+                        self.stats
+                            .readings_inserted
+                            .fetch_add(c.inserted as u64, Relaxed);
+                        self.stats
+                            .readings_duplicate
+                            .fetch_add(c.duplicates as u64, Relaxed);
                     }
                     if let Some(ack) = batch.ack {
                         let _ = ack.send(result);
@@ -231,7 +275,9 @@ impl Writer {
                 self.stats.commit_failures.fetch_add(1, Relaxed);
                 let full = error == StoreError::Full;
                 if full {
-                    self.stats.readings_refused_full.fetch_add(group.rows as u64, Relaxed);
+                    self.stats
+                        .readings_refused_full
+                        .fetch_add(group.rows as u64, Relaxed);
                     self.stats.disk_full.store(true, Relaxed);
                     let now = Instant::now();
                     let quiet = match self.last_full_log {
@@ -459,8 +505,12 @@ pub(crate) fn prune(
     now: chrono::DateTime<chrono::Utc>,
     stats: &StoreStats,
 ) -> rusqlite::Result<()> {
-    let retention = chrono::Duration::from_std(config.retention.get()).unwrap_or(chrono::Duration::MAX);
-    let cutoff = to_micros(now.checked_sub_signed(retention).unwrap_or(chrono::DateTime::UNIX_EPOCH));
+    let retention =
+        chrono::Duration::from_std(config.retention.get()).unwrap_or(chrono::Duration::MAX);
+    let cutoff = to_micros(
+        now.checked_sub_signed(retention)
+            .unwrap_or(chrono::DateTime::UNIX_EPOCH),
+    );
     let mut synced = 0usize;
     loop {
         let n = conn.execute(

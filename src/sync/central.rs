@@ -234,10 +234,15 @@ pub async fn migrate(central: &Central, layout: Layout) -> Result<Migrated, Sync
     let from_version = central
         .transaction(async {
             client
-                .batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); {PREAMBLE}"))
+                .batch_execute(&format!(
+                    "SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); {PREAMBLE}"
+                ))
                 .await?;
             let rows = client
-                .query_typed("SELECT COALESCE(MAX(version), 0) FROM outpost.schema_version", &[])
+                .query_typed(
+                    "SELECT COALESCE(MAX(version), 0) FROM outpost.schema_version",
+                    &[],
+                )
                 .await?;
             let found: i32 = rows.first().map(|r| r.get(0)).unwrap_or(0);
             for m in MIGRATIONS.iter().filter(|m| m.version > found) {
@@ -378,7 +383,10 @@ pub struct ConnectionArgs {
     pub ca_file: Option<PathBuf>,
 }
 
-fn resolve_connection(config_path: &std::path::Path, args: &ConnectionArgs) -> Result<ConnectOptions, String> {
+fn resolve_connection(
+    config_path: &std::path::Path,
+    args: &ConnectionArgs,
+) -> Result<ConnectOptions, String> {
     let configured = match crate::config::Config::load(config_path) {
         Ok(config) => config.sync,
         Err(errors) if args.url.is_none() => {
@@ -454,7 +462,10 @@ pub fn command(config_path: &std::path::Path, command: CentralCommand) -> ExitCo
             };
             let m = migrate(&central, layout).await?;
             let mut out = if m.from_version == m.to_version {
-                format!("The central schema is up to date (version {}).", m.to_version)
+                format!(
+                    "The central schema is up to date (version {}).",
+                    m.to_version
+                )
             } else {
                 format!(
                     "The central schema was migrated from version {} to {}.",
@@ -510,7 +521,10 @@ where
             return ExitCode::from(crate::cli::EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outpost: cannot start the async runtime: {e}");

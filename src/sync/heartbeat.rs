@@ -52,7 +52,10 @@ pub fn clock_synchronized() -> Option<bool> {
 
 /// Upserts the gateway's row in one transaction.
 pub async fn send(central: &Central, hb: &Heartbeat) -> Result<(), SyncError> {
-    let error: Option<String> = hb.last_error.as_ref().map(|e| e.chars().take(1000).collect());
+    let error: Option<String> = hb
+        .last_error
+        .as_ref()
+        .map(|e| e.chars().take(1000).collect());
     central
         .transaction(central.client().execute_typed(
             "INSERT INTO outpost.gateways (gateway_id, agent_version, site, boot_id, clock_synchronized, \

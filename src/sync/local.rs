@@ -82,7 +82,8 @@ pub fn select_readings(
     release_up_to: i64,
     max: usize,
 ) -> rusqlite::Result<ReadingColumns> {
-    let columns = "id, uid, source, device, metric, value, unit, observed_at, received_at, flags, meta";
+    let columns =
+        "id, uid, source, device, metric, value, unit, observed_at, received_at, flags, meta";
     let (sql, a, b) = match window {
         Window::NewestFirst { above, up_to } => (
             format!(
@@ -112,11 +113,13 @@ pub fn select_readings(
         out.device.push(clean_text(row.get(3)?));
         out.metric.push(clean_text(row.get(4)?));
         out.value.push(row.get(5)?);
-        out.unit.push(row.get::<_, Option<String>>(6)?.map(clean_text));
+        out.unit
+            .push(row.get::<_, Option<String>>(6)?.map(clean_text));
         out.observed_at.push(central_time(row.get(7)?));
         out.received_at.push(central_time(row.get(8)?));
         out.flags.push(row.get::<_, i64>(9)? as i32);
-        out.meta.push(row.get::<_, Option<String>>(10)?.map(clean_json));
+        out.meta
+            .push(row.get::<_, Option<String>>(10)?.map(clean_json));
     }
     Ok(out)
 }
@@ -160,12 +163,16 @@ fn central_time(micros: i64) -> DateTime<Utc> {
 
 /// The newest reading id.
 pub fn head(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| r.get(0))
+    conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| {
+        r.get(0)
+    })
 }
 
 /// Unsynced readings: how many, and when the oldest was received.
 pub fn backlog(conn: &Connection) -> rusqlite::Result<(i64, Option<DateTime<Utc>>)> {
-    let rows = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| r.get(0))?;
+    let rows = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
+        r.get(0)
+    })?;
     let oldest: Option<i64> = conn
         .query_row(
             "SELECT received_at FROM readings WHERE synced = 0 ORDER BY id LIMIT 1",
@@ -178,7 +185,8 @@ pub fn backlog(conn: &Connection) -> rusqlite::Result<(i64, Option<DateTime<Utc>
 
 /// Marks readings synced. Runs on the store writer, after the central commit.
 pub fn mark_readings_synced(conn: &Connection, ids: &[i64]) -> rusqlite::Result<usize> {
-    let mut stmt = conn.prepare_cached("UPDATE readings SET synced = 1 WHERE id = ?1 AND synced = 0")?;
+    let mut stmt =
+        conn.prepare_cached("UPDATE readings SET synced = 1 WHERE id = ?1 AND synced = 0")?;
     let mut n = 0;
     for id in ids {
         n += stmt.execute([id])?;
@@ -235,14 +243,18 @@ pub fn select_alert_events(conn: &Connection, max: usize) -> rusqlite::Result<Al
         out.ids.push(row.get(0)?);
         out.uid.push(UuidBytes(uid_bytes(&uid)));
         out.rule.push(clean_text(row.get(2)?));
-        out.device.push(row.get::<_, Option<String>>(3)?.map(clean_text));
-        out.metric.push(row.get::<_, Option<String>>(4)?.map(clean_text));
+        out.device
+            .push(row.get::<_, Option<String>>(3)?.map(clean_text));
+        out.metric
+            .push(row.get::<_, Option<String>>(4)?.map(clean_text));
         out.kind.push(clean_text(row.get(5)?));
-        out.severity.push(row.get::<_, Option<String>>(6)?.map(clean_text));
+        out.severity
+            .push(row.get::<_, Option<String>>(6)?.map(clean_text));
         out.value.push(row.get(7)?);
         out.threshold.push(row.get(8)?);
         out.occurred_at.push(central_time(row.get(9)?));
-        out.message.push(row.get::<_, Option<String>>(10)?.map(clean_json));
+        out.message
+            .push(row.get::<_, Option<String>>(10)?.map(clean_json));
     }
     Ok(out)
 }
@@ -335,7 +347,8 @@ mod tests {
         for i in 1..=10 {
             insert(&conn, i, 0);
         }
-        let newest = select_readings(&conn, Window::NewestFirst { above: 5, up_to: 9 }, 0, 3).unwrap();
+        let newest =
+            select_readings(&conn, Window::NewestFirst { above: 5, up_to: 9 }, 0, 3).unwrap();
         assert_eq!(newest.ids, [9, 8, 7]);
         let oldest = select_readings(&conn, Window::OldestFirst { after: 2 }, 0, 3).unwrap();
         assert_eq!(oldest.ids, [3, 4, 5]);
@@ -360,7 +373,10 @@ mod tests {
         let released = select_readings(&conn, all, 2, 10).unwrap();
         assert_eq!(released.ids, [1, 2, 3, 5]);
         assert_eq!(released.flags[1] as u32, flags::CLOCK_UNSYNCED);
-        assert_eq!(select_readings(&conn, all, 4, 10).unwrap().ids, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            select_readings(&conn, all, 4, 10).unwrap().ids,
+            [1, 2, 3, 4, 5]
+        );
     }
 
     #[test]
@@ -382,12 +398,17 @@ mod tests {
         assert_eq!(rows.device[0], "de\u{fffd}v");
         assert_eq!(rows.uid[0], UuidBytes(uid_bytes(&[1, 2])));
         assert_ne!(rows.uid[0], rows.uid[1]);
-        assert_eq!(rows.observed_at[0].to_rfc3339(), "0001-01-01T00:00:00+00:00");
+        assert_eq!(
+            rows.observed_at[0].to_rfc3339(),
+            "0001-01-01T00:00:00+00:00"
+        );
         assert!(rows.observed_at[1].to_rfc3339().starts_with("9999-12-31"));
         let meta0 = &rows.meta[0].as_ref().unwrap().0;
         assert_eq!(serde_json::from_str::<String>(meta0).unwrap(), "{not json");
         let meta1 = &rows.meta[1].as_ref().unwrap().0;
-        assert!(!meta1.contains("\\u0000") && serde_json::from_str::<serde_json::Value>(meta1).is_ok());
+        assert!(
+            !meta1.contains("\\u0000") && serde_json::from_str::<serde_json::Value>(meta1).is_ok()
+        );
     }
 
     #[test]

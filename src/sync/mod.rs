@@ -194,7 +194,13 @@ impl SyncConfig {
             }
         };
         let s = Duration::from_secs;
-        range("interval", self.interval.get(), s(1), s(3600), "between 1s and 1h");
+        range(
+            "interval",
+            self.interval.get(),
+            s(1),
+            s(3600),
+            "between 1s and 1h",
+        );
         range(
             "connect_timeout",
             self.connect_timeout.get(),
@@ -233,7 +239,10 @@ impl SyncConfig {
         if self.backoff_max < self.backoff_initial {
             problems.push(
                 format!("{path}.backoff_max"),
-                format!("must not be shorter than backoff_initial ({})", self.backoff_initial),
+                format!(
+                    "must not be shorter than backoff_initial ({})",
+                    self.backoff_initial
+                ),
             );
         }
         if !(1..=100_000).contains(&self.batch_size) {
@@ -308,7 +317,11 @@ mod tests {
             ],
             "{problems:?}"
         );
-        let sslmode = &problems.iter().find(|(k, _)| k == "sync.sslmode").unwrap().1;
+        let sslmode = &problems
+            .iter()
+            .find(|(k, _)| k == "sync.sslmode")
+            .unwrap()
+            .1;
         assert!(sslmode.contains("verify-full"), "{sslmode}");
     }
 
@@ -379,14 +392,17 @@ mod tests {
         let problems = check(json!({"url": "postgres://u@h/d", "ca_file": garbage}));
         assert_eq!(keys(&problems), ["sync.ca_file"]);
         assert!(problems[0].1.contains("no certificate"), "{problems:?}");
-        let problems = check(json!({"url": "postgres://u@h/d", "sslmode": "disable", "ca_file": garbage}));
+        let problems =
+            check(json!({"url": "postgres://u@h/d", "sslmode": "disable", "ca_file": garbage}));
         assert_eq!(keys(&problems), ["sync.ca_file"]);
         assert!(problems[0].1.contains("only used"), "{problems:?}");
     }
 
     #[test]
     fn the_password_is_never_printed() {
-        let c: SyncConfig = serde_json::from_value(json!({"url": "postgres://u@h/d", "password": "hunter2"})).unwrap();
+        let c: SyncConfig =
+            serde_json::from_value(json!({"url": "postgres://u@h/d", "password": "hunter2"}))
+                .unwrap();
         let printed = toml::to_string(&c).unwrap();
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(!format!("{c:?}").contains("hunter2"));

@@ -88,16 +88,20 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     check_url_text(url)?;
     let config = parse_url_allowing_password(url)?;
     if config.get_password().is_some() {
-        return Err("contains a password: put it in sync.password or sync.password_file, \
+        return Err(
+            "contains a password: put it in sync.password or sync.password_file, \
                     which are never printed"
-            .into());
+                .into(),
+        );
     }
     Ok(config)
 }
 
 fn check_url_text(url: &str) -> Result<(), String> {
     if url.trim().is_empty() {
-        return Err("is empty; expected e.g. \"postgres://outpost@central.example:6432/fleet\"".into());
+        return Err(
+            "is empty; expected e.g. \"postgres://outpost@central.example:6432/fleet\"".into(),
+        );
     }
     if url.len() > super::MAX_URL_LEN {
         return Err(format!("is longer than {} characters", super::MAX_URL_LEN));
@@ -105,11 +109,16 @@ fn check_url_text(url: &str) -> Result<(), String> {
     let lower = url.to_ascii_lowercase();
     for key in ["sslmode", "sslrootcert", "sslcert", "sslkey"] {
         if lower.contains(key) {
-            return Err(format!("sets {key}; use sync.sslmode and sync.ca_file instead"));
+            return Err(format!(
+                "sets {key}; use sync.sslmode and sync.ca_file instead"
+            ));
         }
     }
     if lower.contains("options") {
-        return Err("sets options (session settings), which PgBouncer in transaction mode cannot keep".into());
+        return Err(
+            "sets options (session settings), which PgBouncer in transaction mode cannot keep"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -127,7 +136,8 @@ pub fn parse_url_allowing_password(url: &str) -> Result<tokio_postgres::Config, 
              expected e.g. \"postgres://outpost@central.example:6432/fleet\""
         ));
     }
-    let config = tokio_postgres::Config::from_str(url).map_err(|e| format!("cannot be parsed: {e}"))?;
+    let config =
+        tokio_postgres::Config::from_str(url).map_err(|e| format!("cannot be parsed: {e}"))?;
     if config.get_hosts().is_empty() {
         return Err("names no host".into());
     }
@@ -143,12 +153,18 @@ pub fn load_ca_file(path: &Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{} holds a certificate that cannot be used: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| {
+            format!(
+                "{} holds a certificate that cannot be used: {e}",
+                path.display()
+            )
+        })?;
     }
     if roots.is_empty() {
-        return Err(format!("no certificate found in {} (expected PEM)", path.display()));
+        return Err(format!(
+            "no certificate found in {} (expected PEM)",
+            path.display()
+        ));
     }
     Ok(roots)
 }
@@ -211,7 +227,13 @@ pub async fn connect(options: &ConnectOptions) -> Result<Central, SyncError> {
         config.password(password.expose());
     }
     config.connect_timeout(options.connect_timeout);
-    config.application_name(options.application_name.chars().take(60).collect::<String>());
+    config.application_name(
+        options
+            .application_name
+            .chars()
+            .take(60)
+            .collect::<String>(),
+    );
     let target = describe_target(&config);
     let user = config.get_user().unwrap_or("").to_string();
     let classify = |e: tokio_postgres::Error| classify_connect_error(e, &target, &user);
@@ -221,14 +243,19 @@ pub async fn connect(options: &ConnectOptions) -> Result<Central, SyncError> {
         match options.sslmode {
             SslMode::Disable => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(classify)?;
+                let (client, connection) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(classify)?;
                 Ok((client, spawn_driver(connection)))
             }
             mode => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let tls = tls_config(mode, options.ca_file.as_deref()).map_err(|reason| SyncError::Tls {
-                    target: target.clone(),
-                    reason,
+                let tls = tls_config(mode, options.ca_file.as_deref()).map_err(|reason| {
+                    SyncError::Tls {
+                        target: target.clone(),
+                        reason,
+                    }
                 })?;
                 let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
                 let (client, connection) = config.connect(make).await.map_err(classify)?;
@@ -277,11 +304,16 @@ fn tls_config(mode: SslMode, ca_file: Option<&Path>) -> Result<rustls::ClientCon
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot set up TLS: {e}"))?;
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| format!("cannot use the CA certificates: {e}"))?;
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("cannot use the CA certificates: {e}"))?;
     let config = match mode {
-        SslMode::VerifyFull | SslMode::Disable => builder.with_webpki_verifier(webpki).with_no_client_auth(),
+        SslMode::VerifyFull | SslMode::Disable => {
+            builder.with_webpki_verifier(webpki).with_no_client_auth()
+        }
         SslMode::VerifyCa | SslMode::Require => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(LaxVerifier {
@@ -314,13 +346,16 @@ impl rustls::client::danger::ServerCertVerifier for LaxVerifier {
             return Ok(rustls::client::danger::ServerCertVerified::assertion());
         }
         use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
-                Ok(rustls::client::danger::ServerCertVerified::assertion())
-            }
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
             other => other,
         }
     }
@@ -356,7 +391,10 @@ fn find_tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             return Some(describe_tls(tls));
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            if let Some(tls) = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
                 return Some(describe_tls(tls));
             }
         }
@@ -405,7 +443,9 @@ fn classify_connect_error(e: tokio_postgres::Error, target: &str, user: &str) ->
                 detail,
             };
         }
-        if *code == SqlState::INVALID_CATALOG_NAME || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        if *code == SqlState::INVALID_CATALOG_NAME
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
             return SyncError::LoginRefused {
                 target: target.into(),
                 detail,
@@ -433,7 +473,8 @@ fn classify_connect_error(e: tokio_postgres::Error, target: &str, user: &str) ->
     if text.contains("server does not support TLS") {
         return SyncError::Tls {
             target: target.into(),
-            reason: "the server does not offer TLS; enable it there or set sslmode = \"disable\"".into(),
+            reason: "the server does not offer TLS; enable it there or set sslmode = \"disable\""
+                .into(),
         };
     }
     SyncError::Connect {
@@ -460,7 +501,9 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 fn classify_statement_error(e: tokio_postgres::Error, target: &str) -> SyncError {
     if let Some(db) = e.as_db_error() {
         if *db.code() == SqlState::UNDEFINED_TABLE || *db.code() == SqlState::INVALID_SCHEMA_NAME {
-            return SyncError::SchemaMissing { target: target.into() };
+            return SyncError::SchemaMissing {
+                target: target.into(),
+            };
         }
         let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
         if let Some(detail) = db.detail() {
@@ -521,10 +564,10 @@ impl Central {
     /// Checks that the central schema exists and has the version this agent writes.
     pub async fn check_schema(&self) -> Result<i32, SyncError> {
         let rows = self
-            .transaction(
-                self.client
-                    .query_typed("SELECT COALESCE(MAX(version), 0) FROM outpost.schema_version", &[]),
-            )
+            .transaction(self.client.query_typed(
+                "SELECT COALESCE(MAX(version), 0) FROM outpost.schema_version",
+                &[],
+            ))
             .await?;
         let found: i32 = rows.first().and_then(|r| r.try_get(0).ok()).unwrap_or(0);
         if found == 0 {
@@ -549,7 +592,11 @@ impl Central {
 
     /// Uploads readings in one transaction; already present rows are skipped. Returns
     /// how many rows were new centrally.
-    pub async fn upload_readings(&self, gateway_id: &str, rows: &ReadingColumns) -> Result<u64, SyncError> {
+    pub async fn upload_readings(
+        &self,
+        gateway_id: &str,
+        rows: &ReadingColumns,
+    ) -> Result<u64, SyncError> {
         if rows.is_empty() {
             return Ok(0);
         }
@@ -578,7 +625,11 @@ impl Central {
     }
 
     /// Uploads alert events in one transaction; already present events are skipped.
-    pub async fn upload_alert_events(&self, gateway_id: &str, rows: &AlertEventColumns) -> Result<u64, SyncError> {
+    pub async fn upload_alert_events(
+        &self,
+        gateway_id: &str,
+        rows: &AlertEventColumns,
+    ) -> Result<u64, SyncError> {
         if rows.is_empty() {
             return Ok(0);
         }
@@ -612,7 +663,11 @@ impl Central {
 pub struct UuidBytes(pub [u8; 16]);
 
 impl ToSql for UuidBytes {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         out.extend_from_slice(&self.0);
         Ok(IsNull::No)
     }
@@ -628,7 +683,11 @@ impl ToSql for UuidBytes {
 pub struct RawJson(pub String);
 
 impl ToSql for RawJson {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         out.extend_from_slice(&[1]);
         out.extend_from_slice(self.0.as_bytes());
         Ok(IsNull::No)

@@ -119,7 +119,12 @@ impl HoldBack {
 
 /// Runs the sync worker until `shutdown` is cancelled. An upload in flight at shutdown
 /// is abandoned: it was not marked, so it is retried (and deduplicated) next time.
-pub async fn run(config: SyncConfig, agent: AgentConfig, store: Store, shutdown: CancellationToken) {
+pub async fn run(
+    config: SyncConfig,
+    agent: AgentConfig,
+    store: Store,
+    shutdown: CancellationToken,
+) {
     let mut worker = Worker::new(config, agent, store, shutdown.clone());
     tracing::info!(
         gateway = %worker.gateway_id,
@@ -178,7 +183,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(config: SyncConfig, agent: AgentConfig, store: Store, shutdown: CancellationToken) -> Worker {
+    fn new(
+        config: SyncConfig,
+        agent: AgentConfig,
+        store: Store,
+        shutdown: CancellationToken,
+    ) -> Worker {
         Worker {
             options: ConnectOptions::from_config(&config, &agent.gateway_id),
             backoff: Backoff::new(
@@ -255,7 +265,10 @@ impl Worker {
     fn spawn_mark(&self, ids: Vec<i64>) -> JoinHandle<()> {
         let store = self.store.clone();
         tokio::spawn(async move {
-            if let Err(e) = store.write(move |c| local::mark_readings_synced(c, &ids)).await {
+            if let Err(e) = store
+                .write(move |c| local::mark_readings_synced(c, &ids))
+                .await
+            {
                 tracing::warn!(error = %e, "Marking readings synced failed; they will be sent again.");
             }
         })
@@ -265,7 +278,10 @@ impl Worker {
         if self.central.is_none() {
             let central = connect(&self.options).await?;
             central.check_schema().await?;
-            tracing::info!(target_db = central.target(), "Connected to central PostgreSQL.");
+            tracing::info!(
+                target_db = central.target(),
+                "Connected to central PostgreSQL."
+            );
             self.central = Some(central);
         }
         Ok(())
@@ -288,7 +304,10 @@ impl Worker {
         self.drain_backlog(deadline, release).await?;
         let at = Utc::now();
         self.last_sync_at = Some(at);
-        let _ = self.store.write(move |c| local::record_success(c, at)).await;
+        let _ = self
+            .store
+            .write(move |c| local::record_success(c, at))
+            .await;
         Ok(())
     }
 
@@ -302,7 +321,8 @@ impl Worker {
             clock_synchronized: heartbeat::clock_synchronized(),
             backlog_rows: rows,
             oldest_unsynced_at: oldest,
-            backlog_age_seconds: oldest.map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0),
+            backlog_age_seconds: oldest
+                .map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0),
             last_sync_at: self.last_sync_at,
             last_error: self.last_error.as_ref().map(|(e, _)| e.clone()),
             last_error_at: self.last_error.as_ref().map(|(_, t)| *t),
@@ -318,12 +338,16 @@ impl Worker {
         }
         let max = self.config.batch_size;
         loop {
-            let events: AlertEventColumns = self.read(move |c| local::select_alert_events(c, max)).await?;
+            let events: AlertEventColumns = self
+                .read(move |c| local::select_alert_events(c, max))
+                .await?;
             if events.is_empty() {
                 return Ok(());
             }
             let central = self.central.as_ref().ok_or_else(not_connected)?;
-            central.upload_alert_events(&self.gateway_id, &events).await?;
+            central
+                .upload_alert_events(&self.gateway_id, &events)
+                .await?;
             let count = events.len();
             let ids = events.ids;
             self.store
@@ -342,7 +366,10 @@ impl Worker {
         let mut up_to = head;
         let mut marks = Vec::new();
         while up_to > floor && !self.shutdown.is_cancelled() {
-            let window = Window::NewestFirst { above: floor, up_to };
+            let window = Window::NewestFirst {
+                above: floor,
+                up_to,
+            };
             let rows = self
                 .read(move |c| local::select_readings(c, window, release, max))
                 .await?;
@@ -378,7 +405,8 @@ impl Worker {
                 break Ok(());
             }
             let window = Window::OldestFirst { after: last };
-            let prefetch = self.start_read(move |c| local::select_readings(c, window, release, max));
+            let prefetch =
+                self.start_read(move |c| local::select_readings(c, window, release, max));
             let uploaded = self.upload(&rows).await;
             let next = self.finish_read(prefetch).await;
             if let Err(e) = uploaded {
@@ -422,7 +450,10 @@ impl Worker {
         let message = e.to_string();
         self.last_error = Some((message.clone(), at));
         let stored = message.clone();
-        let _ = self.store.write(move |c| local::record_error(c, at, &stored)).await;
+        let _ = self
+            .store
+            .write(move |c| local::record_error(c, at, &stored))
+            .await;
         if let Some(suppressed) = self.failure_log.allow() {
             if e.needs_a_person() {
                 tracing::error!(error = %message, retry_in = ?wait, suppressed, "Central sync cannot proceed; a person must act.");
@@ -479,9 +510,17 @@ mod tests {
         assert_eq!(hold.release_up_to(t0), 0);
         tokio::time::advance(Duration::from_secs(1800)).await;
         hold.observe(Instant::now(), 250);
-        assert_eq!(hold.release_up_to(Instant::now()), 0, "nothing has waited an hour yet");
+        assert_eq!(
+            hold.release_up_to(Instant::now()),
+            0,
+            "nothing has waited an hour yet"
+        );
         tokio::time::advance(Duration::from_secs(1800)).await;
-        assert_eq!(hold.release_up_to(Instant::now()), 100, "ids up to 100 waited an hour");
+        assert_eq!(
+            hold.release_up_to(Instant::now()),
+            100,
+            "ids up to 100 waited an hour"
+        );
         tokio::time::advance(Duration::from_secs(1799)).await;
         assert_eq!(hold.release_up_to(Instant::now()), 100);
         tokio::time::advance(Duration::from_secs(1)).await;
