@@ -26,7 +26,10 @@ use std::time::{Duration, Instant};
 use support::{PgBouncer, Postgres};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn rss_kib() -> u64 {
@@ -104,13 +107,25 @@ fn psql_baseline(bouncer: &PgBouncer, csv: &Path) -> Duration {
     let start = Instant::now();
     let out = std::process::Command::new("/usr/bin/psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", bouncer.host()])
-        .args(["-p", &bouncer.port().to_string(), "-U", "outpost", "-d", "outpost", "-c"])
+        .args([
+            "-p",
+            &bouncer.port().to_string(),
+            "-U",
+            "outpost",
+            "-d",
+            "outpost",
+            "-c",
+        ])
         .arg(&script)
         .env("PGPASSWORD", "outpost-pass")
         .output()
         .expect("run psql");
     let took = start.elapsed();
-    assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     took
 }
 
@@ -151,7 +166,10 @@ fn main() {
     // Baseline first, then empty the table for the agent.
     eprintln!("psql baseline ...");
     let psql = psql_baseline(&bouncer, &csv);
-    assert_eq!(pg.psql("SELECT COUNT(*) FROM outpost.readings"), rows.to_string());
+    assert_eq!(
+        pg.psql("SELECT COUNT(*) FROM outpost.readings"),
+        rows.to_string()
+    );
     pg.psql("TRUNCATE outpost.readings");
 
     eprintln!("outpost drain ...");
@@ -163,13 +181,20 @@ fn main() {
     let reader = rusqlite::Connection::open(&db).unwrap();
     let unsynced = || -> i64 {
         reader
-            .query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
+                r.get(0)
+            })
             .unwrap()
     };
     let rss_before = rss_kib();
     let mut rss_samples = Vec::new();
     let start = Instant::now();
-    let worker = runtime.spawn(outpost::sync::run(sync, agent, store.clone(), token.clone()));
+    let worker = runtime.spawn(outpost::sync::run(
+        sync,
+        agent,
+        store.clone(),
+        token.clone(),
+    ));
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let left = unsynced();
@@ -177,7 +202,10 @@ fn main() {
         if left == 0 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(1800), "the drain takes too long");
+        assert!(
+            start.elapsed() < Duration::from_secs(1800),
+            "the drain takes too long"
+        );
     }
     let drain = start.elapsed();
     token.cancel();
@@ -186,7 +214,10 @@ fn main() {
     });
     drop(store);
     drop(ingest);
-    assert_eq!(pg.psql("SELECT COUNT(*) FROM outpost.readings"), rows.to_string());
+    assert_eq!(
+        pg.psql("SELECT COUNT(*) FROM outpost.readings"),
+        rows.to_string()
+    );
 
     let agent_rate = rows as f64 / drain.as_secs_f64();
     let psql_rate = rows as f64 / psql.as_secs_f64();
@@ -199,8 +230,14 @@ fn main() {
     };
     let max = rss_samples.iter().map(|(_, r)| *r).max().unwrap_or(0);
     println!("rows {rows}, batch {batch}");
-    println!("outpost drain: {:.1}s, {agent_rate:.0} rows/s", drain.as_secs_f64());
-    println!("psql \\copy + INSERT … ON CONFLICT DO NOTHING: {:.1}s, {psql_rate:.0} rows/s", psql.as_secs_f64());
+    println!(
+        "outpost drain: {:.1}s, {agent_rate:.0} rows/s",
+        drain.as_secs_f64()
+    );
+    println!(
+        "psql \\copy + INSERT … ON CONFLICT DO NOTHING: {:.1}s, {psql_rate:.0} rows/s",
+        psql.as_secs_f64()
+    );
     println!("ratio outpost/psql: {:.2}", agent_rate / psql_rate);
     println!(
         "RSS (MiB): before {:.1}; at 10% {:.1}, 50% {:.1}, 90% {:.1}; max {:.1}",

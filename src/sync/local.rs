@@ -84,26 +84,29 @@ pub fn select_readings(
 ) -> rusqlite::Result<ReadingColumns> {
     let columns =
         "id, uid, source, device, metric, value, unit, observed_at, received_at, flags, meta";
-    let (sql, a, b) = match window {
-        Window::NewestFirst { above, up_to } => (
-            format!(
-                "SELECT {columns} FROM readings WHERE {} AND id > ?2 AND id <= ?3 ORDER BY id DESC LIMIT ?4",
-                eligible()
-            ),
-            above,
-            up_to,
-        ),
-        Window::OldestFirst { after } => (
-            format!(
-                "SELECT {columns} FROM readings WHERE {} AND id > ?2 AND ?3 = ?3 ORDER BY id LIMIT ?4",
-                eligible()
-            ),
-            after,
-            0,
-        ),
-    };
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let mut rows = stmt.query(params![release_up_to, a, b, max as i64])?;
+    let eligible = eligible();
+    match window {
+        Window::NewestFirst { above, up_to } => {
+            let sql = format!(
+                "SELECT {columns} FROM readings WHERE {eligible} AND id > ?2 AND id <= ?3 \
+                 ORDER BY id DESC LIMIT ?4"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query(params![release_up_to, above, up_to, max as i64])?;
+            read_columns(rows, max)
+        }
+        Window::OldestFirst { after } => {
+            let sql = format!(
+                "SELECT {columns} FROM readings WHERE {eligible} AND id > ?2 ORDER BY id LIMIT ?3"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query(params![release_up_to, after, max as i64])?;
+            read_columns(rows, max)
+        }
+    }
+}
+
+fn read_columns(mut rows: rusqlite::Rows<'_>, max: usize) -> rusqlite::Result<ReadingColumns> {
     let mut out = ReadingColumns::with_capacity(max.min(100_000));
     while let Some(row) = rows.next()? {
         let uid: Vec<u8> = row.get(1)?;
