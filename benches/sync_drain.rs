@@ -104,6 +104,8 @@ fn psql_baseline(bouncer: &PgBouncer, csv: &Path) -> Duration {
          COMMIT;\n",
         csv.display()
     );
+    let file = csv.with_extension("sql");
+    std::fs::write(&file, script).unwrap();
     let start = Instant::now();
     let out = std::process::Command::new("/usr/bin/psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", bouncer.host()])
@@ -114,9 +116,9 @@ fn psql_baseline(bouncer: &PgBouncer, csv: &Path) -> Duration {
             "outpost",
             "-d",
             "outpost",
-            "-c",
+            "-f",
         ])
-        .arg(&script)
+        .arg(&file)
         .env("PGPASSWORD", "outpost-pass")
         .output()
         .expect("run psql");
