@@ -536,25 +536,27 @@ async fn tls_is_verified_and_a_wrong_ca_is_reported() {
         .unwrap();
     assert_eq!(ssl[0].get::<_, String>(0), "true");
 
-    // A name the certificate does not carry: refused by verify-full, fine for verify-ca.
-    let (cert, key) = ca.issue_server_cert("other", &["db.example"]);
-    drop((cert, key));
-    let err = connect(&tls_options(
-        &pg,
-        SslMode::VerifyFull,
-        Some(ca.ca_pem()),
-        "127.0.0.2",
-    ))
-    .await
-    .err();
-    if let Some(err) = err {
-        // 127.0.0.2 is not in the certificate (localhost, 127.0.0.1); the server may also
-        // not listen there, which is a connect error instead.
-        assert!(
-            matches!(err, SyncError::Tls { .. } | SyncError::Connect { .. }),
-            "{err:?}"
-        );
-    }
+    // A host name the certificate does not carry (db.example, reached at 127.0.0.1):
+    // refused by verify-full with the documented message, accepted by verify-ca.
+    let mut misnamed = tls_options(&pg, SslMode::VerifyFull, Some(ca.ca_pem()), "localhost");
+    misnamed.url = format!(
+        "host=db.example hostaddr=127.0.0.1 port={} user=outpost dbname=outpost",
+        pg.port()
+    );
+    let err = connect(&misnamed)
+        .await
+        .err()
+        .expect("the name is not in the certificate");
+    assert!(matches!(err, SyncError::Tls { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("not valid for the host name"),
+        "{err}"
+    );
+    misnamed.sslmode = SslMode::VerifyCa;
+    assert!(
+        connect(&misnamed).await.is_ok(),
+        "verify-ca ignores the name"
+    );
     assert!(connect(&tls_options(
         &pg,
         SslMode::VerifyCa,
@@ -698,9 +700,10 @@ async fn live_reading_reaches_central_within_one_interval_despite_a_200k_backlog
     let took = committed.elapsed();
     let drained = pg_i64(&pg_url, count).await.unwrap();
     eprintln!("fresh reading visible after {took:?}; {drained} backlog rows in central by then");
-    // One interval, plus the batch that may be in flight and this box's slowness.
+    // One interval, plus the batch that may be in flight and this box's slowness. Without
+    // live first it would wait for the backlog: 200,000 rows at 20,000/s, 10 s.
     assert!(
-        took <= interval + Duration::from_millis(1500),
+        took <= interval + Duration::from_millis(2500),
         "took {took:?}"
     );
     assert!(
