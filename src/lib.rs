@@ -33,10 +33,15 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod readings;
 pub mod sources;
 pub mod status;
 pub mod store;
 pub mod sync;
+pub mod systemd;

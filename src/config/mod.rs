@@ -29,6 +29,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub http: crate::http::HttpConfig,
     pub sources: Vec<SourceConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync: Option<crate::sync::SyncConfig>,
@@ -259,7 +260,7 @@ fn humanize(raw: &str) -> String {
     words(raw)
 }
 
-const SECTIONS: &[&str] = &["agent", "storage", "log", "sources", "sync"];
+const SECTIONS: &[&str] = &["agent", "storage", "log", "http", "sources", "sync"];
 
 impl Config {
     /// Loads and checks the configuration at `path` with its drop-ins and environment.
@@ -310,6 +311,9 @@ impl Config {
         let log = section("log", &mut problems)
             .and_then(|v| problems.deserialize(v, "log"))
             .unwrap_or_default();
+        let http = section("http", &mut problems)
+            .and_then(|v| problems.deserialize(v, "http"))
+            .unwrap_or_default();
         let sync = section("sync", &mut problems).and_then(|v| problems.deserialize(v, "sync"));
         let mut sources = Vec::new();
         match root.remove("sources") {
@@ -330,6 +334,7 @@ impl Config {
             agent,
             storage,
             log,
+            http,
             sources,
             sync,
         };
@@ -360,6 +365,7 @@ impl Config {
             );
         }
         self.storage.validate("storage", problems);
+        self.http.validate("http", problems);
         if let Some(sync) = &self.sync {
             sync.validate("sync", problems);
         }
