@@ -80,7 +80,11 @@ impl TestCa {
             ca_pem,
             other_ca_pem,
         };
-        let (cert, key) = ca.issue(&SERVER_NAMES, "localhost", ExtendedKeyUsagePurpose::ServerAuth);
+        let (cert, key) = ca.issue(
+            &SERVER_NAMES,
+            "localhost",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
         write(&ca.server_cert, &cert, 0o644);
         write(&ca.server_key, &key, 0o600);
         let (cert, key) = ca.issue(&[], "outpost-client", ExtendedKeyUsagePurpose::ClientAuth);
@@ -96,7 +100,10 @@ impl TestCa {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![eku];
         params.use_authority_key_identifier_extension = true;
         params.not_before = date_time_ymd(2020, 1, 1);

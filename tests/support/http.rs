@@ -89,12 +89,16 @@ impl Reply {
 
     /// 200 with a JSON body (`content-type: application/json`).
     pub fn json(body: impl Into<String>) -> Self {
-        Self::ok().header("content-type", "application/json").body(body.into())
+        Self::ok()
+            .header("content-type", "application/json")
+            .body(body.into())
     }
 
     /// 200 with a text/plain body.
     pub fn text(body: impl Into<String>) -> Self {
-        Self::ok().header("content-type", "text/plain").body(body.into())
+        Self::ok()
+            .header("content-type", "text/plain")
+            .body(body.into())
     }
 
     pub fn with_status(mut self, code: u16) -> Self {
@@ -232,7 +236,11 @@ impl HttpReceiver {
     }
 
     /// Async variant for `#[tokio::test]` (does not block the runtime).
-    pub async fn wait_for_requests_async(&self, n: usize, timeout: Duration) -> Vec<RecordedRequest> {
+    pub async fn wait_for_requests_async(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<RecordedRequest> {
         let deadline = Instant::now() + timeout;
         loop {
             let reqs = self.requests();
@@ -290,7 +298,10 @@ impl HttpReceiver {
                 // Dropping the runtime cancels all connection tasks.
             })
             .expect("spawn HttpReceiver thread");
-        self.running = Some(Running { shutdown: tx, thread });
+        self.running = Some(Running {
+            shutdown: tx,
+            thread,
+        });
     }
 }
 
@@ -300,7 +311,11 @@ impl Drop for HttpReceiver {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: oneshot::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
     loop {
         tokio::select! {
@@ -321,11 +336,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: o
 
 type RespBody = UnsyncBoxBody<Bytes, Infallible>;
 
-async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<RespBody>, std::io::Error> {
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<RespBody>, std::io::Error> {
     let received_at = Instant::now();
     let received_at_wall = SystemTime::now();
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map_err(std::io::Error::other)?.to_bytes();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
     let rec = RecordedRequest {
         method: parts.method.to_string(),
         path: parts
@@ -365,18 +387,20 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     let body: RespBody = match reply.body {
         ReplyBody::Full(b) => Full::new(b).boxed_unsync(),
         ReplyBody::Chunks(chunks, pause) => {
-            let stream =
-                futures_util::stream::iter(chunks.into_iter().enumerate()).then(move |(i, chunk)| async move {
+            let stream = futures_util::stream::iter(chunks.into_iter().enumerate()).then(
+                move |(i, chunk)| async move {
                     if i > 0 && !pause.is_zero() {
                         tokio::time::sleep(pause).await;
                     }
                     Ok::<_, Infallible>(Frame::data(chunk))
-                });
+                },
+            );
             BodyExt::boxed_unsync(StreamBody::new(stream))
         }
     };
     let mut resp = Response::new(body);
-    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *resp.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (k, v) in reply.headers {
         if let (Ok(k), Ok(v)) = (
             hyper::header::HeaderName::from_bytes(k.as_bytes()),

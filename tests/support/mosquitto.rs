@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::util::{
-    free_port, is_root, log_stdio, port_open, port_owned_by, read_log, run, temp_dir, wait_until, ChildGuard, TlsFiles,
-    HOST, PORT_RETRIES, START_TIMEOUT,
+    free_port, is_root, log_stdio, port_open, port_owned_by, read_log, run, temp_dir, wait_until,
+    ChildGuard, TlsFiles, HOST, PORT_RETRIES, START_TIMEOUT,
 };
 use super::TestCa;
 
@@ -109,12 +109,16 @@ impl Mosquitto {
 
     /// TLS port; panics if the broker was built without `.tls(..)`.
     pub fn tls_port(&self) -> u16 {
-        self.tls_port.expect("Mosquitto was started without .tls(&ca)")
+        self.tls_port
+            .expect("Mosquitto was started without .tls(&ca)")
     }
 
     /// (user, password) if built with `.password(..)`.
     pub fn credentials(&self) -> Option<(&str, &str)> {
-        self.opts.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+        self.opts
+            .credentials
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
     /// CA file clients should trust for the TLS port.
@@ -151,7 +155,10 @@ impl Mosquitto {
                 }
             }
         }
-        panic!("mosquitto failed to start again on port {}: {last}", self.port);
+        panic!(
+            "mosquitto failed to start again on port {}: {last}",
+            self.port
+        );
     }
 
     /// `stop()` + `start_again()` (in-memory state such as retained messages is lost).
@@ -180,7 +187,12 @@ impl Mosquitto {
         c.push_str("log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n");
         match &self.opts.credentials {
             Some(_) => {
-                writeln!(c, "allow_anonymous false\npassword_file {}", self.passwd.display()).unwrap();
+                writeln!(
+                    c,
+                    "allow_anonymous false\npassword_file {}",
+                    self.passwd.display()
+                )
+                .unwrap();
             }
             None => c.push_str("allow_anonymous true\n"),
         }
@@ -223,7 +235,11 @@ impl Mosquitto {
             return Ok(());
         }
         self.child.kill();
-        let why = if exited { "exited" } else { "not ready in time" };
+        let why = if exited {
+            "exited"
+        } else {
+            "not ready in time"
+        };
         Err(format!(
             "mosquitto {why} (ports {ports:?}); log {}:\n{}",
             self.log.display(),

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use super::postgres::{pg_bin, PgAuth, Postgres, PG_DATABASE, PG_PASSWORD, PG_USER};
 use super::util::{
-    free_port, give_to_service_user, port_open, port_owned_by, read_log, service_command, stop_pid, temp_dir,
-    wait_until, HOST, PORT_RETRIES, START_TIMEOUT,
+    free_port, give_to_service_user, port_open, port_owned_by, read_log, service_command, stop_pid,
+    temp_dir, wait_until, HOST, PORT_RETRIES, START_TIMEOUT,
 };
 
 pub const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
@@ -124,7 +124,10 @@ impl PgBouncer {
 
     /// `postgres://outpost:outpost-pass@127.0.0.1:PORT/outpost`
     pub fn url(&self) -> String {
-        format!("postgres://{PG_USER}:{PG_PASSWORD}@{HOST}:{}/{PG_DATABASE}", self.port)
+        format!(
+            "postgres://{PG_USER}:{PG_PASSWORD}@{HOST}:{}/{PG_DATABASE}",
+            self.port
+        )
     }
 
     pub fn default_pool_size(&self) -> u32 {
@@ -153,7 +156,9 @@ impl PgBouncer {
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );
-        String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_string()
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_string()
     }
 
     /// [`admin_psql`](Self::admin_psql) parsed into one map (column -> value) per row.
@@ -201,7 +206,10 @@ impl PgBouncer {
                 }
             }
         }
-        panic!("pgbouncer failed to start again on port {}: {last}", self.port);
+        panic!(
+            "pgbouncer failed to start again on port {}: {last}",
+            self.port
+        );
     }
 
     /// `stop()` + `start_again()` on the same port.
@@ -268,7 +276,9 @@ impl PgBouncer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let log_start = fs::metadata(&self.log).map(|m| m.len() as usize).unwrap_or(0);
+        let log_start = fs::metadata(&self.log)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
         let new_log = |me: &Self| {
             fs::read(&me.log)
                 .map(|b| b.get(log_start..).unwrap_or_default().to_vec())
@@ -324,7 +334,14 @@ impl PgBouncer {
             stop_pid(pid, libc::SIGKILL, Duration::from_secs(5));
         }
         let _ = fs::remove_file(&self.pidfile);
-        fail(self, if exited { "exited" } else { "not ready in time" })
+        fail(
+            self,
+            if exited {
+                "exited"
+            } else {
+                "not ready in time"
+            },
+        )
     }
 }
 

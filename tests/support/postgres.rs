@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::util::{
-    fast_temp_dir, free_port, give_to_service_user, port_open, read_log, run, service_command, stop_pid, wait_until,
-    TlsFiles, HOST, PORT_RETRIES,
+    fast_temp_dir, free_port, give_to_service_user, port_open, read_log, run, service_command,
+    stop_pid, wait_until, TlsFiles, HOST, PORT_RETRIES,
 };
 use super::TestCa;
 
@@ -109,8 +109,9 @@ impl PostgresBuilder {
             PgAuth::Scram => "scram-sha-256",
         };
         let host = if self.require_tls { "hostssl" } else { "host" };
-        let hba =
-            format!("local all all trust\n{host} all all 127.0.0.1/32 {method}\n{host} all all ::1/128 {method}\n");
+        let hba = format!(
+            "local all all trust\n{host} all all 127.0.0.1/32 {method}\n{host} all all ::1/128 {method}\n"
+        );
         fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
         give_to_service_user(&root);
@@ -187,7 +188,10 @@ impl Postgres {
 
     /// `postgres://outpost:outpost-pass@127.0.0.1:PORT/outpost`
     pub fn url(&self) -> String {
-        format!("postgres://{PG_USER}:{PG_PASSWORD}@{HOST}:{}/{PG_DATABASE}", self.port)
+        format!(
+            "postgres://{PG_USER}:{PG_PASSWORD}@{HOST}:{}/{PG_DATABASE}",
+            self.port
+        )
     }
 
     /// Directory of the unix socket (superuser `postgres`, trust auth).
@@ -233,7 +237,9 @@ impl Postgres {
             .output()
             .expect("run psql");
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_string())
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .trim_end_matches('\n')
+                .to_string())
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
@@ -269,7 +275,10 @@ impl Postgres {
                 }
             }
         }
-        panic!("postgres failed to start again on port {}: {last}", self.port);
+        panic!(
+            "postgres failed to start again on port {}: {last}",
+            self.port
+        );
     }
 
     /// `stop_immediate()` + `start_again()`.
@@ -288,7 +297,11 @@ impl Postgres {
     }
 
     fn pg_ctl_start(&mut self) -> Result<(), String> {
-        let opts = format!("-p {} -k {} -c listen_addresses={HOST}", self.port, self.sock.display());
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses={HOST}",
+            self.port,
+            self.sock.display()
+        );
         let out = service_command(pg_bin("pg_ctl"))
             .arg("-D")
             .arg(&self.data)

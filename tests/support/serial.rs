@@ -89,7 +89,9 @@ impl SerialLink {
         self.child = ChildGuard::new(child);
         let ok = wait_until(START_TIMEOUT, || {
             !self.child.is_running()
-                || (self.device.exists() && self.peer.exists() && self.log().contains("starting data transfer loop"))
+                || (self.device.exists()
+                    && self.peer.exists()
+                    && self.log().contains("starting data transfer loop"))
         });
         if !ok || !self.child.is_running() {
             self.child.kill();

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::util::{
-    free_port, log_stdio, port_open, read_log, temp_dir, wait_until, ChildGuard, TlsFiles, HOST, PORT_RETRIES,
-    START_TIMEOUT,
+    free_port, log_stdio, port_open, read_log, temp_dir, wait_until, ChildGuard, TlsFiles, HOST,
+    PORT_RETRIES, START_TIMEOUT,
 };
 use super::TestCa;
 
@@ -142,7 +142,10 @@ impl SmtpServer {
 
     /// (user, password) if started with `.auth(..)`.
     pub fn credentials(&self) -> Option<(&str, &str)> {
-        self.opts.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+        self.opts
+            .credentials
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
     /// Directory with the NNNNN.eml / NNNNN.json files.
@@ -162,13 +165,18 @@ impl SmtpServer {
             .iter()
             .map(|p| {
                 let meta: serde_json::Value =
-                    serde_json::from_slice(&fs::read(p).expect("read mail meta")).expect("parse mail meta");
+                    serde_json::from_slice(&fs::read(p).expect("read mail meta"))
+                        .expect("parse mail meta");
                 let eml = self.maildir.join(meta["eml"].as_str().expect("eml name"));
                 ReceivedMail {
                     from: meta["from"].as_str().unwrap_or_default().to_string(),
                     to: meta["to"]
                         .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect()
+                        })
                         .unwrap_or_default(),
                     data: fs::read(&eml).expect("read .eml"),
                     auth_user: meta["auth_user"].as_str().map(str::to_string),
@@ -236,7 +244,10 @@ impl SmtpServer {
                 }
             }
         }
-        panic!("SMTP server failed to start again on port {}: {last}", self.port);
+        panic!(
+            "SMTP server failed to start again on port {}: {last}",
+            self.port
+        );
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -309,7 +320,11 @@ impl SmtpServer {
         Err(format!(
             "aiosmtpd on port {}: {}\nlog {}:\n{}",
             self.port,
-            if line.is_empty() { "no READY line" } else { &line },
+            if line.is_empty() {
+                "no READY line"
+            } else {
+                &line
+            },
             self.log.display(),
             self.log()
         ))

@@ -251,7 +251,8 @@ pub fn pid_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // Format: "pid (comm) S ..."; comm may contain spaces/parens.
         Ok(stat) => !matches!(
-            stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()),
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
             Some(Some('Z' | 'X'))
         ),
         Err(_) => false,
