@@ -82,6 +82,11 @@ pub enum Command {
         #[arg(long, value_name = "DURATION")]
         duration: Option<HumanDuration>,
     },
+    /// The central PostgreSQL schema: print it, apply it, maintain its partitions.
+    Central {
+        #[command(subcommand)]
+        command: crate::sync::central::CentralCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -147,6 +152,9 @@ pub fn main() -> ExitCode {
                 limit,
             };
             readings(cli.config.as_deref(), db, &query, format)
+        }
+        Command::Central { command } => {
+            crate::sync::central::command(&config::resolve_path(cli.config.as_deref()), command)
         }
         Command::Demo { dir, duration } => {
             init_tracing("warn");

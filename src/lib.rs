@@ -11,6 +11,8 @@
 //!   connections for everyone else, retention and the size cap.
 //! - [`pipeline`]: wiring and ordered shutdown.
 //! - [`status`]: the `outpost status` summary.
+//! - [`sync`]: replication of readings, alert events and heartbeats to central
+//!   PostgreSQL through PgBouncer (transaction pooling), and the central schema.
 //! - [`cli`]: the command line (`run`, `check`, `status`, `demo`).
 //!
 //! # Data flow
@@ -41,4 +43,5 @@ pub mod readings;
 pub mod sources;
 pub mod status;
 pub mod store;
+pub mod sync;
 pub mod systemd;

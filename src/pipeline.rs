@@ -263,6 +263,15 @@ pub async fn run(
     }
     // Downstream consumers (alerts, notifications, sync) are started here with
     // `pipeline.spawn_consumer(...)`.
+    if let Some(sync) = config.sync.clone().filter(|s| s.enabled) {
+        let store = pipeline.store.clone();
+        pipeline.spawn_consumer(crate::sync::run(
+            sync,
+            config.agent.clone(),
+            store,
+            shutdown.clone(),
+        ));
+    }
     crate::systemd::notify_ready();
     tracing::info!(
         gateway = %config.agent.gateway_id,

@@ -31,6 +31,8 @@ pub struct Config {
     pub log: LogConfig,
     pub http: crate::http::HttpConfig,
     pub sources: Vec<SourceConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::sync::SyncConfig>,
 }
 
 /// `[agent]`: who this gateway is.
@@ -258,7 +260,7 @@ fn humanize(raw: &str) -> String {
     words(raw)
 }
 
-const SECTIONS: &[&str] = &["agent", "storage", "log", "http", "sources"];
+const SECTIONS: &[&str] = &["agent", "storage", "log", "http", "sources", "sync"];
 
 impl Config {
     /// Loads and checks the configuration at `path` with its drop-ins and environment.
@@ -312,6 +314,7 @@ impl Config {
         let http = section("http", &mut problems)
             .and_then(|v| problems.deserialize(v, "http"))
             .unwrap_or_default();
+        let sync = section("sync", &mut problems).and_then(|v| problems.deserialize(v, "sync"));
         let mut sources = Vec::new();
         match root.remove("sources") {
             None => {}
@@ -333,6 +336,7 @@ impl Config {
             log,
             http,
             sources,
+            sync,
         };
         config.validate(&mut problems);
         for (key, message) in problems.0 {
@@ -362,6 +366,9 @@ impl Config {
         }
         self.storage.validate("storage", problems);
         self.http.validate("http", problems);
+        if let Some(sync) = &self.sync {
+            sync.validate("sync", problems);
+        }
         let mut names = std::collections::HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {
             let path = format!("sources[{i}]");
