@@ -34,6 +34,8 @@ pub struct Pipeline {
     ingest: Option<mpsc::Sender<Batch>>,
     sources: HashMap<String, RunningSource>,
     consumers: JoinSet<()>,
+    /// Consumers a reload may restart with new settings (sync, alerts), by name.
+    named: HashMap<&'static str, (CancellationToken, JoinHandle<()>)>,
     writer_finished: tokio::sync::oneshot::Receiver<()>,
     writer_close: CancellationToken,
 }
@@ -71,6 +73,7 @@ impl Pipeline {
             ingest: Some(ingest.sender),
             sources: HashMap::new(),
             consumers: JoinSet::new(),
+            named: HashMap::new(),
             writer_finished: ingest.finished,
             writer_close: ingest.close,
         };
@@ -159,6 +162,29 @@ impl Pipeline {
         self.consumers.spawn(task);
     }
 
+    /// Starts (or, after stopping the running one, restarts) the consumer `name`. `task`
+    /// gets its own stop token, cancelled on shutdown or when it is replaced. `None`
+    /// just stops it.
+    pub async fn replace_consumer<F, Fut>(&mut self, name: &'static str, task: Option<F>)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Some((stop, handle)) = self.named.remove(name) {
+            stop.cancel();
+            let abort = handle.abort_handle();
+            if tokio::time::timeout(CONSUMER_GRACE, handle).await.is_err() {
+                tracing::warn!(consumer = name, "Did not stop in time; aborting it.");
+                abort.abort();
+            }
+        }
+        if let Some(task) = task {
+            let stop = self.shutdown.child_token();
+            let handle = tokio::spawn(task(stop.clone()));
+            self.named.insert(name, (stop, handle));
+        }
+    }
+
     /// Waits for shutdown, then stops everything in order.
     pub async fn wait(self) {
         self.shutdown.cancelled().await;
@@ -181,6 +207,11 @@ impl Pipeline {
         drop(self.ingest.take());
         drop(self.store);
         drop(self.metrics);
+        for (_, (_, handle)) in self.named.drain() {
+            self.consumers.spawn(async move {
+                let _ = handle.await;
+            });
+        }
         let consumers = async { while self.consumers.join_next().await.is_some() {} };
         if tokio::time::timeout(CONSUMER_GRACE, consumers)
             .await
@@ -293,6 +324,22 @@ pub async fn run(
     Ok(())
 }
 
+/// Starts, restarts or stops the central sync worker for `config`.
+async fn start_sync(
+    pipeline: &mut Pipeline,
+    sync: Option<crate::sync::SyncConfig>,
+    agent: crate::config::AgentConfig,
+) {
+    let sync = sync.filter(|s| s.enabled);
+    let store = pipeline.store.clone();
+    pipeline
+        .replace_consumer(
+            "sync",
+            sync.map(|sync| move |stop| crate::sync::run(sync, agent, store, stop)),
+        )
+        .await;
+}
+
 async fn apply_reload(
     pipeline: &mut Pipeline,
     path: &std::path::Path,
@@ -326,6 +373,11 @@ async fn apply_reload(
         }
     }
     let changes = pipeline.apply_sources(&new.sources).await;
+    if new.sync != current.sync {
+        // The running [agent] section stays: it changes only at restart.
+        start_sync(pipeline, new.sync.clone(), current.agent.clone()).await;
+        tracing::info!("Central sync restarted with the new settings.");
+    }
     if let Ok(mut names) = probe.sources.lock() {
         *names = new.sources.iter().map(|s| s.name().to_string()).collect();
     }
