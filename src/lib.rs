@@ -9,6 +9,8 @@
 //!   added beside it), one file per kind, selected by a tagged config enum.
 //! - [`store`]: the SQLite store: one writer thread with group commit, read
 //!   connections for everyone else, retention and the size cap.
+//! - [`alerts`]: local alert rules, their persisted state machine and events (G3).
+//! - [`notify`]: notifiers (email, webhook, exec, log) and the durable outbox worker.
 //! - [`pipeline`]: wiring and ordered shutdown.
 //! - [`status`]: the `outpost status` summary.
 //! - [`cli`]: the command line (`run`, `check`, `status`, `demo`).
@@ -28,10 +30,12 @@
 //! A reading is acknowledged to its producer only after its transaction committed
 //! (G1); shutdown stops sources first and lets every later stage drain.
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod model;
+pub mod notify;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod sources;

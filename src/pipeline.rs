@@ -29,7 +29,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Opens the store and starts every configured source.
-    pub fn start(config: &Config, options: StoreOptions, shutdown: CancellationToken) -> anyhow::Result<Pipeline> {
+    pub fn start(
+        config: &Config,
+        options: StoreOptions,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Pipeline> {
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
         let mut sources = JoinSet::new();
         for source in config.sources.iter().cloned() {
@@ -44,7 +48,9 @@ impl Pipeline {
                 tracing::info!(source = %name, kind, "Source started.");
                 match source.run(ctx).await {
                     Ok(()) => tracing::info!(source = %name, "Source stopped."),
-                    Err(e) => tracing::error!(source = %name, error = format!("{e:#}"), "Source failed."),
+                    Err(e) => {
+                        tracing::error!(source = %name, error = format!("{e:#}"), "Source failed.")
+                    }
                 }
             });
         }
@@ -89,9 +95,18 @@ impl Pipeline {
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown)?;
+    let mut pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown)?;
     // Downstream consumers (alerts, notifications, sync, http) are started here with
     // `pipeline.spawn_consumer(...)`.
+    let alerting = crate::alerts::spawn_tasks(
+        &config,
+        &pipeline.store,
+        pipeline.shutdown_token(),
+        crate::alerts::Clock::system(),
+    )?;
+    for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
+        pipeline.spawn_consumer(task);
+    }
     tracing::info!(
         gateway = %config.agent.gateway_id,
         sources = config.sources.len(),

@@ -12,6 +12,8 @@ pub mod types;
 pub use load::{expand_env, ConfigError, ConfigErrors, Origin, SECRET_KEYS};
 pub use types::{ByteSize, HumanDuration, Secret};
 
+use crate::alerts::AlertRule;
+use crate::notify::NotifierConfig;
 use crate::sources::SourceConfig;
 use crate::store::StorageConfig;
 use load::join_path;
@@ -30,6 +32,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub sources: Vec<SourceConfig>,
+    pub alerts: Vec<AlertRule>,
+    pub notifiers: Vec<NotifierConfig>,
 }
 
 /// `[agent]`: who this gateway is.
@@ -135,7 +139,11 @@ impl Problems {
 
     /// Deserializes `value` into `T`, recording every problem (not just the first one)
     /// under `prefix`. Returns `None` if there was any.
-    pub fn deserialize<T: DeserializeOwned>(&mut self, mut value: Value, prefix: &str) -> Option<T> {
+    pub fn deserialize<T: DeserializeOwned>(
+        &mut self,
+        mut value: Value,
+        prefix: &str,
+    ) -> Option<T> {
         let mut failed = false;
         // Each round reports one problem and removes the offending key, so the next
         // round finds the next problem. The bound stops a pathological file.
@@ -160,7 +168,9 @@ impl Problems {
                             segments.push(field);
                         }
                     }
-                    let rel = segments.iter().fold(String::new(), |acc, s| join_path(&acc, s));
+                    let rel = segments
+                        .iter()
+                        .fold(String::new(), |acc, s| join_path(&acc, s));
                     self.push(join_path(prefix, &rel), humanize(&raw));
                     if raw.starts_with("missing field") || !remove_path(&mut value, &segments) {
                         return None;
@@ -193,7 +203,10 @@ fn remove_path(value: &mut Value, segments: &[String]) -> bool {
             None => return false,
         }
     }
-    match (cur, last.strip_prefix('[').and_then(|s| s.strip_suffix(']'))) {
+    match (
+        cur,
+        last.strip_prefix('[').and_then(|s| s.strip_suffix(']')),
+    ) {
         (Value::Array(list), Some(i)) => match i.parse::<usize>() {
             Ok(i) if i < list.len() => {
                 list.remove(i);
@@ -230,11 +243,17 @@ fn humanize(raw: &str) -> String {
         }
     }
     if let Some(rest) = raw.strip_prefix("unknown field ") {
-        return format!("unknown key {}", rest.replacen(", expected", "; expected", 1))
-            .replace(", there are no fields", "; this table takes no keys");
+        return format!(
+            "unknown key {}",
+            rest.replacen(", expected", "; expected", 1)
+        )
+        .replace(", there are no fields", "; this table takes no keys");
     }
     if let Some(rest) = raw.strip_prefix("unknown variant ") {
-        return format!("unknown value {}", rest.replacen(", expected", "; expected", 1));
+        return format!(
+            "unknown value {}",
+            rest.replacen(", expected", "; expected", 1)
+        );
     }
     if let Some(rest) = raw.strip_prefix("missing field ") {
         return format!("the required key {rest} is missing");
@@ -242,7 +261,7 @@ fn humanize(raw: &str) -> String {
     words(raw)
 }
 
-const SECTIONS: &[&str] = &["agent", "storage", "log", "sources"];
+const SECTIONS: &[&str] = &["agent", "storage", "log", "sources", "alerts", "notifiers"];
 
 impl Config {
     /// Loads and checks the configuration at `path` with its drop-ins and environment.
@@ -262,7 +281,11 @@ impl Config {
                     key.clone(),
                     format!(
                         "unknown section; expected one of {}",
-                        SECTIONS.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                        SECTIONS
+                            .iter()
+                            .map(|s| format!("`{s}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
             }
@@ -291,12 +314,40 @@ impl Config {
             None => {}
             Some(Value::Array(list)) => {
                 for (i, v) in list.into_iter().enumerate() {
-                    if let Some(s) = SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems) {
+                    if let Some(s) =
+                        SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems)
+                    {
                         sources.push(s);
                     }
                 }
             }
             Some(_) => problems.push("sources", "expected a list of `[[sources]]` tables"),
+        }
+        let mut alerts = Vec::new();
+        match root.remove("alerts") {
+            None => {}
+            Some(Value::Array(list)) => {
+                for (i, v) in list.into_iter().enumerate() {
+                    if let Some(a) = problems.deserialize(v, &format!("alerts[{i}]")) {
+                        alerts.push(a);
+                    }
+                }
+            }
+            Some(_) => problems.push("alerts", "expected a list of `[[alerts]]` tables"),
+        }
+        let mut notifiers = Vec::new();
+        match root.remove("notifiers") {
+            None => {}
+            Some(Value::Array(list)) => {
+                for (i, v) in list.into_iter().enumerate() {
+                    if let Some(n) =
+                        NotifierConfig::from_json(v, &format!("notifiers[{i}]"), &mut problems)
+                    {
+                        notifiers.push(n);
+                    }
+                }
+            }
+            Some(_) => problems.push("notifiers", "expected a list of `[[notifiers]]` tables"),
         }
 
         let config = Config {
@@ -304,6 +355,8 @@ impl Config {
             storage,
             log,
             sources,
+            alerts,
+            notifiers,
         };
         config.validate(&mut problems);
         for (key, message) in problems.0 {
@@ -318,12 +371,18 @@ impl Config {
 
     /// Cross-field checks that types alone cannot express.
     pub fn validate(&self, problems: &mut Problems) {
-        problems.check("agent.gateway_id", check_identifier(&self.agent.gateway_id, "the gateway id"));
+        problems.check(
+            "agent.gateway_id",
+            check_identifier(&self.agent.gateway_id, "the gateway id"),
+        );
         if self.agent.site.len() > 200 {
             problems.push("agent.site", "the site name is longer than 200 characters");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            problems.push("log.level", format!("not a valid log filter ({e}); try \"info\" or \"debug\""));
+            problems.push(
+                "log.level",
+                format!("not a valid log filter ({e}); try \"info\" or \"debug\""),
+            );
         }
         self.storage.validate("storage", problems);
         let mut names = std::collections::HashSet::new();
@@ -332,11 +391,17 @@ impl Config {
             if !names.insert(source.name()) {
                 problems.push(
                     format!("{path}.name"),
-                    format!("another source is already called {:?}; names must be unique", source.name()),
+                    format!(
+                        "another source is already called {:?}; names must be unique",
+                        source.name()
+                    ),
                 );
             }
             source.validate(&path, problems);
         }
+        crate::notify::validate_notifiers(&self.notifiers, problems);
+        let notifier_names = self.notifiers.iter().map(|n| n.name.as_str()).collect();
+        crate::alerts::validate_rules(&self.alerts, &notifier_names, problems);
     }
 
     /// The effective configuration as TOML, secrets shown as `<redacted>`.
@@ -370,7 +435,10 @@ mod tests {
             humanize("unknown field `foo`, expected one of `a`, `b`"),
             "unknown key `foo`; expected one of `a`, `b`"
         );
-        assert_eq!(humanize("missing field `name`"), "the required key `name` is missing");
+        assert_eq!(
+            humanize("missing field `name`"),
+            "the required key `name` is missing"
+        );
     }
 
     #[test]
