@@ -77,6 +77,9 @@ const MAX_SECRET_FILE: u64 = 64 * 1024;
 /// The merged configuration as JSON, with an index from key paths to their origin.
 pub struct Layers {
     pub value: Value,
+    /// Top-level keys set in the files, including empty tables (which the `config`
+    /// crate drops), so a misspelt empty section is still reported.
+    pub file_sections: Vec<String>,
     index: HashMap<String, (usize, usize)>,
     files: Vec<PathBuf>,
     env: HashMap<String, String>,
@@ -203,6 +206,7 @@ pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
             env.insert(rest.to_lowercase().replace("__", "."), var.clone());
         }
     }
+    let file_sections = merged.keys().cloned().collect();
     let value = match layer_environment(Value::Object(merged.clone())) {
         Ok(v) => v,
         Err(e) => {
@@ -216,6 +220,7 @@ pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
     };
     Layers {
         value,
+        file_sections,
         index,
         files,
         env,

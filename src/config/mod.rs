@@ -275,7 +275,10 @@ impl Config {
             Value::Object(map) => map,
             _ => Default::default(),
         };
-        for key in root.keys() {
+        let mut top: Vec<&String> = root.keys().chain(layers.file_sections.iter()).collect();
+        top.sort();
+        top.dedup();
+        for key in top {
             if !SECTIONS.contains(&key.as_str()) {
                 problems.push(
                     key.clone(),

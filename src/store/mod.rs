@@ -439,3 +439,6 @@ pub fn status_report(path: &Path) -> rusqlite::Result<StatusReport> {
     let conn = open_reader(path, std::time::Duration::from_secs(5))?;
     read::status(&conn, chrono::Utc::now())
 }
+
+#[cfg(test)]
+mod tests;
