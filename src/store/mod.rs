@@ -39,11 +39,13 @@ pub struct StorageConfig {
     /// The SQLite database file. Its directory must be writable (WAL needs it).
     #[serde(default = "default_path")]
     pub path: PathBuf,
-    /// Commit a group once it holds this many readings (1 to 100000).
+    /// Group commit: a group holds at most this many readings (1 to 100000).
     #[serde(default = "default_batch_max_rows")]
     pub batch_max_rows: usize,
-    /// ... or once the first reading of the group has waited this long (at most 10s).
-    /// Longer is cheaper for SD cards; shorter acknowledges sooner.
+    /// The shortest time between two commits (at most 10s): a group is committed as
+    /// soon as nothing more is queued, but not sooner than this after the previous
+    /// commit. It bounds fsyncs per second (kinder to SD cards) and how long a
+    /// reading waits for its acknowledgement.
     #[serde(default = "default_batch_max_delay")]
     pub batch_max_delay: HumanDuration,
     /// Batches waiting for the writer; sources wait when it is full (1 to 65536).
@@ -85,7 +87,7 @@ fn default_batch_max_rows() -> usize {
     1000
 }
 fn default_batch_max_delay() -> HumanDuration {
-    HumanDuration::from_millis(50)
+    HumanDuration::from_millis(20)
 }
 fn default_channel_capacity() -> usize {
     1024

@@ -152,6 +152,7 @@ impl Writer {
         prune_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_rows = self.config.batch_max_rows.max(1);
         let max_delay = self.config.batch_max_delay.get();
+        let mut last_commit = tokio::time::Instant::now();
         while batches_open || ops_open {
             let mut group = Group::default();
             tokio::select! {
@@ -170,8 +171,40 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                let deadline = tokio::time::Instant::now() + max_delay;
+                // Group commit: take everything already queued; commit as soon as the
+                // queue is empty, but never sooner than `batch_max_delay` after the
+                // previous commit (bounding fsyncs per second on SD cards) and never
+                // with more than `batch_max_rows` rows. Whatever arrives during a
+                // commit's fsync forms the next group.
+                let earliest = last_commit + max_delay;
                 while group.rows < max_rows && (batches_open || ops_open) {
+                    let mut took = false;
+                    if ops_open {
+                        match ops.try_recv() {
+                            Ok(op) => {
+                                group.ops.push(op);
+                                took = true;
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => ops_open = false,
+                            Err(mpsc::error::TryRecvError::Empty) => {}
+                        }
+                    }
+                    if batches_open && group.rows < max_rows {
+                        match batches.try_recv() {
+                            Ok(batch) => {
+                                group.push_batch(batch);
+                                took = true;
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => batches_open = false,
+                            Err(mpsc::error::TryRecvError::Empty) => {}
+                        }
+                    }
+                    if took {
+                        continue;
+                    }
+                    if tokio::time::Instant::now() >= earliest {
+                        break;
+                    }
                     tokio::select! {
                         biased;
                         op = ops.recv(), if ops_open => match op {
@@ -182,10 +215,12 @@ impl Writer {
                             Some(batch) => group.push_batch(batch),
                             None => batches_open = false,
                         },
-                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = tokio::time::sleep_until(earliest) => break,
                     }
                 }
-                if self.commit(group).is_err() {
+                let full = self.commit(group).is_err();
+                last_commit = tokio::time::Instant::now();
+                if full {
                     tokio::time::sleep(FULL_PAUSE).await;
                 }
             }
