@@ -195,7 +195,7 @@ impl AlertRule {
         for (i, name) in self.notifiers.iter().enumerate() {
             if !notifiers.contains(name.as_str()) {
                 let known = if notifiers.is_empty() {
-                    "no [[notifiers]] are configured".to_string()
+                    "no valid [[notifiers]] are configured".to_string()
                 } else {
                     let mut names: Vec<_> = notifiers.iter().map(|n| format!("{n:?}")).collect();
                     names.sort();

@@ -40,6 +40,7 @@ pub struct EmailConfig {
     /// The sender, e.g. `"Outpost <outpost@example.com>"`.
     pub from: String,
     /// The recipients.
+    #[serde(default)]
     pub to: Vec<String>,
     /// Gives up on one attempt after this long.
     #[serde(default = "default_timeout")]
