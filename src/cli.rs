@@ -144,21 +144,34 @@ fn notify_test(path: &Path, name: &str) -> ExitCode {
         }
     };
     init_tracing("warn");
-    run_async(|_token| async move {
-        let outcome = crate::notify::send_test(&config, name).await?;
-        match outcome {
-            crate::notify::Outcome::Delivered => {
-                println!("{name}: delivered.");
-                Ok(())
-            }
-            crate::notify::Outcome::Retry(why) => {
-                anyhow::bail!("{name}: NOT delivered (the agent would retry): {why}")
-            }
-            crate::notify::Outcome::Failed(why) => {
-                anyhow::bail!("{name}: NOT delivered (permanent failure): {why}")
-            }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
         }
-    })
+    };
+    match runtime.block_on(crate::notify::send_test(&config, name)) {
+        Ok(crate::notify::Outcome::Delivered) => {
+            println!("{name}: delivered.");
+            ExitCode::SUCCESS
+        }
+        Ok(crate::notify::Outcome::Retry(why)) => {
+            eprintln!("{name}: NOT delivered (the agent would retry): {why}");
+            ExitCode::FAILURE
+        }
+        Ok(crate::notify::Outcome::Failed(why)) => {
+            eprintln!("{name}: NOT delivered (permanent failure): {why}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("outpost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
