@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How often `for` timers, stale devices and reminders are checked.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -448,7 +449,11 @@ pub fn spawn_tasks(
     } else {
         let worker =
             crate::notify::OutboxWorker::new(config, store.clone(), clock.clone(), wake.clone())?;
-        let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(worker.run(shutdown));
+        let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
+            worker
+                .run(shutdown)
+                .instrument(tracing::info_span!("notify")),
+        );
         Some(fut)
     };
     let engine = if config.alerts.is_empty() {
@@ -459,8 +464,10 @@ pub fn spawn_tasks(
             gateway_id: config.agent.gateway_id.clone(),
         };
         let engine = Engine::from_config(&config.alerts, context)?;
-        let fut: Pin<Box<dyn Future<Output = ()> + Send>> =
-            Box::pin(run_engine(engine, store.clone(), clock, wake, ttl));
+        let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
+            run_engine(engine, store.clone(), clock, wake, ttl)
+                .instrument(tracing::info_span!("alerts")),
+        );
         Some(fut)
     };
     Ok(AlertTasks { engine, outbox })
@@ -816,6 +823,42 @@ mod tests {
         e.on_reading(&reading("a", 20.0, at(0)), at(0));
         e.on_reading(&reading("a", 14.0, at(30)), at(30));
         assert_eq!(kinds(&e.take_changes()), vec![EventKind::Firing]);
+    }
+
+    /// The engine against the clock the agent's tasks use, with tokio's time paused and
+    /// advanced by hand: `for`, reminders and stale timers follow it without sleeping.
+    #[tokio::test(start_paused = true)]
+    async fn timers_follow_paused_tokio_time() {
+        let clock = Clock::tokio(at(0));
+        let mut e = engine(HOT);
+        let mut silent =
+            engine("name = \"silent\"\nkind = \"stale\"\nmetric = \"temperature\"\nafter = \"2m\"");
+        e.on_reading(&reading("a", 9.0, clock.now()), clock.now());
+        silent.on_reading(&reading("a", 9.0, clock.now()), clock.now());
+        let mut fired_at = None;
+        let mut reminders = 0;
+        for _ in 0..150 {
+            tokio::time::advance(TICK).await;
+            e.tick(clock.now());
+            silent.tick(clock.now());
+            for ev in e.take_changes().events {
+                match ev.event.kind {
+                    EventKind::Firing => fired_at = Some(ev.event.at),
+                    EventKind::Reminder => reminders += 1,
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(
+            fired_at,
+            Some(at(10)),
+            "fires when `for` has passed, on the tick"
+        );
+        assert_eq!(reminders, 2, "reminders at 70 s and 130 s");
+        assert_eq!(clock.now(), at(150));
+        let stale = silent.take_changes();
+        assert_eq!(kinds(&stale), vec![EventKind::Firing]);
+        assert_eq!(stale.events[0].event.at, at(120));
     }
 
     #[test]
