@@ -13,7 +13,7 @@
 //! - [`notify`]: notifiers (email, webhook, exec, log) and the durable outbox worker.
 //! - [`pipeline`]: wiring and ordered shutdown.
 //! - [`status`]: the `outpost status` summary.
-//! - [`cli`]: the command line (`run`, `check`, `status`, `demo`).
+//! - [`cli`]: the command line (`run`, `check`, `status`, `notify-test`, `demo`).
 //!
 //! # Data flow
 //!
@@ -25,6 +25,9 @@
 //!                                                          ▼
 //!                              consumers read committed readings on their own
 //!                              read connections (demo printer; alerts, sync next)
+//!                                                          │
+//!                          alerts engine ── events + outbox rows (one write) ──▶ store
+//!                          notify worker ◀── due outbox rows ── email / webhook / exec / log
 //! ```
 //!
 //! A reading is acknowledged to its producer only after its transaction committed
