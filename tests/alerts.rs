@@ -709,3 +709,41 @@ fn sigkill_while_firing_neither_refires_nor_loses_the_notification() {
     assert_eq!(alert_state(&db).map(|s| s.0).as_deref(), Some("firing"));
     assert_eq!(outbox_states(&db).len(), 1, "no new notification");
 }
+
+#[test]
+fn demo_fires_and_resolves_its_alert_visibly() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--duration", "40s", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let stdout = child.stdout.take().unwrap();
+    let (mut fired, mut resolved) = (None, None);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.contains("ALERT FIRING") && line.contains("coldroom-1") {
+            fired = Some(started.elapsed());
+        }
+        if line.contains("ALERT RESOLVED") && line.contains("coldroom-1") {
+            resolved = Some(started.elapsed());
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let (fired, resolved) = (
+        fired.expect("FIRING printed"),
+        resolved.expect("RESOLVED printed"),
+    );
+    assert!(
+        fired < resolved && resolved < Duration::from_secs(30),
+        "{fired:?} {resolved:?}"
+    );
+    let report = outpost::store::status_report(&dir.path().join("outpost.db")).unwrap();
+    assert!(report.alerts.firing.is_empty());
+}
