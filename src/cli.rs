@@ -55,6 +55,30 @@ pub enum Command {
         /// The notifier's `name` in [[notifiers]].
         name: String,
     },
+    /// Query local history (newest first).
+    Readings {
+        /// Read this database instead of the configured one.
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only this metric.
+        #[arg(long)]
+        metric: Option<String>,
+        /// From this time: a duration ago ("2h") or RFC 3339 ("2026-11-26T08:00:00Z").
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many readings.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::readings::Format::Table)]
+        format: crate::readings::Format,
+    },
     /// Run simulated sensors into a local database and print readings as they commit.
     Demo {
         /// Where the demo database goes (default: a new directory under /tmp).
@@ -89,6 +113,45 @@ pub fn main() -> ExitCode {
         Command::Status { db, json } => status(cli.config.as_deref(), db, json),
         Command::NotifyTest { name } => {
             notify_test(&config::resolve_path(cli.config.as_deref()), &name)
+        }
+        Command::Readings {
+            db,
+            device,
+            metric,
+            since,
+            until,
+            limit,
+            format,
+        } => {
+            let now = chrono::Utc::now();
+            let parse = |v: Option<String>, flag: &str| match v {
+                None => Ok(None),
+                Some(v) => crate::readings::parse_time(&v, now)
+                    .map(Some)
+                    .map_err(|e| format!("--{flag}: {e}")),
+            };
+            let (since, until) = match (parse(since, "since"), parse(until, "until")) {
+                (Ok(s), Ok(u)) => (s, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("outpost: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if limit == 0 || limit > crate::readings::MAX_LIMIT {
+                eprintln!(
+                    "outpost: --limit must be between 1 and {}",
+                    crate::readings::MAX_LIMIT
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let query = crate::readings::Query {
+                device,
+                metric,
+                since,
+                until,
+                limit,
+            };
+            readings(cli.config.as_deref(), db, &query, format)
         }
         Command::Demo { dir, duration } => {
             init_tracing("warn");
@@ -174,28 +237,58 @@ fn notify_test(path: &Path, name: &str) -> ExitCode {
     }
 }
 
-fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
+/// The database to read: `--db`, else the configured one.
+fn database_path(config_path: Option<&Path>, db: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
     let db = match db {
         Some(db) => db,
-        None => {
-            let path = config::resolve_path(config_path);
-            match Config::load(&path) {
-                Ok(c) => c.storage.path,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    eprintln!("outpost: cannot find the database without a valid configuration; use --db PATH.");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+        None => match Config::load(&config::resolve_path(config_path)) {
+            Ok(c) => c.storage.path,
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("outpost: cannot find the database without a valid configuration; use --db PATH.");
+                return Err(ExitCode::from(EXIT_CONFIG));
             }
-        }
+        },
     };
     if !db.exists() {
         eprintln!(
             "outpost: no database at {} (has the agent run yet?)",
             db.display()
         );
-        return ExitCode::FAILURE;
+        return Err(ExitCode::FAILURE);
     }
+    Ok(db)
+}
+
+fn readings(
+    config_path: Option<&Path>,
+    db: Option<PathBuf>,
+    query: &crate::readings::Query,
+    format: crate::readings::Format,
+) -> ExitCode {
+    let db = match database_path(config_path, db) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
+    let result = crate::store::open_reader(&db, std::time::Duration::from_secs(5))
+        .and_then(|conn| crate::readings::query(&conn, query));
+    match result {
+        Ok(rows) => {
+            print!("{}", crate::readings::render(&rows, format));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost: cannot read {}: {e}", db.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
+    let db = match database_path(config_path, db) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
     match crate::store::status_report(&db) {
         Ok(report) if json => match serde_json::to_string_pretty(&report) {
             Ok(s) => {

@@ -147,3 +147,79 @@ fn version_and_help() {
         assert!(!out.stdout.is_empty());
     }
 }
+
+#[test]
+fn readings_queries_local_history_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--duration", "3s", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let db = dir.path().join("outpost.db");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("readings")
+            .arg("--db")
+            .arg(&db)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, table, _) = run(&[
+        "--device",
+        "coldroom-2",
+        "--metric",
+        "humidity",
+        "--limit",
+        "2",
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(table.lines().count(), 3, "header and two rows:\n{table}");
+    assert!(
+        table.contains("coldroom-2") && !table.contains("coldroom-1"),
+        "{table}"
+    );
+
+    let (_, csv, _) = run(&["--format", "csv", "--since", "1h"]);
+    assert!(
+        csv.starts_with("observed_at,device,metric,value,unit,source,flags,synced\n"),
+        "{csv}"
+    );
+    assert!(csv.lines().count() > 4);
+
+    let (_, json, _) = run(&[
+        "--format",
+        "json",
+        "--metric",
+        "temperature",
+        "--limit",
+        "3",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["metric"] == "temperature"));
+    assert!(
+        rows[0]["observed_at"].as_str().unwrap() >= rows[1]["observed_at"].as_str().unwrap(),
+        "newest first"
+    );
+
+    let (_, none, _) = run(&["--device", "'; DROP TABLE readings; --"]);
+    assert!(none.contains("No readings match"), "{none}");
+    let (code, _, err) = run(&["--since", "last tuesday"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--since: expected a duration ago"), "{err}");
+    let (code, _, err) = run(&["--limit", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--limit must be between"), "{err}");
+    let (_, table, _) = run(&["--until", "2000-01-01T00:00:00Z"]);
+    assert!(table.contains("No readings match"));
+}

@@ -310,3 +310,46 @@ async fn a_database_from_a_newer_agent_is_refused_not_destroyed() {
         .unwrap();
     assert_eq!(v, 9999, "the file was left alone");
 }
+
+#[tokio::test]
+async fn a_failing_batch_fails_alone_within_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.batch_max_delay = outpost::config::HumanDuration::from_millis(300);
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    store
+        .write(|conn| {
+            conn.execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.device = 'poison' \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+            )
+        })
+        .await
+        .unwrap();
+    // Both batches are queued before the next commit is allowed, so they share a group.
+    let mut bad = reading(1);
+    bad.device = "poison".into();
+    let (good_batch, good_ack) = Batch::with_ack(vec![reading(2), reading(3)]);
+    let (bad_batch, bad_ack) = Batch::with_ack(vec![reading(4), bad]);
+    let (later_batch, later_ack) = Batch::with_ack(vec![reading(5)]);
+    ingest.sender.send(good_batch).await.unwrap();
+    ingest.sender.send(bad_batch).await.unwrap();
+    ingest.sender.send(later_batch).await.unwrap();
+    assert_eq!(good_ack.await.unwrap().unwrap().inserted, 2);
+    assert!(matches!(bad_ack.await.unwrap(), Err(StoreError::Sqlite(_))));
+    assert_eq!(later_ack.await.unwrap().unwrap().inserted, 1);
+    let stored = uids_in(&cfg.path);
+    assert_eq!(
+        stored.len(),
+        3,
+        "nothing of the failed batch, all of the others"
+    );
+    assert!(!stored.contains(reading(4).uid.0.as_slice()));
+    assert_eq!(
+        store.stats().commits.load(Ordering::Relaxed),
+        2,
+        "the write op, then one group"
+    );
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+}

@@ -31,6 +31,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub http: crate::http::HttpConfig,
     pub sources: Vec<SourceConfig>,
     pub alerts: Vec<AlertRule>,
     pub notifiers: Vec<NotifierConfig>,
@@ -261,7 +262,15 @@ fn humanize(raw: &str) -> String {
     words(raw)
 }
 
-const SECTIONS: &[&str] = &["agent", "storage", "log", "sources", "alerts", "notifiers"];
+const SECTIONS: &[&str] = &[
+    "agent",
+    "storage",
+    "log",
+    "http",
+    "sources",
+    "alerts",
+    "notifiers",
+];
 
 impl Config {
     /// Loads and checks the configuration at `path` with its drop-ins and environment.
@@ -312,6 +321,9 @@ impl Config {
         let log = section("log", &mut problems)
             .and_then(|v| problems.deserialize(v, "log"))
             .unwrap_or_default();
+        let http = section("http", &mut problems)
+            .and_then(|v| problems.deserialize(v, "http"))
+            .unwrap_or_default();
         let mut sources = Vec::new();
         match root.remove("sources") {
             None => {}
@@ -357,6 +369,7 @@ impl Config {
             agent,
             storage,
             log,
+            http,
             sources,
             alerts,
             notifiers,
@@ -388,6 +401,7 @@ impl Config {
             );
         }
         self.storage.validate("storage", problems);
+        self.http.validate("http", problems);
         let mut names = std::collections::HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {
             let path = format!("sources[{i}]");

@@ -122,4 +122,6 @@ pub struct SourceContext {
     pub shutdown: CancellationToken,
     /// For durable source state (cursors, sequences) and read queries.
     pub store: Store,
+    /// Counters (`received`, `rejected`) and the connection state shown by `/health`.
+    pub metrics: crate::metrics::Metrics,
 }

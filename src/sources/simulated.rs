@@ -218,6 +218,7 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
             }
         }
         tick += 1;
+        ctx.metrics.received(&config.name, readings.len() as u64);
         let (batch, ack) = Batch::with_ack(readings);
         if ctx.out.send(batch).await.is_err() {
             break;

@@ -21,7 +21,10 @@ mod read;
 pub mod schema;
 mod writer;
 
-pub use read::{BacklogSummary, CommittedReadings, SeriesSummary, StatusReport, StoredReading};
+pub use read::{
+    backlog, reading_from_row, BacklogSummary, CommittedReadings, SeriesSummary, StatusReport,
+    StoredReading, SELECT_READING,
+};
 pub use writer::{StoreStats, WriteOp};
 
 use crate::config::{ByteSize, HumanDuration, Problems};
@@ -195,7 +198,7 @@ pub struct StoreOptions {
 
 /// A cloneable handle to the store: sends writes to the writer thread and opens
 /// read connections.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Store {
     path: Arc<PathBuf>,
     busy_timeout: std::time::Duration,
@@ -316,10 +319,7 @@ impl Store {
     }
 }
 
-pub(crate) fn open_reader(
-    path: &Path,
-    busy_timeout: std::time::Duration,
-) -> rusqlite::Result<Connection> {
+pub fn open_reader(path: &Path, busy_timeout: std::time::Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY

@@ -15,10 +15,10 @@ pub struct StoredReading {
     pub synced: bool,
 }
 
-pub(crate) const SELECT_READING: &str = "SELECT id, uid, source, device, metric, value, unit, \
+pub const SELECT_READING: &str = "SELECT id, uid, source, device, metric, value, unit, \
     observed_at, received_at, flags, meta, synced FROM readings";
 
-pub(crate) fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
+pub fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
     let uid: Vec<u8> = row.get(1)?;
     let meta: Option<String> = row.get(10)?;
     Ok(StoredReading {
@@ -163,6 +163,25 @@ pub struct StatusReport {
     pub alerts: crate::alerts::state::AlertsSummary,
 }
 
+/// The unsynced backlog: its size and the arrival time of its oldest reading.
+pub fn backlog(conn: &Connection) -> rusqlite::Result<BacklogSummary> {
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
+        r.get(0)
+    })?;
+    // Ids follow arrival, so the lowest unsynced id is the oldest (and uses the index).
+    let oldest: Option<i64> = conn
+        .query_row(
+            "SELECT received_at FROM readings WHERE synced = 0 ORDER BY id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(BacklogSummary {
+        rows,
+        oldest_received_at: oldest.map(from_micros),
+    })
+}
+
 pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<StatusReport> {
     let mut stmt = conn.prepare(
         "SELECT source, device, metric, value, unit, observed_at, received_at, count \
@@ -183,17 +202,7 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let total_readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?;
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
-        r.get(0)
-    })?;
-    // Ids follow arrival, so the lowest unsynced id is the oldest (and uses the index).
-    let oldest: Option<i64> = conn
-        .query_row(
-            "SELECT received_at FROM readings WHERE synced = 0 ORDER BY id LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let backlog = backlog(conn)?;
     let pruned_unsynced = conn
         .query_row(
             "SELECT value FROM counters WHERE name = 'pruned_unsynced'",
@@ -208,10 +217,7 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         now,
         series,
         total_readings,
-        backlog: BacklogSummary {
-            rows,
-            oldest_received_at: oldest.map(from_micros),
-        },
+        backlog,
         pruned_unsynced,
         rejected,
         schema_version,

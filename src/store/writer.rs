@@ -44,7 +44,7 @@ impl WriteOp {
 }
 
 /// Counters the writer keeps for status, health and metrics.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct StoreStats {
     pub readings_inserted: AtomicU64,
     pub readings_duplicate: AtomicU64,
@@ -61,6 +61,30 @@ pub struct StoreStats {
     pub last_commit_ms: AtomicU64,
     /// Duration of the last commit in microseconds.
     pub last_commit_us: AtomicU64,
+    /// Every commit's duration, for `/metrics`.
+    pub commit_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        StoreStats {
+            readings_inserted: Default::default(),
+            readings_duplicate: Default::default(),
+            readings_invalid: Default::default(),
+            commits: Default::default(),
+            commit_failures: Default::default(),
+            readings_refused_full: Default::default(),
+            pruned_synced: Default::default(),
+            pruned_unsynced: Default::default(),
+            disk_full: Default::default(),
+            last_commit_ms: Default::default(),
+            last_commit_us: Default::default(),
+            // 0.5 ms to about 4 s.
+            commit_latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+            ),
+        }
+    }
 }
 
 const INSERT_READING: &str = "INSERT INTO readings \
@@ -325,33 +349,45 @@ impl Writer {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             return Err((StoreError::from_sqlite(&e), completions));
         }
-        let mut per_batch = Vec::with_capacity(batches.len());
-        let mut series: HashMap<(&str, &str, &str), (&Reading, i64)> = HashMap::new();
-        let mut max_id = None;
         let fail = |e: &rusqlite::Error| {
             let _ = conn.execute_batch("ROLLBACK");
             StoreError::from_sqlite(e)
         };
-        for batch in batches {
-            match insert_batch(conn, &batch.readings, &self.stats) {
-                Ok((committed, touched, id)) => {
-                    for (key, (reading, count)) in touched {
-                        let slot = series.entry(key).or_insert((reading, 0));
-                        if reading.observed_at >= slot.0.observed_at {
-                            slot.0 = reading;
-                        }
-                        slot.1 += count;
+        // Fast path: no savepoint per batch. A batch can only fail on something
+        // unexpected (the insert ignores duplicates, non-finite values are filtered);
+        // then the group is redone with a savepoint per batch, so only that batch fails.
+        let mut fast = true;
+        let (per_batch, series, max_id) = loop {
+            let mut per_batch = Vec::with_capacity(batches.len());
+            let mut series: Touched<'_> = HashMap::new();
+            let mut max_id = None;
+            let mut redo = false;
+            for batch in batches {
+                match insert_batch(conn, &batch.readings, &self.stats, &mut series, !fast) {
+                    Ok((committed, id)) => {
+                        max_id = max_id.max(id);
+                        per_batch.push(Ok(committed));
                     }
-                    max_id = max_id.max(id);
-                    per_batch.push(Ok(committed));
-                }
-                Err(e) if is_full(&e) => return Err((fail(&e), completions)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "A batch was refused by the store; the others proceed.");
-                    per_batch.push(Err(StoreError::from_sqlite(&e)));
+                    Err(e) if is_full(&e) => return Err((fail(&e), completions)),
+                    Err(_) if fast => {
+                        redo = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "A batch was refused by the store; the others proceed.");
+                        per_batch.push(Err(StoreError::from_sqlite(&e)));
+                    }
                 }
             }
-        }
+            if !redo {
+                break (per_batch, series, max_id);
+            }
+            fast = false;
+            let _ = conn.execute_batch("ROLLBACK");
+            if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+                return Err((StoreError::from_sqlite(&e), completions));
+            }
+        };
         for op in ops {
             let result = conn
                 .execute_batch("SAVEPOINT op")
@@ -425,18 +461,26 @@ fn is_full(e: &rusqlite::Error) -> bool {
 
 type Touched<'a> = HashMap<(&'a str, &'a str, &'a str), (&'a Reading, i64)>;
 
-/// Inserts one batch in its own savepoint; returns what was inserted, the series it
-/// touched and the highest new id.
+/// Inserts one batch, adding the series it touched to `series`; returns what was
+/// inserted and the highest new id. `guarded` wraps it in a savepoint so a failure
+/// leaves no trace of this batch (and nothing in `series`).
 fn insert_batch<'a>(
     conn: &Connection,
     readings: &'a [Reading],
     stats: &StoreStats,
-) -> rusqlite::Result<(Committed, Touched<'a>, Option<i64>)> {
-    conn.execute_batch("SAVEPOINT batch")?;
+    series: &mut Touched<'a>,
+    guarded: bool,
+) -> rusqlite::Result<(Committed, Option<i64>)> {
+    let mut local: Touched<'a> = HashMap::new();
+    let target = if guarded {
+        conn.execute_batch("SAVEPOINT batch")?;
+        &mut local
+    } else {
+        &mut *series
+    };
     let result = (|| {
         let mut stmt = conn.prepare_cached(INSERT_READING)?;
         let mut committed = Committed::default();
-        let mut touched: Touched<'a> = HashMap::new();
         let mut max_id = None;
         for r in readings {
             if !r.value.is_finite() {
@@ -460,22 +504,22 @@ fn insert_batch<'a>(
             if n == 1 {
                 committed.inserted += 1;
                 max_id = Some(conn.last_insert_rowid());
-                let slot = touched
-                    .entry((r.source.as_str(), r.device.as_str(), r.metric.as_str()))
-                    .or_insert((r, 0));
-                if r.observed_at >= slot.0.observed_at {
-                    slot.0 = r;
-                }
-                slot.1 += 1;
+                touch(target, r, 1);
             } else {
                 committed.duplicates += 1;
             }
         }
-        Ok((committed, touched, max_id))
+        Ok((committed, max_id))
     })();
+    if !guarded {
+        return result;
+    }
     match result {
         Ok(v) => {
             conn.execute_batch("RELEASE batch")?;
+            for (_, (r, count)) in local {
+                touch(series, r, count);
+            }
             Ok(v)
         }
         Err(e) => {
@@ -483,6 +527,17 @@ fn insert_batch<'a>(
             Err(e)
         }
     }
+}
+
+/// Counts `count` new rows of `r`'s series and keeps its newest reading.
+fn touch<'a>(series: &mut Touched<'a>, r: &'a Reading, count: i64) {
+    let slot = series
+        .entry((r.source.as_str(), r.device.as_str(), r.metric.as_str()))
+        .or_insert((r, 0));
+    if r.observed_at >= slot.0.observed_at {
+        slot.0 = r;
+    }
+    slot.1 += count;
 }
 
 /// Bytes in use by the database (pages that are not on the free list).
