@@ -88,6 +88,11 @@ pub enum Command {
         #[arg(long, value_name = "DURATION")]
         duration: Option<HumanDuration>,
     },
+    /// The central PostgreSQL schema: print it, apply it, maintain its partitions.
+    Central {
+        #[command(subcommand)]
+        command: crate::sync::central::CentralCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -108,7 +113,11 @@ pub fn main() -> ExitCode {
                 }
             };
             init_tracing(&config.log.level);
-            run_async(|token| crate::pipeline::run(config, token))
+            run_async(|token| {
+                let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+                spawn_reload_handler(reload_tx);
+                crate::pipeline::run(path, config, token, reload_rx)
+            })
         }
         Command::Status { db, json } => status(cli.config.as_deref(), db, json),
         Command::NotifyTest { name } => {
@@ -152,6 +161,9 @@ pub fn main() -> ExitCode {
                 limit,
             };
             readings(cli.config.as_deref(), db, &query, format)
+        }
+        Command::Central { command } => {
+            crate::sync::central::command(&config::resolve_path(cli.config.as_deref()), command)
         }
         Command::Demo { dir, duration } => {
             init_tracing("warn");
@@ -346,6 +358,22 @@ where
     })
 }
 
+/// SIGHUP (`systemctl reload outpost`) asks for a configuration reload. Requests that
+/// arrive while one is pending are merged.
+fn spawn_reload_handler(reload: tokio::sync::mpsc::Sender<()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("Cannot install the SIGHUP handler; reload is unavailable.");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received; reloading the configuration.");
+            let _ = reload.try_send(());
+        }
+    });
+}
+
 fn spawn_signal_handler(token: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
@@ -365,7 +393,7 @@ fn spawn_signal_handler(token: CancellationToken) {
 }
 
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps, which the
-/// journal adds itself. `RUST_LOG` overrides the configured level.
+/// journal adds itself, and without colours unless stderr is a terminal. `RUST_LOG` overrides the configured level.
 pub fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
@@ -376,6 +404,9 @@ pub fn init_tracing(level: &str) {
     let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).try_init()
     } else {
-        builder.try_init()
+        // Colours only on a terminal: a log file or pipe gets plain text.
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
     };
 }

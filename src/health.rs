@@ -139,7 +139,8 @@ pub struct HealthProbe {
     pub store: Store,
     pub metrics: Metrics,
     pub liveness: Arc<Liveness>,
-    pub sources: Vec<String>,
+    /// Configured source names (updated on reload).
+    pub sources: std::sync::Mutex<Vec<String>>,
     pub started: std::time::Instant,
     pub source_max_silence: Duration,
 }
@@ -162,8 +163,8 @@ impl HealthProbe {
         .unwrap_or_default();
         let started_at =
             now - chrono::Duration::from_std(self.started.elapsed()).unwrap_or_default();
-        let sources = self
-            .sources
+        let names = self.sources.lock().map(|n| n.clone()).unwrap_or_default();
+        let sources = names
             .iter()
             .map(|name| {
                 let heard = last_heard

@@ -13,6 +13,8 @@
 //! - [`notify`]: notifiers (email, webhook, exec, log) and the durable outbox worker.
 //! - [`pipeline`]: wiring and ordered shutdown.
 //! - [`status`]: the `outpost status` summary.
+//! - [`sync`]: replication of readings, alert events and heartbeats to central
+//!   PostgreSQL through PgBouncer (transaction pooling), and the central schema.
 //! - [`cli`]: the command line (`run`, `check`, `status`, `notify-test`, `demo`).
 //!
 //! # Data flow
@@ -48,4 +50,5 @@ pub mod readings;
 pub mod sources;
 pub mod status;
 pub mod store;
+pub mod sync;
 pub mod systemd;

@@ -55,6 +55,31 @@ pub fn render(report: &StatusReport, database: &str) -> String {
         "Readings: {} stored; backlog: {backlog}",
         report.total_readings
     );
+    let sync = &report.sync;
+    let last = match sync.last_sync_at {
+        Some(t) => format!("last round {} ago", age(now, t)),
+        None => "no round completed yet (or sync is not configured)".to_string(),
+    };
+    let _ = writeln!(out, "Central sync: {last}");
+    if let (Some(error), Some(at)) = (&sync.last_error, sync.last_error_at) {
+        let failing = match sync.last_sync_at {
+            Some(ok) => ok < at,
+            None => true,
+        };
+        if failing {
+            let _ = writeln!(
+                out,
+                "Central sync is FAILING since {} ago: {error}",
+                age(now, at)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "Central sync: last error {} ago: {error}",
+                age(now, at)
+            );
+        }
+    }
     if report.pruned_unsynced > 0 {
         let _ = writeln!(
             out,

@@ -611,7 +611,7 @@ fn alert_state(db: &Path) -> Option<(String, i64)> {
 fn firing_events(db: &Path) -> Vec<(String, i64)> {
     let conn = Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let mut stmt = conn
-        .prepare("SELECT hex(uid), at FROM alert_events WHERE kind = 'firing'")
+        .prepare("SELECT hex(uid), occurred_at FROM alert_events WHERE kind = 'firing'")
         .unwrap();
     let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))

@@ -353,3 +353,20 @@ async fn a_failing_batch_fails_alone_within_its_group() {
     drop((store, ingest.sender));
     ingest.finished.await.unwrap();
 }
+
+#[tokio::test]
+async fn close_ends_the_writer_even_while_a_handle_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    send(&ingest.sender, vec![reading(1)]).await.unwrap();
+    let stray = store.clone();
+    drop(ingest.sender);
+    ingest.close.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(5), ingest.finished)
+        .await
+        .expect("the writer closes although a handle is alive")
+        .unwrap();
+    assert_eq!(stray.write(|_| Ok(())).await, Err(StoreError::Closed));
+    assert_eq!(count(&cfg.path), 1);
+}

@@ -569,7 +569,7 @@ impl EventKind {
     }
 }
 
-/// An alert event as stored in `alert_events.body` and sent to notifiers (the webhook
+/// An alert event as stored in `alert_events.message` and sent to notifiers (the webhook
 /// body, the exec notifier's stdin).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AlertEvent {

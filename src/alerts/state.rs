@@ -42,12 +42,13 @@ pub const MIGRATION: &str = r#"
         severity TEXT NOT NULL,
         device   TEXT NOT NULL,
         metric   TEXT NOT NULL,
-        value    REAL,
-        unit     TEXT,
-        since    INTEGER NOT NULL,
-        at       INTEGER NOT NULL,
-        body     TEXT NOT NULL,                   -- the event as JSON, as notifiers get it
-        synced   INTEGER NOT NULL DEFAULT 0
+        value       REAL,
+        unit        TEXT,
+        threshold   REAL,
+        since       INTEGER,                      -- µs: when the condition began
+        occurred_at INTEGER NOT NULL,             -- µs: when this event happened
+        message     TEXT NOT NULL,                -- the event as JSON, as notifiers get it
+        synced      INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX alert_events_unsynced ON alert_events(id) WHERE synced = 0;
 
@@ -314,8 +315,8 @@ pub fn apply(
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let inserted = conn
             .prepare_cached(
-                "INSERT INTO alert_events (uid, kind, rule, severity, device, metric, value, unit, since, at, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT(uid) DO NOTHING",
+                "INSERT INTO alert_events (uid, kind, rule, severity, device, metric, value, unit, threshold, since, occurred_at, message) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT(uid) DO NOTHING",
             )?
             .execute(params![
                 uid,
@@ -326,6 +327,7 @@ pub fn apply(
                 event.metric,
                 event.value,
                 event.unit,
+                event.threshold,
                 to_micros(event.since),
                 to_micros(event.at),
                 body
@@ -366,8 +368,9 @@ pub fn events_after(
     after: i64,
     limit: usize,
 ) -> rusqlite::Result<Vec<(i64, AlertEvent)>> {
-    let mut stmt = conn
-        .prepare_cached("SELECT id, body FROM alert_events WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, message FROM alert_events WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
     let rows = stmt
         .query_map(params![after, limit as i64], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))

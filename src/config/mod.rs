@@ -33,6 +33,8 @@ pub struct Config {
     pub log: LogConfig,
     pub http: crate::http::HttpConfig,
     pub sources: Vec<SourceConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::sync::SyncConfig>,
     pub alerts: Vec<AlertRule>,
     pub notifiers: Vec<NotifierConfig>,
 }
@@ -268,6 +270,7 @@ const SECTIONS: &[&str] = &[
     "log",
     "http",
     "sources",
+    "sync",
     "alerts",
     "notifiers",
 ];
@@ -324,6 +327,7 @@ impl Config {
         let http = section("http", &mut problems)
             .and_then(|v| problems.deserialize(v, "http"))
             .unwrap_or_default();
+        let sync = section("sync", &mut problems).and_then(|v| problems.deserialize(v, "sync"));
         let mut sources = Vec::new();
         match root.remove("sources") {
             None => {}
@@ -371,6 +375,7 @@ impl Config {
             log,
             http,
             sources,
+            sync,
             alerts,
             notifiers,
         };
@@ -402,6 +407,9 @@ impl Config {
         }
         self.storage.validate("storage", problems);
         self.http.validate("http", problems);
+        if let Some(sync) = &self.sync {
+            sync.validate("sync", problems);
+        }
         let mut names = std::collections::HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {
             let path = format!("sources[{i}]");

@@ -54,7 +54,7 @@ pub struct OutboxRow {
 /// The pending rows in due order (the first `limit`).
 pub fn pending(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT o.id, o.notifier, o.attempts, o.next_attempt_at, o.expires_at, e.body \
+        "SELECT o.id, o.notifier, o.attempts, o.next_attempt_at, o.expires_at, e.message \
          FROM outbox o JOIN alert_events e ON e.uid = o.event_uid \
          WHERE o.state = 'pending' ORDER BY o.next_attempt_at, o.id LIMIT ?1",
     )?;

@@ -215,6 +215,10 @@ pub struct Ingest {
     pub sender: mpsc::Sender<Batch>,
     /// Resolves when the writer thread has committed everything and closed.
     pub finished: oneshot::Receiver<()>,
+    /// Cancel once the sources have stopped to close the writer even if some store
+    /// handle is still alive somewhere: queued writes are committed, later ones fail
+    /// with `Closed`. (Without it the writer closes when the last handle is dropped.)
+    pub close: tokio_util::sync::CancellationToken,
 }
 
 impl Store {
@@ -234,6 +238,7 @@ impl Store {
         let (committed_tx, committed_rx) = watch::channel(last_id);
         let stats = Arc::new(StoreStats::default());
         let (finished_tx, finished_rx) = oneshot::channel();
+        let close = tokio_util::sync::CancellationToken::new();
         writer::spawn(
             conn,
             config.clone(),
@@ -243,6 +248,7 @@ impl Store {
             committed_tx,
             stats.clone(),
             finished_tx,
+            close.clone(),
         )?;
         Ok((
             Store {
@@ -255,6 +261,7 @@ impl Store {
             Ingest {
                 sender: batch_tx,
                 finished: finished_rx,
+                close,
             },
         ))
     }

@@ -159,6 +159,8 @@ pub struct StatusReport {
     pub pruned_unsynced: i64,
     pub rejected: i64,
     pub schema_version: i64,
+    /// Central sync: last completed round and last error.
+    pub sync: crate::sync::local::SyncState,
     /// Firing alerts and notifications waiting or given up.
     pub alerts: crate::alerts::state::AlertsSummary,
 }
@@ -213,6 +215,7 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         .unwrap_or(0);
     let rejected = conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get(0))?;
     let schema_version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let sync = crate::sync::local::read_state(conn)?;
     Ok(StatusReport {
         now,
         series,
@@ -221,6 +224,7 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         pruned_unsynced,
         rejected,
         schema_version,
+        sync,
         alerts: crate::alerts::state::summary(conn)?,
     })
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 type OpFn = Box<dyn FnOnce(&Connection) -> Result<Completion, rusqlite::Error> + Send>;
@@ -114,6 +115,7 @@ pub(super) fn spawn(
     committed: watch::Sender<i64>,
     stats: Arc<StoreStats>,
     finished: oneshot::Sender<()>,
+    close: CancellationToken,
 ) -> Result<(), StoreError> {
     if let Some(hook) = commit_hook {
         conn.commit_hook(Some(hook));
@@ -132,7 +134,7 @@ pub(super) fn spawn(
                 .enable_time()
                 .build()
             {
-                Ok(rt) => rt.block_on(writer.run(batches, ops)),
+                Ok(rt) => rt.block_on(writer.run(batches, ops, close)),
                 Err(e) => tracing::error!(error = %e, "Cannot start the store writer's runtime."),
             }
             let _ = finished.send(());
@@ -169,7 +171,16 @@ impl Group {
 }
 
 impl Writer {
-    async fn run(mut self, mut batches: mpsc::Receiver<Batch>, mut ops: mpsc::Receiver<WriteOp>) {
+    /// Runs until the readings channel is closed and either every store handle is gone
+    /// or `close` is cancelled; operations still queued then are committed, later ones
+    /// fail with `Closed`.
+    async fn run(
+        mut self,
+        mut batches: mpsc::Receiver<Batch>,
+        mut ops: mpsc::Receiver<WriteOp>,
+        close: CancellationToken,
+    ) {
+        let mut closing = false;
         let mut batches_open = true;
         let mut ops_open = true;
         let mut prune_timer = tokio::time::interval(self.config.prune_interval.get());
@@ -177,10 +188,14 @@ impl Writer {
         let max_rows = self.config.batch_max_rows.max(1);
         let max_delay = self.config.batch_max_delay.get();
         let mut last_commit = tokio::time::Instant::now();
-        while batches_open || ops_open {
+        while batches_open || (ops_open && !closing) {
             let mut group = Group::default();
             tokio::select! {
                 biased;
+                _ = close.cancelled(), if !closing => {
+                    closing = true;
+                    continue;
+                }
                 op = ops.recv(), if ops_open => match op {
                     Some(op) => group.ops.push(op),
                     None => ops_open = false,
@@ -252,6 +267,14 @@ impl Writer {
                 // Every reading that was accepted is committed: downstream streams end.
                 self.committed = None;
             }
+        }
+        ops.close();
+        let mut last = Group::default();
+        while let Ok(op) = ops.try_recv() {
+            last.ops.push(op);
+        }
+        if !last.is_empty() {
+            let _ = self.commit(last);
         }
     }
 
