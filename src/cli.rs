@@ -49,6 +49,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send a test notification through one configured notifier and print the outcome
+    /// (exit 1 if it was not delivered).
+    NotifyTest {
+        /// The notifier's `name` in [[notifiers]].
+        name: String,
+    },
     /// Query local history (newest first).
     Readings {
         /// Read this database instead of the configured one.
@@ -114,6 +120,9 @@ pub fn main() -> ExitCode {
             })
         }
         Command::Status { db, json } => status(cli.config.as_deref(), db, json),
+        Command::NotifyTest { name } => {
+            notify_test(&config::resolve_path(cli.config.as_deref()), &name)
+        }
         Command::Readings {
             db,
             device,
@@ -193,6 +202,49 @@ fn check(path: &Path) -> ExitCode {
                 errors.0.len()
             );
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn notify_test(path: &Path, name: &str) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "outpost: the configuration has {} problem(s).",
+                errors.0.len()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing("warn");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::notify::send_test(&config, name)) {
+        Ok(crate::notify::Outcome::Delivered) => {
+            println!("{name}: delivered.");
+            ExitCode::SUCCESS
+        }
+        Ok(crate::notify::Outcome::Retry(why)) => {
+            eprintln!("{name}: NOT delivered (the agent would retry): {why}");
+            ExitCode::FAILURE
+        }
+        Ok(crate::notify::Outcome::Failed(why)) => {
+            eprintln!("{name}: NOT delivered (permanent failure): {why}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("outpost: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -294,6 +294,15 @@ pub async fn run(
     }
     // Downstream consumers (alerts, notifications, sync) are started here with
     // `pipeline.spawn_consumer(...)`.
+    let alerting = crate::alerts::spawn_tasks(
+        &config,
+        &pipeline.store,
+        pipeline.shutdown_token(),
+        crate::alerts::Clock::system(),
+    )?;
+    for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
+        pipeline.spawn_consumer(task);
+    }
     if let Some(sync) = config.sync.clone().filter(|s| s.enabled) {
         let store = pipeline.store.clone();
         pipeline.spawn_consumer(crate::sync::run(
@@ -364,6 +373,8 @@ async fn apply_reload(
         ("http", new.http != current.http),
         ("log", new.log != current.log),
         ("agent", new.agent != current.agent),
+        ("alerts", new.alerts != current.alerts),
+        ("notifiers", new.notifiers != current.notifiers),
     ] {
         if changed {
             tracing::warn!(
@@ -393,4 +404,6 @@ async fn apply_reload(
     current.http = running.http;
     current.log = running.log;
     current.agent = running.agent;
+    current.alerts = running.alerts;
+    current.notifiers = running.notifiers;
 }

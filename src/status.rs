@@ -94,6 +94,7 @@ pub fn render(report: &StatusReport, database: &str) -> String {
             report.rejected
         );
     }
+    out.push_str(&crate::alerts::state::render(&report.alerts, now));
     let _ = writeln!(out);
     if report.series.is_empty() {
         let _ = writeln!(out, "No readings yet.");

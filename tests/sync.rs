@@ -775,7 +775,7 @@ async fn alert_events_sync_from_a_local_table() {
     agent
         .local()
         .execute_batch(
-            "CREATE TABLE alert_events (id INTEGER PRIMARY KEY, uid BLOB NOT NULL UNIQUE, rule TEXT NOT NULL, \
+            "CREATE TABLE IF NOT EXISTS alert_events (id INTEGER PRIMARY KEY, uid BLOB NOT NULL UNIQUE, rule TEXT NOT NULL, \
                device TEXT, metric TEXT, kind TEXT NOT NULL, severity TEXT, value REAL, threshold REAL, \
                occurred_at INTEGER NOT NULL, message TEXT, synced INTEGER NOT NULL DEFAULT 0);",
         )

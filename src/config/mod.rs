@@ -12,6 +12,8 @@ pub mod types;
 pub use load::{expand_env, ConfigError, ConfigErrors, Origin, SECRET_KEYS};
 pub use types::{ByteSize, HumanDuration, Secret};
 
+use crate::alerts::AlertRule;
+use crate::notify::NotifierConfig;
 use crate::sources::SourceConfig;
 use crate::store::StorageConfig;
 use load::join_path;
@@ -33,6 +35,8 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync: Option<crate::sync::SyncConfig>,
+    pub alerts: Vec<AlertRule>,
+    pub notifiers: Vec<NotifierConfig>,
 }
 
 /// `[agent]`: who this gateway is.
@@ -260,7 +264,16 @@ fn humanize(raw: &str) -> String {
     words(raw)
 }
 
-const SECTIONS: &[&str] = &["agent", "storage", "log", "http", "sources", "sync"];
+const SECTIONS: &[&str] = &[
+    "agent",
+    "storage",
+    "log",
+    "http",
+    "sources",
+    "sync",
+    "alerts",
+    "notifiers",
+];
 
 impl Config {
     /// Loads and checks the configuration at `path` with its drop-ins and environment.
@@ -329,6 +342,32 @@ impl Config {
             }
             Some(_) => problems.push("sources", "expected a list of `[[sources]]` tables"),
         }
+        let mut alerts = Vec::new();
+        match root.remove("alerts") {
+            None => {}
+            Some(Value::Array(list)) => {
+                for (i, v) in list.into_iter().enumerate() {
+                    if let Some(a) = problems.deserialize(v, &format!("alerts[{i}]")) {
+                        alerts.push(a);
+                    }
+                }
+            }
+            Some(_) => problems.push("alerts", "expected a list of `[[alerts]]` tables"),
+        }
+        let mut notifiers = Vec::new();
+        match root.remove("notifiers") {
+            None => {}
+            Some(Value::Array(list)) => {
+                for (i, v) in list.into_iter().enumerate() {
+                    if let Some(n) =
+                        NotifierConfig::from_json(v, &format!("notifiers[{i}]"), &mut problems)
+                    {
+                        notifiers.push(n);
+                    }
+                }
+            }
+            Some(_) => problems.push("notifiers", "expected a list of `[[notifiers]]` tables"),
+        }
 
         let config = Config {
             agent,
@@ -337,6 +376,8 @@ impl Config {
             http,
             sources,
             sync,
+            alerts,
+            notifiers,
         };
         config.validate(&mut problems);
         for (key, message) in problems.0 {
@@ -383,6 +424,9 @@ impl Config {
             }
             source.validate(&path, problems);
         }
+        crate::notify::validate_notifiers(&self.notifiers, problems);
+        let notifier_names = self.notifiers.iter().map(|n| n.name.as_str()).collect();
+        crate::alerts::validate_rules(&self.alerts, &notifier_names, problems);
     }
 
     /// The effective configuration as TOML, secrets shown as `<redacted>`.

@@ -161,6 +161,8 @@ pub struct StatusReport {
     pub schema_version: i64,
     /// Central sync: last completed round and last error.
     pub sync: crate::sync::local::SyncState,
+    /// Firing alerts and notifications waiting or given up.
+    pub alerts: crate::alerts::state::AlertsSummary,
 }
 
 /// The unsynced backlog: its size and the arrival time of its oldest reading.
@@ -223,5 +225,6 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         rejected,
         schema_version,
         sync,
+        alerts: crate::alerts::state::summary(conn)?,
     })
 }

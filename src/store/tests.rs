@@ -52,8 +52,11 @@ fn retention_prunes_only_old_synced_readings() {
     insert(&conn, 100, Age::days(3), true); // old, synced: pruned
     insert(&conn, 100, Age::days(3), false); // old, unsynced: kept
     insert(&conn, 100, Age::hours(1), true); // recent, synced: kept
-    conn.execute_batch("CREATE TABLE alert_events(x); INSERT INTO alert_events VALUES (1);")
-        .unwrap();
+    conn.execute_batch(
+        "INSERT INTO alert_events (uid, kind, rule, severity, device, metric, occurred_at, message) \
+         VALUES (x'00', 'firing', 'r', 'warning', 'd', 'm', 0, '{}');",
+    )
+    .unwrap();
     let stats = StoreStats::default();
     prune(&conn, &config, Utc::now(), &stats).unwrap();
     assert_eq!(counts(&conn), (100, 100));
