@@ -292,26 +292,9 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    // Downstream consumers (alerts, notifications, sync) are started here with
-    // `pipeline.spawn_consumer(...)`.
-    let alerting = crate::alerts::spawn_tasks(
-        &config,
-        &pipeline.store,
-        pipeline.shutdown_token(),
-        crate::alerts::Clock::system(),
-    )?;
-    for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
-        pipeline.spawn_consumer(task);
-    }
-    if let Some(sync) = config.sync.clone().filter(|s| s.enabled) {
-        let store = pipeline.store.clone();
-        pipeline.spawn_consumer(crate::sync::run(
-            sync,
-            config.agent.clone(),
-            store,
-            shutdown.clone(),
-        ));
-    }
+    // Downstream consumers that a reload may restart are named.
+    start_alerts(&mut pipeline, &config).await;
+    start_sync(&mut pipeline, config.sync.clone(), config.agent.clone()).await;
     crate::systemd::notify_ready();
     tracing::info!(
         gateway = %config.agent.gateway_id,
@@ -331,6 +314,44 @@ pub async fn run(
     }
     pipeline.wait().await;
     Ok(())
+}
+
+/// Starts or restarts the alert engine and the notification outbox for `config`.
+async fn start_alerts(pipeline: &mut Pipeline, config: &Config) {
+    if config.alerts.is_empty() && config.notifiers.is_empty() {
+        pipeline
+            .replace_consumer(
+                "alerts",
+                None::<fn(CancellationToken) -> std::future::Ready<()>>,
+            )
+            .await;
+        return;
+    }
+    let (config, store) = (config.clone(), pipeline.store.clone());
+    pipeline
+        .replace_consumer(
+            "alerts",
+            Some(move |stop: CancellationToken| async move {
+                match crate::alerts::spawn_tasks(
+                    &config,
+                    &store,
+                    stop,
+                    crate::alerts::Clock::system(),
+                ) {
+                    Ok(tasks) => {
+                        let all = [tasks.engine, tasks.outbox].into_iter().flatten();
+                        futures_util::future::join_all(all).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "Cannot start alerting: ALERTS ARE NOT EVALUATED."
+                        )
+                    }
+                }
+            }),
+        )
+        .await;
 }
 
 /// Starts, restarts or stops the central sync worker for `config`.
@@ -373,8 +394,6 @@ async fn apply_reload(
         ("http", new.http != current.http),
         ("log", new.log != current.log),
         ("agent", new.agent != current.agent),
-        ("alerts", new.alerts != current.alerts),
-        ("notifiers", new.notifiers != current.notifiers),
     ] {
         if changed {
             tracing::warn!(
@@ -388,6 +407,13 @@ async fn apply_reload(
         // The running [agent] section stays: it changes only at restart.
         start_sync(pipeline, new.sync.clone(), current.agent.clone()).await;
         tracing::info!("Central sync restarted with the new settings.");
+    }
+    if new.alerts != current.alerts || new.notifiers != current.notifiers {
+        // Rule state is keyed by the rule's definition: unchanged rules keep theirs.
+        let mut running = new.clone();
+        running.agent = current.agent.clone();
+        start_alerts(pipeline, &running).await;
+        tracing::info!("Alert rules and notifiers reloaded.");
     }
     if let Ok(mut names) = probe.sources.lock() {
         *names = new.sources.iter().map(|s| s.name().to_string()).collect();
@@ -404,6 +430,4 @@ async fn apply_reload(
     current.http = running.http;
     current.log = running.log;
     current.agent = running.agent;
-    current.alerts = running.alerts;
-    current.notifiers = running.notifiers;
 }

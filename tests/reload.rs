@@ -124,6 +124,28 @@ fn sighup_applies_valid_changes_and_refuses_invalid_ones() {
     assert_eq!(count(&db, "b"), b_after, "a removed source stops");
     assert!(count(&db, "a") > a_after, "the changed source runs again");
 
+    // Alert rules and notifiers reload live: a new rule that holds at once fires.
+    let rules = "[[notifiers]]\nname = \"journal\"\ntype = \"log\"\n\
+                 [[alerts]]\nname = \"always\"\nkind = \"threshold\"\nmetric = \"temperature\"\n\
+                 above = -100.0\nnotifiers = [\"journal\"]\n";
+    std::fs::write(&path, config(&db, &[("a", "20ms")], rules)).unwrap();
+    hup(&agent);
+    wait_until(Duration::from_secs(20), || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM alert_events WHERE kind = 'firing'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap_or(0)
+            > 0
+    });
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("Alert rules and notifiers reloaded"),
+        "{log_text}"
+    );
+
     // Shut down: everything accepted is committed and consistent.
     unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
     let mut agent = agent;

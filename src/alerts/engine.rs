@@ -451,7 +451,7 @@ pub fn spawn_tasks(
             crate::notify::OutboxWorker::new(config, store.clone(), clock.clone(), wake.clone())?;
         let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
             worker
-                .run(shutdown)
+                .run(shutdown.clone())
                 .instrument(tracing::info_span!("notify")),
         );
         Some(fut)
@@ -465,7 +465,7 @@ pub fn spawn_tasks(
         };
         let engine = Engine::from_config(&config.alerts, context)?;
         let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
-            run_engine(engine, store.clone(), clock, wake, ttl)
+            run_engine(engine, store.clone(), clock, wake, ttl, shutdown.clone())
                 .instrument(tracing::info_span!("alerts")),
         );
         Some(fut)
@@ -493,6 +493,7 @@ async fn run_engine(
     clock: Clock,
     wake: Arc<Notify>,
     ttl: HashMap<String, Duration>,
+    stop: CancellationToken,
 ) {
     let with_meta = engine.needs_meta();
     let mut attempt = 0u32;
@@ -575,6 +576,9 @@ async fn run_engine(
                 engine.tick(clock.now());
                 true
             }
+            // Stopped for a reload or at shutdown: save the cursor and state; readings
+            // not evaluated yet are evaluated by the next engine from that cursor.
+            _ = stop.cancelled() => false,
         };
         unsaved.append(engine.take_changes());
         let cursor_due = saved_cursor != Some(position)
