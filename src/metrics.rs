@@ -214,7 +214,71 @@ impl Collector for StoreCollector {
                 )?;
                 ConstGauge::new(age).encode(oldest)?;
             }
+            encode_db_gauges(&conn, &mut encoder)?;
         }
         Ok(())
     }
+}
+
+/// Gauges read from the database at scrape time: alert states, the notification
+/// outbox and the last sync round. Tables a build does not have are skipped.
+fn encode_db_gauges(
+    conn: &rusqlite::Connection,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let counts = |sql: &str| -> Vec<(String, i64)> {
+        conn.prepare(sql)
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .unwrap_or_default()
+    };
+    let families = [
+        (
+            "alerts",
+            "Alert series by state (pending, firing)",
+            ["pending", "firing"].as_slice(),
+            counts("SELECT state, COUNT(*) FROM alert_state GROUP BY state"),
+        ),
+        (
+            "notifications",
+            "Notifications in the outbox by state (expired and failed need a person)",
+            ["pending", "delivered", "failed", "expired"].as_slice(),
+            counts("SELECT state, COUNT(*) FROM outbox GROUP BY state"),
+        ),
+    ];
+    for (name, help, states, rows) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for state in states {
+            let n = rows
+                .iter()
+                .find(|(s, _)| s == state)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            ConstGauge::new(n).encode(family.encode_family(&[("state", *state)])?)?;
+        }
+    }
+    if let Ok(sync) = crate::sync::local::read_state(conn) {
+        for (name, help, at) in [
+            (
+                "sync_last_success_timestamp_seconds",
+                "When central last committed a sync round (0: never)",
+                sync.last_sync_at,
+            ),
+            (
+                "sync_last_error_timestamp_seconds",
+                "When a sync round last failed (0: never)",
+                sync.last_error_at,
+            ),
+        ] {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(
+                at.map(|t| t.timestamp_millis() as f64 / 1000.0)
+                    .unwrap_or(0.0),
+            )
+            .encode(metric)?;
+        }
+    }
+    Ok(())
 }

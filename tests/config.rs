@@ -485,3 +485,23 @@ fn check_exits_2_with_all_errors_and_0_with_redacted_config() {
         "run refuses a bad configuration too"
     );
 }
+
+#[test]
+fn quoted_keys_with_dots_stay_one_key() {
+    // A flattened payload field ("env.t") in a field map must not become nested tables.
+    let (_d, result) = load_str(
+        "[[sources]]\ntype = \"simulated\"\nname = \"s\"\n[sources.excursion]\ndevice = \"sim-1\"\nmetric = \"temperature\"\nafter = \"1s\"\nduration = \"1s\"\noffset = 1.0\n",
+    );
+    result.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "outpost.toml",
+        "[agent]\n\"site.name\" = \"x\"\n",
+    );
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("unknown key `site.name`"),
+        "the dotted key is kept whole: {err}"
+    );
+}

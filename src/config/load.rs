@@ -227,9 +227,12 @@ pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
     }
 }
 
+/// Lays the `OUTPOST__*` variables (read by the `config` crate) over the files. The
+/// files are merged here rather than inside the `config` crate, whose paths split keys
+/// on dots: a quoted TOML key such as `"env.t"` (a flattened payload field in a field
+/// map) must stay one key.
 fn layer_environment(files: Value) -> Result<Value, config::ConfigError> {
-    config::Config::builder()
-        .add_source(config::Config::try_from(&files)?)
+    let env = config::Config::builder()
         .add_source(
             config::Environment::with_prefix("OUTPOST")
                 .prefix_separator("__")
@@ -237,7 +240,27 @@ fn layer_environment(files: Value) -> Result<Value, config::ConfigError> {
                 .try_parsing(true),
         )
         .build()?
-        .try_deserialize::<Value>()
+        .try_deserialize::<Value>()?;
+    let mut merged = files;
+    overlay(&mut merged, env);
+    Ok(merged)
+}
+
+/// Deep-merges `top` into `base`: tables key by key, anything else replaced.
+fn overlay(base: &mut Value, top: Value) {
+    match (base, top) {
+        (Value::Object(b), Value::Object(t)) => {
+            for (k, v) in t {
+                match b.get_mut(&k) {
+                    Some(slot) => overlay(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, top) => *slot = top,
+    }
 }
 
 fn read_limited(path: &Path, limit: u64) -> Result<String, String> {
