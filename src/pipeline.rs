@@ -29,7 +29,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Opens the store and starts every configured source.
-    pub fn start(config: &Config, options: StoreOptions, shutdown: CancellationToken) -> anyhow::Result<Pipeline> {
+    pub fn start(
+        config: &Config,
+        options: StoreOptions,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Pipeline> {
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
         let mut sources = JoinSet::new();
         for source in config.sources.iter().cloned() {
@@ -37,6 +41,7 @@ impl Pipeline {
                 out: ingest.sender.clone(),
                 shutdown: shutdown.clone(),
                 store: store.clone(),
+                gateway_id: config.agent.gateway_id.clone(),
             };
             let name = source.name().to_string();
             let kind = source.kind();
@@ -44,7 +49,9 @@ impl Pipeline {
                 tracing::info!(source = %name, kind, "Source started.");
                 match source.run(ctx).await {
                     Ok(()) => tracing::info!(source = %name, "Source stopped."),
-                    Err(e) => tracing::error!(source = %name, error = format!("{e:#}"), "Source failed."),
+                    Err(e) => {
+                        tracing::error!(source = %name, error = format!("{e:#}"), "Source failed.")
+                    }
                 }
             });
         }

@@ -5,8 +5,13 @@
 //! acknowledges its producer only after the batch's commit (G1). Sources stop when the
 //! shutdown token is cancelled and drop their sender, which lets the writer finish.
 
+pub mod chirpstack;
 pub mod mapping;
+pub mod mqtt;
+pub mod mqtt_client;
 pub mod simulated;
+pub mod ttn;
+pub mod ttn_backfill;
 
 use crate::config::{check_identifier, Problems};
 use crate::model::Batch;
@@ -21,28 +26,41 @@ use tokio_util::sync::CancellationToken;
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum SourceConfig {
     Simulated(simulated::SimulatedConfig),
+    Ttn(ttn::TtnConfig),
+    Chirpstack(chirpstack::ChirpStackConfig),
+    Mqtt(mqtt::MqttJsonConfig),
 }
 
 /// The `type` values, for messages.
-const TYPES: &[&str] = &["simulated"];
+const TYPES: &[&str] = &["simulated", "ttn", "chirpstack", "mqtt"];
 
 impl SourceConfig {
     pub fn name(&self) -> &str {
         match self {
             SourceConfig::Simulated(c) => &c.name,
+            SourceConfig::Ttn(c) => &c.name,
+            SourceConfig::Chirpstack(c) => &c.name,
+            SourceConfig::Mqtt(c) => &c.name,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
             SourceConfig::Simulated(_) => "simulated",
+            SourceConfig::Ttn(_) => "ttn",
+            SourceConfig::Chirpstack(_) => "chirpstack",
+            SourceConfig::Mqtt(_) => "mqtt",
         }
     }
 
     /// Deserializes one `[[sources]]` table, reporting problems with their key paths.
     /// (Done by hand rather than through serde's internally tagged enums, which lose
     /// the path of an error inside the variant.)
-    pub fn from_json(mut value: Value, path: &str, problems: &mut Problems) -> Option<SourceConfig> {
+    pub fn from_json(
+        mut value: Value,
+        path: &str,
+        problems: &mut Problems,
+    ) -> Option<SourceConfig> {
         let Some(map) = value.as_object_mut() else {
             problems.push(path, "expected a table");
             return None;
@@ -50,23 +68,39 @@ impl SourceConfig {
         let kind = match map.remove("type") {
             Some(Value::String(s)) => s,
             Some(other) => {
-                problems.push(format!("{path}.type"), format!("expected a string, found {other}"));
+                problems.push(
+                    format!("{path}.type"),
+                    format!("expected a string, found {other}"),
+                );
                 return None;
             }
             None => {
                 problems.push(
                     format!("{path}.type"),
-                    format!("the required key `type` is missing; one of {}", quoted(TYPES)),
+                    format!(
+                        "the required key `type` is missing; one of {}",
+                        quoted(TYPES)
+                    ),
                 );
                 return None;
             }
         };
         match kind.as_str() {
-            "simulated" => problems.deserialize(value, path).map(SourceConfig::Simulated),
+            "simulated" => problems
+                .deserialize(value, path)
+                .map(SourceConfig::Simulated),
+            "ttn" => problems.deserialize(value, path).map(SourceConfig::Ttn),
+            "chirpstack" => problems
+                .deserialize(value, path)
+                .map(SourceConfig::Chirpstack),
+            "mqtt" => problems.deserialize(value, path).map(SourceConfig::Mqtt),
             other => {
                 problems.push(
                     format!("{path}.type"),
-                    format!("unknown source type {other:?}; expected one of {}", quoted(TYPES)),
+                    format!(
+                        "unknown source type {other:?}; expected one of {}",
+                        quoted(TYPES)
+                    ),
                 );
                 None
             }
@@ -74,9 +108,15 @@ impl SourceConfig {
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        problems.check(format!("{path}.name"), check_identifier(self.name(), "the source name"));
+        problems.check(
+            format!("{path}.name"),
+            check_identifier(self.name(), "the source name"),
+        );
         match self {
             SourceConfig::Simulated(c) => c.validate(path, problems),
+            SourceConfig::Ttn(c) => c.validate(path, problems),
+            SourceConfig::Chirpstack(c) => c.validate(path, problems),
+            SourceConfig::Mqtt(c) => c.validate(path, problems),
         }
     }
 
@@ -84,12 +124,19 @@ impl SourceConfig {
     pub async fn run(self, ctx: SourceContext) -> anyhow::Result<()> {
         match self {
             SourceConfig::Simulated(c) => simulated::run(c, ctx).await,
+            SourceConfig::Ttn(c) => ttn::run(c, ctx).await,
+            SourceConfig::Chirpstack(c) => chirpstack::run(c, ctx).await,
+            SourceConfig::Mqtt(c) => mqtt::run(c, ctx).await,
         }
     }
 }
 
 fn quoted(items: &[&str]) -> String {
-    items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What a running source is given.
@@ -100,4 +147,6 @@ pub struct SourceContext {
     pub shutdown: CancellationToken,
     /// For durable source state (cursors, sequences) and read queries.
     pub store: Store,
+    /// `agent.gateway_id`, e.g. for default MQTT client ids.
+    pub gateway_id: String,
 }
