@@ -678,7 +678,9 @@ fn log_connection_error(
                 ConnectReturnCode::BadUserNamePassword => {
                     "bad user name or password (check the API key / password)"
                 }
-                ConnectReturnCode::NotAuthorized => "not authorised (check the user's rights)",
+                ConnectReturnCode::NotAuthorized => {
+                    "not authorised (check the user name and the API key / password, and the user's rights)"
+                }
                 ConnectReturnCode::BadClientId => "client id rejected",
                 ConnectReturnCode::ServiceUnavailable => "service unavailable",
                 ConnectReturnCode::RefusedProtocolVersion => "MQTT 3.1.1 not supported",
