@@ -1052,6 +1052,63 @@ mod tests {
         }
     }
 
+    struct Nothing;
+    impl Decode for Nothing {
+        fn decode(&mut self, _: &str, _: &[u8], _: DateTime<Utc>) -> Result<Decoded, Rejection> {
+            Ok(Decoded::default())
+        }
+    }
+
+    /// rumqttc would reconnect in a tight loop; the session backs off exponentially.
+    #[tokio::test(start_paused = true)]
+    async fn reconnects_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::store::StorageConfig {
+            path: dir.path().join("db"),
+            ..Default::default()
+        };
+        let (store, ingest) = crate::store::Store::open(&storage, Default::default()).unwrap();
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut broker = BrokerConfig::new("127.0.0.1");
+        broker.tls = false;
+        broker.port = Some(port);
+        let stats = Arc::new(SessionStats::default());
+        let session = Session {
+            source: "test".into(),
+            options: broker
+                .mqtt_options("outpost-test", true, false, None)
+                .unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            subscriptions: vec![("x".into(), QoS::AtMostOnce)],
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(8),
+            stats: stats.clone(),
+            connected: None,
+            committed_mark: None,
+            gaps: None,
+        };
+        let ctx = SourceContext {
+            out: ingest.sender.clone(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            store,
+            gateway_id: "gw".into(),
+        };
+        let shutdown = ctx.shutdown.clone();
+        let task = tokio::spawn(async move { run_session(session, Nothing, &ctx).await });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let failures = stats.connection_failures.load(Relaxed);
+        // Delays 1s, ≤2s, ≤4s, then ≤8s each: between 60/8 and 60/1 attempts, and
+        // nowhere near a tight loop.
+        assert!((7..=40).contains(&failures), "{failures} attempts in 60s");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+
     #[test]
     fn oversized_payloads_are_refused() {
         assert!(check_size(&[0u8; 10], 10).is_ok());
