@@ -4,7 +4,9 @@
 //! stream in the same run. Prints committed uplinks/s, the raw drain rate, their ratio,
 //! peak RSS and the broker's dropped-message counter.
 //!
-//! `cargo bench --bench ttn_ingest` (release). `TTN_BENCH_UPLINKS=N` changes the count.
+//! `cargo bench --bench ttn_ingest` (release). `TTN_BENCH_UPLINKS=N` changes the count,
+//! `TTN_BENCH_BATCH_ROWS` the store's `batch_max_rows`, `TTN_BENCH_MAX_QUEUED` the
+//! broker's `max_queued_messages` (default 0, no limit).
 
 use outpost::config::{Config, HumanDuration, Secret};
 use outpost::pipeline::Pipeline;
@@ -13,7 +15,6 @@ use outpost::sources::ttn::{SimulatedUplinks, TtnConfig};
 use outpost::sources::ttn_backfill::BackfillConfig;
 use outpost::sources::SourceConfig;
 use outpost::store::StoreOptions;
-use std::io::Write;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
@@ -38,7 +39,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_mosquitto(dir: &std::path::Path) -> (Killed, u16) {
+fn start_mosquitto(dir: &std::path::Path, max_queued: &str) -> (Killed, u16) {
     let port = free_port();
     let conf = dir.join("mosquitto.conf");
     let user = if unsafe { libc::geteuid() } == 0 {
@@ -46,11 +47,14 @@ fn start_mosquitto(dir: &std::path::Path) -> (Killed, u16) {
     } else {
         ""
     };
-    // Default queue limits (max_queued_messages 1000): a subscriber that falls behind
-    // loses messages, which the dropped counter below would show.
+    // max_queued_messages: mosquitto's default (1000) drops QoS 0 messages for any
+    // subscriber more than 1000 messages behind — at this rate even mosquitto_sub.
     std::fs::write(
         &conf,
-        format!("{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\nlog_dest none\n"),
+        format!(
+            "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\n\
+             log_dest none\nmax_queued_messages {max_queued}\n"
+        ),
     )
     .unwrap();
     let child = Command::new("/usr/sbin/mosquitto")
@@ -73,7 +77,21 @@ fn uplink(i: u64, base: chrono::DateTime<chrono::Utc>) -> String {
     let ns = base + chrono::Duration::microseconds(i as i64);
     let mut up: serde_json::Value =
         serde_json::from_str(include_str!("../tests/fixtures/ttn-uplink.json")).unwrap();
+    // Trimmed to about 800 bytes: one gateway, fewer ids.
     up["end_device_ids"]["device_id"] = "dev-1".into();
+    for key in ["join_eui", "dev_addr"] {
+        up["end_device_ids"].as_object_mut().unwrap().remove(key);
+    }
+    up["correlation_ids"] = serde_json::json!(["as:up:01JDX4Q7Z3W9K2M8N5P6R7S8T9"]);
+    let m = up["uplink_message"].as_object_mut().unwrap();
+    for key in ["network_ids", "session_key_id", "consumed_airtime"] {
+        m.remove(key);
+    }
+    m["rx_metadata"].as_array_mut().unwrap().truncate(1);
+    m["rx_metadata"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("uplink_token");
     up["uplink_message"]["f_cnt"] = i.into();
     up["uplink_message"]["received_at"] = ns.to_rfc3339().into();
     up["uplink_message"]["decoded_payload"] = serde_json::json!({
@@ -121,14 +139,12 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let dir = tempfile::tempdir().unwrap();
-    let (_broker, port) = start_mosquitto(dir.path());
+    let max_queued = std::env::var("TTN_BENCH_MAX_QUEUED").unwrap_or_else(|_| "0".into());
+    let (_broker, port) = start_mosquitto(dir.path(), &max_queued);
 
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
-    let lines: Vec<String> = (0..n).map(|i| uplink(i, base)).collect();
-    let avg = lines.iter().map(String::len).sum::<usize>() / lines.len();
-    let input = dir.path().join("uplinks.ndjson");
-    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
-    drop(lines);
+    // Generated while publishing, so the publisher adds little to the peak RSS.
+    let avg = (0..100).map(|i| uplink(i, base).len()).sum::<usize>() / 100;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,6 +171,13 @@ fn main() {
         mapping: Default::default(),
     }));
     config.storage.prune_interval = HumanDuration::from_secs(3600);
+    if let Some(rows) = std::env::var("TTN_BENCH_BATCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.storage.batch_max_rows = rows;
+    }
+    let batch_rows = config.storage.batch_max_rows;
     let token = CancellationToken::new();
     let pipeline = runtime
         .block_on(async { Pipeline::start(&config, StoreOptions::default(), token.clone()) })
@@ -205,35 +228,52 @@ fn main() {
     );
     std::thread::sleep(Duration::from_millis(500));
 
+    // The publisher: QoS 1 with 100 in flight, so it goes as fast as the broker
+    // acknowledges, and every message is known to have reached the broker.
     let started = Instant::now();
-    let mut publisher = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            TOPIC,
-            "-q",
-            "1",
-            "-l",
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = publisher.stdin.take().unwrap();
-        let data = std::fs::read(&input).unwrap();
-        stdin.write_all(&data).unwrap();
-    }
+    let publisher = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut options = rumqttc::MqttOptions::new("bench-publisher", "127.0.0.1", port);
+            options
+                .set_max_packet_size(1 << 20, 1 << 20)
+                .set_inflight(100)
+                .set_keep_alive(Duration::from_secs(30));
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+            let feeder = tokio::spawn(async move {
+                for i in 0..n {
+                    let line = uplink(i, base);
+                    client
+                        .publish(TOPIC, rumqttc::QoS::AtLeastOnce, false, line)
+                        .await
+                        .unwrap();
+                }
+                client
+            });
+            let mut acked = 0u64;
+            while acked < n {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) =
+                    eventloop.poll().await
+                {
+                    acked += 1;
+                }
+            }
+            let _ = feeder.await;
+        });
+        started.elapsed()
+    });
     let mut sub_done = None;
     let mut agent_done = None;
     let mut published = None;
+    let rss_before = rss_kib("VmRSS:");
     let mut peak_rss = 0;
     let want = baseline_rows + 3 * n;
     let deadline = Instant::now() + Duration::from_secs(600);
     while (sub_done.is_none() || agent_done.is_none()) && Instant::now() < deadline {
-        if published.is_none() && matches!(publisher.try_wait(), Ok(Some(_))) {
+        if published.is_none() && publisher.is_finished() {
             published = Some(started.elapsed());
         }
         if sub_done.is_none() && matches!(sub.0.try_wait(), Ok(Some(_))) {
@@ -245,9 +285,14 @@ fn main() {
         peak_rss = peak_rss.max(rss_kib("VmRSS:"));
         std::thread::sleep(Duration::from_millis(2));
     }
-    let _ = publisher.wait();
     std::thread::sleep(Duration::from_millis(1500));
     let dropped = sys_value(port, "$SYS/broker/publish/messages/dropped");
+    // mosquitto publishes the counter only once something was dropped.
+    let dropped = if dropped.is_empty() {
+        "0".to_string()
+    } else {
+        dropped
+    };
     let stored = stats.readings_inserted.load(Relaxed) - baseline_rows;
 
     token.cancel();
@@ -259,8 +304,9 @@ fn main() {
     let agent_rate = n as f64 / secs(agent_done);
     let sub_rate = n as f64 / secs(sub_done);
     println!("TTN ingest benchmark: {n} uplinks of ~{avg} bytes, 3 numeric fields each");
+    println!("  storage.batch_max_rows             {batch_rows}");
     println!(
-        "  publisher (mosquitto_pub -q 1 -l) finished after {:.2}s",
+        "  publisher (QoS 1, 100 in flight) finished after {:.2}s",
         secs(published)
     );
     println!(
@@ -280,9 +326,9 @@ fn main() {
     println!("  readings stored {stored} (expected {})", 3 * n);
     println!("  broker dropped messages ($SYS)     {dropped}");
     println!(
-        "  peak RSS of the bench process       {} MiB (VmHWM {} MiB)",
+        "  peak RSS of the bench process       {} MiB during the run ({} MiB before publishing)",
         peak_rss / 1024,
-        rss_kib("VmHWM:") / 1024
+        rss_before / 1024
     );
     if agent_done.is_none() || stored != 3 * n {
         println!("  INCOMPLETE: the agent did not store every uplink");

@@ -40,8 +40,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub const HANDOFF_CAPACITY: usize = 16_384;
 /// The most messages decoded into one batch.
 pub const MAX_MESSAGES_PER_BATCH: usize = 2_000;
-/// Batches sent to the store whose commit is still awaited (QoS 1 acks, cursors).
-const ACK_PIPELINE_CAPACITY: usize = 256;
+/// Batches sent to the store whose commit is still awaited (QoS 1 acks, cursors). With
+/// [`MAX_MESSAGES_PER_BATCH`] this bounds the readings a session holds in memory: when
+/// the store falls behind, the worker waits, the hand-off queue fills, and only then
+/// does the poll loop wait (G4).
+const ACK_PIPELINE_CAPACITY: usize = 4;
 /// Requests (PUBACKs, subscriptions) waiting for the event loop.
 const REQUEST_CAPACITY: usize = 4_096;
 /// rumqttc drops the connection on a larger packet, so this is generous; the
