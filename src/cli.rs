@@ -22,13 +22,7 @@ pub const EXIT_CONFIG: u8 = 2;
 )]
 pub struct Cli {
     /// The configuration file (drop-ins are read from conf.d/ beside it).
-    #[arg(
-        long,
-        short = 'c',
-        global = true,
-        env = "OUTPOST_CONFIG",
-        value_name = "PATH"
-    )]
+    #[arg(long, short = 'c', global = true, env = "OUTPOST_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -70,10 +64,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
-                    eprintln!(
-                        "outpost: the configuration has {} problem(s); not starting.",
-                        errors.0.len()
-                    );
+                    eprintln!("outpost: the configuration has {} problem(s); not starting.", errors.0.len());
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -104,19 +95,13 @@ pub fn main() -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!(
-                "# {}: the configuration is valid. Effective configuration:\n",
-                path.display()
-            );
+            println!("# {}: the configuration is valid. Effective configuration:\n", path.display());
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
         Err(errors) => {
             eprintln!("{errors}");
-            eprintln!(
-                "outpost: {} problem(s) in the configuration.",
-                errors.0.len()
-            );
+            eprintln!("outpost: {} problem(s) in the configuration.", errors.0.len());
             ExitCode::from(EXIT_CONFIG)
         }
     }
@@ -138,10 +123,7 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
         }
     };
     if !db.exists() {
-        eprintln!(
-            "outpost: no database at {} (has the agent run yet?)",
-            db.display()
-        );
+        eprintln!("outpost: no database at {} (has the agent run yet?)", db.display());
         return ExitCode::FAILURE;
     }
     match crate::store::status_report(&db) {
@@ -156,10 +138,7 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
             }
         },
         Ok(report) => {
-            print!(
-                "{}",
-                crate::status::render(&report, &db.display().to_string())
-            );
+            print!("{}", crate::status::render(&report, &db.display().to_string()));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -176,11 +155,7 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outpost: cannot start the async runtime: {e}");
@@ -204,10 +179,7 @@ where
 fn spawn_signal_handler(token: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             tracing::error!("Cannot install signal handlers.");
             return;
         };
@@ -225,9 +197,7 @@ pub fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).try_init()
     } else {

@@ -29,11 +29,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Opens the store and starts every configured source.
-    pub fn start(
-        config: &Config,
-        options: StoreOptions,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<Pipeline> {
+    pub fn start(config: &Config, options: StoreOptions, shutdown: CancellationToken) -> anyhow::Result<Pipeline> {
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
         let mut sources = JoinSet::new();
         for source in config.sources.iter().cloned() {
@@ -49,9 +45,7 @@ impl Pipeline {
                 tracing::info!(source = %name, kind, "Source started.");
                 match source.run(ctx).await {
                     Ok(()) => tracing::info!(source = %name, "Source stopped."),
-                    Err(e) => {
-                        tracing::error!(source = %name, error = format!("{e:#}"), "Source failed.")
-                    }
+                    Err(e) => tracing::error!(source = %name, error = format!("{e:#}"), "Source failed."),
                 }
             });
         }

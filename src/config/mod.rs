@@ -135,11 +135,7 @@ impl Problems {
 
     /// Deserializes `value` into `T`, recording every problem (not just the first one)
     /// under `prefix`. Returns `None` if there was any.
-    pub fn deserialize<T: DeserializeOwned>(
-        &mut self,
-        mut value: Value,
-        prefix: &str,
-    ) -> Option<T> {
+    pub fn deserialize<T: DeserializeOwned>(&mut self, mut value: Value, prefix: &str) -> Option<T> {
         let mut failed = false;
         // Each round reports one problem and removes the offending key, so the next
         // round finds the next problem. The bound stops a pathological file.
@@ -164,9 +160,7 @@ impl Problems {
                             segments.push(field);
                         }
                     }
-                    let rel = segments
-                        .iter()
-                        .fold(String::new(), |acc, s| join_path(&acc, s));
+                    let rel = segments.iter().fold(String::new(), |acc, s| join_path(&acc, s));
                     self.push(join_path(prefix, &rel), humanize(&raw));
                     if raw.starts_with("missing field") || !remove_path(&mut value, &segments) {
                         return None;
@@ -199,10 +193,7 @@ fn remove_path(value: &mut Value, segments: &[String]) -> bool {
             None => return false,
         }
     }
-    match (
-        cur,
-        last.strip_prefix('[').and_then(|s| s.strip_suffix(']')),
-    ) {
+    match (cur, last.strip_prefix('[').and_then(|s| s.strip_suffix(']'))) {
         (Value::Array(list), Some(i)) => match i.parse::<usize>() {
             Ok(i) if i < list.len() => {
                 list.remove(i);
@@ -239,17 +230,11 @@ fn humanize(raw: &str) -> String {
         }
     }
     if let Some(rest) = raw.strip_prefix("unknown field ") {
-        return format!(
-            "unknown key {}",
-            rest.replacen(", expected", "; expected", 1)
-        )
-        .replace(", there are no fields", "; this table takes no keys");
+        return format!("unknown key {}", rest.replacen(", expected", "; expected", 1))
+            .replace(", there are no fields", "; this table takes no keys");
     }
     if let Some(rest) = raw.strip_prefix("unknown variant ") {
-        return format!(
-            "unknown value {}",
-            rest.replacen(", expected", "; expected", 1)
-        );
+        return format!("unknown value {}", rest.replacen(", expected", "; expected", 1));
     }
     if let Some(rest) = raw.strip_prefix("missing field ") {
         return format!("the required key {rest} is missing");
@@ -280,11 +265,7 @@ impl Config {
                     key.clone(),
                     format!(
                         "unknown section; expected one of {}",
-                        SECTIONS
-                            .iter()
-                            .map(|s| format!("`{s}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        SECTIONS.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
                     ),
                 );
             }
@@ -313,9 +294,7 @@ impl Config {
             None => {}
             Some(Value::Array(list)) => {
                 for (i, v) in list.into_iter().enumerate() {
-                    if let Some(s) =
-                        SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems)
-                    {
+                    if let Some(s) = SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems) {
                         sources.push(s);
                     }
                 }
@@ -342,18 +321,12 @@ impl Config {
 
     /// Cross-field checks that types alone cannot express.
     pub fn validate(&self, problems: &mut Problems) {
-        problems.check(
-            "agent.gateway_id",
-            check_identifier(&self.agent.gateway_id, "the gateway id"),
-        );
+        problems.check("agent.gateway_id", check_identifier(&self.agent.gateway_id, "the gateway id"));
         if self.agent.site.len() > 200 {
             problems.push("agent.site", "the site name is longer than 200 characters");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            problems.push(
-                "log.level",
-                format!("not a valid log filter ({e}); try \"info\" or \"debug\""),
-            );
+            problems.push("log.level", format!("not a valid log filter ({e}); try \"info\" or \"debug\""));
         }
         self.storage.validate("storage", problems);
         let mut names = std::collections::HashSet::new();
@@ -362,10 +335,7 @@ impl Config {
             if !names.insert(source.name()) {
                 problems.push(
                     format!("{path}.name"),
-                    format!(
-                        "another source is already called {:?}; names must be unique",
-                        source.name()
-                    ),
+                    format!("another source is already called {:?}; names must be unique", source.name()),
                 );
             }
             source.validate(&path, problems);
@@ -403,10 +373,7 @@ mod tests {
             humanize("unknown field `foo`, expected one of `a`, `b`"),
             "unknown key `foo`; expected one of `a`, `b`"
         );
-        assert_eq!(
-            humanize("missing field `name`"),
-            "the required key `name` is missing"
-        );
+        assert_eq!(humanize("missing field `name`"), "the required key `name` is missing");
     }
 
     #[test]

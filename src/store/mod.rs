@@ -111,29 +111,20 @@ impl StorageConfig {
         if !(1..=100_000).contains(&self.batch_max_rows) {
             problems.push(
                 format!("{path}.batch_max_rows"),
-                format!(
-                    "must be between 1 and 100000, found {}",
-                    self.batch_max_rows
-                ),
+                format!("must be between 1 and 100000, found {}", self.batch_max_rows),
             );
         }
         let delay = self.batch_max_delay.get();
         if delay.is_zero() || delay > std::time::Duration::from_secs(10) {
             problems.push(
                 format!("{path}.batch_max_delay"),
-                format!(
-                    "must be more than 0 and at most 10s, found {}",
-                    self.batch_max_delay
-                ),
+                format!("must be more than 0 and at most 10s, found {}", self.batch_max_delay),
             );
         }
         if !(1..=65_536).contains(&self.channel_capacity) {
             problems.push(
                 format!("{path}.channel_capacity"),
-                format!(
-                    "must be between 1 and 65536, found {}",
-                    self.channel_capacity
-                ),
+                format!("must be between 1 and 65536, found {}", self.channel_capacity),
             );
         }
         if self.retention.get() < std::time::Duration::from_secs(60) {
@@ -214,17 +205,12 @@ pub struct Ingest {
 
 impl Store {
     /// Opens (creating, migrating or recovering) the database and starts the writer.
-    pub fn open(
-        config: &StorageConfig,
-        options: StoreOptions,
-    ) -> Result<(Store, Ingest), StoreError> {
+    pub fn open(config: &StorageConfig, options: StoreOptions) -> Result<(Store, Ingest), StoreError> {
         let conn = open_writer_connection(config, &options)?;
         let (batch_tx, batch_rx) = mpsc::channel(config.channel_capacity.max(1));
         let (op_tx, op_rx) = mpsc::channel(256);
         let last_id: i64 = conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| {
-                r.get(0)
-            })
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| r.get(0))
             .map_err(|e| StoreError::from_sqlite(&e))?;
         let (committed_tx, committed_rx) = watch::channel(last_id);
         let stats = Arc::new(StoreStats::default());
@@ -314,15 +300,10 @@ impl Store {
     }
 }
 
-pub(crate) fn open_reader(
-    path: &Path,
-    busy_timeout: std::time::Duration,
-) -> rusqlite::Result<Connection> {
+pub(crate) fn open_reader(path: &Path, busy_timeout: std::time::Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
     )?;
     conn.busy_timeout(busy_timeout)?;
     Ok(conn)
@@ -330,10 +311,7 @@ pub(crate) fn open_reader(
 
 /// Opens the write connection; a database that cannot be opened or fails
 /// `quick_check` is moved aside and replaced by a fresh one.
-fn open_writer_connection(
-    config: &StorageConfig,
-    options: &StoreOptions,
-) -> Result<Connection, StoreError> {
+fn open_writer_connection(config: &StorageConfig, options: &StoreOptions) -> Result<Connection, StoreError> {
     let path = &config.path;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
@@ -383,12 +361,10 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         _ => OpenFailure::Environment(e.to_string()),
     };
     let mut conn = Connection::open(&config.path).map_err(classify)?;
-    conn.busy_timeout(config.busy_timeout.get())
-        .map_err(classify)?;
+    conn.busy_timeout(config.busy_timeout.get()).map_err(classify)?;
     // auto_vacuum must be chosen before the first table exists; INCREMENTAL lets the
     // pruner hand freed pages back to the filesystem (which matters on a full disk).
-    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
-        .map_err(classify)?;
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").map_err(classify)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(classify)?;
@@ -397,21 +373,16 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
             "cannot switch to WAL mode (got {mode}); is the filesystem writable?"
         )));
     }
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(classify)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
-        .map_err(classify)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(classify)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(classify)?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
         .map_err(classify)?;
     if check != "ok" {
-        return Err(OpenFailure::Unusable(format!(
-            "quick_check failed: {check}"
-        )));
+        return Err(OpenFailure::Unusable(format!("quick_check failed: {check}")));
     }
     if let Some(pages) = options.max_page_count {
-        conn.pragma_update(None, "max_page_count", pages)
-            .map_err(classify)?;
+        conn.pragma_update(None, "max_page_count", pages).map_err(classify)?;
     }
     schema::migrate(&mut conn).map_err(|e| match e {
         rusqlite::Error::InvalidParameterName(msg) => OpenFailure::Environment(msg),

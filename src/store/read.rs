@@ -49,11 +49,7 @@ pub struct CommittedReadings {
 }
 
 impl CommittedReadings {
-    pub(super) fn new(
-        conn: Connection,
-        watch: watch::Receiver<i64>,
-        after: i64,
-    ) -> rusqlite::Result<Self> {
+    pub(super) fn new(conn: Connection, watch: watch::Receiver<i64>, after: i64) -> rusqlite::Result<Self> {
         Ok(CommittedReadings {
             conn: Some(conn),
             watch,
@@ -117,14 +113,8 @@ impl CommittedReadings {
     }
 }
 
-pub(crate) fn read_after(
-    conn: &Connection,
-    after: i64,
-    max: usize,
-) -> rusqlite::Result<Vec<StoredReading>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "{SELECT_READING} WHERE id > ?1 ORDER BY id LIMIT ?2"
-    ))?;
+pub(crate) fn read_after(conn: &Connection, after: i64, max: usize) -> rusqlite::Result<Vec<StoredReading>> {
+    let mut stmt = conn.prepare_cached(&format!("{SELECT_READING} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
     let rows = stmt.query_map(params![after, max as i64], reading_from_row)?;
     rows.collect()
 }
@@ -181,9 +171,7 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let total_readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?;
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
-        r.get(0)
-    })?;
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| r.get(0))?;
     // Ids follow arrival, so the lowest unsynced id is the oldest (and uses the index).
     let oldest: Option<i64> = conn
         .query_row(
@@ -193,11 +181,7 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         )
         .optional()?;
     let pruned_unsynced = conn
-        .query_row(
-            "SELECT value FROM counters WHERE name = 'pruned_unsynced'",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT value FROM counters WHERE name = 'pruned_unsynced'", [], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
     let rejected = conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get(0))?;

@@ -104,10 +104,7 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("outpost-store".into())
         .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-            {
+            match tokio::runtime::Builder::new_current_thread().enable_time().build() {
                 Ok(rt) => rt.block_on(writer.run(batches, ops)),
                 Err(e) => tracing::error!(error = %e, "Cannot start the store writer's runtime."),
             }
@@ -209,20 +206,14 @@ impl Writer {
                 let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
                 self.stats.commits.fetch_add(1, Relaxed);
                 self.stats.last_commit_ms.store(now_ms, Relaxed);
-                self.stats
-                    .last_commit_us
-                    .store(elapsed.as_micros() as u64, Relaxed);
+                self.stats.last_commit_us.store(elapsed.as_micros() as u64, Relaxed);
                 if self.stats.disk_full.swap(false, Relaxed) {
                     tracing::warn!("Disk space is available again; ingest resumed.");
                 }
                 for (batch, result) in group.batches.into_iter().zip(per_batch) {
                     if let Ok(c) = &result {
-                        self.stats
-                            .readings_inserted
-                            .fetch_add(c.inserted as u64, Relaxed);
-                        self.stats
-                            .readings_duplicate
-                            .fetch_add(c.duplicates as u64, Relaxed);
+                        self.stats.readings_inserted.fetch_add(c.inserted as u64, Relaxed);
+                        self.stats.readings_duplicate.fetch_add(c.duplicates as u64, Relaxed);
                     }
                     if let Some(ack) = batch.ack {
                         let _ = ack.send(result);
@@ -240,9 +231,7 @@ impl Writer {
                 self.stats.commit_failures.fetch_add(1, Relaxed);
                 let full = error == StoreError::Full;
                 if full {
-                    self.stats
-                        .readings_refused_full
-                        .fetch_add(group.rows as u64, Relaxed);
+                    self.stats.readings_refused_full.fetch_add(group.rows as u64, Relaxed);
                     self.stats.disk_full.store(true, Relaxed);
                     let now = Instant::now();
                     let quiet = match self.last_full_log {
@@ -470,12 +459,8 @@ pub(crate) fn prune(
     now: chrono::DateTime<chrono::Utc>,
     stats: &StoreStats,
 ) -> rusqlite::Result<()> {
-    let retention =
-        chrono::Duration::from_std(config.retention.get()).unwrap_or(chrono::Duration::MAX);
-    let cutoff = to_micros(
-        now.checked_sub_signed(retention)
-            .unwrap_or(chrono::DateTime::UNIX_EPOCH),
-    );
+    let retention = chrono::Duration::from_std(config.retention.get()).unwrap_or(chrono::Duration::MAX);
+    let cutoff = to_micros(now.checked_sub_signed(retention).unwrap_or(chrono::DateTime::UNIX_EPOCH));
     let mut synced = 0usize;
     loop {
         let n = conn.execute(
