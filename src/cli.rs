@@ -22,7 +22,13 @@ pub const EXIT_CONFIG: u8 = 2;
 )]
 pub struct Cli {
     /// The configuration file (drop-ins are read from conf.d/ beside it).
-    #[arg(long, short = 'c', global = true, env = "OUTPOST_CONFIG", value_name = "PATH")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "OUTPOST_CONFIG",
+        value_name = "PATH"
+    )]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -43,6 +49,36 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send a test notification through one configured notifier and print the outcome
+    /// (exit 1 if it was not delivered).
+    NotifyTest {
+        /// The notifier's `name` in [[notifiers]].
+        name: String,
+    },
+    /// Query local history (newest first).
+    Readings {
+        /// Read this database instead of the configured one.
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only this metric.
+        #[arg(long)]
+        metric: Option<String>,
+        /// From this time: a duration ago ("2h") or RFC 3339 ("2026-11-26T08:00:00Z").
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many readings.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::readings::Format::Table)]
+        format: crate::readings::Format,
+    },
     /// Run simulated sensors into a local database and print readings as they commit.
     Demo {
         /// Where the demo database goes (default: a new directory under /tmp).
@@ -51,6 +87,11 @@ pub enum Command {
         /// Stop after this long (e.g. "30s"); default: until Ctrl-C.
         #[arg(long, value_name = "DURATION")]
         duration: Option<HumanDuration>,
+    },
+    /// The central PostgreSQL schema: print it, apply it, maintain its partitions.
+    Central {
+        #[command(subcommand)]
+        command: crate::sync::central::CentralCommand,
     },
 }
 
@@ -64,14 +105,66 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
-                    eprintln!("outpost: the configuration has {} problem(s); not starting.", errors.0.len());
+                    eprintln!(
+                        "outpost: the configuration has {} problem(s); not starting.",
+                        errors.0.len()
+                    );
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
             init_tracing(&config.log.level);
-            run_async(|token| crate::pipeline::run(config, token))
+            run_async(|token| {
+                let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+                spawn_reload_handler(reload_tx);
+                crate::pipeline::run(path, config, token, reload_rx)
+            })
         }
         Command::Status { db, json } => status(cli.config.as_deref(), db, json),
+        Command::NotifyTest { name } => {
+            notify_test(&config::resolve_path(cli.config.as_deref()), &name)
+        }
+        Command::Readings {
+            db,
+            device,
+            metric,
+            since,
+            until,
+            limit,
+            format,
+        } => {
+            let now = chrono::Utc::now();
+            let parse = |v: Option<String>, flag: &str| match v {
+                None => Ok(None),
+                Some(v) => crate::readings::parse_time(&v, now)
+                    .map(Some)
+                    .map_err(|e| format!("--{flag}: {e}")),
+            };
+            let (since, until) = match (parse(since, "since"), parse(until, "until")) {
+                (Ok(s), Ok(u)) => (s, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("outpost: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if limit == 0 || limit > crate::readings::MAX_LIMIT {
+                eprintln!(
+                    "outpost: --limit must be between 1 and {}",
+                    crate::readings::MAX_LIMIT
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let query = crate::readings::Query {
+                device,
+                metric,
+                since,
+                until,
+                limit,
+            };
+            readings(cli.config.as_deref(), db, &query, format)
+        }
+        Command::Central { command } => {
+            crate::sync::central::command(&config::resolve_path(cli.config.as_deref()), command)
+        }
         Command::Demo { dir, duration } => {
             init_tracing("warn");
             let dir = match dir {
@@ -95,37 +188,119 @@ pub fn main() -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!("# {}: the configuration is valid. Effective configuration:\n", path.display());
+            println!(
+                "# {}: the configuration is valid. Effective configuration:\n",
+                path.display()
+            );
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
         Err(errors) => {
             eprintln!("{errors}");
-            eprintln!("outpost: {} problem(s) in the configuration.", errors.0.len());
+            eprintln!(
+                "outpost: {} problem(s) in the configuration.",
+                errors.0.len()
+            );
             ExitCode::from(EXIT_CONFIG)
         }
     }
 }
 
-fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
-    let db = match db {
-        Some(db) => db,
-        None => {
-            let path = config::resolve_path(config_path);
-            match Config::load(&path) {
-                Ok(c) => c.storage.path,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    eprintln!("outpost: cannot find the database without a valid configuration; use --db PATH.");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            }
+fn notify_test(path: &Path, name: &str) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "outpost: the configuration has {} problem(s).",
+                errors.0.len()
+            );
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if !db.exists() {
-        eprintln!("outpost: no database at {} (has the agent run yet?)", db.display());
-        return ExitCode::FAILURE;
+    init_tracing("warn");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::notify::send_test(&config, name)) {
+        Ok(crate::notify::Outcome::Delivered) => {
+            println!("{name}: delivered.");
+            ExitCode::SUCCESS
+        }
+        Ok(crate::notify::Outcome::Retry(why)) => {
+            eprintln!("{name}: NOT delivered (the agent would retry): {why}");
+            ExitCode::FAILURE
+        }
+        Ok(crate::notify::Outcome::Failed(why)) => {
+            eprintln!("{name}: NOT delivered (permanent failure): {why}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("outpost: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// The database to read: `--db`, else the configured one.
+fn database_path(config_path: Option<&Path>, db: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    let db = match db {
+        Some(db) => db,
+        None => match Config::load(&config::resolve_path(config_path)) {
+            Ok(c) => c.storage.path,
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("outpost: cannot find the database without a valid configuration; use --db PATH.");
+                return Err(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+    };
+    if !db.exists() {
+        eprintln!(
+            "outpost: no database at {} (has the agent run yet?)",
+            db.display()
+        );
+        return Err(ExitCode::FAILURE);
+    }
+    Ok(db)
+}
+
+fn readings(
+    config_path: Option<&Path>,
+    db: Option<PathBuf>,
+    query: &crate::readings::Query,
+    format: crate::readings::Format,
+) -> ExitCode {
+    let db = match database_path(config_path, db) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
+    let result = crate::store::open_reader(&db, std::time::Duration::from_secs(5))
+        .and_then(|conn| crate::readings::query(&conn, query));
+    match result {
+        Ok(rows) => {
+            print!("{}", crate::readings::render(&rows, format));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost: cannot read {}: {e}", db.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
+    let db = match database_path(config_path, db) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
     match crate::store::status_report(&db) {
         Ok(report) if json => match serde_json::to_string_pretty(&report) {
             Ok(s) => {
@@ -138,7 +313,10 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
             }
         },
         Ok(report) => {
-            print!("{}", crate::status::render(&report, &db.display().to_string()));
+            print!(
+                "{}",
+                crate::status::render(&report, &db.display().to_string())
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -155,7 +333,11 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outpost: cannot start the async runtime: {e}");
@@ -176,10 +358,29 @@ where
     })
 }
 
+/// SIGHUP (`systemctl reload outpost`) asks for a configuration reload. Requests that
+/// arrive while one is pending are merged.
+fn spawn_reload_handler(reload: tokio::sync::mpsc::Sender<()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("Cannot install the SIGHUP handler; reload is unavailable.");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received; reloading the configuration.");
+            let _ = reload.try_send(());
+        }
+    });
+}
+
 fn spawn_signal_handler(token: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("Cannot install signal handlers.");
             return;
         };
@@ -192,15 +393,20 @@ fn spawn_signal_handler(token: CancellationToken) {
 }
 
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps, which the
-/// journal adds itself. `RUST_LOG` overrides the configured level.
+/// journal adds itself, and without colours unless stderr is a terminal. `RUST_LOG` overrides the configured level.
 pub fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).try_init()
     } else {
-        builder.try_init()
+        // Colours only on a terminal: a log file or pipe gets plain text.
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
     };
 }

@@ -2,7 +2,9 @@
 //! sensors, a local database, readings printed as they are committed. Nothing to
 //! configure.
 
+use crate::alerts::{AlertRule, Clock, RuleKind, Severity};
 use crate::config::{Config, HumanDuration};
+use crate::notify::{NotifierConfig, NotifierKind};
 use crate::pipeline::Pipeline;
 use crate::sources::simulated::{Excursion, SimulatedConfig, SimulatedMetric};
 use crate::sources::SourceConfig;
@@ -10,6 +12,7 @@ use crate::status::format_value;
 use crate::store::StoreOptions;
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 /// The demo's configuration: two cold rooms; the first one's door is left open for a
@@ -20,73 +23,163 @@ pub fn demo_config(dir: &Path) -> Config {
     config.agent.site = "Demo cold store".into();
     config.storage.path = dir.join("outpost.db");
     config.storage.batch_max_delay = HumanDuration::from_millis(20);
-    config.sources.push(SourceConfig::Simulated(SimulatedConfig {
-        name: "demo".into(),
-        devices: vec!["coldroom-1".into(), "coldroom-2".into()],
-        metrics: vec![
-            SimulatedMetric {
-                name: "temperature".into(),
-                unit: Some("°C".into()),
-                base: 3.5,
-                amplitude: 0.5,
-                cycle: HumanDuration::from_secs(120),
-                noise: 0.1,
-            },
-            SimulatedMetric {
-                name: "humidity".into(),
-                unit: Some("%".into()),
-                base: 80.0,
-                amplitude: 3.0,
-                cycle: HumanDuration::from_secs(300),
-                noise: 0.5,
-            },
-        ],
-        period: HumanDuration::from_secs(1),
-        seed: 42,
-        excursion: Some(Excursion {
-            device: "coldroom-1".into(),
-            metric: "temperature".into(),
-            after: HumanDuration::from_secs(8),
-            duration: HumanDuration::from_secs(12),
-            offset: 8.0,
-        }),
-    }));
+    config
+        .sources
+        .push(SourceConfig::Simulated(SimulatedConfig {
+            name: "demo".into(),
+            devices: vec!["coldroom-1".into(), "coldroom-2".into()],
+            metrics: vec![
+                SimulatedMetric {
+                    name: "temperature".into(),
+                    unit: Some("°C".into()),
+                    base: 3.5,
+                    amplitude: 0.5,
+                    cycle: HumanDuration::from_secs(120),
+                    noise: 0.1,
+                },
+                SimulatedMetric {
+                    name: "humidity".into(),
+                    unit: Some("%".into()),
+                    base: 80.0,
+                    amplitude: 3.0,
+                    cycle: HumanDuration::from_secs(300),
+                    noise: 0.5,
+                },
+            ],
+            period: HumanDuration::from_secs(1),
+            seed: 42,
+            excursion: Some(Excursion {
+                device: "coldroom-1".into(),
+                metric: "temperature".into(),
+                after: HumanDuration::from_secs(8),
+                duration: HumanDuration::from_secs(12),
+                offset: 8.0,
+            }),
+        }));
+    // The excursion takes coldroom-1 from about 3.5 °C to 11.5 °C for 12 s: the alert
+    // goes pending, fires after 3 s above 8 °C, and resolves once back at 6 °C or below.
+    config.notifiers.push(NotifierConfig {
+        name: "console".into(),
+        ttl: HumanDuration::from_secs(3600),
+        retry_initial: HumanDuration::from_secs(1),
+        retry_max: HumanDuration::from_secs(10),
+        subject: None,
+        body: None,
+        kind: NotifierKind::Log(Default::default()),
+    });
+    config.alerts.push(AlertRule {
+        name: "coldroom-warm".into(),
+        kind: RuleKind::Threshold,
+        devices: vec!["coldroom-*".into()],
+        tags: Vec::new(),
+        metric: "temperature".into(),
+        above: Some(8.0),
+        below: None,
+        clear: Some(6.0),
+        hold: Some(HumanDuration::from_secs(3)),
+        after: None,
+        delta: None,
+        period: None,
+        severity: Severity::Critical,
+        notifiers: vec!["console".into()],
+        reminder: None,
+    });
     config
 }
 
-/// Runs the demo until `shutdown`, printing each committed reading to `out`.
+/// Runs the demo until `shutdown`, printing each committed reading and each alert event
+/// to `out`.
 pub async fn run(
     dir: &Path,
     shutdown: CancellationToken,
-    mut out: impl Write + Send + 'static,
+    out: impl Write + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = demo_config(dir);
-    let _ = writeln!(
-        out,
-        "Outpost demo: simulated cold rooms, database {}\nPress Ctrl-C to stop; then try `outpost status --db {}`.\n",
-        config.storage.path.display(),
-        config.storage.path.display()
+    let out = Arc::new(Mutex::new(out));
+    print(
+        &out,
+        &format!(
+            "Outpost demo: simulated cold rooms, database {}\n\
+             Rule coldroom-warm: temperature above 8 °C for 3s (clears at 6 °C); coldroom-1's door opens at 8s for 12s.\n\
+             Press Ctrl-C to stop; then try `outpost status --db {}`.\n",
+            config.storage.path.display(),
+            config.storage.path.display()
+        ),
     );
     let mut pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown)?;
     let after = *pipeline.store.committed_watch().borrow();
     let mut committed = pipeline.store.committed_readings(after)?;
+    let readings_out = out.clone();
     pipeline.spawn_consumer(async move {
         while let Some(rows) = committed.next_batch(256).await {
+            let mut text = String::new();
             for row in rows {
                 let r = &row.reading;
-                let _ = writeln!(
-                    out,
-                    "{}  committed #{:<5} {:<11} {:<12} {:>10}",
+                text.push_str(&format!(
+                    "{}  committed #{:<5} {:<11} {:<12} {:>10}\n",
                     r.observed_at.format("%H:%M:%S"),
                     row.id,
                     r.device,
                     r.metric,
                     format_value(r.value, r.unit.as_deref()),
-                );
+                ));
             }
-            let _ = out.flush();
+            print(&readings_out, &text);
+        }
+    });
+    let alerting = crate::alerts::spawn_tasks(
+        &config,
+        &pipeline.store,
+        pipeline.shutdown_token(),
+        Clock::system(),
+    )?;
+    for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
+        pipeline.spawn_consumer(task);
+    }
+    // Alert events, as they are stored (the "console" notifier also logs them).
+    let (store, stop) = (pipeline.store.clone(), pipeline.shutdown_token());
+    pipeline.spawn_consumer(async move {
+        let mut last = 0i64;
+        while !stop.is_cancelled() {
+            let reader = store.clone();
+            let events = tokio::task::spawn_blocking(move || {
+                let conn = reader.reader()?;
+                crate::alerts::state::events_after(&conn, last, 100)
+            })
+            .await;
+            if let Ok(Ok(events)) = events {
+                for (id, e) in events {
+                    last = id;
+                    print(
+                        &out,
+                        &format!(
+                            "{}  ALERT {:<8} {} on {}: {} {} ({})\n",
+                            e.at.format("%H:%M:%S"),
+                            e.kind.as_str().to_uppercase(),
+                            e.rule,
+                            e.device,
+                            e.metric,
+                            e.value
+                                .map(|v| format_value(v, e.unit.as_deref()))
+                                .unwrap_or_default(),
+                            e.condition,
+                        ),
+                    );
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            }
         }
     });
     pipeline.wait().await;
     Ok(())
+}
+
+fn print(out: &Mutex<impl Write>, text: &str) {
+    if let Ok(mut out) = out.lock() {
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    }
 }

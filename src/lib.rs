@@ -9,9 +9,13 @@
 //!   added beside it), one file per kind, selected by a tagged config enum.
 //! - [`store`]: the SQLite store: one writer thread with group commit, read
 //!   connections for everyone else, retention and the size cap.
+//! - [`alerts`]: local alert rules, their persisted state machine and events (G3).
+//! - [`notify`]: notifiers (email, webhook, exec, log) and the durable outbox worker.
 //! - [`pipeline`]: wiring and ordered shutdown.
 //! - [`status`]: the `outpost status` summary.
-//! - [`cli`]: the command line (`run`, `check`, `status`, `demo`).
+//! - [`sync`]: replication of readings, alert events and heartbeats to central
+//!   PostgreSQL through PgBouncer (transaction pooling), and the central schema.
+//! - [`cli`]: the command line (`run`, `check`, `status`, `notify-test`, `demo`).
 //!
 //! # Data flow
 //!
@@ -23,17 +27,28 @@
 //!                                                          ▼
 //!                              consumers read committed readings on their own
 //!                              read connections (demo printer; alerts, sync next)
+//!                                                          │
+//!                          alerts engine ── events + outbox rows (one write) ──▶ store
+//!                          notify worker ◀── due outbox rows ── email / webhook / exec / log
 //! ```
 //!
 //! A reading is acknowledged to its producer only after its transaction committed
 //! (G1); shutdown stops sources first and lets every later stage drain.
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod readings;
 pub mod sources;
 pub mod status;
 pub mod store;
+pub mod sync;
+pub mod systemd;

@@ -6,12 +6,18 @@
 //! writer closes. Nothing accepted is left uncommitted.
 
 use crate::config::Config;
-use crate::sources::SourceContext;
+use crate::health::{HealthProbe, Liveness};
+use crate::metrics::Metrics;
+use crate::model::Batch;
+use crate::sources::{SourceConfig, SourceContext};
 use crate::store::{Store, StoreOptions};
 use anyhow::Context;
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// How long sources get to stop after shutdown before they are aborted. Together with
@@ -21,43 +27,131 @@ pub const SOURCE_GRACE: Duration = Duration::from_secs(3);
 /// A running pipeline.
 pub struct Pipeline {
     pub store: Store,
+    pub metrics: Metrics,
     shutdown: CancellationToken,
-    sources: JoinSet<()>,
+    /// Kept so sources can be started on reload; dropped at shutdown so the writer
+    /// drains.
+    ingest: Option<mpsc::Sender<Batch>>,
+    sources: HashMap<String, RunningSource>,
     consumers: JoinSet<()>,
+    /// Consumers a reload may restart with new settings (sync, alerts), by name.
+    named: HashMap<&'static str, (CancellationToken, JoinHandle<()>)>,
     writer_finished: tokio::sync::oneshot::Receiver<()>,
+    writer_close: CancellationToken,
+    /// `agent.gateway_id`, for sources (default MQTT client ids).
+    gateway_id: String,
+}
+
+/// How long consumers get to finish once the readings have stopped.
+pub const CONSUMER_GRACE: Duration = Duration::from_secs(3);
+
+struct RunningSource {
+    config: SourceConfig,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// What a reload changed, for the log and for tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SourceChanges {
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+    pub restarted: Vec<String>,
 }
 
 impl Pipeline {
     /// Opens the store and starts every configured source.
-    pub fn start(config: &Config, options: StoreOptions, shutdown: CancellationToken) -> anyhow::Result<Pipeline> {
+    pub fn start(
+        config: &Config,
+        options: StoreOptions,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Pipeline> {
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
-        let mut sources = JoinSet::new();
-        for source in config.sources.iter().cloned() {
-            let ctx = SourceContext {
-                out: ingest.sender.clone(),
-                shutdown: shutdown.clone(),
-                store: store.clone(),
-                gateway_id: config.agent.gateway_id.clone(),
-            };
-            let name = source.name().to_string();
-            let kind = source.kind();
-            sources.spawn(async move {
-                tracing::info!(source = %name, kind, "Source started.");
-                match source.run(ctx).await {
-                    Ok(()) => tracing::info!(source = %name, "Source stopped."),
-                    Err(e) => tracing::error!(source = %name, error = format!("{e:#}"), "Source failed."),
-                }
-            });
-        }
-        // The sources hold the only senders now: when they end, the writer drains.
-        drop(ingest.sender);
-        Ok(Pipeline {
+        let metrics = Metrics::new(&store);
+        let mut pipeline = Pipeline {
             store,
+            metrics,
             shutdown,
-            sources,
+            ingest: Some(ingest.sender),
+            sources: HashMap::new(),
             consumers: JoinSet::new(),
+            named: HashMap::new(),
             writer_finished: ingest.finished,
-        })
+            writer_close: ingest.close,
+            gateway_id: config.agent.gateway_id.clone(),
+        };
+        for source in &config.sources {
+            pipeline.start_source(source.clone());
+        }
+        Ok(pipeline)
+    }
+
+    fn start_source(&mut self, source: SourceConfig) {
+        let Some(out) = self.ingest.clone() else {
+            return;
+        };
+        let stop = self.shutdown.child_token();
+        let ctx = SourceContext {
+            out,
+            shutdown: stop.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            gateway_id: self.gateway_id.clone(),
+        };
+        let name = source.name().to_string();
+        let task = tokio::spawn(supervise_source(source.clone(), ctx));
+        self.sources.insert(
+            name,
+            RunningSource {
+                config: source,
+                stop,
+                task,
+            },
+        );
+    }
+
+    /// Stops one source and waits for it (its last batches are committed as usual).
+    async fn stop_source(&mut self, name: &str) {
+        if let Some(running) = self.sources.remove(name) {
+            running.stop.cancel();
+            let abort = running.task.abort_handle();
+            if tokio::time::timeout(SOURCE_GRACE, running.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(source = %name, "The source did not stop in time; aborting it.");
+                abort.abort();
+            }
+        }
+    }
+
+    /// Brings the running sources in line with `wanted`: sources that disappeared are
+    /// stopped, new ones started, changed ones restarted; unchanged ones are not
+    /// touched. Readings already handed to the store are committed either way.
+    pub async fn apply_sources(&mut self, wanted: &[SourceConfig]) -> SourceChanges {
+        let mut changes = SourceChanges::default();
+        let names: Vec<String> = self.sources.keys().cloned().collect();
+        for name in names {
+            match wanted.iter().find(|s| s.name() == name) {
+                None => {
+                    self.stop_source(&name).await;
+                    changes.stopped.push(name);
+                }
+                Some(new) if self.sources.get(&name).is_some_and(|r| &r.config != new) => {
+                    self.stop_source(&name).await;
+                    self.start_source(new.clone());
+                    changes.restarted.push(name);
+                }
+                Some(_) => {}
+            }
+        }
+        for source in wanted {
+            if !self.sources.contains_key(source.name()) {
+                self.start_source(source.clone());
+                changes.started.push(source.name().to_string());
+            }
+        }
+        changes
     }
 
     /// The shutdown token, for consumers that run on timers rather than on committed
@@ -72,33 +166,248 @@ impl Pipeline {
         self.consumers.spawn(task);
     }
 
-    /// Waits for shutdown, then stops everything in order.
-    pub async fn wait(mut self) {
-        self.shutdown.cancelled().await;
-        let stopping = async { while self.sources.join_next().await.is_some() {} };
-        if tokio::time::timeout(SOURCE_GRACE, stopping).await.is_err() {
-            tracing::warn!("Some sources did not stop in time; aborting them.");
-            self.sources.abort_all();
-            while self.sources.join_next().await.is_some() {}
+    /// Starts (or, after stopping the running one, restarts) the consumer `name`. `task`
+    /// gets its own stop token, cancelled on shutdown or when it is replaced. `None`
+    /// just stops it.
+    pub async fn replace_consumer<F, Fut>(&mut self, name: &'static str, task: Option<F>)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Some((stop, handle)) = self.named.remove(name) {
+            stop.cancel();
+            let abort = handle.abort_handle();
+            if tokio::time::timeout(CONSUMER_GRACE, handle).await.is_err() {
+                tracing::warn!(consumer = name, "Did not stop in time; aborting it.");
+                abort.abort();
+            }
         }
+        if let Some(task) = task {
+            let stop = self.shutdown.child_token();
+            let handle = tokio::spawn(task(stop.clone()));
+            self.named.insert(name, (stop, handle));
+        }
+    }
+
+    /// Waits for shutdown, then stops everything in order.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.stop().await;
+    }
+
+    /// Stops sources, lets the writer drain, waits for consumers and the writer.
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        let names: Vec<String> = self.sources.keys().cloned().collect();
+        let tasks: Vec<JoinHandle<()>> = self.sources.drain().map(|(_, r)| r.task).collect();
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        if tokio::time::timeout(SOURCE_GRACE, futures_util::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!(sources = ?names, "Some sources did not stop in time; they were aborted.");
+            aborts.iter().for_each(|a| a.abort());
+        }
+        drop(self.ingest.take());
         drop(self.store);
-        while self.consumers.join_next().await.is_some() {}
+        drop(self.metrics);
+        for (_, (_, handle)) in self.named.drain() {
+            self.consumers.spawn(async move {
+                let _ = handle.await;
+            });
+        }
+        let consumers = async { while self.consumers.join_next().await.is_some() {} };
+        if tokio::time::timeout(CONSUMER_GRACE, consumers)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Some consumers did not finish in time; aborting them.");
+            self.consumers.abort_all();
+            while self.consumers.join_next().await.is_some() {}
+        }
+        // Close the writer even if a store handle is still held somewhere.
+        self.writer_close.cancel();
         let _ = self.writer_finished.await;
         tracing::info!("Store closed; everything accepted is committed.");
     }
 }
 
-/// Runs the agent until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown)?;
-    // Downstream consumers (alerts, notifications, sync, http) are started here with
+/// Runs a source; if it fails (sources retry their own I/O, so this is unexpected),
+/// restarts it with backoff rather than leaving the site unmonitored.
+async fn supervise_source(source: SourceConfig, ctx: SourceContext) {
+    let name = source.name().to_string();
+    let kind = source.kind();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        tracing::info!(source = %name, kind, "Source started.");
+        match source.clone().run(ctx.clone()).await {
+            Ok(()) => {
+                tracing::info!(source = %name, "Source stopped.");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(source = %name, error = format!("{e:#}"), retry_in_s = backoff.as_secs(), "Source failed; restarting it.");
+            }
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled. Each message on `reload` (SIGHUP)
+/// re-reads the configuration at `path`: a valid one is applied, an invalid one is
+/// logged with all its errors and the running configuration stays in effect.
+pub async fn run(
+    path: std::path::PathBuf,
+    config: Config,
+    shutdown: CancellationToken,
+    mut reload: mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let mut config = config;
+    let mut pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown.clone())?;
+    let liveness = Arc::new(Liveness::default());
+    pipeline.spawn_consumer(crate::systemd::supervise(
+        pipeline.store.clone(),
+        liveness.clone(),
+        shutdown.clone(),
+    ));
+    let probe = Arc::new(HealthProbe {
+        store: pipeline.store.clone(),
+        metrics: pipeline.metrics.clone(),
+        liveness,
+        sources: std::sync::Mutex::new(
+            config
+                .sources
+                .iter()
+                .map(|s| s.name().to_string())
+                .collect(),
+        ),
+        started: std::time::Instant::now(),
+        source_max_silence: config.http.source_max_silence.get(),
+    });
+    if config.http.enabled {
+        pipeline.spawn_consumer(crate::http::run(
+            config.http.listen.clone(),
+            pipeline.metrics.clone(),
+            probe.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Downstream consumers (alerts, notifications, sync) are started here with
     // `pipeline.spawn_consumer(...)`.
+    let alerting = crate::alerts::spawn_tasks(
+        &config,
+        &pipeline.store,
+        pipeline.shutdown_token(),
+        crate::alerts::Clock::system(),
+    )?;
+    for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
+        pipeline.spawn_consumer(task);
+    }
+    if let Some(sync) = config.sync.clone().filter(|s| s.enabled) {
+        let store = pipeline.store.clone();
+        pipeline.spawn_consumer(crate::sync::run(
+            sync,
+            config.agent.clone(),
+            store,
+            shutdown.clone(),
+        ));
+    }
+    crate::systemd::notify_ready();
     tracing::info!(
         gateway = %config.agent.gateway_id,
         sources = config.sources.len(),
         database = %config.storage.path.display(),
         "Outpost is running."
     );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(()) = reload.recv() => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                apply_reload(&mut pipeline, &path, &mut config, &probe).await;
+                crate::systemd::notify_ready();
+            }
+        }
+    }
     pipeline.wait().await;
     Ok(())
+}
+
+/// Starts, restarts or stops the central sync worker for `config`.
+async fn start_sync(
+    pipeline: &mut Pipeline,
+    sync: Option<crate::sync::SyncConfig>,
+    agent: crate::config::AgentConfig,
+) {
+    let sync = sync.filter(|s| s.enabled);
+    let store = pipeline.store.clone();
+    pipeline
+        .replace_consumer(
+            "sync",
+            sync.map(|sync| move |stop| crate::sync::run(sync, agent, store, stop)),
+        )
+        .await;
+}
+
+async fn apply_reload(
+    pipeline: &mut Pipeline,
+    path: &std::path::Path,
+    current: &mut Config,
+    probe: &HealthProbe,
+) {
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!(problem = %e, "Rejected configuration.");
+            }
+            tracing::error!(
+                problems = errors.0.len(),
+                "The new configuration is invalid; the running one stays in effect."
+            );
+            return;
+        }
+    };
+    for (section, changed) in [
+        ("storage", new.storage != current.storage),
+        ("http", new.http != current.http),
+        ("log", new.log != current.log),
+        ("agent", new.agent != current.agent),
+        ("alerts", new.alerts != current.alerts),
+        ("notifiers", new.notifiers != current.notifiers),
+    ] {
+        if changed {
+            tracing::warn!(
+                section,
+                "This section changed; it takes effect at the next restart."
+            );
+        }
+    }
+    let changes = pipeline.apply_sources(&new.sources).await;
+    if new.sync != current.sync {
+        // The running [agent] section stays: it changes only at restart.
+        start_sync(pipeline, new.sync.clone(), current.agent.clone()).await;
+        tracing::info!("Central sync restarted with the new settings.");
+    }
+    if let Ok(mut names) = probe.sources.lock() {
+        *names = new.sources.iter().map(|s| s.name().to_string()).collect();
+    }
+    tracing::info!(
+        started = ?changes.started,
+        stopped = ?changes.stopped,
+        restarted = ?changes.restarted,
+        "Configuration reloaded."
+    );
+    // Sections that need a restart keep their running values.
+    let running = std::mem::replace(current, new);
+    current.storage = running.storage;
+    current.http = running.http;
+    current.log = running.log;
+    current.agent = running.agent;
+    current.alerts = running.alerts;
+    current.notifiers = running.notifiers;
 }

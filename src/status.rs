@@ -37,12 +37,49 @@ pub fn format_value(value: f64, unit: Option<&str>) -> String {
 pub fn render(report: &StatusReport, database: &str) -> String {
     let mut out = String::new();
     let now = report.now;
-    let _ = writeln!(out, "Database: {database} (schema {})", report.schema_version);
+    let _ = writeln!(
+        out,
+        "Database: {database} (schema {})",
+        report.schema_version
+    );
     let backlog = match report.backlog.oldest_received_at {
-        Some(oldest) => format!("{} unsynced, oldest {} old", report.backlog.rows, age(now, oldest)),
+        Some(oldest) => format!(
+            "{} unsynced, oldest {} old",
+            report.backlog.rows,
+            age(now, oldest)
+        ),
         None => "nothing unsynced".to_string(),
     };
-    let _ = writeln!(out, "Readings: {} stored; backlog: {backlog}", report.total_readings);
+    let _ = writeln!(
+        out,
+        "Readings: {} stored; backlog: {backlog}",
+        report.total_readings
+    );
+    let sync = &report.sync;
+    let last = match sync.last_sync_at {
+        Some(t) => format!("last round {} ago", age(now, t)),
+        None => "no round completed yet (or sync is not configured)".to_string(),
+    };
+    let _ = writeln!(out, "Central sync: {last}");
+    if let (Some(error), Some(at)) = (&sync.last_error, sync.last_error_at) {
+        let failing = match sync.last_sync_at {
+            Some(ok) => ok < at,
+            None => true,
+        };
+        if failing {
+            let _ = writeln!(
+                out,
+                "Central sync is FAILING since {} ago: {error}",
+                age(now, at)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "Central sync: last error {} ago: {error}",
+                age(now, at)
+            );
+        }
+    }
     if report.pruned_unsynced > 0 {
         let _ = writeln!(
             out,
@@ -51,8 +88,13 @@ pub fn render(report: &StatusReport, database: &str) -> String {
         );
     }
     if report.rejected > 0 {
-        let _ = writeln!(out, "Rejected input kept for diagnosis: {}", report.rejected);
+        let _ = writeln!(
+            out,
+            "Rejected input kept for diagnosis: {}",
+            report.rejected
+        );
     }
+    out.push_str(&crate::alerts::state::render(&report.alerts, now));
     let _ = writeln!(out);
     if report.series.is_empty() {
         let _ = writeln!(out, "No readings yet.");

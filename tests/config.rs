@@ -31,14 +31,20 @@ fn errors_of(text: &str) -> Vec<String> {
     let prefix = format!("{}/", dir.path().display());
     match result {
         Ok(_) => panic!("expected errors for:\n{text}"),
-        Err(e) => e.0.iter().map(|e| e.to_string().replace(&prefix, "")).collect(),
+        Err(e) => {
+            e.0.iter()
+                .map(|e| e.to_string().replace(&prefix, ""))
+                .collect()
+        }
     }
 }
 
 fn assert_error(text: &str, expected: &str) {
     let errors = errors_of(text);
     assert!(
-        errors.iter().any(|e| e.starts_with(expected) || e.contains(expected)),
+        errors
+            .iter()
+            .any(|e| e.starts_with(expected) || e.contains(expected)),
         "expected an error containing {expected:?}, got {errors:#?}"
     );
 }
@@ -74,10 +80,15 @@ fn the_example_documents_every_key() {
         .filter(|path| {
             let leaf = path.rsplit(['.', ']']).next().unwrap_or(path);
             let file_variant = format!("{path}_file");
-            !documented.contains(*path) && !documented.contains(&file_variant) && !commented.contains(leaf)
+            !documented.contains(*path)
+                && !documented.contains(&file_variant)
+                && !commented.contains(leaf)
         })
         .collect();
-    assert!(missing.is_empty(), "keys missing from config/outpost.toml: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "keys missing from config/outpost.toml: {missing:#?}"
+    );
 }
 
 /// Key paths with list indices collapsed to `[]`.
@@ -85,7 +96,11 @@ fn collect_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>
     match v {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 out.insert(p.clone());
                 collect_paths(v, &p, out);
             }
@@ -113,7 +128,10 @@ fn wrong_types_name_file_line_and_key() {
         "[storage]\nbatch_max_rows = \"many\"\n",
         "outpost.toml:2: storage.batch_max_rows: expected a whole number, found string \"many\"",
     );
-    assert_error("[agent]\nsite = 42\n", "outpost.toml:2: agent.site: expected a string");
+    assert_error(
+        "[agent]\nsite = 42\n",
+        "outpost.toml:2: agent.site: expected a string",
+    );
     assert_error(
         "[[sources]]\ntype = \"simulated\"\nname = \"s\"\nperiod = 5\n",
         "outpost.toml:4: sources[0].period: expected a duration",
@@ -124,13 +142,22 @@ fn wrong_types_name_file_line_and_key() {
     );
     assert_error("storage = 5\n", "outpost.toml:1: storage: expected a table");
     assert_error("sources = 5\n", "outpost.toml:1: sources: expected a list");
-    assert_error("[storage]\nbatch_max_rows = -5\n", "outpost.toml:2: storage.batch_max_rows: expected a whole number");
+    assert_error(
+        "[storage]\nbatch_max_rows = -5\n",
+        "outpost.toml:2: storage.batch_max_rows: expected a whole number",
+    );
 }
 
 #[test]
 fn unknown_keys_and_sections() {
-    assert_error("[storage]\nbatch_max_row = 5\n", "outpost.toml:2: storage.batch_max_row: unknown key `batch_max_row`");
-    assert_error("[storag]\npath = \"x\"\n", "outpost.toml:1: storag: unknown section");
+    assert_error(
+        "[storage]\nbatch_max_row = 5\n",
+        "outpost.toml:2: storage.batch_max_row: unknown key `batch_max_row`",
+    );
+    assert_error(
+        "[storag]\npath = \"x\"\n",
+        "outpost.toml:1: storag: unknown section",
+    );
     assert_error(
         "[[sources]]\ntype = \"simulated\"\nname = \"s\"\ncolour = \"red\"\n",
         "outpost.toml:4: sources[0].colour: unknown key `colour`",
@@ -143,24 +170,54 @@ fn unknown_keys_and_sections() {
 
 #[test]
 fn bad_durations_and_sizes() {
-    assert_error("[storage]\nbatch_max_delay = \"soon\"\n", "outpost.toml:2: storage.batch_max_delay: expected a duration");
-    assert_error("[storage]\nretention = \"\"\n", "outpost.toml:2: storage.retention: expected a duration");
-    assert_error("[storage]\nbatch_max_delay = \"1h\"\n", "outpost.toml:2: storage.batch_max_delay: must be more than 0 and at most 10s");
-    assert_error("[storage]\nmax_size = \"lots\"\n", "outpost.toml:2: storage.max_size: expected a size");
-    assert_error("[storage]\nmax_size = \"1KiB\"\n", "outpost.toml:2: storage.max_size: must be at least 1MiB");
+    assert_error(
+        "[storage]\nbatch_max_delay = \"soon\"\n",
+        "outpost.toml:2: storage.batch_max_delay: expected a duration",
+    );
+    assert_error(
+        "[storage]\nretention = \"\"\n",
+        "outpost.toml:2: storage.retention: expected a duration",
+    );
+    assert_error(
+        "[storage]\nbatch_max_delay = \"1h\"\n",
+        "outpost.toml:2: storage.batch_max_delay: must be more than 0 and at most 10s",
+    );
+    assert_error(
+        "[storage]\nmax_size = \"lots\"\n",
+        "outpost.toml:2: storage.max_size: expected a size",
+    );
+    assert_error(
+        "[storage]\nmax_size = \"1KiB\"\n",
+        "outpost.toml:2: storage.max_size: must be at least 1MiB",
+    );
 }
 
 #[test]
 fn missing_required_keys() {
-    assert_error("[[sources]]\nname = \"s\"\n", "outpost.toml:1: sources[0].type: the required key `type` is missing");
-    assert_error("[[sources]]\ntype = \"simulated\"\n", "outpost.toml:1: sources[0].name: the required key `name` is missing");
+    assert_error(
+        "[[sources]]\nname = \"s\"\n",
+        "outpost.toml:1: sources[0].type: the required key `type` is missing",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"simulated\"\n",
+        "outpost.toml:1: sources[0].name: the required key `name` is missing",
+    );
 }
 
 #[test]
 fn out_of_range_and_contradictions() {
-    assert_error("[storage]\nbatch_max_rows = 0\n", "outpost.toml:2: storage.batch_max_rows: must be between 1 and 100000");
-    assert_error("[agent]\ngateway_id = \"my gateway\"\n", "outpost.toml:2: agent.gateway_id: the gateway id \"my gateway\" contains ' '");
-    assert_error("[log]\nlevel = \"loud[\"\n", "outpost.toml:2: log.level: not a valid log filter");
+    assert_error(
+        "[storage]\nbatch_max_rows = 0\n",
+        "outpost.toml:2: storage.batch_max_rows: must be between 1 and 100000",
+    );
+    assert_error(
+        "[agent]\ngateway_id = \"my gateway\"\n",
+        "outpost.toml:2: agent.gateway_id: the gateway id \"my gateway\" contains ' '",
+    );
+    assert_error(
+        "[log]\nlevel = \"loud[\"\n",
+        "outpost.toml:2: log.level: not a valid log filter",
+    );
     assert_error(
         "[[sources]]\ntype = \"simulated\"\nname = \"a\"\n[[sources]]\ntype = \"simulated\"\nname = \"a\"\n",
         "outpost.toml:6: sources[1].name: another source is already called \"a\"",
@@ -177,8 +234,14 @@ fn out_of_range_and_contradictions() {
 
 #[test]
 fn toml_syntax_errors_have_lines() {
-    assert_error("[storage]\npath = \"unterminated\n", "outpost.toml:2: TOML syntax error");
-    assert_error("[agent]\ngateway_id = \"a\"\ngateway_id = \"b\"\n", "outpost.toml:3: TOML syntax error");
+    assert_error(
+        "[storage]\npath = \"unterminated\n",
+        "outpost.toml:2: TOML syntax error",
+    );
+    assert_error(
+        "[agent]\ngateway_id = \"a\"\ngateway_id = \"b\"\n",
+        "outpost.toml:3: TOML syntax error",
+    );
     assert_error("[agent\n", "outpost.toml:1: TOML syntax error");
 }
 
@@ -188,7 +251,10 @@ fn env_substitution_errors() {
         "[agent]\nsite = \"${OUTPOST_TEST_SURELY_UNSET_VAR}\"\n",
         "outpost.toml:2: agent.site: environment variable OUTPOST_TEST_SURELY_UNSET_VAR is not set",
     );
-    assert_error("[agent]\nsite = \"${unterminated\"\n", "outpost.toml:2: agent.site: unterminated `${`");
+    assert_error(
+        "[agent]\nsite = \"${unterminated\"\n",
+        "outpost.toml:2: agent.site: unterminated `${`",
+    );
     let (_d, ok) = load_str("[agent]\nsite = \"${OUTPOST_TEST_SURELY_UNSET_VAR:-Depot}\"\n");
     assert_eq!(ok.unwrap().agent.site, "Depot");
 }
@@ -209,7 +275,10 @@ fn all_problems_are_reported_at_once() {
 fn missing_file_and_hostile_files() {
     let dir = tempfile::tempdir().unwrap();
     let err = Config::load(&dir.path().join("nope.toml")).unwrap_err();
-    assert!(err.to_string().contains("nope.toml: cannot read this file"), "{err}");
+    assert!(
+        err.to_string().contains("nope.toml: cannot read this file"),
+        "{err}"
+    );
 
     let big = write(dir.path(), "big.toml", &"# padding\n".repeat(600_000));
     let err = Config::load(&big).unwrap_err();
@@ -221,7 +290,11 @@ fn missing_file_and_hostile_files() {
     assert!(err.to_string().contains("not valid UTF-8"), "{err}");
 
     // Deeply nested inline tables must not crash the loader.
-    let deep = format!("[agent]\nsite = {}1{}\n", "{a=".repeat(200), "}".repeat(200));
+    let deep = format!(
+        "[agent]\nsite = {}1{}\n",
+        "{a=".repeat(200),
+        "}".repeat(200)
+    );
     let (_d, result) = load_str(&deep);
     assert!(result.is_err());
 }
@@ -243,12 +316,23 @@ fn dropins_merge_and_append_and_are_located() {
     let config = Config::load(&main).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.agent.gateway_id, "main");
     assert_eq!(config.agent.site, "From drop-in");
-    let names: Vec<_> = config.sources.iter().map(|s| s.name().to_string()).collect();
+    let names: Vec<_> = config
+        .sources
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
     assert_eq!(names, ["a", "b"]);
 
-    write(dir.path(), "conf.d/20-bad.toml", "\n\n[storage]\nbatch_max_rows = true\n");
+    write(
+        dir.path(),
+        "conf.d/20-bad.toml",
+        "\n\n[storage]\nbatch_max_rows = true\n",
+    );
     let err = Config::load(&main).unwrap_err().to_string();
-    assert!(err.contains("conf.d/20-bad.toml:4: storage.batch_max_rows"), "{err}");
+    assert!(
+        err.contains("conf.d/20-bad.toml:4: storage.batch_max_rows"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -265,31 +349,58 @@ fn secrets_from_files_and_their_errors() {
     );
     let err = Config::load(&main).unwrap_err().to_string();
     assert!(err.contains("agent.password: unknown key"), "{err}");
-    assert!(!err.contains("s3cret"), "a secret must never be printed: {err}");
-
-    let main = write(dir.path(), "outpost.toml", "[agent]\npassword_file = \"/nonexistent/secret\"\n");
-    let err = Config::load(&main).unwrap_err().to_string();
-    assert!(err.contains("outpost.toml:2: agent.password_file: cannot use /nonexistent/secret"), "{err}");
-
-    let empty = write(dir.path(), "empty", "");
-    let main = write(dir.path(), "outpost.toml", &format!("[agent]\ntoken_file = \"{}\"\n", empty.display()));
-    let err = Config::load(&main).unwrap_err().to_string();
-    assert!(err.contains("agent.token_file:") && err.contains("is empty"), "{err}");
+    assert!(
+        !err.contains("s3cret"),
+        "a secret must never be printed: {err}"
+    );
 
     let main = write(
         dir.path(),
         "outpost.toml",
-        &format!("[agent]\nsecret = \"x\"\nsecret_file = \"{}\"\n", secret.display()),
+        "[agent]\npassword_file = \"/nonexistent/secret\"\n",
     );
     let err = Config::load(&main).unwrap_err().to_string();
-    assert!(err.contains("set either `secret` or `secret_file`, not both"), "{err}");
+    assert!(
+        err.contains("outpost.toml:2: agent.password_file: cannot use /nonexistent/secret"),
+        "{err}"
+    );
+
+    let empty = write(dir.path(), "empty", "");
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        &format!("[agent]\ntoken_file = \"{}\"\n", empty.display()),
+    );
+    let err = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        err.contains("agent.token_file:") && err.contains("is empty"),
+        "{err}"
+    );
+
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        &format!(
+            "[agent]\nsecret = \"x\"\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+    );
+    let err = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        err.contains("set either `secret` or `secret_file`, not both"),
+        "{err}"
+    );
 }
 
 #[test]
 fn environment_overrides() {
     // Runs in a child process so the variable does not leak into other tests.
     let dir = tempfile::tempdir().unwrap();
-    let main = write(dir.path(), "outpost.toml", "[storage]\nbatch_max_rows = 10\n");
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        "[storage]\nbatch_max_rows = 10\n",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
         .args(["check", "--config"])
         .arg(&main)
@@ -297,7 +408,11 @@ fn environment_overrides() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("batch_max_rows = 77"), "{stdout}");
 
     let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
@@ -317,12 +432,26 @@ fn environment_overrides() {
 #[test]
 fn check_exits_2_with_all_errors_and_0_with_redacted_config() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = write(dir.path(), "bad.toml", "[storage]\nbatch_max_rows = \"x\"\n[nope]\n");
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost")).args(["check", "--config"]).arg(&bad).output().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "[storage]\nbatch_max_rows = \"x\"\n[nope]\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.toml:2: storage.batch_max_rows"), "{stderr}");
-    assert!(stderr.contains("bad.toml:3: nope: unknown section"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:2: storage.batch_max_rows"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("bad.toml:3: nope: unknown section"),
+        "{stderr}"
+    );
     assert!(stderr.contains("2 problem(s)"), "{stderr}");
 
     let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
@@ -330,11 +459,19 @@ fn check_exits_2_with_all_errors_and_0_with_redacted_config() {
         .arg(example_path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("gateway_id = \"site-01\""), "{stdout}");
     // The printed configuration is itself valid TOML.
-    let body: String = stdout.lines().skip_while(|l| l.starts_with('#') || l.is_empty()).collect::<Vec<_>>().join("\n");
+    let body: String = stdout
+        .lines()
+        .skip_while(|l| l.starts_with('#') || l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
     toml::from_str::<toml::Value>(&body).unwrap();
 
     let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
@@ -342,5 +479,9 @@ fn check_exits_2_with_all_errors_and_0_with_redacted_config() {
         .arg(&bad)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "run refuses a bad configuration too");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "run refuses a bad configuration too"
+    );
 }

@@ -12,6 +12,8 @@ pub mod types;
 pub use load::{expand_env, ConfigError, ConfigErrors, Origin, SECRET_KEYS};
 pub use types::{ByteSize, HumanDuration, Secret};
 
+use crate::alerts::AlertRule;
+use crate::notify::NotifierConfig;
 use crate::sources::SourceConfig;
 use crate::store::StorageConfig;
 use load::join_path;
@@ -29,7 +31,12 @@ pub struct Config {
     pub agent: AgentConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub http: crate::http::HttpConfig,
     pub sources: Vec<SourceConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::sync::SyncConfig>,
+    pub alerts: Vec<AlertRule>,
+    pub notifiers: Vec<NotifierConfig>,
 }
 
 /// `[agent]`: who this gateway is.
@@ -135,7 +142,11 @@ impl Problems {
 
     /// Deserializes `value` into `T`, recording every problem (not just the first one)
     /// under `prefix`. Returns `None` if there was any.
-    pub fn deserialize<T: DeserializeOwned>(&mut self, mut value: Value, prefix: &str) -> Option<T> {
+    pub fn deserialize<T: DeserializeOwned>(
+        &mut self,
+        mut value: Value,
+        prefix: &str,
+    ) -> Option<T> {
         let mut failed = false;
         // Each round reports one problem and removes the offending key, so the next
         // round finds the next problem. The bound stops a pathological file.
@@ -160,7 +171,9 @@ impl Problems {
                             segments.push(field);
                         }
                     }
-                    let rel = segments.iter().fold(String::new(), |acc, s| join_path(&acc, s));
+                    let rel = segments
+                        .iter()
+                        .fold(String::new(), |acc, s| join_path(&acc, s));
                     self.push(join_path(prefix, &rel), humanize(&raw));
                     if raw.starts_with("missing field") || !remove_path(&mut value, &segments) {
                         return None;
@@ -193,7 +206,10 @@ fn remove_path(value: &mut Value, segments: &[String]) -> bool {
             None => return false,
         }
     }
-    match (cur, last.strip_prefix('[').and_then(|s| s.strip_suffix(']'))) {
+    match (
+        cur,
+        last.strip_prefix('[').and_then(|s| s.strip_suffix(']')),
+    ) {
         (Value::Array(list), Some(i)) => match i.parse::<usize>() {
             Ok(i) if i < list.len() => {
                 list.remove(i);
@@ -230,11 +246,17 @@ fn humanize(raw: &str) -> String {
         }
     }
     if let Some(rest) = raw.strip_prefix("unknown field ") {
-        return format!("unknown key {}", rest.replacen(", expected", "; expected", 1))
-            .replace(", there are no fields", "; this table takes no keys");
+        return format!(
+            "unknown key {}",
+            rest.replacen(", expected", "; expected", 1)
+        )
+        .replace(", there are no fields", "; this table takes no keys");
     }
     if let Some(rest) = raw.strip_prefix("unknown variant ") {
-        return format!("unknown value {}", rest.replacen(", expected", "; expected", 1));
+        return format!(
+            "unknown value {}",
+            rest.replacen(", expected", "; expected", 1)
+        );
     }
     if let Some(rest) = raw.strip_prefix("missing field ") {
         return format!("the required key {rest} is missing");
@@ -242,7 +264,16 @@ fn humanize(raw: &str) -> String {
     words(raw)
 }
 
-const SECTIONS: &[&str] = &["agent", "storage", "log", "sources"];
+const SECTIONS: &[&str] = &[
+    "agent",
+    "storage",
+    "log",
+    "http",
+    "sources",
+    "sync",
+    "alerts",
+    "notifiers",
+];
 
 impl Config {
     /// Loads and checks the configuration at `path` with its drop-ins and environment.
@@ -265,7 +296,11 @@ impl Config {
                     key.clone(),
                     format!(
                         "unknown section; expected one of {}",
-                        SECTIONS.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                        SECTIONS
+                            .iter()
+                            .map(|s| format!("`{s}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
             }
@@ -289,24 +324,60 @@ impl Config {
         let log = section("log", &mut problems)
             .and_then(|v| problems.deserialize(v, "log"))
             .unwrap_or_default();
+        let http = section("http", &mut problems)
+            .and_then(|v| problems.deserialize(v, "http"))
+            .unwrap_or_default();
+        let sync = section("sync", &mut problems).and_then(|v| problems.deserialize(v, "sync"));
         let mut sources = Vec::new();
         match root.remove("sources") {
             None => {}
             Some(Value::Array(list)) => {
                 for (i, v) in list.into_iter().enumerate() {
-                    if let Some(s) = SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems) {
+                    if let Some(s) =
+                        SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems)
+                    {
                         sources.push(s);
                     }
                 }
             }
             Some(_) => problems.push("sources", "expected a list of `[[sources]]` tables"),
         }
+        let mut alerts = Vec::new();
+        match root.remove("alerts") {
+            None => {}
+            Some(Value::Array(list)) => {
+                for (i, v) in list.into_iter().enumerate() {
+                    if let Some(a) = problems.deserialize(v, &format!("alerts[{i}]")) {
+                        alerts.push(a);
+                    }
+                }
+            }
+            Some(_) => problems.push("alerts", "expected a list of `[[alerts]]` tables"),
+        }
+        let mut notifiers = Vec::new();
+        match root.remove("notifiers") {
+            None => {}
+            Some(Value::Array(list)) => {
+                for (i, v) in list.into_iter().enumerate() {
+                    if let Some(n) =
+                        NotifierConfig::from_json(v, &format!("notifiers[{i}]"), &mut problems)
+                    {
+                        notifiers.push(n);
+                    }
+                }
+            }
+            Some(_) => problems.push("notifiers", "expected a list of `[[notifiers]]` tables"),
+        }
 
         let config = Config {
             agent,
             storage,
             log,
+            http,
             sources,
+            sync,
+            alerts,
+            notifiers,
         };
         config.validate(&mut problems);
         for (key, message) in problems.0 {
@@ -321,25 +392,41 @@ impl Config {
 
     /// Cross-field checks that types alone cannot express.
     pub fn validate(&self, problems: &mut Problems) {
-        problems.check("agent.gateway_id", check_identifier(&self.agent.gateway_id, "the gateway id"));
+        problems.check(
+            "agent.gateway_id",
+            check_identifier(&self.agent.gateway_id, "the gateway id"),
+        );
         if self.agent.site.len() > 200 {
             problems.push("agent.site", "the site name is longer than 200 characters");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            problems.push("log.level", format!("not a valid log filter ({e}); try \"info\" or \"debug\""));
+            problems.push(
+                "log.level",
+                format!("not a valid log filter ({e}); try \"info\" or \"debug\""),
+            );
         }
         self.storage.validate("storage", problems);
+        self.http.validate("http", problems);
+        if let Some(sync) = &self.sync {
+            sync.validate("sync", problems);
+        }
         let mut names = std::collections::HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {
             let path = format!("sources[{i}]");
             if !names.insert(source.name()) {
                 problems.push(
                     format!("{path}.name"),
-                    format!("another source is already called {:?}; names must be unique", source.name()),
+                    format!(
+                        "another source is already called {:?}; names must be unique",
+                        source.name()
+                    ),
                 );
             }
             source.validate(&path, problems);
         }
+        crate::notify::validate_notifiers(&self.notifiers, problems);
+        let notifier_names = self.notifiers.iter().map(|n| n.name.as_str()).collect();
+        crate::alerts::validate_rules(&self.alerts, &notifier_names, problems);
     }
 
     /// The effective configuration as TOML, secrets shown as `<redacted>`.
@@ -373,7 +460,10 @@ mod tests {
             humanize("unknown field `foo`, expected one of `a`, `b`"),
             "unknown key `foo`; expected one of `a`, `b`"
         );
-        assert_eq!(humanize("missing field `name`"), "the required key `name` is missing");
+        assert_eq!(
+            humanize("missing field `name`"),
+            "the required key `name` is missing"
+        );
     }
 
     #[test]

@@ -56,7 +56,11 @@ impl SourceConfig {
     /// Deserializes one `[[sources]]` table, reporting problems with their key paths.
     /// (Done by hand rather than through serde's internally tagged enums, which lose
     /// the path of an error inside the variant.)
-    pub fn from_json(mut value: Value, path: &str, problems: &mut Problems) -> Option<SourceConfig> {
+    pub fn from_json(
+        mut value: Value,
+        path: &str,
+        problems: &mut Problems,
+    ) -> Option<SourceConfig> {
         let Some(map) = value.as_object_mut() else {
             problems.push(path, "expected a table");
             return None;
@@ -64,26 +68,39 @@ impl SourceConfig {
         let kind = match map.remove("type") {
             Some(Value::String(s)) => s,
             Some(other) => {
-                problems.push(format!("{path}.type"), format!("expected a string, found {other}"));
+                problems.push(
+                    format!("{path}.type"),
+                    format!("expected a string, found {other}"),
+                );
                 return None;
             }
             None => {
                 problems.push(
                     format!("{path}.type"),
-                    format!("the required key `type` is missing; one of {}", quoted(TYPES)),
+                    format!(
+                        "the required key `type` is missing; one of {}",
+                        quoted(TYPES)
+                    ),
                 );
                 return None;
             }
         };
         match kind.as_str() {
-            "simulated" => problems.deserialize(value, path).map(SourceConfig::Simulated),
+            "simulated" => problems
+                .deserialize(value, path)
+                .map(SourceConfig::Simulated),
             "ttn" => problems.deserialize(value, path).map(SourceConfig::Ttn),
-            "chirpstack" => problems.deserialize(value, path).map(SourceConfig::Chirpstack),
+            "chirpstack" => problems
+                .deserialize(value, path)
+                .map(SourceConfig::Chirpstack),
             "mqtt" => problems.deserialize(value, path).map(SourceConfig::Mqtt),
             other => {
                 problems.push(
                     format!("{path}.type"),
-                    format!("unknown source type {other:?}; expected one of {}", quoted(TYPES)),
+                    format!(
+                        "unknown source type {other:?}; expected one of {}",
+                        quoted(TYPES)
+                    ),
                 );
                 None
             }
@@ -91,7 +108,10 @@ impl SourceConfig {
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        problems.check(format!("{path}.name"), check_identifier(self.name(), "the source name"));
+        problems.check(
+            format!("{path}.name"),
+            check_identifier(self.name(), "the source name"),
+        );
         match self {
             SourceConfig::Simulated(c) => c.validate(path, problems),
             SourceConfig::Ttn(c) => c.validate(path, problems),
@@ -112,7 +132,11 @@ impl SourceConfig {
 }
 
 fn quoted(items: &[&str]) -> String {
-    items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What a running source is given.
@@ -123,6 +147,8 @@ pub struct SourceContext {
     pub shutdown: CancellationToken,
     /// For durable source state (cursors, sequences) and read queries.
     pub store: Store,
+    /// Counters (`received`, `rejected`) and the connection state shown by `/health`.
+    pub metrics: crate::metrics::Metrics,
     /// `agent.gateway_id`, e.g. for default MQTT client ids.
     pub gateway_id: String,
 }

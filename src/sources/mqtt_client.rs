@@ -567,6 +567,7 @@ pub async fn run_session(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
                 generation += 1;
+                ctx.metrics.set_connected(source, true);
                 stats.connects.fetch_add(1, Relaxed);
                 if let Some(tx) = &session.connected {
                     let mark = session.committed_mark.as_ref().and_then(|m| *m.borrow());
@@ -624,6 +625,7 @@ pub async fn run_session(
             Ok(_) => {}
             Err(error) => {
                 stats.connection_failures.fetch_add(1, Relaxed);
+                ctx.metrics.set_connected(source, false);
                 let delay = backoff.next_delay();
                 log_connection_error(source, &error, delay, was_connected, &mut failure_log);
                 was_connected = false;
@@ -742,6 +744,7 @@ async fn worker(
             }
         }
         stats.readings.fetch_add(readings.len() as u64, Relaxed);
+        ctx.metrics.received(&source, readings.len() as u64);
         if readings.is_empty() && publishes.is_empty() {
             continue;
         }
@@ -779,6 +782,7 @@ pub fn reject(
         return;
     }
     stats.rejected.fetch_add(1, Relaxed);
+    ctx.metrics.rejected(source, rejection.reason);
     if let Ok(mut by_reason) = stats.rejected_by_reason.lock() {
         *by_reason.entry(rejection.reason).or_default() += 1;
     }
@@ -1098,6 +1102,7 @@ mod tests {
         let ctx = SourceContext {
             out: ingest.sender.clone(),
             shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: crate::metrics::Metrics::new(&store),
             store,
             gateway_id: "gw".into(),
         };

@@ -543,6 +543,7 @@ impl Backfill {
     }
 
     fn reject(&self, reason: &'static str, detail: &str, line: &[u8]) {
+        self.ctx.metrics.rejected(&self.source, reason);
         self.ctx
             .store
             .record_rejected(&self.source, reason, &format!("backfill: {detail}"), line);
@@ -561,6 +562,9 @@ impl Backfill {
         self.stats
             .readings
             .fetch_add(chunk.readings.len() as u64, Relaxed);
+        self.ctx
+            .metrics
+            .received(&self.source, chunk.readings.len() as u64);
         let (batch, ack) = Batch::with_ack(chunk.readings);
         if self.ctx.out.send(batch).await.is_err() {
             return Err(BackfillError::Shutdown);

@@ -65,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 2: alert state, alert events and the notification outbox.
+    crate::alerts::state::MIGRATION,
 ];
 
 /// The schema version this build writes.

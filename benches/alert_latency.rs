@@ -1,0 +1,255 @@
+//! Alert latency: from a reading that crosses a threshold, handed to the store's ingest
+//! channel as a source would, to the webhook request arriving at a local receiver —
+//! under a background load of 1,000 readings/s from 50 other devices.
+//!
+//!     cargo bench --bench alert_latency
+//!     SAMPLES=400 RATE=1000 cargo bench --bench alert_latency
+//!
+//! Baselines in the same run: the commit of one reading alone (ingest → acknowledgement
+//! after `synchronous=FULL`) and one webhook POST alone (reqwest → receiver), which are
+//! the two unavoidable steps; the ratio says what the engine, the event write and the
+//! outbox add on top.
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use outpost::model::{Batch, Reading, Uid};
+use outpost::store::{Store, StoreOptions};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+fn reading(device: &str, value: f64, n: u64) -> Reading {
+    let now = chrono::Utc::now();
+    Reading {
+        uid: Uid::derive(&["bench", device, &n.to_string()]),
+        source: "bench".into(),
+        device: device.into(),
+        metric: "temperature".into(),
+        value,
+        unit: Some("°C".into()),
+        observed_at: now,
+        received_at: now,
+        flags: 0,
+        meta: None,
+    }
+}
+
+/// A minimal HTTP/1.1 receiver that reports when each request (with its `kind`) arrived.
+async fn receiver(arrivals: mpsc::UnboundedSender<(Instant, String)>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let arrivals = arrivals.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let arrivals = arrivals.clone();
+                    async move {
+                        let at = Instant::now();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let kind = serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v["kind"].as_str().map(str::to_string))
+                            .unwrap_or_default();
+                        let _ = arrivals.send((at, kind));
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            bytes::Bytes::new(),
+                        )))
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return; // built, not run, by `cargo test --benches`
+    }
+    let samples: usize = std::env::var("SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let rate: u64 = std::env::var("RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let dir = tempfile::tempdir().unwrap();
+    let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
+    let port = receiver(arrivals_tx).await;
+    let config_path = dir.path().join("outpost.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[storage]\npath = \"{}\"\n\n[[alerts]]\nname = \"probe-warm\"\nkind = \"threshold\"\ndevices = [\"probe\"]\n\
+             metric = \"temperature\"\nabove = 8.0\nnotifiers = [\"hook\"]\n\n[[notifiers]]\nname = \"hook\"\ntype = \"webhook\"\n\
+             url = \"http://127.0.0.1:{port}/alert\"\nsecret = \"bench\"\n",
+            dir.path().join("outpost.db").display()
+        ),
+    )
+    .unwrap();
+    let config = outpost::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let (store, ingest) = Store::open(&config.storage, StoreOptions::default()).unwrap();
+    let token = CancellationToken::new();
+    let tasks = outpost::alerts::spawn_tasks(
+        &config,
+        &store,
+        token.clone(),
+        outpost::alerts::Clock::system(),
+    )
+    .unwrap();
+    let mut handles = Vec::new();
+    for t in [tasks.engine, tasks.outbox].into_iter().flatten() {
+        handles.push(tokio::spawn(t));
+    }
+
+    // Background load: `rate` readings/s from 50 devices, in batches every 10 ms.
+    let load_tx = ingest.sender.clone();
+    let load_token = token.clone();
+    let per_tick = (rate / 100).max(1);
+    let background = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_millis(10));
+        let mut n = 0u64;
+        let mut sent = 0u64;
+        while !load_token.is_cancelled() {
+            ticker.tick().await;
+            let batch: Vec<Reading> = (0..per_tick)
+                .map(|i| {
+                    n += 1;
+                    reading(&format!("bg-{}", (n + i) % 50), 4.0, n)
+                })
+                .collect();
+            sent += batch.len() as u64;
+            if load_tx
+                .send(Batch {
+                    readings: batch,
+                    ack: None,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        sent
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Baseline 1: commit of one reading alone (under the same load).
+    let mut commit = Vec::new();
+    for i in 0..samples {
+        let start = Instant::now();
+        let (batch, ack) = Batch::with_ack(vec![reading("baseline", 1.0, i as u64)]);
+        ingest.sender.send(batch).await.unwrap();
+        ack.await.unwrap().unwrap();
+        commit.push(start.elapsed());
+    }
+    // Baseline 2: one webhook POST alone (same receiver, same client settings).
+    let client = reqwest::Client::builder().use_rustls_tls().build().unwrap();
+    let mut post = Vec::new();
+    for _ in 0..samples {
+        let start = Instant::now();
+        client
+            .post(format!("http://127.0.0.1:{port}/raw"))
+            .header("content-type", "application/json")
+            .body(r#"{"kind":"raw"}"#)
+            .send()
+            .await
+            .unwrap();
+        post.push(start.elapsed());
+        while arrivals.try_recv().is_ok() {}
+    }
+
+    // The alert path: alternately cross the threshold upwards (firing) and back (resolved).
+    let mut latency = Vec::new();
+    let mut n = 1_000_000u64;
+    for i in 0..samples {
+        let (value, kind) = if i % 2 == 0 {
+            (12.0, "firing")
+        } else {
+            (2.0, "resolved")
+        };
+        n += 1;
+        let start = Instant::now();
+        let (batch, _ack) = Batch::with_ack(vec![reading("probe", value, n)]);
+        ingest.sender.send(batch).await.unwrap();
+        loop {
+            let (at, got) = tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
+                .await
+                .expect("the webhook arrived within 10 s")
+                .unwrap();
+            if got == kind {
+                latency.push(at.duration_since(start));
+                break;
+            }
+        }
+    }
+
+    token.cancel();
+    let sent = background.await.unwrap_or(0);
+    drop(ingest.sender);
+    drop(store);
+    for h in handles {
+        let _ = h.await;
+    }
+    let _ = ingest.finished.await;
+
+    for v in [&mut commit, &mut post, &mut latency] {
+        v.sort();
+    }
+    let base_p50 = percentile(&commit, 0.5) + percentile(&post, 0.5);
+    let base_p99 = percentile(&commit, 0.99) + percentile(&post, 0.99);
+    println!("alert latency, {samples} samples, background {rate} readings/s ({sent} sent)");
+    println!("| path | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|");
+    for (name, v) in [
+        ("commit one reading (baseline)", &commit),
+        ("webhook POST alone (baseline)", &post),
+        ("reading -> webhook (alert)", &latency),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} |",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99)),
+            ms(*v.last().unwrap_or(&Duration::ZERO))
+        );
+    }
+    println!(
+        "ratio alert / (commit + POST): p50 {:.2}x, p99 {:.2}x; target p99 < 100 ms: {}",
+        percentile(&latency, 0.5).as_secs_f64() / base_p50.as_secs_f64().max(1e-9),
+        percentile(&latency, 0.99).as_secs_f64() / base_p99.as_secs_f64().max(1e-9),
+        if percentile(&latency, 0.99) < Duration::from_millis(100) {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+}

@@ -1,0 +1,905 @@
+//! The alert engine: a state machine per (rule, device), fed with committed readings in
+//! commit order and with a periodic tick for what happens without readings (`for`
+//! timers, stale devices, reminders).
+//!
+//! [`Engine`] itself is synchronous and takes `now` explicitly, so every rule kind is
+//! tested step by step; [`spawn_tasks`] wraps it in the task that reads the store, writes
+//! each decision with the cursor in one transaction, and wakes the notification worker.
+
+use super::state::{self, Changes, NewEvent, Phase, SeenSeries, StateChange, StateRow};
+use super::{
+    AlertEvent, AlertRule, Clock, CompiledRule, Condition, Direction, EventKind, MAX_RATE_SAMPLES,
+};
+use crate::config::Config;
+use crate::model::{to_micros, Reading, Uid};
+use crate::ratelimit::LogLimiter;
+use crate::store::Store;
+use chrono::{DateTime, Utc};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How often `for` timers, stale devices and reminders are checked.
+pub const TICK: Duration = Duration::from_secs(1);
+/// The cursor is saved at least this often when readings cause no transition (a crash
+/// re-evaluates at most this much, which is harmless: the state was saved with it).
+const CURSOR_SAVE_INTERVAL: Duration = Duration::from_secs(2);
+/// Readings evaluated per step.
+const READ_BATCH: usize = 1024;
+
+/// Site and gateway, copied into every event.
+#[derive(Debug, Clone, Default)]
+pub struct EventContext {
+    pub site: String,
+    pub gateway_id: String,
+}
+
+#[derive(Debug, Clone)]
+struct Series {
+    metric: String,
+    phase: Option<Phase>,
+    /// When the condition began (pending or firing start).
+    since: DateTime<Utc>,
+    value: Option<f64>,
+    unit: Option<String>,
+    last_seen: DateTime<Utc>,
+    last_notified: Option<DateTime<Utc>>,
+    /// Rate rules: `(observed_at, value)` within the period, oldest first.
+    window: VecDeque<(DateTime<Utc>, f64)>,
+}
+
+impl Series {
+    fn new(metric: &str, now: DateTime<Utc>) -> Series {
+        Series {
+            metric: metric.to_string(),
+            phase: None,
+            since: now,
+            value: None,
+            unit: None,
+            last_seen: now,
+            last_notified: None,
+            window: VecDeque::new(),
+        }
+    }
+}
+
+/// The rule evaluator. Feed it readings and ticks; collect [`Changes`] to persist.
+pub struct Engine {
+    rules: Vec<CompiledRule>,
+    series: HashMap<(usize, String), Series>,
+    context: EventContext,
+    changes: Changes,
+}
+
+fn elapsed(now: DateTime<Utc>, since: DateTime<Utc>) -> Duration {
+    (now - since).to_std().unwrap_or_default()
+}
+
+impl Engine {
+    pub fn new(rules: Vec<CompiledRule>, context: EventContext) -> Engine {
+        Engine {
+            rules,
+            series: HashMap::new(),
+            context,
+            changes: Changes::default(),
+        }
+    }
+
+    /// Compiles the configured rules (already validated).
+    pub fn from_config(rules: &[AlertRule], context: EventContext) -> anyhow::Result<Engine> {
+        let compiled = rules
+            .iter()
+            .map(CompiledRule::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("invalid alert rule {e}"))?;
+        Ok(Engine::new(compiled, context))
+    }
+
+    /// Whether some rule filters on tags (then restoring needs the readings' meta).
+    pub fn needs_meta(&self) -> bool {
+        self.rules.iter().any(|r| !r.def.tags.is_empty())
+    }
+
+    /// Takes back persisted state after a restart. States of rules that no longer exist
+    /// (removed or changed) are dropped. Series seen before get a stale timer that
+    /// starts no earlier than `now`: the agent cannot know what happened while it was
+    /// down, so a device gets the full `after` to report again.
+    pub fn restore(&mut self, states: Vec<StateRow>, seen: Vec<SeenSeries>, now: DateTime<Utc>) {
+        for row in states {
+            let Some(i) = self.rules.iter().position(|r| r.key == row.rule_key) else {
+                tracing::info!(rule = %row.rule, device = %row.device, "Alert state of a removed or changed rule dropped.");
+                self.changes.states.push(StateChange::Delete {
+                    rule_key: row.rule_key,
+                    device: row.device,
+                    metric: row.metric,
+                });
+                continue;
+            };
+            let mut s = Series::new(&row.metric, now);
+            s.phase = Some(row.phase);
+            s.since = row.since;
+            s.value = row.value;
+            s.unit = row.unit;
+            s.last_notified = row.last_notified;
+            self.series.insert((i, row.device), s);
+        }
+        for seen in seen {
+            for (i, rule) in self.rules.iter().enumerate() {
+                if rule.matches(&seen.device, &seen.metric, seen.meta.as_ref()) {
+                    let s = self
+                        .series
+                        .entry((i, seen.device.clone()))
+                        .or_insert_with(|| Series::new(&seen.metric, now));
+                    s.last_seen = seen.last_received.max(now);
+                }
+            }
+        }
+    }
+
+    /// The rate series whose windows should be reloaded: `(rule, device, metric, period)`.
+    pub fn rate_series(&self) -> Vec<(usize, String, String, Duration)> {
+        self.series
+            .iter()
+            .filter_map(|((i, device), s)| match self.rules[*i].condition {
+                Condition::Rate { period, .. } => {
+                    Some((*i, device.clone(), s.metric.clone(), period))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Refills a rate window with stored samples (oldest first).
+    pub fn seed_window(&mut self, rule: usize, device: &str, samples: Vec<(DateTime<Utc>, f64)>) {
+        if let Some(s) = self.series.get_mut(&(rule, device.to_string())) {
+            s.window = samples.into_iter().collect();
+        }
+    }
+
+    /// Evaluates one committed reading at `now`.
+    pub fn on_reading(&mut self, r: &Reading, now: DateTime<Utc>) {
+        for i in 0..self.rules.len() {
+            if !self.rules[i].matches(&r.device, &r.metric, r.meta.as_ref()) {
+                continue;
+            }
+            let key = (i, r.device.clone());
+            let s = self
+                .series
+                .entry(key.clone())
+                .or_insert_with(|| Series::new(&r.metric, now));
+            s.last_seen = now;
+            s.unit.clone_from(&r.unit);
+            match self.rules[i].condition.clone() {
+                Condition::Threshold {
+                    direction,
+                    level,
+                    clear,
+                    hold,
+                } => {
+                    self.evaluate(&key, direction, r.value, level, clear, hold, r.value, now);
+                }
+                Condition::Rate {
+                    direction,
+                    delta,
+                    clear,
+                    period,
+                    hold,
+                } => {
+                    let window = &mut s.window;
+                    if window.back().map_or(true, |(t, _)| r.observed_at >= *t) {
+                        window.push_back((r.observed_at, r.value));
+                    }
+                    let horizon = r.observed_at
+                        - chrono::Duration::from_std(period).unwrap_or(chrono::Duration::MAX);
+                    while window.front().is_some_and(|(t, _)| *t < horizon)
+                        || window.len() > MAX_RATE_SAMPLES
+                    {
+                        window.pop_front();
+                    }
+                    let values = window.iter().map(|(_, v)| *v);
+                    let change = match direction {
+                        Direction::Above => r.value - values.fold(f64::INFINITY, f64::min),
+                        Direction::Below => r.value - values.fold(f64::NEG_INFINITY, f64::max),
+                    };
+                    let change = if change.is_finite() { change } else { 0.0 };
+                    self.evaluate(&key, direction, change, delta, clear, hold, r.value, now);
+                }
+                Condition::Stale { .. } => {
+                    if s.phase == Some(Phase::Firing) {
+                        s.value = Some(r.value);
+                        self.resolve(&key, now);
+                    }
+                    if let Some(s) = self.series.get_mut(&key) {
+                        s.value = Some(r.value);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One threshold step: `x` is compared with `level` (alert) and `clear` (resolve);
+    /// `value` is what events report.
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate(
+        &mut self,
+        key: &(usize, String),
+        direction: Direction,
+        x: f64,
+        level: f64,
+        clear: f64,
+        hold: Duration,
+        value: f64,
+        now: DateTime<Utc>,
+    ) {
+        let Some(s) = self.series.get_mut(key) else {
+            return;
+        };
+        match s.phase {
+            None => {
+                if direction.breaches(x, level) {
+                    s.phase = Some(Phase::Pending);
+                    s.since = now;
+                    s.value = Some(value);
+                    if hold.is_zero() {
+                        self.fire(key, now);
+                    } else {
+                        self.persist(key);
+                    }
+                }
+            }
+            Some(Phase::Pending) => {
+                if !direction.breaches(x, level) {
+                    // Interrupted: `for` means without interruption.
+                    s.phase = None;
+                    s.value = Some(value);
+                    self.persist(key);
+                } else {
+                    s.value = Some(value);
+                    if elapsed(now, s.since) >= hold {
+                        self.fire(key, now);
+                    }
+                }
+            }
+            Some(Phase::Firing) => {
+                s.value = Some(value);
+                if direction.clears(x, clear) {
+                    self.resolve(key, now);
+                }
+            }
+        }
+    }
+
+    /// Checks timers at `now`: pending alerts whose `for` has passed, stale devices and
+    /// reminders.
+    pub fn tick(&mut self, now: DateTime<Utc>) {
+        let mut due: Vec<((usize, String), EventKind)> = Vec::new();
+        for (key, s) in &self.series {
+            let rule = &self.rules[key.0];
+            match (&rule.condition, s.phase) {
+                (Condition::Stale { after }, None) if elapsed(now, s.last_seen) >= *after => {
+                    due.push((key.clone(), EventKind::Firing));
+                }
+                (
+                    Condition::Threshold { hold, .. } | Condition::Rate { hold, .. },
+                    Some(Phase::Pending),
+                ) if elapsed(now, s.since) >= *hold => {
+                    due.push((key.clone(), EventKind::Firing));
+                }
+                (_, Some(Phase::Firing)) => {
+                    if let (Some(every), Some(last)) = (rule.def.reminder, s.last_notified) {
+                        if elapsed(now, last) >= every.get() {
+                            due.push((key.clone(), EventKind::Reminder));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        due.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, kind) in due {
+            match kind {
+                EventKind::Firing => {
+                    if let Some(s) = self.series.get_mut(&key) {
+                        if s.phase.is_none() {
+                            // stale: the condition began when the last reading came
+                            s.since = s.last_seen;
+                        }
+                    }
+                    self.fire(&key, now);
+                }
+                _ => self.remind(&key, now),
+            }
+        }
+    }
+
+    /// The decisions since the last call, to be written with the cursor.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Firing alerts, for tests and diagnostics: `(rule, device)`.
+    pub fn firing(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .series
+            .iter()
+            .filter(|(_, s)| s.phase == Some(Phase::Firing))
+            .map(|((i, d), _)| (self.rules[*i].def.name.clone(), d.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn fire(&mut self, key: &(usize, String), now: DateTime<Utc>) {
+        if let Some(s) = self.series.get_mut(key) {
+            s.phase = Some(Phase::Firing);
+            s.last_notified = Some(now);
+        }
+        self.emit(key, EventKind::Firing, now);
+        self.persist(key);
+    }
+
+    fn remind(&mut self, key: &(usize, String), now: DateTime<Utc>) {
+        if let Some(s) = self.series.get_mut(key) {
+            s.last_notified = Some(now);
+        }
+        self.emit(key, EventKind::Reminder, now);
+        self.persist(key);
+    }
+
+    fn resolve(&mut self, key: &(usize, String), now: DateTime<Utc>) {
+        self.emit(key, EventKind::Resolved, now);
+        if let Some(s) = self.series.get_mut(key) {
+            s.phase = None;
+            s.last_notified = None;
+        }
+        self.persist(key);
+    }
+
+    fn emit(&mut self, key: &(usize, String), kind: EventKind, now: DateTime<Utc>) {
+        let (Some(s), Some(rule)) = (self.series.get(key), self.rules.get(key.0)) else {
+            return;
+        };
+        let device = &key.1;
+        let uid = Uid::derive(&[
+            "alert-event",
+            &rule.key,
+            device,
+            &s.metric,
+            kind.as_str(),
+            &to_micros(now).to_string(),
+        ]);
+        let event = AlertEvent {
+            uid: uid.to_hex(),
+            kind,
+            rule: rule.def.name.clone(),
+            severity: rule.def.severity,
+            site: self.context.site.clone(),
+            gateway_id: self.context.gateway_id.clone(),
+            device: device.clone(),
+            metric: s.metric.clone(),
+            value: s.value,
+            unit: s.unit.clone(),
+            threshold: rule.threshold(),
+            condition: rule.describe(s.unit.as_deref()),
+            since: s.since,
+            at: now,
+        };
+        self.changes.events.push(NewEvent {
+            event,
+            notifiers: rule.def.notifiers.clone(),
+        });
+    }
+
+    fn persist(&mut self, key: &(usize, String)) {
+        let (Some(s), Some(rule)) = (self.series.get(key), self.rules.get(key.0)) else {
+            return;
+        };
+        let change = match s.phase {
+            None => StateChange::Delete {
+                rule_key: rule.key.clone(),
+                device: key.1.clone(),
+                metric: s.metric.clone(),
+            },
+            Some(phase) => StateChange::Upsert(StateRow {
+                rule_key: rule.key.clone(),
+                device: key.1.clone(),
+                metric: s.metric.clone(),
+                rule: rule.def.name.clone(),
+                severity: rule.def.severity,
+                phase,
+                since: s.since,
+                value: s.value,
+                unit: s.unit.clone(),
+                last_notified: s.last_notified,
+            }),
+        };
+        self.changes.states.push(change);
+    }
+}
+
+/// The futures that run alerting; the caller spawns them (as pipeline consumers).
+pub struct AlertTasks {
+    /// Ends when the committed-readings stream ends (after the sources stopped).
+    pub engine: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Ends when the shutdown token is cancelled.
+    pub outbox: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+/// Builds the engine and the outbox worker for `config` (none when there is nothing to
+/// do). Fails on a notifier that cannot be built (e.g. an unreadable CA file).
+pub fn spawn_tasks(
+    config: &Config,
+    store: &Store,
+    shutdown: CancellationToken,
+    clock: Clock,
+) -> anyhow::Result<AlertTasks> {
+    let wake = Arc::new(Notify::new());
+    let ttl: HashMap<String, Duration> = config
+        .notifiers
+        .iter()
+        .map(|n| (n.name.clone(), n.ttl.get()))
+        .collect();
+    let outbox = if config.notifiers.is_empty() {
+        None
+    } else {
+        let worker =
+            crate::notify::OutboxWorker::new(config, store.clone(), clock.clone(), wake.clone())?;
+        let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
+            worker
+                .run(shutdown)
+                .instrument(tracing::info_span!("notify")),
+        );
+        Some(fut)
+    };
+    let engine = if config.alerts.is_empty() {
+        None
+    } else {
+        let context = EventContext {
+            site: config.agent.site.clone(),
+            gateway_id: config.agent.gateway_id.clone(),
+        };
+        let engine = Engine::from_config(&config.alerts, context)?;
+        let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
+            run_engine(engine, store.clone(), clock, wake, ttl)
+                .instrument(tracing::info_span!("alerts")),
+        );
+        Some(fut)
+    };
+    Ok(AlertTasks { engine, outbox })
+}
+
+/// Runs a blocking read on a fresh read connection.
+async fn read<T: Send + 'static>(
+    store: &Store,
+    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let store = store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let conn = store.reader()?;
+        f(&conn)
+    })
+    .await?;
+    Ok(result?)
+}
+
+async fn run_engine(
+    mut engine: Engine,
+    store: Store,
+    clock: Clock,
+    wake: Arc<Notify>,
+    ttl: HashMap<String, Duration>,
+) {
+    let with_meta = engine.needs_meta();
+    let mut attempt = 0u32;
+    let loaded = loop {
+        match read(&store, move |conn| state::load(conn, with_meta)).await {
+            Ok(l) => break l,
+            Err(e) if attempt < 10 => {
+                attempt += 1;
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "Cannot load alert state yet; retrying."
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "Cannot load alert state: ALERTS ARE NOT EVALUATED."
+                );
+                return;
+            }
+        }
+    };
+    engine.restore(loaded.states, loaded.seen, clock.now());
+    for (rule, device, metric, period) in engine.rate_series() {
+        let since = clock.now() - chrono::Duration::from_std(period).unwrap_or_default();
+        let (d, m) = (device.clone(), metric);
+        match read(&store, move |conn| state::rate_samples(conn, &d, &m, since)).await {
+            Ok(samples) => engine.seed_window(rule, &device, samples),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "Cannot reload a rate window; it refills from new readings."
+            ),
+        }
+    }
+    // On the very first start, evaluate from now on, not the whole history.
+    let start = loaded.cursor.unwrap_or(loaded.newest_reading);
+    let mut saved_cursor = loaded.cursor;
+    tracing::info!(cursor = start, "Alert engine started.");
+
+    // The committed-readings stream is read by its own task: its `next_batch` is not
+    // safe to cancel, and the select below must also serve the tick. Two batches in
+    // flight at most.
+    let (tx, mut rx) = mpsc::channel::<Vec<crate::store::StoredReading>>(2);
+    let mut stream = match store.committed_readings(start) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot read committed readings: ALERTS ARE NOT EVALUATED.");
+            return;
+        }
+    };
+    let feeder = tokio::spawn(async move {
+        while let Some(rows) = stream.next_batch(READ_BATCH).await {
+            if tx.send(rows).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut position = start;
+    let mut unsaved = engine.take_changes();
+    let mut last_save = tokio::time::Instant::now();
+    let mut save_failures = LogLimiter::default();
+    loop {
+        let open = tokio::select! {
+            rows = rx.recv() => match rows {
+                Some(rows) => {
+                    let now = clock.now();
+                    for row in &rows {
+                        engine.on_reading(&row.reading, now);
+                        position = row.id;
+                    }
+                    true
+                }
+                None => false,
+            },
+            _ = ticker.tick() => {
+                engine.tick(clock.now());
+                true
+            }
+        };
+        unsaved.append(engine.take_changes());
+        let cursor_due = saved_cursor != Some(position)
+            && (last_save.elapsed() >= CURSOR_SAVE_INTERVAL || !open);
+        if !unsaved.is_empty() || cursor_due {
+            let changes = unsaved.clone();
+            let (ttl, now) = (ttl.clone(), clock.now());
+            let events = changes.events.len();
+            let result = store
+                .write(move |conn| {
+                    state::apply(conn, &changes, Some(position), &ttl, DEFAULT_TTL, now)
+                })
+                .await;
+            match result {
+                Ok(()) => {
+                    unsaved = Changes::default();
+                    saved_cursor = Some(position);
+                    last_save = tokio::time::Instant::now();
+                    if events > 0 {
+                        wake.notify_one();
+                    }
+                }
+                Err(crate::store::StoreError::Closed) => {
+                    if !unsaved.is_empty() {
+                        tracing::warn!("The store closed before alert changes were saved; they are re-evaluated at the next start.");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    if let Some(suppressed) = save_failures.allow() {
+                        tracing::error!(error = %e, suppressed, "Cannot save alert state; retrying (alerts are still evaluated).");
+                    }
+                }
+            }
+        }
+        if !open {
+            break;
+        }
+    }
+    feeder.abort();
+    tracing::info!(cursor = position, "Alert engine stopped.");
+}
+
+/// TTL for a notifier missing from the map (cannot happen with a validated config).
+const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Uid;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    fn reading(device: &str, value: f64, t: DateTime<Utc>) -> Reading {
+        Reading {
+            uid: Uid::derive(&[device, &t.to_rfc3339(), &value.to_string()]),
+            source: "sim".into(),
+            device: device.into(),
+            metric: "temperature".into(),
+            value,
+            unit: Some("°C".into()),
+            observed_at: t,
+            received_at: t,
+            flags: 0,
+            meta: None,
+        }
+    }
+
+    fn engine(rule_toml: &str) -> Engine {
+        let rule: AlertRule = toml::from_str(rule_toml).unwrap();
+        Engine::from_config(
+            &[rule],
+            EventContext {
+                site: "Site".into(),
+                gateway_id: "gw".into(),
+            },
+        )
+        .unwrap()
+    }
+
+    fn kinds(changes: &Changes) -> Vec<EventKind> {
+        changes.events.iter().map(|e| e.event.kind).collect()
+    }
+
+    const HOT: &str = "name = \"hot\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nclear = 6.0\nfor = \"10s\"\nnotifiers = [\"ops\"]\nreminder = \"1m\"";
+
+    #[test]
+    fn threshold_for_must_hold_without_interruption() {
+        let mut e = engine(HOT);
+        e.on_reading(&reading("a", 9.0, at(0)), at(0));
+        let c = e.take_changes();
+        assert!(c.events.is_empty());
+        assert!(matches!(&c.states[0], StateChange::Upsert(s) if s.phase == Phase::Pending));
+        // Interrupted at 5 s: back to ok, the timer restarts.
+        e.on_reading(&reading("a", 7.0, at(5)), at(5));
+        assert!(matches!(
+            e.take_changes().states[0],
+            StateChange::Delete { .. }
+        ));
+        e.on_reading(&reading("a", 9.0, at(6)), at(6));
+        e.tick(at(15));
+        assert!(
+            e.take_changes().events.is_empty(),
+            "only 9 s since the restart"
+        );
+        e.tick(at(16));
+        let c = e.take_changes();
+        assert_eq!(kinds(&c), vec![EventKind::Firing]);
+        let ev = &c.events[0];
+        assert_eq!(ev.event.since, at(6));
+        assert_eq!(ev.event.at, at(16));
+        assert_eq!(ev.event.value, Some(9.0));
+        assert_eq!(ev.event.condition, "above 8 °C for 10s");
+        assert_eq!(ev.notifiers, vec!["ops".to_string()]);
+        assert_eq!(e.firing(), vec![("hot".into(), "a".into())]);
+    }
+
+    #[test]
+    fn hysteresis_resolves_only_at_the_clear_level() {
+        let mut e = engine(HOT);
+        e.on_reading(&reading("a", 9.0, at(0)), at(0));
+        e.tick(at(10));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Firing]);
+        // Between clear (6) and alert (8): still firing, no new event.
+        e.on_reading(&reading("a", 7.0, at(11)), at(11));
+        e.on_reading(&reading("a", 8.5, at(12)), at(12));
+        e.on_reading(&reading("a", 6.5, at(13)), at(13));
+        assert!(e.take_changes().events.is_empty());
+        e.on_reading(&reading("a", 6.0, at(14)), at(14));
+        let c = e.take_changes();
+        assert_eq!(kinds(&c), vec![EventKind::Resolved]);
+        assert_eq!(c.events[0].event.value, Some(6.0));
+        assert!(matches!(c.states.last(), Some(StateChange::Delete { .. })));
+        assert!(e.firing().is_empty());
+    }
+
+    #[test]
+    fn reminders_repeat_while_firing() {
+        let mut e = engine(HOT);
+        e.on_reading(&reading("a", 9.0, at(0)), at(0));
+        e.tick(at(10));
+        e.take_changes();
+        e.tick(at(69));
+        assert!(e.take_changes().events.is_empty());
+        e.tick(at(70));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Reminder]);
+        e.tick(at(100));
+        assert!(e.take_changes().events.is_empty());
+        e.tick(at(130));
+        let c = e.take_changes();
+        assert_eq!(kinds(&c), vec![EventKind::Reminder]);
+        assert_ne!(c.events[0].event.uid, "");
+        e.on_reading(&reading("a", 1.0, at(131)), at(131));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Resolved]);
+        e.tick(at(300));
+        assert!(
+            e.take_changes().events.is_empty(),
+            "no reminders once resolved"
+        );
+    }
+
+    #[test]
+    fn below_with_zero_for_fires_at_once() {
+        let mut e = engine("name = \"cold\"\nkind = \"threshold\"\nmetric = \"temperature\"\nbelow = -25.0\nclear = -20.0\ndevices = [\"freezer-*\"]");
+        e.on_reading(&reading("coldroom-1", -30.0, at(0)), at(0));
+        assert!(e.take_changes().is_empty(), "out of scope");
+        e.on_reading(&reading("freezer-1", -30.0, at(0)), at(0));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Firing]);
+        e.on_reading(&reading("freezer-1", -21.0, at(1)), at(1));
+        assert!(e.take_changes().events.is_empty());
+        e.on_reading(&reading("freezer-1", -20.0, at(2)), at(2));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Resolved]);
+    }
+
+    #[test]
+    fn stale_fires_after_silence_and_resolves_on_the_next_reading() {
+        let mut e = engine(
+            "name = \"silent\"\nkind = \"stale\"\nmetric = \"temperature\"\nafter = \"15m\"",
+        );
+        e.on_reading(&reading("a", 4.0, at(0)), at(0));
+        e.tick(at(899));
+        assert!(e.take_changes().events.is_empty());
+        e.tick(at(900));
+        let c = e.take_changes();
+        assert_eq!(kinds(&c), vec![EventKind::Firing]);
+        assert_eq!(
+            c.events[0].event.since,
+            at(0),
+            "silent since the last reading"
+        );
+        assert_eq!(c.events[0].event.value, Some(4.0));
+        e.tick(at(2000));
+        assert!(e.take_changes().events.is_empty(), "fires once");
+        e.on_reading(&reading("a", 4.1, at(2001)), at(2001));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Resolved]);
+    }
+
+    #[test]
+    fn stale_after_restart_gives_devices_the_full_wait() {
+        let mut e = engine(
+            "name = \"silent\"\nkind = \"stale\"\nmetric = \"temperature\"\nafter = \"15m\"",
+        );
+        let seen = vec![SeenSeries {
+            device: "a".into(),
+            metric: "temperature".into(),
+            last_received: at(-7200),
+            meta: None,
+        }];
+        e.restore(Vec::new(), seen, at(0));
+        e.tick(at(899));
+        assert!(e.take_changes().events.is_empty());
+        e.tick(at(900));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Firing]);
+    }
+
+    #[test]
+    fn rate_of_change_over_the_window() {
+        let mut e = engine("name = \"door\"\nkind = \"rate\"\nmetric = \"temperature\"\ndelta = 3.0\nclear = 1.0\nperiod = \"10m\"");
+        // A slow drift of 0.1 per minute never fires.
+        for m in 0..60 {
+            e.on_reading(&reading("a", 4.0 + 0.1 * m as f64, at(m * 60)), at(m * 60));
+        }
+        assert!(e.take_changes().events.is_empty());
+        // A jump of 3.6 within 2 minutes fires (the window's minimum is 9.2, 10 min ago).
+        let base = 60 * 60;
+        e.on_reading(&reading("a", 13.5, at(base + 120)), at(base + 120));
+        let c = e.take_changes();
+        assert_eq!(kinds(&c), vec![EventKind::Firing]);
+        assert_eq!(c.events[0].event.value, Some(13.5));
+        assert_eq!(c.events[0].event.condition, "rose by 3 °C within 10m");
+        // Holding the new level: the rise leaves the window and the alert resolves.
+        e.on_reading(&reading("a", 13.5, at(base + 300)), at(base + 300));
+        assert!(
+            e.take_changes().events.is_empty(),
+            "still within the window"
+        );
+        e.on_reading(&reading("a", 13.5, at(base + 800)), at(base + 800));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Resolved]);
+    }
+
+    #[test]
+    fn falling_rate() {
+        let mut e = engine("name = \"drop\"\nkind = \"rate\"\nmetric = \"temperature\"\ndelta = -5.0\nperiod = \"1m\"");
+        e.on_reading(&reading("a", 20.0, at(0)), at(0));
+        e.on_reading(&reading("a", 14.0, at(30)), at(30));
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Firing]);
+    }
+
+    /// The engine against the clock the agent's tasks use, with tokio's time paused and
+    /// advanced by hand: `for`, reminders and stale timers follow it without sleeping.
+    #[tokio::test(start_paused = true)]
+    async fn timers_follow_paused_tokio_time() {
+        let clock = Clock::tokio(at(0));
+        let mut e = engine(HOT);
+        let mut silent =
+            engine("name = \"silent\"\nkind = \"stale\"\nmetric = \"temperature\"\nafter = \"2m\"");
+        e.on_reading(&reading("a", 9.0, clock.now()), clock.now());
+        silent.on_reading(&reading("a", 9.0, clock.now()), clock.now());
+        let mut fired_at = None;
+        let mut reminders = 0;
+        for _ in 0..150 {
+            tokio::time::advance(TICK).await;
+            e.tick(clock.now());
+            silent.tick(clock.now());
+            for ev in e.take_changes().events {
+                match ev.event.kind {
+                    EventKind::Firing => fired_at = Some(ev.event.at),
+                    EventKind::Reminder => reminders += 1,
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(
+            fired_at,
+            Some(at(10)),
+            "fires when `for` has passed, on the tick"
+        );
+        assert_eq!(reminders, 2, "reminders at 70 s and 130 s");
+        assert_eq!(clock.now(), at(150));
+        let stale = silent.take_changes();
+        assert_eq!(kinds(&stale), vec![EventKind::Firing]);
+        assert_eq!(stale.events[0].event.at, at(120));
+    }
+
+    #[test]
+    fn restore_keeps_firing_and_pending_and_drops_changed_rules() {
+        let mut e = engine(HOT);
+        e.on_reading(&reading("a", 9.0, at(0)), at(0));
+        e.tick(at(10));
+        e.on_reading(&reading("b", 9.0, at(20)), at(20));
+        let states: Vec<StateRow> = e
+            .take_changes()
+            .states
+            .into_iter()
+            .filter_map(|c| match c {
+                StateChange::Upsert(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let mut latest: HashMap<String, StateRow> = HashMap::new();
+        for s in states {
+            latest.insert(s.device.clone(), s);
+        }
+        let mut rows: Vec<StateRow> = latest.into_values().collect();
+        rows.push(StateRow {
+            rule_key: "gone".into(),
+            ..rows[0].clone()
+        });
+
+        let mut after = engine(HOT);
+        after.restore(rows, Vec::new(), at(25));
+        let c = after.take_changes();
+        assert!(
+            matches!(&c.states[..], [StateChange::Delete { rule_key, .. }] if rule_key == "gone")
+        );
+        assert_eq!(after.firing(), vec![("hot".into(), "a".into())]);
+        // No second firing event for the firing one; the pending one fires on time.
+        after.on_reading(&reading("a", 9.5, at(26)), at(26));
+        after.tick(at(29));
+        assert!(after.take_changes().events.is_empty());
+        after.tick(at(30));
+        let c = after.take_changes();
+        assert_eq!(kinds(&c), vec![EventKind::Firing]);
+        assert_eq!(c.events[0].event.device, "b");
+    }
+}

@@ -1,0 +1,594 @@
+//! The central schema `outpost`: versioned, idempotent migrations, the optional monthly
+//! partitioning of `outpost.readings`, and `outpost central schema|migrate|maintain`.
+//!
+//! Every migration is idempotent (`IF NOT EXISTS`), runs in one transaction under a
+//! transaction-scoped advisory lock (safe through PgBouncer in transaction mode, and two
+//! operators running it at once simply queue), and records its version in
+//! `outpost.schema_version`. The agent refuses to sync into a schema older or newer than
+//! [`SCHEMA_VERSION`], with a message that says which command to run.
+
+use super::postgres::{connect, parse_url_allowing_password, Central, ConnectOptions};
+use super::{SslMode, SyncConfig, SyncError};
+use crate::config::Secret;
+use chrono::{Datelike, NaiveDate, Utc};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_postgres::types::Type;
+
+/// The central schema version this agent writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Key of the transaction-scoped advisory lock that serialises migrations and
+/// partition maintenance (`pg_advisory_xact_lock`, released at commit).
+const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7401; // "outpost" + 1
+
+/// Which layout `outpost.readings` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One table. Simple; right up to a few hundred million rows.
+    Plain,
+    /// Native declarative partitioning by month on `observed_at`, plus a default
+    /// partition so that an insert never fails.
+    Partitioned,
+}
+
+struct Migration {
+    version: i32,
+    description: &'static str,
+    sql: fn(Layout) -> String,
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "gateways, readings, alert_events",
+    sql: migration_1,
+}];
+
+const PREAMBLE: &str = "\
+CREATE SCHEMA IF NOT EXISTS outpost;
+CREATE TABLE IF NOT EXISTS outpost.schema_version (
+    version     integer PRIMARY KEY,
+    description text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+";
+
+fn migration_1(layout: Layout) -> String {
+    let partition_by = match layout {
+        Layout::Plain => "",
+        Layout::Partitioned => " PARTITION BY RANGE (observed_at)",
+    };
+    let default_partition = match layout {
+        Layout::Plain => "",
+        Layout::Partitioned => {
+            "-- Readings for months without their own partition land here; \
+             `outpost central maintain` moves them out when it creates that month.\n\
+             CREATE TABLE IF NOT EXISTS outpost.readings_default PARTITION OF outpost.readings DEFAULT;\n"
+        }
+    };
+    format!(
+        "\
+-- One row per gateway, upserted by its heartbeat every sync interval.
+CREATE TABLE IF NOT EXISTS outpost.gateways (
+    gateway_id          text PRIMARY KEY,
+    agent_version       text NOT NULL,
+    site                text,
+    first_seen          timestamptz NOT NULL DEFAULT now(),
+    last_seen           timestamptz NOT NULL DEFAULT now(),   -- central's clock
+    boot_id             text,
+    clock_synchronized  boolean,                              -- NULL: unknown
+    backlog_rows        bigint NOT NULL DEFAULT 0,
+    oldest_unsynced_at  timestamptz,                          -- gateway's clock
+    backlog_age_seconds double precision,
+    last_sync_at        timestamptz,
+    last_error          text,
+    last_error_at       timestamptz
+);
+
+-- Readings. A row is final once sent: observed_at never changes for a uid (G8).
+-- The unique key includes observed_at so that the table can be partitioned by time.
+CREATE TABLE IF NOT EXISTS outpost.readings (
+    gateway_id  text NOT NULL,
+    uid         uuid NOT NULL,
+    observed_at timestamptz NOT NULL,
+    received_at timestamptz NOT NULL,
+    source      text NOT NULL,
+    device      text NOT NULL,
+    metric      text NOT NULL,
+    value       double precision NOT NULL,
+    unit        text,
+    flags       integer NOT NULL DEFAULT 0,   -- 1 clock unsynchronised, 2 simulated, 4 backfilled, 8 clock corrected
+    meta        jsonb,
+    inserted_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT readings_unique UNIQUE (gateway_id, uid, observed_at)
+){partition_by};
+{default_partition}-- A device's recent readings; a gateway's last hour.
+CREATE INDEX IF NOT EXISTS readings_device_time ON outpost.readings (device, metric, observed_at DESC);
+CREATE INDEX IF NOT EXISTS readings_gateway_time ON outpost.readings (gateway_id, observed_at DESC);
+
+-- Alert events (firing, reminder, resolved) as the gateways evaluated them.
+CREATE TABLE IF NOT EXISTS outpost.alert_events (
+    gateway_id  text NOT NULL,
+    uid         uuid NOT NULL,
+    rule        text NOT NULL,
+    device      text,
+    metric      text,
+    kind        text NOT NULL,                -- firing, reminder or resolved
+    severity    text,
+    value       double precision,
+    threshold   double precision,
+    occurred_at timestamptz NOT NULL,
+    message     jsonb,
+    inserted_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT alert_events_unique UNIQUE (gateway_id, uid)
+);
+CREATE INDEX IF NOT EXISTS alert_events_gateway_time ON outpost.alert_events (gateway_id, occurred_at DESC);
+CREATE INDEX IF NOT EXISTS alert_events_device_time ON outpost.alert_events (device, occurred_at DESC);
+"
+    )
+}
+
+fn record_version(m: &Migration) -> String {
+    format!(
+        "INSERT INTO outpost.schema_version (version, description) VALUES ({}, '{}') ON CONFLICT DO NOTHING;\n",
+        m.version, m.description
+    )
+}
+
+/// The first day of the month `offset` months from `day`'s month.
+fn month_start(day: NaiveDate, offset: i32) -> NaiveDate {
+    let index = day.year() * 12 + day.month0() as i32 + offset;
+    NaiveDate::from_ymd_opt(index.div_euclid(12), index.rem_euclid(12) as u32 + 1, 1).unwrap_or(day)
+}
+
+/// `outpost.readings_y2025m01` for January 2025.
+pub fn partition_name(month: NaiveDate) -> String {
+    format!("readings_y{:04}m{:02}", month.year(), month.month())
+}
+
+fn bound(day: NaiveDate) -> String {
+    format!("{} 00:00:00+00", day.format("%Y-%m-%d"))
+}
+
+/// The SQL `outpost central schema` prints: the whole schema at [`SCHEMA_VERSION`],
+/// idempotent, in one transaction. For the partitioned layout it also creates the
+/// partitions around `today` (see [`maintain`] for later months).
+pub fn schema_sql(layout: Layout, today: NaiveDate) -> String {
+    let mut sql = String::new();
+    let name = match layout {
+        Layout::Plain => "plain",
+        Layout::Partitioned => "partitioned",
+    };
+    let _ = writeln!(
+        sql,
+        "-- Outpost central schema, version {SCHEMA_VERSION}, {name} layout (outpost {}).\n\
+         -- Idempotent: safe to run again. `outpost central migrate` applies the same SQL.\n\
+         BEGIN;\nSELECT pg_advisory_xact_lock({MIGRATION_LOCK});",
+        env!("CARGO_PKG_VERSION")
+    );
+    sql.push_str(PREAMBLE);
+    for m in MIGRATIONS {
+        let _ = writeln!(sql, "\n-- Migration {}: {}", m.version, m.description);
+        sql.push_str(&(m.sql)(layout));
+        sql.push_str(&record_version(m));
+    }
+    if layout == Layout::Partitioned {
+        sql.push_str("\n-- Monthly partitions around today; `outpost central maintain` adds the coming ones.\n");
+        for offset in -DEFAULT_MONTHS_BACK..=DEFAULT_MONTHS_AHEAD {
+            let from = month_start(today, offset);
+            let to = month_start(today, offset + 1);
+            let _ = writeln!(
+                sql,
+                "CREATE TABLE IF NOT EXISTS outpost.{} PARTITION OF outpost.readings FOR VALUES FROM ('{}') TO ('{}');",
+                partition_name(from),
+                bound(from),
+                bound(to)
+            );
+        }
+    }
+    sql.push_str("COMMIT;\n");
+    sql
+}
+
+/// Months before the current one that `maintain` makes sure exist.
+pub const DEFAULT_MONTHS_BACK: i32 = 1;
+/// Months after the current one that `maintain` makes sure exist.
+pub const DEFAULT_MONTHS_AHEAD: i32 = 3;
+
+/// What `migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    pub from_version: i32,
+    pub to_version: i32,
+    pub partitioned: bool,
+    pub partitions_created: Vec<String>,
+}
+
+async fn readings_is_partitioned(central: &Central) -> Result<Option<bool>, SyncError> {
+    let rows = central
+        .transaction(central.client().query_typed(
+            "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'outpost' AND c.relname = 'readings'",
+            &[],
+        ))
+        .await?;
+    Ok(rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()))
+}
+
+/// Applies every pending migration (idempotent). With [`Layout::Partitioned`] a new
+/// `readings` table is partitioned and the partitions around today are created; an
+/// existing plain table is left alone and reported (converting it is an operator's
+/// decision, see docs/central.md).
+pub async fn migrate(central: &Central, layout: Layout) -> Result<Migrated, SyncError> {
+    let existing = readings_is_partitioned(central).await?;
+    if layout == Layout::Partitioned && existing == Some(false) {
+        return Err(SyncError::Database(
+            "outpost.readings already exists without partitions; migrating it to the partitioned \
+             layout means copying the data (see docs/central.md, \"Switching layouts\")"
+                .into(),
+        ));
+    }
+    let client = central.client();
+    let from_version = central
+        .transaction(async {
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); {PREAMBLE}"
+                ))
+                .await?;
+            let rows = client
+                .query_typed(
+                    "SELECT COALESCE(MAX(version), 0) FROM outpost.schema_version",
+                    &[],
+                )
+                .await?;
+            let found: i32 = rows.first().map(|r| r.get(0)).unwrap_or(0);
+            for m in MIGRATIONS.iter().filter(|m| m.version > found) {
+                client.batch_execute(&(m.sql)(layout)).await?;
+                client.batch_execute(&record_version(m)).await?;
+            }
+            Ok(found)
+        })
+        .await?;
+    if from_version > SCHEMA_VERSION {
+        return Err(SyncError::SchemaTooNew {
+            found: from_version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    let partitioned = readings_is_partitioned(central).await? == Some(true);
+    let partitions_created = if partitioned {
+        maintain(
+            central,
+            Utc::now().date_naive(),
+            DEFAULT_MONTHS_BACK,
+            DEFAULT_MONTHS_AHEAD,
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
+    Ok(Migrated {
+        from_version,
+        to_version: SCHEMA_VERSION.max(from_version),
+        partitioned,
+        partitions_created,
+    })
+}
+
+/// Makes sure the monthly partitions from `months_back` months before `today`'s month
+/// to `months_ahead` after it exist; returns the ones it created. Idempotent. Rows
+/// already in the default partition for a new month are moved into it, in the same
+/// transaction. Does nothing if `readings` is not partitioned.
+pub async fn maintain(
+    central: &Central,
+    today: NaiveDate,
+    months_back: i32,
+    months_ahead: i32,
+) -> Result<Vec<String>, SyncError> {
+    match readings_is_partitioned(central).await? {
+        None => {
+            return Err(SyncError::SchemaMissing {
+                target: central.target().to_string(),
+            })
+        }
+        Some(false) => return Ok(Vec::new()),
+        Some(true) => {}
+    }
+    let client = central.client();
+    let mut created = Vec::new();
+    for offset in -months_back..=months_ahead {
+        let from = month_start(today, offset);
+        let to = month_start(today, offset + 1);
+        let name = partition_name(from);
+        let qualified = format!("outpost.{name}");
+        let made = central
+            .transaction(async {
+                client
+                    .batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+                    .await?;
+                let exists = client
+                    .query_typed("SELECT to_regclass($1) IS NOT NULL", &[(&qualified, Type::TEXT)])
+                    .await?;
+                if exists.first().map(|r| r.get::<_, bool>(0)).unwrap_or(false) {
+                    return Ok(false);
+                }
+                // Create it detached, move the month's rows out of the default partition,
+                // then attach: creating it attached would fail if the default partition
+                // already holds rows of that month.
+                let (lo, hi) = (bound(from), bound(to));
+                client
+                    .batch_execute(&format!(
+                        "LOCK TABLE outpost.readings_default IN ACCESS EXCLUSIVE MODE;
+                         CREATE TABLE {qualified} (LIKE outpost.readings INCLUDING DEFAULTS);
+                         WITH moved AS (DELETE FROM outpost.readings_default
+                                        WHERE observed_at >= '{lo}' AND observed_at < '{hi}' RETURNING *)
+                           INSERT INTO {qualified} SELECT * FROM moved;
+                         ALTER TABLE outpost.readings ATTACH PARTITION {qualified}
+                           FOR VALUES FROM ('{lo}') TO ('{hi}');"
+                    ))
+                    .await?;
+                Ok(true)
+            })
+            .await?;
+        if made {
+            created.push(name);
+        }
+    }
+    Ok(created)
+}
+
+/// `outpost central …`.
+#[derive(clap::Subcommand, Debug)]
+pub enum CentralCommand {
+    /// Print the central schema SQL (idempotent; for review or for `psql -f`).
+    Schema {
+        /// Partition `outpost.readings` by month (for large fleets; see docs/central.md).
+        #[arg(long)]
+        partitioned: bool,
+    },
+    /// Create or upgrade the central schema (directly or through PgBouncer).
+    Migrate {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        /// Partition `outpost.readings` by month (for large fleets; see docs/central.md).
+        #[arg(long)]
+        partitioned: bool,
+    },
+    /// Create the coming months' partitions (run daily from cron or a systemd timer).
+    Maintain {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        /// How many months ahead of the current one must exist.
+        #[arg(long, default_value_t = DEFAULT_MONTHS_AHEAD)]
+        months_ahead: i32,
+    },
+}
+
+/// Where `outpost central migrate|maintain` connect: `[sync]` of the configuration, or
+/// these options.
+#[derive(clap::Args, Debug)]
+pub struct ConnectionArgs {
+    /// The database URL (default: `sync.url` of the configuration). A password may be
+    /// given here or in the PGPASSWORD environment variable.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// disable, require, verify-ca or verify-full (default: `sync.sslmode`, else verify-full).
+    #[arg(long, value_name = "MODE")]
+    pub sslmode: Option<String>,
+    /// PEM file with the CA certificate(s) (default: `sync.ca_file`).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn resolve_connection(
+    config_path: &std::path::Path,
+    args: &ConnectionArgs,
+) -> Result<ConnectOptions, String> {
+    let configured = match crate::config::Config::load(config_path) {
+        Ok(config) => config.sync,
+        Err(errors) if args.url.is_none() => {
+            return Err(format!(
+                "{errors}\ncannot read sync.url from {}; fix it or pass --url",
+                config_path.display()
+            ))
+        }
+        Err(_) => None,
+    };
+    let mut sync = configured.unwrap_or_else(|| SyncConfig::with_url(""));
+    if let Some(url) = &args.url {
+        let parsed = parse_url_allowing_password(url).map_err(|e| format!("--url {e}"))?;
+        if parsed.get_password().is_some() {
+            sync.password = None;
+        }
+        sync.url = url.clone();
+    }
+    if sync.password.is_none() {
+        if let Ok(p) = std::env::var("PGPASSWORD") {
+            sync.password = Some(Secret::new(p));
+        }
+    }
+    if sync.url.is_empty() {
+        return Err(format!(
+            "no central database: set [sync] url in {} or pass --url",
+            config_path.display()
+        ));
+    }
+    if let Some(mode) = &args.sslmode {
+        sync.sslmode = match mode.as_str() {
+            "disable" => SslMode::Disable,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "--sslmode {other:?}: expected disable, require, verify-ca or verify-full"
+                ))
+            }
+        };
+    }
+    if let Some(ca) = &args.ca_file {
+        sync.ca_file = Some(ca.clone());
+    }
+    let mut options = ConnectOptions::from_config(&sync, "central-admin");
+    // DDL on a big table can take a while; the admin commands wait longer.
+    options.statement_timeout = Duration::from_secs(3600);
+    options.application_name = "outpost central".into();
+    Ok(options)
+}
+
+/// Runs `outpost central …` and returns the exit code.
+pub fn command(config_path: &std::path::Path, command: CentralCommand) -> ExitCode {
+    match command {
+        CentralCommand::Schema { partitioned } => {
+            let layout = if partitioned {
+                Layout::Partitioned
+            } else {
+                Layout::Plain
+            };
+            print!("{}", schema_sql(layout, Utc::now().date_naive()));
+            ExitCode::SUCCESS
+        }
+        CentralCommand::Migrate {
+            connection,
+            partitioned,
+        } => run_admin(config_path, &connection, move |central| async move {
+            let layout = if partitioned {
+                Layout::Partitioned
+            } else {
+                Layout::Plain
+            };
+            let m = migrate(&central, layout).await?;
+            let mut out = if m.from_version == m.to_version {
+                format!(
+                    "The central schema is up to date (version {}).",
+                    m.to_version
+                )
+            } else {
+                format!(
+                    "The central schema was migrated from version {} to {}.",
+                    m.from_version, m.to_version
+                )
+            };
+            if m.partitioned {
+                let _ = write!(
+                    out,
+                    " outpost.readings is partitioned by month; created partitions: {}. \
+                     Run `outpost central maintain` daily.",
+                    if m.partitions_created.is_empty() {
+                        "none".to_string()
+                    } else {
+                        m.partitions_created.join(", ")
+                    }
+                );
+            }
+            Ok(out)
+        }),
+        CentralCommand::Maintain {
+            connection,
+            months_ahead,
+        } => run_admin(config_path, &connection, move |central| async move {
+            if readings_is_partitioned(&central).await? == Some(false) {
+                return Ok("outpost.readings is not partitioned; nothing to do.".to_string());
+            }
+            let created = maintain(
+                &central,
+                Utc::now().date_naive(),
+                DEFAULT_MONTHS_BACK,
+                months_ahead.clamp(0, 120),
+            )
+            .await?;
+            Ok(if created.is_empty() {
+                "Every partition exists already.".to_string()
+            } else {
+                format!("Created partitions: {}.", created.join(", "))
+            })
+        }),
+    }
+}
+
+fn run_admin<F, Fut>(config_path: &std::path::Path, args: &ConnectionArgs, work: F) -> ExitCode
+where
+    F: FnOnce(Central) -> Fut,
+    Fut: std::future::Future<Output = Result<String, SyncError>>,
+{
+    let options = match resolve_connection(config_path, args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(crate::cli::EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let result = match connect(&options).await {
+            Ok(central) => work(central).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(message) => {
+                println!("{message}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_roll_over_years() {
+        let d = NaiveDate::from_ymd_opt(2025, 1, 17).unwrap();
+        assert_eq!(month_start(d, 0).to_string(), "2025-01-01");
+        assert_eq!(month_start(d, -1).to_string(), "2024-12-01");
+        assert_eq!(month_start(d, 12).to_string(), "2026-01-01");
+        assert_eq!(month_start(d, -13).to_string(), "2023-12-01");
+        assert_eq!(partition_name(month_start(d, -1)), "readings_y2024m12");
+    }
+
+    #[test]
+    fn printed_schema_is_complete_and_idempotent() {
+        let d = NaiveDate::from_ymd_opt(2025, 1, 17).unwrap();
+        let plain = schema_sql(Layout::Plain, d);
+        for needle in [
+            "CREATE SCHEMA IF NOT EXISTS outpost",
+            "outpost.gateways",
+            "UNIQUE (gateway_id, uid, observed_at)",
+            "outpost.alert_events",
+            "ON CONFLICT DO NOTHING",
+            "pg_advisory_xact_lock",
+        ] {
+            assert!(plain.contains(needle), "{needle} missing");
+        }
+        assert!(!plain.contains("PARTITION"));
+        // Every CREATE is idempotent.
+        for line in plain.lines().filter(|l| l.starts_with("CREATE")) {
+            assert!(line.contains("IF NOT EXISTS"), "{line}");
+        }
+        let partitioned = schema_sql(Layout::Partitioned, d);
+        assert!(partitioned.contains("PARTITION BY RANGE (observed_at)"));
+        assert!(partitioned.contains("readings_default PARTITION OF outpost.readings DEFAULT"));
+        assert!(partitioned.contains(
+            "outpost.readings_y2024m12 PARTITION OF outpost.readings FOR VALUES FROM ('2024-12-01 00:00:00+00') TO ('2025-01-01 00:00:00+00')"
+        ));
+        assert!(partitioned.contains("readings_y2025m04"));
+        assert!(!partitioned.contains("readings_y2025m05"));
+    }
+}

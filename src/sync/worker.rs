@@ -1,0 +1,552 @@
+//! The sync worker: one task that, every interval, sends a heartbeat, the alert events,
+//! the readings that arrived since the previous round (newest first) and then as much
+//! backlog (oldest first, paced) as fits before the next round is due.
+//!
+//! Batches are pipelined: while one batch is uploading, the next is read from SQLite,
+//! and the previous batch's synced mark is committed by the store writer. A mark is
+//! only ever requested after the central commit of its batch.
+
+use super::heartbeat::{self, Heartbeat};
+use super::local::{self, AlertEventColumns, ReadingColumns, Window};
+use super::postgres::{connect, Central, ConnectOptions};
+use super::{SyncConfig, SyncError};
+use crate::config::AgentConfig;
+use crate::ratelimit::LogLimiter;
+use crate::store::Store;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use rusqlite::Connection;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Exponential backoff with optional full jitter: the n-th consecutive failure waits
+/// `min(max, initial · 2ⁿ)`, or with jitter a uniformly random time up to that, so a
+/// fleet that lost central at the same moment does not reconnect in one spike.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    jitter: bool,
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration, jitter: bool) -> Backoff {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            jitter,
+            failures: 0,
+        }
+    }
+
+    /// The wait before the next attempt after one more failure.
+    pub fn next_delay(&mut self) -> Duration {
+        let factor = 2u32.saturating_pow(self.failures.min(31));
+        self.failures = self.failures.saturating_add(1);
+        let cap = self.initial.saturating_mul(factor).min(self.max);
+        if self.jitter {
+            cap.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
+        } else {
+            cap
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// Holds back readings whose clock was not synchronised (G8) for `bound` of monotonic
+/// time. It remembers, at a few points in time, the newest reading id in the store; a
+/// held reading is released once its id is at most the newest id seen `bound` ago —
+/// it has then waited at least `bound`. Clock jumps do not move the monotonic clock, so
+/// a gateway whose clock jumps from 1970 to today does not release everything at once
+/// before the correction could run. After a restart the wait starts again (held rows
+/// wait longer, never shorter).
+#[derive(Debug)]
+pub struct HoldBack {
+    bound: Duration,
+    checkpoints: VecDeque<(Instant, i64)>,
+    released: i64,
+}
+
+/// At most this many checkpoints are kept (closer ones merge), so memory is bounded
+/// whatever the bound and the interval; a release is late by at most bound / this.
+const MAX_CHECKPOINTS: u32 = 1000;
+
+impl HoldBack {
+    pub fn new(bound: Duration) -> HoldBack {
+        HoldBack {
+            bound,
+            checkpoints: VecDeque::new(),
+            released: 0,
+        }
+    }
+
+    /// Records that the newest reading id was `head` at `now`.
+    pub fn observe(&mut self, now: Instant, head: i64) {
+        let merge_within = self.bound / MAX_CHECKPOINTS;
+        match self.checkpoints.back_mut() {
+            Some((_, last)) if *last >= head => {}
+            Some((at, last)) if now.duration_since(*at) < merge_within => *last = head,
+            _ => self.checkpoints.push_back((now, head)),
+        }
+    }
+
+    /// The highest id of a held reading that may go now.
+    pub fn release_up_to(&mut self, now: Instant) -> i64 {
+        if self.bound.is_zero() {
+            return i64::MAX;
+        }
+        while let Some(&(at, head)) = self.checkpoints.front() {
+            if now.duration_since(at) < self.bound {
+                break;
+            }
+            self.released = self.released.max(head);
+            self.checkpoints.pop_front();
+        }
+        self.released
+    }
+}
+
+/// Runs the sync worker until `shutdown` is cancelled. An upload in flight at shutdown
+/// is abandoned: it was not marked, so it is retried (and deduplicated) next time.
+pub async fn run(
+    config: SyncConfig,
+    agent: AgentConfig,
+    store: Store,
+    shutdown: CancellationToken,
+) {
+    let mut worker = Worker::new(config, agent, store, shutdown.clone());
+    tracing::info!(
+        gateway = %worker.gateway_id,
+        interval = %worker.config.interval,
+        batch_size = worker.config.batch_size,
+        "Central sync started."
+    );
+    let mut next = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        let started = Instant::now();
+        let deadline = started + worker.config.interval.get();
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            outcome = worker.round(deadline) => outcome,
+        };
+        match outcome {
+            Ok(()) => {
+                if worker.backoff.failures() > 0 {
+                    tracing::info!(target_db = worker.target(), "Central sync works again.");
+                }
+                worker.backoff.reset();
+                next = deadline;
+            }
+            Err(e) => {
+                let wait = worker.backoff.next_delay();
+                worker.failed(&e, wait).await;
+                next = Instant::now() + wait;
+            }
+        }
+    }
+    tracing::info!("Central sync stopped.");
+}
+
+struct Worker {
+    config: SyncConfig,
+    gateway_id: String,
+    site: String,
+    options: ConnectOptions,
+    store: Store,
+    shutdown: CancellationToken,
+    /// The worker's own read connection; `None` while a read runs on the blocking pool.
+    /// (In a mutex only so that the worker is `Sync`; it is never contended.)
+    reader: std::sync::Mutex<Option<Connection>>,
+    central: Option<Central>,
+    backoff: Backoff,
+    hold: HoldBack,
+    /// The newest id at the start of the previous round: what arrived since is "live".
+    live_floor: Option<i64>,
+    last_sync_at: Option<DateTime<Utc>>,
+    last_error: Option<(String, DateTime<Utc>)>,
+    failure_log: LogLimiter,
+}
+
+impl Worker {
+    fn new(
+        config: SyncConfig,
+        agent: AgentConfig,
+        store: Store,
+        shutdown: CancellationToken,
+    ) -> Worker {
+        Worker {
+            options: ConnectOptions::from_config(&config, &agent.gateway_id),
+            backoff: Backoff::new(
+                config.backoff_initial.get(),
+                config.backoff_max.get(),
+                config.backoff_jitter,
+            ),
+            hold: HoldBack::new(config.clock_hold_max.get()),
+            gateway_id: agent.gateway_id,
+            site: agent.site,
+            config,
+            store,
+            shutdown,
+            reader: std::sync::Mutex::new(None),
+            central: None,
+            live_floor: None,
+            last_sync_at: None,
+            last_error: None,
+            failure_log: LogLimiter::new(Duration::from_secs(300)),
+        }
+    }
+
+    fn target(&self) -> &str {
+        self.central.as_ref().map(|c| c.target()).unwrap_or("")
+    }
+
+    /// Runs `f` on the read connection on the blocking pool.
+    fn start_read<T, F>(&mut self, f: F) -> JoinHandle<(Option<Connection>, Result<T, SyncError>)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.reader.get_mut().ok().and_then(|c| c.take());
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match conn {
+                Some(c) => c,
+                None => match store.reader() {
+                    Ok(c) => c,
+                    Err(e) => return (None, Err(SyncError::Local(e.to_string()))),
+                },
+            };
+            let result = f(&conn).map_err(|e| SyncError::Local(e.to_string()));
+            (Some(conn), result)
+        })
+    }
+
+    async fn finish_read<T>(
+        &mut self,
+        handle: JoinHandle<(Option<Connection>, Result<T, SyncError>)>,
+    ) -> Result<T, SyncError> {
+        match handle.await {
+            Ok((conn, result)) => {
+                if let Ok(slot) = self.reader.get_mut() {
+                    *slot = conn;
+                }
+                result
+            }
+            Err(e) => Err(SyncError::Local(format!("the read task failed: {e}"))),
+        }
+    }
+
+    async fn read<T, F>(&mut self, f: F) -> Result<T, SyncError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let handle = self.start_read(f);
+        self.finish_read(handle).await
+    }
+
+    /// Marks uploaded readings synced, in the background (the store writer commits it
+    /// with its next group). A failed mark only means the rows are sent again.
+    fn spawn_mark(&self, ids: Vec<i64>) -> JoinHandle<()> {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store
+                .write(move |c| local::mark_readings_synced(c, &ids))
+                .await
+            {
+                tracing::warn!(error = %e, "Marking readings synced failed; they will be sent again.");
+            }
+        })
+    }
+
+    async fn connected(&mut self) -> Result<(), SyncError> {
+        if self.central.is_none() {
+            let central = connect(&self.options).await?;
+            central.check_schema().await?;
+            tracing::info!(
+                target_db = central.target(),
+                "Connected to central PostgreSQL."
+            );
+            self.central = Some(central);
+        }
+        Ok(())
+    }
+
+    /// One round: heartbeat, alert events, live readings, then backlog until `deadline`.
+    async fn round(&mut self, deadline: Instant) -> Result<(), SyncError> {
+        self.connected().await?;
+        let head = self.read(local::head).await?;
+        let now = Instant::now();
+        self.hold.observe(now, head);
+        let release = self.hold.release_up_to(now);
+        self.heartbeat().await?;
+        self.sync_alert_events().await?;
+        let floor = self
+            .live_floor
+            .unwrap_or_else(|| head.saturating_sub(self.config.batch_size as i64));
+        self.send_live(floor, head, release).await?;
+        self.live_floor = Some(head);
+        self.drain_backlog(deadline, release).await?;
+        let at = Utc::now();
+        self.last_sync_at = Some(at);
+        let _ = self
+            .store
+            .write(move |c| local::record_success(c, at))
+            .await;
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), SyncError> {
+        let (rows, oldest) = self.read(local::backlog).await?;
+        let hb = Heartbeat {
+            gateway_id: self.gateway_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            site: self.site.clone(),
+            boot_id: heartbeat::boot_id(),
+            clock_synchronized: heartbeat::clock_synchronized(),
+            backlog_rows: rows,
+            oldest_unsynced_at: oldest,
+            backlog_age_seconds: oldest
+                .map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0),
+            last_sync_at: self.last_sync_at,
+            last_error: self.last_error.as_ref().map(|(e, _)| e.clone()),
+            last_error_at: self.last_error.as_ref().map(|(_, t)| *t),
+        };
+        let central = self.central.as_ref().ok_or_else(not_connected)?;
+        heartbeat::send(central, &hb).await
+    }
+
+    /// Alert events, oldest first, every one of them each round (they are few).
+    async fn sync_alert_events(&mut self) -> Result<(), SyncError> {
+        if !self.read(local::has_alert_events).await? {
+            return Ok(());
+        }
+        let max = self.config.batch_size;
+        loop {
+            let events: AlertEventColumns = self
+                .read(move |c| local::select_alert_events(c, max))
+                .await?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            let central = self.central.as_ref().ok_or_else(not_connected)?;
+            central
+                .upload_alert_events(&self.gateway_id, &events)
+                .await?;
+            let count = events.len();
+            let ids = events.ids;
+            self.store
+                .write(move |c| local::mark_alert_events_synced(c, &ids))
+                .await
+                .map_err(|e| SyncError::Local(e.to_string()))?;
+            if count < max {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Live first: everything that arrived since the previous round, newest first.
+    async fn send_live(&mut self, floor: i64, head: i64, release: i64) -> Result<(), SyncError> {
+        let max = self.config.batch_size;
+        let mut up_to = head;
+        let mut marks = Vec::new();
+        while up_to > floor && !self.shutdown.is_cancelled() {
+            let window = Window::NewestFirst {
+                above: floor,
+                up_to,
+            };
+            let rows = self
+                .read(move |c| local::select_readings(c, window, release, max))
+                .await?;
+            let Some(&lowest) = rows.ids.last() else {
+                break;
+            };
+            self.upload(&rows).await?;
+            marks.push(self.spawn_mark(rows.ids));
+            up_to = lowest - 1;
+        }
+        for m in marks {
+            let _ = m.await;
+        }
+        Ok(())
+    }
+
+    /// The backlog, oldest first, paced to `backlog_rows_per_second`, until `deadline`.
+    async fn drain_backlog(&mut self, deadline: Instant, release: i64) -> Result<(), SyncError> {
+        let max = self.config.batch_size;
+        let rate = self.config.backlog_rows_per_second;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut pending_mark: Option<JoinHandle<()>> = None;
+        let window = Window::OldestFirst { after: 0 };
+        let mut rows = self
+            .read(move |c| local::select_readings(c, window, release, max))
+            .await?;
+        let result = loop {
+            let Some(&last) = rows.ids.last() else {
+                break Ok(());
+            };
+            if self.shutdown.is_cancelled() || Instant::now() >= deadline {
+                break Ok(());
+            }
+            let window = Window::OldestFirst { after: last };
+            let prefetch =
+                self.start_read(move |c| local::select_readings(c, window, release, max));
+            let uploaded = self.upload(&rows).await;
+            let next = self.finish_read(prefetch).await;
+            if let Err(e) = uploaded {
+                break Err(e);
+            }
+            if let Some(m) = pending_mark.take() {
+                let _ = m.await;
+            }
+            sent += rows.len() as u64;
+            pending_mark = Some(self.spawn_mark(std::mem::take(&mut rows.ids)));
+            rows = match next {
+                Ok(r) => r,
+                Err(e) => break Err(e),
+            };
+            if rate > 0 {
+                let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+                if due > Instant::now() {
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => {}
+                        _ = tokio::time::sleep_until(due.min(deadline)) => {}
+                    }
+                }
+            }
+        };
+        if let Some(m) = pending_mark {
+            let _ = m.await;
+        }
+        result
+    }
+
+    async fn upload(&self, rows: &ReadingColumns) -> Result<u64, SyncError> {
+        let central = self.central.as_ref().ok_or_else(not_connected)?;
+        central.upload_readings(&self.gateway_id, rows).await
+    }
+
+    /// After a failed round: drop the connection (its state is unknown), remember and
+    /// report the error, log it without flooding the journal.
+    async fn failed(&mut self, e: &SyncError, wait: Duration) {
+        self.central = None;
+        let at = Utc::now();
+        let message = e.to_string();
+        self.last_error = Some((message.clone(), at));
+        let stored = message.clone();
+        let _ = self
+            .store
+            .write(move |c| local::record_error(c, at, &stored))
+            .await;
+        if let Some(suppressed) = self.failure_log.allow() {
+            if e.needs_a_person() {
+                tracing::error!(error = %message, retry_in = ?wait, suppressed, "Central sync cannot proceed; a person must act.");
+            } else {
+                tracing::warn!(error = %message, retry_in = ?wait, suppressed, "Central sync failed; retrying with backoff.");
+            }
+        }
+    }
+}
+
+fn not_connected() -> SyncError {
+    SyncError::Database("not connected".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_without_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), false);
+        let waits: Vec<_> = (0..6).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+        for _ in 0..100 {
+            b.next_delay();
+        }
+        assert_eq!(
+            b.next_delay(),
+            Duration::from_secs(1),
+            "no overflow after many failures"
+        );
+    }
+
+    #[test]
+    fn full_jitter_spreads_waits_between_zero_and_the_cap() {
+        let waits: Vec<Duration> = (0..200)
+            .map(|_| {
+                let mut b = Backoff::new(Duration::from_secs(8), Duration::from_secs(8), true);
+                b.next_delay()
+            })
+            .collect();
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(8)));
+        assert!(waits.iter().any(|w| *w < Duration::from_secs(2)));
+        assert!(waits.iter().any(|w| *w > Duration::from_secs(6)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_readings_are_released_after_the_bound_of_monotonic_time() {
+        let mut hold = HoldBack::new(Duration::from_secs(3600));
+        let t0 = Instant::now();
+        hold.observe(t0, 100);
+        assert_eq!(hold.release_up_to(t0), 0);
+        tokio::time::advance(Duration::from_secs(1800)).await;
+        hold.observe(Instant::now(), 250);
+        assert_eq!(
+            hold.release_up_to(Instant::now()),
+            0,
+            "nothing has waited an hour yet"
+        );
+        tokio::time::advance(Duration::from_secs(1800)).await;
+        assert_eq!(
+            hold.release_up_to(Instant::now()),
+            100,
+            "ids up to 100 waited an hour"
+        );
+        tokio::time::advance(Duration::from_secs(1799)).await;
+        assert_eq!(hold.release_up_to(Instant::now()), 100);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(hold.release_up_to(Instant::now()), 250);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hold_back_memory_is_bounded() {
+        let mut hold = HoldBack::new(Duration::from_secs(3600));
+        for i in 0..100_000 {
+            // As the worker does every round.
+            hold.observe(Instant::now(), i);
+            hold.release_up_to(Instant::now());
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        assert!(
+            hold.checkpoints.len() <= MAX_CHECKPOINTS as usize + 1,
+            "{}",
+            hold.checkpoints.len()
+        );
+        assert!(hold.release_up_to(Instant::now()) > 0);
+    }
+
+    #[test]
+    fn zero_bound_holds_nothing() {
+        let mut hold = HoldBack::new(Duration::ZERO);
+        assert_eq!(hold.release_up_to(Instant::now()), i64::MAX);
+    }
+}
