@@ -38,6 +38,8 @@ pub struct Pipeline {
     named: HashMap<&'static str, (CancellationToken, JoinHandle<()>)>,
     writer_finished: tokio::sync::oneshot::Receiver<()>,
     writer_close: CancellationToken,
+    /// `agent.gateway_id`, for sources (default MQTT client ids).
+    gateway_id: String,
 }
 
 /// How long consumers get to finish once the readings have stopped.
@@ -76,6 +78,7 @@ impl Pipeline {
             named: HashMap::new(),
             writer_finished: ingest.finished,
             writer_close: ingest.close,
+            gateway_id: config.agent.gateway_id.clone(),
         };
         for source in &config.sources {
             pipeline.start_source(source.clone());
@@ -93,6 +96,7 @@ impl Pipeline {
             shutdown: stop.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
+            gateway_id: self.gateway_id.clone(),
         };
         let name = source.name().to_string();
         let task = tokio::spawn(supervise_source(source.clone(), ctx));

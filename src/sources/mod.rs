@@ -5,8 +5,13 @@
 //! acknowledges its producer only after the batch's commit (G1). Sources stop when the
 //! shutdown token is cancelled and drop their sender, which lets the writer finish.
 
+pub mod chirpstack;
 pub mod mapping;
+pub mod mqtt;
+pub mod mqtt_client;
 pub mod simulated;
+pub mod ttn;
+pub mod ttn_backfill;
 
 use crate::config::{check_identifier, Problems};
 use crate::model::Batch;
@@ -21,21 +26,30 @@ use tokio_util::sync::CancellationToken;
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum SourceConfig {
     Simulated(simulated::SimulatedConfig),
+    Ttn(ttn::TtnConfig),
+    Chirpstack(chirpstack::ChirpStackConfig),
+    Mqtt(mqtt::MqttJsonConfig),
 }
 
 /// The `type` values, for messages.
-const TYPES: &[&str] = &["simulated"];
+const TYPES: &[&str] = &["simulated", "ttn", "chirpstack", "mqtt"];
 
 impl SourceConfig {
     pub fn name(&self) -> &str {
         match self {
             SourceConfig::Simulated(c) => &c.name,
+            SourceConfig::Ttn(c) => &c.name,
+            SourceConfig::Chirpstack(c) => &c.name,
+            SourceConfig::Mqtt(c) => &c.name,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
             SourceConfig::Simulated(_) => "simulated",
+            SourceConfig::Ttn(_) => "ttn",
+            SourceConfig::Chirpstack(_) => "chirpstack",
+            SourceConfig::Mqtt(_) => "mqtt",
         }
     }
 
@@ -75,6 +89,11 @@ impl SourceConfig {
             "simulated" => problems
                 .deserialize(value, path)
                 .map(SourceConfig::Simulated),
+            "ttn" => problems.deserialize(value, path).map(SourceConfig::Ttn),
+            "chirpstack" => problems
+                .deserialize(value, path)
+                .map(SourceConfig::Chirpstack),
+            "mqtt" => problems.deserialize(value, path).map(SourceConfig::Mqtt),
             other => {
                 problems.push(
                     format!("{path}.type"),
@@ -95,6 +114,9 @@ impl SourceConfig {
         );
         match self {
             SourceConfig::Simulated(c) => c.validate(path, problems),
+            SourceConfig::Ttn(c) => c.validate(path, problems),
+            SourceConfig::Chirpstack(c) => c.validate(path, problems),
+            SourceConfig::Mqtt(c) => c.validate(path, problems),
         }
     }
 
@@ -102,6 +124,9 @@ impl SourceConfig {
     pub async fn run(self, ctx: SourceContext) -> anyhow::Result<()> {
         match self {
             SourceConfig::Simulated(c) => simulated::run(c, ctx).await,
+            SourceConfig::Ttn(c) => ttn::run(c, ctx).await,
+            SourceConfig::Chirpstack(c) => chirpstack::run(c, ctx).await,
+            SourceConfig::Mqtt(c) => mqtt::run(c, ctx).await,
         }
     }
 }
@@ -124,4 +149,6 @@ pub struct SourceContext {
     pub store: Store,
     /// Counters (`received`, `rejected`) and the connection state shown by `/health`.
     pub metrics: crate::metrics::Metrics,
+    /// `agent.gateway_id`, e.g. for default MQTT client ids.
+    pub gateway_id: String,
 }

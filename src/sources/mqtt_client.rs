@@ -1,0 +1,1126 @@
+//! MQTT plumbing shared by the `ttn`, `chirpstack` and `mqtt` sources.
+//!
+//! What it guarantees:
+//! - **The poll loop never waits for the store.** It only moves each PUBLISH into a
+//!   bounded hand-off queue ([`HANDOFF_CAPACITY`] messages) and keeps polling, so
+//!   keep-alive pings and acknowledgements keep flowing. A worker task takes
+//!   everything that is ready (up to [`MAX_MESSAGES_PER_BATCH`]) as one batch,
+//!   decodes it and sends it to the store. Only if the hand-off queue is full — the
+//!   store is far behind — does the poll loop wait (back-pressure towards the broker).
+//! - **QoS 1 messages are acknowledged only after their batch committed** (G1). With
+//!   `manual_acks`, an acker task awaits each batch's commit in order and only then
+//!   sends the PUBACKs; a refused commit is retried, never acknowledged. A message
+//!   received but not committed when the agent dies is redelivered by the broker
+//!   (persistent session) and deduplicated by its uid (G2).
+//! - **Reconnects back off.** rumqttc reconnects as soon as it is polled again; the
+//!   poll loop sleeps an exponentially growing, fully jittered delay after every
+//!   failure and resubscribes on every ConnAck.
+//! - **Options are validated before rumqttc sees them** (its setters assert).
+
+use super::SourceContext;
+use crate::config::{HumanDuration, Problems, Secret};
+use crate::model::{Batch, Reading};
+use crate::ratelimit::LogLimiter;
+use crate::store::StoreError;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, Publish, QoS,
+    Request, Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Messages waiting between the poll loop and the decoding worker.
+pub const HANDOFF_CAPACITY: usize = 16_384;
+/// The most messages decoded into one batch.
+pub const MAX_MESSAGES_PER_BATCH: usize = 2_000;
+/// Batches sent to the store whose commit is still awaited (QoS 1 acks, cursors). With
+/// [`MAX_MESSAGES_PER_BATCH`] this bounds the readings a session holds in memory: when
+/// the store falls behind, the worker waits, the hand-off queue fills, and only then
+/// does the poll loop wait (G4).
+const ACK_PIPELINE_CAPACITY: usize = 4;
+/// Requests (PUBACKs, subscriptions) waiting for the event loop.
+const REQUEST_CAPACITY: usize = 4_096;
+/// rumqttc drops the connection on a larger packet, so this is generous; the
+/// decoders enforce the configured, much smaller `max_payload`.
+const MAX_PACKET_SIZE: usize = 16 << 20;
+/// How long the session keeps polling at shutdown so PUBACKs of committed batches reach
+/// the broker (must stay below the pipeline's source grace period).
+const SHUTDOWN_FLUSH: Duration = Duration::from_millis(1500);
+
+/// `[sources.broker]`: how to reach an MQTT broker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Host name or IP address of the broker (no `mqtt://` prefix).
+    pub host: String,
+    /// TCP port; defaults to 8883 with TLS and 1883 without.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Use TLS (rustls). On by default; turn off only for a broker on the gateway itself.
+    #[serde(default = "yes")]
+    pub tls: bool,
+    /// PEM file with the CA certificate(s) to trust instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for brokers that require one; needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// User name for password authentication.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (or `password_file`, or `${ENV}`).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// The MQTT client id. Persistent sessions (QoS 1) are tied to it, so keep it fixed.
+    /// Default: `outpost-<gateway_id>-<source name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Keep-alive interval (5s to 18h); the broker drops the connection after 1.5× this
+    /// without traffic.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: HumanDuration,
+    /// How long a connection attempt (TCP, TLS and CONNACK) may take.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// First delay before reconnecting after a failure; it doubles up to `reconnect_max`
+    /// (each delay randomised so a fleet does not reconnect in step).
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min: HumanDuration,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: HumanDuration,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_keep_alive() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+fn default_reconnect_min() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+fn default_reconnect_max() -> HumanDuration {
+    HumanDuration::from_secs(120)
+}
+
+impl BrokerConfig {
+    /// A plain configuration for `host:port` (tests, defaults).
+    pub fn new(host: impl Into<String>) -> BrokerConfig {
+        BrokerConfig {
+            host: host.into(),
+            port: None,
+            tls: true,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            username: None,
+            password: None,
+            client_id: None,
+            keep_alive: default_keep_alive(),
+            connect_timeout: default_connect_timeout(),
+            reconnect_min: default_reconnect_min(),
+            reconnect_max: default_reconnect_max(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self.port {
+            Some(p) => p,
+            None if self.tls => 8883,
+            None => 1883,
+        }
+    }
+
+    /// Checks everything rumqttc would assert on, and loads the TLS files so that
+    /// `outpost check` reports a bad certificate.
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        let host = self.host.trim();
+        if host.is_empty() {
+            problems.push(
+                format!("{path}.host"),
+                "must name the broker, e.g. \"eu1.cloud.thethings.network\"",
+            );
+        } else if host.contains("://") {
+            problems.push(
+                format!("{path}.host"),
+                format!("{host:?} is a URL; write only the host name and set `port` and `tls`"),
+            );
+        } else if host.chars().any(|c| c.is_whitespace() || c == '/') || host.len() > 253 {
+            problems.push(
+                format!("{path}.host"),
+                format!("{host:?} is not a host name or address"),
+            );
+        }
+        if self.port == Some(0) {
+            problems.push(format!("{path}.port"), "must be between 1 and 65535");
+        }
+        let keep_alive = self.keep_alive.get();
+        if keep_alive < Duration::from_secs(5) || keep_alive > Duration::from_secs(u16::MAX as u64)
+        {
+            problems.push(
+                format!("{path}.keep_alive"),
+                format!("must be between 5s and 18h, found {}", self.keep_alive),
+            );
+        }
+        let timeout = self.connect_timeout.get();
+        if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(300) {
+            problems.push(
+                format!("{path}.connect_timeout"),
+                format!("must be between 1s and 5m, found {}", self.connect_timeout),
+            );
+        }
+        if self.reconnect_min.get() < Duration::from_millis(100) {
+            problems.push(format!("{path}.reconnect_min"), "must be at least 100ms");
+        }
+        if self.reconnect_max < self.reconnect_min
+            || self.reconnect_max.get() > Duration::from_secs(3600)
+        {
+            problems.push(
+                format!("{path}.reconnect_max"),
+                "must be at least reconnect_min and at most 1h",
+            );
+        }
+        if let Some(id) = &self.client_id {
+            problems.check(format!("{path}.client_id"), check_client_id(id));
+        }
+        if let Some(user) = &self.username {
+            if user.is_empty() || user.len() > 1024 {
+                problems.push(
+                    format!("{path}.username"),
+                    "must be between 1 and 1024 characters",
+                );
+            }
+        }
+        if self.password.is_some() && self.username.is_none() {
+            problems.push(format!("{path}.password"), "a password needs a `username`");
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) => problems.push(
+                format!("{path}.client_key_file"),
+                "is needed with client_cert_file",
+            ),
+            (None, Some(_)) => problems.push(
+                format!("{path}.client_cert_file"),
+                "is needed with client_key_file",
+            ),
+            _ => {}
+        }
+        if !self.tls {
+            for (key, set) in [
+                ("ca_file", self.ca_file.is_some()),
+                ("client_cert_file", self.client_cert_file.is_some()),
+            ] {
+                if set {
+                    problems.push(format!("{path}.{key}"), "is only used with tls = true");
+                }
+            }
+        } else if let Err((key, message)) = self.tls_config() {
+            problems.push(format!("{path}.{key}"), message);
+        }
+    }
+
+    /// The rustls client configuration (ring provider): the CA file's certificates or
+    /// the system's roots, and the client certificate if configured. Errors name the
+    /// key at fault.
+    pub fn tls_config(&self) -> Result<rustls::ClientConfig, (&'static str, String)> {
+        tls_client_config(
+            self.ca_file.as_deref(),
+            self.client_cert_file
+                .as_deref()
+                .zip(self.client_key_file.as_deref()),
+        )
+    }
+
+    /// rumqttc options for this broker. `validate` must have passed.
+    pub fn mqtt_options(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+        manual_acks: bool,
+        credentials: Option<(String, String)>,
+    ) -> Result<MqttOptions, String> {
+        check_client_id(client_id)?;
+        let keep_alive = self.keep_alive.get();
+        if keep_alive < Duration::from_secs(1) {
+            return Err("keep_alive must be at least 1s".into());
+        }
+        let mut options = MqttOptions::new(client_id, self.host.trim(), self.port());
+        options
+            .set_keep_alive(keep_alive)
+            .set_clean_session(clean_session)
+            .set_manual_acks(manual_acks)
+            .set_max_packet_size(MAX_PACKET_SIZE, 64 << 10)
+            .set_request_channel_capacity(REQUEST_CAPACITY)
+            .set_inflight(100);
+        let credentials = credentials.or_else(|| {
+            self.username.clone().map(|u| {
+                (
+                    u,
+                    self.password
+                        .as_ref()
+                        .map(|p| p.expose().to_string())
+                        .unwrap_or_default(),
+                )
+            })
+        });
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
+        if self.tls {
+            let config = self
+                .tls_config()
+                .map_err(|(key, message)| format!("{key}: {message}"))?;
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(config),
+            )));
+        }
+        Ok(options)
+    }
+}
+
+/// The client id rules rumqttc and brokers impose.
+pub fn check_client_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(
+            "the client id must not be empty (a persistent session needs a fixed id)".into(),
+        );
+    }
+    if id.len() > 128 {
+        return Err("the client id is longer than 128 characters".into());
+    }
+    if let Some(c) = id.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the client id {id:?} contains {c:?}; use printable ASCII without spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// The default client id: fixed per gateway and source, so persistent sessions survive
+/// restarts.
+pub fn default_client_id(gateway_id: &str, source: &str) -> String {
+    let id: String = format!("outpost-{gateway_id}-{source}")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(128)
+        .collect();
+    id
+}
+
+/// Builds a rustls client configuration on the ring provider.
+pub fn tls_client_config(
+    ca_file: Option<&std::path::Path>,
+    client_auth: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<rustls::ClientConfig, (&'static str, String)> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = read_certs(path).map_err(|e| ("ca_file", e))?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    (
+                        "ca_file",
+                        format!("{}: not a usable CA certificate: {e}", path.display()),
+                    )
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err((
+                    "ca_file",
+                    "no system CA certificates were found (install ca-certificates) and no ca_file is set".into(),
+                ));
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("tls", format!("cannot set up TLS: {e}")))?
+        .with_root_certificates(roots);
+    match client_auth {
+        Some((cert_path, key_path)) => {
+            let certs = read_certs(cert_path).map_err(|e| ("client_cert_file", e))?;
+            let key = read_key(key_path).map_err(|e| ("client_key_file", e))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                (
+                    "client_key_file",
+                    format!("does not match client_cert_file: {e}"),
+                )
+            })
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+fn read_certs(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} contains no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &std::path::Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| format!("{} is not a PEM key file: {e}", path.display()))?
+        .ok_or_else(|| format!("{} contains no PEM private key", path.display()))
+}
+
+/// Exponential backoff with full jitter: the n-th delay is uniform in
+/// `[min, min(max, min·2ⁿ)]`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    /// The ceiling of the next delay (for messages).
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32 << self.attempt.min(20);
+        self.min.saturating_mul(factor).min(self.max)
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        if ceiling <= self.min {
+            return self.min;
+        }
+        rand::thread_rng().gen_range(self.min..=ceiling)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+/// Why a message was not turned into readings. `reason` is a short, low-cardinality
+/// label for counters and the `rejected` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: &'static str,
+    pub detail: String,
+    /// `false` for messages skipped on purpose (other message types, simulated uplinks
+    /// configured to be dropped): counted, not logged or kept.
+    pub record: bool,
+}
+
+/// The readings of one message, and its position for cursors (e.g. the network
+/// server's `received_at`).
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub readings: Vec<Reading>,
+    pub mark: Option<DateTime<Utc>>,
+}
+
+/// Turns one MQTT message into readings. Implemented by each source with a pure decoder.
+pub trait Decode: Send + 'static {
+    fn decode(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        received_at: DateTime<Utc>,
+    ) -> Result<Decoded, Rejection>;
+}
+
+/// Counters of one MQTT session, for tests, status and metrics.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    pub connects: AtomicU64,
+    pub connection_failures: AtomicU64,
+    pub messages: AtomicU64,
+    pub readings: AtomicU64,
+    pub committed_messages: AtomicU64,
+    pub ignored: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Rejections by reason.
+    pub rejected_by_reason: Mutex<BTreeMap<&'static str, u64>>,
+    /// Batches whose commit failed (retried for QoS 1, backfilled for TTN).
+    pub commit_failures: AtomicU64,
+    /// Times the poll loop had to wait because the hand-off queue was full.
+    pub handoff_full: AtomicU64,
+}
+
+/// Everything a session needs besides the decoder.
+pub struct Session {
+    pub source: String,
+    pub options: MqttOptions,
+    pub connect_timeout: Duration,
+    pub subscriptions: Vec<(String, QoS)>,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub stats: Arc<SessionStats>,
+    /// Incremented on every accepted ConnAck; carries the committed mark at that instant
+    /// (TTN backfills from there).
+    pub connected: Option<watch::Sender<(u64, Option<DateTime<Utc>>)>>,
+    /// The newest mark among committed messages.
+    pub committed_mark: Option<watch::Sender<Option<DateTime<Utc>>>>,
+    /// The oldest mark of a batch that could not be committed and is not retried (QoS 0).
+    pub gaps: Option<mpsc::Sender<DateTime<Utc>>>,
+}
+
+struct Handoff {
+    publish: Publish,
+    received_at: DateTime<Utc>,
+}
+
+/// A batch sent to the store whose commit the acker awaits.
+struct Pending {
+    ack: oneshot::Receiver<Result<crate::model::Committed, StoreError>>,
+    /// PUBACKs to send after the commit (manual acks only).
+    publishes: Vec<Publish>,
+    /// A copy of the readings to resend if the commit fails (manual acks only).
+    retry: Option<Vec<Reading>>,
+    messages: usize,
+    min_mark: Option<DateTime<Utc>>,
+    max_mark: Option<DateTime<Utc>>,
+}
+
+/// Runs one MQTT session until shutdown: the poll loop here, the decoding worker and
+/// the acker as tasks.
+pub async fn run_session(
+    session: Session,
+    decoder: impl Decode,
+    ctx: &SourceContext,
+) -> anyhow::Result<()> {
+    let manual_acks = session.options.manual_acks();
+    let (client, mut eventloop) = AsyncClient::new(session.options.clone(), REQUEST_CAPACITY);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_connection_timeout(session.connect_timeout.as_secs().max(1));
+    eventloop.set_network_options(network);
+
+    let (handoff_tx, handoff_rx) = mpsc::channel::<Handoff>(HANDOFF_CAPACITY);
+    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(ACK_PIPELINE_CAPACITY);
+    let committed_mark = session.committed_mark.clone();
+    let worker = tokio::spawn(worker(
+        handoff_rx,
+        decoder,
+        ctx.clone(),
+        session.source.clone(),
+        manual_acks,
+        pending_tx,
+        session.stats.clone(),
+    ));
+    let acker = tokio::spawn(acker(
+        pending_rx,
+        client.clone(),
+        ctx.out.clone(),
+        session.source.clone(),
+        session.stats.clone(),
+        committed_mark,
+        session.gaps.clone(),
+        ctx.shutdown.clone(),
+    ));
+
+    let source = session.source.as_str();
+    let stats = &session.stats;
+    let mut backoff = Backoff::new(session.reconnect_min, session.reconnect_max);
+    let mut generation: u64 = 0;
+    let mut was_connected = false;
+    let mut failure_log = LogLimiter::new(Duration::from_secs(300));
+    let mut handoff_tx = Some(handoff_tx);
+    loop {
+        let event = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                generation += 1;
+                ctx.metrics.set_connected(source, true);
+                stats.connects.fetch_add(1, Relaxed);
+                if let Some(tx) = &session.connected {
+                    let mark = session.committed_mark.as_ref().and_then(|m| *m.borrow());
+                    tx.send_replace((generation, mark));
+                }
+                tracing::info!(
+                    source,
+                    broker = %session.options.broker_address().0,
+                    session_present = ack.session_present,
+                    "Connected to the MQTT broker; subscribing."
+                );
+                was_connected = true;
+                // Straight into rumqttc's outgoing queue: never blocks, and is sent
+                // before anything else on this connection.
+                let filters = session
+                    .subscriptions
+                    .iter()
+                    .map(|(f, q)| SubscribeFilter::new(f.clone(), *q))
+                    .collect::<Vec<_>>();
+                eventloop
+                    .pending
+                    .push_back(Request::Subscribe(Subscribe::new_many(filters)));
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                stats.messages.fetch_add(1, Relaxed);
+                let Some(tx) = &handoff_tx else { continue };
+                let item = Handoff {
+                    publish,
+                    received_at: Utc::now(),
+                };
+                match tx.try_send(item) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(item)) => {
+                        // The store is far behind: let back-pressure reach the broker.
+                        stats.handoff_full.fetch_add(1, Relaxed);
+                        tokio::select! {
+                            _ = ctx.shutdown.cancelled() => break,
+                            r = tx.send(item) => if r.is_err() { break },
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                for (code, (filter, _)) in ack.return_codes.iter().zip(&session.subscriptions) {
+                    if *code == SubscribeReasonCode::Failure {
+                        tracing::error!(
+                            source,
+                            topic = %filter,
+                            "The broker refused the subscription; check the user's ACL. No data arrives from this topic."
+                        );
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                stats.connection_failures.fetch_add(1, Relaxed);
+                ctx.metrics.set_connected(source, false);
+                let delay = backoff.next_delay();
+                log_connection_error(source, &error, delay, was_connected, &mut failure_log);
+                was_connected = false;
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+
+    // Shutdown: stop taking messages, let the worker hand its last batch to the store,
+    // and keep polling briefly so PUBACKs of committed batches reach the broker.
+    // Messages not acknowledged now are redelivered at the next start.
+    drop(handoff_tx.take());
+    let _ = worker.await;
+    if manual_acks && was_connected {
+        let flush = async {
+            let mut acker = acker;
+            loop {
+                tokio::select! {
+                    _ = &mut acker => break,
+                    e = eventloop.poll() => if e.is_err() { break },
+                }
+            }
+            let _ = client.try_disconnect();
+            while let Ok(e) = eventloop.poll().await {
+                if matches!(e, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
+    } else {
+        acker.abort();
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    }
+    Ok(())
+}
+
+fn log_connection_error(
+    source: &str,
+    error: &ConnectionError,
+    delay: Duration,
+    was_connected: bool,
+    limiter: &mut LogLimiter,
+) {
+    let delay_text =
+        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)).to_string();
+    match error {
+        ConnectionError::ConnectionRefused(code) => {
+            // Logged once per backoff step: the delays grow, so this stays readable.
+            let reason = match code {
+                ConnectReturnCode::BadUserNamePassword => {
+                    "bad user name or password (check the API key / password)"
+                }
+                ConnectReturnCode::NotAuthorized => {
+                    "not authorised (check the user name and the API key / password, and the user's rights)"
+                }
+                ConnectReturnCode::BadClientId => "client id rejected",
+                ConnectReturnCode::ServiceUnavailable => "service unavailable",
+                ConnectReturnCode::RefusedProtocolVersion => "MQTT 3.1.1 not supported",
+                ConnectReturnCode::Success => "success",
+            };
+            tracing::error!(source, reason, retry_in = %delay_text, "The MQTT broker refused the connection.");
+        }
+        _ if was_connected => {
+            tracing::warn!(source, error = %error, retry_in = %delay_text, "Lost the MQTT connection; reconnecting.");
+        }
+        _ => {
+            if let Some(suppressed) = limiter.allow() {
+                tracing::warn!(source, error = %error, retry_in = %delay_text, suppressed, "Cannot connect to the MQTT broker; retrying.");
+            }
+        }
+    }
+}
+
+async fn worker(
+    mut rx: mpsc::Receiver<Handoff>,
+    mut decoder: impl Decode,
+    ctx: SourceContext,
+    source: String,
+    manual_acks: bool,
+    pending: mpsc::Sender<Pending>,
+    stats: Arc<SessionStats>,
+) {
+    let mut buf = Vec::with_capacity(MAX_MESSAGES_PER_BATCH);
+    let mut limiter = LogLimiter::new(Duration::from_secs(60));
+    while rx.recv_many(&mut buf, MAX_MESSAGES_PER_BATCH).await > 0 {
+        let messages = buf.len();
+        let mut readings = Vec::with_capacity(messages * 4);
+        let mut publishes = Vec::new();
+        let (mut min_mark, mut max_mark) = (None::<DateTime<Utc>>, None::<DateTime<Utc>>);
+        for item in buf.drain(..) {
+            match decoder.decode(&item.publish.topic, &item.publish.payload, item.received_at) {
+                Ok(decoded) => {
+                    readings.extend(decoded.readings);
+                    if let Some(m) = decoded.mark {
+                        min_mark = Some(min_mark.map_or(m, |x| x.min(m)));
+                        max_mark = Some(max_mark.map_or(m, |x| x.max(m)));
+                    }
+                }
+                Err(rejection) => reject(
+                    &ctx,
+                    &source,
+                    &stats,
+                    &mut limiter,
+                    &item.publish.topic,
+                    &item.publish.payload,
+                    &rejection,
+                ),
+            }
+            if manual_acks && item.publish.qos != QoS::AtMostOnce {
+                publishes.push(item.publish);
+            }
+        }
+        stats.readings.fetch_add(readings.len() as u64, Relaxed);
+        ctx.metrics.received(&source, readings.len() as u64);
+        if readings.is_empty() && publishes.is_empty() {
+            continue;
+        }
+        let retry = manual_acks.then(|| readings.clone());
+        let (batch, ack) = Batch::with_ack(readings);
+        if ctx.out.send(batch).await.is_err() {
+            break;
+        }
+        let item = Pending {
+            ack,
+            publishes,
+            retry,
+            messages,
+            min_mark,
+            max_mark,
+        };
+        if pending.send(item).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Counts, logs (rate-limited) and keeps (bounded) a message that gave no readings.
+pub fn reject(
+    ctx: &SourceContext,
+    source: &str,
+    stats: &SessionStats,
+    limiter: &mut LogLimiter,
+    topic: &str,
+    payload: &[u8],
+    rejection: &Rejection,
+) {
+    if !rejection.record {
+        stats.ignored.fetch_add(1, Relaxed);
+        return;
+    }
+    stats.rejected.fetch_add(1, Relaxed);
+    ctx.metrics.rejected(source, rejection.reason);
+    if let Ok(mut by_reason) = stats.rejected_by_reason.lock() {
+        *by_reason.entry(rejection.reason).or_default() += 1;
+    }
+    let rejected = stats.rejected.load(Relaxed);
+    if let Some(suppressed) = limiter.allow() {
+        tracing::warn!(
+            source,
+            topic,
+            reason = rejection.reason,
+            detail = %rejection.detail,
+            rejected,
+            suppressed,
+            "A message was rejected; it is kept in the `rejected` table (see `outpost status`)."
+        );
+    }
+    ctx.store.record_rejected(
+        source,
+        rejection.reason,
+        &format!("{topic}: {}", rejection.detail),
+        payload,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn acker(
+    mut rx: mpsc::Receiver<Pending>,
+    client: AsyncClient,
+    out: mpsc::Sender<Batch>,
+    source: String,
+    stats: Arc<SessionStats>,
+    committed_mark: Option<watch::Sender<Option<DateTime<Utc>>>>,
+    gaps: Option<mpsc::Sender<DateTime<Utc>>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut limiter = LogLimiter::new(Duration::from_secs(60));
+    while let Some(mut item) = rx.recv().await {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match (&mut item.ack).await {
+                Ok(Ok(_)) => {
+                    stats
+                        .committed_messages
+                        .fetch_add(item.messages as u64, Relaxed);
+                    for publish in item.publishes.drain(..) {
+                        if client.ack(&publish).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let (Some(tx), Some(mark)) = (&committed_mark, item.max_mark) {
+                        tx.send_if_modified(|current| {
+                            if current.map_or(true, |c| c < mark) {
+                                *current = Some(mark);
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                    }
+                    break;
+                }
+                // The store is closing: unacknowledged messages are redelivered later.
+                Ok(Err(StoreError::Closed)) | Err(_) => return,
+                Ok(Err(error)) => {
+                    stats.commit_failures.fetch_add(1, Relaxed);
+                    if let Some(suppressed) = limiter.allow() {
+                        tracing::warn!(source = %source, error = %error, suppressed, "A batch was not stored.");
+                    }
+                    let Some(readings) = &item.retry else {
+                        if let (Some(gaps), Some(from)) = (&gaps, item.min_mark) {
+                            let _ = gaps.try_send(from);
+                        }
+                        break;
+                    };
+                    // Not acknowledged: try the same readings again after a pause.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                    let (batch, ack) = Batch::with_ack(readings.clone());
+                    if out.send(batch).await.is_err() {
+                        return;
+                    }
+                    item.ack = ack;
+                }
+            }
+        }
+    }
+}
+
+/// Checks an MQTT topic filter: levels split by `/`, `+` only as a whole level, `#`
+/// only as the whole last level.
+pub fn check_topic_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("the topic filter must not be empty".into());
+    }
+    if filter.len() > 65_535 || filter.contains('\0') {
+        return Err("the topic filter is not valid MQTT".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i != levels.len() - 1) {
+            return Err(format!("{filter:?}: '#' must be the whole last level"));
+        }
+        if level.contains('+') && *level != "+" {
+            return Err(format!("{filter:?}: '+' must be a whole level"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks one topic level given in configuration (an application id): no wildcards or
+/// separators.
+pub fn check_topic_level(value: &str, what: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{what} must not be empty"));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| matches!(c, '/' | '+' | '#' | '\0') || c.is_whitespace())
+    {
+        return Err(format!(
+            "{what} {value:?} contains {c:?}, which cannot appear in an MQTT topic level"
+        ));
+    }
+    Ok(())
+}
+
+/// A payload larger than `max` is refused before parsing.
+pub fn check_size(payload: &[u8], max: usize) -> Result<(), Rejection> {
+    if payload.len() > max {
+        return Err(Rejection {
+            reason: "too_large",
+            detail: format!(
+                "the payload has {} bytes, more than max_payload ({max})",
+                payload.len()
+            ),
+            record: true,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let first = b.next_delay();
+        assert_eq!(first, Duration::from_secs(1));
+        let mut ceilings = Vec::new();
+        for _ in 0..10 {
+            let ceiling = b.ceiling();
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_secs(1) && d <= ceiling,
+                "{d:?} within [1s, {ceiling:?}]"
+            );
+            ceilings.push(ceiling);
+        }
+        assert_eq!(ceilings[0], Duration::from_secs(2));
+        assert_eq!(
+            *ceilings.last().unwrap(),
+            Duration::from_secs(30),
+            "capped at max"
+        );
+        // Jitter: many draws at the cap are not all equal.
+        let draws: std::collections::BTreeSet<_> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(draws.len() > 5, "{draws:?}");
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_secs(1));
+        // Huge attempt counts do not overflow.
+        let mut big = Backoff::new(Duration::from_secs(1), Duration::from_secs(3600));
+        for _ in 0..200 {
+            assert!(big.next_delay() <= Duration::from_secs(3600));
+        }
+    }
+
+    #[test]
+    fn topic_filters_are_checked() {
+        for ok in ["a/b", "a/+/c", "#", "a/#", "+", "v3/app@ttn/devices/+/up"] {
+            assert!(check_topic_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a/b#", "a/+b", "a+/b", "x\0y"] {
+            assert!(check_topic_filter(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_topic_level("bistro", "app").is_ok());
+        for bad in ["", "a/b", "a+", "#", "a b"] {
+            assert!(check_topic_level(bad, "app").is_err(), "{bad:?}");
+        }
+    }
+
+    fn problems_of(b: &BrokerConfig) -> Vec<String> {
+        let mut p = Problems::default();
+        b.validate("sources[0].broker", &mut p);
+        p.0.into_iter().map(|(k, m)| format!("{k}: {m}")).collect()
+    }
+
+    #[test]
+    fn broker_validation_catches_what_rumqttc_would_assert() {
+        let mut b = BrokerConfig::new("localhost");
+        b.tls = false;
+        assert!(problems_of(&b).is_empty(), "{:?}", problems_of(&b));
+        assert_eq!(b.port(), 1883);
+        b.tls = true;
+        b.ca_file = Some("/nonexistent/ca.pem".into());
+        assert!(problems_of(&b)
+            .iter()
+            .any(|p| p.contains("ca_file: cannot read")));
+        let mut bad = BrokerConfig::new("mqtts://host:8883");
+        bad.tls = false;
+        bad.port = Some(0);
+        bad.keep_alive = HumanDuration::from_millis(500);
+        bad.client_id = Some("has space".into());
+        bad.password = Some(Secret::new("x"));
+        bad.client_cert_file = Some("/x".into());
+        bad.reconnect_min = HumanDuration::from_secs(10);
+        bad.reconnect_max = HumanDuration::from_secs(5);
+        let problems = problems_of(&bad);
+        for expected in [
+            "host: \"mqtts://host:8883\" is a URL",
+            "port: must be between",
+            "keep_alive: must be between 5s",
+            "client_id: the client id",
+            "password: a password needs",
+            "client_key_file: is needed",
+            "reconnect_max: must be at least",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{expected:?} in {problems:#?}"
+            );
+        }
+        assert!(problems_of(&BrokerConfig::new(""))
+            .iter()
+            .any(|p| p.contains("host: must name")));
+    }
+
+    #[test]
+    fn options_never_panic_on_bad_input() {
+        let mut b = BrokerConfig::new("localhost");
+        b.tls = false;
+        assert!(
+            b.mqtt_options("", false, true, None).is_err(),
+            "empty id with a persistent session"
+        );
+        assert!(b.mqtt_options("a b", true, false, None).is_err());
+        let o = b
+            .mqtt_options(
+                "outpost-gw-src",
+                false,
+                true,
+                Some(("u".into(), "p".into())),
+            )
+            .unwrap();
+        assert!(!o.clean_session());
+        assert!(o.manual_acks());
+        assert_eq!(o.credentials().map(|l| l.username), Some("u".to_string()));
+        assert_eq!(default_client_id("gw 1", "src"), "outpost-gw1-src");
+    }
+
+    #[test]
+    fn tls_config_reports_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, b"\x00\x01 not pem").unwrap();
+        let err = tls_client_config(Some(&garbage), None).unwrap_err();
+        assert_eq!(err.0, "ca_file");
+        assert!(err.1.contains("no PEM certificate"), "{}", err.1);
+        // System roots exist on this machine (ca-certificates).
+        if std::path::Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
+            assert!(tls_client_config(None, None).is_ok());
+        }
+    }
+
+    struct Nothing;
+    impl Decode for Nothing {
+        fn decode(&mut self, _: &str, _: &[u8], _: DateTime<Utc>) -> Result<Decoded, Rejection> {
+            Ok(Decoded::default())
+        }
+    }
+
+    /// rumqttc would reconnect in a tight loop; the session backs off exponentially.
+    #[tokio::test(start_paused = true)]
+    async fn reconnects_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::store::StorageConfig {
+            path: dir.path().join("db"),
+            ..Default::default()
+        };
+        let (store, ingest) = crate::store::Store::open(&storage, Default::default()).unwrap();
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut broker = BrokerConfig::new("127.0.0.1");
+        broker.tls = false;
+        broker.port = Some(port);
+        let stats = Arc::new(SessionStats::default());
+        let session = Session {
+            source: "test".into(),
+            options: broker
+                .mqtt_options("outpost-test", true, false, None)
+                .unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            subscriptions: vec![("x".into(), QoS::AtMostOnce)],
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(8),
+            stats: stats.clone(),
+            connected: None,
+            committed_mark: None,
+            gaps: None,
+        };
+        let ctx = SourceContext {
+            out: ingest.sender.clone(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: crate::metrics::Metrics::new(&store),
+            store,
+            gateway_id: "gw".into(),
+        };
+        let shutdown = ctx.shutdown.clone();
+        let task = tokio::spawn(async move { run_session(session, Nothing, &ctx).await });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let failures = stats.connection_failures.load(Relaxed);
+        // Delays 1s, ≤2s, ≤4s, then ≤8s each: between 60/8 and 60/1 attempts, and
+        // nowhere near a tight loop.
+        assert!((7..=40).contains(&failures), "{failures} attempts in 60s");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn oversized_payloads_are_refused() {
+        assert!(check_size(&[0u8; 10], 10).is_ok());
+        let r = check_size(&[0u8; 11], 10).unwrap_err();
+        assert_eq!(r.reason, "too_large");
+    }
+}
