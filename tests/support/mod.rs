@@ -1,0 +1,23 @@
+//! Test peers for Outpost integration tests: `mod support;` then e.g.
+//! `let broker = support::Mosquitto::start();`. Every peer runs on a free
+//! 127.0.0.1 port inside its own temporary directory and is stopped (process
+//! killed, directory removed) on drop. See README.md in this directory.
+#![allow(dead_code, unused_imports)]
+
+pub mod ca;
+pub mod http;
+pub mod mosquitto;
+pub mod pgbouncer;
+pub mod postgres;
+pub mod serial;
+pub mod smtp;
+pub mod util;
+
+pub use ca::TestCa;
+pub use http::{HttpReceiver, RecordedRequest, Reply};
+pub use mosquitto::{Mosquitto, MosquittoBuilder};
+pub use pgbouncer::{PgBouncer, PgBouncerBuilder};
+pub use postgres::{PgAuth, Postgres, PostgresBuilder};
+pub use serial::SerialLink;
+pub use smtp::{ReceivedMail, SmtpOptions, SmtpServer};
+pub use util::{free_port, port_open, wait_until};
