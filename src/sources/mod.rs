@@ -6,6 +6,11 @@
 //! shutdown token is cancelled and drop their sender, which lets the writer finish.
 
 pub mod mapping;
+pub mod modbus;
+pub mod modbus_decode;
+pub mod rejects;
+pub mod serial;
+pub mod serial_formats;
 pub mod simulated;
 
 use crate::config::{check_identifier, Problems};
@@ -21,21 +26,27 @@ use tokio_util::sync::CancellationToken;
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum SourceConfig {
     Simulated(simulated::SimulatedConfig),
+    Serial(Box<serial::SerialConfig>),
+    ModbusRtu(modbus::ModbusConfig),
 }
 
 /// The `type` values, for messages.
-const TYPES: &[&str] = &["simulated"];
+const TYPES: &[&str] = &["simulated", "serial", "modbus-rtu"];
 
 impl SourceConfig {
     pub fn name(&self) -> &str {
         match self {
             SourceConfig::Simulated(c) => &c.name,
+            SourceConfig::Serial(c) => &c.name,
+            SourceConfig::ModbusRtu(c) => &c.name,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
             SourceConfig::Simulated(_) => "simulated",
+            SourceConfig::Serial(_) => "serial",
+            SourceConfig::ModbusRtu(_) => "modbus-rtu",
         }
     }
 
@@ -63,6 +74,8 @@ impl SourceConfig {
         };
         match kind.as_str() {
             "simulated" => problems.deserialize(value, path).map(SourceConfig::Simulated),
+            "serial" => problems.deserialize(value, path).map(|c| SourceConfig::Serial(Box::new(c))),
+            "modbus-rtu" => problems.deserialize(value, path).map(SourceConfig::ModbusRtu),
             other => {
                 problems.push(
                     format!("{path}.type"),
@@ -77,6 +90,8 @@ impl SourceConfig {
         problems.check(format!("{path}.name"), check_identifier(self.name(), "the source name"));
         match self {
             SourceConfig::Simulated(c) => c.validate(path, problems),
+            SourceConfig::Serial(c) => c.validate(path, problems),
+            SourceConfig::ModbusRtu(c) => c.validate(path, problems),
         }
     }
 
@@ -84,6 +99,8 @@ impl SourceConfig {
     pub async fn run(self, ctx: SourceContext) -> anyhow::Result<()> {
         match self {
             SourceConfig::Simulated(c) => simulated::run(c, ctx).await,
+            SourceConfig::Serial(c) => serial::run(*c, ctx).await,
+            SourceConfig::ModbusRtu(c) => modbus::run(c, ctx).await,
         }
     }
 }

@@ -1,0 +1,229 @@
+//! Bad input and visible source state, shared by the serial and Modbus sources.
+//!
+//! Rejected input is counted per reason, logged at most once a minute per source (with
+//! how many were suppressed), and kept in the bounded `rejected` table. Counts and the
+//! source's state (port open, slave offline, …) are written to `source_state` rows,
+//! which `outpost status` and health read without the agent's help:
+//!
+//! | key                 | value                                         |
+//! |---------------------|-----------------------------------------------|
+//! | `rejected.<reason>` | how many inputs were rejected for that reason |
+//! | `state`             | JSON: `{"state": "open" \| "waiting", …}`     |
+//! | `slave.<id>`        | JSON: `{"state": "online" \| "offline", …}`   |
+
+use crate::ratelimit::LogLimiter;
+use crate::store::Store;
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use tokio::task::JoinHandle;
+
+/// Counts, logs (rate-limited) and records rejected input of one source.
+pub struct RejectCounter {
+    source: String,
+    store: Store,
+    counts: BTreeMap<&'static str, u64>,
+    limiter: LogLimiter,
+    dirty: bool,
+}
+
+impl RejectCounter {
+    pub fn new(source: &str, store: Store) -> RejectCounter {
+        RejectCounter {
+            source: source.to_string(),
+            store,
+            counts: BTreeMap::new(),
+            limiter: LogLimiter::default(),
+            dirty: false,
+        }
+    }
+
+    /// Counts one rejected input, keeps it in `rejected` and logs it unless a line was
+    /// logged recently.
+    pub fn reject(&mut self, reason: &'static str, detail: &dyn Display, payload: &[u8]) {
+        let count = self.counts.entry(reason).or_insert(0);
+        *count += 1;
+        let count = *count;
+        self.dirty = true;
+        let detail = detail.to_string();
+        if let Some(suppressed) = self.limiter.allow() {
+            tracing::warn!(
+                source = %self.source,
+                reason,
+                detail = %detail,
+                count,
+                suppressed,
+                "Input rejected (logged at most once a minute; every one is counted and kept in the rejected table)."
+            );
+        }
+        self.store
+            .record_rejected(&self.source, reason, &detail, payload);
+    }
+
+    pub fn count(&self, reason: &str) -> u64 {
+        self.counts.get(reason).copied().unwrap_or(0)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// The `rejected.<reason>` rows, if anything changed since the last call.
+    pub fn take_changed_rows(&mut self) -> Vec<(String, String)> {
+        if !std::mem::take(&mut self.dirty) {
+            return Vec::new();
+        }
+        self.counts
+            .iter()
+            .map(|(reason, n)| (format!("rejected.{reason}"), n.to_string()))
+            .collect()
+    }
+
+    /// Marks the counts as changed again (a write of them was skipped).
+    pub fn mark_changed(&mut self) {
+        self.dirty = true;
+    }
+}
+
+/// Writes `source_state` rows in the background, at most one write in flight, so a
+/// source never waits for a commit to publish its state.
+pub struct StateWriter {
+    source: String,
+    store: Store,
+    in_flight: Option<JoinHandle<()>>,
+}
+
+impl StateWriter {
+    pub fn new(source: &str, store: Store) -> StateWriter {
+        StateWriter {
+            source: source.to_string(),
+            store,
+            in_flight: None,
+        }
+    }
+
+    /// Starts writing `rows`; returns `false` (nothing done) while the previous write
+    /// is still running, so the caller keeps them for the next round.
+    pub fn put(&mut self, rows: Vec<(String, String)>) -> bool {
+        if rows.is_empty() {
+            return true;
+        }
+        if self.in_flight.as_ref().is_some_and(|h| !h.is_finished()) {
+            return false;
+        }
+        let (store, source) = (self.store.clone(), self.source.clone());
+        self.in_flight = Some(tokio::spawn(async move {
+            if let Err(e) = write_rows(&store, &source, rows).await {
+                tracing::debug!(source = %source, error = %e, "Could not save the source state.");
+            }
+        }));
+        true
+    }
+
+    /// Waits for the running write, then writes `rows` and waits for their commit.
+    pub async fn flush(&mut self, rows: Vec<(String, String)>) {
+        if let Some(h) = self.in_flight.take() {
+            let _ = h.await;
+        }
+        if !rows.is_empty() {
+            if let Err(e) = write_rows(&self.store, &self.source, rows).await {
+                tracing::debug!(source = %self.source, error = %e, "Could not save the source state.");
+            }
+        }
+    }
+}
+
+/// Upserts `(key, value)` rows of `source` in `source_state`.
+pub async fn write_rows(
+    store: &Store,
+    source: &str,
+    rows: Vec<(String, String)>,
+) -> Result<(), crate::store::StoreError> {
+    let source = source.to_string();
+    store
+        .write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO source_state(source, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(source, key) DO UPDATE SET value = excluded.value",
+            )?;
+            for (key, value) in &rows {
+                stmt.execute(rusqlite::params![source, key, value])?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Reads one `source_state` value (blocking; call from `spawn_blocking`).
+pub fn read_state(
+    conn: &rusqlite::Connection,
+    source: &str,
+    key: &str,
+) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row(
+        "SELECT value FROM source_state WHERE source = ?1 AND key = ?2",
+        rusqlite::params![source, key],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Hands out the local sequence numbers that make serial and Modbus uids (G2:
+/// `uid = derive(source, sequence, metric)`), never reusing one across restarts.
+///
+/// Numbers are reserved in blocks: the end of the block is committed to `source_state`
+/// before any number of it is used, and a restart continues after the last reserved
+/// block. A crash wastes the rest of a block (gaps are harmless); it never reuses a
+/// number, which would make a new reading look like a duplicate of an old one.
+pub struct SequenceAllocator {
+    source: String,
+    store: Store,
+    next: u64,
+    limit: u64,
+    block: u64,
+}
+
+const SEQUENCE_KEY: &str = "sequence_reserved";
+
+impl SequenceAllocator {
+    /// Loads the last reserved block end of `source`.
+    pub async fn load(source: &str, store: Store, block: u64) -> anyhow::Result<SequenceAllocator> {
+        let reader_store = store.clone();
+        let key_source = source.to_string();
+        let stored = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<String>> {
+            let conn = reader_store.reader()?;
+            Ok(read_state(&conn, &key_source, SEQUENCE_KEY)?)
+        })
+        .await??;
+        let start = match stored {
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                anyhow::anyhow!("source_state {SEQUENCE_KEY} of {source:?} is not a number: {v:?}")
+            })?,
+            None => 0,
+        };
+        Ok(SequenceAllocator {
+            source: source.to_string(),
+            store,
+            next: start,
+            limit: start,
+            block: block.max(1),
+        })
+    }
+
+    /// The next unused sequence number; waits for a commit once per block.
+    pub async fn next(&mut self) -> Result<u64, crate::store::StoreError> {
+        if self.next >= self.limit {
+            let limit = self.next + self.block;
+            write_rows(
+                &self.store,
+                &self.source,
+                vec![(SEQUENCE_KEY.to_string(), limit.to_string())],
+            )
+            .await?;
+            self.limit = limit;
+        }
+        let n = self.next;
+        self.next += 1;
+        Ok(n)
+    }
+}
