@@ -719,29 +719,31 @@ impl ModbusSource {
                         &[],
                     );
                 }
-                Some(Err(RequestError::NoValidAnswer(reason, bytes))) => {
-                    if reason != "no_answer" {
-                        // The slave said something, but garbled: worth keeping for diagnosis.
-                        self.rejects.reject(
-                            reason,
-                            &format_args!(
-                                "slave {id} function {} address {} ({})",
-                                reg.function, reg.address, reg.metric
-                            ),
-                            &bytes,
-                        );
-                    }
+                Some(Err(RequestError::NoValidAnswer(reason, _))) if reason == "no_answer" => {
+                    // Silence: the slave is absent or dead; stop this poll here.
                     failure = Some((
                         reason,
                         format!("{reason} after {attempts} attempt(s) of {timeout:?}"),
                     ));
                     break;
                 }
+                Some(Err(RequestError::NoValidAnswer(reason, bytes))) => {
+                    // The slave said something, but garbled: it is alive; keep the bytes
+                    // for diagnosis and go on with the next register.
+                    answered = true;
+                    self.rejects.reject(
+                        reason,
+                        &format_args!(
+                            "slave {id} function {} address {} ({}) after {attempts} attempt(s)",
+                            reg.function, reg.address, reg.metric
+                        ),
+                        &bytes,
+                    );
+                }
                 Some(Err(RequestError::Framing(e))) => {
+                    answered = true;
                     self.rejects
                         .reject("bad_frame", &format_args!("slave {id}: {e}"), &[]);
-                    failure = Some(("bad_frame", e));
-                    break;
                 }
                 Some(Err(RequestError::Bus(e))) => return Err(PollAbort::Bus(e)),
             }
@@ -905,11 +907,7 @@ impl ModbusSource {
         let mut rows = std::mem::take(&mut self.state_rows);
         rows.extend(self.slave_rows());
         rows.extend(self.rejects.take_changed_rows());
-        if !self.state.put(rows.clone()) {
-            self.rejects.mark_changed();
-            rows.retain(|(k, _)| k == "state");
-            self.state_rows = rows;
-        }
+        self.state.put(rows);
     }
 }
 

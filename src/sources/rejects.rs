@@ -15,7 +15,7 @@ use crate::ratelimit::LogLimiter;
 use crate::store::Store;
 use std::collections::BTreeMap;
 use std::fmt::Display;
-use tokio::task::JoinHandle;
+use std::sync::{Arc, Mutex};
 
 /// Counts, logs (rate-limited) and records rejected input of one source.
 pub struct RejectCounter {
@@ -77,19 +77,21 @@ impl RejectCounter {
             .map(|(reason, n)| (format!("rejected.{reason}"), n.to_string()))
             .collect()
     }
-
-    /// Marks the counts as changed again (a write of them was skipped).
-    pub fn mark_changed(&mut self) {
-        self.dirty = true;
-    }
 }
 
-/// Writes `source_state` rows in the background, at most one write in flight, so a
-/// source never waits for a commit to publish its state.
+/// Writes `source_state` rows in the background, one write at a time, so a source
+/// never waits for a commit to publish its state. Rows put while a write runs are
+/// merged (the newest value per key wins) and written right after it.
 pub struct StateWriter {
     source: String,
     store: Store,
-    in_flight: Option<JoinHandle<()>>,
+    shared: Arc<Mutex<PendingRows>>,
+}
+
+#[derive(Default)]
+struct PendingRows {
+    rows: BTreeMap<String, String>,
+    writing: bool,
 }
 
 impl StateWriter {
@@ -97,35 +99,46 @@ impl StateWriter {
         StateWriter {
             source: source.to_string(),
             store,
-            in_flight: None,
+            shared: Arc::default(),
         }
     }
 
-    /// Starts writing `rows`; returns `false` (nothing done) while the previous write
-    /// is still running, so the caller keeps them for the next round.
-    pub fn put(&mut self, rows: Vec<(String, String)>) -> bool {
-        if rows.is_empty() {
-            return true;
+    /// Queues `rows` and starts a background write unless one is running.
+    pub fn put(&mut self, rows: Vec<(String, String)>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.rows.extend(rows);
+        if shared.writing || shared.rows.is_empty() {
+            return;
         }
-        if self.in_flight.as_ref().is_some_and(|h| !h.is_finished()) {
-            return false;
-        }
-        let (store, source) = (self.store.clone(), self.source.clone());
-        self.in_flight = Some(tokio::spawn(async move {
-            if let Err(e) = write_rows(&store, &source, rows).await {
-                tracing::debug!(source = %source, error = %e, "Could not save the source state.");
+        shared.writing = true;
+        let (store, source, pending) =
+            (self.store.clone(), self.source.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            loop {
+                let rows: Vec<(String, String)> = {
+                    let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+                    if p.rows.is_empty() {
+                        p.writing = false;
+                        return;
+                    }
+                    std::mem::take(&mut p.rows).into_iter().collect()
+                };
+                if let Err(e) = write_rows(&store, &source, rows).await {
+                    tracing::debug!(source = %source, error = %e, "Could not save the source state.");
+                }
             }
-        }));
-        true
+        });
     }
 
-    /// Waits for the running write, then writes `rows` and waits for their commit.
+    /// Writes everything queued plus `rows` and waits for the commit (at shutdown).
     pub async fn flush(&mut self, rows: Vec<(String, String)>) {
-        if let Some(h) = self.in_flight.take() {
-            let _ = h.await;
-        }
-        if !rows.is_empty() {
-            if let Err(e) = write_rows(&self.store, &self.source, rows).await {
+        let all: Vec<(String, String)> = {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.rows.extend(rows);
+            std::mem::take(&mut shared.rows).into_iter().collect()
+        };
+        if !all.is_empty() {
+            if let Err(e) = write_rows(&self.store, &self.source, all).await {
                 tracing::debug!(source = %self.source, error = %e, "Could not save the source state.");
             }
         }

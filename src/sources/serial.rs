@@ -178,7 +178,7 @@ impl Default for CsvConfig {
 
 /// Which fields of a line say what. A field is a JSON key (nested keys joined with
 /// dots), a CSV column, a key of `key=value`, or a regex group.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FieldsConfig {
     /// The device id for every reading of this port (default: the source name).
@@ -205,6 +205,20 @@ pub struct FieldsConfig {
     /// With `metric_field`: the field with the unit (optional).
     #[serde(default)]
     pub unit_field: Option<String>,
+}
+
+impl Default for FieldsConfig {
+    fn default() -> Self {
+        FieldsConfig {
+            device: None,
+            device_field: None,
+            timestamp_field: None,
+            timestamp_format: TimestampFormat::default(),
+            metric_field: None,
+            value_field: default_value_field(),
+            unit_field: None,
+        }
+    }
 }
 
 /// The range a value must lie in to be believed.
@@ -870,11 +884,7 @@ impl SerialSource {
     fn publish_state(&mut self) {
         let mut rows = std::mem::take(&mut self.state_rows);
         rows.extend(self.rejects.take_changed_rows());
-        if !self.state.put(rows.clone()) {
-            self.rejects.mark_changed();
-            rows.retain(|(k, _)| k == "state");
-            self.state_rows = rows;
-        }
+        self.state.put(rows);
     }
 }
 

@@ -91,6 +91,10 @@ async def main():
         request_tracer=tracer,
     )
     serving = asyncio.create_task(server.serve_forever())
+    while server.transport is None:  # the port is open once the transport exists
+        if serving.done():
+            serving.result()  # raises the reason it could not open the port
+        await asyncio.sleep(0.01)
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     # Exit when the test process goes away (stdin closes).
