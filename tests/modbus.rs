@@ -309,6 +309,7 @@ async fn a_silent_slave_does_not_slow_the_others() {
         (times.len().saturating_sub(1)) as f64 / span.max(1e-9)
     };
     let (r1, r2) = (rate(1), rate(2));
+    eprintln!("live slave poll rates: {r1:.1}/s {r2:.1}/s");
     // Configured: 10 polls/s each. Without backoff the silent slave would hold the bus
     // for 500ms (2 × 250ms) in every 100ms round, leaving under 2 polls/s each.
     assert!(
