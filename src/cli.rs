@@ -22,7 +22,13 @@ pub const EXIT_CONFIG: u8 = 2;
 )]
 pub struct Cli {
     /// The configuration file (drop-ins are read from conf.d/ beside it).
-    #[arg(long, short = 'c', global = true, env = "OUTPOST_CONFIG", value_name = "PATH")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "OUTPOST_CONFIG",
+        value_name = "PATH"
+    )]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -42,6 +48,30 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Query local history (newest first).
+    Readings {
+        /// Read this database instead of the configured one.
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only this metric.
+        #[arg(long)]
+        metric: Option<String>,
+        /// From this time: a duration ago ("2h") or RFC 3339 ("2026-11-26T08:00:00Z").
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many readings.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::readings::Format::Table)]
+        format: crate::readings::Format,
     },
     /// Run simulated sensors into a local database and print readings as they commit.
     Demo {
@@ -64,7 +94,10 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
-                    eprintln!("outpost: the configuration has {} problem(s); not starting.", errors.0.len());
+                    eprintln!(
+                        "outpost: the configuration has {} problem(s); not starting.",
+                        errors.0.len()
+                    );
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -72,6 +105,45 @@ pub fn main() -> ExitCode {
             run_async(|token| crate::pipeline::run(config, token))
         }
         Command::Status { db, json } => status(cli.config.as_deref(), db, json),
+        Command::Readings {
+            db,
+            device,
+            metric,
+            since,
+            until,
+            limit,
+            format,
+        } => {
+            let now = chrono::Utc::now();
+            let parse = |v: Option<String>, flag: &str| match v {
+                None => Ok(None),
+                Some(v) => crate::readings::parse_time(&v, now)
+                    .map(Some)
+                    .map_err(|e| format!("--{flag}: {e}")),
+            };
+            let (since, until) = match (parse(since, "since"), parse(until, "until")) {
+                (Ok(s), Ok(u)) => (s, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("outpost: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if limit == 0 || limit > crate::readings::MAX_LIMIT {
+                eprintln!(
+                    "outpost: --limit must be between 1 and {}",
+                    crate::readings::MAX_LIMIT
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let query = crate::readings::Query {
+                device,
+                metric,
+                since,
+                until,
+                limit,
+            };
+            readings(cli.config.as_deref(), db, &query, format)
+        }
         Command::Demo { dir, duration } => {
             init_tracing("warn");
             let dir = match dir {
@@ -95,37 +167,76 @@ pub fn main() -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!("# {}: the configuration is valid. Effective configuration:\n", path.display());
+            println!(
+                "# {}: the configuration is valid. Effective configuration:\n",
+                path.display()
+            );
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
         Err(errors) => {
             eprintln!("{errors}");
-            eprintln!("outpost: {} problem(s) in the configuration.", errors.0.len());
+            eprintln!(
+                "outpost: {} problem(s) in the configuration.",
+                errors.0.len()
+            );
             ExitCode::from(EXIT_CONFIG)
         }
     }
 }
 
-fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
+/// The database to read: `--db`, else the configured one.
+fn database_path(config_path: Option<&Path>, db: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
     let db = match db {
         Some(db) => db,
-        None => {
-            let path = config::resolve_path(config_path);
-            match Config::load(&path) {
-                Ok(c) => c.storage.path,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    eprintln!("outpost: cannot find the database without a valid configuration; use --db PATH.");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+        None => match Config::load(&config::resolve_path(config_path)) {
+            Ok(c) => c.storage.path,
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("outpost: cannot find the database without a valid configuration; use --db PATH.");
+                return Err(ExitCode::from(EXIT_CONFIG));
             }
-        }
+        },
     };
     if !db.exists() {
-        eprintln!("outpost: no database at {} (has the agent run yet?)", db.display());
-        return ExitCode::FAILURE;
+        eprintln!(
+            "outpost: no database at {} (has the agent run yet?)",
+            db.display()
+        );
+        return Err(ExitCode::FAILURE);
     }
+    Ok(db)
+}
+
+fn readings(
+    config_path: Option<&Path>,
+    db: Option<PathBuf>,
+    query: &crate::readings::Query,
+    format: crate::readings::Format,
+) -> ExitCode {
+    let db = match database_path(config_path, db) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
+    let result = crate::store::open_reader(&db, std::time::Duration::from_secs(5))
+        .and_then(|conn| crate::readings::query(&conn, query));
+    match result {
+        Ok(rows) => {
+            print!("{}", crate::readings::render(&rows, format));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost: cannot read {}: {e}", db.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
+    let db = match database_path(config_path, db) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
     match crate::store::status_report(&db) {
         Ok(report) if json => match serde_json::to_string_pretty(&report) {
             Ok(s) => {
@@ -138,7 +249,10 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
             }
         },
         Ok(report) => {
-            print!("{}", crate::status::render(&report, &db.display().to_string()));
+            print!(
+                "{}",
+                crate::status::render(&report, &db.display().to_string())
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -155,7 +269,11 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outpost: cannot start the async runtime: {e}");
@@ -179,7 +297,10 @@ where
 fn spawn_signal_handler(token: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("Cannot install signal handlers.");
             return;
         };
@@ -197,7 +318,9 @@ pub fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).try_init()
     } else {

@@ -20,37 +20,39 @@ pub fn demo_config(dir: &Path) -> Config {
     config.agent.site = "Demo cold store".into();
     config.storage.path = dir.join("outpost.db");
     config.storage.batch_max_delay = HumanDuration::from_millis(20);
-    config.sources.push(SourceConfig::Simulated(SimulatedConfig {
-        name: "demo".into(),
-        devices: vec!["coldroom-1".into(), "coldroom-2".into()],
-        metrics: vec![
-            SimulatedMetric {
-                name: "temperature".into(),
-                unit: Some("°C".into()),
-                base: 3.5,
-                amplitude: 0.5,
-                cycle: HumanDuration::from_secs(120),
-                noise: 0.1,
-            },
-            SimulatedMetric {
-                name: "humidity".into(),
-                unit: Some("%".into()),
-                base: 80.0,
-                amplitude: 3.0,
-                cycle: HumanDuration::from_secs(300),
-                noise: 0.5,
-            },
-        ],
-        period: HumanDuration::from_secs(1),
-        seed: 42,
-        excursion: Some(Excursion {
-            device: "coldroom-1".into(),
-            metric: "temperature".into(),
-            after: HumanDuration::from_secs(8),
-            duration: HumanDuration::from_secs(12),
-            offset: 8.0,
-        }),
-    }));
+    config
+        .sources
+        .push(SourceConfig::Simulated(SimulatedConfig {
+            name: "demo".into(),
+            devices: vec!["coldroom-1".into(), "coldroom-2".into()],
+            metrics: vec![
+                SimulatedMetric {
+                    name: "temperature".into(),
+                    unit: Some("°C".into()),
+                    base: 3.5,
+                    amplitude: 0.5,
+                    cycle: HumanDuration::from_secs(120),
+                    noise: 0.1,
+                },
+                SimulatedMetric {
+                    name: "humidity".into(),
+                    unit: Some("%".into()),
+                    base: 80.0,
+                    amplitude: 3.0,
+                    cycle: HumanDuration::from_secs(300),
+                    noise: 0.5,
+                },
+            ],
+            period: HumanDuration::from_secs(1),
+            seed: 42,
+            excursion: Some(Excursion {
+                device: "coldroom-1".into(),
+                metric: "temperature".into(),
+                after: HumanDuration::from_secs(8),
+                duration: HumanDuration::from_secs(12),
+                offset: 8.0,
+            }),
+        }));
     config
 }
 

@@ -6,10 +6,13 @@
 //! writer closes. Nothing accepted is left uncommitted.
 
 use crate::config::Config;
+use crate::health::{HealthProbe, Liveness};
+use crate::metrics::Metrics;
 use crate::sources::SourceContext;
 use crate::store::{Store, StoreOptions};
 use anyhow::Context;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +24,7 @@ pub const SOURCE_GRACE: Duration = Duration::from_secs(3);
 /// A running pipeline.
 pub struct Pipeline {
     pub store: Store,
+    pub metrics: Metrics,
     shutdown: CancellationToken,
     sources: JoinSet<()>,
     consumers: JoinSet<()>,
@@ -29,14 +33,20 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Opens the store and starts every configured source.
-    pub fn start(config: &Config, options: StoreOptions, shutdown: CancellationToken) -> anyhow::Result<Pipeline> {
+    pub fn start(
+        config: &Config,
+        options: StoreOptions,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Pipeline> {
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
+        let metrics = Metrics::new(&store);
         let mut sources = JoinSet::new();
         for source in config.sources.iter().cloned() {
             let ctx = SourceContext {
                 out: ingest.sender.clone(),
                 shutdown: shutdown.clone(),
                 store: store.clone(),
+                metrics: metrics.clone(),
             };
             let name = source.name().to_string();
             let kind = source.kind();
@@ -44,7 +54,9 @@ impl Pipeline {
                 tracing::info!(source = %name, kind, "Source started.");
                 match source.run(ctx).await {
                     Ok(()) => tracing::info!(source = %name, "Source stopped."),
-                    Err(e) => tracing::error!(source = %name, error = format!("{e:#}"), "Source failed."),
+                    Err(e) => {
+                        tracing::error!(source = %name, error = format!("{e:#}"), "Source failed.")
+                    }
                 }
             });
         }
@@ -52,6 +64,7 @@ impl Pipeline {
         drop(ingest.sender);
         Ok(Pipeline {
             store,
+            metrics,
             shutdown,
             sources,
             consumers: JoinSet::new(),
@@ -81,6 +94,7 @@ impl Pipeline {
             while self.sources.join_next().await.is_some() {}
         }
         drop(self.store);
+        drop(self.metrics);
         while self.consumers.join_next().await.is_some() {}
         let _ = self.writer_finished.await;
         tracing::info!("Store closed; everything accepted is committed.");
@@ -89,9 +103,36 @@ impl Pipeline {
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown)?;
-    // Downstream consumers (alerts, notifications, sync, http) are started here with
+    let mut pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown.clone())?;
+    let liveness = Arc::new(Liveness::default());
+    pipeline.spawn_consumer(crate::systemd::supervise(
+        pipeline.store.clone(),
+        liveness.clone(),
+        shutdown.clone(),
+    ));
+    if config.http.enabled {
+        let probe = Arc::new(HealthProbe {
+            store: pipeline.store.clone(),
+            metrics: pipeline.metrics.clone(),
+            liveness,
+            sources: config
+                .sources
+                .iter()
+                .map(|s| s.name().to_string())
+                .collect(),
+            started: std::time::Instant::now(),
+            source_max_silence: config.http.source_max_silence.get(),
+        });
+        pipeline.spawn_consumer(crate::http::run(
+            config.http.listen.clone(),
+            pipeline.metrics.clone(),
+            probe,
+            shutdown.clone(),
+        ));
+    }
+    // Downstream consumers (alerts, notifications, sync) are started here with
     // `pipeline.spawn_consumer(...)`.
+    crate::systemd::notify_ready();
     tracing::info!(
         gateway = %config.agent.gateway_id,
         sources = config.sources.len(),

@@ -37,12 +37,24 @@ pub fn format_value(value: f64, unit: Option<&str>) -> String {
 pub fn render(report: &StatusReport, database: &str) -> String {
     let mut out = String::new();
     let now = report.now;
-    let _ = writeln!(out, "Database: {database} (schema {})", report.schema_version);
+    let _ = writeln!(
+        out,
+        "Database: {database} (schema {})",
+        report.schema_version
+    );
     let backlog = match report.backlog.oldest_received_at {
-        Some(oldest) => format!("{} unsynced, oldest {} old", report.backlog.rows, age(now, oldest)),
+        Some(oldest) => format!(
+            "{} unsynced, oldest {} old",
+            report.backlog.rows,
+            age(now, oldest)
+        ),
         None => "nothing unsynced".to_string(),
     };
-    let _ = writeln!(out, "Readings: {} stored; backlog: {backlog}", report.total_readings);
+    let _ = writeln!(
+        out,
+        "Readings: {} stored; backlog: {backlog}",
+        report.total_readings
+    );
     if report.pruned_unsynced > 0 {
         let _ = writeln!(
             out,
@@ -51,7 +63,11 @@ pub fn render(report: &StatusReport, database: &str) -> String {
         );
     }
     if report.rejected > 0 {
-        let _ = writeln!(out, "Rejected input kept for diagnosis: {}", report.rejected);
+        let _ = writeln!(
+            out,
+            "Rejected input kept for diagnosis: {}",
+            report.rejected
+        );
     }
     let _ = writeln!(out);
     if report.series.is_empty() {

@@ -64,6 +64,7 @@ impl Agent {
             out: self.sender.clone().unwrap(),
             shutdown: token.clone(),
             store: self.store.clone(),
+            metrics: outpost::metrics::Metrics::new(&self.store),
         };
         self.sources
             .push((token, tokio::spawn(config.unwrap().run(ctx))));
@@ -247,9 +248,8 @@ address = 500
         assert_eq!(got.get(metric), Some(&value), "{metric}");
     }
     assert!(!got.contains_key("implausible"));
-    assert_eq!(
-        agent.count("SELECT COUNT(*) FROM readings WHERE metric = 'pair.0' AND unit = 'bar'") > 0,
-        true
+    assert!(
+        agent.count("SELECT COUNT(*) FROM readings WHERE metric = 'pair.0' AND unit = 'bar'") > 0
     );
     let rejected = agent.rejected("bus");
     assert!(

@@ -53,6 +53,7 @@ impl Agent {
             out: self.sender.clone().unwrap(),
             shutdown: token.clone(),
             store: self.store.clone(),
+            metrics: outpost::metrics::Metrics::new(&self.store),
         };
         self.sources.push((token, tokio::spawn(config.run(ctx))));
     }

@@ -77,6 +77,9 @@ const MAX_SECRET_FILE: u64 = 64 * 1024;
 /// The merged configuration as JSON, with an index from key paths to their origin.
 pub struct Layers {
     pub value: Value,
+    /// Top-level keys set in the files, including empty tables (which the `config`
+    /// crate drops), so a misspelt empty section is still reported.
+    pub file_sections: Vec<String>,
     index: HashMap<String, (usize, usize)>,
     files: Vec<PathBuf>,
     env: HashMap<String, String>,
@@ -203,6 +206,7 @@ pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
             env.insert(rest.to_lowercase().replace("__", "."), var.clone());
         }
     }
+    let file_sections = merged.keys().cloned().collect();
     let value = match layer_environment(Value::Object(merged.clone())) {
         Ok(v) => v,
         Err(e) => {
@@ -216,6 +220,7 @@ pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
     };
     Layers {
         value,
+        file_sections,
         index,
         files,
         env,
@@ -243,7 +248,9 @@ fn read_limited(path: &Path, limit: u64) -> Result<String, String> {
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read this file: {e}"))?;
     if bytes.len() as u64 > limit {
-        return Err(format!("the file is larger than {limit} bytes; is this the right file?"));
+        return Err(format!(
+            "the file is larger than {limit} bytes; is this the right file?"
+        ));
     }
     String::from_utf8(bytes).map_err(|e| {
         format!(
@@ -275,7 +282,12 @@ impl Walker<'_> {
         }
     }
 
-    fn merge_table(&mut self, dst: &mut Map<String, Value>, table: &dyn toml_edit::TableLike, prefix: &str) {
+    fn merge_table(
+        &mut self,
+        dst: &mut Map<String, Value>,
+        table: &dyn toml_edit::TableLike,
+        prefix: &str,
+    ) {
         for (key, item) in table.iter() {
             let path = join_path(prefix, key);
             let key_span = table.key(key).and_then(|k| k.span());
@@ -283,7 +295,9 @@ impl Walker<'_> {
                 toml_edit::Item::None => {}
                 toml_edit::Item::Table(t) => {
                     self.record(&path, t.span().or(key_span));
-                    let slot = dst.entry(key.to_string()).or_insert_with(|| Value::Object(Map::new()));
+                    let slot = dst
+                        .entry(key.to_string())
+                        .or_insert_with(|| Value::Object(Map::new()));
                     if !slot.is_object() {
                         *slot = Value::Object(Map::new());
                     }
@@ -292,7 +306,9 @@ impl Walker<'_> {
                     }
                 }
                 toml_edit::Item::ArrayOfTables(arr) => {
-                    let slot = dst.entry(key.to_string()).or_insert_with(|| Value::Array(Vec::new()));
+                    let slot = dst
+                        .entry(key.to_string())
+                        .or_insert_with(|| Value::Array(Vec::new()));
                     if !slot.is_array() {
                         *slot = Value::Array(Vec::new());
                     }
@@ -309,7 +325,9 @@ impl Walker<'_> {
                 toml_edit::Item::Value(v) => {
                     self.record(&path, key_span.or(v.span()));
                     if let toml_edit::Value::InlineTable(t) = v {
-                        let slot = dst.entry(key.to_string()).or_insert_with(|| Value::Object(Map::new()));
+                        let slot = dst
+                            .entry(key.to_string())
+                            .or_insert_with(|| Value::Object(Map::new()));
                         if !slot.is_object() {
                             *slot = Value::Object(Map::new());
                         }
@@ -437,9 +455,9 @@ pub fn expand_env(s: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<St
         }
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unterminated `${{` in {s:?}; write `$${{` for a literal `${{`"))?;
+        let end = after.find('}').ok_or_else(|| {
+            format!("unterminated `${{` in {s:?}; write `$${{` for a literal `${{`")
+        })?;
         let inner = &after[..end];
         let (name, default) = match inner.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
@@ -481,9 +499,15 @@ mod tests {
         assert_eq!(expand_env("${NOPE:-fallback}", lookup).unwrap(), "fallback");
         assert_eq!(expand_env("$${HOME_DIR}", lookup).unwrap(), "${HOME_DIR}");
         assert_eq!(expand_env("plain $ text", lookup).unwrap(), "plain $ text");
-        assert!(expand_env("${NOPE}", lookup).unwrap_err().contains("NOPE is not set"));
-        assert!(expand_env("${HOME_DIR", lookup).unwrap_err().contains("unterminated"));
-        assert!(expand_env("${bad name}", lookup).unwrap_err().contains("not a valid"));
+        assert!(expand_env("${NOPE}", lookup)
+            .unwrap_err()
+            .contains("NOPE is not set"));
+        assert!(expand_env("${HOME_DIR", lookup)
+            .unwrap_err()
+            .contains("unterminated"));
+        assert!(expand_env("${bad name}", lookup)
+            .unwrap_err()
+            .contains("not a valid"));
         assert!(expand_env("${}", lookup).is_err());
     }
 

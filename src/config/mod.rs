@@ -29,6 +29,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub http: crate::http::HttpConfig,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -135,7 +136,11 @@ impl Problems {
 
     /// Deserializes `value` into `T`, recording every problem (not just the first one)
     /// under `prefix`. Returns `None` if there was any.
-    pub fn deserialize<T: DeserializeOwned>(&mut self, mut value: Value, prefix: &str) -> Option<T> {
+    pub fn deserialize<T: DeserializeOwned>(
+        &mut self,
+        mut value: Value,
+        prefix: &str,
+    ) -> Option<T> {
         let mut failed = false;
         // Each round reports one problem and removes the offending key, so the next
         // round finds the next problem. The bound stops a pathological file.
@@ -160,7 +165,9 @@ impl Problems {
                             segments.push(field);
                         }
                     }
-                    let rel = segments.iter().fold(String::new(), |acc, s| join_path(&acc, s));
+                    let rel = segments
+                        .iter()
+                        .fold(String::new(), |acc, s| join_path(&acc, s));
                     self.push(join_path(prefix, &rel), humanize(&raw));
                     if raw.starts_with("missing field") || !remove_path(&mut value, &segments) {
                         return None;
@@ -193,7 +200,10 @@ fn remove_path(value: &mut Value, segments: &[String]) -> bool {
             None => return false,
         }
     }
-    match (cur, last.strip_prefix('[').and_then(|s| s.strip_suffix(']'))) {
+    match (
+        cur,
+        last.strip_prefix('[').and_then(|s| s.strip_suffix(']')),
+    ) {
         (Value::Array(list), Some(i)) => match i.parse::<usize>() {
             Ok(i) if i < list.len() => {
                 list.remove(i);
@@ -230,11 +240,17 @@ fn humanize(raw: &str) -> String {
         }
     }
     if let Some(rest) = raw.strip_prefix("unknown field ") {
-        return format!("unknown key {}", rest.replacen(", expected", "; expected", 1))
-            .replace(", there are no fields", "; this table takes no keys");
+        return format!(
+            "unknown key {}",
+            rest.replacen(", expected", "; expected", 1)
+        )
+        .replace(", there are no fields", "; this table takes no keys");
     }
     if let Some(rest) = raw.strip_prefix("unknown variant ") {
-        return format!("unknown value {}", rest.replacen(", expected", "; expected", 1));
+        return format!(
+            "unknown value {}",
+            rest.replacen(", expected", "; expected", 1)
+        );
     }
     if let Some(rest) = raw.strip_prefix("missing field ") {
         return format!("the required key {rest} is missing");
@@ -242,7 +258,7 @@ fn humanize(raw: &str) -> String {
     words(raw)
 }
 
-const SECTIONS: &[&str] = &["agent", "storage", "log", "sources"];
+const SECTIONS: &[&str] = &["agent", "storage", "log", "http", "sources"];
 
 impl Config {
     /// Loads and checks the configuration at `path` with its drop-ins and environment.
@@ -256,13 +272,20 @@ impl Config {
             Value::Object(map) => map,
             _ => Default::default(),
         };
-        for key in root.keys() {
+        let mut top: Vec<&String> = root.keys().chain(layers.file_sections.iter()).collect();
+        top.sort();
+        top.dedup();
+        for key in top {
             if !SECTIONS.contains(&key.as_str()) {
                 problems.push(
                     key.clone(),
                     format!(
                         "unknown section; expected one of {}",
-                        SECTIONS.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                        SECTIONS
+                            .iter()
+                            .map(|s| format!("`{s}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
             }
@@ -286,12 +309,17 @@ impl Config {
         let log = section("log", &mut problems)
             .and_then(|v| problems.deserialize(v, "log"))
             .unwrap_or_default();
+        let http = section("http", &mut problems)
+            .and_then(|v| problems.deserialize(v, "http"))
+            .unwrap_or_default();
         let mut sources = Vec::new();
         match root.remove("sources") {
             None => {}
             Some(Value::Array(list)) => {
                 for (i, v) in list.into_iter().enumerate() {
-                    if let Some(s) = SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems) {
+                    if let Some(s) =
+                        SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems)
+                    {
                         sources.push(s);
                     }
                 }
@@ -303,6 +331,7 @@ impl Config {
             agent,
             storage,
             log,
+            http,
             sources,
         };
         config.validate(&mut problems);
@@ -318,21 +347,31 @@ impl Config {
 
     /// Cross-field checks that types alone cannot express.
     pub fn validate(&self, problems: &mut Problems) {
-        problems.check("agent.gateway_id", check_identifier(&self.agent.gateway_id, "the gateway id"));
+        problems.check(
+            "agent.gateway_id",
+            check_identifier(&self.agent.gateway_id, "the gateway id"),
+        );
         if self.agent.site.len() > 200 {
             problems.push("agent.site", "the site name is longer than 200 characters");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            problems.push("log.level", format!("not a valid log filter ({e}); try \"info\" or \"debug\""));
+            problems.push(
+                "log.level",
+                format!("not a valid log filter ({e}); try \"info\" or \"debug\""),
+            );
         }
         self.storage.validate("storage", problems);
+        self.http.validate("http", problems);
         let mut names = std::collections::HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {
             let path = format!("sources[{i}]");
             if !names.insert(source.name()) {
                 problems.push(
                     format!("{path}.name"),
-                    format!("another source is already called {:?}; names must be unique", source.name()),
+                    format!(
+                        "another source is already called {:?}; names must be unique",
+                        source.name()
+                    ),
                 );
             }
             source.validate(&path, problems);
@@ -370,7 +409,10 @@ mod tests {
             humanize("unknown field `foo`, expected one of `a`, `b`"),
             "unknown key `foo`; expected one of `a`, `b`"
         );
-        assert_eq!(humanize("missing field `name`"), "the required key `name` is missing");
+        assert_eq!(
+            humanize("missing field `name`"),
+            "the required key `name` is missing"
+        );
     }
 
     #[test]

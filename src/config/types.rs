@@ -38,11 +38,15 @@ impl std::str::FromStr for HumanDuration {
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s.is_empty() {
-            return Err("expected a duration like \"30s\", \"10m\" or \"7d\", found an empty string".into());
+            return Err(
+                "expected a duration like \"30s\", \"10m\" or \"7d\", found an empty string".into(),
+            );
         }
         humantime::parse_duration(s)
             .map(HumanDuration)
-            .map_err(|e| format!("expected a duration like \"30s\", \"10m\" or \"7d\", found {s:?} ({e})"))
+            .map_err(|e| {
+                format!("expected a duration like \"30s\", \"10m\" or \"7d\", found {s:?} ({e})")
+            })
     }
 }
 
@@ -140,9 +144,9 @@ impl<'de> Deserialize<'de> for ByteSize {
                 Ok(ByteSize(v))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom(format!("expected a size, found the negative number {v}")))
+                u64::try_from(v).map(ByteSize).map_err(|_| {
+                    E::custom(format!("expected a size, found the negative number {v}"))
+                })
             }
         }
         d.deserialize_any(V)
@@ -193,9 +197,22 @@ mod tests {
         let d: HumanDuration = "10m".parse().unwrap();
         assert_eq!(d.get(), Duration::from_secs(600));
         assert_eq!(d.to_string(), "10m");
-        assert_eq!("7d".parse::<HumanDuration>().unwrap().get().as_secs(), 7 * 86400);
-        for bad in ["", "ten minutes", "10", "-5s", "5 parsecs", "99999999999999999999999d"] {
-            assert!(bad.parse::<HumanDuration>().is_err(), "{bad:?} must be rejected");
+        assert_eq!(
+            "7d".parse::<HumanDuration>().unwrap().get().as_secs(),
+            7 * 86400
+        );
+        for bad in [
+            "",
+            "ten minutes",
+            "10",
+            "-5s",
+            "5 parsecs",
+            "99999999999999999999999d",
+        ] {
+            assert!(
+                bad.parse::<HumanDuration>().is_err(),
+                "{bad:?} must be rejected"
+            );
         }
     }
 

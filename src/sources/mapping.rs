@@ -86,23 +86,31 @@ pub struct Mapped {
 
 impl Mapping {
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        let check_rules = |rules: &BTreeMap<String, FieldRule>, prefix: &str, problems: &mut Problems| {
-            for (key, rule) in rules {
-                let p = format!("{prefix}.{key}");
-                if let Some(metric) = &rule.metric {
-                    problems.check(format!("{p}.metric"), check_identifier(metric, "the metric name"));
+        let check_rules =
+            |rules: &BTreeMap<String, FieldRule>, prefix: &str, problems: &mut Problems| {
+                for (key, rule) in rules {
+                    let p = format!("{prefix}.{key}");
+                    if let Some(metric) = &rule.metric {
+                        problems.check(
+                            format!("{p}.metric"),
+                            check_identifier(metric, "the metric name"),
+                        );
+                    }
+                    if !rule.scale.is_finite() || rule.scale == 0.0 {
+                        problems.push(format!("{p}.scale"), "must be a finite number other than 0");
+                    }
+                    if !rule.offset.is_finite() {
+                        problems.push(format!("{p}.offset"), "must be a finite number");
+                    }
                 }
-                if !rule.scale.is_finite() || rule.scale == 0.0 {
-                    problems.push(format!("{p}.scale"), "must be a finite number other than 0");
-                }
-                if !rule.offset.is_finite() {
-                    problems.push(format!("{p}.offset"), "must be a finite number");
-                }
-            }
-        };
+            };
         check_rules(&self.fields, &format!("{path}.fields"), problems);
         for (device, d) in &self.devices {
-            check_rules(&d.fields, &format!("{path}.devices.{device}.fields"), problems);
+            check_rules(
+                &d.fields,
+                &format!("{path}.devices.{device}.fields"),
+                problems,
+            );
         }
     }
 
@@ -193,9 +201,17 @@ mod tests {
         got.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(
             got,
-            vec![("a".into(), 1.0), ("b.c".into(), 2.5), ("b.d".into(), 1.0), ("g.0".into(), 3.0)]
+            vec![
+                ("a".into(), 1.0),
+                ("b.c".into(), 2.5),
+                ("b.d".into(), 1.0),
+                ("g.0".into(), 3.0)
+            ]
         );
-        assert!(flatten_numeric(&json!(5)).is_empty(), "a bare number has no key");
+        assert!(
+            flatten_numeric(&json!(5)).is_empty(),
+            "a bare number has no key"
+        );
     }
 
     #[test]
@@ -205,7 +221,8 @@ mod tests {
             deep = json!({ "x": deep });
         }
         assert!(flatten_numeric(&deep).is_empty());
-        let wide: serde_json::Map<String, Value> = (0..10_000).map(|i| (format!("k{i}"), json!(i))).collect();
+        let wide: serde_json::Map<String, Value> =
+            (0..10_000).map(|i| (format!("k{i}"), json!(i))).collect();
         assert_eq!(flatten_numeric(&Value::Object(wide)).len(), MAX_FIELDS);
     }
 

@@ -53,7 +53,11 @@ impl SourceConfig {
     /// Deserializes one `[[sources]]` table, reporting problems with their key paths.
     /// (Done by hand rather than through serde's internally tagged enums, which lose
     /// the path of an error inside the variant.)
-    pub fn from_json(mut value: Value, path: &str, problems: &mut Problems) -> Option<SourceConfig> {
+    pub fn from_json(
+        mut value: Value,
+        path: &str,
+        problems: &mut Problems,
+    ) -> Option<SourceConfig> {
         let Some(map) = value.as_object_mut() else {
             problems.push(path, "expected a table");
             return None;
@@ -61,25 +65,40 @@ impl SourceConfig {
         let kind = match map.remove("type") {
             Some(Value::String(s)) => s,
             Some(other) => {
-                problems.push(format!("{path}.type"), format!("expected a string, found {other}"));
+                problems.push(
+                    format!("{path}.type"),
+                    format!("expected a string, found {other}"),
+                );
                 return None;
             }
             None => {
                 problems.push(
                     format!("{path}.type"),
-                    format!("the required key `type` is missing; one of {}", quoted(TYPES)),
+                    format!(
+                        "the required key `type` is missing; one of {}",
+                        quoted(TYPES)
+                    ),
                 );
                 return None;
             }
         };
         match kind.as_str() {
-            "simulated" => problems.deserialize(value, path).map(SourceConfig::Simulated),
-            "serial" => problems.deserialize(value, path).map(|c| SourceConfig::Serial(Box::new(c))),
-            "modbus-rtu" => problems.deserialize(value, path).map(SourceConfig::ModbusRtu),
+            "simulated" => problems
+                .deserialize(value, path)
+                .map(SourceConfig::Simulated),
+            "serial" => problems
+                .deserialize(value, path)
+                .map(|c| SourceConfig::Serial(Box::new(c))),
+            "modbus-rtu" => problems
+                .deserialize(value, path)
+                .map(SourceConfig::ModbusRtu),
             other => {
                 problems.push(
                     format!("{path}.type"),
-                    format!("unknown source type {other:?}; expected one of {}", quoted(TYPES)),
+                    format!(
+                        "unknown source type {other:?}; expected one of {}",
+                        quoted(TYPES)
+                    ),
                 );
                 None
             }
@@ -87,7 +106,10 @@ impl SourceConfig {
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        problems.check(format!("{path}.name"), check_identifier(self.name(), "the source name"));
+        problems.check(
+            format!("{path}.name"),
+            check_identifier(self.name(), "the source name"),
+        );
         match self {
             SourceConfig::Simulated(c) => c.validate(path, problems),
             SourceConfig::Serial(c) => c.validate(path, problems),
@@ -106,7 +128,11 @@ impl SourceConfig {
 }
 
 fn quoted(items: &[&str]) -> String {
-    items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What a running source is given.
@@ -117,4 +143,6 @@ pub struct SourceContext {
     pub shutdown: CancellationToken,
     /// For durable source state (cursors, sequences) and read queries.
     pub store: Store,
+    /// Counters (`received`, `rejected`) and the connection state shown by `/health`.
+    pub metrics: crate::metrics::Metrics,
 }

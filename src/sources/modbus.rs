@@ -475,6 +475,7 @@ struct ModbusSource {
     state_rows: Vec<(String, String)>,
     in_flight: VecDeque<oneshot::Receiver<Result<Committed, StoreError>>>,
     store_refusals: u64,
+    bus_open: bool,
 }
 
 const MAX_IN_FLIGHT: usize = 8;
@@ -510,11 +511,12 @@ pub async fn run(config: ModbusConfig, ctx: SourceContext) -> anyhow::Result<()>
         let mut source = ModbusSource {
             sequence: SequenceAllocator::load(&config.name, ctx.store.clone(), SEQUENCE_BLOCK)
                 .await?,
-            rejects: RejectCounter::new(&config.name, ctx.store.clone()),
+            rejects: RejectCounter::new(&config.name, ctx.store.clone(), ctx.metrics.clone()),
             state: StateWriter::new(&config.name, ctx.store.clone()),
             state_rows: Vec::new(),
             in_flight: VecDeque::new(),
             store_refusals: 0,
+            bus_open: false,
             slaves,
             config,
             ctx,
@@ -820,7 +822,7 @@ impl ModbusSource {
             flags::CLOCK_UNSYNCED
         };
         let slave_id = self.slaves[i].config.id;
-        let readings = values
+        let readings: Vec<Reading> = values
             .into_iter()
             .map(|(metric, unit, value)| Reading {
                 uid: Uid::derive(&[&self.config.name, &sequence, &metric]),
@@ -835,6 +837,9 @@ impl ModbusSource {
                 meta: Some(serde_json::json!({ "slave": slave_id })),
             })
             .collect();
+        self.ctx
+            .metrics
+            .received(&self.config.name, readings.len() as u64);
         let (batch, ack) = Batch::with_ack(readings);
         if self.ctx.out.send(batch).await.is_err() {
             return;
@@ -892,6 +897,7 @@ impl ModbusSource {
     }
 
     fn set_bus_state(&mut self, state: &str, error: Option<&str>) {
+        self.bus_open = state == "open";
         let value = serde_json::json!({
             "state": state,
             "path": self.config.path,
@@ -904,6 +910,12 @@ impl ModbusSource {
     }
 
     fn publish_state(&mut self) {
+        // Health: connected while the bus is open and some slave is not offline.
+        let bus_open = self.bus_open;
+        let any_alive = self.slaves.iter().any(|s| s.online != Some(false));
+        self.ctx
+            .metrics
+            .set_connected(&self.config.name, bus_open && any_alive);
         let mut rows = std::mem::take(&mut self.state_rows);
         rows.extend(self.slave_rows());
         rows.extend(self.rejects.take_changed_rows());

@@ -1,6 +1,7 @@
 //! Bad input and visible source state, shared by the serial and Modbus sources.
 //!
-//! Rejected input is counted per reason, logged at most once a minute per source (with
+//! Rejected input is counted per reason (also in `/metrics` as
+//! `outpost_readings_rejected{source, reason}`), logged at most once a minute per source (with
 //! how many were suppressed), and kept in the bounded `rejected` table. Counts and the
 //! source's state (port open, slave offline, …) are written to `source_state` rows,
 //! which `outpost status` and health read without the agent's help:
@@ -11,6 +12,7 @@
 //! | `state`             | JSON: `{"state": "open" \| "waiting", …}`     |
 //! | `slave.<id>`        | JSON: `{"state": "online" \| "offline", …}`   |
 
+use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
 use crate::store::Store;
 use std::collections::BTreeMap;
@@ -21,16 +23,18 @@ use std::sync::{Arc, Mutex};
 pub struct RejectCounter {
     source: String,
     store: Store,
+    metrics: Metrics,
     counts: BTreeMap<&'static str, u64>,
     limiter: LogLimiter,
     dirty: bool,
 }
 
 impl RejectCounter {
-    pub fn new(source: &str, store: Store) -> RejectCounter {
+    pub fn new(source: &str, store: Store, metrics: Metrics) -> RejectCounter {
         RejectCounter {
             source: source.to_string(),
             store,
+            metrics,
             counts: BTreeMap::new(),
             limiter: LogLimiter::default(),
             dirty: false,
@@ -44,6 +48,7 @@ impl RejectCounter {
         *count += 1;
         let count = *count;
         self.dirty = true;
+        self.metrics.rejected(&self.source, reason);
         let detail = detail.to_string();
         if let Some(suppressed) = self.limiter.allow() {
             tracing::warn!(

@@ -568,7 +568,7 @@ pub async fn run(config: SerialConfig, ctx: SourceContext) -> anyhow::Result<()>
             framer: LineFramer::new(config.max_line_length, config.line_ending),
             parser,
             sequence,
-            rejects: RejectCounter::new(&config.name, ctx.store.clone()),
+            rejects: RejectCounter::new(&config.name, ctx.store.clone(), ctx.metrics.clone()),
             state: StateWriter::new(&config.name, ctx.store.clone()),
             state_rows: Vec::new(),
             pending: Pending {
@@ -795,6 +795,7 @@ impl SerialSource {
                 return;
             }
         };
+        let readings_len = readings.len();
         for (metric, unit, value) in readings {
             self.pending.readings.push(Reading {
                 uid: Uid::derive(&[&self.config.name, &sequence, &metric]),
@@ -809,6 +810,9 @@ impl SerialSource {
                 meta: None,
             });
         }
+        self.ctx
+            .metrics
+            .received(&self.config.name, readings_len as u64);
         self.pending.lines += 1;
         self.accepted_lines += 1;
         self.pending.since.get_or_insert_with(Instant::now);
@@ -870,6 +874,9 @@ impl SerialSource {
     }
 
     fn set_state(&mut self, state: &str, error: Option<&str>) {
+        self.ctx
+            .metrics
+            .set_connected(&self.config.name, state == "open");
         let value = serde_json::json!({
             "state": state,
             "path": self.config.path,

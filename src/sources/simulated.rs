@@ -93,15 +93,25 @@ impl SimulatedConfig {
             problems.push(format!("{path}.devices"), "list at least one device");
         }
         for (i, d) in self.devices.iter().enumerate() {
-            problems.check(format!("{path}.devices[{i}]"), check_identifier(d, "the device id"));
+            problems.check(
+                format!("{path}.devices[{i}]"),
+                check_identifier(d, "the device id"),
+            );
         }
         if self.metrics.is_empty() {
             problems.push(format!("{path}.metrics"), "list at least one metric");
         }
         for (i, m) in self.metrics.iter().enumerate() {
             let p = format!("{path}.metrics[{i}]");
-            problems.check(format!("{p}.name"), check_identifier(&m.name, "the metric name"));
-            for (key, v) in [("base", m.base), ("amplitude", m.amplitude), ("noise", m.noise)] {
+            problems.check(
+                format!("{p}.name"),
+                check_identifier(&m.name, "the metric name"),
+            );
+            for (key, v) in [
+                ("base", m.base),
+                ("amplitude", m.amplitude),
+                ("noise", m.noise),
+            ] {
                 if !v.is_finite() {
                     problems.push(format!("{p}.{key}"), "must be a finite number");
                 }
@@ -114,7 +124,10 @@ impl SimulatedConfig {
             }
         }
         if self.period.get() < Duration::from_millis(10) {
-            problems.push(format!("{path}.period"), format!("must be at least 10ms, found {}", self.period));
+            problems.push(
+                format!("{path}.period"),
+                format!("must be at least 10ms, found {}", self.period),
+            );
         }
         if let Some(x) = &self.excursion {
             if !self.devices.contains(&x.device) {
@@ -130,23 +143,42 @@ impl SimulatedConfig {
                 );
             }
             if !x.offset.is_finite() {
-                problems.push(format!("{path}.excursion.offset"), "must be a finite number");
+                problems.push(
+                    format!("{path}.excursion.offset"),
+                    "must be a finite number",
+                );
             }
         }
     }
 
     /// The value of `metric` on `device` at `elapsed` since start, for tick `tick`.
-    pub fn value_at(&self, device: &str, metric: &SimulatedMetric, elapsed: Duration, tick: u64) -> f64 {
+    pub fn value_at(
+        &self,
+        device: &str,
+        metric: &SimulatedMetric,
+        elapsed: Duration,
+        tick: u64,
+    ) -> f64 {
         let phase = elapsed.as_secs_f64() / metric.cycle.get().as_secs_f64().max(1e-9);
         let mut value = metric.base + metric.amplitude * (phase * std::f64::consts::TAU).sin();
         if metric.noise > 0.0 {
-            let h = Uid::derive(&[&self.seed.to_string(), device, &metric.name, &tick.to_string()]);
-            let unit = u32::from_le_bytes([h.0[0], h.0[1], h.0[2], h.0[3]]) as f64 / u32::MAX as f64;
+            let h = Uid::derive(&[
+                &self.seed.to_string(),
+                device,
+                &metric.name,
+                &tick.to_string(),
+            ]);
+            let unit =
+                u32::from_le_bytes([h.0[0], h.0[1], h.0[2], h.0[3]]) as f64 / u32::MAX as f64;
             value += (unit * 2.0 - 1.0) * metric.noise;
         }
         if let Some(x) = &self.excursion {
             let start = x.after.get();
-            if x.device == device && x.metric == metric.name && elapsed >= start && elapsed < start + x.duration.get() {
+            if x.device == device
+                && x.metric == metric.name
+                && elapsed >= start
+                && elapsed < start + x.duration.get()
+            {
                 value += x.offset;
             }
         }
@@ -186,6 +218,7 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
             }
         }
         tick += 1;
+        ctx.metrics.received(&config.name, readings.len() as u64);
         let (batch, ack) = Batch::with_ack(readings);
         if ctx.out.send(batch).await.is_err() {
             break;
@@ -199,7 +232,9 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
                     tracing::warn!(source = %config.name, refused, "Simulated readings were not stored.");
                 }
             }
-            Ok(Err(e)) => tracing::warn!(source = %config.name, error = %e, "Simulated readings were not stored."),
+            Ok(Err(e)) => {
+                tracing::warn!(source = %config.name, error = %e, "Simulated readings were not stored.")
+            }
             Err(_) => break,
         }
     }

@@ -21,7 +21,10 @@ mod read;
 pub mod schema;
 mod writer;
 
-pub use read::{BacklogSummary, CommittedReadings, SeriesSummary, StatusReport, StoredReading};
+pub use read::{
+    backlog, reading_from_row, BacklogSummary, CommittedReadings, SeriesSummary, StatusReport,
+    StoredReading, SELECT_READING,
+};
 pub use writer::{StoreStats, WriteOp};
 
 use crate::config::{ByteSize, HumanDuration, Problems};
@@ -39,11 +42,13 @@ pub struct StorageConfig {
     /// The SQLite database file. Its directory must be writable (WAL needs it).
     #[serde(default = "default_path")]
     pub path: PathBuf,
-    /// Commit a group once it holds this many readings (1 to 100000).
+    /// Group commit: a group holds at most this many readings (1 to 100000).
     #[serde(default = "default_batch_max_rows")]
     pub batch_max_rows: usize,
-    /// ... or once the first reading of the group has waited this long (at most 10s).
-    /// Longer is cheaper for SD cards; shorter acknowledges sooner.
+    /// The shortest time between two commits (at most 10s): a group is committed as
+    /// soon as nothing more is queued, but not sooner than this after the previous
+    /// commit. It bounds fsyncs per second (kinder to SD cards) and how long a
+    /// reading waits for its acknowledgement.
     #[serde(default = "default_batch_max_delay")]
     pub batch_max_delay: HumanDuration,
     /// Batches waiting for the writer; sources wait when it is full (1 to 65536).
@@ -85,7 +90,7 @@ fn default_batch_max_rows() -> usize {
     1000
 }
 fn default_batch_max_delay() -> HumanDuration {
-    HumanDuration::from_millis(50)
+    HumanDuration::from_millis(20)
 }
 fn default_channel_capacity() -> usize {
     1024
@@ -111,20 +116,29 @@ impl StorageConfig {
         if !(1..=100_000).contains(&self.batch_max_rows) {
             problems.push(
                 format!("{path}.batch_max_rows"),
-                format!("must be between 1 and 100000, found {}", self.batch_max_rows),
+                format!(
+                    "must be between 1 and 100000, found {}",
+                    self.batch_max_rows
+                ),
             );
         }
         let delay = self.batch_max_delay.get();
         if delay.is_zero() || delay > std::time::Duration::from_secs(10) {
             problems.push(
                 format!("{path}.batch_max_delay"),
-                format!("must be more than 0 and at most 10s, found {}", self.batch_max_delay),
+                format!(
+                    "must be more than 0 and at most 10s, found {}",
+                    self.batch_max_delay
+                ),
             );
         }
         if !(1..=65_536).contains(&self.channel_capacity) {
             problems.push(
                 format!("{path}.channel_capacity"),
-                format!("must be between 1 and 65536, found {}", self.channel_capacity),
+                format!(
+                    "must be between 1 and 65536, found {}",
+                    self.channel_capacity
+                ),
             );
         }
         if self.retention.get() < std::time::Duration::from_secs(60) {
@@ -184,7 +198,7 @@ pub struct StoreOptions {
 
 /// A cloneable handle to the store: sends writes to the writer thread and opens
 /// read connections.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Store {
     path: Arc<PathBuf>,
     busy_timeout: std::time::Duration,
@@ -205,12 +219,17 @@ pub struct Ingest {
 
 impl Store {
     /// Opens (creating, migrating or recovering) the database and starts the writer.
-    pub fn open(config: &StorageConfig, options: StoreOptions) -> Result<(Store, Ingest), StoreError> {
+    pub fn open(
+        config: &StorageConfig,
+        options: StoreOptions,
+    ) -> Result<(Store, Ingest), StoreError> {
         let conn = open_writer_connection(config, &options)?;
         let (batch_tx, batch_rx) = mpsc::channel(config.channel_capacity.max(1));
         let (op_tx, op_rx) = mpsc::channel(256);
         let last_id: i64 = conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| {
+                r.get(0)
+            })
             .map_err(|e| StoreError::from_sqlite(&e))?;
         let (committed_tx, committed_rx) = watch::channel(last_id);
         let stats = Arc::new(StoreStats::default());
@@ -300,10 +319,12 @@ impl Store {
     }
 }
 
-pub(crate) fn open_reader(path: &Path, busy_timeout: std::time::Duration) -> rusqlite::Result<Connection> {
+pub fn open_reader(path: &Path, busy_timeout: std::time::Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
     )?;
     conn.busy_timeout(busy_timeout)?;
     Ok(conn)
@@ -311,7 +332,10 @@ pub(crate) fn open_reader(path: &Path, busy_timeout: std::time::Duration) -> rus
 
 /// Opens the write connection; a database that cannot be opened or fails
 /// `quick_check` is moved aside and replaced by a fresh one.
-fn open_writer_connection(config: &StorageConfig, options: &StoreOptions) -> Result<Connection, StoreError> {
+fn open_writer_connection(
+    config: &StorageConfig,
+    options: &StoreOptions,
+) -> Result<Connection, StoreError> {
     let path = &config.path;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
@@ -361,10 +385,12 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         _ => OpenFailure::Environment(e.to_string()),
     };
     let mut conn = Connection::open(&config.path).map_err(classify)?;
-    conn.busy_timeout(config.busy_timeout.get()).map_err(classify)?;
+    conn.busy_timeout(config.busy_timeout.get())
+        .map_err(classify)?;
     // auto_vacuum must be chosen before the first table exists; INCREMENTAL lets the
     // pruner hand freed pages back to the filesystem (which matters on a full disk).
-    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").map_err(classify)?;
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+        .map_err(classify)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(classify)?;
@@ -373,16 +399,21 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
             "cannot switch to WAL mode (got {mode}); is the filesystem writable?"
         )));
     }
-    conn.pragma_update(None, "synchronous", "FULL").map_err(classify)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(classify)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(classify)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(classify)?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
         .map_err(classify)?;
     if check != "ok" {
-        return Err(OpenFailure::Unusable(format!("quick_check failed: {check}")));
+        return Err(OpenFailure::Unusable(format!(
+            "quick_check failed: {check}"
+        )));
     }
     if let Some(pages) = options.max_page_count {
-        conn.pragma_update(None, "max_page_count", pages).map_err(classify)?;
+        conn.pragma_update(None, "max_page_count", pages)
+            .map_err(classify)?;
     }
     schema::migrate(&mut conn).map_err(|e| match e {
         rusqlite::Error::InvalidParameterName(msg) => OpenFailure::Environment(msg),
@@ -410,3 +441,6 @@ pub fn status_report(path: &Path) -> rusqlite::Result<StatusReport> {
     let conn = open_reader(path, std::time::Duration::from_secs(5))?;
     read::status(&conn, chrono::Utc::now())
 }
+
+#[cfg(test)]
+mod tests;

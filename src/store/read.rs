@@ -15,10 +15,10 @@ pub struct StoredReading {
     pub synced: bool,
 }
 
-pub(crate) const SELECT_READING: &str = "SELECT id, uid, source, device, metric, value, unit, \
+pub const SELECT_READING: &str = "SELECT id, uid, source, device, metric, value, unit, \
     observed_at, received_at, flags, meta, synced FROM readings";
 
-pub(crate) fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
+pub fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
     let uid: Vec<u8> = row.get(1)?;
     let meta: Option<String> = row.get(10)?;
     Ok(StoredReading {
@@ -49,7 +49,11 @@ pub struct CommittedReadings {
 }
 
 impl CommittedReadings {
-    pub(super) fn new(conn: Connection, watch: watch::Receiver<i64>, after: i64) -> rusqlite::Result<Self> {
+    pub(super) fn new(
+        conn: Connection,
+        watch: watch::Receiver<i64>,
+        after: i64,
+    ) -> rusqlite::Result<Self> {
         Ok(CommittedReadings {
             conn: Some(conn),
             watch,
@@ -113,8 +117,14 @@ impl CommittedReadings {
     }
 }
 
-pub(crate) fn read_after(conn: &Connection, after: i64, max: usize) -> rusqlite::Result<Vec<StoredReading>> {
-    let mut stmt = conn.prepare_cached(&format!("{SELECT_READING} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+pub(crate) fn read_after(
+    conn: &Connection,
+    after: i64,
+    max: usize,
+) -> rusqlite::Result<Vec<StoredReading>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "{SELECT_READING} WHERE id > ?1 ORDER BY id LIMIT ?2"
+    ))?;
     let rows = stmt.query_map(params![after, max as i64], reading_from_row)?;
     rows.collect()
 }
@@ -151,6 +161,25 @@ pub struct StatusReport {
     pub schema_version: i64,
 }
 
+/// The unsynced backlog: its size and the arrival time of its oldest reading.
+pub fn backlog(conn: &Connection) -> rusqlite::Result<BacklogSummary> {
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
+        r.get(0)
+    })?;
+    // Ids follow arrival, so the lowest unsynced id is the oldest (and uses the index).
+    let oldest: Option<i64> = conn
+        .query_row(
+            "SELECT received_at FROM readings WHERE synced = 0 ORDER BY id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(BacklogSummary {
+        rows,
+        oldest_received_at: oldest.map(from_micros),
+    })
+}
+
 pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<StatusReport> {
     let mut stmt = conn.prepare(
         "SELECT source, device, metric, value, unit, observed_at, received_at, count \
@@ -171,17 +200,13 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let total_readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?;
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| r.get(0))?;
-    // Ids follow arrival, so the lowest unsynced id is the oldest (and uses the index).
-    let oldest: Option<i64> = conn
+    let backlog = backlog(conn)?;
+    let pruned_unsynced = conn
         .query_row(
-            "SELECT received_at FROM readings WHERE synced = 0 ORDER BY id LIMIT 1",
+            "SELECT value FROM counters WHERE name = 'pruned_unsynced'",
             [],
             |r| r.get(0),
         )
-        .optional()?;
-    let pruned_unsynced = conn
-        .query_row("SELECT value FROM counters WHERE name = 'pruned_unsynced'", [], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
     let rejected = conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get(0))?;
@@ -190,10 +215,7 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         now,
         series,
         total_readings,
-        backlog: BacklogSummary {
-            rows,
-            oldest_received_at: oldest.map(from_micros),
-        },
+        backlog,
         pruned_unsynced,
         rejected,
         schema_version,

@@ -44,7 +44,7 @@ impl WriteOp {
 }
 
 /// Counters the writer keeps for status, health and metrics.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct StoreStats {
     pub readings_inserted: AtomicU64,
     pub readings_duplicate: AtomicU64,
@@ -61,6 +61,30 @@ pub struct StoreStats {
     pub last_commit_ms: AtomicU64,
     /// Duration of the last commit in microseconds.
     pub last_commit_us: AtomicU64,
+    /// Every commit's duration, for `/metrics`.
+    pub commit_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        StoreStats {
+            readings_inserted: Default::default(),
+            readings_duplicate: Default::default(),
+            readings_invalid: Default::default(),
+            commits: Default::default(),
+            commit_failures: Default::default(),
+            readings_refused_full: Default::default(),
+            pruned_synced: Default::default(),
+            pruned_unsynced: Default::default(),
+            disk_full: Default::default(),
+            last_commit_ms: Default::default(),
+            last_commit_us: Default::default(),
+            // 0.5 ms to about 4 s.
+            commit_latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+            ),
+        }
+    }
 }
 
 const INSERT_READING: &str = "INSERT INTO readings \
@@ -104,7 +128,10 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("outpost-store".into())
         .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
                 Ok(rt) => rt.block_on(writer.run(batches, ops)),
                 Err(e) => tracing::error!(error = %e, "Cannot start the store writer's runtime."),
             }
@@ -149,6 +176,7 @@ impl Writer {
         prune_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_rows = self.config.batch_max_rows.max(1);
         let max_delay = self.config.batch_max_delay.get();
+        let mut last_commit = tokio::time::Instant::now();
         while batches_open || ops_open {
             let mut group = Group::default();
             tokio::select! {
@@ -167,8 +195,40 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                let deadline = tokio::time::Instant::now() + max_delay;
+                // Group commit: take everything already queued; commit as soon as the
+                // queue is empty, but never sooner than `batch_max_delay` after the
+                // previous commit (bounding fsyncs per second on SD cards) and never
+                // with more than `batch_max_rows` rows. Whatever arrives during a
+                // commit's fsync forms the next group.
+                let earliest = last_commit + max_delay;
                 while group.rows < max_rows && (batches_open || ops_open) {
+                    let mut took = false;
+                    if ops_open {
+                        match ops.try_recv() {
+                            Ok(op) => {
+                                group.ops.push(op);
+                                took = true;
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => ops_open = false,
+                            Err(mpsc::error::TryRecvError::Empty) => {}
+                        }
+                    }
+                    if batches_open && group.rows < max_rows {
+                        match batches.try_recv() {
+                            Ok(batch) => {
+                                group.push_batch(batch);
+                                took = true;
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => batches_open = false,
+                            Err(mpsc::error::TryRecvError::Empty) => {}
+                        }
+                    }
+                    if took {
+                        continue;
+                    }
+                    if tokio::time::Instant::now() >= earliest {
+                        break;
+                    }
                     tokio::select! {
                         biased;
                         op = ops.recv(), if ops_open => match op {
@@ -179,10 +239,12 @@ impl Writer {
                             Some(batch) => group.push_batch(batch),
                             None => batches_open = false,
                         },
-                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = tokio::time::sleep_until(earliest) => break,
                     }
                 }
-                if self.commit(group).is_err() {
+                let full = self.commit(group).is_err();
+                last_commit = tokio::time::Instant::now();
+                if full {
                     tokio::time::sleep(FULL_PAUSE).await;
                 }
             }
@@ -206,14 +268,20 @@ impl Writer {
                 let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
                 self.stats.commits.fetch_add(1, Relaxed);
                 self.stats.last_commit_ms.store(now_ms, Relaxed);
-                self.stats.last_commit_us.store(elapsed.as_micros() as u64, Relaxed);
+                self.stats
+                    .last_commit_us
+                    .store(elapsed.as_micros() as u64, Relaxed);
                 if self.stats.disk_full.swap(false, Relaxed) {
                     tracing::warn!("Disk space is available again; ingest resumed.");
                 }
                 for (batch, result) in group.batches.into_iter().zip(per_batch) {
                     if let Ok(c) = &result {
-                        self.stats.readings_inserted.fetch_add(c.inserted as u64, Relaxed);
-                        self.stats.readings_duplicate.fetch_add(c.duplicates as u64, Relaxed);
+                        self.stats
+                            .readings_inserted
+                            .fetch_add(c.inserted as u64, Relaxed);
+                        self.stats
+                            .readings_duplicate
+                            .fetch_add(c.duplicates as u64, Relaxed);
                     }
                     if let Some(ack) = batch.ack {
                         let _ = ack.send(result);
@@ -231,7 +299,9 @@ impl Writer {
                 self.stats.commit_failures.fetch_add(1, Relaxed);
                 let full = error == StoreError::Full;
                 if full {
-                    self.stats.readings_refused_full.fetch_add(group.rows as u64, Relaxed);
+                    self.stats
+                        .readings_refused_full
+                        .fetch_add(group.rows as u64, Relaxed);
                     self.stats.disk_full.store(true, Relaxed);
                     let now = Instant::now();
                     let quiet = match self.last_full_log {
@@ -279,33 +349,45 @@ impl Writer {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             return Err((StoreError::from_sqlite(&e), completions));
         }
-        let mut per_batch = Vec::with_capacity(batches.len());
-        let mut series: HashMap<(&str, &str, &str), (&Reading, i64)> = HashMap::new();
-        let mut max_id = None;
         let fail = |e: &rusqlite::Error| {
             let _ = conn.execute_batch("ROLLBACK");
             StoreError::from_sqlite(e)
         };
-        for batch in batches {
-            match insert_batch(conn, &batch.readings, &self.stats) {
-                Ok((committed, touched, id)) => {
-                    for (key, (reading, count)) in touched {
-                        let slot = series.entry(key).or_insert((reading, 0));
-                        if reading.observed_at >= slot.0.observed_at {
-                            slot.0 = reading;
-                        }
-                        slot.1 += count;
+        // Fast path: no savepoint per batch. A batch can only fail on something
+        // unexpected (the insert ignores duplicates, non-finite values are filtered);
+        // then the group is redone with a savepoint per batch, so only that batch fails.
+        let mut fast = true;
+        let (per_batch, series, max_id) = loop {
+            let mut per_batch = Vec::with_capacity(batches.len());
+            let mut series: Touched<'_> = HashMap::new();
+            let mut max_id = None;
+            let mut redo = false;
+            for batch in batches {
+                match insert_batch(conn, &batch.readings, &self.stats, &mut series, !fast) {
+                    Ok((committed, id)) => {
+                        max_id = max_id.max(id);
+                        per_batch.push(Ok(committed));
                     }
-                    max_id = max_id.max(id);
-                    per_batch.push(Ok(committed));
-                }
-                Err(e) if is_full(&e) => return Err((fail(&e), completions)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "A batch was refused by the store; the others proceed.");
-                    per_batch.push(Err(StoreError::from_sqlite(&e)));
+                    Err(e) if is_full(&e) => return Err((fail(&e), completions)),
+                    Err(_) if fast => {
+                        redo = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "A batch was refused by the store; the others proceed.");
+                        per_batch.push(Err(StoreError::from_sqlite(&e)));
+                    }
                 }
             }
-        }
+            if !redo {
+                break (per_batch, series, max_id);
+            }
+            fast = false;
+            let _ = conn.execute_batch("ROLLBACK");
+            if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+                return Err((StoreError::from_sqlite(&e), completions));
+            }
+        };
         for op in ops {
             let result = conn
                 .execute_batch("SAVEPOINT op")
@@ -379,18 +461,26 @@ fn is_full(e: &rusqlite::Error) -> bool {
 
 type Touched<'a> = HashMap<(&'a str, &'a str, &'a str), (&'a Reading, i64)>;
 
-/// Inserts one batch in its own savepoint; returns what was inserted, the series it
-/// touched and the highest new id.
+/// Inserts one batch, adding the series it touched to `series`; returns what was
+/// inserted and the highest new id. `guarded` wraps it in a savepoint so a failure
+/// leaves no trace of this batch (and nothing in `series`).
 fn insert_batch<'a>(
     conn: &Connection,
     readings: &'a [Reading],
     stats: &StoreStats,
-) -> rusqlite::Result<(Committed, Touched<'a>, Option<i64>)> {
-    conn.execute_batch("SAVEPOINT batch")?;
+    series: &mut Touched<'a>,
+    guarded: bool,
+) -> rusqlite::Result<(Committed, Option<i64>)> {
+    let mut local: Touched<'a> = HashMap::new();
+    let target = if guarded {
+        conn.execute_batch("SAVEPOINT batch")?;
+        &mut local
+    } else {
+        &mut *series
+    };
     let result = (|| {
         let mut stmt = conn.prepare_cached(INSERT_READING)?;
         let mut committed = Committed::default();
-        let mut touched: Touched<'a> = HashMap::new();
         let mut max_id = None;
         for r in readings {
             if !r.value.is_finite() {
@@ -414,22 +504,22 @@ fn insert_batch<'a>(
             if n == 1 {
                 committed.inserted += 1;
                 max_id = Some(conn.last_insert_rowid());
-                let slot = touched
-                    .entry((r.source.as_str(), r.device.as_str(), r.metric.as_str()))
-                    .or_insert((r, 0));
-                if r.observed_at >= slot.0.observed_at {
-                    slot.0 = r;
-                }
-                slot.1 += 1;
+                touch(target, r, 1);
             } else {
                 committed.duplicates += 1;
             }
         }
-        Ok((committed, touched, max_id))
+        Ok((committed, max_id))
     })();
+    if !guarded {
+        return result;
+    }
     match result {
         Ok(v) => {
             conn.execute_batch("RELEASE batch")?;
+            for (_, (r, count)) in local {
+                touch(series, r, count);
+            }
             Ok(v)
         }
         Err(e) => {
@@ -437,6 +527,17 @@ fn insert_batch<'a>(
             Err(e)
         }
     }
+}
+
+/// Counts `count` new rows of `r`'s series and keeps its newest reading.
+fn touch<'a>(series: &mut Touched<'a>, r: &'a Reading, count: i64) {
+    let slot = series
+        .entry((r.source.as_str(), r.device.as_str(), r.metric.as_str()))
+        .or_insert((r, 0));
+    if r.observed_at >= slot.0.observed_at {
+        slot.0 = r;
+    }
+    slot.1 += count;
 }
 
 /// Bytes in use by the database (pages that are not on the free list).
@@ -459,8 +560,12 @@ pub(crate) fn prune(
     now: chrono::DateTime<chrono::Utc>,
     stats: &StoreStats,
 ) -> rusqlite::Result<()> {
-    let retention = chrono::Duration::from_std(config.retention.get()).unwrap_or(chrono::Duration::MAX);
-    let cutoff = to_micros(now.checked_sub_signed(retention).unwrap_or(chrono::DateTime::UNIX_EPOCH));
+    let retention =
+        chrono::Duration::from_std(config.retention.get()).unwrap_or(chrono::Duration::MAX);
+    let cutoff = to_micros(
+        now.checked_sub_signed(retention)
+            .unwrap_or(chrono::DateTime::UNIX_EPOCH),
+    );
     let mut synced = 0usize;
     loop {
         let n = conn.execute(

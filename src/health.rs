@@ -1,0 +1,254 @@
+//! `/health`: is this gateway doing its job? 200 when every check passes, 503 with the
+//! reasons otherwise. Checks: the store accepts writes (the writer answered a probe
+//! recently and the disk is not full), and each source was heard from recently or
+//! reports itself connected.
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Progress evidence shared by the watchdog and `/health`.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    /// Unix milliseconds when the store writer last completed a probe write.
+    last_store_ok_ms: AtomicI64,
+}
+
+impl Liveness {
+    pub fn store_ok(&self, now: chrono::DateTime<chrono::Utc>) {
+        self.last_store_ok_ms.store(now.timestamp_millis(), Relaxed);
+    }
+
+    pub fn last_store_ok(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.last_store_ok_ms.load(Relaxed) {
+            0 => None,
+            ms => chrono::DateTime::from_timestamp_millis(ms),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HealthReport {
+    pub status: &'static str,
+    pub checks: Vec<Check>,
+}
+
+impl HealthReport {
+    pub fn healthy(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+/// What a source looks like from outside.
+#[derive(Debug, Clone)]
+pub struct SourceView {
+    pub name: String,
+    /// Since the last reading was received (None: never, or not since start).
+    pub silent_for: Option<Duration>,
+    pub connected: Option<bool>,
+}
+
+/// Everything `/health` decides on, gathered so the decision is a pure function.
+#[derive(Debug, Clone)]
+pub struct HealthInputs {
+    pub store_probe_age: Option<Duration>,
+    pub disk_full: bool,
+    pub uptime: Duration,
+    pub sources: Vec<SourceView>,
+}
+
+/// How stale the last store probe may be before the store counts as stuck.
+pub const STORE_PROBE_BOUND: Duration = Duration::from_secs(20);
+
+pub fn evaluate(inputs: &HealthInputs, source_max_silence: Duration) -> HealthReport {
+    let mut checks = Vec::new();
+    let store = match (inputs.store_probe_age, inputs.disk_full) {
+        (_, true) => (false, "the disk is full: readings are refused".to_string()),
+        (Some(age), false) if age <= STORE_PROBE_BOUND => {
+            (true, format!("writable (probe {}ms ago)", age.as_millis()))
+        }
+        (Some(age), false) => (
+            false,
+            format!("the store writer has not answered for {}s", age.as_secs()),
+        ),
+        (None, false) if inputs.uptime <= STORE_PROBE_BOUND => (true, "starting".to_string()),
+        (None, false) => (false, "the store writer has never answered".to_string()),
+    };
+    checks.push(Check {
+        name: "store".into(),
+        ok: store.0,
+        detail: store.1,
+    });
+    for s in &inputs.sources {
+        let bound = humantime::format_duration(source_max_silence);
+        let (ok, detail) = match (s.connected, s.silent_for) {
+            (Some(true), _) => (true, "connected".to_string()),
+            (_, Some(age)) if age <= source_max_silence => {
+                (true, format!("last reading {}s ago", age.as_secs()))
+            }
+            (connected, Some(age)) => (
+                false,
+                format!(
+                    "silent for {} (bound {bound}){}",
+                    humantime::format_duration(Duration::from_secs(age.as_secs())),
+                    if connected == Some(false) {
+                        "; disconnected"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            (connected, None) if inputs.uptime <= source_max_silence => (
+                true,
+                if connected == Some(false) {
+                    "connecting"
+                } else {
+                    "no reading yet"
+                }
+                .to_string(),
+            ),
+            (_, None) => (false, format!("no reading since start (bound {bound})")),
+        };
+        checks.push(Check {
+            name: format!("source:{}", s.name),
+            ok,
+            detail,
+        });
+    }
+    let status = if checks.iter().all(|c| c.ok) {
+        "ok"
+    } else {
+        "unhealthy"
+    };
+    HealthReport { status, checks }
+}
+
+/// Gathers the inputs from the running agent.
+pub struct HealthProbe {
+    pub store: Store,
+    pub metrics: Metrics,
+    pub liveness: Arc<Liveness>,
+    pub sources: Vec<String>,
+    pub started: std::time::Instant,
+    pub source_max_silence: Duration,
+}
+
+impl HealthProbe {
+    pub async fn report(&self) -> HealthReport {
+        let now = chrono::Utc::now();
+        let store = self.store.clone();
+        // Last reading per source, from the per-series summary (never a table scan).
+        let last_heard: HashMap<String, i64> = tokio::task::spawn_blocking(move || {
+            let conn = store.reader()?;
+            let mut stmt =
+                conn.prepare("SELECT source, MAX(received_at) FROM series GROUP BY source")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            rows.collect::<rusqlite::Result<HashMap<_, _>>>()
+        })
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+        let started_at =
+            now - chrono::Duration::from_std(self.started.elapsed()).unwrap_or_default();
+        let sources = self
+            .sources
+            .iter()
+            .map(|name| {
+                let heard = last_heard
+                    .get(name)
+                    .map(|&us| crate::model::from_micros(us))
+                    // Readings from before this start say nothing about now.
+                    .filter(|t| *t >= started_at - chrono::Duration::seconds(1));
+                SourceView {
+                    name: name.clone(),
+                    silent_for: heard.map(|t| (now - t).to_std().unwrap_or_default()),
+                    connected: self.metrics.connected(name),
+                }
+            })
+            .collect();
+        let inputs = HealthInputs {
+            store_probe_age: self
+                .liveness
+                .last_store_ok()
+                .map(|t| (now - t).to_std().unwrap_or_default()),
+            disk_full: self.store.stats().disk_full.load(Relaxed),
+            uptime: self.started.elapsed(),
+            sources,
+        };
+        evaluate(&inputs, self.source_max_silence)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(sources: Vec<SourceView>) -> HealthInputs {
+        HealthInputs {
+            store_probe_age: Some(Duration::from_secs(1)),
+            disk_full: false,
+            uptime: Duration::from_secs(7200),
+            sources,
+        }
+    }
+
+    fn source(silent: Option<u64>, connected: Option<bool>) -> SourceView {
+        SourceView {
+            name: "s".into(),
+            silent_for: silent.map(Duration::from_secs),
+            connected,
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn healthy_when_store_answers_and_sources_speak() {
+        let r = evaluate(&inputs(vec![source(Some(10), None)]), HOUR);
+        assert!(r.healthy(), "{r:?}");
+        assert_eq!(r.status, "ok");
+    }
+
+    #[test]
+    fn a_silent_source_is_unhealthy_unless_connected() {
+        let r = evaluate(&inputs(vec![source(Some(7200), None)]), HOUR);
+        assert!(!r.healthy());
+        assert!(
+            r.checks[1].detail.contains("silent for 2h"),
+            "{:?}",
+            r.checks[1]
+        );
+        // A connected LoRaWAN source may simply have quiet sensors.
+        assert!(evaluate(&inputs(vec![source(Some(7200), Some(true))]), HOUR).healthy());
+        let never = evaluate(&inputs(vec![source(None, Some(false))]), HOUR);
+        assert!(!never.healthy());
+    }
+
+    #[test]
+    fn a_new_start_gets_grace_and_a_stuck_store_does_not() {
+        let mut i = inputs(vec![source(None, Some(false))]);
+        i.uptime = Duration::from_secs(5);
+        i.store_probe_age = None;
+        let r = evaluate(&i, HOUR);
+        assert!(r.healthy(), "{r:?}");
+        i.uptime = Duration::from_secs(600);
+        i.store_probe_age = Some(Duration::from_secs(120));
+        let r = evaluate(&i, HOUR);
+        assert!(!r.checks[0].ok);
+        i.store_probe_age = Some(Duration::from_secs(1));
+        i.disk_full = true;
+        assert!(!evaluate(&i, HOUR).checks[0].ok);
+    }
+}

@@ -1,0 +1,220 @@
+//! Prometheus metrics (`/metrics`). Labels stay low-cardinality: source names, reasons,
+//! never device ids.
+
+use crate::store::{Store, StoreStats};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub source: String,
+    pub reason: String,
+}
+
+/// Metrics shared by every component; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    readings_received: Family<SourceLabels, Counter>,
+    readings_rejected: Family<RejectLabels, Counter>,
+    source_connected: Family<SourceLabels, Gauge>,
+    /// The same states, readable for `/health` (a `Family` cannot tell "never
+    /// reported" from "disconnected").
+    connections: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+}
+
+impl Metrics {
+    /// Metrics for the agent using `store`. Store counters and the backlog are read at
+    /// scrape time, so the store's hot path pays nothing for them.
+    pub fn new(store: &Store) -> Metrics {
+        let mut registry = Registry::with_prefix("outpost");
+        let readings_received = Family::<SourceLabels, Counter>::default();
+        let readings_rejected = Family::<RejectLabels, Counter>::default();
+        let source_connected = Family::<SourceLabels, Gauge>::default();
+        registry.register(
+            "readings_received",
+            "Readings decoded by each source (before dedupe)",
+            readings_received.clone(),
+        );
+        registry.register(
+            "readings_rejected",
+            "Input a source could not use, by reason",
+            readings_rejected.clone(),
+        );
+        registry.register(
+            "source_connected",
+            "1 when the source is connected to its broker or device, 0 when not",
+            source_connected.clone(),
+        );
+        registry.register(
+            "store_commit_duration_seconds",
+            "Duration of each group commit (synchronous=FULL)",
+            store.stats().commit_latency.clone(),
+        );
+        registry.register_collector(Box::new(StoreCollector {
+            stats: store.stats().clone(),
+            store: store.clone(),
+        }));
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                readings_received,
+                readings_rejected,
+                source_connected,
+                connections: Default::default(),
+            }),
+        }
+    }
+
+    pub fn received(&self, source: &str, n: u64) {
+        self.inner
+            .readings_received
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn rejected(&self, source: &str, reason: &str) {
+        self.inner
+            .readings_rejected
+            .get_or_create(&RejectLabels {
+                source: source.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn set_connected(&self, source: &str, connected: bool) {
+        self.inner
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(source.to_string(), connected);
+        self.inner
+            .source_connected
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .set(connected as i64);
+    }
+
+    /// `Some(true/false)` once a source has reported its connection state.
+    pub fn connected(&self, source: &str) -> Option<bool> {
+        let states = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        states.get(source).copied()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry) {
+            tracing::warn!(error = %e, "Encoding metrics failed.");
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+struct StoreCollector {
+    stats: Arc<StoreStats>,
+    store: Store,
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        let counters = [
+            (
+                "readings_stored",
+                "Readings committed to the local store",
+                &s.readings_inserted,
+            ),
+            (
+                "readings_duplicate",
+                "Readings whose uid was already stored (redeliveries)",
+                &s.readings_duplicate,
+            ),
+            (
+                "readings_invalid",
+                "Readings refused by the store (value not a finite number)",
+                &s.readings_invalid,
+            ),
+            ("store_commits", "Group commits", &s.commits),
+            (
+                "store_commit_failures",
+                "Group commits that failed (nothing acknowledged)",
+                &s.commit_failures,
+            ),
+            (
+                "store_refused_full",
+                "Readings not stored because the disk was full",
+                &s.readings_refused_full,
+            ),
+            (
+                "store_pruned_synced",
+                "Synced readings deleted by retention or the size cap",
+                &s.pruned_synced,
+            ),
+            (
+                "store_pruned_unsynced",
+                "UNSYNCED readings deleted by the size cap (data lost)",
+                &s.pruned_unsynced,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value.load(Relaxed)).encode(metric)?;
+        }
+        let full = encoder.encode_descriptor(
+            "store_disk_full",
+            "1 while the disk is full",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(s.disk_full.load(Relaxed) as i64).encode(full)?;
+        if let Ok(conn) = self.store.reader() {
+            if let Ok(report) = crate::store::backlog(&conn) {
+                let rows = encoder.encode_descriptor(
+                    "backlog_rows",
+                    "Readings not yet in central",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                ConstGauge::new(report.rows).encode(rows)?;
+                let age = report
+                    .oldest_received_at
+                    .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                let oldest = encoder.encode_descriptor(
+                    "backlog_oldest_age_seconds",
+                    "Age of the oldest reading not yet in central (0 when none)",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                ConstGauge::new(age).encode(oldest)?;
+            }
+        }
+        Ok(())
+    }
+}

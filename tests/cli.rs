@@ -1,0 +1,225 @@
+//! The binary as a technician uses it: `demo`, `status`, `run` with SIGTERM, `--help`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+#[test]
+fn demo_shows_committed_readings_within_5s_and_status_shows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--duration", "20s", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut first_commit = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.contains("committed #") {
+            first_commit = Some(started.elapsed());
+            break;
+        }
+    }
+    let first = first_commit.expect("the demo printed committed readings");
+    assert!(
+        first < Duration::from_secs(5),
+        "first committed reading after {first:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let out = Command::new(BIN)
+        .args(["status", "--db"])
+        .arg(dir.path().join("outpost.db"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("coldroom-1") && text.contains("temperature"),
+        "{text}"
+    );
+    assert!(text.contains("backlog:"), "{text}");
+
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--db"])
+        .arg(dir.path().join("outpost.db"))
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["total_readings"].as_i64().unwrap() >= 1);
+}
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("outpost.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\ngateway_id = \"t\"\n[storage]\npath = \"{}\"\nbatch_max_delay = \"200ms\"\n\
+             [[sources]]\ntype = \"simulated\"\nname = \"fast\"\nperiod = \"10ms\"\n\
+             devices = [\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\", \"h\"]\n",
+            dir.join("outpost.db").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn sigterm_commits_everything_and_exits_within_5s() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let stopping = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "did not exit within 5 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("everything accepted is committed"), "{log}");
+
+    let conn = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
+        .unwrap();
+    assert!(n >= 16, "readings were stored: {n}");
+    assert_eq!(n % 8, 0, "batches of 8 devices are committed whole: {n}");
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    // The series summary agrees with the table: every committed batch was complete.
+    let series: i64 = conn
+        .query_row("SELECT SUM(count) FROM series", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(series, n);
+}
+
+#[test]
+fn status_without_a_database_says_so() {
+    let out = Command::new(BIN)
+        .args(["status", "--db", "/nonexistent/outpost.db"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no database at /nonexistent/outpost.db"));
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("outpost "));
+    for cmd in [
+        &["--help"][..],
+        &["demo", "--help"],
+        &["check", "--help"],
+        &["status", "--help"],
+        &["run", "--help"],
+    ] {
+        let out = Command::new(BIN).args(cmd).output().unwrap();
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(!out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn readings_queries_local_history_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--duration", "3s", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let db = dir.path().join("outpost.db");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("readings")
+            .arg("--db")
+            .arg(&db)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, table, _) = run(&[
+        "--device",
+        "coldroom-2",
+        "--metric",
+        "humidity",
+        "--limit",
+        "2",
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(table.lines().count(), 3, "header and two rows:\n{table}");
+    assert!(
+        table.contains("coldroom-2") && !table.contains("coldroom-1"),
+        "{table}"
+    );
+
+    let (_, csv, _) = run(&["--format", "csv", "--since", "1h"]);
+    assert!(
+        csv.starts_with("observed_at,device,metric,value,unit,source,flags,synced\n"),
+        "{csv}"
+    );
+    assert!(csv.lines().count() > 4);
+
+    let (_, json, _) = run(&[
+        "--format",
+        "json",
+        "--metric",
+        "temperature",
+        "--limit",
+        "3",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["metric"] == "temperature"));
+    assert!(
+        rows[0]["observed_at"].as_str().unwrap() >= rows[1]["observed_at"].as_str().unwrap(),
+        "newest first"
+    );
+
+    let (_, none, _) = run(&["--device", "'; DROP TABLE readings; --"]);
+    assert!(none.contains("No readings match"), "{none}");
+    let (code, _, err) = run(&["--since", "last tuesday"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--since: expected a duration ago"), "{err}");
+    let (code, _, err) = run(&["--limit", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--limit must be between"), "{err}");
+    let (_, table, _) = run(&["--until", "2000-01-01T00:00:00Z"]);
+    assert!(table.contains("No readings match"));
+}

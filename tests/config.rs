@@ -1,0 +1,487 @@
+//! Configuration: the documented example, and malformed files that must each produce
+//! a `file:line: key: sentence` error (and exit code 2 from `outpost check`).
+
+use outpost::config::{Config, ConfigErrors};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn example_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/outpost.toml")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn load_str(text: &str) -> (tempfile::TempDir, Result<Config, ConfigErrors>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "outpost.toml", text);
+    let result = Config::load(&path);
+    (dir, result)
+}
+
+fn errors_of(text: &str) -> Vec<String> {
+    let (dir, result) = load_str(text);
+    let prefix = format!("{}/", dir.path().display());
+    match result {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => {
+            e.0.iter()
+                .map(|e| e.to_string().replace(&prefix, ""))
+                .collect()
+        }
+    }
+}
+
+fn assert_error(text: &str, expected: &str) {
+    let errors = errors_of(text);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with(expected) || e.contains(expected)),
+        "expected an error containing {expected:?}, got {errors:#?}"
+    );
+}
+
+#[test]
+fn the_example_loads() {
+    let config = Config::load(&example_path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.agent.gateway_id, "site-01");
+    assert!(!config.sources.is_empty());
+}
+
+/// Every key of the configuration structs appears in config/outpost.toml, either set
+/// or as a commented `# key = …` line.
+#[test]
+fn the_example_documents_every_key() {
+    let config = Config::load(&example_path()).unwrap_or_else(|e| panic!("{e}"));
+    let effective = serde_json::to_value(&config).unwrap();
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let raw: serde_json::Value = toml::from_str(&text).unwrap();
+    let mut documented = BTreeSet::new();
+    collect_paths(&raw, "", &mut documented);
+    let commented: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    let mut keys = BTreeSet::new();
+    collect_paths(&effective, "", &mut keys);
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|path| {
+            let leaf = path.rsplit(['.', ']']).next().unwrap_or(path);
+            let file_variant = format!("{path}_file");
+            !documented.contains(*path)
+                && !documented.contains(&file_variant)
+                && !commented.contains(leaf)
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from config/outpost.toml: {missing:#?}"
+    );
+}
+
+/// Key paths with list indices collapsed to `[]`.
+fn collect_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                out.insert(p.clone());
+                collect_paths(v, &p, out);
+            }
+        }
+        serde_json::Value::Array(list) if list.iter().any(|e| e.is_object()) => {
+            for e in list {
+                collect_paths(e, &format!("{prefix}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn an_empty_file_is_valid_with_defaults() {
+    let (_dir, result) = load_str("");
+    let config = result.unwrap();
+    assert_eq!(config.storage.batch_max_rows, 1000);
+    assert!(config.sources.is_empty());
+}
+
+#[test]
+fn wrong_types_name_file_line_and_key() {
+    assert_error(
+        "[storage]\nbatch_max_rows = \"many\"\n",
+        "outpost.toml:2: storage.batch_max_rows: expected a whole number, found string \"many\"",
+    );
+    assert_error(
+        "[agent]\nsite = 42\n",
+        "outpost.toml:2: agent.site: expected a string",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"simulated\"\nname = \"s\"\nperiod = 5\n",
+        "outpost.toml:4: sources[0].period: expected a duration",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"simulated\"\nname = \"s\"\ndevices = \"a\"\n",
+        "outpost.toml:4: sources[0].devices: expected a sequence",
+    );
+    assert_error("storage = 5\n", "outpost.toml:1: storage: expected a table");
+    assert_error("sources = 5\n", "outpost.toml:1: sources: expected a list");
+    assert_error(
+        "[storage]\nbatch_max_rows = -5\n",
+        "outpost.toml:2: storage.batch_max_rows: expected a whole number",
+    );
+}
+
+#[test]
+fn unknown_keys_and_sections() {
+    assert_error(
+        "[storage]\nbatch_max_row = 5\n",
+        "outpost.toml:2: storage.batch_max_row: unknown key `batch_max_row`",
+    );
+    assert_error(
+        "[storag]\npath = \"x\"\n",
+        "outpost.toml:1: storag: unknown section",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"simulated\"\nname = \"s\"\ncolour = \"red\"\n",
+        "outpost.toml:4: sources[0].colour: unknown key `colour`",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"teleporter\"\nname = \"s\"\n",
+        "outpost.toml:2: sources[0].type: unknown source type \"teleporter\"",
+    );
+}
+
+#[test]
+fn bad_durations_and_sizes() {
+    assert_error(
+        "[storage]\nbatch_max_delay = \"soon\"\n",
+        "outpost.toml:2: storage.batch_max_delay: expected a duration",
+    );
+    assert_error(
+        "[storage]\nretention = \"\"\n",
+        "outpost.toml:2: storage.retention: expected a duration",
+    );
+    assert_error(
+        "[storage]\nbatch_max_delay = \"1h\"\n",
+        "outpost.toml:2: storage.batch_max_delay: must be more than 0 and at most 10s",
+    );
+    assert_error(
+        "[storage]\nmax_size = \"lots\"\n",
+        "outpost.toml:2: storage.max_size: expected a size",
+    );
+    assert_error(
+        "[storage]\nmax_size = \"1KiB\"\n",
+        "outpost.toml:2: storage.max_size: must be at least 1MiB",
+    );
+}
+
+#[test]
+fn missing_required_keys() {
+    assert_error(
+        "[[sources]]\nname = \"s\"\n",
+        "outpost.toml:1: sources[0].type: the required key `type` is missing",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"simulated\"\n",
+        "outpost.toml:1: sources[0].name: the required key `name` is missing",
+    );
+}
+
+#[test]
+fn out_of_range_and_contradictions() {
+    assert_error(
+        "[storage]\nbatch_max_rows = 0\n",
+        "outpost.toml:2: storage.batch_max_rows: must be between 1 and 100000",
+    );
+    assert_error(
+        "[agent]\ngateway_id = \"my gateway\"\n",
+        "outpost.toml:2: agent.gateway_id: the gateway id \"my gateway\" contains ' '",
+    );
+    assert_error(
+        "[log]\nlevel = \"loud[\"\n",
+        "outpost.toml:2: log.level: not a valid log filter",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"simulated\"\nname = \"a\"\n[[sources]]\ntype = \"simulated\"\nname = \"a\"\n",
+        "outpost.toml:6: sources[1].name: another source is already called \"a\"",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"simulated\"\nname = \"a\"\ndevices = [\"x\"]\n[sources.excursion]\ndevice = \"y\"\nmetric = \"temperature\"\nafter = \"1s\"\nduration = \"1s\"\noffset = 1.0\n",
+        "outpost.toml:6: sources[0].excursion.device: \"y\" is not one of this source's devices",
+    );
+    assert_error(
+        "[[sources]]\ntype = \"simulated\"\nname = \"a\"\nperiod = \"1ms\"\n",
+        "outpost.toml:4: sources[0].period: must be at least 10ms",
+    );
+}
+
+#[test]
+fn toml_syntax_errors_have_lines() {
+    assert_error(
+        "[storage]\npath = \"unterminated\n",
+        "outpost.toml:2: TOML syntax error",
+    );
+    assert_error(
+        "[agent]\ngateway_id = \"a\"\ngateway_id = \"b\"\n",
+        "outpost.toml:3: TOML syntax error",
+    );
+    assert_error("[agent\n", "outpost.toml:1: TOML syntax error");
+}
+
+#[test]
+fn env_substitution_errors() {
+    assert_error(
+        "[agent]\nsite = \"${OUTPOST_TEST_SURELY_UNSET_VAR}\"\n",
+        "outpost.toml:2: agent.site: environment variable OUTPOST_TEST_SURELY_UNSET_VAR is not set",
+    );
+    assert_error(
+        "[agent]\nsite = \"${unterminated\"\n",
+        "outpost.toml:2: agent.site: unterminated `${`",
+    );
+    let (_d, ok) = load_str("[agent]\nsite = \"${OUTPOST_TEST_SURELY_UNSET_VAR:-Depot}\"\n");
+    assert_eq!(ok.unwrap().agent.site, "Depot");
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let errors = errors_of(
+        "[storage]\nbatch_max_rows = \"x\"\nbatch_max_delay = \"never\"\nnope = 1\n[agent]\ngateway_id = \"bad id\"\n",
+    );
+    assert!(errors.len() >= 4, "{errors:#?}");
+    assert!(errors.iter().any(|e| e.starts_with("outpost.toml:2:")));
+    assert!(errors.iter().any(|e| e.starts_with("outpost.toml:3:")));
+    assert!(errors.iter().any(|e| e.starts_with("outpost.toml:4:")));
+    assert!(errors.iter().any(|e| e.starts_with("outpost.toml:6:")));
+}
+
+#[test]
+fn missing_file_and_hostile_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Config::load(&dir.path().join("nope.toml")).unwrap_err();
+    assert!(
+        err.to_string().contains("nope.toml: cannot read this file"),
+        "{err}"
+    );
+
+    let big = write(dir.path(), "big.toml", &"# padding\n".repeat(600_000));
+    let err = Config::load(&big).unwrap_err();
+    assert!(err.to_string().contains("is larger than"), "{err}");
+
+    let binary = dir.path().join("bin.toml");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let err = Config::load(&binary).unwrap_err();
+    assert!(err.to_string().contains("not valid UTF-8"), "{err}");
+
+    // Deeply nested inline tables must not crash the loader.
+    let deep = format!(
+        "[agent]\nsite = {}1{}\n",
+        "{a=".repeat(200),
+        "}".repeat(200)
+    );
+    let (_d, result) = load_str(&deep);
+    assert!(result.is_err());
+}
+
+#[test]
+fn dropins_merge_and_append_and_are_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        "[agent]\ngateway_id = \"main\"\n[[sources]]\ntype = \"simulated\"\nname = \"a\"\n",
+    );
+    write(
+        dir.path(),
+        "conf.d/10-more.toml",
+        "[agent]\nsite = \"From drop-in\"\n[[sources]]\ntype = \"simulated\"\nname = \"b\"\n",
+    );
+    write(dir.path(), "conf.d/README", "not toml, ignored");
+    let config = Config::load(&main).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.agent.gateway_id, "main");
+    assert_eq!(config.agent.site, "From drop-in");
+    let names: Vec<_> = config
+        .sources
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+
+    write(
+        dir.path(),
+        "conf.d/20-bad.toml",
+        "\n\n[storage]\nbatch_max_rows = true\n",
+    );
+    let err = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        err.contains("conf.d/20-bad.toml:4: storage.batch_max_rows"),
+        "{err}"
+    );
+}
+
+#[test]
+fn secrets_from_files_and_their_errors() {
+    // No section takes a secret in the core yet, so the file handling is exercised
+    // through the errors it reports; a valid secret file is read and then refused as
+    // an unknown key, which proves it was read.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "secret", "s3cret\n");
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        &format!("[agent]\npassword_file = \"{}\"\n", secret.display()),
+    );
+    let err = Config::load(&main).unwrap_err().to_string();
+    assert!(err.contains("agent.password: unknown key"), "{err}");
+    assert!(
+        !err.contains("s3cret"),
+        "a secret must never be printed: {err}"
+    );
+
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        "[agent]\npassword_file = \"/nonexistent/secret\"\n",
+    );
+    let err = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        err.contains("outpost.toml:2: agent.password_file: cannot use /nonexistent/secret"),
+        "{err}"
+    );
+
+    let empty = write(dir.path(), "empty", "");
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        &format!("[agent]\ntoken_file = \"{}\"\n", empty.display()),
+    );
+    let err = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        err.contains("agent.token_file:") && err.contains("is empty"),
+        "{err}"
+    );
+
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        &format!(
+            "[agent]\nsecret = \"x\"\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+    );
+    let err = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        err.contains("set either `secret` or `secret_file`, not both"),
+        "{err}"
+    );
+}
+
+#[test]
+fn environment_overrides() {
+    // Runs in a child process so the variable does not leak into other tests.
+    let dir = tempfile::tempdir().unwrap();
+    let main = write(
+        dir.path(),
+        "outpost.toml",
+        "[storage]\nbatch_max_rows = 10\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["check", "--config"])
+        .arg(&main)
+        .env("OUTPOST__STORAGE__BATCH_MAX_ROWS", "77")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("batch_max_rows = 77"), "{stdout}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["check", "--config"])
+        .arg(&main)
+        .env("OUTPOST__STORAGE__BATCH_MAX_ROWS", "lots")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("environment variable OUTPOST__STORAGE__BATCH_MAX_ROWS: storage.batch_max_rows: expected a whole number"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_exits_2_with_all_errors_and_0_with_redacted_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "[storage]\nbatch_max_rows = \"x\"\n[nope]\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml:2: storage.batch_max_rows"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("bad.toml:3: nope: unknown section"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["check", "--config"])
+        .arg(example_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("gateway_id = \"site-01\""), "{stdout}");
+    // The printed configuration is itself valid TOML.
+    let body: String = stdout
+        .lines()
+        .skip_while(|l| l.starts_with('#') || l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    toml::from_str::<toml::Value>(&body).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "run refuses a bad configuration too"
+    );
+}

@@ -1,0 +1,355 @@
+//! The store's guarantees: acknowledgement only after commit (G1), dedupe by uid (G2),
+//! recovery from a corrupt file, and a full disk that neither crashes nor loses
+//! acknowledged data (G4).
+
+use chrono::Utc;
+use outpost::model::{Batch, Reading, Uid};
+use outpost::store::{StorageConfig, Store, StoreError, StoreOptions};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+fn config(dir: &Path) -> StorageConfig {
+    StorageConfig {
+        path: dir.join("outpost.db"),
+        batch_max_delay: outpost::config::HumanDuration::from_millis(5),
+        ..StorageConfig::default()
+    }
+}
+
+fn reading(i: u64) -> Reading {
+    let now = Utc::now();
+    Reading {
+        uid: Uid::derive(&["test", &i.to_string()]),
+        source: "test".into(),
+        device: format!("dev-{}", i % 3),
+        metric: "temperature".into(),
+        value: i as f64,
+        unit: Some("°C".into()),
+        observed_at: now,
+        received_at: now,
+        flags: 0,
+        meta: Some(serde_json::json!({"i": i})),
+    }
+}
+
+fn count(path: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn uids_in(path: &Path) -> std::collections::HashSet<Vec<u8>> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn.prepare("SELECT uid FROM readings").unwrap();
+    let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+async fn send(
+    sender: &tokio::sync::mpsc::Sender<Batch>,
+    readings: Vec<Reading>,
+) -> Result<outpost::model::Committed, StoreError> {
+    let (batch, ack) = Batch::with_ack(readings);
+    sender.send(batch).await.unwrap();
+    ack.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_is_acknowledged_only_after_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    // The first commit is turned into a rollback by SQLite's commit hook: the rows
+    // were inserted, then the commit failed.
+    let commits = Arc::new(AtomicUsize::new(0));
+    let seen = commits.clone();
+    let options = StoreOptions {
+        commit_hook: Some(Box::new(move || seen.fetch_add(1, Ordering::SeqCst) == 0)),
+        ..StoreOptions::default()
+    };
+    let (store, ingest) = Store::open(&cfg, options).unwrap();
+    let failed = send(&ingest.sender, vec![reading(1), reading(2)]).await;
+    assert_eq!(
+        failed,
+        Err(StoreError::RolledBack),
+        "an uncommitted batch is never acknowledged as stored"
+    );
+    assert_eq!(
+        count(&cfg.path),
+        0,
+        "nothing of the failed batch is in the database"
+    );
+
+    let ok = send(&ingest.sender, vec![reading(1), reading(2)])
+        .await
+        .unwrap();
+    assert_eq!(ok.inserted, 2);
+    // The acknowledgement came after the commit: a separate connection sees the rows.
+    assert_eq!(count(&cfg.path), 2);
+    drop(ingest.sender);
+    drop(store);
+    ingest.finished.await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicates_by_uid_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    let first = send(&ingest.sender, (0..10).map(reading).collect())
+        .await
+        .unwrap();
+    assert_eq!((first.inserted, first.duplicates), (10, 0));
+    let again = send(&ingest.sender, (5..15).map(reading).collect())
+        .await
+        .unwrap();
+    assert_eq!((again.inserted, again.duplicates), (5, 5));
+    // The same uid twice within one batch.
+    let inside = send(&ingest.sender, vec![reading(100), reading(100)])
+        .await
+        .unwrap();
+    assert_eq!((inside.inserted, inside.duplicates), (1, 1));
+    assert_eq!(count(&cfg.path), 16);
+    let report = outpost::store::status_report(&cfg.path).unwrap();
+    let total: i64 = report.series.iter().map(|s| s.count).sum();
+    assert_eq!(total, 16, "series counts only new rows");
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+}
+
+#[tokio::test]
+async fn non_finite_values_are_refused_without_failing_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    let mut nan = reading(1);
+    nan.value = f64::NAN;
+    let mut inf = reading(2);
+    inf.value = f64::INFINITY;
+    let c = send(&ingest.sender, vec![nan, inf, reading(3)])
+        .await
+        .unwrap();
+    assert_eq!(c.inserted, 1);
+    assert_eq!(store.stats().readings_invalid.load(Ordering::Relaxed), 2);
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+}
+
+#[tokio::test]
+async fn committed_readings_stream_in_order_and_end_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    let mut stream = store.committed_readings(0).unwrap();
+    for chunk in 0..5u64 {
+        send(
+            &ingest.sender,
+            (chunk * 10..chunk * 10 + 10).map(reading).collect(),
+        )
+        .await
+        .unwrap();
+    }
+    drop(ingest.sender);
+    drop(store);
+    let mut ids = Vec::new();
+    while let Some(rows) = stream.next_batch(7).await {
+        ids.extend(rows.iter().map(|r| r.id));
+    }
+    assert_eq!(ids, (1..=50).collect::<Vec<i64>>());
+    ingest.finished.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupt_database_is_moved_aside_and_a_fresh_one_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    std::fs::write(
+        &cfg.path,
+        b"this is not an SQLite database, it is garbage \x00\x01\x02".repeat(200),
+    )
+    .unwrap();
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    send(&ingest.sender, vec![reading(1)]).await.unwrap();
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("outpost.db.corrupt-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged file is kept for diagnosis");
+    assert!(std::fs::read(aside[0].path())
+        .unwrap()
+        .starts_with(b"this is not"));
+    assert_eq!(count(&cfg.path), 1);
+}
+
+#[tokio::test]
+async fn a_database_with_damaged_pages_is_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    {
+        let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+        for chunk in 0..20u64 {
+            send(
+                &ingest.sender,
+                (chunk * 100..chunk * 100 + 100).map(reading).collect(),
+            )
+            .await
+            .unwrap();
+        }
+        drop((store, ingest.sender));
+        ingest.finished.await.unwrap();
+    }
+    let conn = rusqlite::Connection::open(&cfg.path).unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    drop(conn);
+    // Overwrite pages in the middle of the file with garbage.
+    let mut bytes = std::fs::read(&cfg.path).unwrap();
+    let len = bytes.len();
+    assert!(len > 40_000);
+    for b in &mut bytes[len / 3..len / 3 + 16384] {
+        *b = 0xA5;
+    }
+    std::fs::write(&cfg.path, &bytes).unwrap();
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    send(&ingest.sender, vec![reading(999_999)]).await.unwrap();
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+    assert_eq!(
+        count(&cfg.path),
+        1,
+        "a fresh database replaced the damaged one"
+    );
+    assert!(std::fs::read_dir(dir.path()).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("outpost.db.corrupt-")));
+}
+
+#[tokio::test]
+async fn a_full_disk_loses_nothing_acknowledged_and_ingest_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let options = StoreOptions {
+        max_page_count: Some(48),
+        ..StoreOptions::default()
+    };
+    let (store, ingest) = Store::open(&cfg, options).unwrap();
+    let mut acknowledged = Vec::new();
+    let mut full = 0;
+    let mut i = 0u64;
+    while full < 3 && i < 100_000 {
+        let batch: Vec<Reading> = (i..i + 50).map(reading).collect();
+        i += 50;
+        match send(&ingest.sender, batch.clone()).await {
+            Ok(_) => acknowledged.extend(batch.iter().map(|r| r.uid.0.to_vec())),
+            Err(StoreError::Full) => full += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(full, 3, "the page cap must be reached");
+    assert!(store.stats().disk_full.load(Ordering::Relaxed));
+    let stored = uids_in(&cfg.path);
+    assert!(
+        acknowledged.iter().all(|u| stored.contains(u)),
+        "every acknowledged reading is stored"
+    );
+    assert_eq!(
+        stored.len(),
+        acknowledged.len(),
+        "nothing unacknowledged was stored"
+    );
+
+    // Space returns (the cap is lifted on the writer's own connection).
+    let mut lifted = false;
+    for _ in 0..20 {
+        if store
+            .write(|conn| conn.pragma_update(None, "max_page_count", 1_000_000))
+            .await
+            .is_ok()
+        {
+            lifted = true;
+            break;
+        }
+    }
+    assert!(lifted);
+    let resumed = send(&ingest.sender, (i..i + 50).map(reading).collect())
+        .await
+        .unwrap();
+    assert_eq!(resumed.inserted, 50, "ingest resumes by itself");
+    assert!(!store.stats().disk_full.load(Ordering::Relaxed));
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+    let conn = rusqlite::Connection::open(&cfg.path).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_agent_is_refused_not_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let conn = rusqlite::Connection::open(&cfg.path).unwrap();
+    conn.execute_batch("PRAGMA user_version = 9999; CREATE TABLE future(x);")
+        .unwrap();
+    drop(conn);
+    let err = Store::open(&cfg, StoreOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("newer than this agent"), "{err}");
+    let conn = rusqlite::Connection::open(&cfg.path).unwrap();
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 9999, "the file was left alone");
+}
+
+#[tokio::test]
+async fn a_failing_batch_fails_alone_within_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.batch_max_delay = outpost::config::HumanDuration::from_millis(300);
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    store
+        .write(|conn| {
+            conn.execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.device = 'poison' \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+            )
+        })
+        .await
+        .unwrap();
+    // Both batches are queued before the next commit is allowed, so they share a group.
+    let mut bad = reading(1);
+    bad.device = "poison".into();
+    let (good_batch, good_ack) = Batch::with_ack(vec![reading(2), reading(3)]);
+    let (bad_batch, bad_ack) = Batch::with_ack(vec![reading(4), bad]);
+    let (later_batch, later_ack) = Batch::with_ack(vec![reading(5)]);
+    ingest.sender.send(good_batch).await.unwrap();
+    ingest.sender.send(bad_batch).await.unwrap();
+    ingest.sender.send(later_batch).await.unwrap();
+    assert_eq!(good_ack.await.unwrap().unwrap().inserted, 2);
+    assert!(matches!(bad_ack.await.unwrap(), Err(StoreError::Sqlite(_))));
+    assert_eq!(later_ack.await.unwrap().unwrap().inserted, 1);
+    let stored = uids_in(&cfg.path);
+    assert_eq!(
+        stored.len(),
+        3,
+        "nothing of the failed batch, all of the others"
+    );
+    assert!(!stored.contains(reading(4).uid.0.as_slice()));
+    assert_eq!(
+        store.stats().commits.load(Ordering::Relaxed),
+        2,
+        "the write op, then one group"
+    );
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+}
