@@ -994,3 +994,94 @@ impl RequestError {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn problems_of(value: serde_json::Value) -> Vec<String> {
+        let mut problems = Problems::default();
+        if let Some(c) = problems.deserialize::<ModbusConfig>(value, "sources[0]") {
+            c.validate("sources[0]", &mut problems);
+        }
+        problems.0.into_iter().map(|(path, _)| path).collect()
+    }
+
+    #[test]
+    fn a_minimal_config_is_valid() {
+        let ok = json!({"name": "bus", "path": "/dev/ttyUSB0",
+                        "slaves": [{"id": 1, "registers": [{"metric": "v", "address": 0}]}]});
+        assert!(problems_of(ok).is_empty());
+    }
+
+    #[test]
+    fn wrong_values_are_all_reported() {
+        let got = problems_of(json!({
+            "name": "bus", "path": "", "inter_frame_gap": "2s", "offline_max_interval": "10ms",
+            "slaves": [
+                {"id": 0, "registers": []},
+                {"id": 5, "interval": "1ms", "timeout": "1ms", "retries": 9, "device": "a b",
+                 "registers": [
+                    {"metric": "bad name", "function": 5, "address": 0},
+                    {"metric": "wide", "address": 0, "count": 63, "type": "f32"},
+                    {"metric": "tail", "address": 65535, "type": "u32"},
+                    {"metric": "coil", "function": 1, "address": 0, "type": "f32", "count": 0},
+                    {"metric": "s", "address": 0, "scale": 0.0, "min": 10.0, "max": 1.0}
+                 ]},
+                {"id": 5, "registers": [{"metric": "v", "address": 0}]},
+                {"id": 248, "registers": [{"metric": "v", "address": 0}]}
+            ]
+        }));
+        for path in [
+            "sources[0].path",
+            "sources[0].inter_frame_gap",
+            "sources[0].offline_max_interval",
+            "sources[0].slaves[0].id",
+            "sources[0].slaves[0].registers",
+            "sources[0].slaves[1].interval",
+            "sources[0].slaves[1].timeout",
+            "sources[0].slaves[1].retries",
+            "sources[0].slaves[1].device",
+            "sources[0].slaves[1].registers[0].metric",
+            "sources[0].slaves[1].registers[0].function",
+            "sources[0].slaves[1].registers[1].count",
+            "sources[0].slaves[1].registers[2].address",
+            "sources[0].slaves[1].registers[3].type",
+            "sources[0].slaves[1].registers[3].count",
+            "sources[0].slaves[1].registers[4].scale",
+            "sources[0].slaves[1].registers[4].min",
+            "sources[0].slaves[2].id",
+            "sources[0].slaves[3].id",
+        ] {
+            assert!(
+                got.iter().any(|p| p == path),
+                "{path} not reported in {got:#?}"
+            );
+        }
+        let none = problems_of(json!({"name": "bus", "path": "/dev/x", "slaves": []}));
+        assert_eq!(none, vec!["sources[0].slaves"]);
+        let typo = problems_of(json!({"name": "bus", "path": "/dev/x", "slaves": [
+            {"id": 1, "registers": [{"metric": "v", "address": 0, "type": "f64", "word_order": "middle"}]}]}));
+        assert!(
+            typo.iter().any(|p| p.ends_with("registers[0].type")),
+            "{typo:?}"
+        );
+        assert!(
+            typo.iter().any(|p| p.ends_with("registers[0].word_order")),
+            "{typo:?}"
+        );
+    }
+
+    #[test]
+    fn the_inter_frame_gap_follows_the_baud_rate() {
+        let mut c: ModbusConfig =
+            serde_json::from_value(json!({"name": "b", "path": "/dev/x", "slaves": []})).unwrap();
+        // 9600 baud, 8N1: 10 bits per character, 3.5 characters ≈ 3.65ms.
+        assert_eq!(c.gap().as_micros(), 3645);
+        c.port.baud = 115_200;
+        assert_eq!(c.gap(), Duration::from_micros(1750));
+        c.inter_frame_gap = Some(HumanDuration::from_millis(8));
+        assert_eq!(c.gap(), Duration::from_millis(8));
+    }
+}

@@ -906,3 +906,109 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn problems_of(value: serde_json::Value) -> Vec<String> {
+        let mut problems = Problems::default();
+        if let Some(c) = problems.deserialize::<SerialConfig>(value, "sources[0]") {
+            c.validate("sources[0]", &mut problems);
+        }
+        problems.0.into_iter().map(|(path, _)| path).collect()
+    }
+
+    #[test]
+    fn a_minimal_config_is_valid() {
+        assert!(
+            problems_of(json!({"name": "s", "path": "/dev/ttyUSB0", "format": "json"})).is_empty()
+        );
+    }
+
+    #[test]
+    fn wrong_values_are_all_reported() {
+        let got = problems_of(json!({
+            "name": "s", "path": " ", "format": "csv", "pattern": "(?P<x>1)",
+            "max_line_length": 1, "batch_max_lines": 0, "batch_max_delay": "5s",
+            "reopen_max_delay": "1ms",
+            "port": {"baud": 0, "data_bits": 9, "stop_bits": 3},
+            "csv": {"delimiter": "ab", "columns": ["", ""]},
+            "fields": {"device": "a b", "device_field": "id", "value_field": "",
+                       "timestamp_format": "%Q"},
+            "plausible": {"t": {"min": 5.0, "max": 1.0}, "u": {}},
+            "mapping": {"fields": {"x": {"scale": 0.0}}}
+        }));
+        for path in [
+            "sources[0].path",
+            "sources[0].pattern",
+            "sources[0].max_line_length",
+            "sources[0].batch_max_lines",
+            "sources[0].batch_max_delay",
+            "sources[0].reopen_max_delay",
+            "sources[0].port.baud",
+            "sources[0].port.data_bits",
+            "sources[0].port.stop_bits",
+            "sources[0].csv.delimiter",
+            "sources[0].csv.columns",
+            "sources[0].fields.device",
+            "sources[0].fields.value_field",
+            "sources[0].fields.timestamp_format",
+            "sources[0].plausible.t.min",
+            "sources[0].plausible.u",
+            "sources[0].mapping.fields.x.scale",
+        ] {
+            assert!(
+                got.iter().any(|p| p == path),
+                "{path} not reported in {got:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn regex_patterns_are_checked() {
+        let base = |pattern: &str| json!({"name": "s", "path": "/dev/x", "format": "regex", "pattern": pattern});
+        assert!(problems_of(base(r"^(?P<t>\d+)$")).is_empty());
+        assert_eq!(
+            problems_of(base(r"^(\d+)$")),
+            vec!["sources[0].pattern"],
+            "no named group"
+        );
+        assert_eq!(
+            problems_of(base(r"(?P<t>")),
+            vec!["sources[0].pattern"],
+            "invalid"
+        );
+        // A pattern whose compiled form is huge is refused instead of eating memory.
+        assert_eq!(
+            problems_of(base(r"(?P<t>\w{1000}){1000}")),
+            vec!["sources[0].pattern"]
+        );
+        let missing = json!({"name": "s", "path": "/dev/x", "format": "regex"});
+        assert_eq!(problems_of(missing), vec!["sources[0].pattern"]);
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_keys() {
+        let got = problems_of(json!({
+            "name": "s", "path": "/dev/x", "format": "xml", "port": {"parity": "mark", "baud": "fast"},
+            "colour": "red"
+        }));
+        assert!(got.iter().any(|p| p == "sources[0].format"), "{got:?}");
+        assert!(got.iter().any(|p| p == "sources[0].port.parity"), "{got:?}");
+        assert!(got.iter().any(|p| p == "sources[0].colour"), "{got:?}");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(80) && delays[0] <= Duration::from_millis(120));
+        assert!(delays[1] >= Duration::from_millis(160) && delays[1] <= Duration::from_millis(240));
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(500)));
+        assert!(delays[5] >= Duration::from_millis(400));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+}
