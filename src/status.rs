@@ -69,6 +69,9 @@ pub fn render(report: &StatusReport, database: &str) -> String {
             report.rejected
         );
     }
+    for note in &report.source_notes {
+        let _ = writeln!(out, "{note}");
+    }
     let _ = writeln!(out);
     if report.series.is_empty() {
         let _ = writeln!(out, "No readings yet.");

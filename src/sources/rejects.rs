@@ -245,3 +245,81 @@ impl SequenceAllocator {
         Ok(n)
     }
 }
+
+/// One line per serial port or Modbus bus that is not open and per Modbus slave that
+/// is offline, for `outpost status`: what a technician on site needs to look at.
+pub fn status_notes(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT source, key, value FROM source_state
+         WHERE key = 'state' OR key LIKE 'slave.%' ORDER BY source, key",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut notes = Vec::new();
+    for (source, key, value) in rows {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&value) else {
+            continue;
+        };
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let state = text("state");
+        let error = match text("error").as_str() {
+            "" => match text("last_error").as_str() {
+                "" => String::new(),
+                e => format!(" ({e})"),
+            },
+            e => format!(" ({e})"),
+        };
+        if key == "state" && state == "waiting" {
+            notes.push(format!(
+                "Source {source}: port {} not available since {}{error}; retrying",
+                text("path"),
+                text("since")
+            ));
+        } else if let Some(id) = key.strip_prefix("slave.") {
+            if state == "offline" {
+                notes.push(format!(
+                    "Source {source}: Modbus slave {id} ({}) OFFLINE since {}{error}",
+                    text("device"),
+                    text("since")
+                ));
+            }
+        }
+    }
+    Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_notes_name_missing_ports_and_offline_slaves() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            r#"CREATE TABLE source_state (source TEXT, key TEXT, value TEXT);
+            INSERT INTO source_state VALUES
+              ('ws', 'state', '{"state":"waiting","path":"/dev/ttyUSB0","since":"T1","error":"No such file"}'),
+              ('ws', 'rejected.not_json', '3'),
+              ('bus', 'state', '{"state":"open","path":"/dev/ttyUSB1","since":"T0","error":null}'),
+              ('bus', 'slave.1', '{"state":"online","device":"m1","since":"T0"}'),
+              ('bus', 'slave.9', '{"state":"offline","device":"m9","since":"T2","last_error":"no_answer"}'),
+              ('bus', 'slave.10', 'not json');"#,
+        )
+        .unwrap();
+        assert_eq!(
+            status_notes(&conn).unwrap(),
+            vec![
+                "Source bus: Modbus slave 9 (m9) OFFLINE since T2 (no_answer)".to_string(),
+                "Source ws: port /dev/ttyUSB0 not available since T1 (No such file); retrying"
+                    .to_string(),
+            ]
+        );
+    }
+}

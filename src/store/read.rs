@@ -159,6 +159,8 @@ pub struct StatusReport {
     pub pruned_unsynced: i64,
     pub rejected: i64,
     pub schema_version: i64,
+    /// Device-level state of serial and Modbus sources (port open, slaves offline).
+    pub source_notes: Vec<String>,
 }
 
 /// The unsynced backlog: its size and the arrival time of its oldest reading.
@@ -211,7 +213,9 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         .unwrap_or(0);
     let rejected = conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get(0))?;
     let schema_version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let source_notes = crate::sources::rejects::status_notes(conn)?;
     Ok(StatusReport {
+        source_notes,
         now,
         series,
         total_readings,
