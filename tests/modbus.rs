@@ -328,6 +328,16 @@ async fn a_silent_slave_does_not_slow_the_others() {
         "the silent slave is probed with backoff, not every 100ms: {probes} polls"
     );
     assert_eq!(agent.state("bus", "slave.1").unwrap()["state"], "online");
+    // `outpost status` names it.
+    let report = outpost::store::status_report(agent.store.path()).unwrap();
+    assert!(
+        report
+            .source_notes
+            .iter()
+            .any(|n| n.contains("slave 9 (bus-9) OFFLINE")),
+        "{:?}",
+        report.source_notes
+    );
     let stored = agent.count("SELECT COUNT(*) FROM readings WHERE device = 'bus-2' AND value = 22");
     assert!(stored >= 30, "{stored}");
     agent.shutdown().await;
@@ -441,5 +451,37 @@ address = 5
     );
     // A garbling slave is alive: it stays online and keeps being polled.
     assert_eq!(agent.state("noisy", "slave.3").unwrap()["state"], "online");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adapter_is_reopened_after_an_unplug() {
+    let mut link = SerialLink::start();
+    let _raw = garbling_slave(&link);
+    let mut agent = Agent::new();
+    agent.start(&format!(
+        "type = \"modbus-rtu\"\nname = \"bus\"\npath = \"{}\"\nreopen_max_delay = \"500ms\"\n\
+         [[slaves]]\nid = 4\ninterval = \"100ms\"\ntimeout = \"200ms\"\n\
+         [[slaves.registers]]\nmetric = \"good\"\naddress = 0\n",
+        link.device_path().display()
+    ));
+    let readings = |a: &Agent| a.count("SELECT COUNT(*) FROM readings WHERE value = 42");
+    agent
+        .wait_for("the first readings", |a| readings(a) >= 2)
+        .await;
+    link.unplug();
+    agent
+        .wait_for("the unplug to be noticed", |a| {
+            a.state("bus", "state")
+                .is_some_and(|s| s["state"] == "waiting")
+        })
+        .await;
+    link.replug();
+    let _raw_again = garbling_slave(&link);
+    let before = readings(&agent);
+    agent
+        .wait_for("polling to resume", |a| readings(a) >= before + 2)
+        .await;
+    assert_eq!(agent.state("bus", "state").unwrap()["state"], "open");
     agent.shutdown().await;
 }
