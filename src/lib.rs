@@ -4,6 +4,8 @@
 //!
 //! - [`config`]: the TOML configuration, its drop-ins and environment overrides, and
 //!   error reports that name file, line and key.
+//! - [`clock`]: whether the local clock is synchronised (G8), learned in a way the
+//!   hardened unit allows.
 //! - [`model`]: readings, their stable uids and flags, batches with acknowledgements.
 //! - [`sources`]: producers of readings (`simulated`; LoRaWAN and serial sources are
 //!   added beside it), one file per kind, selected by a tagged config enum.
@@ -37,6 +39,7 @@
 
 pub mod alerts;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod health;

@@ -95,6 +95,9 @@ pub fn render(report: &StatusReport, database: &str) -> String {
         );
     }
     out.push_str(&crate::alerts::state::render(&report.alerts, now));
+    for note in &report.source_notes {
+        let _ = writeln!(out, "{note}");
+    }
     let _ = writeln!(out);
     if report.series.is_empty() {
         let _ = writeln!(out, "No readings yet.");

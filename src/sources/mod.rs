@@ -7,8 +7,13 @@
 
 pub mod chirpstack;
 pub mod mapping;
+pub mod modbus;
+pub mod modbus_decode;
 pub mod mqtt;
 pub mod mqtt_client;
+pub mod rejects;
+pub mod serial;
+pub mod serial_formats;
 pub mod simulated;
 pub mod ttn;
 pub mod ttn_backfill;
@@ -29,10 +34,19 @@ pub enum SourceConfig {
     Ttn(ttn::TtnConfig),
     Chirpstack(chirpstack::ChirpStackConfig),
     Mqtt(mqtt::MqttJsonConfig),
+    Serial(Box<serial::SerialConfig>),
+    ModbusRtu(modbus::ModbusConfig),
 }
 
 /// The `type` values, for messages.
-const TYPES: &[&str] = &["simulated", "ttn", "chirpstack", "mqtt"];
+const TYPES: &[&str] = &[
+    "simulated",
+    "ttn",
+    "chirpstack",
+    "mqtt",
+    "serial",
+    "modbus-rtu",
+];
 
 impl SourceConfig {
     pub fn name(&self) -> &str {
@@ -41,6 +55,8 @@ impl SourceConfig {
             SourceConfig::Ttn(c) => &c.name,
             SourceConfig::Chirpstack(c) => &c.name,
             SourceConfig::Mqtt(c) => &c.name,
+            SourceConfig::Serial(c) => &c.name,
+            SourceConfig::ModbusRtu(c) => &c.name,
         }
     }
 
@@ -50,6 +66,8 @@ impl SourceConfig {
             SourceConfig::Ttn(_) => "ttn",
             SourceConfig::Chirpstack(_) => "chirpstack",
             SourceConfig::Mqtt(_) => "mqtt",
+            SourceConfig::Serial(_) => "serial",
+            SourceConfig::ModbusRtu(_) => "modbus-rtu",
         }
     }
 
@@ -94,6 +112,12 @@ impl SourceConfig {
                 .deserialize(value, path)
                 .map(SourceConfig::Chirpstack),
             "mqtt" => problems.deserialize(value, path).map(SourceConfig::Mqtt),
+            "serial" => problems
+                .deserialize(value, path)
+                .map(|c| SourceConfig::Serial(Box::new(c))),
+            "modbus-rtu" => problems
+                .deserialize(value, path)
+                .map(SourceConfig::ModbusRtu),
             other => {
                 problems.push(
                     format!("{path}.type"),
@@ -117,6 +141,8 @@ impl SourceConfig {
             SourceConfig::Ttn(c) => c.validate(path, problems),
             SourceConfig::Chirpstack(c) => c.validate(path, problems),
             SourceConfig::Mqtt(c) => c.validate(path, problems),
+            SourceConfig::Serial(c) => c.validate(path, problems),
+            SourceConfig::ModbusRtu(c) => c.validate(path, problems),
         }
     }
 
@@ -127,6 +153,8 @@ impl SourceConfig {
             SourceConfig::Ttn(c) => ttn::run(c, ctx).await,
             SourceConfig::Chirpstack(c) => chirpstack::run(c, ctx).await,
             SourceConfig::Mqtt(c) => mqtt::run(c, ctx).await,
+            SourceConfig::Serial(c) => serial::run(*c, ctx).await,
+            SourceConfig::ModbusRtu(c) => modbus::run(c, ctx).await,
         }
     }
 }

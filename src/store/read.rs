@@ -163,6 +163,8 @@ pub struct StatusReport {
     pub sync: crate::sync::local::SyncState,
     /// Firing alerts and notifications waiting or given up.
     pub alerts: crate::alerts::state::AlertsSummary,
+    /// Device-level state of serial and Modbus sources (port open, slaves offline).
+    pub source_notes: Vec<String>,
 }
 
 /// The unsynced backlog: its size and the arrival time of its oldest reading.
@@ -216,7 +218,9 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
     let rejected = conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get(0))?;
     let schema_version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let sync = crate::sync::local::read_state(conn)?;
+    let source_notes = crate::sources::rejects::status_notes(conn)?;
     Ok(StatusReport {
+        source_notes,
         now,
         series,
         total_readings,

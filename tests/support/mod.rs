@@ -6,6 +6,7 @@
 
 pub mod ca;
 pub mod http;
+pub mod modbus;
 pub mod mosquitto;
 pub mod pgbouncer;
 pub mod postgres;
@@ -15,6 +16,7 @@ pub mod util;
 
 pub use ca::TestCa;
 pub use http::{HttpReceiver, RecordedRequest, Reply};
+pub use modbus::ModbusSlave;
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use pgbouncer::{PgBouncer, PgBouncerBuilder};
 pub use postgres::{PgAuth, Postgres, PostgresBuilder};

@@ -1,0 +1,325 @@
+//! Bad input and visible source state, shared by the serial and Modbus sources.
+//!
+//! Rejected input is counted per reason (also in `/metrics` as
+//! `outpost_readings_rejected{source, reason}`), logged at most once a minute per source (with
+//! how many were suppressed), and kept in the bounded `rejected` table. Counts and the
+//! source's state (port open, slave offline, …) are written to `source_state` rows,
+//! which `outpost status` and health read without the agent's help:
+//!
+//! | key                 | value                                         |
+//! |---------------------|-----------------------------------------------|
+//! | `rejected.<reason>` | how many inputs were rejected for that reason |
+//! | `state`             | JSON: `{"state": "open" \| "waiting", …}`     |
+//! | `slave.<id>`        | JSON: `{"state": "online" \| "offline", …}`   |
+
+use crate::metrics::Metrics;
+use crate::ratelimit::LogLimiter;
+use crate::store::Store;
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::sync::{Arc, Mutex};
+
+/// Counts, logs (rate-limited) and records rejected input of one source.
+pub struct RejectCounter {
+    source: String,
+    store: Store,
+    metrics: Metrics,
+    counts: BTreeMap<&'static str, u64>,
+    limiter: LogLimiter,
+    dirty: bool,
+}
+
+impl RejectCounter {
+    pub fn new(source: &str, store: Store, metrics: Metrics) -> RejectCounter {
+        RejectCounter {
+            source: source.to_string(),
+            store,
+            metrics,
+            counts: BTreeMap::new(),
+            limiter: LogLimiter::default(),
+            dirty: false,
+        }
+    }
+
+    /// Counts one rejected input, keeps it in `rejected` and logs it unless a line was
+    /// logged recently.
+    pub fn reject(&mut self, reason: &'static str, detail: &dyn Display, payload: &[u8]) {
+        let count = self.counts.entry(reason).or_insert(0);
+        *count += 1;
+        let count = *count;
+        self.dirty = true;
+        self.metrics.rejected(&self.source, reason);
+        let detail = detail.to_string();
+        if let Some(suppressed) = self.limiter.allow() {
+            tracing::warn!(
+                source = %self.source,
+                reason,
+                detail = %detail,
+                count,
+                suppressed,
+                "Input rejected (logged at most once a minute; every one is counted and kept in the rejected table)."
+            );
+        }
+        self.store
+            .record_rejected(&self.source, reason, &detail, payload);
+    }
+
+    pub fn count(&self, reason: &str) -> u64 {
+        self.counts.get(reason).copied().unwrap_or(0)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// The `rejected.<reason>` rows, if anything changed since the last call.
+    pub fn take_changed_rows(&mut self) -> Vec<(String, String)> {
+        if !std::mem::take(&mut self.dirty) {
+            return Vec::new();
+        }
+        self.counts
+            .iter()
+            .map(|(reason, n)| (format!("rejected.{reason}"), n.to_string()))
+            .collect()
+    }
+}
+
+/// Writes `source_state` rows in the background, one write at a time, so a source
+/// never waits for a commit to publish its state. Rows put while a write runs are
+/// merged (the newest value per key wins) and written right after it.
+pub struct StateWriter {
+    source: String,
+    store: Store,
+    shared: Arc<Mutex<PendingRows>>,
+}
+
+#[derive(Default)]
+struct PendingRows {
+    rows: BTreeMap<String, String>,
+    writing: bool,
+}
+
+impl StateWriter {
+    pub fn new(source: &str, store: Store) -> StateWriter {
+        StateWriter {
+            source: source.to_string(),
+            store,
+            shared: Arc::default(),
+        }
+    }
+
+    /// Queues `rows` and starts a background write unless one is running.
+    pub fn put(&mut self, rows: Vec<(String, String)>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.rows.extend(rows);
+        if shared.writing || shared.rows.is_empty() {
+            return;
+        }
+        shared.writing = true;
+        let (store, source, pending) =
+            (self.store.clone(), self.source.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            loop {
+                let rows: Vec<(String, String)> = {
+                    let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+                    if p.rows.is_empty() {
+                        p.writing = false;
+                        return;
+                    }
+                    std::mem::take(&mut p.rows).into_iter().collect()
+                };
+                if let Err(e) = write_rows(&store, &source, rows).await {
+                    tracing::debug!(source = %source, error = %e, "Could not save the source state.");
+                }
+            }
+        });
+    }
+
+    /// Writes everything queued plus `rows` and waits for the commit (at shutdown).
+    pub async fn flush(&mut self, rows: Vec<(String, String)>) {
+        let all: Vec<(String, String)> = {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.rows.extend(rows);
+            std::mem::take(&mut shared.rows).into_iter().collect()
+        };
+        if !all.is_empty() {
+            if let Err(e) = write_rows(&self.store, &self.source, all).await {
+                tracing::debug!(source = %self.source, error = %e, "Could not save the source state.");
+            }
+        }
+    }
+}
+
+/// Upserts `(key, value)` rows of `source` in `source_state`.
+pub async fn write_rows(
+    store: &Store,
+    source: &str,
+    rows: Vec<(String, String)>,
+) -> Result<(), crate::store::StoreError> {
+    let source = source.to_string();
+    store
+        .write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO source_state(source, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(source, key) DO UPDATE SET value = excluded.value",
+            )?;
+            for (key, value) in &rows {
+                stmt.execute(rusqlite::params![source, key, value])?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Reads one `source_state` value (blocking; call from `spawn_blocking`).
+pub fn read_state(
+    conn: &rusqlite::Connection,
+    source: &str,
+    key: &str,
+) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row(
+        "SELECT value FROM source_state WHERE source = ?1 AND key = ?2",
+        rusqlite::params![source, key],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Hands out the local sequence numbers that make serial and Modbus uids (G2:
+/// `uid = derive(source, sequence, metric)`), never reusing one across restarts.
+///
+/// Numbers are reserved in blocks: the end of the block is committed to `source_state`
+/// before any number of it is used, and a restart continues after the last reserved
+/// block. A crash wastes the rest of a block (gaps are harmless); it never reuses a
+/// number, which would make a new reading look like a duplicate of an old one.
+pub struct SequenceAllocator {
+    source: String,
+    store: Store,
+    next: u64,
+    limit: u64,
+    block: u64,
+}
+
+const SEQUENCE_KEY: &str = "sequence_reserved";
+
+impl SequenceAllocator {
+    /// Loads the last reserved block end of `source`.
+    pub async fn load(source: &str, store: Store, block: u64) -> anyhow::Result<SequenceAllocator> {
+        let reader_store = store.clone();
+        let key_source = source.to_string();
+        let stored = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<String>> {
+            let conn = reader_store.reader()?;
+            Ok(read_state(&conn, &key_source, SEQUENCE_KEY)?)
+        })
+        .await??;
+        let start = match stored {
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                anyhow::anyhow!("source_state {SEQUENCE_KEY} of {source:?} is not a number: {v:?}")
+            })?,
+            None => 0,
+        };
+        Ok(SequenceAllocator {
+            source: source.to_string(),
+            store,
+            next: start,
+            limit: start,
+            block: block.max(1),
+        })
+    }
+
+    /// The next unused sequence number; waits for a commit once per block.
+    pub async fn next(&mut self) -> Result<u64, crate::store::StoreError> {
+        if self.next >= self.limit {
+            let limit = self.next + self.block;
+            write_rows(
+                &self.store,
+                &self.source,
+                vec![(SEQUENCE_KEY.to_string(), limit.to_string())],
+            )
+            .await?;
+            self.limit = limit;
+        }
+        let n = self.next;
+        self.next += 1;
+        Ok(n)
+    }
+}
+
+/// One line per serial port or Modbus bus that is not open and per Modbus slave that
+/// is offline, for `outpost status`: what a technician on site needs to look at.
+pub fn status_notes(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT source, key, value FROM source_state
+         WHERE key = 'state' OR key LIKE 'slave.%' ORDER BY source, key",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut notes = Vec::new();
+    for (source, key, value) in rows {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&value) else {
+            continue;
+        };
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let state = text("state");
+        let error = match text("error").as_str() {
+            "" => match text("last_error").as_str() {
+                "" => String::new(),
+                e => format!(" ({e})"),
+            },
+            e => format!(" ({e})"),
+        };
+        if key == "state" && state == "waiting" {
+            notes.push(format!(
+                "Source {source}: port {} not available since {}{error}; retrying",
+                text("path"),
+                text("since")
+            ));
+        } else if let Some(id) = key.strip_prefix("slave.") {
+            if state == "offline" {
+                notes.push(format!(
+                    "Source {source}: Modbus slave {id} ({}) OFFLINE since {}{error}",
+                    text("device"),
+                    text("since")
+                ));
+            }
+        }
+    }
+    Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_notes_name_missing_ports_and_offline_slaves() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            r#"CREATE TABLE source_state (source TEXT, key TEXT, value TEXT);
+            INSERT INTO source_state VALUES
+              ('ws', 'state', '{"state":"waiting","path":"/dev/ttyUSB0","since":"T1","error":"No such file"}'),
+              ('ws', 'rejected.not_json', '3'),
+              ('bus', 'state', '{"state":"open","path":"/dev/ttyUSB1","since":"T0","error":null}'),
+              ('bus', 'slave.1', '{"state":"online","device":"m1","since":"T0"}'),
+              ('bus', 'slave.9', '{"state":"offline","device":"m9","since":"T2","last_error":"no_answer"}'),
+              ('bus', 'slave.10', 'not json');"#,
+        )
+        .unwrap();
+        assert_eq!(
+            status_notes(&conn).unwrap(),
+            vec![
+                "Source bus: Modbus slave 9 (m9) OFFLINE since T2 (no_answer)".to_string(),
+                "Source ws: port /dev/ttyUSB0 not available since T1 (No such file); retrying"
+                    .to_string(),
+            ]
+        );
+    }
+}

@@ -1,0 +1,1014 @@
+//! Serial line sensors (`type = "serial"`): a port that prints one record per line.
+//!
+//! ```text
+//! port ──bytes──▶ LineFramer (max length, LF/CRLF) ──line──▶ LineParser (JSON, CSV,
+//!   key=value, regex) ──▶ Mapping + plausible ranges ──▶ readings ──batch──▶ store
+//! ```
+//!
+//! Guarantees:
+//! - **Bad input never stops the source** (G5): garbage, overlong lines, non-UTF-8
+//!   bytes, lines cut by an unplug are counted per reason, logged rate-limited and kept
+//!   in `rejected` (see [`super::rejects`]).
+//! - **Unplug and replug need no restart**: a read of 0 bytes or an I/O error (EIO when
+//!   a USB adapter goes away) closes the handle at once, so the kernel can reuse the
+//!   device name, is reported once, and the port is reopened with backoff. A port that
+//!   does not exist at start is waited for the same way.
+//! - **Each reading has a stable uid**: `derive(source, sequence, metric)` with a local
+//!   sequence that never repeats across restarts ([`SequenceAllocator`]).
+//! - **Honest time** (G8): the line's own timestamp when it has one, else the local
+//!   clock, flagged `CLOCK_UNSYNCED` while the clock is not synchronised.
+//!
+//! Lines are batched (up to `batch_max_lines` or `batch_max_delay`) so ingest keeps up
+//! with fast sensors while the store groups commits.
+
+use super::rejects::{RejectCounter, SequenceAllocator, StateWriter};
+use super::serial_formats::{
+    check_timestamp_pattern, FieldRoles, Format, Frame, LineEnding, LineError, LineFramer,
+    LineParser, TimestampFormat,
+};
+use super::SourceContext;
+use crate::config::{check_identifier, HumanDuration, Problems};
+use crate::model::{flags, Batch, Committed, Reading, Uid};
+use crate::sources::mapping::Mapping;
+use crate::store::StoreError;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_serial::SerialPortBuilderExt;
+use tracing::Instrument;
+
+/// `[[sources]]` with `type = "serial"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// A unique name for this source (letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    /// The serial device. Prefer the stable `/dev/serial/by-id/...` name over
+    /// `/dev/ttyUSB0`, which can change after an unplug. The agent's user must be in
+    /// the `dialout` group.
+    pub path: String,
+    #[serde(default)]
+    pub port: PortSettings,
+    /// What ends a line: `lf` (LF or CRLF; the usual) or `cr` (CR alone).
+    #[serde(default)]
+    pub line_ending: LineEnding,
+    /// The longest line accepted, in bytes (16 to 65536). Longer input is discarded up
+    /// to the next line ending and counted as `line_too_long`.
+    #[serde(default = "default_max_line_length")]
+    pub max_line_length: usize,
+    /// How each line is read: `json`, `csv`, `key-value` or `regex`.
+    pub format: FormatName,
+    #[serde(default)]
+    pub csv: CsvConfig,
+    /// For `format = "regex"`: a regular expression with named groups, e.g.
+    /// `'^(?P<device>\S+) T=(?P<temperature>\S+)'`. Groups that hold numbers become
+    /// readings named after the group.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub fields: FieldsConfig,
+    /// Raw field → metric name, unit, scale and offset (see the mapping section).
+    #[serde(default)]
+    pub mapping: Mapping,
+    /// Plausible range per metric (after mapping); values outside are rejected as
+    /// `implausible_value`: `plausible.temperature = { min = -40, max = 85 }`.
+    #[serde(default)]
+    pub plausible: BTreeMap<String, Plausible>,
+    /// Commit after this many lines (1 to 10000) ...
+    #[serde(default = "default_batch_max_lines")]
+    pub batch_max_lines: usize,
+    /// ... or after the first line of a batch waited this long (at most 1s).
+    #[serde(default = "default_batch_max_delay")]
+    pub batch_max_delay: HumanDuration,
+    /// The longest wait between attempts to reopen a missing port (backoff doubles from
+    /// 250ms up to this).
+    #[serde(default = "default_reopen_max_delay")]
+    pub reopen_max_delay: HumanDuration,
+}
+
+/// Line settings of the port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PortSettings {
+    /// Bits per second, e.g. 9600 or 115200.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// 5, 6, 7 or 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// `none`, `even` or `odd`.
+    #[serde(default)]
+    pub parity: ParityName,
+    /// 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// `none`, `software` (XON/XOFF) or `hardware` (RTS/CTS).
+    #[serde(default)]
+    pub flow_control: FlowControlName,
+    /// Open the port exclusively (TIOCEXCL and a lock), so no other program can open
+    /// it and steal bytes.
+    #[serde(default = "yes")]
+    pub exclusive: bool,
+}
+
+impl Default for PortSettings {
+    fn default() -> Self {
+        PortSettings {
+            baud: default_baud(),
+            data_bits: default_data_bits(),
+            parity: ParityName::default(),
+            stop_bits: default_stop_bits(),
+            flow_control: FlowControlName::default(),
+            exclusive: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ParityName {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControlName {
+    #[default]
+    None,
+    Software,
+    Hardware,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FormatName {
+    Json,
+    Csv,
+    KeyValue,
+    Regex,
+}
+
+/// For `format = "csv"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CsvConfig {
+    /// One character between cells.
+    #[serde(default = "default_delimiter")]
+    pub delimiter: String,
+    /// Column names in order (empty names skip a column). Without them, a line with no
+    /// number in it is taken as the header line (sensors print it at power-up).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+}
+
+impl Default for CsvConfig {
+    fn default() -> Self {
+        CsvConfig {
+            delimiter: default_delimiter(),
+            columns: None,
+        }
+    }
+}
+
+/// Which fields of a line say what. A field is a JSON key (nested keys joined with
+/// dots), a CSV column, a key of `key=value`, or a regex group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FieldsConfig {
+    /// The device id for every reading of this port (default: the source name).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// ... or the field that names the device on each line.
+    #[serde(default)]
+    pub device_field: Option<String>,
+    /// The field with the sensor's own timestamp; without it (or when a line lacks
+    /// it) the local clock is used.
+    #[serde(default)]
+    pub timestamp_field: Option<String>,
+    /// `rfc3339`, `unix`, `unix_ms`, or a strftime pattern like `"%Y-%m-%d %H:%M:%S"`
+    /// (read as UTC unless it has `%z`).
+    #[serde(default)]
+    pub timestamp_format: TimestampFormat,
+    /// For sensors that send one reading per line (`ws1,temperature,21.5`): the field
+    /// with the metric name. Without it, every numeric field is a reading.
+    #[serde(default)]
+    pub metric_field: Option<String>,
+    /// With `metric_field`: the field with the value.
+    #[serde(default = "default_value_field")]
+    pub value_field: String,
+    /// With `metric_field`: the field with the unit (optional).
+    #[serde(default)]
+    pub unit_field: Option<String>,
+}
+
+impl Default for FieldsConfig {
+    fn default() -> Self {
+        FieldsConfig {
+            device: None,
+            device_field: None,
+            timestamp_field: None,
+            timestamp_format: TimestampFormat::default(),
+            metric_field: None,
+            value_field: default_value_field(),
+            unit_field: None,
+        }
+    }
+}
+
+/// The range a value must lie in to be believed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plausible {
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+impl Plausible {
+    pub fn contains(&self, v: f64) -> bool {
+        self.min.map_or(true, |min| v >= min) && self.max.map_or(true, |max| v <= max)
+    }
+
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        for (key, v) in [("min", self.min), ("max", self.max)] {
+            if v.is_some_and(|v| !v.is_finite()) {
+                problems.push(format!("{path}.{key}"), "must be a finite number");
+            }
+        }
+        if let (Some(min), Some(max)) = (self.min, self.max) {
+            if min > max {
+                problems.push(
+                    format!("{path}.min"),
+                    format!("min {min} is above max {max}"),
+                );
+            }
+        }
+        if self.min.is_none() && self.max.is_none() {
+            problems.push(path, "give `min`, `max` or both");
+        }
+    }
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_delimiter() -> String {
+    ",".into()
+}
+fn default_value_field() -> String {
+    "value".into()
+}
+fn default_batch_max_lines() -> usize {
+    500
+}
+fn default_batch_max_delay() -> HumanDuration {
+    HumanDuration::from_millis(20)
+}
+fn default_reopen_max_delay() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+fn default_max_line_length() -> usize {
+    1024
+}
+
+impl SerialConfig {
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        if self.path.trim().is_empty() {
+            problems.push(
+                format!("{path}.path"),
+                "must name the serial device, e.g. /dev/serial/by-id/...",
+            );
+        }
+        self.port.validate(&format!("{path}.port"), problems);
+        if !(16..=65_536).contains(&self.max_line_length) {
+            problems.push(
+                format!("{path}.max_line_length"),
+                format!(
+                    "must be between 16 and 65536, found {}",
+                    self.max_line_length
+                ),
+            );
+        }
+        match (self.format, &self.pattern) {
+            (FormatName::Regex, None) => problems.push(
+                format!("{path}.pattern"),
+                "format \"regex\" needs a `pattern` with named groups",
+            ),
+            (FormatName::Regex, Some(p)) => match regex::RegexBuilder::new(p)
+                .size_limit(1 << 20)
+                .build()
+            {
+                Ok(re) if re.capture_names().flatten().next().is_none() => problems.push(
+                    format!("{path}.pattern"),
+                    "has no named group; name the parts to keep, e.g. (?P<temperature>[-0-9.]+)",
+                ),
+                Ok(_) => {}
+                Err(e) => problems.push(
+                    format!("{path}.pattern"),
+                    format!("not a valid regular expression: {e}"),
+                ),
+            },
+            (_, Some(_)) => problems.push(
+                format!("{path}.pattern"),
+                "is only used with format = \"regex\"",
+            ),
+            (_, None) => {}
+        }
+        if self.csv.delimiter.chars().count() != 1 || self.csv.delimiter == "\"" {
+            problems.push(
+                format!("{path}.csv.delimiter"),
+                format!(
+                    "must be one character other than '\"', found {:?}",
+                    self.csv.delimiter
+                ),
+            );
+        }
+        if let Some(columns) = &self.csv.columns {
+            if columns.iter().all(|c| c.is_empty()) {
+                problems.push(format!("{path}.csv.columns"), "name at least one column");
+            }
+            if columns.len() > super::serial_formats::MAX_FIELDS {
+                problems.push(format!("{path}.csv.columns"), "at most 256 columns");
+            }
+        }
+        let f = &self.fields;
+        if let Some(d) = &f.device {
+            problems.check(
+                format!("{path}.fields.device"),
+                check_identifier(d, "the device id"),
+            );
+        }
+        if f.device.is_some() && f.device_field.is_some() {
+            problems.push(
+                format!("{path}.fields.device"),
+                "give either `device` or `device_field`, not both",
+            );
+        }
+        for (key, v) in [
+            ("device_field", &f.device_field),
+            ("timestamp_field", &f.timestamp_field),
+            ("metric_field", &f.metric_field),
+            ("unit_field", &f.unit_field),
+        ] {
+            if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                problems.push(format!("{path}.fields.{key}"), "must not be empty");
+            }
+        }
+        if f.value_field.trim().is_empty() {
+            problems.push(format!("{path}.fields.value_field"), "must not be empty");
+        }
+        if let TimestampFormat::Pattern(p) = &f.timestamp_format {
+            problems.check(
+                format!("{path}.fields.timestamp_format"),
+                check_timestamp_pattern(p),
+            );
+        }
+        self.mapping.validate(&format!("{path}.mapping"), problems);
+        for (metric, range) in &self.plausible {
+            range.validate(&format!("{path}.plausible.{metric}"), problems);
+        }
+        if !(1..=10_000).contains(&self.batch_max_lines) {
+            problems.push(
+                format!("{path}.batch_max_lines"),
+                format!(
+                    "must be between 1 and 10000, found {}",
+                    self.batch_max_lines
+                ),
+            );
+        }
+        let delay = self.batch_max_delay.get();
+        if delay.is_zero() || delay > Duration::from_secs(1) {
+            problems.push(
+                format!("{path}.batch_max_delay"),
+                "must be more than 0 and at most 1s",
+            );
+        }
+        let reopen = self.reopen_max_delay.get();
+        if reopen < Duration::from_millis(250) || reopen > Duration::from_secs(3600) {
+            problems.push(
+                format!("{path}.reopen_max_delay"),
+                "must be between 250ms and 1h",
+            );
+        }
+    }
+
+    fn parser(&self) -> anyhow::Result<LineParser> {
+        let format = match self.format {
+            FormatName::Json => Format::Json,
+            FormatName::Csv => Format::Csv {
+                delimiter: self.csv.delimiter.chars().next().unwrap_or(','),
+                columns: self.csv.columns.clone(),
+            },
+            FormatName::KeyValue => Format::KeyValue,
+            FormatName::Regex => {
+                let pattern = self.pattern.as_deref().unwrap_or_default();
+                Format::Regex(
+                    regex::RegexBuilder::new(pattern)
+                        .size_limit(1 << 20)
+                        .build()?,
+                )
+            }
+        };
+        let f = &self.fields;
+        Ok(LineParser::new(
+            format,
+            FieldRoles {
+                device_field: f.device_field.clone(),
+                timestamp_field: f.timestamp_field.clone(),
+                timestamp_format: f.timestamp_format.clone(),
+                metric_field: f.metric_field.clone(),
+                value_field: f.value_field.clone(),
+                unit_field: f.unit_field.clone(),
+            },
+        ))
+    }
+}
+
+impl PortSettings {
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        if !(50..=4_000_000).contains(&self.baud) {
+            problems.push(
+                format!("{path}.baud"),
+                format!("must be between 50 and 4000000, found {}", self.baud),
+            );
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            problems.push(
+                format!("{path}.data_bits"),
+                format!("must be 5, 6, 7 or 8, found {}", self.data_bits),
+            );
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            problems.push(
+                format!("{path}.stop_bits"),
+                format!("must be 1 or 2, found {}", self.stop_bits),
+            );
+        }
+    }
+
+    /// A tokio-serial builder with these settings (values checked by `validate`).
+    pub fn builder(&self, path: &str) -> tokio_serial::SerialPortBuilder {
+        use tokio_serial::{DataBits, FlowControl, Parity, StopBits};
+        tokio_serial::new(path, self.baud)
+            .data_bits(match self.data_bits {
+                5 => DataBits::Five,
+                6 => DataBits::Six,
+                7 => DataBits::Seven,
+                _ => DataBits::Eight,
+            })
+            .parity(match self.parity {
+                ParityName::None => Parity::None,
+                ParityName::Even => Parity::Even,
+                ParityName::Odd => Parity::Odd,
+            })
+            .stop_bits(if self.stop_bits == 2 {
+                StopBits::Two
+            } else {
+                StopBits::One
+            })
+            .flow_control(match self.flow_control {
+                FlowControlName::None => FlowControl::None,
+                FlowControlName::Software => FlowControl::Software,
+                FlowControlName::Hardware => FlowControl::Hardware,
+            })
+            .exclusive(self.exclusive)
+    }
+
+    /// Bits on the wire per character (start + data + parity + stop).
+    pub fn bits_per_char(&self) -> u32 {
+        1 + u32::from(self.data_bits)
+            + u32::from(self.parity != ParityName::None)
+            + u32::from(self.stop_bits)
+    }
+}
+
+/// Exponential backoff with jitter for reopening ports and polling dead slaves.
+#[derive(Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            current: initial,
+        }
+    }
+
+    /// The next delay: the current one with up to ±20% jitter; the one after doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = rand::random::<f64>() * 0.4 + 0.8;
+        base.mul_f64(jitter).min(self.max)
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+/// Lines from one read that are waiting to be committed.
+struct Pending {
+    readings: Vec<Reading>,
+    lines: usize,
+    since: Option<Instant>,
+}
+
+/// The most batches awaiting their commit at once; more makes the reader wait.
+const MAX_IN_FLIGHT: usize = 8;
+/// Sequence numbers reserved per commit of the reservation.
+const SEQUENCE_BLOCK: u64 = 10_000;
+
+/// One serial port's running state.
+struct SerialSource {
+    config: SerialConfig,
+    ctx: SourceContext,
+    parser: LineParser,
+    framer: LineFramer,
+    sequence: SequenceAllocator,
+    rejects: RejectCounter,
+    state: StateWriter,
+    state_rows: Vec<(String, String)>,
+    pending: Pending,
+    in_flight: VecDeque<oneshot::Receiver<Result<Committed, StoreError>>>,
+    store_refusals: u64,
+    /// Lines accepted since start (for tests and benchmarks through the log).
+    accepted_lines: u64,
+}
+
+pub async fn run(config: SerialConfig, ctx: SourceContext) -> anyhow::Result<()> {
+    let span = tracing::info_span!("source", name = %config.name, kind = "serial");
+    async move {
+        let parser = config.parser()?;
+        let sequence =
+            SequenceAllocator::load(&config.name, ctx.store.clone(), SEQUENCE_BLOCK).await?;
+        let mut source = SerialSource {
+            framer: LineFramer::new(config.max_line_length, config.line_ending),
+            parser,
+            sequence,
+            rejects: RejectCounter::new(&config.name, ctx.store.clone(), ctx.metrics.clone()),
+            state: StateWriter::new(&config.name, ctx.store.clone()),
+            state_rows: Vec::new(),
+            pending: Pending {
+                readings: Vec::new(),
+                lines: 0,
+                since: None,
+            },
+            in_flight: VecDeque::new(),
+            store_refusals: 0,
+            accepted_lines: 0,
+            config,
+            ctx,
+        };
+        source.run().await
+    }
+    .instrument(span)
+    .await
+}
+
+impl SerialSource {
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(
+            Duration::from_millis(250),
+            self.config.reopen_max_delay.get(),
+        );
+        let mut reported_missing = false;
+        let mut gone_since: Option<Instant> = None;
+        let mut publish = tokio::time::interval(Duration::from_secs(5));
+        publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'outer: loop {
+            let port = match self
+                .config
+                .port
+                .builder(&self.config.path)
+                .open_native_async()
+            {
+                Ok(port) => port,
+                Err(e) => {
+                    if !reported_missing {
+                        reported_missing = true;
+                        tracing::warn!(path = %self.config.path, error = %e, "Serial port cannot be opened; retrying with backoff.");
+                        self.set_state("waiting", Some(&e.to_string()));
+                    } else {
+                        tracing::debug!(path = %self.config.path, error = %e, "Serial port still cannot be opened.");
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => break 'outer,
+                        _ = tokio::time::sleep(delay) => continue 'outer,
+                        _ = publish.tick() => { self.publish_state(); continue 'outer; }
+                    }
+                }
+            };
+            backoff.reset();
+            match gone_since.take() {
+                Some(t) => {
+                    tracing::info!(path = %self.config.path, after = ?t.elapsed(), "Serial port is back; reading again.")
+                }
+                None => {
+                    tracing::info!(path = %self.config.path, baud = self.config.port.baud, "Serial port open.")
+                }
+            }
+            self.set_state("open", None);
+            // A sensor that was unplugged starts over: it will send its header again.
+            self.parser.reset();
+            let outcome = self.read_port(port, &mut publish).await?;
+            // The port is closed here (dropped), so the kernel can reuse the device name.
+            let partial = self.framer.reset();
+            if partial > 0 {
+                self.rejects.reject(
+                    "truncated_line",
+                    &format_args!("{partial} bytes of a line cut off when the port closed"),
+                    &[],
+                );
+            }
+            self.flush().await;
+            match outcome {
+                ReadOutcome::Shutdown => break,
+                ReadOutcome::Gone(reason) => {
+                    tracing::warn!(path = %self.config.path, reason = %reason, "Serial port disappeared; reopening with backoff.");
+                    self.set_state("waiting", Some(&reason));
+                    gone_since = Some(Instant::now());
+                    reported_missing = true;
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        self.flush().await;
+        self.drain_in_flight().await;
+        self.set_state("stopped", None);
+        let mut rows = std::mem::take(&mut self.state_rows);
+        rows.extend(self.rejects.take_changed_rows());
+        self.state.flush(rows).await;
+        tracing::debug!(
+            accepted_lines = self.accepted_lines,
+            rejected = self.rejects.total(),
+            "Serial source stopped."
+        );
+        Ok(())
+    }
+
+    async fn read_port(
+        &mut self,
+        mut port: tokio_serial::SerialStream,
+        publish: &mut tokio::time::Interval,
+    ) -> anyhow::Result<ReadOutcome> {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let deadline = self
+                .pending
+                .since
+                .map(|t| t + self.config.batch_max_delay.get());
+            tokio::select! {
+                biased;
+                _ = self.ctx.shutdown.cancelled() => return Ok(ReadOutcome::Shutdown),
+                read = port.read(&mut buf) => match read {
+                    Ok(0) => return Ok(ReadOutcome::Gone("end of file (the device was closed)".into())),
+                    Ok(n) => {
+                        self.take_bytes(&buf[..n]).await;
+                        if self.pending.lines >= self.config.batch_max_lines {
+                            self.flush().await;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted || e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Ok(ReadOutcome::Gone(e.to_string())),
+                },
+                _ = sleep_until_opt(deadline) => self.flush().await,
+                _ = publish.tick() => self.publish_state(),
+            }
+        }
+    }
+
+    /// Frames and parses bytes just read; readings go to `pending`.
+    async fn take_bytes(&mut self, bytes: &[u8]) {
+        let mut lines: Vec<Result<Vec<u8>, usize>> = Vec::new();
+        self.framer.push(bytes, &mut |frame| match frame {
+            Frame::Line(l) => lines.push(Ok(l.to_vec())),
+            Frame::Overlong(n) => lines.push(Err(n)),
+        });
+        if lines.is_empty() {
+            return;
+        }
+        let now = chrono::Utc::now();
+        let clock_unsynced = !crate::clock::is_synchronized();
+        for line in lines {
+            match line {
+                Ok(bytes) => self.take_line(&bytes, now, clock_unsynced).await,
+                Err(n) => self.rejects.reject(
+                    "line_too_long",
+                    &format_args!(
+                        "{n} bytes without a line ending (max_line_length {})",
+                        self.config.max_line_length
+                    ),
+                    &[],
+                ),
+            }
+        }
+    }
+
+    async fn take_line(
+        &mut self,
+        bytes: &[u8],
+        now: chrono::DateTime<chrono::Utc>,
+        clock_unsynced: bool,
+    ) {
+        let text = String::from_utf8_lossy(bytes);
+        let parsed = match self.parser.parse(&text) {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(e) => {
+                self.reject_line(&e, bytes);
+                return;
+            }
+        };
+        let device = parsed
+            .device
+            .or_else(|| self.config.fields.device.clone())
+            .unwrap_or_else(|| self.config.name.clone());
+        let (observed_at, flags) = match parsed.observed_at {
+            Some(t) => (t, 0),
+            None => (
+                now,
+                if clock_unsynced {
+                    flags::CLOCK_UNSYNCED
+                } else {
+                    0
+                },
+            ),
+        };
+        let mut readings = Vec::with_capacity(parsed.values.len());
+        for raw in parsed.values {
+            let Some(mapped) = self.config.mapping.map(&device, &raw.key, raw.value) else {
+                continue;
+            };
+            if !mapped.value.is_finite() {
+                continue;
+            }
+            if let Some(range) = self.config.plausible.get(&mapped.metric) {
+                if !range.contains(mapped.value) {
+                    self.rejects.reject(
+                        "implausible_value",
+                        &format_args!(
+                            "{} of {device} = {} is outside {:?}..{:?}",
+                            mapped.metric, mapped.value, range.min, range.max
+                        ),
+                        bytes,
+                    );
+                    continue;
+                }
+            }
+            readings.push((mapped.metric, mapped.unit.or(raw.unit), mapped.value));
+        }
+        if readings.is_empty() {
+            return;
+        }
+        let sequence = match self.sequence.next().await {
+            Ok(s) => s.to_string(),
+            Err(e) => {
+                self.reject_store(&e, readings.len());
+                return;
+            }
+        };
+        let readings_len = readings.len();
+        for (metric, unit, value) in readings {
+            self.pending.readings.push(Reading {
+                uid: Uid::derive(&[&self.config.name, &sequence, &metric]),
+                source: self.config.name.clone(),
+                device: device.clone(),
+                metric,
+                value,
+                unit,
+                observed_at,
+                received_at: now,
+                flags,
+                meta: None,
+            });
+        }
+        self.ctx
+            .metrics
+            .received(&self.config.name, readings_len as u64);
+        self.pending.lines += 1;
+        self.accepted_lines += 1;
+        self.pending.since.get_or_insert_with(Instant::now);
+    }
+
+    fn reject_line(&mut self, e: &LineError, bytes: &[u8]) {
+        self.rejects.reject(e.reason(), e, bytes);
+    }
+
+    fn reject_store(&mut self, e: &StoreError, readings: usize) {
+        self.store_refusals += 1;
+        if self.store_refusals.is_power_of_two() {
+            tracing::error!(error = %e, readings, refusals = self.store_refusals, "The store refused serial readings; they are lost.");
+        }
+    }
+
+    /// Sends the pending readings as one batch; waits only when too many batches are
+    /// still waiting for their commit.
+    async fn flush(&mut self) {
+        self.pending.since = None;
+        self.pending.lines = 0;
+        if self.pending.readings.is_empty() {
+            return;
+        }
+        let readings = std::mem::take(&mut self.pending.readings);
+        let (batch, ack) = Batch::with_ack(readings);
+        // The channel is bounded: when the writer is behind, the reader waits here and
+        // the bytes wait in the kernel's buffer (and the sensor's, with flow control).
+        if self.ctx.out.send(batch).await.is_err() {
+            return;
+        }
+        self.in_flight.push_back(ack);
+        while self.in_flight.len() > MAX_IN_FLIGHT {
+            if let Some(ack) = self.in_flight.pop_front() {
+                self.check_ack(ack.await);
+            }
+        }
+        while let Some(Ok(result)) = self.in_flight.front_mut().map(|a| a.try_recv()) {
+            self.in_flight.pop_front();
+            self.check_ack(Ok(result));
+        }
+    }
+
+    async fn drain_in_flight(&mut self) {
+        while let Some(ack) = self.in_flight.pop_front() {
+            self.check_ack(ack.await);
+        }
+    }
+
+    fn check_ack(
+        &mut self,
+        result: Result<Result<Committed, StoreError>, oneshot::error::RecvError>,
+    ) {
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => self.reject_store(&e, 0),
+            Err(_) => self.reject_store(&StoreError::Closed, 0),
+        }
+    }
+
+    fn set_state(&mut self, state: &str, error: Option<&str>) {
+        self.ctx
+            .metrics
+            .set_connected(&self.config.name, state == "open");
+        let value = serde_json::json!({
+            "state": state,
+            "path": self.config.path,
+            "since": chrono::Utc::now().to_rfc3339(),
+            "error": error,
+        });
+        self.state_rows.retain(|(k, _)| k != "state");
+        self.state_rows.push(("state".into(), value.to_string()));
+        self.publish_state();
+    }
+
+    fn publish_state(&mut self) {
+        let mut rows = std::mem::take(&mut self.state_rows);
+        rows.extend(self.rejects.take_changed_rows());
+        self.state.put(rows);
+    }
+}
+
+enum ReadOutcome {
+    Shutdown,
+    Gone(String),
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn problems_of(value: serde_json::Value) -> Vec<String> {
+        let mut problems = Problems::default();
+        if let Some(c) = problems.deserialize::<SerialConfig>(value, "sources[0]") {
+            c.validate("sources[0]", &mut problems);
+        }
+        problems.0.into_iter().map(|(path, _)| path).collect()
+    }
+
+    #[test]
+    fn a_minimal_config_is_valid() {
+        assert!(
+            problems_of(json!({"name": "s", "path": "/dev/ttyUSB0", "format": "json"})).is_empty()
+        );
+    }
+
+    #[test]
+    fn wrong_values_are_all_reported() {
+        let got = problems_of(json!({
+            "name": "s", "path": " ", "format": "csv", "pattern": "(?P<x>1)",
+            "max_line_length": 1, "batch_max_lines": 0, "batch_max_delay": "5s",
+            "reopen_max_delay": "1ms",
+            "port": {"baud": 0, "data_bits": 9, "stop_bits": 3},
+            "csv": {"delimiter": "ab", "columns": ["", ""]},
+            "fields": {"device": "a b", "device_field": "id", "value_field": "",
+                       "timestamp_format": "%Q"},
+            "plausible": {"t": {"min": 5.0, "max": 1.0}, "u": {}},
+            "mapping": {"fields": {"x": {"scale": 0.0}}}
+        }));
+        for path in [
+            "sources[0].path",
+            "sources[0].pattern",
+            "sources[0].max_line_length",
+            "sources[0].batch_max_lines",
+            "sources[0].batch_max_delay",
+            "sources[0].reopen_max_delay",
+            "sources[0].port.baud",
+            "sources[0].port.data_bits",
+            "sources[0].port.stop_bits",
+            "sources[0].csv.delimiter",
+            "sources[0].csv.columns",
+            "sources[0].fields.device",
+            "sources[0].fields.value_field",
+            "sources[0].fields.timestamp_format",
+            "sources[0].plausible.t.min",
+            "sources[0].plausible.u",
+            "sources[0].mapping.fields.x.scale",
+        ] {
+            assert!(
+                got.iter().any(|p| p == path),
+                "{path} not reported in {got:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn regex_patterns_are_checked() {
+        let base = |pattern: &str| json!({"name": "s", "path": "/dev/x", "format": "regex", "pattern": pattern});
+        assert!(problems_of(base(r"^(?P<t>\d+)$")).is_empty());
+        assert_eq!(
+            problems_of(base(r"^(\d+)$")),
+            vec!["sources[0].pattern"],
+            "no named group"
+        );
+        assert_eq!(
+            problems_of(base(r"(?P<t>")),
+            vec!["sources[0].pattern"],
+            "invalid"
+        );
+        // A pattern whose compiled form is huge is refused instead of eating memory.
+        assert_eq!(
+            problems_of(base(r"(?P<t>\w{1000}){1000}")),
+            vec!["sources[0].pattern"]
+        );
+        let missing = json!({"name": "s", "path": "/dev/x", "format": "regex"});
+        assert_eq!(problems_of(missing), vec!["sources[0].pattern"]);
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_keys() {
+        let got = problems_of(json!({
+            "name": "s", "path": "/dev/x", "format": "xml", "port": {"parity": "mark", "baud": "fast"},
+            "colour": "red"
+        }));
+        assert!(got.iter().any(|p| p == "sources[0].format"), "{got:?}");
+        assert!(got.iter().any(|p| p == "sources[0].port.parity"), "{got:?}");
+        assert!(got.iter().any(|p| p == "sources[0].colour"), "{got:?}");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(80) && delays[0] <= Duration::from_millis(120));
+        assert!(delays[1] >= Duration::from_millis(160) && delays[1] <= Duration::from_millis(240));
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(500)));
+        assert!(delays[5] >= Duration::from_millis(400));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+}
