@@ -1,14 +1,15 @@
-//! Alert latency: from a reading that crosses a threshold, handed to the store's ingest
-//! channel as a source would, to the webhook request arriving at a local receiver —
-//! under a background load of 1,000 readings/s from 50 other devices.
+//! Alert latency: from an MQTT publish of a reading that crosses a threshold (through a
+//! private mosquitto and the generic MQTT source of the real pipeline) to the webhook
+//! request arriving at a local receiver — under a background load of 1,000 readings/s
+//! from 50 other devices, published the same way.
 //!
 //!     cargo bench --bench alert_latency
 //!     SAMPLES=400 RATE=1000 cargo bench --bench alert_latency
 //!
-//! Baselines in the same run: the commit of one reading alone (ingest → acknowledgement
-//! after `synchronous=FULL`) and one webhook POST alone (reqwest → receiver), which are
-//! the two unavoidable steps; the ratio says what the engine, the event write and the
-//! outbox add on top.
+//! Baselines in the same run: an MQTT publish until its reading is committed (broker,
+//! source, `synchronous=FULL`) and one webhook POST alone (reqwest → receiver), which
+//! are the two unavoidable steps; the ratio says what the engine, the event write and
+//! the outbox add on top.
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -16,26 +17,47 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use outpost::model::{Batch, Reading, Uid};
-use outpost::store::{Store, StoreOptions};
+use outpost::pipeline::Pipeline;
+use outpost::store::StoreOptions;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-fn reading(device: &str, value: f64, n: u64) -> Reading {
-    let now = chrono::Utc::now();
-    Reading {
-        uid: Uid::derive(&["bench", device, &n.to_string()]),
-        source: "bench".into(),
-        device: device.into(),
-        metric: "temperature".into(),
-        value,
-        unit: Some("°C".into()),
-        observed_at: now,
-        received_at: now,
-        flags: 0,
-        meta: None,
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
+}
+
+/// A private mosquitto on a free port.
+fn start_mosquitto(dir: &std::path::Path) -> (Killed, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\nmax_queued_messages 0\n"),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Killed(child), port)
 }
 
 /// A minimal HTTP/1.1 receiver that reports when each request (with its `kind`) arrived.
@@ -105,20 +127,23 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
     let port = receiver(arrivals_tx).await;
+    let (_broker, mqtt_port) = start_mosquitto(dir.path());
     let config_path = dir.path().join("outpost.toml");
     std::fs::write(
         &config_path,
         format!(
             "[storage]\npath = \"{}\"\n\n[[alerts]]\nname = \"probe-warm\"\nkind = \"threshold\"\ndevices = [\"probe\"]\n\
              metric = \"temperature\"\nabove = 8.0\nnotifiers = [\"hook\"]\n\n[[notifiers]]\nname = \"hook\"\ntype = \"webhook\"\n\
-             url = \"http://127.0.0.1:{port}/alert\"\nsecret = \"bench\"\n",
+             url = \"http://127.0.0.1:{port}/alert\"\nsecret = \"bench\"\n\n[[sources]]\ntype = \"mqtt\"\nname = \"local\"\n\
+             topics = [\"sensors/+/json\"]\ndevice_segment = 1\n[sources.broker]\nhost = \"127.0.0.1\"\nport = {mqtt_port}\ntls = false\n",
             dir.path().join("outpost.db").display()
         ),
     )
     .unwrap();
     let config = outpost::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
-    let (store, ingest) = Store::open(&config.storage, StoreOptions::default()).unwrap();
     let token = CancellationToken::new();
+    let mut pipeline = Pipeline::start(&config, StoreOptions::default(), token.clone()).unwrap();
+    let store = pipeline.store.clone();
     let tasks = outpost::alerts::spawn_tasks(
         &config,
         &store,
@@ -126,51 +151,71 @@ async fn main() {
         outpost::alerts::Clock::system(),
     )
     .unwrap();
-    let mut handles = Vec::new();
     for t in [tasks.engine, tasks.outbox].into_iter().flatten() {
-        handles.push(tokio::spawn(t));
+        pipeline.spawn_consumer(t);
     }
+    // Commits of the baseline device, as they happen.
+    let (committed_tx, mut committed) = mpsc::unbounded_channel();
+    let mut stream = store
+        .committed_readings(*store.committed_watch().borrow())
+        .unwrap();
+    pipeline.spawn_consumer(async move {
+        while let Some(rows) = stream.next_batch(1000).await {
+            for row in rows {
+                if row.reading.device == "baseline" {
+                    let _ = committed_tx.send(Instant::now());
+                }
+            }
+        }
+    });
+    drop(store);
 
-    // Background load: `rate` readings/s from 50 devices, in batches every 10 ms.
-    let load_tx = ingest.sender.clone();
+    let mut options = rumqttc::MqttOptions::new("alert-bench", "127.0.0.1", mqtt_port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (mqtt, mut eventloop) = rumqttc::AsyncClient::new(options, 10_000);
+    let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let publish = |client: rumqttc::AsyncClient, device: String, value: f64| async move {
+        let payload = format!("{{\"temperature\": {value}}}");
+        let _ = client
+            .publish(
+                format!("sensors/{device}/json"),
+                rumqttc::QoS::AtMostOnce,
+                false,
+                payload,
+            )
+            .await;
+    };
+    // Let the source subscribe.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Background load: `rate` readings/s from 50 devices, every 10 ms.
+    let load_client = mqtt.clone();
     let load_token = token.clone();
     let per_tick = (rate / 100).max(1);
     let background = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(Duration::from_millis(10));
         let mut n = 0u64;
-        let mut sent = 0u64;
         while !load_token.is_cancelled() {
             ticker.tick().await;
-            let batch: Vec<Reading> = (0..per_tick)
-                .map(|i| {
-                    n += 1;
-                    reading(&format!("bg-{}", (n + i) % 50), 4.0, n)
-                })
-                .collect();
-            sent += batch.len() as u64;
-            if load_tx
-                .send(Batch {
-                    readings: batch,
-                    ack: None,
-                })
-                .await
-                .is_err()
-            {
-                break;
+            for _ in 0..per_tick {
+                n += 1;
+                publish(load_client.clone(), format!("bg-{}", n % 50), 4.0).await;
             }
         }
-        sent
+        n
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Baseline 1: commit of one reading alone (under the same load).
+    // Baseline 1: an MQTT publish until its reading is committed (under the same load).
     let mut commit = Vec::new();
     for i in 0..samples {
         let start = Instant::now();
-        let (batch, ack) = Batch::with_ack(vec![reading("baseline", 1.0, i as u64)]);
-        ingest.sender.send(batch).await.unwrap();
-        ack.await.unwrap().unwrap();
-        commit.push(start.elapsed());
+        publish(mqtt.clone(), "baseline".into(), i as f64).await;
+        let at = tokio::time::timeout(Duration::from_secs(10), committed.recv())
+            .await
+            .expect("the baseline reading was committed within 10 s")
+            .unwrap();
+        commit.push(at.duration_since(start));
     }
     // Baseline 2: one webhook POST alone (same receiver, same client settings).
     let client = reqwest::Client::builder().use_rustls_tls().build().unwrap();
@@ -190,17 +235,14 @@ async fn main() {
 
     // The alert path: alternately cross the threshold upwards (firing) and back (resolved).
     let mut latency = Vec::new();
-    let mut n = 1_000_000u64;
     for i in 0..samples {
         let (value, kind) = if i % 2 == 0 {
             (12.0, "firing")
         } else {
             (2.0, "resolved")
         };
-        n += 1;
         let start = Instant::now();
-        let (batch, _ack) = Batch::with_ack(vec![reading("probe", value, n)]);
-        ingest.sender.send(batch).await.unwrap();
+        publish(mqtt.clone(), "probe".into(), value).await;
         loop {
             let (at, got) = tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
                 .await
@@ -215,12 +257,8 @@ async fn main() {
 
     token.cancel();
     let sent = background.await.unwrap_or(0);
-    drop(ingest.sender);
-    drop(store);
-    for h in handles {
-        let _ = h.await;
-    }
-    let _ = ingest.finished.await;
+    poller.abort();
+    pipeline.wait().await;
 
     for v in [&mut commit, &mut post, &mut latency] {
         v.sort();
@@ -231,7 +269,7 @@ async fn main() {
     println!("| path | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|");
     for (name, v) in [
-        ("commit one reading (baseline)", &commit),
+        ("MQTT publish -> committed (baseline)", &commit),
         ("webhook POST alone (baseline)", &post),
         ("reading -> webhook (alert)", &latency),
     ] {
