@@ -270,12 +270,21 @@ impl CertInfo {
         match self.expiry(now) {
             Expiry::Expired { days_ago: 0 } => format!("{what} expired today ({when})"),
             Expiry::Expired { days_ago } => {
-                format!("{what} EXPIRED {days_ago} days ago ({when})")
+                format!("{what} EXPIRED {} ago ({when})", plural_days(days_ago))
             }
+            Expiry::Soon { days: 0 } => format!("{what} expires today ({when})"),
             Expiry::Soon { days } | Expiry::Valid { days } => {
-                format!("{what} expires in {days} days ({when})")
+                format!("{what} expires in {} ({when})", plural_days(days))
             }
         }
+    }
+}
+
+fn plural_days(n: i64) -> String {
+    if n == 1 {
+        "1 day".into()
+    } else {
+        format!("{n} days")
     }
 }
 
@@ -401,36 +410,127 @@ pub fn configured_cert_files(config: &Config) -> Vec<(String, PathBuf)> {
     files
 }
 
-/// Records the configured certificates in `watch` and logs the ones that cannot be
-/// read, expire within [`WARN_DAYS`] (warning) or have expired (error).
+/// Records the configured certificates in `watch`, logs the files whose expiry cannot
+/// be read, then the certificates expiring soon ([`log_expiring`]).
 pub fn record_and_log(watch: &CertWatch, config: &Config, now: DateTime<Utc>) {
     for (label, outcome) in watch.record_all(&configured_cert_files(config)) {
-        match outcome {
-            Err(e) => tracing::warn!(
+        if let Err(e) = outcome {
+            tracing::warn!(
                 certificate = %label,
                 error = %e,
                 "Cannot read the expiry of this certificate."
-            ),
-            Ok(info) => match info.expiry(now) {
-                Expiry::Expired { .. } => tracing::error!(
-                    certificate = %label,
-                    detail = %info.describe(now),
-                    "A configured TLS certificate has EXPIRED: connections using it fail."
-                ),
-                Expiry::Soon { days } => tracing::warn!(
-                    certificate = %label,
-                    days,
-                    detail = %info.describe(now),
-                    "A configured TLS certificate expires soon; replace it."
-                ),
-                Expiry::Valid { days } => tracing::debug!(
-                    certificate = %label,
-                    days,
-                    "TLS certificate expiry recorded."
-                ),
-            },
+            );
         }
     }
+    log_expiring(watch, now);
+}
+
+/// Logs each recorded certificate that has expired (error) or expires within
+/// [`WARN_DAYS`] (warning).
+pub fn log_expiring(watch: &CertWatch, now: DateTime<Utc>) {
+    for (label, info) in watch.snapshot() {
+        match info.expiry(now) {
+            Expiry::Expired { .. } => tracing::error!(
+                certificate = %label,
+                detail = %info.describe(now),
+                "A configured TLS certificate has EXPIRED: connections using it fail."
+            ),
+            Expiry::Soon { days } => tracing::warn!(
+                certificate = %label,
+                days,
+                detail = %info.describe(now),
+                "A configured TLS certificate expires soon; replace it."
+            ),
+            Expiry::Valid { days } => tracing::debug!(
+                certificate = %label,
+                days,
+                "TLS certificate expiry recorded."
+            ),
+        }
+    }
+}
+
+/// Repeats [`log_expiring`] once a day, so a long-running agent warns when a
+/// certificate enters the warning window, until `shutdown`.
+pub async fn remind_daily(watch: CertWatch, shutdown: tokio_util::sync::CancellationToken) {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(DAY) => log_expiring(&watch, Utc::now()),
+        }
+    }
+}
+
+/// One configured certificate file as `outpost status --json` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertStatus {
+    /// The configuration key (`sync.ca_file`).
+    pub certificate: String,
+    pub path: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<DateTime<Utc>>,
+    /// Whole days left (negative once expired).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub days_left: Option<i64>,
+    /// `ok`, `expiring` (within 30 days), `expired` or `unreadable`.
+    pub state: &'static str,
+    pub detail: String,
+}
+
+/// Reads every certificate file the configuration names (for `outpost status`).
+pub fn status_of(config: &Config, now: DateTime<Utc>) -> Vec<CertStatus> {
+    configured_cert_files(config)
+        .into_iter()
+        .map(|(certificate, path)| match inspect_file(&path) {
+            Ok(info) => CertStatus {
+                certificate,
+                subject: Some(info.subject_hint.clone()),
+                not_after: Some(info.not_after),
+                days_left: Some((info.not_after - now).num_days()),
+                state: match info.expiry(now) {
+                    Expiry::Valid { .. } => "ok",
+                    Expiry::Soon { .. } => "expiring",
+                    Expiry::Expired { .. } => "expired",
+                },
+                detail: info.describe(now),
+                path,
+            },
+            Err(detail) => CertStatus {
+                certificate,
+                path,
+                subject: None,
+                not_after: None,
+                days_left: None,
+                state: "unreadable",
+                detail,
+            },
+        })
+        .collect()
+}
+
+/// The `outpost status` lines: one per certificate that needs a person.
+pub fn status_lines(certs: &[CertStatus]) -> Vec<String> {
+    certs
+        .iter()
+        .filter_map(|c| match c.state {
+            "expired" => Some(format!(
+                "CERTIFICATE EXPIRED: {}: {}",
+                c.certificate, c.detail
+            )),
+            "expiring" => Some(format!(
+                "WARNING: certificate {}: {}",
+                c.certificate, c.detail
+            )),
+            "unreadable" => Some(format!(
+                "WARNING: certificate {}: cannot read its expiry: {}",
+                c.certificate, c.detail
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Lines for `outpost status` and `/health`: certificates expired or expiring within
@@ -618,6 +718,61 @@ mod tests {
     }
 
     #[test]
+    fn configured_files_are_labelled_by_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        let (cert, key) = cert_expiring(at("2040-01-01T00:00:00Z"), "ca");
+        std::fs::write(&pem, cert.pem()).unwrap();
+        let key_path = dir.path().join("key.pem");
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let config = dir.path().join("outpost.toml");
+        let p = pem.display();
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\npath = \"{db}\"\n\
+                 [[sources]]\ntype = \"mqtt\"\nname = \"local\"\ntopics = [\"s/+/json\"]\n\
+                 device_segment = 1\n[sources.broker]\nhost = \"127.0.0.1\"\nca_file = \"{p}\"\n\
+                 client_cert_file = \"{p}\"\nclient_key_file = \"{k}\"\n\
+                 [sync]\nurl = \"postgres://u@h/d\"\nca_file = \"{p}\"\n",
+                db = dir.path().join("o.db").display(),
+                k = key_path.display(),
+            ),
+        )
+        .unwrap();
+        let config = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
+        let labels: Vec<String> = configured_cert_files(&config)
+            .into_iter()
+            .map(|(label, path)| {
+                assert_eq!(path, pem);
+                label
+            })
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "sources.local.broker.ca_file",
+                "sources.local.broker.client_cert_file",
+                "sync.ca_file"
+            ]
+        );
+        let status = status_of(&config, at("2039-12-22T00:00:00Z"));
+        assert!(status.iter().all(|s| s.state == "expiring"), "{status:?}");
+        assert_eq!(status_lines(&status).len(), 3);
+        assert!(status_lines(&status_of(&config, at("2030-01-01T00:00:00Z"))).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_daily_reminder_stops_with_the_agent() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(remind_daily(CertWatch::default(), shutdown.clone()));
+        tokio::time::sleep(std::time::Duration::from_secs(3 * 24 * 3600)).await;
+        assert!(!task.is_finished());
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
     fn expiry_is_judged_thirty_days_ahead() {
         let now = at("2030-01-01T00:00:00Z");
         let info = |days: i64| CertInfo {
@@ -632,6 +787,9 @@ mod tests {
         assert_eq!(info(-3).expiry(now), Expiry::Expired { days_ago: 2 });
         assert!((info(10).days_left(now) - 10.04).abs() < 0.01);
         assert!(info(10).describe(now).contains("expires in 10 days"));
+        assert!(info(1).describe(now).contains("expires in 1 day ("));
+        assert!(info(0).describe(now).contains("expires today"));
+        assert!(info(-2).describe(now).contains("EXPIRED 1 day ago"));
 
         let healthy = health_check(&[("sync.ca_file".into(), info(90))], now).unwrap();
         assert!(healthy.ok);
