@@ -297,14 +297,26 @@ fn readings(
 }
 
 fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
+    // Without --db the configuration is at hand: its certificates are checked too.
+    let certificates = match db {
+        None => Config::load(&config::resolve_path(config_path))
+            .map(|c| crate::tls::status_of(&c, chrono::Utc::now()))
+            .unwrap_or_default(),
+        Some(_) => Vec::new(),
+    };
     let db = match database_path(config_path, db) {
         Ok(db) => db,
         Err(code) => return code,
     };
     match crate::store::status_report(&db) {
-        Ok(report) if json => match serde_json::to_string_pretty(&report) {
-            Ok(s) => {
-                println!("{s}");
+        Ok(report) if json => match serde_json::to_value(&report).map(|mut v| {
+            if let Some(map) = v.as_object_mut() {
+                map.insert("certificates".into(), serde_json::json!(certificates));
+            }
+            v
+        }) {
+            Ok(v) => {
+                println!("{v:#}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -317,6 +329,9 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
                 "{}",
                 crate::status::render(&report, &db.display().to_string())
             );
+            for line in crate::tls::status_lines(&certificates) {
+                println!("{line}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,7 +1,8 @@
 //! `/health`: is this gateway doing its job? 200 when every check passes, 503 with the
 //! reasons otherwise. Checks: the store accepts writes (the writer answered a probe
 //! recently and the disk is not full), and each source was heard from recently or
-//! reports itself connected.
+//! reports itself connected, and no configured TLS certificate has expired (one
+//! expiring within 30 days is reported but still ok).
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -188,7 +189,14 @@ impl HealthProbe {
             uptime: self.started.elapsed(),
             sources,
         };
-        evaluate(&inputs, self.source_max_silence)
+        let mut report = evaluate(&inputs, self.source_max_silence);
+        if let Some(check) = crate::tls::health_check(&self.metrics.certs().snapshot(), now) {
+            if !check.ok {
+                report.status = "unhealthy";
+            }
+            report.checks.push(check);
+        }
+        report
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`status`]: the `outpost status` summary.
 //! - [`sync`]: replication of readings, alert events and heartbeats to central
 //!   PostgreSQL through PgBouncer (transaction pooling), and the central schema.
+//! - [`tls`]: PEM files, rustls client configurations (ring) and certificate expiry.
 //! - [`cli`]: the command line (`run`, `check`, `status`, `notify-test`, `demo`).
 //!
 //! # Data flow
@@ -55,3 +56,4 @@ pub mod status;
 pub mod store;
 pub mod sync;
 pub mod systemd;
+pub mod tls;

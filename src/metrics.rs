@@ -37,6 +37,8 @@ struct Inner {
     /// The same states, readable for `/health` (a `Family` cannot tell "never
     /// reported" from "disconnected").
     connections: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    /// Expiry of the configured TLS certificates (recorded at start and reload).
+    certs: crate::tls::CertWatch,
 }
 
 impl Metrics {
@@ -71,6 +73,10 @@ impl Metrics {
             stats: store.stats().clone(),
             store: store.clone(),
         }));
+        let certs = crate::tls::CertWatch::default();
+        registry.register_collector(Box::new(CertCollector {
+            certs: certs.clone(),
+        }));
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -78,8 +84,14 @@ impl Metrics {
                 readings_rejected,
                 source_connected,
                 connections: Default::default(),
+                certs,
             }),
         }
+    }
+
+    /// The configured TLS certificates' expiry, for `/metrics` and `/health`.
+    pub fn certs(&self) -> &crate::tls::CertWatch {
+        &self.inner.certs
     }
 
     pub fn received(&self, source: &str, n: u64) {
@@ -215,6 +227,33 @@ impl Collector for StoreCollector {
                 ConstGauge::new(age).encode(oldest)?;
             }
             encode_db_gauges(&conn, &mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// `tls_certificate_expiry_days{certificate="sync.ca_file"}`, computed at scrape time.
+#[derive(Debug)]
+struct CertCollector {
+    certs: crate::tls::CertWatch,
+}
+
+impl Collector for CertCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let certs = self.certs.snapshot();
+        if certs.is_empty() {
+            return Ok(());
+        }
+        let now = chrono::Utc::now();
+        let mut family = encoder.encode_descriptor(
+            "tls_certificate_expiry_days",
+            "Days until the first certificate in each configured certificate file expires (negative: expired)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (label, info) in certs {
+            ConstGauge::new(info.days_left(now))
+                .encode(family.encode_family(&[("certificate", label.as_str())])?)?;
         }
         Ok(())
     }

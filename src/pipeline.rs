@@ -296,6 +296,9 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    let certs = pipeline.metrics.certs().clone();
+    crate::tls::record_and_log(&certs, &config, chrono::Utc::now());
+    pipeline.spawn_consumer(crate::tls::remind_daily(certs, shutdown.clone()));
     // Downstream consumers that a reload may restart are named.
     start_alerts(&mut pipeline, &config).await;
     start_sync(&mut pipeline, config.sync.clone(), config.agent.clone()).await;
@@ -419,6 +422,7 @@ async fn apply_reload(
         start_alerts(pipeline, &running).await;
         tracing::info!("Alert rules and notifiers reloaded.");
     }
+    crate::tls::record_and_log(pipeline.metrics.certs(), &new, chrono::Utc::now());
     if let Ok(mut names) = probe.sources.lock() {
         *names = new.sources.iter().map(|s| s.name().to_string()).collect();
     }

@@ -156,23 +156,17 @@ impl Email {
             SmtpTls::Implicit | SmtpTls::Starttls => {
                 let mut builder = TlsParameters::builder(config.server.clone());
                 if let Some(path) = &config.ca_file {
-                    let pem = std::fs::read(path).map_err(|e| {
-                        anyhow::anyhow!("cannot read ca_file {}: {e}", path.display())
-                    })?;
-                    if rustls_pemfile::certs(&mut &pem[..])
-                        .filter_map(Result::ok)
-                        .next()
-                        .is_none()
+                    for der in
+                        crate::tls::read_certs(path).map_err(|e| anyhow::anyhow!("ca_file: {e}"))?
                     {
-                        anyhow::bail!("ca_file {} holds no PEM certificate", path.display());
+                        let cert = Certificate::from_der(der.to_vec()).map_err(|e| {
+                            anyhow::anyhow!(
+                                "ca_file {} holds no usable certificate: {e}",
+                                path.display()
+                            )
+                        })?;
+                        builder = builder.add_root_certificate(cert);
                     }
-                    let cert = Certificate::from_pem(&pem).map_err(|e| {
-                        anyhow::anyhow!(
-                            "ca_file {} holds no usable certificate: {e}",
-                            path.display()
-                        )
-                    })?;
-                    builder = builder.add_root_certificate(cert);
                 }
                 Some(builder.build_rustls()?)
             }

@@ -134,14 +134,9 @@ impl Webhook {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| anyhow::anyhow!("cannot read ca_file {}: {e}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("ca_file {}: {e}", path.display()))?;
-            if certs.is_empty() {
-                anyhow::bail!("ca_file {} holds no certificate", path.display());
-            }
-            for cert in certs {
+            for der in crate::tls::read_certs(path).map_err(|e| anyhow::anyhow!("ca_file: {e}"))? {
+                let cert = reqwest::Certificate::from_der(&der)
+                    .map_err(|e| anyhow::anyhow!("ca_file {}: {e}", path.display()))?;
                 builder = builder.add_root_certificate(cert);
             }
         }

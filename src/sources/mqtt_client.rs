@@ -320,75 +320,21 @@ pub fn default_client_id(gateway_id: &str, source: &str) -> String {
     id
 }
 
-/// Builds a rustls client configuration on the ring provider.
+/// Builds a rustls client configuration on the ring provider: the CA file's
+/// certificates, or the system's roots when none is set.
 pub fn tls_client_config(
     ca_file: Option<&std::path::Path>,
     client_auth: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<rustls::ClientConfig, (&'static str, String)> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = read_certs(path).map_err(|e| ("ca_file", e))?;
-            for cert in certs {
-                roots.add(cert).map_err(|e| {
-                    (
-                        "ca_file",
-                        format!("{}: not a usable CA certificate: {e}", path.display()),
-                    )
-                })?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err((
-                    "ca_file",
-                    "no system CA certificates were found (install ca-certificates) and no ca_file is set".into(),
-                ));
-            }
-        }
+    let roots = crate::tls::root_store(ca_file, ca_file.is_none()).map_err(|e| ("ca_file", e))?;
+    if roots.is_empty() {
+        return Err((
+            "ca_file",
+            "no system CA certificates were found (install ca-certificates) and no ca_file is set"
+                .into(),
+        ));
     }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ("tls", format!("cannot set up TLS: {e}")))?
-        .with_root_certificates(roots);
-    match client_auth {
-        Some((cert_path, key_path)) => {
-            let certs = read_certs(cert_path).map_err(|e| ("client_cert_file", e))?;
-            let key = read_key(key_path).map_err(|e| ("client_key_file", e))?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| {
-                (
-                    "client_key_file",
-                    format!("does not match client_cert_file: {e}"),
-                )
-            })
-        }
-        None => Ok(builder.with_no_client_auth()),
-    }
-}
-
-fn read_certs(
-    path: &std::path::Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut bytes.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} contains no PEM certificate", path.display()));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &std::path::Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(|e| format!("{} is not a PEM key file: {e}", path.display()))?
-        .ok_or_else(|| format!("{} contains no PEM private key", path.display()))
+    crate::tls::client_config(roots, client_auth)
 }
 
 /// Exponential backoff with full jitter: the n-th delay is uniform in

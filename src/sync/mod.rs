@@ -182,7 +182,7 @@ impl SyncConfig {
                 ),
             ),
             (Some(file), _) => {
-                if let Err(e) = postgres::load_ca_file(file) {
+                if let Err(e) = crate::tls::root_store(Some(file), false) {
                     problems.push(format!("{path}.ca_file"), e);
                 }
             }
@@ -391,7 +391,7 @@ mod tests {
         std::fs::write(&garbage, "this is not PEM\n").unwrap();
         let problems = check(json!({"url": "postgres://u@h/d", "ca_file": garbage}));
         assert_eq!(keys(&problems), ["sync.ca_file"]);
-        assert!(problems[0].1.contains("no certificate"), "{problems:?}");
+        assert!(problems[0].1.contains("no PEM certificate"), "{problems:?}");
         let problems =
             check(json!({"url": "postgres://u@h/d", "sslmode": "disable", "ca_file": garbage}));
         assert_eq!(keys(&problems), ["sync.ca_file"]);

@@ -147,28 +147,6 @@ pub fn parse_url_allowing_password(url: &str) -> Result<tokio_postgres::Config, 
     Ok(config)
 }
 
-/// Reads the CA certificates in a PEM file.
-pub fn load_ca_file(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
-        roots.add(cert).map_err(|e| {
-            format!(
-                "{} holds a certificate that cannot be used: {e}",
-                path.display()
-            )
-        })?;
-    }
-    if roots.is_empty() {
-        return Err(format!(
-            "no certificate found in {} (expected PEM)",
-            path.display()
-        ));
-    }
-    Ok(roots)
-}
-
 /// Where we connect, for messages (never with the password).
 fn describe_target(config: &tokio_postgres::Config) -> String {
     let host = match config.get_hosts().first() {
@@ -288,22 +266,12 @@ where
 
 /// The rustls configuration (ring provider only) for `mode`.
 fn tls_config(mode: SslMode, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = match ca_file {
-        Some(path) => load_ca_file(path)?,
-        None => {
-            let mut roots = rustls::RootCertStore::empty();
-            let native = rustls_native_certs::load_native_certs();
-            let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-            if added == 0 && mode != SslMode::Require {
-                return Err("no CA certificates found on this system; set sync.ca_file".into());
-            }
-            roots
-        }
-    };
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("cannot set up TLS: {e}"))?;
+    let provider = crate::tls::provider();
+    let roots = crate::tls::root_store(ca_file, ca_file.is_none())?;
+    if ca_file.is_none() && roots.is_empty() && mode != SslMode::Require {
+        return Err("no CA certificates found on this system; set sync.ca_file".into());
+    }
+    let builder = crate::tls::builder()?;
     let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
