@@ -7,18 +7,25 @@
 //! - [`clock`]: whether the local clock is synchronised (G8), learned in a way the
 //!   hardened unit allows.
 //! - [`model`]: readings, their stable uids and flags, batches with acknowledgements.
-//! - [`sources`]: producers of readings (`simulated`; LoRaWAN and serial sources are
-//!   added beside it), one file per kind, selected by a tagged config enum.
+//! - [`sources`]: producers of readings — `ttn` (with Storage Integration backfill),
+//!   `chirpstack`, generic `mqtt`, `serial`, `modbus-rtu`, `simulated` — one file per
+//!   kind, selected by a tagged config enum; shared field mapping and MQTT plumbing.
 //! - [`store`]: the SQLite store: one writer thread with group commit, read
 //!   connections for everyone else, retention and the size cap.
 //! - [`alerts`]: local alert rules, their persisted state machine and events (G3).
 //! - [`notify`]: notifiers (email, webhook, exec, log) and the durable outbox worker.
-//! - [`pipeline`]: wiring and ordered shutdown.
+//! - [`pipeline`]: wiring, SIGHUP reload (only what changed restarts) and ordered
+//!   shutdown.
+//! - [`http`], [`metrics`], [`health`], [`systemd`]: `/metrics` and `/health` on
+//!   127.0.0.1, the store-probing watchdog and READY/STOPPING notifications.
+//! - [`readings`], [`demo`], [`ratelimit`]: local history queries, the demo, rate-limited
+//!   logging of expected failures.
 //! - [`status`]: the `outpost status` summary.
 //! - [`sync`]: replication of readings, alert events and heartbeats to central
 //!   PostgreSQL through PgBouncer (transaction pooling), and the central schema.
 //! - [`tls`]: PEM files, rustls client configurations (ring) and certificate expiry.
-//! - [`cli`]: the command line (`run`, `check`, `status`, `notify-test`, `demo`).
+//! - [`cli`]: the command line (`run`, `check`, `status`, `readings`, `notify-test`,
+//!   `central`, `demo`); signal handling lives there, not in components.
 //!
 //! # Data flow
 //!
@@ -29,10 +36,13 @@
 //!                                                          │ committed id (watch)
 //!                                                          ▼
 //!                              consumers read committed readings on their own
-//!                              read connections (demo printer; alerts, sync next)
+//!                              read connections (alerts engine, demo printer)
 //!                                                          │
 //!                          alerts engine ── events + outbox rows (one write) ──▶ store
 //!                          notify worker ◀── due outbox rows ── email / webhook / exec / log
+//!                          sync worker   ◀── unsynced rows (live first) ──▶ PostgreSQL
+//!                                            via PgBouncer; marks synced after commit
+//!                          http          ◀── counters, store ──▶ /metrics, /health
 //! ```
 //!
 //! A reading is acknowledged to its producer only after its transaction committed

@@ -413,10 +413,12 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
     // The writer's page cache: the uid index takes inserts at random places, and a
     // cache that holds its upper levels keeps ingest fast. Pages are allocated only as
     // used, so an idle agent does not pay for it.
-    conn.pragma_update(None, "cache_size", -8192).map_err(classify)?;
+    conn.pragma_update(None, "cache_size", -8192)
+        .map_err(classify)?;
     // Checkpoint the WAL into the database every ~16 MiB rather than every 4 MiB:
     // fewer checkpoint fsyncs under sustained ingest.
-    conn.pragma_update(None, "wal_autocheckpoint", 4000).map_err(classify)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 4000)
+        .map_err(classify)?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
         .map_err(classify)?;
