@@ -140,6 +140,37 @@ impl Problems {
         }
     }
 
+    /// Removes and returns the `type` key of a tagged table (`[[sources]]`,
+    /// `[[notifiers]]`), recording why when the value is not a table or the key is
+    /// missing or not a string. Whether the type is one of `choices` is the caller's
+    /// match to decide.
+    pub fn take_type(&mut self, value: &mut Value, path: &str, choices: &[&str]) -> Option<String> {
+        let Some(map) = value.as_object_mut() else {
+            self.push(path, "expected a table");
+            return None;
+        };
+        match map.remove("type") {
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                self.push(
+                    format!("{path}.type"),
+                    format!("expected a string, found {other}"),
+                );
+                None
+            }
+            None => {
+                self.push(
+                    format!("{path}.type"),
+                    format!(
+                        "the required key `type` is missing; one of {}",
+                        quoted(choices)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     /// Deserializes `value` into `T`, recording every problem (not just the first one)
     /// under `prefix`. Returns `None` if there was any.
     pub fn deserialize<T: DeserializeOwned>(
@@ -183,6 +214,15 @@ impl Problems {
         }
         None
     }
+}
+
+/// `"a", "b", "c"` — a list of choices for a message.
+pub fn quoted(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn backticked_after(message: &str, marker: &str) -> Option<String> {

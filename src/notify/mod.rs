@@ -24,7 +24,7 @@ pub mod webhook;
 pub use outbox::{NotifyStats, OutboxWorker};
 
 use crate::alerts::AlertEvent;
-use crate::config::{check_identifier, HumanDuration, Problems};
+use crate::config::{check_identifier, quoted, HumanDuration, Problems};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
@@ -116,30 +116,8 @@ impl NotifierConfig {
         path: &str,
         problems: &mut Problems,
     ) -> Option<NotifierConfig> {
-        let Some(map) = value.as_object_mut() else {
-            problems.push(path, "expected a table");
-            return None;
-        };
-        let kind = match map.remove("type") {
-            Some(Value::String(s)) => s,
-            Some(other) => {
-                problems.push(
-                    format!("{path}.type"),
-                    format!("expected a string, found {other}"),
-                );
-                return None;
-            }
-            None => {
-                problems.push(
-                    format!("{path}.type"),
-                    format!(
-                        "the required key `type` is missing; one of {}",
-                        quoted(TYPES)
-                    ),
-                );
-                return None;
-            }
-        };
+        let kind = problems.take_type(&mut value, path, TYPES)?;
+        let map = value.as_object_mut()?;
         let mut common = Map::new();
         for key in COMMON_KEYS {
             if let Some(v) = map.remove(*key) {
@@ -243,14 +221,6 @@ pub fn validate_notifiers(notifiers: &[NotifierConfig], problems: &mut Problems)
         }
         n.validate(&path, problems);
     }
-}
-
-fn quoted(items: &[&str]) -> String {
-    items
-        .iter()
-        .map(|s| format!("{s:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The result of one delivery attempt.

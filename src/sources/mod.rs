@@ -18,7 +18,7 @@ pub mod simulated;
 pub mod ttn;
 pub mod ttn_backfill;
 
-use crate::config::{check_identifier, Problems};
+use crate::config::{check_identifier, quoted, Problems};
 use crate::model::Batch;
 use crate::store::Store;
 use serde::Serialize;
@@ -79,30 +79,7 @@ impl SourceConfig {
         path: &str,
         problems: &mut Problems,
     ) -> Option<SourceConfig> {
-        let Some(map) = value.as_object_mut() else {
-            problems.push(path, "expected a table");
-            return None;
-        };
-        let kind = match map.remove("type") {
-            Some(Value::String(s)) => s,
-            Some(other) => {
-                problems.push(
-                    format!("{path}.type"),
-                    format!("expected a string, found {other}"),
-                );
-                return None;
-            }
-            None => {
-                problems.push(
-                    format!("{path}.type"),
-                    format!(
-                        "the required key `type` is missing; one of {}",
-                        quoted(TYPES)
-                    ),
-                );
-                return None;
-            }
-        };
+        let kind = problems.take_type(&mut value, path, TYPES)?;
         match kind.as_str() {
             "simulated" => problems
                 .deserialize(value, path)
@@ -157,14 +134,6 @@ impl SourceConfig {
             SourceConfig::ModbusRtu(c) => modbus::run(c, ctx).await,
         }
     }
-}
-
-fn quoted(items: &[&str]) -> String {
-    items
-        .iter()
-        .map(|s| format!("{s:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// What a running source is given.
