@@ -115,6 +115,10 @@ impl std::str::FromStr for ByteSize {
             "tib" => 1 << 40,
             _ => return Err(bad()),
         };
+        // Whole numbers exactly: a double would round sizes above 2^53 bytes.
+        if let Ok(whole) = num.parse::<u64>() {
+            return whole.checked_mul(mult).map(ByteSize).ok_or_else(bad);
+        }
         let bytes = n * mult as f64;
         if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
             return Err(bad());
@@ -222,6 +226,14 @@ mod tests {
         assert_eq!("512 MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
         assert_eq!("2GB".parse::<ByteSize>().unwrap().0, 2_000_000_000);
         assert_eq!(ByteSize(1 << 30).to_string(), "1GiB");
+        // Large whole sizes are exact and print back the same (found by a property test).
+        let big = ByteSize(14_561_408_173_698_167);
+        assert_eq!(big.to_string().parse::<ByteSize>(), Ok(big));
+        assert_eq!(
+            "18446744073709551615B".parse::<ByteSize>(),
+            Ok(ByteSize(u64::MAX))
+        );
+        assert!("18446744073709551615KiB".parse::<ByteSize>().is_err());
         for bad in ["", "GiB", "1 parsec", "1e999GiB", "-1MiB", "1..2MB"] {
             assert!(bad.parse::<ByteSize>().is_err(), "{bad:?} must be rejected");
         }
