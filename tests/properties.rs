@@ -9,7 +9,8 @@ use outpost::sources::mapping::{flatten_numeric, Mapping};
 use outpost::sources::modbus_decode::{decode_bits, decode_registers, Order, ValueType};
 use outpost::sources::mqtt::{decode_json, MqttJsonConfig};
 use outpost::sources::serial_formats::{
-    parse_number, parse_timestamp, FieldRoles, FieldValue, Format, LineParser, TimestampFormat,
+    parse_number, parse_timestamp, FieldRoles, FieldValue, Format, Frame, LineEnding, LineFramer,
+    LineParser, TimestampFormat,
 };
 use outpost::sources::ttn::{decode_ttn, SimulatedUplinks, UplinkMapper};
 use proptest::prelude::*;
@@ -418,6 +419,55 @@ proptest! {
                 let _ = parser.parse(line);
             }
             parser.reset();
+        }
+    }
+
+    #[test]
+    fn serial_framing_is_bounded_and_split_independent(
+        bytes in prop::collection::vec(prop_oneof![any::<u8>(), Just(b'\n'), Just(b'\r')], 0..600),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        max in 1usize..64,
+        cr in any::<bool>(),
+    ) {
+        let ending = if cr { LineEnding::Cr } else { LineEnding::Lf };
+        #[derive(Debug, PartialEq)]
+        enum Owned { Line(Vec<u8>), Overlong(usize) }
+        let frames = |pieces: Vec<&[u8]>| {
+            let mut framer = LineFramer::new(max, ending);
+            let mut got = Vec::new();
+            for piece in pieces {
+                framer.push(piece, &mut |f| got.push(match f {
+                    Frame::Line(l) => Owned::Line(l.to_vec()),
+                    Frame::Overlong(n) => Owned::Overlong(n),
+                }));
+            }
+            (got, framer.reset())
+        };
+        let whole = frames(vec![&bytes]);
+        let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for p in points {
+            pieces.push(&bytes[start..p]);
+            start = p;
+        }
+        pieces.push(&bytes[start..]);
+        prop_assert_eq!(&frames(pieces), &whole);
+        let end = if cr { b'\r' } else { b'\n' };
+        let mut parsers = all_parsers(vec!["a".into(), "value".into()]);
+        for f in &whole.0 {
+            match f {
+                Owned::Line(l) => {
+                    prop_assert!(l.len() <= max && !l.contains(&end));
+                    // Whatever bytes arrive, the parsers take the lossy text without panicking.
+                    let text = String::from_utf8_lossy(l);
+                    for parser in &mut parsers {
+                        let _ = parser.parse(&text);
+                    }
+                }
+                Owned::Overlong(n) => prop_assert!(*n > max),
+            }
         }
     }
 
