@@ -66,13 +66,27 @@ fn the_example_documents_every_key() {
     let raw: serde_json::Value = toml::from_str(&text).unwrap();
     let mut documented = BTreeSet::new();
     collect_paths(&raw, "", &mut documented);
-    let commented: BTreeSet<String> = text
+    // Commented assignments (`# key = …`) and commented table headers (`#[a.b]`,
+    // `#[[a.b]]`, documenting the table `b`) count as documented.
+    let mut commented: BTreeSet<String> = text
         .lines()
         .filter_map(|l| l.trim_start().strip_prefix('#'))
         .filter_map(|l| l.split_once('='))
         .map(|(k, _)| k.trim().to_string())
         .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .collect();
+    commented.extend(
+        text.lines()
+            .filter_map(|l| l.trim_start().strip_prefix('#'))
+            .map(str::trim)
+            .filter(|l| l.starts_with('[') && l.ends_with(']'))
+            .filter_map(|l| {
+                l.trim_matches(['[', ']'])
+                    .rsplit('.')
+                    .next()
+                    .map(str::to_string)
+            }),
+    );
     let mut keys = BTreeSet::new();
     collect_paths(&effective, "", &mut keys);
     let missing: Vec<_> = keys
