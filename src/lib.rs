@@ -49,6 +49,7 @@
 //! (G1); shutdown stops sources first and lets every later stage drain.
 
 pub mod alerts;
+pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -5,6 +5,7 @@
 //! committed-readings streams; consumers finish and drop their store handles; the
 //! writer closes. Nothing accepted is left uncommitted.
 
+use crate::backoff::{Backoff, Jitter};
 use crate::config::Config;
 use crate::health::{HealthProbe, Liveness};
 use crate::metrics::Metrics;
@@ -237,7 +238,8 @@ impl Pipeline {
 async fn supervise_source(source: SourceConfig, ctx: SourceContext) {
     let name = source.name().to_string();
     let kind = source.kind();
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff =
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).with_jitter(Jitter::None);
     loop {
         tracing::info!(source = %name, kind, "Source started.");
         match source.clone().run(ctx.clone()).await {
@@ -246,14 +248,13 @@ async fn supervise_source(source: SourceConfig, ctx: SourceContext) {
                 return;
             }
             Err(e) => {
-                tracing::error!(source = %name, error = format!("{e:#}"), retry_in_s = backoff.as_secs(), "Source failed; restarting it.");
+                tracing::error!(source = %name, error = format!("{e:#}"), retry_in_s = backoff.ceiling().as_secs(), "Source failed; restarting it.");
             }
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }
 

@@ -23,8 +23,9 @@ use super::modbus_decode::{
     answer_len, classify_timeout, decode_bits, decode_registers, Order, ValueType,
 };
 use super::rejects::{RejectCounter, SequenceAllocator, StateWriter};
-use super::serial::{Backoff, Plausible, PortSettings};
+use super::serial::{Plausible, PortSettings};
 use super::SourceContext;
+use crate::backoff::{Backoff, Jitter};
 use crate::config::{check_identifier, HumanDuration, Problems};
 use crate::model::{flags, Batch, Committed, Reading, Uid};
 use crate::store::StoreError;
@@ -500,7 +501,8 @@ pub async fn run(config: ModbusConfig, ctx: SourceContext) -> anyhow::Result<()>
                 backoff: Backoff::new(
                     s.interval.get().max(OFFLINE_FIRST_PROBE),
                     config.offline_max_interval.get(),
-                ),
+                )
+                .with_jitter(Jitter::Spread(0.2)),
                 polls: 0,
                 failed_polls: 0,
                 last_error: None,
@@ -532,7 +534,8 @@ impl ModbusSource {
         let mut backoff = Backoff::new(
             Duration::from_millis(250),
             self.config.reopen_max_delay.get(),
-        );
+        )
+        .with_jitter(Jitter::Spread(0.2));
         let mut reported_missing = false;
         let mut publish = tokio::time::interval(Duration::from_secs(5));
         publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -18,12 +18,12 @@
 //! - **Options are validated before rumqttc sees them** (its setters assert).
 
 use super::SourceContext;
+use crate::backoff::Backoff;
 use crate::config::{HumanDuration, Problems, Secret};
 use crate::model::{Batch, Reading};
 use crate::ratelimit::LogLimiter;
 use crate::store::StoreError;
 use chrono::{DateTime, Utc};
-use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, Publish, QoS,
     Request, Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
@@ -337,48 +337,6 @@ pub fn tls_client_config(
     crate::tls::client_config(roots, client_auth)
 }
 
-/// Exponential backoff with full jitter: the n-th delay is uniform in
-/// `[min, min(max, min·2ⁿ)]`.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max: max.max(min),
-            attempt: 0,
-        }
-    }
-
-    /// The ceiling of the next delay (for messages).
-    pub fn ceiling(&self) -> Duration {
-        let factor = 1u32 << self.attempt.min(20);
-        self.min.saturating_mul(factor).min(self.max)
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.ceiling();
-        self.attempt = self.attempt.saturating_add(1);
-        if ceiling <= self.min {
-            return self.min;
-        }
-        rand::thread_rng().gen_range(self.min..=ceiling)
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
-}
-
 /// Why a message was not turned into readings. `reason` is a short, low-cardinality
 /// label for counters and the `rejected` table.
 #[derive(Debug, Clone, PartialEq)]
@@ -499,7 +457,8 @@ pub async fn run_session(
 
     let source = session.source.as_str();
     let stats = &session.stats;
-    let mut backoff = Backoff::new(session.reconnect_min, session.reconnect_max);
+    let mut backoff = Backoff::new(session.reconnect_min, session.reconnect_max)
+        .with_floor(session.reconnect_min);
     let mut generation: u64 = 0;
     let mut was_connected = false;
     let mut failure_log = LogLimiter::new(Duration::from_secs(300));
@@ -765,7 +724,8 @@ async fn acker(
 ) {
     let mut limiter = LogLimiter::new(Duration::from_secs(60));
     while let Some(mut item) = rx.recv().await {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
+            .with_floor(Duration::from_millis(200));
         loop {
             match (&mut item.ack).await {
                 Ok(Ok(_)) => {
@@ -877,7 +837,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30))
+            .with_floor(Duration::from_secs(1));
         let first = b.next_delay();
         assert_eq!(first, Duration::from_secs(1));
         let mut ceilings = Vec::new();
@@ -902,7 +863,8 @@ mod tests {
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_secs(1));
         // Huge attempt counts do not overflow.
-        let mut big = Backoff::new(Duration::from_secs(1), Duration::from_secs(3600));
+        let mut big = Backoff::new(Duration::from_secs(1), Duration::from_secs(3600))
+            .with_floor(Duration::from_secs(1));
         for _ in 0..200 {
             assert!(big.next_delay() <= Duration::from_secs(3600));
         }

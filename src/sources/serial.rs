@@ -27,6 +27,7 @@ use super::serial_formats::{
     LineParser, TimestampFormat,
 };
 use super::SourceContext;
+use crate::backoff::{Backoff, Jitter};
 use crate::config::{check_identifier, HumanDuration, Problems};
 use crate::model::{flags, Batch, Committed, Reading, Uid};
 use crate::sources::mapping::Mapping;
@@ -499,36 +500,6 @@ impl PortSettings {
     }
 }
 
-/// Exponential backoff with jitter for reopening ports and polling dead slaves.
-#[derive(Debug)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            current: initial,
-        }
-    }
-
-    /// The next delay: the current one with up to ±20% jitter; the one after doubles.
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let jitter = rand::random::<f64>() * 0.4 + 0.8;
-        base.mul_f64(jitter).min(self.max)
-    }
-
-    pub fn reset(&mut self) {
-        self.current = self.initial;
-    }
-}
-
 /// Lines from one read that are waiting to be committed.
 struct Pending {
     readings: Vec<Reading>,
@@ -593,7 +564,8 @@ impl SerialSource {
         let mut backoff = Backoff::new(
             Duration::from_millis(250),
             self.config.reopen_max_delay.get(),
-        );
+        )
+        .with_jitter(Jitter::Spread(0.2));
         let mut reported_missing = false;
         let mut gone_since: Option<Instant> = None;
         let mut publish = tokio::time::interval(Duration::from_secs(5));
@@ -1002,7 +974,8 @@ mod tests {
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500))
+            .with_jitter(Jitter::Spread(0.2));
         let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
         assert!(delays[0] >= Duration::from_millis(80) && delays[0] <= Duration::from_millis(120));
         assert!(delays[1] >= Duration::from_millis(160) && delays[1] <= Duration::from_millis(240));

@@ -16,9 +16,10 @@
 //! (401/403), a timeout or an unreachable server is logged (rate-limited) and retried
 //! with backoff; live ingestion carries on meanwhile.
 
-use super::mqtt_client::{self, Backoff};
+use super::mqtt_client;
 use super::ttn::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};
 use super::SourceContext;
+use crate::backoff::Backoff;
 use crate::config::{HumanDuration, Problems, Secret};
 use crate::model::{flags, Batch, Reading};
 use crate::ratelimit::LogLimiter;
@@ -281,7 +282,8 @@ impl Backfill {
             None => Utc::now() - initial,
         };
         let mut wanted = Some(start_of(cursor));
-        let mut retry = Backoff::new(self.config.retry_min.get(), self.config.retry_max.get());
+        let mut retry = Backoff::new(self.config.retry_min.get(), self.config.retry_max.get())
+            .with_floor(self.config.retry_min.get());
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut persist = tokio::time::interval(PERSIST_EVERY);
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -31,7 +31,7 @@ pub mod postgres;
 mod worker;
 
 pub use postgres::SyncError;
-pub use worker::{run, Backoff, HoldBack};
+pub use worker::{run, HoldBack};
 
 use crate::config::{HumanDuration, Problems, Secret};
 use serde::{Deserialize, Serialize};

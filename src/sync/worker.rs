@@ -10,59 +10,17 @@ use super::heartbeat::{self, Heartbeat};
 use super::local::{self, AlertEventColumns, ReadingColumns, Window};
 use super::postgres::{connect, Central, ConnectOptions};
 use super::{SyncConfig, SyncError};
+use crate::backoff::{Backoff, Jitter};
 use crate::config::AgentConfig;
 use crate::ratelimit::LogLimiter;
 use crate::store::Store;
 use chrono::{DateTime, Utc};
-use rand::Rng;
 use rusqlite::Connection;
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// Exponential backoff with optional full jitter: the n-th consecutive failure waits
-/// `min(max, initial · 2ⁿ)`, or with jitter a uniformly random time up to that, so a
-/// fleet that lost central at the same moment does not reconnect in one spike.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    jitter: bool,
-    failures: u32,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration, jitter: bool) -> Backoff {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            jitter,
-            failures: 0,
-        }
-    }
-
-    /// The wait before the next attempt after one more failure.
-    pub fn next_delay(&mut self) -> Duration {
-        let factor = 2u32.saturating_pow(self.failures.min(31));
-        self.failures = self.failures.saturating_add(1);
-        let cap = self.initial.saturating_mul(factor).min(self.max);
-        if self.jitter {
-            cap.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
-        } else {
-            cap
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-}
 
 /// Holds back readings whose clock was not synchronised (G8) for `bound` of monotonic
 /// time. It remembers, at a few points in time, the newest reading id in the store; a
@@ -146,7 +104,7 @@ pub async fn run(
         };
         match outcome {
             Ok(()) => {
-                if worker.backoff.failures() > 0 {
+                if worker.backoff.attempt() > 0 {
                     tracing::info!(target_db = worker.target(), "Central sync works again.");
                 }
                 worker.backoff.reset();
@@ -191,11 +149,12 @@ impl Worker {
     ) -> Worker {
         Worker {
             options: ConnectOptions::from_config(&config, &agent.gateway_id),
-            backoff: Backoff::new(
-                config.backoff_initial.get(),
-                config.backoff_max.get(),
-                config.backoff_jitter,
-            ),
+            backoff: Backoff::new(config.backoff_initial.get(), config.backoff_max.get())
+                .with_jitter(if config.backoff_jitter {
+                    Jitter::Full
+                } else {
+                    Jitter::None
+                }),
             hold: HoldBack::new(config.clock_hold_max.get()),
             gateway_id: agent.gateway_id,
             site: agent.site,
@@ -474,7 +433,8 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap_without_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), false);
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1))
+            .with_jitter(Jitter::None);
         let waits: Vec<_> = (0..6).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
         b.reset();
@@ -493,7 +453,7 @@ mod tests {
     fn full_jitter_spreads_waits_between_zero_and_the_cap() {
         let waits: Vec<Duration> = (0..200)
             .map(|_| {
-                let mut b = Backoff::new(Duration::from_secs(8), Duration::from_secs(8), true);
+                let mut b = Backoff::new(Duration::from_secs(8), Duration::from_secs(8));
                 b.next_delay()
             })
             .collect();
