@@ -1,27 +1,12 @@
 //! `/metrics` and `/health` of the running binary.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::agent::{http_get as get, wait_for_some as wait_for, AgentProcess as Agent};
+use support::free_port;
 
 fn start(dir: &Path, port: u16, period: &str, silence: &str) -> Agent {
     let config = dir.join("outpost.toml");
@@ -42,35 +27,6 @@ fn start(dir: &Path, port: u16, period: &str, silence: &str) -> Agent {
             .spawn()
             .unwrap(),
     )
-}
-
-/// A plain HTTP/1.1 GET; returns (status, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
-}
-
-fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Checks the Prometheus/OpenMetrics text format line by line.

@@ -1,18 +1,12 @@
 //! SIGHUP reload while readings flow: a valid configuration is applied (only changed
 //! sources restart), an invalid one is refused and logged, nothing is lost.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::agent::AgentProcess as Agent;
 
 fn config(db: &Path, sources: &[(&str, &str)], extra: &str) -> String {
     let mut text = format!(

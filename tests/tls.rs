@@ -1,28 +1,13 @@
 //! Certificate expiry (issue 7): the configured certificates' expiry in `/metrics`,
 //! `/health` and `outpost status`, from the running binary.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use support::agent::{http_get as get, wait_for_some as wait_for, AgentProcess as Agent};
+use support::free_port;
 
 /// A self-signed certificate expiring `seconds` from now (negative: in the past).
 fn write_cert(path: &Path, cn: &str, seconds: i64) {
@@ -40,35 +25,6 @@ fn write_cert(path: &Path, cn: &str, seconds: i64) {
         rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs((now + seconds) as u64);
     let key = rcgen::KeyPair::generate().unwrap();
     std::fs::write(path, params.self_signed(&key).unwrap().pem()).unwrap();
-}
-
-/// A plain HTTP/1.1 GET; returns (status, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
-}
-
-fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn gauge(text: &str, series: &str) -> Option<f64> {

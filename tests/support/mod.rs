@@ -4,6 +4,7 @@
 //! killed, directory removed) on drop. See README.md in this directory.
 #![allow(dead_code, unused_imports)]
 
+pub mod agent;
 pub mod ca;
 pub mod http;
 pub mod modbus;
