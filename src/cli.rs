@@ -297,7 +297,7 @@ fn readings(
 }
 
 fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
-    // Without --db the configuration is at hand: its certificates are checked too.
+    // Without --db the configuration is at hand: its certificate files are checked too.
     let certificates = match db {
         None => Config::load(&config::resolve_path(config_path))
             .map(|c| crate::tls::status_of(&c, chrono::Utc::now()))
@@ -308,6 +308,9 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
         Ok(db) => db,
         Err(code) => return code,
     };
+    // What the servers presented, as the running agent saved it.
+    let mut certificates = certificates;
+    certificates.extend(crate::tls::presented_status(&db, chrono::Utc::now()));
     match crate::store::status_report(&db) {
         Ok(report) if json => match serde_json::to_value(&report).map(|mut v| {
             if let Some(map) = v.as_object_mut() {

@@ -73,7 +73,7 @@ impl Metrics {
             stats: store.stats().clone(),
             store: store.clone(),
         }));
-        let certs = crate::tls::CertWatch::default();
+        let certs = store.certs().clone();
         registry.register_collector(Box::new(CertCollector {
             certs: certs.clone(),
         }));

@@ -299,6 +299,7 @@ pub async fn run(
     }
     let certs = pipeline.metrics.certs().clone();
     crate::tls::record_and_log(&certs, &config, chrono::Utc::now());
+    crate::tls::forget_removed_servers(&certs, &config, &pipeline.store).await;
     pipeline.spawn_consumer(crate::tls::remind_daily(certs, shutdown.clone()));
     // Downstream consumers that a reload may restart are named.
     start_alerts(&mut pipeline, &config).await;
@@ -424,6 +425,7 @@ async fn apply_reload(
         tracing::info!("Alert rules and notifiers reloaded.");
     }
     crate::tls::record_and_log(pipeline.metrics.certs(), &new, chrono::Utc::now());
+    crate::tls::forget_removed_servers(pipeline.metrics.certs(), &new, &pipeline.store).await;
     if let Ok(mut names) = probe.sources.lock() {
         *names = new.sources.iter().map(|s| s.name().to_string()).collect();
     }

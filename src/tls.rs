@@ -1,8 +1,14 @@
 //! TLS in one place: reading PEM certificate and key files, root stores (a CA file
 //! and/or the system's roots), rustls client configurations on the ring provider (never
 //! aws-lc: it does not cross-build cleanly), and the expiry of every certificate the
-//! configuration names ([`CertWatch`]), for the log, `/health`, `/metrics` and
-//! `outpost status`.
+//! configuration names or a server presents ([`CertWatch`]), for the log, `/health`,
+//! `/metrics` and `outpost status`.
+//!
+//! Servers' certificates are seen by a [`recording`] verifier that wraps the real one:
+//! the chain is recorded before it is judged, so an expired server certificate is
+//! reported by name even though the handshake fails. They are also kept in the
+//! database (`source_state`, source [`PRESENTED_STATE`]) because `outpost status` is
+//! another process.
 
 use crate::config::Config;
 use crate::notify::NotifierKind;
@@ -71,16 +77,38 @@ pub fn root_store(
     Ok(roots)
 }
 
+/// The standard (WebPKI) verifier of server certificates against `roots`.
+pub fn webpki_verifier(
+    roots: rustls::RootCertStore,
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>, String> {
+    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| format!("cannot use the CA certificates: {e}"))
+}
+
+/// Mozilla's public roots as bundled (what lettre and reqwest trust by default), plus
+/// every certificate of `ca_file`: for mail and webhook servers, which are usually
+/// public.
+pub fn public_roots_with(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = root_store(ca_file, false)?;
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    Ok(roots)
+}
+
 /// A client configuration trusting `roots`, with a client certificate chain and its key
-/// when `client_auth` is given. Errors name the key at fault (`client_cert_file`,
-/// `client_key_file`, `tls`).
+/// when `client_auth` is given, recording the server's certificate with `recorder`.
+/// Errors name the key at fault (`client_cert_file`, `client_key_file`, `ca_file`,
+/// `tls`).
 pub fn client_config(
     roots: rustls::RootCertStore,
     client_auth: Option<(&Path, &Path)>,
+    recorder: Option<CertRecorder>,
 ) -> Result<rustls::ClientConfig, (&'static str, String)> {
+    let verifier = webpki_verifier(roots).map_err(|e| ("ca_file", e))?;
     let builder = builder()
         .map_err(|e| ("tls", e))?
-        .with_root_certificates(roots);
+        .dangerous()
+        .with_custom_certificate_verifier(recording(verifier, recorder));
     match client_auth {
         Some((cert_path, key_path)) => {
             let certs = read_certs(cert_path).map_err(|e| ("client_cert_file", e))?;
@@ -235,10 +263,11 @@ fn parse_time(tag: u8, bytes: &[u8]) -> Result<DateTime<Utc>, String> {
         .ok_or_else(|| "notAfter: no such date".to_string())
 }
 
-/// A configured certificate file and the earliest expiry in it.
-#[derive(Debug, Clone, PartialEq)]
+/// A certificate file or a server's chain, and the earliest expiry in it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CertInfo {
-    pub path: PathBuf,
+    /// Where it was seen: the file's path, or `server HOST:PORT`.
+    pub origin: String,
     /// The common name of the certificate expiring first (or the file name).
     pub subject_hint: String,
     pub not_after: DateTime<Utc>,
@@ -266,7 +295,7 @@ impl CertInfo {
     /// A sentence for the log, `/health` and `outpost status`.
     pub fn describe(&self, now: DateTime<Utc>) -> String {
         let when = self.not_after.format("%Y-%m-%d %H:%M UTC");
-        let what = format!("{} ({})", self.path.display(), self.subject_hint);
+        let what = format!("{} ({})", self.origin, self.subject_hint);
         match self.expiry(now) {
             Expiry::Expired { days_ago: 0 } => format!("{what} expired today ({when})"),
             Expiry::Expired { days_ago } => {
@@ -313,7 +342,7 @@ pub fn inspect_file(path: &Path) -> Result<CertInfo, String> {
     }
     let earliest = earliest.ok_or_else(|| format!("{} contains no certificate", path.display()))?;
     Ok(CertInfo {
-        path: path.to_path_buf(),
+        origin: path.display().to_string(),
         subject_hint: earliest.common_name.unwrap_or_else(|| {
             path.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -323,50 +352,296 @@ pub fn inspect_file(path: &Path) -> Result<CertInfo, String> {
     })
 }
 
+/// The `source_state` source under which servers' certificates are kept for
+/// `outpost status` (source names are identifiers, so none can collide with it).
+pub const PRESENTED_STATE: &str = "@tls";
+
 /// The expiry of every configured certificate, keyed by its configuration key
-/// (`sync.ca_file`); cheap to clone.
+/// (`sync.ca_file`), and of every certificate a server presented, keyed by the section
+/// that connects (`sync`, `sources.NAME.broker`, `notifiers.NAME`); cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct CertWatch {
-    inner: Arc<Mutex<BTreeMap<String, CertInfo>>>,
+    inner: Arc<Mutex<Watched>>,
+}
+
+#[derive(Debug, Default)]
+struct Watched {
+    configured: BTreeMap<String, CertInfo>,
+    presented: BTreeMap<String, CertInfo>,
 }
 
 impl CertWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watched> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Records the earliest expiry in `path` under `label`. On error the label is
     /// forgotten (a file that cannot be read has no known expiry).
     pub fn record_file(&self, label: &str, path: &Path) -> Result<CertInfo, String> {
         let result = inspect_file(path);
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watched = self.lock();
         match &result {
             Ok(info) => {
-                map.insert(label.to_string(), info.clone());
+                watched.configured.insert(label.to_string(), info.clone());
             }
             Err(_) => {
-                map.remove(label);
+                watched.configured.remove(label);
             }
         }
         result
     }
 
-    /// Replaces everything with `files` (the configuration changed). Returns each
-    /// file's outcome.
+    /// Replaces the configured certificates with `files` (the configuration changed).
+    /// Returns each file's outcome. Servers' certificates stay.
     pub fn record_all(
         &self,
         files: &[(String, PathBuf)],
     ) -> Vec<(String, Result<CertInfo, String>)> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.lock().configured.clear();
         files
             .iter()
             .map(|(label, path)| (label.clone(), self.record_file(label, path)))
             .collect()
     }
 
+    /// Records what a server presented under `label`. True when it is new or changed
+    /// (the server's certificate was renewed), so that it is worth saving and logging.
+    pub fn record_presented(&self, label: &str, info: CertInfo) -> bool {
+        let mut watched = self.lock();
+        if watched.presented.get(label) == Some(&info) {
+            return false;
+        }
+        watched.presented.insert(label.to_string(), info);
+        true
+    }
+
+    /// Forgets the servers' certificates of sections that are no longer configured.
+    pub fn retain_presented(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().presented.retain(|label, _| keep(label));
+    }
+
+    /// A recorder for the handshakes of one connection: `label` names the section
+    /// that connects, `peer` the server (`host:port`). With a `store`, what it sees is
+    /// also saved for `outpost status`.
+    pub fn recorder(
+        &self,
+        label: impl Into<String>,
+        peer: impl Into<String>,
+        store: Option<crate::store::Store>,
+    ) -> CertRecorder {
+        CertRecorder {
+            watch: self.clone(),
+            label: label.into(),
+            peer: peer.into(),
+            store,
+        }
+    }
+
+    /// Every recorded certificate: configured files, then servers' chains.
     pub fn snapshot(&self) -> Vec<(String, CertInfo)> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let watched = self.lock();
+        watched
+            .configured
             .iter()
+            .chain(watched.presented.iter())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+}
+
+/// Records the chain a server presents to one connection (see [`recording`]).
+#[derive(Clone)]
+pub struct CertRecorder {
+    watch: CertWatch,
+    label: String,
+    peer: String,
+    store: Option<crate::store::Store>,
+}
+
+impl std::fmt::Debug for CertRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertRecorder")
+            .field("label", &self.label)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertRecorder {
+    /// Records the earliest expiry of the end-entity certificate and the
+    /// intermediates (the roots are the configuration's, watched as files). A chain
+    /// that cannot be parsed is only logged: the verifier judges it anyway.
+    pub fn record(&self, end_entity: &[u8], intermediates: &[&[u8]]) {
+        let mut earliest: Option<ParsedCert> = None;
+        for der in std::iter::once(end_entity).chain(intermediates.iter().copied()) {
+            match parse_certificate(der) {
+                Ok(parsed) => {
+                    if earliest
+                        .as_ref()
+                        .map_or(true, |e| parsed.not_after < e.not_after)
+                    {
+                        earliest = Some(parsed);
+                    }
+                }
+                Err(e) => tracing::debug!(
+                    server = %self.peer,
+                    error = %e,
+                    "Cannot read the expiry of a certificate the server presented."
+                ),
+            }
+        }
+        let Some(earliest) = earliest else { return };
+        let info = CertInfo {
+            origin: format!("server {}", self.peer),
+            subject_hint: earliest
+                .common_name
+                .unwrap_or_else(|| "no common name".into()),
+            not_after: earliest.not_after,
+        };
+        if !self.watch.record_presented(&self.label, info.clone()) {
+            return;
+        }
+        let now = Utc::now();
+        log_one(&self.label, &info, now, "presented by the server");
+        if let (Some(store), Ok(runtime)) = (&self.store, tokio::runtime::Handle::try_current()) {
+            let (store, label) = (store.clone(), self.label.clone());
+            let Ok(value) = serde_json::to_string(&info) else {
+                return;
+            };
+            runtime.spawn(async move {
+                let rows = vec![(label, value)];
+                if let Err(e) =
+                    crate::sources::rejects::write_rows(&store, PRESENTED_STATE, rows).await
+                {
+                    tracing::debug!(error = %e, "Cannot save a server certificate's expiry.");
+                }
+            });
+        }
+    }
+}
+
+/// `host:port` of a URL, naming the server whose certificate is recorded (the URL
+/// itself when it has no host).
+pub fn url_peer(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+        .unwrap_or_else(|| url.to_string())
+}
+
+/// Wraps `inner` so that every chain it is asked to verify is first given to
+/// `recorder` (when there is one). Verification itself is `inner`'s, unchanged.
+pub fn recording(
+    inner: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    recorder: Option<CertRecorder>,
+) -> Arc<dyn rustls::client::danger::ServerCertVerifier> {
+    match recorder {
+        Some(recorder) => Arc::new(Recording { inner, recorder }),
+        None => inner,
+    }
+}
+
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    recorder: CertRecorder,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Recording {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let chain: Vec<&[u8]> = intermediates.iter().map(|c| c.as_ref()).collect();
+        self.recorder.record(end_entity, &chain);
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.inner.root_hint_subjects()
+    }
+}
+
+/// The sections that may connect to a TLS server, as [`CertRecorder`] labels: a
+/// server certificate recorded under another label belongs to removed configuration.
+pub fn server_labels(config: &Config) -> std::collections::BTreeSet<String> {
+    let mut labels = std::collections::BTreeSet::new();
+    for source in &config.sources {
+        if let SourceConfig::Ttn(_) | SourceConfig::Chirpstack(_) | SourceConfig::Mqtt(_) = source {
+            labels.insert(format!("sources.{}.broker", source.name()));
+        }
+        if let SourceConfig::Ttn(_) = source {
+            labels.insert(format!("sources.{}.backfill", source.name()));
+        }
+    }
+    if config.sync.is_some() {
+        labels.insert("sync".to_string());
+    }
+    for notifier in &config.notifiers {
+        if let NotifierKind::Email(_) | NotifierKind::Webhook(_) = notifier.kind {
+            labels.insert(format!("notifiers.{}", notifier.name));
+        }
+    }
+    labels
+}
+
+/// Forgets servers' certificates recorded for sections `config` no longer has, in
+/// `watch` and in the database (`store`).
+pub async fn forget_removed_servers(
+    watch: &CertWatch,
+    config: &Config,
+    store: &crate::store::Store,
+) {
+    let keep = server_labels(config);
+    watch.retain_presented(|label| keep.contains(label));
+    let result = store
+        .write(move |conn| {
+            let mut stmt = conn.prepare("SELECT key FROM source_state WHERE source = ?1")?;
+            let labels = stmt
+                .query_map([PRESENTED_STATE], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for label in labels.iter().filter(|l| !keep.contains(*l)) {
+                conn.execute(
+                    "DELETE FROM source_state WHERE source = ?1 AND key = ?2",
+                    rusqlite::params![PRESENTED_STATE, label],
+                )?;
+            }
+            Ok(())
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "Cannot forget the certificates of removed servers.");
     }
 }
 
@@ -429,24 +704,34 @@ pub fn record_and_log(watch: &CertWatch, config: &Config, now: DateTime<Utc>) {
 /// [`WARN_DAYS`] (warning).
 pub fn log_expiring(watch: &CertWatch, now: DateTime<Utc>) {
     for (label, info) in watch.snapshot() {
-        match info.expiry(now) {
-            Expiry::Expired { .. } => tracing::error!(
-                certificate = %label,
-                detail = %info.describe(now),
-                "A configured TLS certificate has EXPIRED: connections using it fail."
-            ),
-            Expiry::Soon { days } => tracing::warn!(
-                certificate = %label,
-                days,
-                detail = %info.describe(now),
-                "A configured TLS certificate expires soon; replace it."
-            ),
-            Expiry::Valid { days } => tracing::debug!(
-                certificate = %label,
-                days,
-                "TLS certificate expiry recorded."
-            ),
-        }
+        log_one(&label, &info, now, "configured or presented");
+    }
+}
+
+/// Logs one certificate's expiry: an error once expired, a warning within
+/// [`WARN_DAYS`], debug otherwise.
+fn log_one(label: &str, info: &CertInfo, now: DateTime<Utc>, seen: &str) {
+    match info.expiry(now) {
+        Expiry::Expired { .. } => tracing::error!(
+            certificate = %label,
+            seen,
+            detail = %info.describe(now),
+            "A TLS certificate has EXPIRED: connections using it fail."
+        ),
+        Expiry::Soon { days } => tracing::warn!(
+            certificate = %label,
+            seen,
+            days,
+            detail = %info.describe(now),
+            "A TLS certificate expires soon; have it replaced."
+        ),
+        Expiry::Valid { days } => tracing::debug!(
+            certificate = %label,
+            seen,
+            days,
+            detail = %info.describe(now),
+            "TLS certificate expiry recorded."
+        ),
     }
 }
 
@@ -462,12 +747,18 @@ pub async fn remind_daily(watch: CertWatch, shutdown: tokio_util::sync::Cancella
     }
 }
 
-/// One configured certificate file as `outpost status --json` shows it.
+/// One certificate file or server chain as `outpost status --json` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CertStatus {
-    /// The configuration key (`sync.ca_file`).
+    /// The configuration key (`sync.ca_file`) or, for a server's certificate, the
+    /// section that connects (`sync`, `sources.NAME.broker`, `notifiers.NAME`).
     pub certificate: String,
-    pub path: PathBuf,
+    /// The configured file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// The server that presented it (`host:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -480,33 +771,69 @@ pub struct CertStatus {
     pub detail: String,
 }
 
+impl CertStatus {
+    fn known(certificate: String, info: &CertInfo, now: DateTime<Utc>) -> CertStatus {
+        CertStatus {
+            certificate,
+            path: None,
+            server: None,
+            subject: Some(info.subject_hint.clone()),
+            not_after: Some(info.not_after),
+            days_left: Some((info.not_after - now).num_days()),
+            state: match info.expiry(now) {
+                Expiry::Valid { .. } => "ok",
+                Expiry::Soon { .. } => "expiring",
+                Expiry::Expired { .. } => "expired",
+            },
+            detail: info.describe(now),
+        }
+    }
+}
+
 /// Reads every certificate file the configuration names (for `outpost status`).
 pub fn status_of(config: &Config, now: DateTime<Utc>) -> Vec<CertStatus> {
     configured_cert_files(config)
         .into_iter()
         .map(|(certificate, path)| match inspect_file(&path) {
             Ok(info) => CertStatus {
-                certificate,
-                subject: Some(info.subject_hint.clone()),
-                not_after: Some(info.not_after),
-                days_left: Some((info.not_after - now).num_days()),
-                state: match info.expiry(now) {
-                    Expiry::Valid { .. } => "ok",
-                    Expiry::Soon { .. } => "expiring",
-                    Expiry::Expired { .. } => "expired",
-                },
-                detail: info.describe(now),
-                path,
+                path: Some(path),
+                ..CertStatus::known(certificate, &info, now)
             },
             Err(detail) => CertStatus {
                 certificate,
-                path,
+                path: Some(path),
+                server: None,
                 subject: None,
                 not_after: None,
                 days_left: None,
                 state: "unreadable",
                 detail,
             },
+        })
+        .collect()
+}
+
+/// The servers' certificates the agent saved in the database at `db` (for
+/// `outpost status`, which runs beside the service). Unreadable rows are skipped.
+pub fn presented_status(db: &Path, now: DateTime<Utc>) -> Vec<CertStatus> {
+    let rows = crate::store::open_reader(db, std::time::Duration::from_secs(2)).and_then(|conn| {
+        let mut stmt =
+            conn.prepare("SELECT key, value FROM source_state WHERE source = ?1 ORDER BY key")?;
+        let rows = stmt
+            .query_map([PRESENTED_STATE], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>();
+        rows
+    });
+    rows.unwrap_or_default()
+        .into_iter()
+        .filter_map(|(label, value)| {
+            let info: CertInfo = serde_json::from_str(&value).ok()?;
+            Some(CertStatus {
+                server: Some(info.origin.trim_start_matches("server ").to_string()),
+                ..CertStatus::known(label, &info, now)
+            })
         })
         .collect()
 }
@@ -605,6 +932,91 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_rejected_server_chain_is_still_recorded_under_its_section() {
+        let (server, _) = cert_expiring(at("2031-05-01T00:00:00Z"), "broker.example");
+        let (unrelated, _) = cert_expiring(at("2040-01-01T00:00:00Z"), "some-ca");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(unrelated.der().clone()).unwrap();
+        let watch = CertWatch::default();
+        let verifier = recording(
+            webpki_verifier(roots).unwrap(),
+            Some(watch.recorder("sources.lns.broker", "broker.example:8883", None)),
+        );
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let verdict = verifier.verify_server_cert(
+            server.der(),
+            &[],
+            &name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        );
+        assert!(verdict.is_err(), "an unknown issuer is still refused");
+        let recorded = watch.snapshot();
+        assert_eq!(recorded.len(), 1, "{recorded:?}");
+        let (label, info) = &recorded[0];
+        assert_eq!(label, "sources.lns.broker");
+        assert_eq!(info.origin, "server broker.example:8883");
+        assert_eq!(info.subject_hint, "broker.example");
+        assert_eq!(info.not_after, at("2031-05-01T00:00:00Z"));
+        assert_eq!(
+            info.describe(at("2031-04-21T00:00:00Z")),
+            "server broker.example:8883 (broker.example) expires in 10 days (2031-05-01 00:00 UTC)"
+        );
+    }
+
+    #[test]
+    fn servers_certificates_survive_a_new_configuration_unless_their_section_is_gone() {
+        let watch = CertWatch::default();
+        let info = |day: &str| CertInfo {
+            origin: "server central:5432".into(),
+            subject_hint: "central".into(),
+            not_after: at(day),
+        };
+        assert!(watch.record_presented("sync", info("2030-01-01T00:00:00Z")));
+        assert!(
+            !watch.record_presented("sync", info("2030-01-01T00:00:00Z")),
+            "the same certificate again is not news"
+        );
+        assert!(
+            watch.record_presented("sync", info("2031-01-01T00:00:00Z")),
+            "a renewed certificate is"
+        );
+        watch.record_all(&[]);
+        assert_eq!(
+            watch.snapshot().len(),
+            1,
+            "reloading files keeps servers' certificates"
+        );
+        watch.retain_presented(|label| label != "sync");
+        assert!(watch.snapshot().is_empty());
+    }
+
+    #[test]
+    fn every_section_that_connects_to_a_server_has_a_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("outpost.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\npath = \"{db}\"\n\
+                 [[sources]]\ntype = \"chirpstack\"\nname = \"cs\"\napplication_id = \"app\"\n\
+                 [sources.broker]\nhost = \"localhost\"\n\
+                 [sync]\nurl = \"postgres://outpost@central/fleet\"\n\
+                 [[notifiers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"https://h.example/x\"\n\
+                 [[notifiers]]\nname = \"journal\"\ntype = \"log\"\n",
+                db = dir.path().join("o.db").display()
+            ),
+        )
+        .unwrap();
+        let config = Config::load(&config).unwrap();
+        let labels: Vec<String> = server_labels(&config).into_iter().collect();
+        assert_eq!(labels, ["notifiers.hook", "sources.cs.broker", "sync"]);
+        assert_eq!(url_peer("https://h.example/x"), "h.example:443");
+        assert_eq!(url_peer("http://10.0.0.2:8080/x"), "10.0.0.2:8080");
+        assert_eq!(url_peer("not a url"), "not a url");
     }
 
     #[test]
@@ -776,7 +1188,7 @@ mod tests {
     fn expiry_is_judged_thirty_days_ahead() {
         let now = at("2030-01-01T00:00:00Z");
         let info = |days: i64| CertInfo {
-            path: "/etc/outpost/ca.pem".into(),
+            origin: "/etc/outpost/ca.pem".into(),
             subject_hint: "ca".into(),
             not_after: now + chrono::Duration::days(days) + chrono::Duration::hours(1),
         };

@@ -199,12 +199,59 @@ impl Email {
         })
     }
 
-    fn transport(&self) -> AsyncSmtpTransport<Tokio1Executor> {
-        let port = self.config.port.unwrap_or(match self.config.tls {
+    fn port(&self) -> u16 {
+        self.config.port.unwrap_or(match self.config.tls {
             SmtpTls::Implicit => 465,
             SmtpTls::Starttls => 587,
             SmtpTls::None => 25,
-        });
+        })
+    }
+
+    /// `server:port` when the connection uses TLS (there is a certificate to see).
+    pub fn peer(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|_| format!("{}:{}", self.config.server, self.port()))
+    }
+
+    /// Connects only to see the server's certificate, because lettre verifies its own
+    /// handshakes and offers no hook: TLS at once (`implicit`) or after the STARTTLS
+    /// dialogue, with the same roots lettre trusts. The chain goes to `recorder`
+    /// whether or not it is valid; then the connection is closed with QUIT.
+    pub async fn probe_certificate(
+        &self,
+        recorder: crate::tls::CertRecorder,
+    ) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        let roots = crate::tls::public_roots_with(self.config.ca_file.as_deref())?;
+        let tls = crate::tls::client_config(roots, None, Some(recorder)).map_err(|(_, e)| e)?;
+        let name = rustls::pki_types::ServerName::try_from(self.config.server.clone())
+            .map_err(|e| format!("{:?} is not a server name: {e}", self.config.server))?;
+        let probe = async {
+            let mut tcp =
+                tokio::net::TcpStream::connect((self.config.server.as_str(), self.port()))
+                    .await
+                    .map_err(|e| format!("cannot connect: {e}"))?;
+            if self.config.tls == SmtpTls::Starttls {
+                smtp_step(&mut tcp, None, 220).await?;
+                smtp_step(&mut tcp, Some(&format!("EHLO {}\r\n", self.domain)), 250).await?;
+                smtp_step(&mut tcp, Some("STARTTLS\r\n"), 220).await?;
+            }
+            let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            let _ = stream.write_all(b"QUIT\r\n").await;
+            let _ = stream.shutdown().await;
+            Ok(())
+        };
+        tokio::time::timeout(self.config.timeout.get(), probe)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    }
+
+    fn transport(&self) -> AsyncSmtpTransport<Tokio1Executor> {
+        let port = self.port();
         let mut builder =
             AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(self.config.server.as_str())
                 .port(port)
@@ -270,6 +317,50 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+/// Sends `command` (if any) and reads the SMTP reply (all its lines, at most 16 KiB),
+/// which must have the code `expect`.
+async fn smtp_step(
+    stream: &mut tokio::net::TcpStream,
+    command: Option<&str>,
+    expect: u16,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Some(command) = command {
+        stream
+            .write_all(command.as_bytes())
+            .await
+            .map_err(|e| format!("cannot send {}: {e}", command.trim_end()))?;
+    }
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the server closed the connection".into());
+        }
+        reply.extend_from_slice(&chunk[..n]);
+        if reply.len() > 16 << 10 {
+            return Err("the server's reply is longer than 16 KiB".into());
+        }
+        if !reply.ends_with(b"\n") {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&reply);
+        let last = text.lines().last().unwrap_or_default();
+        // The last line of a reply is "NNN text" (or just "NNN"); "NNN-" continues.
+        if last.len() > 3 && last.as_bytes()[3] == b'-' {
+            continue;
+        }
+        return match last.get(..3).and_then(|code| code.parse::<u16>().ok()) {
+            Some(code) if code == expect => Ok(()),
+            _ => Err(format!(
+                "the server answered {:?}, expected {expect}",
+                last.trim()
+            )),
+        };
+    }
 }
 
 #[cfg(test)]

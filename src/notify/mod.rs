@@ -233,6 +233,42 @@ pub enum Outcome {
     Failed(String),
 }
 
+impl Notifier {
+    /// A task that records the certificate of the mail server now and once a day until
+    /// `shutdown`, for a TLS email notifier (lettre keeps its handshakes to itself, so
+    /// the server is asked separately; see [`email::Email::probe_certificate`]). The
+    /// other channels record on every connection; they need no task.
+    pub fn watch_server_certificate(
+        self: &std::sync::Arc<Self>,
+        store: &crate::store::Store,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let Channel::Email(mail) = &self.channel else {
+            return None;
+        };
+        let recorder = store.cert_recorder(&format!("notifiers.{}", self.name), &mail.peer()?);
+        let notifier = self.clone();
+        Some(async move {
+            const DAY: Duration = Duration::from_secs(24 * 3600);
+            loop {
+                if let Channel::Email(mail) = &notifier.channel {
+                    if let Err(e) = mail.probe_certificate(recorder.clone()).await {
+                        tracing::debug!(
+                            notifier = %notifier.name,
+                            error = %e,
+                            "Cannot see the mail server's certificate now."
+                        );
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(DAY) => {}
+                }
+            }
+        })
+    }
+}
+
 enum Channel {
     Email(email::Email),
     Webhook(webhook::Webhook),
@@ -255,15 +291,26 @@ pub struct Notifier {
 
 impl Notifier {
     /// Builds a notifier from its (validated) configuration: reads CA files, parses
-    /// addresses and URLs.
-    pub fn build(config: &NotifierConfig, gateway_id: &str) -> anyhow::Result<Notifier> {
+    /// addresses and URLs. With a `store`, the certificate the server presents is
+    /// recorded as `notifiers.NAME` (see [`Notifier::watch_server_certificate`]).
+    pub fn build(
+        config: &NotifierConfig,
+        gateway_id: &str,
+        store: Option<&crate::store::Store>,
+    ) -> anyhow::Result<Notifier> {
+        let label = format!("notifiers.{}", config.name);
         let (channel, timeout) = match &config.kind {
             NotifierKind::Email(c) => (
                 Channel::Email(email::Email::new(c, gateway_id)?),
                 c.timeout.get(),
             ),
             NotifierKind::Webhook(c) => {
-                (Channel::Webhook(webhook::Webhook::new(c)?), c.timeout.get())
+                let recorder =
+                    store.map(|s| s.cert_recorder(&label, &crate::tls::url_peer(&c.url)));
+                (
+                    Channel::Webhook(webhook::Webhook::new(c, recorder)?),
+                    c.timeout.get(),
+                )
             }
             NotifierKind::Exec(c) => (Channel::Exec(exec::Exec::new(c)), c.timeout.get()),
             NotifierKind::Log(_) => (Channel::Log, Duration::from_secs(1)),
@@ -329,7 +376,7 @@ pub async fn send_test(config: &crate::config::Config, name: &str) -> anyhow::Re
             }
         );
     };
-    let notifier = Notifier::build(n, &config.agent.gateway_id)?;
+    let notifier = Notifier::build(n, &config.agent.gateway_id, None)?;
     let event = template::test_event(&config.agent.site, &config.agent.gateway_id);
     match tokio::time::timeout(notifier.attempt_timeout, notifier.deliver(&event)).await {
         Ok(outcome) => Ok(outcome),

@@ -177,7 +177,7 @@ impl OutboxWorker {
     ) -> anyhow::Result<OutboxWorker> {
         let mut notifiers = HashMap::new();
         for n in &config.notifiers {
-            let built = Notifier::build(n, &config.agent.gateway_id)
+            let built = Notifier::build(n, &config.agent.gateway_id, Some(&store))
                 .map_err(|e| anyhow::anyhow!("notifiers: {:?}: {e:#}", n.name))?;
             notifiers.insert(n.name.clone(), Arc::new(built));
         }
@@ -215,6 +215,12 @@ impl OutboxWorker {
             notifiers = self.notifiers.len(),
             "Notification worker started."
         );
+        let mut certificate_watches = JoinSet::new();
+        for notifier in self.notifiers.values() {
+            if let Some(task) = notifier.watch_server_certificate(&self.store, shutdown.clone()) {
+                certificate_watches.spawn(task);
+            }
+        }
         let mut in_flight: JoinSet<(Attempt, Outcome)> = JoinSet::new();
         let mut busy: HashSet<i64> = HashSet::new();
         let mut read_failures = LogLimiter::default();
@@ -297,6 +303,7 @@ impl OutboxWorker {
         {
             in_flight.abort_all();
         }
+        certificate_watches.abort_all();
         tracing::info!("Notification worker stopped.");
     }
 

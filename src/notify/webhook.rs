@@ -126,19 +126,22 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    pub fn new(config: &WebhookConfig) -> anyhow::Result<Webhook> {
+    /// Builds the client; the server's certificate goes to `recorder`.
+    pub fn new(
+        config: &WebhookConfig,
+        recorder: Option<crate::tls::CertRecorder>,
+    ) -> anyhow::Result<Webhook> {
         let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
             .timeout(config.timeout.get())
             .connect_timeout(config.timeout.get())
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &config.ca_file {
-            for der in crate::tls::read_certs(path).map_err(|e| anyhow::anyhow!("ca_file: {e}"))? {
-                let cert = reqwest::Certificate::from_der(&der)
-                    .map_err(|e| anyhow::anyhow!("ca_file {}: {e}", path.display()))?;
-                builder = builder.add_root_certificate(cert);
-            }
+        if config.url.starts_with("https://") {
+            let roots = crate::tls::public_roots_with(config.ca_file.as_deref())
+                .map_err(|e| anyhow::anyhow!("ca_file: {e}"))?;
+            let tls = crate::tls::client_config(roots, None, recorder)
+                .map_err(|(key, e)| anyhow::anyhow!("{key}: {e}"))?;
+            builder = builder.use_preconfigured_tls(tls);
         }
         Ok(Webhook {
             client: builder.build()?,

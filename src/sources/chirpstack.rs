@@ -372,7 +372,13 @@ pub async fn run(config: ChirpStackConfig, ctx: SourceContext) -> anyhow::Result
     // Persistent session + manual acks: acknowledged only after the commit.
     let options = config
         .broker
-        .mqtt_options(&client_id, false, true, None)
+        .mqtt_options(
+            &client_id,
+            false,
+            true,
+            None,
+            Some(config.broker.cert_recorder(&config.name, &ctx.store)),
+        )
         .map_err(|e| anyhow::anyhow!("source {}: {e}", config.name))?;
     let session = Session {
         source: config.name.clone(),

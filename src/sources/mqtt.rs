@@ -316,7 +316,13 @@ pub async fn run(config: MqttJsonConfig, ctx: SourceContext) -> anyhow::Result<(
     let at_least_once = config.qos == 1;
     let options = config
         .broker
-        .mqtt_options(&client_id, !at_least_once, at_least_once, None)
+        .mqtt_options(
+            &client_id,
+            !at_least_once,
+            at_least_once,
+            None,
+            Some(config.broker.cert_recorder(&config.name, &ctx.store)),
+        )
         .map_err(|e| anyhow::anyhow!("source {}: {e}", config.name))?;
     let qos = if at_least_once {
         QoS::AtLeastOnce

@@ -227,30 +227,48 @@ impl BrokerConfig {
                     problems.push(format!("{path}.{key}"), "is only used with tls = true");
                 }
             }
-        } else if let Err((key, message)) = self.tls_config() {
+        } else if let Err((key, message)) = self.tls_config(None) {
             problems.push(format!("{path}.{key}"), message);
         }
     }
 
     /// The rustls client configuration (ring provider): the CA file's certificates or
-    /// the system's roots, and the client certificate if configured. Errors name the
-    /// key at fault.
-    pub fn tls_config(&self) -> Result<rustls::ClientConfig, (&'static str, String)> {
+    /// the system's roots, and the client certificate if configured; the broker's
+    /// certificate goes to `recorder`. Errors name the key at fault.
+    pub fn tls_config(
+        &self,
+        recorder: Option<crate::tls::CertRecorder>,
+    ) -> Result<rustls::ClientConfig, (&'static str, String)> {
         tls_client_config(
             self.ca_file.as_deref(),
             self.client_cert_file
                 .as_deref()
                 .zip(self.client_key_file.as_deref()),
+            recorder,
         )
     }
 
-    /// rumqttc options for this broker. `validate` must have passed.
+    /// Records the certificate this broker presents to `source` in `store`.
+    pub fn cert_recorder(
+        &self,
+        source: &str,
+        store: &crate::store::Store,
+    ) -> crate::tls::CertRecorder {
+        store.cert_recorder(
+            &format!("sources.{source}.broker"),
+            &format!("{}:{}", self.host.trim(), self.port()),
+        )
+    }
+
+    /// rumqttc options for this broker; with TLS, its certificate goes to `recorder`.
+    /// `validate` must have passed.
     pub fn mqtt_options(
         &self,
         client_id: &str,
         clean_session: bool,
         manual_acks: bool,
         credentials: Option<(String, String)>,
+        recorder: Option<crate::tls::CertRecorder>,
     ) -> Result<MqttOptions, String> {
         check_client_id(client_id)?;
         let keep_alive = self.keep_alive.get();
@@ -281,7 +299,7 @@ impl BrokerConfig {
         }
         if self.tls {
             let config = self
-                .tls_config()
+                .tls_config(recorder)
                 .map_err(|(key, message)| format!("{key}: {message}"))?;
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(config),
@@ -321,10 +339,12 @@ pub fn default_client_id(gateway_id: &str, source: &str) -> String {
 }
 
 /// Builds a rustls client configuration on the ring provider: the CA file's
-/// certificates, or the system's roots when none is set.
+/// certificates, or the system's roots when none is set; the server's certificate goes
+/// to `recorder`.
 pub fn tls_client_config(
     ca_file: Option<&std::path::Path>,
     client_auth: Option<(&std::path::Path, &std::path::Path)>,
+    recorder: Option<crate::tls::CertRecorder>,
 ) -> Result<rustls::ClientConfig, (&'static str, String)> {
     let roots = crate::tls::root_store(ca_file, ca_file.is_none()).map_err(|e| ("ca_file", e))?;
     if roots.is_empty() {
@@ -334,7 +354,7 @@ pub fn tls_client_config(
                 .into(),
         ));
     }
-    crate::tls::client_config(roots, client_auth)
+    crate::tls::client_config(roots, client_auth, recorder)
 }
 
 /// Why a message was not turned into readings. `reason` is a short, low-cardinality
@@ -935,16 +955,17 @@ mod tests {
         let mut b = BrokerConfig::new("localhost");
         b.tls = false;
         assert!(
-            b.mqtt_options("", false, true, None).is_err(),
+            b.mqtt_options("", false, true, None, None).is_err(),
             "empty id with a persistent session"
         );
-        assert!(b.mqtt_options("a b", true, false, None).is_err());
+        assert!(b.mqtt_options("a b", true, false, None, None).is_err());
         let o = b
             .mqtt_options(
                 "outpost-gw-src",
                 false,
                 true,
                 Some(("u".into(), "p".into())),
+                None,
             )
             .unwrap();
         assert!(!o.clean_session());
@@ -958,12 +979,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, b"\x00\x01 not pem").unwrap();
-        let err = tls_client_config(Some(&garbage), None).unwrap_err();
+        let err = tls_client_config(Some(&garbage), None, None).unwrap_err();
         assert_eq!(err.0, "ca_file");
         assert!(err.1.contains("no PEM certificate"), "{}", err.1);
         // System roots exist on this machine (ca-certificates).
         if std::path::Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
-            assert!(tls_client_config(None, None).is_ok());
+            assert!(tls_client_config(None, None, None).is_ok());
         }
     }
 
@@ -996,7 +1017,7 @@ mod tests {
         let session = Session {
             source: "test".into(),
             options: broker
-                .mqtt_options("outpost-test", true, false, None)
+                .mqtt_options("outpost-test", true, false, None, None)
                 .unwrap(),
             connect_timeout: Duration::from_secs(5),
             subscriptions: vec![("x".into(), QoS::AtMostOnce)],

@@ -500,7 +500,13 @@ pub async fn run(config: TtnConfig, ctx: SourceContext) -> anyhow::Result<()> {
     // QoS 0 only, so there is no session worth keeping.
     let options = config
         .broker
-        .mqtt_options(&client_id, true, false, credentials)
+        .mqtt_options(
+            &client_id,
+            true,
+            false,
+            credentials,
+            Some(config.broker.cert_recorder(&config.name, &ctx.store)),
+        )
         .map_err(|e| anyhow::anyhow!("source {}: {e}", config.name))?;
     let (connected_tx, connected_rx) = watch::channel((0u64, None));
     let (mark_tx, mark_rx) = watch::channel(None);

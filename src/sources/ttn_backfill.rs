@@ -243,8 +243,16 @@ impl Backfill {
             .read_timeout(config.backfill.timeout.get())
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
         if base_url.starts_with("https://") {
-            let tls = mqtt_client::tls_client_config(config.broker.ca_file.as_deref(), None)
-                .map_err(|(key, e)| anyhow::anyhow!("source {}: broker.{key}: {e}", config.name))?;
+            let recorder = ctx.store.cert_recorder(
+                &format!("sources.{}.backfill", config.name),
+                &crate::tls::url_peer(&base_url),
+            );
+            let tls = mqtt_client::tls_client_config(
+                config.broker.ca_file.as_deref(),
+                None,
+                Some(recorder),
+            )
+            .map_err(|(key, e)| anyhow::anyhow!("source {}: broker.{key}: {e}", config.name))?;
             builder = builder.use_preconfigured_tls(tls);
         }
         let http = builder.build().map_err(|e| {

@@ -205,6 +205,9 @@ pub struct Store {
     ops: mpsc::Sender<WriteOp>,
     committed: watch::Receiver<i64>,
     stats: Arc<StoreStats>,
+    /// The TLS certificates the agent is configured with or shown (kept here because
+    /// every connecting component holds the store, which also saves them).
+    certs: crate::tls::CertWatch,
 }
 
 /// What [`Store::open`] returns besides the handle: the ingest side of the pipeline and
@@ -257,6 +260,7 @@ impl Store {
                 ops: op_tx,
                 committed: committed_rx,
                 stats,
+                certs: crate::tls::CertWatch::default(),
             },
             Ingest {
                 sender: batch_tx,
@@ -272,6 +276,17 @@ impl Store {
 
     pub fn stats(&self) -> &Arc<StoreStats> {
         &self.stats
+    }
+
+    /// The certificates' expiry, for `/metrics`, `/health` and the log.
+    pub fn certs(&self) -> &crate::tls::CertWatch {
+        &self.certs
+    }
+
+    /// Records (and saves) the certificate the server `peer` presents to the section
+    /// `label` (`sync`, `sources.NAME.broker`, `notifiers.NAME`).
+    pub fn cert_recorder(&self, label: &str, peer: &str) -> crate::tls::CertRecorder {
+        self.certs.recorder(label, peer, Some(self.clone()))
     }
 
     /// A new read-only connection (WAL readers never block the writer).

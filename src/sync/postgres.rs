@@ -168,6 +168,8 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
     pub application_name: String,
+    /// Where the server's certificate is recorded (as `sync`) and saved, if anywhere.
+    pub certs: Option<crate::store::Store>,
 }
 
 impl ConnectOptions {
@@ -180,6 +182,7 @@ impl ConnectOptions {
             connect_timeout: config.connect_timeout.get(),
             statement_timeout: config.statement_timeout.get(),
             application_name: format!("outpost {gateway_id}"),
+            certs: None,
         }
     }
 }
@@ -229,12 +232,18 @@ pub async fn connect(options: &ConnectOptions) -> Result<Central, SyncError> {
             }
             mode => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let tls = tls_config(mode, options.ca_file.as_deref()).map_err(|reason| {
-                    SyncError::Tls {
-                        target: target.clone(),
-                        reason,
-                    }
-                })?;
+                let peer = target.split('/').next().unwrap_or_default();
+                let recorder = options
+                    .certs
+                    .as_ref()
+                    .map(|s| s.cert_recorder("sync", peer));
+                let tls =
+                    tls_config(mode, options.ca_file.as_deref(), recorder).map_err(|reason| {
+                        SyncError::Tls {
+                            target: target.clone(),
+                            reason,
+                        }
+                    })?;
                 let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
                 let (client, connection) = config.connect(make).await.map_err(classify)?;
                 Ok((client, spawn_driver(connection)))
@@ -264,33 +273,30 @@ where
     })
 }
 
-/// The rustls configuration (ring provider only) for `mode`.
-fn tls_config(mode: SslMode, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
-    let provider = crate::tls::provider();
+/// The rustls configuration (ring provider only) for `mode`; the server's certificate
+/// goes to `recorder`.
+fn tls_config(
+    mode: SslMode,
+    ca_file: Option<&Path>,
+    recorder: Option<crate::tls::CertRecorder>,
+) -> Result<rustls::ClientConfig, String> {
     let roots = crate::tls::root_store(ca_file, ca_file.is_none())?;
     if ca_file.is_none() && roots.is_empty() && mode != SslMode::Require {
         return Err("no CA certificates found on this system; set sync.ca_file".into());
     }
     let builder = crate::tls::builder()?;
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| format!("cannot use the CA certificates: {e}"))?;
-    let config = match mode {
-        SslMode::VerifyFull | SslMode::Disable => {
-            builder.with_webpki_verifier(webpki).with_no_client_auth()
-        }
-        SslMode::VerifyCa | SslMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(LaxVerifier {
-                inner: webpki,
-                check_chain: mode == SslMode::VerifyCa,
-            }))
-            .with_no_client_auth(),
+    let webpki = crate::tls::webpki_verifier(roots)?;
+    let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match mode {
+        SslMode::VerifyFull | SslMode::Disable => webpki,
+        SslMode::VerifyCa | SslMode::Require => Arc::new(LaxVerifier {
+            inner: webpki,
+            check_chain: mode == SslMode::VerifyCa,
+        }),
     };
-    Ok(config)
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(crate::tls::recording(verifier, recorder))
+        .with_no_client_auth())
 }
 
 /// `verify-ca` (chain checked, host name not) and `require` (encryption only), as in
@@ -696,6 +702,6 @@ mod tests {
     #[test]
     fn tls_configs_build_for_every_verifying_mode() {
         // The system CAs may be absent in a container; `require` needs none.
-        assert!(tls_config(SslMode::Require, None).is_ok());
+        assert!(tls_config(SslMode::Require, None, None).is_ok());
     }
 }

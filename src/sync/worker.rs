@@ -148,7 +148,10 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> Worker {
         Worker {
-            options: ConnectOptions::from_config(&config, &agent.gateway_id),
+            options: ConnectOptions {
+                certs: Some(store.clone()),
+                ..ConnectOptions::from_config(&config, &agent.gateway_id)
+            },
             backoff: Backoff::new(config.backoff_initial.get(), config.backoff_max.get())
                 .with_jitter(if config.backoff_jitter {
                     Jitter::Full

@@ -95,6 +95,17 @@ impl TestCa {
 
     /// Issues a certificate signed by this CA; returns (cert PEM, key PEM).
     fn issue(&self, names: &[&str], cn: &str, eku: ExtendedKeyUsagePurpose) -> (String, String) {
+        self.issue_expiring(names, cn, eku, None)
+    }
+
+    /// As `issue`, expiring `expires_in` from now (default: 2099).
+    fn issue_expiring(
+        &self,
+        names: &[&str],
+        cn: &str,
+        eku: ExtendedKeyUsagePurpose,
+        expires_in: Option<std::time::Duration>,
+    ) -> (String, String) {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(names).expect("leaf params");
         params.distinguished_name = DistinguishedName::new();
@@ -107,7 +118,16 @@ impl TestCa {
         params.extended_key_usages = vec![eku];
         params.use_authority_key_identifier_extension = true;
         params.not_before = date_time_ymd(2020, 1, 1);
-        params.not_after = date_time_ymd(2099, 12, 31);
+        params.not_after = match expires_in {
+            // rcgen's time type is not re-exported: count from the epoch.
+            Some(d) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock after 1970");
+                date_time_ymd(1970, 1, 1) + (now + d)
+            }
+            None => date_time_ymd(2099, 12, 31),
+        };
         let key = KeyPair::generate().expect("generate leaf key");
         let cert = params
             .signed_by(&key, &self.ca_cert, &self.ca_key)
@@ -118,10 +138,30 @@ impl TestCa {
     /// Issues an extra server certificate for `names` into `<dir>/<stem>.pem`
     /// and `<dir>/<stem>.key`; returns (cert path, key path).
     pub fn issue_server_cert(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.issue(
+        self.write_server_cert(stem, names, None)
+    }
+
+    /// As `issue_server_cert`, expiring `expires_in` from now.
+    pub fn issue_server_cert_expiring(
+        &self,
+        stem: &str,
+        names: &[&str],
+        expires_in: std::time::Duration,
+    ) -> (PathBuf, PathBuf) {
+        self.write_server_cert(stem, names, Some(expires_in))
+    }
+
+    fn write_server_cert(
+        &self,
+        stem: &str,
+        names: &[&str],
+        expires_in: Option<std::time::Duration>,
+    ) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.issue_expiring(
             names,
             names.first().copied().unwrap_or(stem),
             ExtendedKeyUsagePurpose::ServerAuth,
+            expires_in,
         );
         let cert_path = self.dir.path().join(format!("{stem}.pem"));
         let key_path = self.dir.path().join(format!("{stem}.key"));
