@@ -218,6 +218,19 @@ fn missing_required_keys() {
     );
 }
 
+/// A required key with a wrong value is one problem, not also "missing" (the loader
+/// removes the bad key to look for further problems).
+#[test]
+fn a_required_key_with_a_bad_value_is_reported_once() {
+    let errors = errors_of(
+        "[[sources]]\ntype = \"serial\"\nname = \"probe\"\npath = \"/dev/ttyUSB9\"\nformat = \"jsn\"\n",
+    );
+    assert_eq!(
+        errors,
+        ["outpost.toml:5: sources[0].format: unknown value `jsn`; expected one of `json`, `csv`, `key-value`, `regex`"],
+    );
+}
+
 #[test]
 fn out_of_range_and_contradictions() {
     assert_error(
