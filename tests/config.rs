@@ -1,6 +1,8 @@
 //! Configuration: the documented example, and malformed files that must each produce
 //! a `file:line: key: sentence` error (and exit code 2 from `outpost check`).
 
+mod support;
+
 use outpost::config::{Config, ConfigErrors};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -56,52 +58,59 @@ fn the_example_loads() {
     assert!(!config.sources.is_empty());
 }
 
-/// Every key of the configuration structs appears in config/outpost.toml, either set
-/// or as a commented `# key = …` line.
+/// Every key the configuration accepts — including those of the source and notifier
+/// types the example does not configure, which `support::config_keys` finds by probing
+/// the loader — appears in config/outpost.toml: set at its place, or as a commented
+/// `# key = …` line or `#[table]` header (secrets also as `# key_file = …`).
 #[test]
 fn the_example_documents_every_key() {
-    let config = Config::load(&example_path()).unwrap_or_else(|e| panic!("{e}"));
-    let effective = serde_json::to_value(&config).unwrap();
     let text = std::fs::read_to_string(example_path()).unwrap();
     let raw: serde_json::Value = toml::from_str(&text).unwrap();
     let mut documented = BTreeSet::new();
     collect_paths(&raw, "", &mut documented);
-    // Commented assignments (`# key = …`) and commented table headers (`#[a.b]`,
-    // `#[[a.b]]`, documenting the table `b`) count as documented.
-    let mut commented: BTreeSet<String> = text
+    let commented: BTreeSet<String> = text
         .lines()
         .filter_map(|l| l.trim_start().strip_prefix('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, _)| k.trim().to_string())
-        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        .collect();
-    commented.extend(
-        text.lines()
-            .filter_map(|l| l.trim_start().strip_prefix('#'))
-            .map(str::trim)
-            .filter(|l| l.starts_with('[') && l.ends_with(']'))
-            .filter_map(|l| {
+        .filter_map(|l| {
+            let l = l.trim();
+            if l.starts_with('[') && l.ends_with(']') {
                 l.trim_matches(['[', ']'])
                     .rsplit('.')
                     .next()
                     .map(str::to_string)
-            }),
-    );
-    let mut keys = BTreeSet::new();
-    collect_paths(&effective, "", &mut keys);
-    let missing: Vec<_> = keys
-        .iter()
-        .filter(|path| {
-            let leaf = path.rsplit(['.', ']']).next().unwrap_or(path);
-            let file_variant = format!("{path}_file");
-            !documented.contains(*path)
-                && !documented.contains(&file_variant)
-                && !commented.contains(leaf)
+            } else {
+                l.split_once('=').map(|(k, _)| k.trim().to_string())
+            }
+        })
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    let missing: Vec<String> = support::config_keys::accepted_keys()
+        .into_iter()
+        .filter(|key| {
+            // sources[ttn].mapping.fields.*.metric → sources[].mapping.fields.<any>.metric
+            let pattern: Vec<String> = key
+                .split('.')
+                .map(|seg| match seg.split_once('[') {
+                    Some((name, _)) => format!("{name}[]"),
+                    None => seg.to_string(),
+                })
+                .collect();
+            let set = documented.iter().any(|path| {
+                let segs: Vec<&str> = path.split('.').collect();
+                segs.len() == pattern.len()
+                    && segs.iter().zip(&pattern).all(|(s, p)| p == "*" || s == p)
+            });
+            let leaf = pattern
+                .last()
+                .map(|l| l.trim_end_matches("[]"))
+                .unwrap_or("");
+            let secret_file = format!("{leaf}_file");
+            !set && !commented.contains(leaf) && !commented.contains(&secret_file)
         })
         .collect();
     assert!(
         missing.is_empty(),
-        "keys missing from config/outpost.toml: {missing:#?}"
+        "keys the configuration accepts but config/outpost.toml does not show: {missing:#?}"
     );
 }
 
@@ -215,6 +224,19 @@ fn missing_required_keys() {
     assert_error(
         "[[sources]]\ntype = \"simulated\"\n",
         "outpost.toml:1: sources[0].name: the required key `name` is missing",
+    );
+}
+
+/// A required key with a wrong value is one problem, not also "missing" (the loader
+/// removes the bad key to look for further problems).
+#[test]
+fn a_required_key_with_a_bad_value_is_reported_once() {
+    let errors = errors_of(
+        "[[sources]]\ntype = \"serial\"\nname = \"probe\"\npath = \"/dev/ttyUSB9\"\nformat = \"jsn\"\n",
+    );
+    assert_eq!(
+        errors,
+        ["outpost.toml:5: sources[0].format: unknown value `jsn`; expected one of `json`, `csv`, `key-value`, `regex`"],
     );
 }
 

@@ -179,6 +179,9 @@ impl Problems {
         prefix: &str,
     ) -> Option<T> {
         let mut failed = false;
+        // Keys removed after a problem was reported for them: their "missing" in a
+        // later round is a consequence, not a second problem.
+        let mut removed: Vec<String> = Vec::new();
         // Each round reports one problem and removes the offending key, so the next
         // round finds the next problem. The bound stops a pathological file.
         for _ in 0..64 {
@@ -205,10 +208,14 @@ impl Problems {
                     let rel = segments
                         .iter()
                         .fold(String::new(), |acc, s| join_path(&acc, s));
-                    self.push(join_path(prefix, &rel), humanize(&raw));
-                    if raw.starts_with("missing field") || !remove_path(&mut value, &segments) {
+                    let missing = raw.starts_with("missing field");
+                    if !(missing && removed.contains(&rel)) {
+                        self.push(join_path(prefix, &rel), humanize(&raw));
+                    }
+                    if missing || !remove_path(&mut value, &segments) {
                         return None;
                     }
+                    removed.push(rel);
                 }
             }
         }

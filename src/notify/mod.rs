@@ -74,7 +74,8 @@ pub enum NotifierKind {
 pub struct LogNotifierConfig {}
 
 const TYPES: &[&str] = &["email", "webhook", "exec", "log"];
-const COMMON_KEYS: &[&str] = &[
+/// The keys every `[[notifiers]]` type shares (the rest belong to the type).
+pub const COMMON_KEYS: &[&str] = &[
     "name",
     "ttl",
     "retry_initial",

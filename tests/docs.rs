@@ -1,0 +1,315 @@
+//! The documentation stays true to the code:
+//!
+//! - `docs/configuration.md` lists exactly the keys the configuration accepts: a key
+//!   the loader accepts but the reference does not list fails, and so does a key the
+//!   reference lists but the loader refuses. The accepted keys come from
+//!   `support::config_keys::accepted_keys`, which asks the real loader (nothing is
+//!   listed by hand).
+//! - every `sql` block of `docs/operator.md` runs against a real PostgreSQL with the
+//!   central schema applied by `outpost central migrate` (plain and partitioned), after
+//!   the real agent synced readings, a firing alert and its heartbeat into it as the
+//!   `outpost_gateway` role the page creates (so the page's GRANTs are tested too).
+//!   Each query must find rows.
+
+mod support;
+
+use outpost::config::SECRET_KEYS;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use support::config_keys::accepted_keys;
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// The keys `docs/configuration.md` documents: every table row `| `key` | …` after a
+/// `<!-- keys: PREFIX … -->` marker documents `PREFIX.key` for each prefix (no prefix:
+/// a top-level key), up to the next marker.
+fn documented_keys(text: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let mut prefixes: Option<Vec<String>> = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("<!-- keys:") {
+            let rest = rest.trim_end_matches("-->");
+            let list: Vec<String> = rest.split_whitespace().map(str::to_string).collect();
+            prefixes = Some(if list.is_empty() {
+                vec![String::new()]
+            } else {
+                list
+            });
+            continue;
+        }
+        let Some(prefixes) = &prefixes else { continue };
+        let Some(cell) = line.strip_prefix("| `") else {
+            continue;
+        };
+        let Some((key, _)) = cell.split_once('`') else {
+            continue;
+        };
+        for prefix in prefixes {
+            let path = if prefix.is_empty() {
+                key.to_string()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            out.insert(path, i + 1);
+        }
+    }
+    out
+}
+
+/// `a.password_file` is documented as a key when `a.password` is accepted.
+fn secret_file_base(path: &str) -> Option<String> {
+    let base = path.strip_suffix("_file")?;
+    let leaf = base.rsplit('.').next()?;
+    SECRET_KEYS.contains(&leaf).then(|| base.to_string())
+}
+
+#[test]
+fn the_configuration_reference_lists_exactly_the_accepted_keys() {
+    let accepted = accepted_keys();
+    // The walk must reach deep keys; if it did not, the comparison proves nothing.
+    for deep in [
+        "storage.max_size",
+        "sources[ttn].broker.host",
+        "sources[modbus-rtu].slaves[].registers[].address",
+        "alerts[].for",
+        "notifiers[email].name",
+    ] {
+        assert!(
+            accepted.contains(deep),
+            "probe missed {deep}: {accepted:#?}"
+        );
+    }
+    let text = std::fs::read_to_string(repo_file("docs/configuration.md")).unwrap();
+    let documented = documented_keys(&text);
+    if std::env::var_os("OUTPOST_PRINT_KEYS").is_some() {
+        for k in &accepted {
+            println!("{k}");
+        }
+    }
+    let missing: Vec<_> = accepted
+        .iter()
+        .filter(|k| !documented.contains_key(*k))
+        .collect();
+    let unknown: Vec<_> = documented
+        .iter()
+        .filter(|(k, _)| {
+            !accepted.contains(*k)
+                && !secret_file_base(k).is_some_and(|base| accepted.contains(&base))
+        })
+        .map(|(k, line)| format!("docs/configuration.md:{line}: {k}"))
+        .collect();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        "keys the configuration accepts but docs/configuration.md does not list: {missing:#?}\n\
+         keys docs/configuration.md lists but the configuration refuses: {unknown:#?}"
+    );
+}
+
+/// The ```sql blocks of a Markdown file, with the line each starts on.
+fn sql_blocks(text: &str) -> Vec<(usize, String)> {
+    let mut blocks = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        match &mut current {
+            None if line.trim() == "```sql" => current = Some((i + 2, String::new())),
+            None => {}
+            Some(_) if line.trim() == "```" => blocks.extend(current.take()),
+            Some((_, sql)) => {
+                sql.push_str(line);
+                sql.push('\n');
+            }
+        }
+    }
+    assert!(current.is_none(), "an unterminated ```sql block");
+    blocks
+}
+
+/// The statement without its leading comment lines.
+fn without_comments(sql: &str) -> String {
+    sql.lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn outpost_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs one gateway (the real agent: simulated sensors, a threshold alert that fires,
+/// sync as the `outpost_gateway` role of operator.md) until central holds its
+/// heartbeat, readings and firing event.
+fn sync_one_gateway(pg: &support::postgres::Postgres, dir: &Path) {
+    let config = dir.join("outpost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+gateway_id = "site-01"
+site = "Docs test"
+[storage]
+path = "{db}"
+[http]
+enabled = false
+[sync]
+url = "postgres://outpost_gateway@127.0.0.1:{port}/{database}"
+password = "change-me"
+sslmode = "disable"
+interval = "1s"
+backoff_initial = "100ms"
+backoff_max = "1s"
+[[sources]]
+type = "simulated"
+name = "sim"
+devices = ["coldroom-1", "coldroom-2"]
+period = "100ms"
+[sources.excursion]
+device = "coldroom-1"
+metric = "temperature"
+after = "500ms"
+duration = "1h"
+offset = 10.0
+[[alerts]]
+name = "coldroom-warm"
+kind = "threshold"
+metric = "temperature"
+above = 8.0
+severity = "critical"
+"#,
+            db = dir.join("outpost.db").display(),
+            port = pg.port(),
+            database = pg.database(),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("agent.log");
+    let mut agent = support::agent::AgentProcess(
+        std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let synced = support::util::wait_until(std::time::Duration::from_secs(60), || {
+        if matches!(agent.0.try_wait(), Ok(Some(_))) {
+            return true; // exited: reported below
+        }
+        pg.try_psql(
+            "SELECT (SELECT count(*) FROM outpost.gateways WHERE gateway_id = 'site-01') > 0 \
+             AND (SELECT count(*) FROM outpost.readings WHERE gateway_id = 'site-01') > 0 \
+             AND (SELECT count(*) FROM outpost.alert_events WHERE kind = 'firing') > 0",
+        )
+        .is_ok_and(|out| out == "t")
+    });
+    let exited = matches!(agent.0.try_wait(), Ok(Some(_)));
+    assert!(
+        synced && !exited,
+        "the gateway did not sync within 60 s; agent log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// Gateways in other states, so that every query has something to find.
+const OTHER_GATEWAYS: &str = "
+INSERT INTO outpost.gateways (gateway_id, agent_version, site, last_seen, backlog_rows,
+    oldest_unsynced_at, backlog_age_seconds, last_sync_at, last_error, last_error_at, clock_synchronized)
+VALUES ('site-02', '0.1.0', 'Depot', now() - interval '2 hours', 48000, now() - interval '3 hours',
+        10800, now() - interval '3 hours', 'cannot reach central PostgreSQL at db:6432/fleet',
+        now() - interval '2 hours', true),
+       ('site-03', '0.1.0', 'Harbour', now(), 0, NULL, NULL, now(), NULL, NULL, NULL);
+INSERT INTO outpost.readings (gateway_id, uid, observed_at, received_at, source, device, metric, value, unit, flags)
+SELECT 'site-03', md5('docs' || i)::uuid, now() - i * interval '1 minute', now(), 'ttn',
+       'freezer-' || (i % 3), 'temperature', -18.5, '°C', 1
+FROM generate_series(1, 30) AS i;
+";
+
+fn check_operator_queries(partitioned: bool) {
+    let layout = if partitioned { "partitioned" } else { "plain" };
+    let pg = support::postgres::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let no_config = dir.path().join("none.toml");
+    let url = pg.url();
+    let mut full = vec![
+        "--config",
+        no_config.to_str().unwrap(),
+        "central",
+        "migrate",
+        "--url",
+        &url,
+        "--sslmode",
+        "disable",
+    ];
+    if partitioned {
+        full.push("--partitioned");
+    }
+    let out = outpost_cli(&full);
+    assert!(
+        out.status.success(),
+        "outpost central migrate ({layout}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let text = std::fs::read_to_string(repo_file("docs/operator.md")).unwrap();
+    let blocks = sql_blocks(&text);
+    assert!(blocks.len() >= 8, "only {} sql blocks", blocks.len());
+    let (role_line, role_block) = blocks
+        .iter()
+        .find(|(_, sql)| sql.contains("CREATE ROLE outpost_gateway"))
+        .expect("operator.md creates the gateways' role");
+    pg.psql_superuser(role_block);
+    println!("{layout}: docs/operator.md:{role_line}: role created");
+    sync_one_gateway(&pg, dir.path());
+    pg.psql(OTHER_GATEWAYS);
+    if partitioned {
+        // A reading from a gateway whose clock was years off lands in the default partition.
+        pg.psql(
+            "INSERT INTO outpost.readings (gateway_id, uid, observed_at, received_at, source, device, metric, value) \
+             VALUES ('site-03', md5('old')::uuid, '2020-01-01T00:00:00Z', now(), 'ttn', 'freezer-1', 'temperature', -18)",
+        );
+    }
+
+    for (line, sql) in &blocks {
+        if sql.contains("CREATE ROLE") {
+            continue;
+        }
+        if sql.contains("-- partitioned layout only") && !partitioned {
+            continue;
+        }
+        let out = pg.psql_superuser(sql);
+        let statement = without_comments(sql);
+        let is_query = statement
+            .trim_start()
+            .to_ascii_uppercase()
+            .starts_with("SELECT")
+            || statement
+                .trim_start()
+                .to_ascii_uppercase()
+                .starts_with("WITH");
+        assert!(
+            !is_query || !out.is_empty(),
+            "docs/operator.md:{line} ({layout} layout) found nothing:\n{sql}"
+        );
+        println!(
+            "{layout}: docs/operator.md:{line}: {} row(s)",
+            out.lines().count()
+        );
+    }
+}
+
+#[test]
+fn the_operator_queries_run_on_the_plain_central_schema() {
+    check_operator_queries(false);
+}
+
+#[test]
+fn the_operator_queries_run_on_the_partitioned_central_schema() {
+    check_operator_queries(true);
+}
