@@ -767,6 +767,95 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
         central_events.len()
     );
 
+    // 6. The alert engine evaluated every committed reading exactly once, in commit
+    //    order, across all the crashes: replaying the rule over the readings as stored
+    //    gives exactly the stored events (kind and value, per device, in order).
+    let mut replayed: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    let mut firing_now: HashMap<String, bool> = HashMap::new();
+    {
+        let mut stmt = conn
+            .prepare(
+                "SELECT device, value FROM readings WHERE device LIKE 'dev-%' \
+                 AND metric = 'temperature' ORDER BY id",
+            )
+            .expect("readings in commit order");
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?)))
+            .expect("readings in commit order");
+        for row in rows {
+            let (device, value) = row.expect("reading");
+            let firing = firing_now.entry(device.clone()).or_default();
+            if !*firing && value > 8.0 {
+                *firing = true;
+                replayed
+                    .entry(device)
+                    .or_default()
+                    .push(("firing".into(), value));
+            } else if *firing && value <= 6.0 {
+                *firing = false;
+                replayed
+                    .entry(device)
+                    .or_default()
+                    .push(("resolved".into(), value));
+            }
+        }
+    }
+    let mut stored_events: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT device, kind, value FROM alert_events ORDER BY id")
+            .expect("events in order");
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, f64>(2)?,
+                ))
+            })
+            .expect("events in order");
+        for row in rows {
+            let (device, kind, value) = row.expect("event");
+            stored_events.entry(device).or_default().push((kind, value));
+        }
+    }
+    for (device, expected_events) in &replayed {
+        let got = stored_events.get(device).cloned().unwrap_or_default();
+        if &got != expected_events {
+            let at = got
+                .iter()
+                .zip(expected_events)
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.len().min(expected_events.len()));
+            panic!(
+                "{device}: {} events stored, {} expected from the readings in commit order; \
+                 first difference at event {at}: stored {:?}, expected {:?}",
+                got.len(),
+                expected_events.len(),
+                got.get(at),
+                expected_events.get(at)
+            );
+        }
+    }
+    assert_eq!(
+        stored_events.keys().collect::<Vec<_>>(),
+        replayed.keys().collect::<Vec<_>>()
+    );
+
+    // 7. The broker kept the agent's session across every kill: only the very first
+    //    connection found no session.
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let fresh = log_text.matches("session_present=false").count();
+    let resumed = log_text.matches("session_present=true").count();
+    assert_eq!(
+        fresh, 1,
+        "connections without a stored session (only the first)"
+    );
+    assert!(
+        resumed >= loops,
+        "{resumed} resumed sessions for {loops} restarts"
+    );
+
     eprintln!(
         "crash loop done in {:.1} s (seed {seed}): {} kills; {published} messages = {readings} readings, \
          exactly once in SQLite ({}) and PostgreSQL ({}); integrity ok; {} alert events \
@@ -788,5 +877,118 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
         stats.with_sync_transaction,
         stats.with_outbox_pending,
         stats.with_delivery_in_flight
+    );
+}
+
+/// The alert engine's very first start evaluates from the newest reading on ("from now
+/// on, not the whole history"). That starting point must be durable: a SIGKILL in the
+/// first seconds of the first start, after a reading committed and before the engine
+/// saved anything, must not move the start past that reading at the next start.
+#[test]
+fn a_sigkill_early_in_the_first_start_forgets_no_committed_reading() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let broker = Mosquitto::start();
+    let receiver = HttpReceiver::start();
+    let pg = Postgres::start();
+    let bouncer = PgBouncer::start(&pg);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = agent_config(dir.path(), &broker, &bouncer, &pg, &receiver.url());
+    // Group commits at most every 300 ms: the engine's first save comes at least one
+    // commit after the reading's, which leaves a wide window for the kill.
+    let text = std::fs::read_to_string(&config).expect("read the configuration");
+    std::fs::write(
+        &config,
+        text.replace("batch_max_delay = \"10ms\"", "batch_max_delay = \"300ms\""),
+    )
+    .expect("write the configuration");
+    // Central is not needed here: no schema, the sync worker just retries.
+    let db = db_path(dir.path());
+    let log = dir.path().join("agent.log");
+    let agent = Agent::start(&config, &log, 0);
+
+    let mut options = MqttOptions::new("crashloop-early", "127.0.0.1", broker.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let poll = rt.spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let publish = |payload: Vec<u8>| {
+        rt.block_on(client.publish(topic(0), QoS::AtLeastOnce, false, payload))
+            .expect("publish");
+    };
+    // Subscribed once a probe (outside the rule) is stored; quickly, well within the
+    // engine's first cursor save.
+    let probe = {
+        let mut e: Value = serde_json::from_slice(&uplink(0)).unwrap();
+        e["deduplicationId"] = json!("early-probe");
+        e["deviceInfo"]["deviceName"] = json!("probe");
+        serde_json::to_vec(&e).unwrap()
+    };
+    let started = Instant::now();
+    let stored = support::wait_until(Duration::from_secs(30), || {
+        publish(probe.clone());
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            if local_i64(&db, "SELECT COUNT(*) FROM readings WHERE device = 'probe'") == Some(2) {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(stored, "the probe was never stored");
+    // A hot reading; SIGKILL the moment it is committed.
+    let hot = {
+        let mut e: Value = serde_json::from_slice(&uplink(0)).unwrap();
+        e["deduplicationId"] = json!("early-hot");
+        e["object"]["temperature"] = json!(12.5);
+        serde_json::to_vec(&e).unwrap()
+    };
+    publish(hot);
+    // Polled every millisecond on one connection.
+    let committed = {
+        let conn = loop {
+            if let Ok(c) = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY) {
+                break c;
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM readings WHERE device = 'dev-0' AND metric = 'temperature'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0);
+            if n == 1 || Instant::now() > deadline {
+                break n == 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    assert!(committed, "the hot reading was never stored");
+    agent.kill();
+    let killed_after = started.elapsed();
+    let events_before = local_i64(&db, "SELECT COUNT(*) FROM alert_events").unwrap_or(0);
+    eprintln!("killed {killed_after:?} after the probe started; {events_before} events saved");
+
+    // Restart: the hot reading was committed (and acknowledged), so it is evaluated.
+    let agent = Agent::start(&config, &log, 1);
+    let fired = support::wait_until(Duration::from_secs(30), || {
+        local_i64(
+            &db,
+            "SELECT COUNT(*) FROM alert_events WHERE kind = 'firing'",
+        ) == Some(1)
+    });
+    poll.abort();
+    drop(agent);
+    assert!(
+        fired,
+        "the committed hot reading was never evaluated (the first start's cursor was \
+         not saved); agent log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
