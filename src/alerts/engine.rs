@@ -529,9 +529,26 @@ async fn run_engine(
             ),
         }
     }
-    // On the very first start, evaluate from now on, not the whole history.
-    let start = loaded.cursor.unwrap_or(loaded.newest_reading);
-    let mut saved_cursor = loaded.cursor;
+    // On the very first start, evaluate from now on, not the whole history. That point
+    // is saved before anything is evaluated: a SIGKILL before the first save would
+    // otherwise move it, at the next start, past readings committed meanwhile.
+    let (start, mut saved_cursor) = match loaded.cursor {
+        Some(cursor) => (cursor, Some(cursor)),
+        None => {
+            let newest = loaded.newest_reading;
+            match store
+                .write(move |conn| state::anchor_cursor(conn, newest))
+                .await
+            {
+                Ok(cursor) => (cursor, Some(cursor)),
+                Err(crate::store::StoreError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot save the alert engine's starting point yet; it is saved with the first change.");
+                    (newest, None)
+                }
+            }
+        }
+    };
     tracing::info!(cursor = start, "Alert engine started.");
 
     // The committed-readings stream is read by its own task: its `next_batch` is not

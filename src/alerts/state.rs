@@ -357,6 +357,24 @@ pub fn apply(
     Ok(())
 }
 
+/// Records `start` as the engine's cursor unless one is saved, and returns the saved
+/// cursor. The very first start evaluates from the newest reading on; saving that point
+/// at once means a crash before the engine's first save cannot move it past readings
+/// committed (and acknowledged) meanwhile, which would then never be evaluated.
+pub fn anchor_cursor(conn: &Connection, start: i64) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO source_state (source, key, value) VALUES (?1, ?2, ?3) \
+         ON CONFLICT(source, key) DO NOTHING",
+    )?
+    .execute(params![CURSOR_SOURCE, CURSOR_KEY, start.to_string()])?;
+    let saved: String = conn.query_row(
+        "SELECT value FROM source_state WHERE source = ?1 AND key = ?2",
+        params![CURSOR_SOURCE, CURSOR_KEY],
+        |r| r.get(0),
+    )?;
+    Ok(saved.parse().unwrap_or(start))
+}
+
 /// The 16 uid bytes of an event uid in hex (events made here always have one).
 pub fn event_uid_bytes(hex_uid: &str) -> Vec<u8> {
     hex::decode(hex_uid).unwrap_or_else(|_| Uid::derive(&["event", hex_uid]).0.to_vec())

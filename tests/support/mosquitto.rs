@@ -19,6 +19,7 @@ pub struct MosquittoBuilder {
     credentials: Option<(String, String)>,
     tls: Option<TlsFiles>,
     require_client_cert: bool,
+    max_queued_messages: Option<u64>,
 }
 
 impl MosquittoBuilder {
@@ -38,6 +39,14 @@ impl MosquittoBuilder {
     /// On the TLS listener, require a client certificate signed by the CA.
     pub fn require_client_cert(mut self) -> Self {
         self.require_client_cert = true;
+        self
+    }
+
+    /// QoS 1/2 messages the broker queues per client beyond those in flight, also for a
+    /// disconnected client with a persistent session (mosquitto's default is 1000; the
+    /// excess is dropped silently). 0 means no limit.
+    pub fn max_queued_messages(mut self, n: u64) -> Self {
+        self.max_queued_messages = Some(n);
         self
     }
 
@@ -184,6 +193,9 @@ impl Mosquitto {
             c.push_str("user root\n");
         }
         c.push_str("per_listener_settings false\npersistence false\n");
+        if let Some(n) = self.opts.max_queued_messages {
+            writeln!(c, "max_queued_messages {n}").unwrap();
+        }
         c.push_str("log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n");
         match &self.opts.credentials {
             Some(_) => {
