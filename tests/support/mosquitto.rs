@@ -19,6 +19,7 @@ pub struct MosquittoBuilder {
     credentials: Option<(String, String)>,
     tls: Option<TlsFiles>,
     require_client_cert: bool,
+    persistence: bool,
 }
 
 impl MosquittoBuilder {
@@ -38,6 +39,14 @@ impl MosquittoBuilder {
     /// On the TLS listener, require a client certificate signed by the CA.
     pub fn require_client_cert(mut self) -> Self {
         self.require_client_cert = true;
+        self
+    }
+
+    /// Keep sessions, subscriptions and queued QoS 1 messages across `stop()` /
+    /// `start_again()` (saved in the broker's directory at shutdown), as a production
+    /// broker does.
+    pub fn persistence(mut self) -> Self {
+        self.persistence = true;
         self
     }
 
@@ -183,7 +192,17 @@ impl Mosquitto {
         if is_root() {
             c.push_str("user root\n");
         }
-        c.push_str("per_listener_settings false\npersistence false\n");
+        c.push_str("per_listener_settings false\n");
+        if self.opts.persistence {
+            writeln!(
+                c,
+                "persistence true\npersistence_location {}/\nautosave_interval 1",
+                self.dir.path().display()
+            )
+            .unwrap();
+        } else {
+            c.push_str("persistence false\n");
+        }
         c.push_str("log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n");
         match &self.opts.credentials {
             Some(_) => {
