@@ -801,7 +801,7 @@ fn smtp_down_while_an_alert_fires_delivers_after_it_returns() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(smtp.messages().len(), 2, "each mail once");
     println!(
-        "OUTAGE smtp-down {}: 2 mails (firing, resolved) queued, up to {attempts} attempts each; both delivered \
+        "OUTAGE smtp-down {}: 2 mails (firing, resolved) queued, {attempts} attempts for the first; both delivered \
          in order {} after the SMTP server returned, health clear after {}; {rows} readings local, \
          {central_rows} central; health showed: {shown}",
         secs(outage()),
