@@ -280,8 +280,10 @@ pub fn notifications_check(outbox: &OutboxView, now: chrono::DateTime<chrono::Ut
     use crate::status::age;
     let mut detail = match (&outbox.last_error, outbox.oldest_pending) {
         (Some((notifier, attempts, error)), _) if outbox.failing > 0 => format!(
-            "{} of {} pending failing; last error ({notifier}, {attempts} attempts): {error}",
-            outbox.failing, outbox.pending
+            "{} of {} pending failing; last error ({notifier}, {attempts} attempt{}): {error}",
+            outbox.failing,
+            outbox.pending,
+            if *attempts == 1 { "" } else { "s" }
         ),
         (_, Some(oldest)) => format!(
             "{} pending, oldest {} old",
