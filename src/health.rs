@@ -2,13 +2,17 @@
 //! reasons otherwise. Checks: the store accepts writes (the writer answered a probe
 //! recently and the disk is not full), and each source was heard from recently or
 //! reports itself connected, and no configured TLS certificate has expired (one
-//! expiring within 30 days is reported but still ok).
+//! expiring within 30 days is reported but still ok). Peers are checked too: a source
+//! that cannot reach its broker is unhealthy with the broker's error; `sync` fails
+//! while central sync rounds fail (with the last error and the backlog) and
+//! `notifications` while pending notifications fail to be delivered (with the last
+//! error). Each clears as soon as the peer answers again.
 
 use crate::metrics::Metrics;
 use crate::store::Store;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,24 +148,194 @@ pub struct HealthProbe {
     pub sources: std::sync::Mutex<Vec<String>>,
     pub started: std::time::Instant,
     pub source_max_silence: Duration,
+    /// Central sync is configured and enabled (updated on reload): `/health` then has
+    /// a `sync` check.
+    pub sync_enabled: AtomicBool,
+}
+
+/// What `/health` reads from the database besides the sources.
+#[derive(Debug, Default)]
+struct StoredState {
+    last_heard: HashMap<String, i64>,
+    sync: Option<(crate::sync::local::SyncState, crate::store::BacklogSummary)>,
+    outbox: Option<OutboxView>,
+}
+
+fn read_stored_state(conn: &rusqlite::Connection, sync: bool) -> rusqlite::Result<StoredState> {
+    let mut stmt = conn.prepare("SELECT source, MAX(received_at) FROM series GROUP BY source")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let last_heard = rows.collect::<rusqlite::Result<HashMap<_, _>>>()?;
+    let sync = if sync {
+        Some((
+            crate::sync::local::read_state(conn)?,
+            crate::store::backlog(conn)?,
+        ))
+    } else {
+        None
+    };
+    Ok(StoredState {
+        last_heard,
+        sync,
+        outbox: OutboxView::read(conn)?,
+    })
+}
+
+/// The notification outbox as `/health` sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutboxView {
+    pub pending: i64,
+    /// Pending notifications whose delivery failed at least once.
+    pub failing: i64,
+    pub oldest_pending: Option<chrono::DateTime<chrono::Utc>>,
+    /// (notifier, attempts, error) of the newest failing notification.
+    pub last_error: Option<(String, i64, String)>,
+    pub expired: i64,
+    pub failed: i64,
+}
+
+impl OutboxView {
+    /// `None` when there is no outbox or it never held a notification.
+    pub fn read(conn: &rusqlite::Connection) -> rusqlite::Result<Option<OutboxView>> {
+        use rusqlite::OptionalExtension;
+        let used: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'",
+            [],
+            |r| r.get(0),
+        )? && conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM outbox)", [], |r| r.get(0))?;
+        if !used {
+            return Ok(None);
+        }
+        let (pending, failing, oldest): (i64, i64, Option<i64>) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at) \
+             FROM outbox WHERE state = 'pending'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let last_error = conn
+            .query_row(
+                "SELECT notifier, attempts, last_error FROM outbox \
+                 WHERE state = 'pending' AND attempts > 0 AND last_error IS NOT NULL \
+                 ORDER BY id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let count = |state: &str| -> rusqlite::Result<i64> {
+            conn.query_row(
+                "SELECT COUNT(*) FROM outbox WHERE state = ?1",
+                [state],
+                |r| r.get(0),
+            )
+        };
+        Ok(Some(OutboxView {
+            pending,
+            failing,
+            oldest_pending: oldest.map(crate::model::from_micros),
+            last_error,
+            expired: count("expired")?,
+            failed: count("failed")?,
+        }))
+    }
+}
+
+/// `sync`: failing while the last round failed, with its error; the backlog either way.
+pub fn sync_check(
+    sync: &crate::sync::local::SyncState,
+    backlog: &crate::store::BacklogSummary,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Check {
+    use crate::status::age;
+    let backlog_text = match backlog.oldest_received_at {
+        Some(oldest) => format!(
+            "backlog {} readings, oldest {} old",
+            backlog.rows,
+            age(now, oldest)
+        ),
+        None => "no backlog".to_string(),
+    };
+    let last_round = match sync.last_sync_at {
+        Some(t) => format!("last completed round {} ago", age(now, t)),
+        None => "no round completed yet".to_string(),
+    };
+    let (ok, detail) = match (&sync.last_error, sync.failing) {
+        (Some(error), true) => (
+            false,
+            format!("failing: {error}; {last_round}; {backlog_text}"),
+        ),
+        _ if sync.last_sync_at.is_none() => (true, format!("starting; {backlog_text}")),
+        _ => (true, format!("{last_round}; {backlog_text}")),
+    };
+    Check {
+        name: "sync".into(),
+        ok,
+        detail,
+    }
+}
+
+/// `notifications`: failing while a pending notification could not be delivered.
+/// Expired and permanently failed ones are mentioned (they need a person) but do not
+/// fail the check for ever: `outpost status` lists them.
+pub fn notifications_check(outbox: &OutboxView, now: chrono::DateTime<chrono::Utc>) -> Check {
+    use crate::status::age;
+    let mut detail = match (&outbox.last_error, outbox.oldest_pending) {
+        (Some((notifier, attempts, error)), _) if outbox.failing > 0 => format!(
+            "{} of {} pending failing; last error ({notifier}, {attempts} attempt{}): {error}",
+            outbox.failing,
+            outbox.pending,
+            if *attempts == 1 { "" } else { "s" }
+        ),
+        (_, Some(oldest)) => format!(
+            "{} pending, oldest {} old",
+            outbox.pending,
+            age(now, oldest)
+        ),
+        _ => "none pending".to_string(),
+    };
+    if outbox.expired > 0 || outbox.failed > 0 {
+        detail.push_str(&format!(
+            "; {} expired and {} failed permanently (see outpost status)",
+            outbox.expired, outbox.failed
+        ));
+    }
+    Check {
+        name: "notifications".into(),
+        ok: outbox.failing == 0,
+        detail,
+    }
+}
+
+/// A source that cannot reach its broker is unhealthy, whatever its last reading.
+pub fn mark_disconnected(
+    check: &mut Check,
+    error: &crate::metrics::ConnectionError,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    check.ok = false;
+    check.detail = format!(
+        "disconnected for {}: {}; {}",
+        crate::status::age(now, error.since),
+        error.error,
+        check.detail
+    );
 }
 
 impl HealthProbe {
     pub async fn report(&self) -> HealthReport {
         let now = chrono::Utc::now();
         let store = self.store.clone();
-        // Last reading per source, from the per-series summary (never a table scan).
-        let last_heard: HashMap<String, i64> = tokio::task::spawn_blocking(move || {
+        let sync_enabled = self.sync_enabled.load(Relaxed);
+        // Last reading per source from the per-series summary (never a table scan),
+        // the sync state and the outbox.
+        let stored: StoredState = tokio::task::spawn_blocking(move || {
             let conn = store.reader()?;
-            let mut stmt =
-                conn.prepare("SELECT source, MAX(received_at) FROM series GROUP BY source")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            rows.collect::<rusqlite::Result<HashMap<_, _>>>()
+            read_stored_state(&conn, sync_enabled)
         })
         .await
         .ok()
         .and_then(|r| r.ok())
         .unwrap_or_default();
+        let last_heard = &stored.last_heard;
         let started_at =
             now - chrono::Duration::from_std(self.started.elapsed()).unwrap_or_default();
         let names = self.sources.lock().map(|n| n.clone()).unwrap_or_default();
@@ -190,6 +364,25 @@ impl HealthProbe {
             sources,
         };
         let mut report = evaluate(&inputs, self.source_max_silence);
+        for name in &names {
+            if self.metrics.connected(name) != Some(false) {
+                continue;
+            }
+            let check_name = format!("source:{name}");
+            let check = report.checks.iter_mut().find(|c| c.name == check_name);
+            if let (Some(check), Some(error)) = (check, self.metrics.connection_error(name)) {
+                mark_disconnected(check, &error, now);
+            }
+        }
+        if let Some((sync, backlog)) = &stored.sync {
+            report.checks.push(sync_check(sync, backlog, now));
+        }
+        if let Some(outbox) = &stored.outbox {
+            report.checks.push(notifications_check(outbox, now));
+        }
+        if !report.healthy() {
+            report.status = "unhealthy";
+        }
         if let Some(check) = crate::tls::health_check(&self.metrics.certs().snapshot(), now) {
             if !check.ok {
                 report.status = "unhealthy";
@@ -259,5 +452,87 @@ mod tests {
         i.store_probe_age = Some(Duration::from_secs(1));
         i.disk_full = true;
         assert!(!evaluate(&i, HOUR).checks[0].ok);
+    }
+
+    #[test]
+    fn sync_fails_while_rounds_fail_and_clears_after() {
+        use crate::store::BacklogSummary;
+        use crate::sync::local::SyncState;
+        let now = chrono::Utc::now();
+        let backlog = BacklogSummary {
+            rows: 120,
+            oldest_received_at: Some(now - chrono::Duration::seconds(30)),
+        };
+        let failing = SyncState {
+            last_sync_at: Some(now - chrono::Duration::seconds(31)),
+            last_error: Some("central PostgreSQL: connection refused".into()),
+            last_error_at: Some(now - chrono::Duration::seconds(1)),
+            failing: true,
+        };
+        let c = sync_check(&failing, &backlog, now);
+        assert!(!c.ok);
+        assert_eq!(
+            c.detail,
+            "failing: central PostgreSQL: connection refused; last completed round 31s ago; \
+             backlog 120 readings, oldest 30s old"
+        );
+        let recovered = SyncState {
+            last_sync_at: Some(now),
+            failing: false,
+            ..failing
+        };
+        let c = sync_check(&recovered, &BacklogSummary::default(), now);
+        assert!(c.ok, "{c:?}");
+        assert_eq!(c.detail, "last completed round 0s ago; no backlog");
+        let c = sync_check(&SyncState::default(), &BacklogSummary::default(), now);
+        assert!(c.ok && c.detail.starts_with("starting"), "{c:?}");
+    }
+
+    #[test]
+    fn notifications_fail_while_a_pending_one_fails() {
+        let now = chrono::Utc::now();
+        let mut outbox = OutboxView {
+            pending: 2,
+            failing: 1,
+            oldest_pending: Some(now - chrono::Duration::seconds(5)),
+            last_error: Some(("mail".into(), 3, "connection refused".into())),
+            expired: 0,
+            failed: 0,
+        };
+        let c = notifications_check(&outbox, now);
+        assert!(!c.ok);
+        assert_eq!(
+            c.detail,
+            "1 of 2 pending failing; last error (mail, 3 attempts): connection refused"
+        );
+        outbox.failing = 0;
+        outbox.expired = 1;
+        let c = notifications_check(&outbox, now);
+        assert!(c.ok);
+        assert_eq!(
+            c.detail,
+            "2 pending, oldest 5s old; 1 expired and 0 failed permanently (see outpost status)"
+        );
+    }
+
+    #[test]
+    fn a_disconnected_source_is_unhealthy_with_the_broker_error() {
+        let now = chrono::Utc::now();
+        let r = evaluate(&inputs(vec![source(Some(3), Some(false))]), HOUR);
+        let mut check = r.checks[1].clone();
+        assert!(check.ok, "a recent reading alone keeps it ok: {check:?}");
+        mark_disconnected(
+            &mut check,
+            &crate::metrics::ConnectionError {
+                error: "I/O: Connection refused (os error 111)".into(),
+                since: now - chrono::Duration::seconds(12),
+            },
+            now,
+        );
+        assert!(!check.ok);
+        assert_eq!(
+            check.detail,
+            "disconnected for 12s: I/O: Connection refused (os error 111); last reading 3s ago"
+        );
     }
 }

@@ -23,6 +23,14 @@ pub struct RejectLabels {
     pub reason: String,
 }
 
+/// Why a source is disconnected from its broker or device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionError {
+    pub error: String,
+    /// The first failure since the source was last connected.
+    pub since: chrono::DateTime<chrono::Utc>,
+}
+
 /// Metrics shared by every component; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -37,6 +45,9 @@ struct Inner {
     /// The same states, readable for `/health` (a `Family` cannot tell "never
     /// reported" from "disconnected").
     connections: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    /// Why each disconnected source is disconnected, and since when (cleared on
+    /// connect), for `/health`.
+    connection_errors: std::sync::Mutex<std::collections::HashMap<String, ConnectionError>>,
     /// Expiry of the configured TLS certificates (recorded at start and reload).
     certs: crate::tls::CertWatch,
 }
@@ -84,6 +95,7 @@ impl Metrics {
                 readings_rejected,
                 source_connected,
                 connections: Default::default(),
+                connection_errors: Default::default(),
                 certs,
             }),
         }
@@ -125,6 +137,46 @@ impl Metrics {
                 source: source.into(),
             })
             .set(connected as i64);
+        if connected {
+            self.inner
+                .connection_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(source);
+        }
+    }
+
+    /// Records why `source` cannot connect; `since` stays at the first failure until
+    /// the source connects again. Returns the record.
+    pub fn set_connection_error(
+        &self,
+        source: &str,
+        error: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> ConnectionError {
+        let mut errors = self
+            .inner
+            .connection_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = errors
+            .entry(source.to_string())
+            .or_insert_with(|| ConnectionError {
+                error: String::new(),
+                since: now,
+            });
+        entry.error = error.chars().take(500).collect();
+        entry.clone()
+    }
+
+    /// The last connection error of a source that is not connected.
+    pub fn connection_error(&self, source: &str) -> Option<ConnectionError> {
+        self.inner
+            .connection_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(source)
+            .cloned()
     }
 
     /// `Some(true/false)` once a source has reported its connection state.

@@ -288,6 +288,7 @@ pub async fn run(
         ),
         started: std::time::Instant::now(),
         source_max_silence: config.http.source_max_silence.get(),
+        sync_enabled: sync_enabled(&config).into(),
     });
     if config.http.enabled {
         pipeline.spawn_consumer(crate::http::run(
@@ -379,6 +380,10 @@ async fn start_sync(
         .await;
 }
 
+fn sync_enabled(config: &Config) -> bool {
+    config.sync.as_ref().is_some_and(|s| s.enabled)
+}
+
 async fn apply_reload(
     pipeline: &mut Pipeline,
     path: &std::path::Path,
@@ -426,6 +431,9 @@ async fn apply_reload(
     }
     crate::tls::record_and_log(pipeline.metrics.certs(), &new, chrono::Utc::now());
     crate::tls::forget_removed_servers(pipeline.metrics.certs(), &new, &pipeline.store).await;
+    probe
+        .sync_enabled
+        .store(sync_enabled(&new), std::sync::atomic::Ordering::Relaxed);
     if let Ok(mut names) = probe.sources.lock() {
         *names = new.sources.iter().map(|s| s.name().to_string()).collect();
     }

@@ -5,6 +5,12 @@
 //! writer. A row being delivered is not picked twice; a row whose delivery was cut by a
 //! crash or shutdown is still `pending` and is delivered again after the restart, with
 //! the same idempotency key.
+//!
+//! Each notifier gets its notifications in the order they were raised, also after an
+//! outage: only a notifier's oldest pending row is ever due (rows have their own
+//! jittered backoff, so a younger RESOLVED would otherwise often go out before its
+//! FIRING), and a delivery makes that notifier's waiting rows due at once, so the
+//! queue drains as soon as the peer is back instead of after each row's backoff.
 
 use super::{Notifier, Outcome, MAX_CONCURRENT};
 use crate::alerts::{AlertEvent, Clock};
@@ -51,12 +57,14 @@ pub struct OutboxRow {
     pub body: String,
 }
 
-/// The pending rows in due order (the first `limit`).
+/// The oldest pending row of each notifier, in due order (the first `limit`).
 pub fn pending(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT o.id, o.notifier, o.attempts, o.next_attempt_at, o.expires_at, e.message \
          FROM outbox o JOIN alert_events e ON e.uid = o.event_uid \
-         WHERE o.state = 'pending' ORDER BY o.next_attempt_at, o.id LIMIT ?1",
+         WHERE o.state = 'pending' \
+           AND o.id IN (SELECT MIN(id) FROM outbox WHERE state = 'pending' GROUP BY notifier) \
+         ORDER BY o.next_attempt_at, o.id LIMIT ?1",
     )?;
     let rows = stmt.query_map([limit as i64], |r| {
         Ok(OutboxRow {
@@ -92,6 +100,16 @@ pub fn finish(
         )?;
     }
     Ok(())
+}
+
+/// After a delivery through `notifier`: its other pending rows are due now (the peer
+/// answers again; their backoff was for the outage).
+pub fn due_now(conn: &Connection, notifier: &str, now: DateTime<Utc>) -> rusqlite::Result<usize> {
+    conn.execute(
+        "UPDATE outbox SET next_attempt_at = ?2 \
+         WHERE state = 'pending' AND notifier = ?1 AND next_attempt_at > ?2",
+        params![notifier, to_micros(now)],
+    )
 }
 
 /// Schedules another attempt.
@@ -341,8 +359,12 @@ impl OutboxWorker {
             Outcome::Delivered => {
                 self.stats.delivered.fetch_add(1, Relaxed);
                 tracing::info!(notifier = %n.name, rule = %rule, device = %device, "Notification delivered.");
+                let notifier = n.name.clone();
                 self.store
-                    .write(move |conn| finish(conn, id, "delivered", None, now))
+                    .write(move |conn| {
+                        finish(conn, id, "delivered", None, now)?;
+                        due_now(conn, &notifier, now).map(|_| ())
+                    })
                     .await
             }
             Outcome::Failed(reason) => {
@@ -404,6 +426,46 @@ async fn deliver(attempt: Attempt) -> (Attempt, Outcome) {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn each_notifier_gets_its_rows_in_order_and_a_delivery_makes_the_rest_due() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::schema::migrate(&mut conn).unwrap();
+        // (notifier, next attempt µs): "mail" has an old row waiting long and a young
+        // one due sooner (its backoff is shorter), "hook" one row.
+        for (i, (notifier, next)) in [("mail", 900), ("mail", 100), ("hook", 500)]
+            .into_iter()
+            .enumerate()
+        {
+            conn.execute(
+                "INSERT INTO alert_events (uid, kind, rule, severity, device, metric, occurred_at, message) \
+                 VALUES (?1, 'firing', 'r', 'critical', 'd', 'm', 0, '{}')",
+                [vec![i as u8; 16]],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO outbox (event_uid, notifier, created_at, next_attempt_at, expires_at) \
+                 VALUES (?1, ?2, 0, ?3, 10000000)",
+                params![vec![i as u8; 16], notifier, next],
+            )
+            .unwrap();
+        }
+        let ids = |conn: &Connection| -> Vec<i64> {
+            pending(conn, 10).unwrap().iter().map(|r| r.id).collect()
+        };
+        assert_eq!(ids(&conn), [3, 1], "only the oldest row of each notifier");
+        finish(&conn, 1, "delivered", None, from_micros(200)).unwrap();
+        assert_eq!(due_now(&conn, "mail", from_micros(200)).unwrap(), 0);
+        assert_eq!(ids(&conn), [2, 3]);
+        // A delivery brings the notifier's waiting rows forward, not other notifiers'.
+        conn.execute("UPDATE outbox SET next_attempt_at = 5000 WHERE id = 2", [])
+            .unwrap();
+        assert_eq!(due_now(&conn, "mail", from_micros(300)).unwrap(), 1);
+        let rows = pending(&conn, 10).unwrap();
+        assert_eq!(rows[0].id, 2);
+        assert_eq!(to_micros(rows[0].next_attempt_at), 300);
+        assert_eq!(to_micros(rows[1].next_attempt_at), 500);
+    }
 
     #[test]
     fn backoff_grows_with_full_jitter_and_is_capped() {

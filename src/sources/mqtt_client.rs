@@ -15,6 +15,9 @@
 //! - **Reconnects back off.** rumqttc reconnects as soon as it is polled again; the
 //!   poll loop sleeps an exponentially growing, fully jittered delay after every
 //!   failure and resubscribes on every ConnAck.
+//! - **The connection state is visible.** `/health` shows a disconnected source with
+//!   the broker's error; the `state` row in `source_state` (`connected` or
+//!   `disconnected`, broker, since, error) lets `outpost status` show it too.
 //! - **Options are validated before rumqttc sees them** (its setters assert).
 
 use super::SourceContext;
@@ -483,6 +486,14 @@ pub async fn run_session(
     let mut was_connected = false;
     let mut failure_log = LogLimiter::new(Duration::from_secs(300));
     let mut handoff_tx = Some(handoff_tx);
+    let broker = {
+        let (host, port) = session.options.broker_address();
+        format!("{host}:{port}")
+    };
+    let mut state = super::rejects::StateWriter::new(source, ctx.store.clone());
+    // The error last written to `source_state`, so a failing broker is written once
+    // per distinct error rather than once per attempt.
+    let mut recorded_error: Option<String> = None;
     loop {
         let event = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
@@ -505,6 +516,13 @@ pub async fn run_session(
                     "Connected to the MQTT broker; subscribing."
                 );
                 was_connected = true;
+                recorded_error = None;
+                state.put(vec![connection_state_row(
+                    "connected",
+                    &broker,
+                    Utc::now(),
+                    None,
+                )]);
                 // Straight into rumqttc's outgoing queue: never blocks, and is sent
                 // before anything else on this connection.
                 let filters = session
@@ -551,6 +569,17 @@ pub async fn run_session(
             Err(error) => {
                 stats.connection_failures.fetch_add(1, Relaxed);
                 ctx.metrics.set_connected(source, false);
+                let text = error.to_string();
+                let record = ctx.metrics.set_connection_error(source, &text, Utc::now());
+                if recorded_error.as_deref() != Some(text.as_str()) {
+                    state.put(vec![connection_state_row(
+                        "disconnected",
+                        &broker,
+                        record.since,
+                        Some(&text),
+                    )]);
+                    recorded_error = Some(text);
+                }
                 let delay = backoff.next_delay();
                 log_connection_error(source, &error, delay, was_connected, &mut failure_log);
                 was_connected = false;
@@ -590,6 +619,22 @@ pub async fn run_session(
         let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
     }
     Ok(())
+}
+
+/// The `state` row of an MQTT source in `source_state` (read by `outpost status`).
+fn connection_state_row(
+    state: &str,
+    broker: &str,
+    since: DateTime<Utc>,
+    error: Option<&str>,
+) -> (String, String) {
+    let value = serde_json::json!({
+        "state": state,
+        "broker": broker,
+        "since": since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "error": error,
+    });
+    ("state".to_string(), value.to_string())
 }
 
 fn log_connection_error(

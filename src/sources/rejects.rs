@@ -10,6 +10,7 @@
 //! |---------------------|-----------------------------------------------|
 //! | `rejected.<reason>` | how many inputs were rejected for that reason |
 //! | `state`             | JSON: `{"state": "open" \| "waiting", …}`     |
+//! | `state` (MQTT)      | JSON: `{"state": "connected" \| "disconnected", "broker", …}` |
 //! | `slave.<id>`        | JSON: `{"state": "online" \| "offline", …}`   |
 
 use crate::metrics::Metrics;
@@ -282,6 +283,12 @@ pub fn status_notes(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<String>
                 text("path"),
                 text("since")
             ));
+        } else if key == "state" && state == "disconnected" {
+            notes.push(format!(
+                "Source {source}: DISCONNECTED from the MQTT broker {} since {}{error}; reconnecting",
+                text("broker"),
+                text("since")
+            ));
         } else if let Some(id) = key.strip_prefix("slave.") {
             if state == "offline" {
                 notes.push(format!(
@@ -310,13 +317,18 @@ mod tests {
               ('bus', 'state', '{"state":"open","path":"/dev/ttyUSB1","since":"T0","error":null}'),
               ('bus', 'slave.1', '{"state":"online","device":"m1","since":"T0"}'),
               ('bus', 'slave.9', '{"state":"offline","device":"m9","since":"T2","last_error":"no_answer"}'),
-              ('bus', 'slave.10', 'not json');"#,
+              ('bus', 'slave.10', 'not json'),
+              ('lora', 'state', '{"state":"disconnected","broker":"eu1.cloud.thethings.network:8883","since":"T3","error":"I/O: Connection refused"}'),
+              ('local', 'state', '{"state":"connected","broker":"127.0.0.1:1883","since":"T4","error":null}');"#,
         )
         .unwrap();
         assert_eq!(
             status_notes(&conn).unwrap(),
             vec![
                 "Source bus: Modbus slave 9 (m9) OFFLINE since T2 (no_answer)".to_string(),
+                "Source lora: DISCONNECTED from the MQTT broker eu1.cloud.thethings.network:8883 \
+                 since T3 (I/O: Connection refused); reconnecting"
+                    .to_string(),
                 "Source ws: port /dev/ttyUSB0 not available since T1 (No such file); retrying"
                     .to_string(),
             ]

@@ -278,6 +278,8 @@ pub struct SyncState {
     pub last_sync_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
+    /// The last round failed (its error is newer than the last completed round).
+    pub failing: bool,
 }
 
 fn put(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
@@ -317,6 +319,11 @@ pub fn read_state(conn: &Connection) -> rusqlite::Result<SyncState> {
             _ => {}
         }
     }
+    state.failing = match (state.last_error_at, state.last_sync_at) {
+        (Some(error), Some(ok)) => ok < error,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
     Ok(state)
 }
 
@@ -423,6 +430,10 @@ mod tests {
         let s = read_state(&conn).unwrap();
         assert_eq!(s.last_error.as_deref(), Some("central PostgreSQL: boom"));
         assert_eq!(s.last_error_at, Some(t));
+        assert!(s.failing);
+        let later = from_micros(1_700_000_001_000_000);
+        record_success(&conn, later).unwrap();
+        assert!(!read_state(&conn).unwrap().failing);
         record_success(&conn, t).unwrap();
         let s = read_state(&conn).unwrap();
         assert_eq!(s.last_sync_at, Some(t));

@@ -20,6 +20,7 @@ pub struct MosquittoBuilder {
     tls: Option<TlsFiles>,
     require_client_cert: bool,
     max_queued_messages: Option<u64>,
+    persistence: bool,
 }
 
 impl MosquittoBuilder {
@@ -47,6 +48,16 @@ impl MosquittoBuilder {
     /// excess is dropped silently). 0 means no limit.
     pub fn max_queued_messages(mut self, n: u64) -> Self {
         self.max_queued_messages = Some(n);
+        self
+    }
+
+    /// Keep sessions, subscriptions and queued QoS 1 messages across `stop()` /
+    /// `start_again()` (saved in the broker's directory at shutdown), as a production
+    /// broker does; up to 100,000 queued messages per offline client unless
+    /// `max_queued_messages` says otherwise (mosquitto's default of 1,000 drops the
+    /// rest of a long outage).
+    pub fn persistence(mut self) -> Self {
+        self.persistence = true;
         self
     }
 
@@ -192,8 +203,19 @@ impl Mosquitto {
         if is_root() {
             c.push_str("user root\n");
         }
-        c.push_str("per_listener_settings false\npersistence false\n");
-        if let Some(n) = self.opts.max_queued_messages {
+        c.push_str("per_listener_settings false\n");
+        if self.opts.persistence {
+            writeln!(
+                c,
+                "persistence true\npersistence_location {}/\nautosave_interval 1",
+                self.dir.path().display()
+            )
+            .unwrap();
+        } else {
+            c.push_str("persistence false\n");
+        }
+        let queued = (self.opts.max_queued_messages).or(self.opts.persistence.then_some(100_000));
+        if let Some(n) = queued {
             writeln!(c, "max_queued_messages {n}").unwrap();
         }
         c.push_str("log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n");
