@@ -457,7 +457,7 @@ pub async fn remind_daily(watch: CertWatch, shutdown: tokio_util::sync::Cancella
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(DAY) => log_expiring(&watch, Utc::now()),
+            _ = tokio::time::sleep(DAY) => log_expiring(&watch, crate::clock::now()),
         }
     }
 }

@@ -51,6 +51,9 @@ struct Series {
     last_notified: Option<DateTime<Utc>>,
     /// Rate rules: `(observed_at, value)` within the period, oldest first.
     window: VecDeque<(DateTime<Utc>, f64)>,
+    /// Rate rules after a clock step: no decision before this agent time, while the
+    /// window refills with readings stamped after the step.
+    rate_hold_until: Option<DateTime<Utc>>,
 }
 
 impl Series {
@@ -64,6 +67,7 @@ impl Series {
             last_seen: now,
             last_notified: None,
             window: VecDeque::new(),
+            rate_hold_until: None,
         }
     }
 }
@@ -161,6 +165,35 @@ impl Engine {
         }
     }
 
+    /// The wall clock was stepped by `step` (positive: forward; see [`crate::clock`]).
+    /// The agent times the timers count from (pending `for`, stale, reminders) move
+    /// with it, so a step neither fires nor delays them: durations keep following the
+    /// monotonic clock. Rate windows hold readings stamped on both sides of the step,
+    /// which would fake a rate (or hide one); they restart, and rate rules decide
+    /// nothing (neither fire nor resolve) until one `period` after the step.
+    pub fn clock_stepped(&mut self, step: chrono::Duration, now: DateTime<Utc>) {
+        let mut changed = Vec::new();
+        for (key, s) in self.series.iter_mut() {
+            s.since += step;
+            s.last_seen += step;
+            if let Some(t) = s.last_notified.as_mut() {
+                *t += step;
+            }
+            if let Condition::Rate { period, .. } = self.rules[key.0].condition {
+                s.window.clear();
+                s.rate_hold_until =
+                    Some(now + chrono::Duration::from_std(period).unwrap_or_default());
+            }
+            if s.phase.is_some() {
+                changed.push(key.clone());
+            }
+        }
+        changed.sort();
+        for key in changed {
+            self.persist(&key);
+        }
+    }
+
     /// Evaluates one committed reading at `now`.
     pub fn on_reading(&mut self, r: &Reading, now: DateTime<Utc>) {
         for i in 0..self.rules.len() {
@@ -207,6 +240,11 @@ impl Engine {
                         Direction::Below => r.value - values.fold(f64::NEG_INFINITY, f64::max),
                     };
                     let change = if change.is_finite() { change } else { 0.0 };
+                    if s.rate_hold_until.is_some_and(|t| now < t) {
+                        s.value = Some(r.value);
+                        continue;
+                    }
+                    s.rate_hold_until = None;
                     self.evaluate(&key, direction, change, delta, clear, hold, r.value, now);
                 }
                 Condition::Stale { .. } => {
@@ -559,11 +597,22 @@ async fn run_engine(
     let mut unsaved = engine.take_changes();
     let mut last_save = tokio::time::Instant::now();
     let mut save_failures = LogLimiter::default();
+    // Wall-clock steps, seen against tokio's monotonic clock (paused in tests).
+    let mut steps = crate::clock::StepDetector::default();
+    let mut stepped = chrono::Duration::zero();
+    let mut now_after_steps = |engine: &mut Engine, stepped: &mut chrono::Duration| {
+        let now = clock.now();
+        if let Some(step) = steps.observe(now, tokio::time::Instant::now().into_std()) {
+            engine.clock_stepped(step, now);
+            *stepped += step;
+        }
+        now
+    };
     loop {
         let open = tokio::select! {
             rows = rx.recv() => match rows {
                 Some(rows) => {
-                    let now = clock.now();
+                    let now = now_after_steps(&mut engine, &mut stepped);
                     for row in &rows {
                         engine.on_reading(&row.reading, now);
                         position = row.id;
@@ -573,7 +622,8 @@ async fn run_engine(
                 None => false,
             },
             _ = ticker.tick() => {
-                engine.tick(clock.now());
+                let now = now_after_steps(&mut engine, &mut stepped);
+                engine.tick(now);
                 true
             }
             // Stopped for a reload or at shutdown: save the cursor and state; readings
@@ -581,6 +631,22 @@ async fn run_engine(
             _ = stop.cancelled() => false,
         };
         unsaved.append(engine.take_changes());
+        if !stepped.is_zero() {
+            // Pending notifications keep their retry delays and TTLs across the step.
+            let shift = std::mem::take(&mut stepped).num_microseconds().unwrap_or(0);
+            let result = store
+                .write(move |conn| {
+                    conn.execute(
+                        "UPDATE outbox SET next_attempt_at = next_attempt_at + ?1, \
+                         expires_at = expires_at + ?1 WHERE state = 'pending'",
+                        [shift],
+                    )
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "Cannot move notification deadlines after a clock step.");
+            }
+        }
         let cursor_due = saved_cursor != Some(position)
             && (last_save.elapsed() >= CURSOR_SAVE_INTERVAL || !open);
         if !unsaved.is_empty() || cursor_due {

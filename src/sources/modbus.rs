@@ -506,7 +506,7 @@ pub async fn run(config: ModbusConfig, ctx: SourceContext) -> anyhow::Result<()>
                 polls: 0,
                 failed_polls: 0,
                 last_error: None,
-                since: chrono::Utc::now(),
+                since: crate::clock::now(),
                 config: s.clone(),
             })
             .collect();
@@ -657,7 +657,7 @@ impl ModbusSource {
         let mut values: Vec<(String, Option<String>, f64)> = Vec::new();
         let mut answered = false;
         let mut failure: Option<(&'static str, String)> = None;
-        let mut observed_at = chrono::Utc::now();
+        let mut observed_at = crate::clock::now();
         let mut rebuild = false;
         for reg in &registers {
             let mut outcome = None;
@@ -676,7 +676,7 @@ impl ModbusSource {
                     break;
                 }
             }
-            observed_at = chrono::Utc::now();
+            observed_at = crate::clock::now();
             match outcome {
                 None => {}
                 Some(Ok(raw)) => {
@@ -787,7 +787,7 @@ impl ModbusSource {
                         "Modbus slave does not answer; marked offline and polled with backoff."
                     );
                     slave.online = Some(false);
-                    slave.since = chrono::Utc::now();
+                    slave.since = crate::clock::now();
                     changed = true;
                 }
                 slave.next_due = now + slave.backoff.next_delay();
@@ -798,7 +798,7 @@ impl ModbusSource {
                         tracing::info!(slave = slave.config.id, device = %slave.device, "Modbus slave answers again.");
                     }
                     slave.online = Some(true);
-                    slave.since = chrono::Utc::now();
+                    slave.since = crate::clock::now();
                     slave.backoff.reset();
                     changed = true;
                 }
@@ -904,7 +904,7 @@ impl ModbusSource {
         let value = serde_json::json!({
             "state": state,
             "path": self.config.path,
-            "since": chrono::Utc::now().to_rfc3339(),
+            "since": crate::clock::now().to_rfc3339(),
             "error": error,
         });
         self.state_rows.retain(|(k, _)| k != "state");
