@@ -36,10 +36,11 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// **Test only.** Names a file holding an offset in seconds (e.g. `-3600`, `86400.5`)
-/// added to the system clock by [`now`]; the file is re-read at most once a second and
-/// a missing or unreadable file means no offset. Lets black-box tests step the clock of
-/// a running agent without root or touching the machine's clock. Never set it in
-/// production.
+/// added to the system clock by [`now`], optionally followed by `synchronized` or
+/// `unsynchronized`, which then replaces the answer of [`is_synchronized`]. The file is
+/// re-read at most once a second; a missing or unreadable file means no offset. Lets
+/// black-box tests step the clock of a running agent without root or touching the
+/// machine's clock. Never set it in production.
 pub const TEST_OFFSET_ENV: &str = "OUTPOST_TEST_CLOCK_OFFSET_FILE";
 
 /// **Test only.** Seconds a clock step stays reported by `/health` and `outpost
@@ -55,31 +56,42 @@ pub const STEP_NOTICE: Duration = Duration::from_secs(600);
 
 /// The agent's wall clock: the system clock (plus the test offset, when configured).
 pub fn now() -> DateTime<Utc> {
-    static OFFSET_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
     let system = Utc::now();
-    match OFFSET_FILE.get_or_init(|| std::env::var_os(TEST_OFFSET_ENV).map(PathBuf::from)) {
+    match test_clock() {
         None => system,
-        Some(path) => system + test_offset(path),
+        Some((offset, _)) => system + offset,
     }
 }
 
-/// The offset in the test file, re-read at most once a second.
-fn test_offset(path: &Path) -> chrono::Duration {
-    static CACHE: Mutex<Option<(Instant, chrono::Duration)>> = Mutex::new(None);
+/// What the test file says: the offset and, if given, the synchronisation state;
+/// `None` without [`TEST_OFFSET_ENV`]. Re-read at most once a second.
+fn test_clock() -> Option<(chrono::Duration, Option<bool>)> {
+    static OFFSET_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static CACHE: Mutex<Option<(Instant, chrono::Duration, Option<bool>)>> = Mutex::new(None);
+    let path = OFFSET_FILE
+        .get_or_init(|| std::env::var_os(TEST_OFFSET_ENV).map(PathBuf::from))
+        .as_ref()?;
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((read_at, offset)) = *cache {
+    if let Some((read_at, offset, synced)) = *cache {
         if read_at.elapsed() < Duration::from_secs(1) {
-            return offset;
+            return Some((offset, synced));
         }
     }
-    let offset = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| text.trim().parse::<f64>().ok())
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let offset = words
+        .next()
+        .and_then(|w| w.parse::<f64>().ok())
         .filter(|secs| secs.is_finite() && secs.abs() < 1e11)
         .map(|secs| chrono::Duration::microseconds((secs * 1e6) as i64))
         .unwrap_or_default();
-    *cache = Some((Instant::now(), offset));
-    offset
+    let synced = match words.next() {
+        Some("synchronized") => Some(true),
+        Some("unsynchronized") => Some(false),
+        _ => None,
+    };
+    *cache = Some((Instant::now(), offset, synced));
+    Some((offset, synced))
 }
 
 /// Detects steps of the wall clock by comparing it with the monotonic clock between
@@ -165,13 +177,31 @@ pub async fn watch_steps(
     let mut detector = StepDetector::default();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let committed = store.committed_watch();
+    // Readings this process stamped: only their clock is known (G8: same boot, and the
+    // monotonic clock measured the time since).
+    let first_id = *committed.borrow();
+    let mut previous: Option<(DateTime<Utc>, Instant, i64)> = None;
+    let mut was_synchronized = is_synchronized();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
         let wall = now();
-        let Some(step) = detector.observe(wall, Instant::now()) else {
+        let mono = Instant::now();
+        let newest = *committed.borrow();
+        let step = detector.observe(wall, mono);
+        if let (Some(step), Some(previous)) = (step, previous) {
+            correct_unsynced(&store, first_id, previous, mono, step).await;
+        }
+        let synchronized = is_synchronized();
+        if synchronized && !was_synchronized {
+            mark_corrected(&store, first_id, newest).await;
+        }
+        was_synchronized = synchronized;
+        previous = Some((wall, mono, newest));
+        let Some(step) = step else {
             continue;
         };
         let step = ClockStep {
@@ -189,6 +219,79 @@ pub async fn watch_steps(
             if let Err(e) = crate::sources::rejects::write_rows(&store, STEP_STATE.0, rows).await {
                 tracing::debug!(error = %e, "Could not save the clock step.");
             }
+        }
+    }
+}
+
+/// G8: readings this process stamped with its own clock while it was not synchronised
+/// (`CLOCK_UNSYNCED`), not yet corrected nor sent, move with a step, so they stay
+/// right relative to the new clock. Which readings were stamped before the step:
+/// those committed by the previous check (`previous`: wall time, monotonic time,
+/// newest id), and those committed since whose time lies within that interval on
+/// the old clock (a step is at least [`STEP_THRESHOLD`], so the intervals before and
+/// after it do not overlap).
+async fn correct_unsynced(
+    store: &crate::store::Store,
+    first_id: i64,
+    previous: (DateTime<Utc>, Instant, i64),
+    mono: Instant,
+    step: chrono::Duration,
+) {
+    let (prev_wall, prev_mono, prev_id) = previous;
+    let Some(shift) = step.num_microseconds() else {
+        return;
+    };
+    let since =
+        chrono::Duration::from_std(mono.saturating_duration_since(prev_mono)).unwrap_or_default();
+    let lag = chrono::Duration::milliseconds(500);
+    let from = crate::model::to_micros(prev_wall - lag);
+    let to = crate::model::to_micros(prev_wall + since + chrono::Duration::milliseconds(200));
+    let sql = format!(
+        "UPDATE readings SET observed_at = observed_at + ?1, received_at = received_at + ?1 \
+         WHERE id > ?2 AND synced = 0 AND (flags & {unsynced}) != 0 AND (flags & {corrected}) = 0 \
+           AND (id <= ?3 OR received_at BETWEEN ?4 AND ?5)",
+        unsynced = crate::model::flags::CLOCK_UNSYNCED,
+        corrected = crate::model::flags::CLOCK_CORRECTED,
+    );
+    let result = store
+        .write(move |conn| {
+            conn.execute(&sql, rusqlite::params![shift, first_id, prev_id, from, to])
+        })
+        .await;
+    match result {
+        Ok(n) if n > 0 => {
+            tracing::info!(
+                readings = n,
+                "Readings stamped before the clock step were moved with it."
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot move unsynchronised readings with the clock step.")
+        }
+    }
+}
+
+/// G8: the clock is synchronised now; the readings this process stamped before (moved
+/// with every step since) carry the right time: flag them `CLOCK_CORRECTED`, so sync
+/// sends them without waiting for `clock_hold_max`.
+async fn mark_corrected(store: &crate::store::Store, first_id: i64, newest: i64) {
+    let sql = format!(
+        "UPDATE readings SET flags = flags | {corrected} \
+         WHERE id > ?1 AND id <= ?2 AND synced = 0 AND (flags & {unsynced}) != 0",
+        unsynced = crate::model::flags::CLOCK_UNSYNCED,
+        corrected = crate::model::flags::CLOCK_CORRECTED,
+    );
+    match store
+        .write(move |conn| conn.execute(&sql, rusqlite::params![first_id, newest]))
+        .await
+    {
+        Ok(n) => tracing::info!(
+            readings = n,
+            "The clock is synchronised; readings stamped before are marked corrected."
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot mark readings corrected after clock synchronisation.")
         }
     }
 }
@@ -222,6 +325,9 @@ pub enum KernelClock {
 
 /// Whether the local clock is known to be synchronised (cached for a second).
 pub fn is_synchronized() -> bool {
+    if let Some((_, Some(synced))) = test_clock() {
+        return synced;
+    }
     // Bit 63: an answer is cached; bit 62: the answer; low bits: milliseconds since START.
     static START: OnceLock<Instant> = OnceLock::new();
     static CACHE: AtomicU64 = AtomicU64::new(0);

@@ -511,3 +511,45 @@ fn clock_steps_lose_nothing_and_fire_or_prune_nothing() {
         "clock steps: {lines} serial readings and {sim_stored} simulated stored, 0 duplicates, 0 pruned, events {events:?}"
     );
 }
+
+/// G8: readings stamped while the clock was not synchronised move with the step that
+/// synchronises it and are flagged corrected (so sync sends them at once); later
+/// readings carry no flag.
+#[test]
+fn clock_synchronisation_corrects_readings_stamped_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = SerialLink::start();
+    let db = dir.path().join("outpost.db");
+    let offset = dir.path().join("clock-offset");
+    std::fs::write(&offset, "0 unsynchronized").unwrap();
+    let env = [("OUTPOST_TEST_CLOCK_OFFSET_FILE", offset.to_str().unwrap())];
+    let agent = Running::start(dir.path(), &db, &serial_source(&link), &env);
+    agent.wait("the port to open", || {
+        (agent.check("source:ser")?.1 == "connected").then_some(())
+    });
+    write_lines(&link, 0, 10);
+    agent.wait("10 readings flagged CLOCK_UNSYNCED", || {
+        (agent.count("SELECT COUNT(*) FROM readings WHERE flags = 1") == 10).then_some(())
+    });
+    let before = agent.count("SELECT MAX(observed_at) FROM readings");
+    // The clock was a day behind; synchronisation steps it forward.
+    std::fs::write(&offset, "86400 synchronized").unwrap();
+    agent.wait("the readings to be corrected", || {
+        (agent.count("SELECT COUNT(*) FROM readings WHERE flags = 1 | 8") == 10).then_some(())
+    });
+    let after = agent.count("SELECT MAX(observed_at) FROM readings");
+    let moved = (after - before) as f64 / 1e6;
+    assert!((moved - 86400.0).abs() < 2.5, "moved by {moved} s");
+    let (_, detail) = agent.check("clock").unwrap();
+    assert!(
+        detail.starts_with("synchronised; clock stepped forward by 1day"),
+        "{detail}"
+    );
+    write_lines(&link, 10, 20);
+    agent.wait("10 more readings without flags", || {
+        (agent.count("SELECT COUNT(*) FROM readings WHERE flags = 0") == 10).then_some(())
+    });
+    let newest = agent.count("SELECT MAX(observed_at) FROM readings");
+    assert!(newest >= after, "new readings follow the corrected ones");
+    eprintln!("clock sync: 10 readings moved by {moved:.3} s and flagged corrected; 10 later ones unflagged");
+}

@@ -734,6 +734,56 @@ mod tests {
     const HOT: &str = "name = \"hot\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nclear = 6.0\nfor = \"10s\"\nnotifiers = [\"ops\"]\nreminder = \"1m\"";
 
     #[test]
+    fn a_clock_step_neither_completes_nor_delays_timers() {
+        let stale = "name = \"quiet\"\nkind = \"stale\"\nmetric = \"temperature\"\nafter = \"1m\"\nnotifiers = [\"ops\"]";
+        let rules: Vec<AlertRule> = [HOT, stale]
+            .iter()
+            .map(|t| toml::from_str(t).unwrap())
+            .collect();
+        let mut e = Engine::from_config(&rules, EventContext::default()).unwrap();
+        e.on_reading(&reading("a", 9.0, at(0)), at(0));
+        e.take_changes();
+        // Forward by a day at 5 s: the 10 s `for` and the 1 m stale timer keep counting
+        // from where they were.
+        let day = chrono::Duration::days(1);
+        e.clock_stepped(day, at(5) + day);
+        e.tick(at(6) + day);
+        assert!(e.take_changes().events.is_empty(), "nothing is due yet");
+        e.tick(at(10) + day);
+        assert_eq!(
+            kinds(&e.take_changes()),
+            vec![EventKind::Firing],
+            "for = 10s"
+        );
+        // Back by an hour: the reminder (1m) still comes 1 m after the firing.
+        let hour = chrono::Duration::hours(1);
+        e.clock_stepped(-hour, at(20) + day - hour);
+        e.on_reading(&reading("a", 9.0, at(21) + day - hour), at(21) + day - hour);
+        e.tick(at(69) + day - hour);
+        assert!(e.take_changes().events.is_empty());
+        e.tick(at(70) + day - hour);
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Reminder]);
+    }
+
+    #[test]
+    fn rate_rules_wait_one_period_after_a_step() {
+        let mut e = engine("name = \"door\"\nkind = \"rate\"\nmetric = \"temperature\"\ndelta = 3.0\nperiod = \"1m\"");
+        e.on_reading(&reading("a", 1.0, at(0)), at(0));
+        // Back by an hour: the readings before and after the step must not make a rate.
+        let hour = chrono::Duration::hours(1);
+        e.clock_stepped(-hour, at(10) - hour);
+        e.on_reading(&reading("a", 2.0, at(10) - hour), at(10) - hour);
+        e.on_reading(&reading("a", 5.5, at(60) - hour), at(60) - hour);
+        assert!(e.take_changes().events.is_empty(), "held for one period");
+        e.on_reading(&reading("a", 9.0, at(71) - hour), at(71) - hour);
+        assert_eq!(
+            kinds(&e.take_changes()),
+            vec![EventKind::Firing],
+            "9.0 - 5.5 within a minute"
+        );
+    }
+
+    #[test]
     fn threshold_for_must_hold_without_interruption() {
         let mut e = engine(HOT);
         e.on_reading(&reading("a", 9.0, at(0)), at(0));
