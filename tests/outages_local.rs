@@ -238,20 +238,32 @@ fn disk_full_refuses_nothing_it_accepted_and_recovers_in_place() {
         return;
     };
     let link = SerialLink::start();
+    let bus = SerialLink::start();
+    let _slave = support::ModbusSlave::start(
+        bus.peer_path(),
+        38400,
+        serde_json::json!({"1": {"holding": [{"address": 0, "value": 7}]}}),
+    );
     let db = mnt.0.join("outpost.db");
     let mut agent = Running::start(
         dir.path(),
         &db,
         &format!(
-            "[[sources]]\ntype = \"simulated\"\nname = \"sim\"\nperiod = \"50ms\"\n{}",
-            serial_source(&link)
+            "[[sources]]\ntype = \"simulated\"\nname = \"sim\"\nperiod = \"50ms\"\n{}\
+             [[sources]]\ntype = \"modbus-rtu\"\nname = \"bus\"\npath = \"{}\"\n\
+             [sources.port]\nbaud = 38400\n[[sources.slaves]]\nid = 1\ndevice = \"plc\"\n\
+             interval = \"100ms\"\ntimeout = \"1s\"\n\
+             [[sources.slaves.registers]]\nmetric = \"v\"\naddress = 0\n",
+            serial_source(&link),
+            bus.device_path().display()
         ),
         &[],
     );
     let pid = agent.pid();
     agent.wait("the port and readings", || {
         (agent.check("source:ser")?.1 == "connected"
-            && agent.count("SELECT COUNT(*) FROM readings WHERE source = 'sim'") >= 10)
+            && agent.count("SELECT COUNT(*) FROM readings WHERE source = 'sim'") >= 10
+            && agent.count("SELECT COUNT(*) FROM readings WHERE source = 'bus'") >= 5)
             .then_some(())
     });
     write_lines(&link, 0, 20);
@@ -302,22 +314,23 @@ fn disk_full_refuses_nothing_it_accepted_and_recovers_in_place() {
         "SELECT COUNT(DISTINCT value) FROM readings WHERE source = 'ser' AND value BETWEEN 0 AND 39",
     );
     assert_eq!(values, 40, "each line stored once");
-    // Every simulated reading counted as received was stored (the batch refused while
-    // full was offered again); allow the one batch in flight.
+    // Every simulated and Modbus reading counted as received was stored (batches
+    // refused while full were offered again); allow the batches in flight.
     std::thread::sleep(Duration::from_millis(500));
-    let received_before = metric(
-        &agent.metrics(),
-        "outpost_readings_received_total{source=\"sim\"}",
-    );
-    let stored_sim = agent.count("SELECT COUNT(*) FROM readings WHERE source = 'sim'") as f64;
-    let received_after = metric(
-        &agent.metrics(),
-        "outpost_readings_received_total{source=\"sim\"}",
-    );
-    assert!(
-        stored_sim >= received_before - 1.0 && stored_sim <= received_after,
-        "simulated: received {received_before}..{received_after}, stored {stored_sim}"
-    );
+    let mut counts = Vec::new();
+    for (source, in_flight) in [("sim", 1.0), ("bus", 2.0)] {
+        let name = format!("outpost_readings_received_total{{source=\"{source}\"}}");
+        let received_before = metric(&agent.metrics(), &name);
+        let stored = agent.count(&format!(
+            "SELECT COUNT(*) FROM readings WHERE source = '{source}'"
+        )) as f64;
+        let received_after = metric(&agent.metrics(), &name);
+        assert!(
+            stored >= received_before - in_flight && stored <= received_after,
+            "{source}: received {received_before}..{received_after}, stored {stored}"
+        );
+        counts.push((source, stored, received_after));
+    }
     assert_eq!(
         agent.count("SELECT COUNT(*) FROM readings")
             - agent.count("SELECT COUNT(DISTINCT uid) FROM readings"),
@@ -327,7 +340,7 @@ fn disk_full_refuses_nothing_it_accepted_and_recovers_in_place() {
     assert_eq!(agent.pid(), pid, "recovered without a restart");
     assert_eq!(agent.health().unwrap()["status"], "ok");
     eprintln!(
-        "disk full: refused {refused} readings while full; serial 40/40 stored; simulated {stored_sim} stored of {received_after} received"
+        "disk full: refused {refused} readings while full; serial 40/40 stored; (source, stored, received): {counts:?}"
     );
     drop(agent);
     drop(mnt);

@@ -511,8 +511,6 @@ struct Pending {
 const MAX_IN_FLIGHT: usize = 8;
 /// Sequence numbers reserved per commit of the reservation.
 const SEQUENCE_BLOCK: u64 = 10_000;
-/// How long a batch refused because the disk is full waits before it is offered again.
-const FULL_RETRY: Duration = Duration::from_secs(1);
 
 type AckResult = Result<Result<Committed, StoreError>, oneshot::error::RecvError>;
 /// A batch sent to the store: a copy of its readings and its commit result.
@@ -787,10 +785,7 @@ impl SerialSource {
                 // The disk is full: wait for room like a refused batch does.
                 Err(StoreError::Full) if !self.ctx.shutdown.is_cancelled() => {
                     self.note_disk_full();
-                    tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(FULL_RETRY) => {}
-                    }
+                    self.ctx.wait_for_disk_room().await;
                 }
                 Err(e) => {
                     self.reject_store(&e, readings.len());
@@ -869,16 +864,16 @@ impl SerialSource {
     }
 
     /// Handles a batch's commit result. A batch refused because the disk is full is
-    /// offered again (same uids, so never stored twice) every [`FULL_RETRY`] until it
+    /// offered again (same uids, so never stored twice) as soon as another commit
+    /// succeeded or [`super::FULL_RETRY`] passed, until it
     /// is stored; meanwhile nothing is read from the port, so new lines wait in the
     /// kernel's buffer (and the sensor's, with flow control). Only a shutdown while the
     /// disk is still full loses it (logged with the count).
     async fn settle(&mut self, readings: Vec<Reading>, mut result: AckResult) {
         while let Ok(Err(StoreError::Full)) = result {
             self.note_disk_full();
-            tokio::select! {
-                _ = self.ctx.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(FULL_RETRY) => {}
+            if !self.ctx.wait_for_disk_room().await {
+                break;
             }
             let (batch, ack) = Batch::with_ack(readings.clone());
             if self.ctx.out.send(batch).await.is_err() {

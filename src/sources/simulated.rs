@@ -220,8 +220,8 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
         tick += 1;
         ctx.metrics.received(&config.name, readings.len() as u64);
         // Wait for the commit so a full disk stops the simulation instead of queueing:
-        // a batch refused because the disk is full is offered again (same uids) every
-        // second until stored, and no new readings are made meanwhile (missed ticks
+        // a batch refused because the disk is full is offered again (same uids) until
+        // stored, and no new readings are made meanwhile (missed ticks
         // are skipped), like a sensor that waits for its gateway.
         loop {
             let (batch, ack) = Batch::with_ack(readings.clone());
@@ -235,9 +235,8 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
                     if refused.is_power_of_two() {
                         tracing::warn!(source = %config.name, refused, "The disk is full: simulated readings wait until the store takes them.");
                     }
-                    tokio::select! {
-                        _ = ctx.shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    if !ctx.wait_for_disk_room().await {
+                        return Ok(());
                     }
                 }
                 Ok(Err(e)) => {
