@@ -2,7 +2,8 @@
 //! reasons otherwise. Checks: the store accepts writes (the writer answered a probe
 //! recently and the disk is not full), and each source was heard from recently or
 //! reports itself connected, and no configured TLS certificate has expired (one
-//! expiring within 30 days is reported but still ok).
+//! expiring within 30 days is reported but still ok). The `clock` check is informational
+//! (always ok): synchronised or not, and a recent step of the wall clock.
 
 use crate::metrics::Metrics;
 use crate::store::Store;
