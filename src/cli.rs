@@ -132,7 +132,7 @@ pub fn main() -> ExitCode {
             limit,
             format,
         } => {
-            let now = chrono::Utc::now();
+            let now = crate::clock::now();
             let parse = |v: Option<String>, flag: &str| match v {
                 None => Ok(None),
                 Some(v) => crate::readings::parse_time(&v, now)
@@ -300,7 +300,7 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
     // Without --db the configuration is at hand: its certificate files are checked too.
     let certificates = match db {
         None => Config::load(&config::resolve_path(config_path))
-            .map(|c| crate::tls::status_of(&c, chrono::Utc::now()))
+            .map(|c| crate::tls::status_of(&c, crate::clock::now()))
             .unwrap_or_default(),
         Some(_) => Vec::new(),
     };

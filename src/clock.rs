@@ -15,11 +15,298 @@
 //!    flag is better than a silent wrong time.
 //!
 //! The answer is cached for a second: serial sources ask for every line.
+//!
+//! # The agent's wall clock and its steps
+//!
+//! Every time decision of the agent that uses wall time (local reading timestamps,
+//! alert timers, retention, health and status ages) asks [`now`], not `Utc::now()`
+//! directly, so that tests can step the clock of a running agent (see
+//! [`TEST_OFFSET_ENV`]). Durations that must not jump with the wall clock are measured
+//! on the monotonic clock (`Instant`), or corrected with a [`StepDetector`]: the wall
+//! clock moved by more than [`STEP_THRESHOLD`] beyond what the monotonic clock moved.
+//! The agent watches for steps once a second ([`watch_steps`]), logs them, and keeps
+//! the last one ([`last_step`], persisted for `outpost status`) so `/health` and
+//! `outpost status` report "clock stepped back by 1h at …" for [`step_notice`].
 
-use std::path::Path;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::Instant;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// **Test only.** Names a file holding an offset in seconds (e.g. `-3600`, `86400.5`)
+/// added to the system clock by [`now`], optionally followed by `synchronized` or
+/// `unsynchronized`, which then replaces the answer of [`is_synchronized`]. The file is
+/// re-read at most once a second; a missing or unreadable file means no offset. Lets
+/// black-box tests step the clock of a running agent without root or touching the
+/// machine's clock. Never set it in production.
+pub const TEST_OFFSET_ENV: &str = "OUTPOST_TEST_CLOCK_OFFSET_FILE";
+
+/// **Test only.** Seconds a clock step stays reported by `/health` and `outpost
+/// status` instead of [`STEP_NOTICE`].
+pub const TEST_STEP_NOTICE_ENV: &str = "OUTPOST_TEST_CLOCK_STEP_NOTICE";
+
+/// A wall-clock move this much larger or smaller than the monotonic clock's is a step
+/// (NTP slews at most 0.5 ms/s; scheduling delays move both clocks alike).
+pub const STEP_THRESHOLD: Duration = Duration::from_secs(2);
+
+/// How long a step stays reported.
+pub const STEP_NOTICE: Duration = Duration::from_secs(600);
+
+/// The agent's wall clock: the system clock (plus the test offset, when configured).
+pub fn now() -> DateTime<Utc> {
+    let system = Utc::now();
+    match test_clock() {
+        None => system,
+        Some((offset, _)) => system + offset,
+    }
+}
+
+/// What the test file says: the offset and, if given, the synchronisation state;
+/// `None` without [`TEST_OFFSET_ENV`]. Re-read at most once a second.
+fn test_clock() -> Option<(chrono::Duration, Option<bool>)> {
+    static OFFSET_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static CACHE: Mutex<Option<(Instant, chrono::Duration, Option<bool>)>> = Mutex::new(None);
+    let path = OFFSET_FILE
+        .get_or_init(|| std::env::var_os(TEST_OFFSET_ENV).map(PathBuf::from))
+        .as_ref()?;
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((read_at, offset, synced)) = *cache {
+        if read_at.elapsed() < Duration::from_secs(1) {
+            return Some((offset, synced));
+        }
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let offset = words
+        .next()
+        .and_then(|w| w.parse::<f64>().ok())
+        .filter(|secs| secs.is_finite() && secs.abs() < 1e11)
+        .map(|secs| chrono::Duration::microseconds((secs * 1e6) as i64))
+        .unwrap_or_default();
+    let synced = match words.next() {
+        Some("synchronized") => Some(true),
+        Some("unsynchronized") => Some(false),
+        _ => None,
+    };
+    *cache = Some((Instant::now(), offset, synced));
+    Some((offset, synced))
+}
+
+/// Detects steps of the wall clock by comparing it with the monotonic clock between
+/// two observations.
+#[derive(Debug, Default, Clone)]
+pub struct StepDetector {
+    last: Option<(DateTime<Utc>, Instant)>,
+}
+
+impl StepDetector {
+    /// Returns the step since the previous observation (positive: forward), if the
+    /// wall clock moved at least [`STEP_THRESHOLD`] more or less than `mono`.
+    pub fn observe(&mut self, wall: DateTime<Utc>, mono: Instant) -> Option<chrono::Duration> {
+        let previous = self.last.replace((wall, mono));
+        let (last_wall, last_mono) = previous?;
+        let monotonic = chrono::Duration::from_std(mono.saturating_duration_since(last_mono))
+            .unwrap_or(chrono::Duration::MAX);
+        let step = (wall - last_wall).checked_sub(&monotonic)?;
+        let threshold = chrono::Duration::from_std(STEP_THRESHOLD).unwrap_or_default();
+        (step.abs() >= threshold).then_some(step)
+    }
+}
+
+/// A detected step of the wall clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClockStep {
+    /// The wall time just after the step.
+    pub at: DateTime<Utc>,
+    /// How far the clock moved beyond the monotonic clock (negative: backwards).
+    pub seconds: f64,
+}
+
+impl ClockStep {
+    /// "stepped back by 1h at 2026-11-26T07:00:00Z".
+    pub fn describe(&self) -> String {
+        let by = Duration::from_secs(self.seconds.abs().round() as u64);
+        format!(
+            "stepped {} by {} at {}",
+            if self.seconds < 0.0 {
+                "back"
+            } else {
+                "forward"
+            },
+            humantime::format_duration(by),
+            self.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+    }
+
+    /// Whether the step is still reported at `now` ([`step_notice`] after it).
+    pub fn is_recent(&self, now: DateTime<Utc>) -> bool {
+        let since = (now - self.at).abs().to_std().unwrap_or(Duration::MAX);
+        since <= step_notice()
+    }
+}
+
+/// How long a step stays reported: [`STEP_NOTICE`], or the test override.
+pub fn step_notice() -> Duration {
+    std::env::var(TEST_STEP_NOTICE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(STEP_NOTICE)
+}
+
+static LAST_STEP: Mutex<Option<ClockStep>> = Mutex::new(None);
+
+/// The last step this process detected.
+pub fn last_step() -> Option<ClockStep> {
+    LAST_STEP.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// `source_state` row (source, key) where the last step is kept for `outpost status`.
+/// `@` cannot start a source name, so it never collides with a source's rows.
+pub const STEP_STATE: (&str, &str) = ("@agent", "clock_step");
+
+/// Watches the wall clock once a second until `shutdown`: each step is logged, kept
+/// for `/health` and written to the store for `outpost status`.
+pub async fn watch_steps(
+    store: crate::store::Store,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut detector = StepDetector::default();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let committed = store.committed_watch();
+    // Readings this process stamped: only their clock is known (G8: same boot, and the
+    // monotonic clock measured the time since).
+    let first_id = *committed.borrow();
+    let mut previous: Option<(DateTime<Utc>, Instant, i64)> = None;
+    let mut was_synchronized = is_synchronized();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let wall = now();
+        let mono = Instant::now();
+        let newest = *committed.borrow();
+        let step = detector.observe(wall, mono);
+        if let (Some(step), Some(previous)) = (step, previous) {
+            correct_unsynced(&store, first_id, previous, mono, step).await;
+        }
+        let synchronized = is_synchronized();
+        if synchronized && !was_synchronized {
+            mark_corrected(&store, first_id, newest).await;
+        }
+        was_synchronized = synchronized;
+        previous = Some((wall, mono, newest));
+        let Some(step) = step else {
+            continue;
+        };
+        let step = ClockStep {
+            at: wall,
+            seconds: step.num_milliseconds() as f64 / 1000.0,
+        };
+        tracing::warn!(
+            seconds = step.seconds,
+            "The wall clock {}; alert timers and retention follow the monotonic clock.",
+            step.describe()
+        );
+        *LAST_STEP.lock().unwrap_or_else(|p| p.into_inner()) = Some(step.clone());
+        if let Ok(json) = serde_json::to_string(&step) {
+            let rows = vec![(STEP_STATE.1.to_string(), json)];
+            if let Err(e) = crate::sources::rejects::write_rows(&store, STEP_STATE.0, rows).await {
+                tracing::debug!(error = %e, "Could not save the clock step.");
+            }
+        }
+    }
+}
+
+/// G8: readings this process stamped with its own clock while it was not synchronised
+/// (`CLOCK_UNSYNCED`), not yet corrected nor sent, move with a step, so they stay
+/// right relative to the new clock. Which readings were stamped before the step:
+/// those committed by the previous check (`previous`: wall time, monotonic time,
+/// newest id), and those committed since whose time lies within that interval on
+/// the old clock (a step is at least [`STEP_THRESHOLD`], so the intervals before and
+/// after it do not overlap).
+async fn correct_unsynced(
+    store: &crate::store::Store,
+    first_id: i64,
+    previous: (DateTime<Utc>, Instant, i64),
+    mono: Instant,
+    step: chrono::Duration,
+) {
+    let (prev_wall, prev_mono, prev_id) = previous;
+    let Some(shift) = step.num_microseconds() else {
+        return;
+    };
+    let since =
+        chrono::Duration::from_std(mono.saturating_duration_since(prev_mono)).unwrap_or_default();
+    let lag = chrono::Duration::milliseconds(500);
+    let from = crate::model::to_micros(prev_wall - lag);
+    let to = crate::model::to_micros(prev_wall + since + chrono::Duration::milliseconds(200));
+    let sql = format!(
+        "UPDATE readings SET observed_at = observed_at + ?1, received_at = received_at + ?1 \
+         WHERE id > ?2 AND synced = 0 AND (flags & {unsynced}) != 0 AND (flags & {corrected}) = 0 \
+           AND (id <= ?3 OR received_at BETWEEN ?4 AND ?5)",
+        unsynced = crate::model::flags::CLOCK_UNSYNCED,
+        corrected = crate::model::flags::CLOCK_CORRECTED,
+    );
+    let result = store
+        .write(move |conn| {
+            conn.execute(&sql, rusqlite::params![shift, first_id, prev_id, from, to])
+        })
+        .await;
+    match result {
+        Ok(n) if n > 0 => {
+            tracing::info!(
+                readings = n,
+                "Readings stamped before the clock step were moved with it."
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot move unsynchronised readings with the clock step.")
+        }
+    }
+}
+
+/// G8: the clock is synchronised now; the readings this process stamped before (moved
+/// with every step since) carry the right time: flag them `CLOCK_CORRECTED`, so sync
+/// sends them without waiting for `clock_hold_max`.
+async fn mark_corrected(store: &crate::store::Store, first_id: i64, newest: i64) {
+    let sql = format!(
+        "UPDATE readings SET flags = flags | {corrected} \
+         WHERE id > ?1 AND id <= ?2 AND synced = 0 AND (flags & {unsynced}) != 0",
+        unsynced = crate::model::flags::CLOCK_UNSYNCED,
+        corrected = crate::model::flags::CLOCK_CORRECTED,
+    );
+    match store
+        .write(move |conn| conn.execute(&sql, rusqlite::params![first_id, newest]))
+        .await
+    {
+        Ok(n) => tracing::info!(
+            readings = n,
+            "The clock is synchronised; readings stamped before are marked corrected."
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot mark readings corrected after clock synchronisation.")
+        }
+    }
+}
+
+/// The last step recorded in the database, if it is still recent at `now` (for
+/// `outpost status`, which runs in its own process).
+pub fn recent_step_in_store(
+    conn: &rusqlite::Connection,
+    now: DateTime<Utc>,
+) -> rusqlite::Result<Option<ClockStep>> {
+    let stored = crate::sources::rejects::read_state(conn, STEP_STATE.0, STEP_STATE.1)?;
+    Ok(stored
+        .and_then(|json| serde_json::from_str::<ClockStep>(&json).ok())
+        .filter(|step| step.is_recent(now)))
+}
 
 /// The file systemd-timesyncd creates once the clock is synchronised.
 pub const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
@@ -38,6 +325,9 @@ pub enum KernelClock {
 
 /// Whether the local clock is known to be synchronised (cached for a second).
 pub fn is_synchronized() -> bool {
+    if let Some((_, Some(synced))) = test_clock() {
+        return synced;
+    }
     // Bit 63: an answer is cached; bit 62: the answer; low bits: milliseconds since START.
     static START: OnceLock<Instant> = OnceLock::new();
     static CACHE: AtomicU64 = AtomicU64::new(0);
@@ -92,6 +382,31 @@ pub fn classify_adjtimex(state: libc::c_int, status: libc::c_int) -> KernelClock
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steps_are_wall_moves_the_monotonic_clock_did_not_make() {
+        let mut d = StepDetector::default();
+        let t0 = Utc::now();
+        let m0 = Instant::now();
+        assert_eq!(d.observe(t0, m0), None);
+        let s = chrono::Duration::seconds;
+        // One second on both clocks, and a slow scheduler: no step.
+        assert_eq!(d.observe(t0 + s(1), m0 + Duration::from_secs(1)), None);
+        assert_eq!(d.observe(t0 + s(31), m0 + Duration::from_secs(31)), None);
+        // Back by an hour while a second passed.
+        let back = d.observe(t0 + s(32) - s(3600), m0 + Duration::from_secs(32));
+        assert_eq!(back, Some(-s(3600)));
+        // Forward by a day.
+        let fwd = d.observe(t0 + s(33) + s(82800), m0 + Duration::from_secs(33));
+        assert_eq!(fwd, Some(s(86400)));
+        let step = ClockStep {
+            at: t0,
+            seconds: -3600.0,
+        };
+        assert!(step.describe().starts_with("stepped back by 1h at "));
+        assert!(step.is_recent(t0 + s(60)));
+        assert!(!step.is_recent(t0 + s(3600)));
+    }
 
     #[test]
     fn the_timesync_flag_wins_without_asking_the_kernel() {

@@ -1,12 +1,13 @@
 //! `/health`: is this gateway doing its job? 200 when every check passes, 503 with the
 //! reasons otherwise. Checks: the store accepts writes (the writer answered a probe
 //! recently and the disk is not full), and each source was heard from recently or
-//! reports itself connected, and no configured TLS certificate has expired (one
+//! reports itself connected, and no TLS certificate (configured or presented) has expired (one
 //! expiring within 30 days is reported but still ok). Peers are checked too: a source
 //! that cannot reach its broker is unhealthy with the broker's error; `sync` fails
 //! while central sync rounds fail (with the last error and the backlog) and
 //! `notifications` while pending notifications fail to be delivered (with the last
-//! error). Each clears as soon as the peer answers again.
+//! error). Each clears as soon as the peer answers again. The `clock` check is
+//! informational (always ok): synchronised or not, and a recent step of the wall clock.
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -17,21 +18,40 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Progress evidence shared by the watchdog and `/health`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Liveness {
-    /// Unix milliseconds when the store writer last completed a probe write.
+    /// Monotonic origin of the timestamps below (a wall-clock step does not make the
+    /// store look stuck or fresh).
+    origin: std::time::Instant,
+    /// Milliseconds after `origin` (plus one) when the store writer last completed a
+    /// probe write; 0 before the first.
     last_store_ok_ms: AtomicI64,
 }
 
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            origin: std::time::Instant::now(),
+            last_store_ok_ms: AtomicI64::new(0),
+        }
+    }
+}
+
 impl Liveness {
-    pub fn store_ok(&self, now: chrono::DateTime<chrono::Utc>) {
-        self.last_store_ok_ms.store(now.timestamp_millis(), Relaxed);
+    pub fn store_ok(&self) {
+        let ms = self.origin.elapsed().as_millis() as i64 + 1;
+        self.last_store_ok_ms.store(ms, Relaxed);
     }
 
-    pub fn last_store_ok(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+    /// Since the last successful probe write (monotonic).
+    pub fn store_probe_age(&self) -> Option<Duration> {
         match self.last_store_ok_ms.load(Relaxed) {
             0 => None,
-            ms => chrono::DateTime::from_timestamp_millis(ms),
+            ms => Some(
+                self.origin
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms as u64 - 1)),
+            ),
         }
     }
 }
@@ -99,9 +119,18 @@ pub fn evaluate(inputs: &HealthInputs, source_max_silence: Duration) -> HealthRe
         let bound = humantime::format_duration(source_max_silence);
         let (ok, detail) = match (s.connected, s.silent_for) {
             (Some(true), _) => (true, "connected".to_string()),
-            (_, Some(age)) if age <= source_max_silence => {
-                (true, format!("last reading {}s ago", age.as_secs()))
-            }
+            (connected, Some(age)) if age <= source_max_silence => (
+                true,
+                format!(
+                    "{}last reading {}s ago",
+                    if connected == Some(false) {
+                        "disconnected; "
+                    } else {
+                        ""
+                    },
+                    age.as_secs()
+                ),
+            ),
             (connected, Some(age)) => (
                 false,
                 format!(
@@ -322,7 +351,7 @@ pub fn mark_disconnected(
 
 impl HealthProbe {
     pub async fn report(&self) -> HealthReport {
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         let store = self.store.clone();
         let sync_enabled = self.sync_enabled.load(Relaxed);
         // Last reading per source from the per-series summary (never a table scan),
@@ -355,10 +384,7 @@ impl HealthProbe {
             })
             .collect();
         let inputs = HealthInputs {
-            store_probe_age: self
-                .liveness
-                .last_store_ok()
-                .map(|t| (now - t).to_std().unwrap_or_default()),
+            store_probe_age: self.liveness.store_probe_age(),
             disk_full: self.store.stats().disk_full.load(Relaxed),
             uptime: self.started.elapsed(),
             sources,
@@ -383,6 +409,11 @@ impl HealthProbe {
         if !report.healthy() {
             report.status = "unhealthy";
         }
+        report.checks.push(clock_check(
+            now,
+            crate::clock::is_synchronized(),
+            crate::clock::last_step(),
+        ));
         if let Some(check) = crate::tls::health_check(&self.metrics.certs().snapshot(), now) {
             if !check.ok {
                 report.status = "unhealthy";
@@ -390,6 +421,31 @@ impl HealthProbe {
             report.checks.push(check);
         }
         report
+    }
+}
+
+/// The `clock` check: whether the clock is synchronised and any recent step. It never
+/// fails the report: an unsynchronised clock is handled (readings are flagged and held
+/// back, G8) and a step is over once it happened; both are shown so a person can see
+/// why timestamps look odd.
+pub fn clock_check(
+    now: chrono::DateTime<chrono::Utc>,
+    synchronized: bool,
+    last_step: Option<crate::clock::ClockStep>,
+) -> Check {
+    let mut detail = if synchronized {
+        "synchronised".to_string()
+    } else {
+        "not synchronised (local readings are flagged)".to_string()
+    };
+    if let Some(step) = last_step.filter(|s| s.is_recent(now)) {
+        detail.push_str("; clock ");
+        detail.push_str(&step.describe());
+    }
+    Check {
+        name: "clock".into(),
+        ok: true,
+        detail,
     }
 }
 
@@ -415,6 +471,34 @@ mod tests {
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn the_clock_check_shows_a_recent_step_and_never_fails() {
+        let now = chrono::Utc::now();
+        let step = crate::clock::ClockStep {
+            at: now - chrono::Duration::seconds(30),
+            seconds: -3600.0,
+        };
+        let c = clock_check(now, true, Some(step.clone()));
+        assert!(c.ok);
+        assert!(
+            c.detail
+                .starts_with("synchronised; clock stepped back by 1h at "),
+            "{c:?}"
+        );
+        let later = now + chrono::Duration::hours(1);
+        assert_eq!(
+            clock_check(later, false, Some(step)).detail,
+            "not synchronised (local readings are flagged)"
+        );
+    }
+
+    #[test]
+    fn a_disconnected_source_says_so_within_its_bound() {
+        let r = evaluate(&inputs(vec![source(Some(10), Some(false))]), HOUR);
+        assert!(r.healthy());
+        assert_eq!(r.checks[1].detail, "disconnected; last reading 10s ago");
+    }
 
     #[test]
     fn healthy_when_store_answers_and_sources_speak() {

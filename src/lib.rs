@@ -4,7 +4,8 @@
 //!
 //! - [`config`]: the TOML configuration, its drop-ins and environment overrides, and
 //!   error reports that name file, line and key.
-//! - [`clock`]: whether the local clock is synchronised (G8), learned in a way the
+//! - [`clock`]: the agent's wall clock (`clock::now()`), steps of it detected against
+//!   the monotonic clock, and whether it is synchronised (G8), learned in a way the
 //!   hardened unit allows.
 //! - [`model`]: readings, their stable uids and flags, batches with acknowledgements.
 //! - [`sources`]: producers of readings — `ttn` (with Storage Integration backfill),

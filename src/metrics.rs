@@ -268,7 +268,7 @@ impl Collector for StoreCollector {
                 ConstGauge::new(report.rows).encode(rows)?;
                 let age = report
                     .oldest_received_at
-                    .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+                    .map(|t| (crate::clock::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
                     .unwrap_or(0.0);
                 let oldest = encoder.encode_descriptor(
                     "backlog_oldest_age_seconds",
@@ -296,7 +296,7 @@ impl Collector for CertCollector {
         if certs.is_empty() {
             return Ok(());
         }
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         let mut family = encoder.encode_descriptor(
             "tls_certificate_expiry_days",
             "Days until the first certificate in each configured certificate file expires (negative: expired)",

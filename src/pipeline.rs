@@ -275,6 +275,10 @@ pub async fn run(
         liveness.clone(),
         shutdown.clone(),
     ));
+    pipeline.spawn_consumer(crate::clock::watch_steps(
+        pipeline.store.clone(),
+        shutdown.clone(),
+    ));
     let probe = Arc::new(HealthProbe {
         store: pipeline.store.clone(),
         metrics: pipeline.metrics.clone(),
@@ -299,7 +303,7 @@ pub async fn run(
         ));
     }
     let certs = pipeline.metrics.certs().clone();
-    crate::tls::record_and_log(&certs, &config, chrono::Utc::now());
+    crate::tls::record_and_log(&certs, &config, crate::clock::now());
     crate::tls::forget_removed_servers(&certs, &config, &pipeline.store).await;
     pipeline.spawn_consumer(crate::tls::remind_daily(certs, shutdown.clone()));
     // Downstream consumers that a reload may restart are named.
@@ -429,7 +433,7 @@ async fn apply_reload(
         start_alerts(pipeline, &running).await;
         tracing::info!("Alert rules and notifiers reloaded.");
     }
-    crate::tls::record_and_log(pipeline.metrics.certs(), &new, chrono::Utc::now());
+    crate::tls::record_and_log(pipeline.metrics.certs(), &new, crate::clock::now());
     crate::tls::forget_removed_servers(pipeline.metrics.certs(), &new, &pipeline.store).await;
     probe
         .sync_enabled

@@ -87,6 +87,21 @@ pub fn render(report: &StatusReport, database: &str) -> String {
             report.pruned_unsynced
         );
     }
+    if report.disk_full {
+        let _ = writeln!(
+            out,
+            "Disk FULL: {} bytes free where the database lives; the agent refuses new readings until space is freed",
+            report.disk_free_bytes.unwrap_or(0)
+        );
+    }
+    if let Some(step) = &report.clock_step {
+        let _ = writeln!(
+            out,
+            "Clock: {} ({} ago)",
+            step.describe(),
+            age(now, step.at)
+        );
+    }
     if report.rejected > 0 {
         let _ = writeln!(
             out,

@@ -49,7 +49,7 @@ pub async fn supervise(store: Store, liveness: Arc<Liveness>, shutdown: Cancella
         }
         match tokio::time::timeout(period, store.write(|_| Ok(()))).await {
             Ok(Ok(())) => {
-                liveness.store_ok(chrono::Utc::now());
+                liveness.store_ok();
                 if watchdog {
                     let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
                 }

@@ -501,7 +501,7 @@ impl CertRecorder {
         if !self.watch.record_presented(&self.label, info.clone()) {
             return;
         }
-        let now = Utc::now();
+        let now = crate::clock::now();
         log_one(&self.label, &info, now, "presented by the server");
         if let (Some(store), Ok(runtime)) = (&self.store, tokio::runtime::Handle::try_current()) {
             let (store, label) = (store.clone(), self.label.clone());
@@ -742,7 +742,7 @@ pub async fn remind_daily(watch: CertWatch, shutdown: tokio_util::sync::Cancella
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(DAY) => log_expiring(&watch, Utc::now()),
+            _ = tokio::time::sleep(DAY) => log_expiring(&watch, crate::clock::now()),
         }
     }
 }

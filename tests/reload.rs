@@ -21,6 +21,8 @@ fn config(db: &Path, sources: &[(&str, &str)], extra: &str) -> String {
     text
 }
 
+/// Readings of `source`; 0 while the agent has not created its tables yet (the
+/// database file exists a moment before its schema).
 fn count(db: &Path, source: &str) -> i64 {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -29,7 +31,7 @@ fn count(db: &Path, source: &str) -> i64 {
         [source],
         |r| r.get(0),
     )
-    .unwrap()
+    .unwrap_or(0)
 }
 
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) {

@@ -51,6 +51,9 @@ struct Series {
     last_notified: Option<DateTime<Utc>>,
     /// Rate rules: `(observed_at, value)` within the period, oldest first.
     window: VecDeque<(DateTime<Utc>, f64)>,
+    /// Rate rules after a clock step: no decision before this agent time, while the
+    /// window refills with readings stamped after the step.
+    rate_hold_until: Option<DateTime<Utc>>,
 }
 
 impl Series {
@@ -64,6 +67,7 @@ impl Series {
             last_seen: now,
             last_notified: None,
             window: VecDeque::new(),
+            rate_hold_until: None,
         }
     }
 }
@@ -161,6 +165,35 @@ impl Engine {
         }
     }
 
+    /// The wall clock was stepped by `step` (positive: forward; see [`crate::clock`]).
+    /// The agent times the timers count from (pending `for`, stale, reminders) move
+    /// with it, so a step neither fires nor delays them: durations keep following the
+    /// monotonic clock. Rate windows hold readings stamped on both sides of the step,
+    /// which would fake a rate (or hide one); they restart, and rate rules decide
+    /// nothing (neither fire nor resolve) until one `period` after the step.
+    pub fn clock_stepped(&mut self, step: chrono::Duration, now: DateTime<Utc>) {
+        let mut changed = Vec::new();
+        for (key, s) in self.series.iter_mut() {
+            s.since += step;
+            s.last_seen += step;
+            if let Some(t) = s.last_notified.as_mut() {
+                *t += step;
+            }
+            if let Condition::Rate { period, .. } = self.rules[key.0].condition {
+                s.window.clear();
+                s.rate_hold_until =
+                    Some(now + chrono::Duration::from_std(period).unwrap_or_default());
+            }
+            if s.phase.is_some() {
+                changed.push(key.clone());
+            }
+        }
+        changed.sort();
+        for key in changed {
+            self.persist(&key);
+        }
+    }
+
     /// Evaluates one committed reading at `now`.
     pub fn on_reading(&mut self, r: &Reading, now: DateTime<Utc>) {
         for i in 0..self.rules.len() {
@@ -207,6 +240,11 @@ impl Engine {
                         Direction::Below => r.value - values.fold(f64::NEG_INFINITY, f64::max),
                     };
                     let change = if change.is_finite() { change } else { 0.0 };
+                    if s.rate_hold_until.is_some_and(|t| now < t) {
+                        s.value = Some(r.value);
+                        continue;
+                    }
+                    s.rate_hold_until = None;
                     self.evaluate(&key, direction, change, delta, clear, hold, r.value, now);
                 }
                 Condition::Stale { .. } => {
@@ -576,11 +614,22 @@ async fn run_engine(
     let mut unsaved = engine.take_changes();
     let mut last_save = tokio::time::Instant::now();
     let mut save_failures = LogLimiter::default();
+    // Wall-clock steps, seen against tokio's monotonic clock (paused in tests).
+    let mut steps = crate::clock::StepDetector::default();
+    let mut stepped = chrono::Duration::zero();
+    let mut now_after_steps = |engine: &mut Engine, stepped: &mut chrono::Duration| {
+        let now = clock.now();
+        if let Some(step) = steps.observe(now, tokio::time::Instant::now().into_std()) {
+            engine.clock_stepped(step, now);
+            *stepped += step;
+        }
+        now
+    };
     loop {
         let open = tokio::select! {
             rows = rx.recv() => match rows {
                 Some(rows) => {
-                    let now = clock.now();
+                    let now = now_after_steps(&mut engine, &mut stepped);
                     for row in &rows {
                         engine.on_reading(&row.reading, now);
                         position = row.id;
@@ -590,7 +639,8 @@ async fn run_engine(
                 None => false,
             },
             _ = ticker.tick() => {
-                engine.tick(clock.now());
+                let now = now_after_steps(&mut engine, &mut stepped);
+                engine.tick(now);
                 true
             }
             // Stopped for a reload or at shutdown: save the cursor and state; readings
@@ -598,6 +648,22 @@ async fn run_engine(
             _ = stop.cancelled() => false,
         };
         unsaved.append(engine.take_changes());
+        if !stepped.is_zero() {
+            // Pending notifications keep their retry delays and TTLs across the step.
+            let shift = std::mem::take(&mut stepped).num_microseconds().unwrap_or(0);
+            let result = store
+                .write(move |conn| {
+                    conn.execute(
+                        "UPDATE outbox SET next_attempt_at = next_attempt_at + ?1, \
+                         expires_at = expires_at + ?1 WHERE state = 'pending'",
+                        [shift],
+                    )
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "Cannot move notification deadlines after a clock step.");
+            }
+        }
         let cursor_due = saved_cursor != Some(position)
             && (last_save.elapsed() >= CURSOR_SAVE_INTERVAL || !open);
         if !unsaved.is_empty() || cursor_due {
@@ -683,6 +749,56 @@ mod tests {
     }
 
     const HOT: &str = "name = \"hot\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nclear = 6.0\nfor = \"10s\"\nnotifiers = [\"ops\"]\nreminder = \"1m\"";
+
+    #[test]
+    fn a_clock_step_neither_completes_nor_delays_timers() {
+        let stale = "name = \"quiet\"\nkind = \"stale\"\nmetric = \"temperature\"\nafter = \"1m\"\nnotifiers = [\"ops\"]";
+        let rules: Vec<AlertRule> = [HOT, stale]
+            .iter()
+            .map(|t| toml::from_str(t).unwrap())
+            .collect();
+        let mut e = Engine::from_config(&rules, EventContext::default()).unwrap();
+        e.on_reading(&reading("a", 9.0, at(0)), at(0));
+        e.take_changes();
+        // Forward by a day at 5 s: the 10 s `for` and the 1 m stale timer keep counting
+        // from where they were.
+        let day = chrono::Duration::days(1);
+        e.clock_stepped(day, at(5) + day);
+        e.tick(at(6) + day);
+        assert!(e.take_changes().events.is_empty(), "nothing is due yet");
+        e.tick(at(10) + day);
+        assert_eq!(
+            kinds(&e.take_changes()),
+            vec![EventKind::Firing],
+            "for = 10s"
+        );
+        // Back by an hour: the reminder (1m) still comes 1 m after the firing.
+        let hour = chrono::Duration::hours(1);
+        e.clock_stepped(-hour, at(20) + day - hour);
+        e.on_reading(&reading("a", 9.0, at(21) + day - hour), at(21) + day - hour);
+        e.tick(at(69) + day - hour);
+        assert!(e.take_changes().events.is_empty());
+        e.tick(at(70) + day - hour);
+        assert_eq!(kinds(&e.take_changes()), vec![EventKind::Reminder]);
+    }
+
+    #[test]
+    fn rate_rules_wait_one_period_after_a_step() {
+        let mut e = engine("name = \"door\"\nkind = \"rate\"\nmetric = \"temperature\"\ndelta = 3.0\nperiod = \"1m\"");
+        e.on_reading(&reading("a", 1.0, at(0)), at(0));
+        // Back by an hour: the readings before and after the step must not make a rate.
+        let hour = chrono::Duration::hours(1);
+        e.clock_stepped(-hour, at(10) - hour);
+        e.on_reading(&reading("a", 2.0, at(10) - hour), at(10) - hour);
+        e.on_reading(&reading("a", 5.5, at(60) - hour), at(60) - hour);
+        assert!(e.take_changes().events.is_empty(), "held for one period");
+        e.on_reading(&reading("a", 9.0, at(71) - hour), at(71) - hour);
+        assert_eq!(
+            kinds(&e.take_changes()),
+            vec![EventKind::Firing],
+            "9.0 - 5.5 within a minute"
+        );
+    }
 
     #[test]
     fn threshold_for_must_hold_without_interruption() {

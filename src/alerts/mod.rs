@@ -602,7 +602,7 @@ pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
 
 impl Clock {
     pub fn system() -> Clock {
-        Clock(Arc::new(Utc::now))
+        Clock(Arc::new(crate::clock::now))
     }
 
     /// Wall time that advances with `tokio::time`, starting at `start`.

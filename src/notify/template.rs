@@ -136,7 +136,7 @@ pub fn field_value(event: &AlertEvent, field: &str) -> String {
 
 /// A test event for `outpost notify-test`.
 pub fn test_event(site: &str, gateway_id: &str) -> AlertEvent {
-    let now = chrono::Utc::now();
+    let now = crate::clock::now();
     AlertEvent {
         uid: crate::model::Uid::derive(&[
             "notify-test",

@@ -149,3 +149,29 @@ pub struct SourceContext {
     /// `agent.gateway_id`, e.g. for default MQTT client ids.
     pub gateway_id: String,
 }
+
+/// How long a source waits at most before offering a batch refused because the disk
+/// is full again.
+pub const FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl SourceContext {
+    /// After the store refused a batch because the disk is full: waits until some
+    /// commit has succeeded since (the writer then clears `disk_full`, so a backlog of
+    /// refused batches goes at once) or [`FULL_RETRY`] has passed (someone has to try).
+    /// Returns false on shutdown.
+    pub async fn wait_for_disk_room(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + FULL_RETRY;
+        let stats = self.store.stats().clone();
+        loop {
+            if !stats.disk_full.load(std::sync::atomic::Ordering::Relaxed)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return true;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            }
+        }
+    }
+}

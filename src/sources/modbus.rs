@@ -474,12 +474,23 @@ struct ModbusSource {
     rejects: RejectCounter,
     state: StateWriter,
     state_rows: Vec<(String, String)>,
-    in_flight: VecDeque<oneshot::Receiver<Result<Committed, StoreError>>>,
+    /// Batches sent and not yet committed, with a copy of their readings to offer
+    /// again if the disk was full.
+    in_flight: VecDeque<InFlight>,
     store_refusals: u64,
+    /// Waits for a full disk (for rate-limited logging).
+    full_waits: u64,
     bus_open: bool,
 }
 
 const MAX_IN_FLIGHT: usize = 8;
+
+type AckResult = Result<Result<Committed, StoreError>, oneshot::error::RecvError>;
+/// A batch sent to the store: a copy of its readings and its commit result.
+type InFlight = (
+    Vec<Reading>,
+    oneshot::Receiver<Result<Committed, StoreError>>,
+);
 const SEQUENCE_BLOCK: u64 = 10_000;
 /// The first wait before probing a slave that went offline (or its interval if longer).
 const OFFLINE_FIRST_PROBE: Duration = Duration::from_secs(1);
@@ -506,7 +517,7 @@ pub async fn run(config: ModbusConfig, ctx: SourceContext) -> anyhow::Result<()>
                 polls: 0,
                 failed_polls: 0,
                 last_error: None,
-                since: chrono::Utc::now(),
+                since: crate::clock::now(),
                 config: s.clone(),
             })
             .collect();
@@ -518,6 +529,7 @@ pub async fn run(config: ModbusConfig, ctx: SourceContext) -> anyhow::Result<()>
             state_rows: Vec::new(),
             in_flight: VecDeque::new(),
             store_refusals: 0,
+            full_waits: 0,
             bus_open: false,
             slaves,
             config,
@@ -592,8 +604,9 @@ impl ModbusSource {
                 }
             }
         }
-        while let Some(ack) = self.in_flight.pop_front() {
-            self.check_ack(ack.await);
+        while let Some((readings, ack)) = self.in_flight.pop_front() {
+            let result = ack.await;
+            self.settle(readings, result).await;
         }
         self.set_bus_state("stopped", None);
         let mut rows = std::mem::take(&mut self.state_rows);
@@ -657,7 +670,7 @@ impl ModbusSource {
         let mut values: Vec<(String, Option<String>, f64)> = Vec::new();
         let mut answered = false;
         let mut failure: Option<(&'static str, String)> = None;
-        let mut observed_at = chrono::Utc::now();
+        let mut observed_at = crate::clock::now();
         let mut rebuild = false;
         for reg in &registers {
             let mut outcome = None;
@@ -676,7 +689,7 @@ impl ModbusSource {
                     break;
                 }
             }
-            observed_at = chrono::Utc::now();
+            observed_at = crate::clock::now();
             match outcome {
                 None => {}
                 Some(Ok(raw)) => {
@@ -787,7 +800,7 @@ impl ModbusSource {
                         "Modbus slave does not answer; marked offline and polled with backoff."
                     );
                     slave.online = Some(false);
-                    slave.since = chrono::Utc::now();
+                    slave.since = crate::clock::now();
                     changed = true;
                 }
                 slave.next_due = now + slave.backoff.next_delay();
@@ -798,7 +811,7 @@ impl ModbusSource {
                         tracing::info!(slave = slave.config.id, device = %slave.device, "Modbus slave answers again.");
                     }
                     slave.online = Some(true);
-                    slave.since = chrono::Utc::now();
+                    slave.since = crate::clock::now();
                     slave.backoff.reset();
                     changed = true;
                 }
@@ -812,11 +825,18 @@ impl ModbusSource {
         if values.is_empty() {
             return;
         }
-        let sequence = match self.sequence.next().await {
-            Ok(s) => s.to_string(),
-            Err(e) => {
-                self.store_refused(&e);
-                return;
+        let sequence = loop {
+            match self.sequence.next().await {
+                Ok(s) => break s.to_string(),
+                // The disk is full: wait for room like a refused batch does.
+                Err(StoreError::Full) if !self.ctx.shutdown.is_cancelled() => {
+                    self.note_disk_full();
+                    self.ctx.wait_for_disk_room().await;
+                }
+                Err(e) => {
+                    self.store_refused(&e);
+                    return;
+                }
             }
         };
         let flags = if crate::clock::is_synchronized() {
@@ -843,26 +863,52 @@ impl ModbusSource {
         self.ctx
             .metrics
             .received(&self.config.name, readings.len() as u64);
-        let (batch, ack) = Batch::with_ack(readings);
+        let (batch, ack) = Batch::with_ack(readings.clone());
         if self.ctx.out.send(batch).await.is_err() {
             return;
         }
-        self.in_flight.push_back(ack);
+        self.in_flight.push_back((readings, ack));
         while self.in_flight.len() > MAX_IN_FLIGHT {
-            if let Some(ack) = self.in_flight.pop_front() {
-                self.check_ack(ack.await);
+            if let Some((readings, ack)) = self.in_flight.pop_front() {
+                let result = ack.await;
+                self.settle(readings, result).await;
             }
         }
-        while let Some(Ok(result)) = self.in_flight.front_mut().map(|a| a.try_recv()) {
-            self.in_flight.pop_front();
-            self.check_ack(Ok(result));
+        while let Some(Ok(result)) = self.in_flight.front_mut().map(|(_, a)| a.try_recv()) {
+            if let Some((readings, _)) = self.in_flight.pop_front() {
+                self.settle(readings, Ok(result)).await;
+            }
         }
     }
 
-    fn check_ack(
-        &mut self,
-        result: Result<Result<Committed, StoreError>, oneshot::error::RecvError>,
-    ) {
+    /// Handles a batch's commit result. A batch refused because the disk is full is
+    /// offered again (same uids, so never stored twice) as soon as another commit
+    /// succeeded or [`super::FULL_RETRY`] passed, until it
+    /// is stored; meanwhile the bus is not polled. Only a shutdown while the disk is
+    /// still full loses it (logged with the count).
+    async fn settle(&mut self, readings: Vec<Reading>, mut result: AckResult) {
+        while let Ok(Err(StoreError::Full)) = result {
+            self.note_disk_full();
+            if !self.ctx.wait_for_disk_room().await {
+                break;
+            }
+            let (batch, ack) = Batch::with_ack(readings.clone());
+            if self.ctx.out.send(batch).await.is_err() {
+                break;
+            }
+            result = ack.await;
+        }
+        self.check_ack(result);
+    }
+
+    fn note_disk_full(&mut self) {
+        self.full_waits += 1;
+        if self.full_waits.is_power_of_two() {
+            tracing::warn!(waits = self.full_waits, "The disk is full: Modbus readings wait (the bus is not polled) until the store takes them.");
+        }
+    }
+
+    fn check_ack(&mut self, result: AckResult) {
         match result {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => self.store_refused(&e),
@@ -904,7 +950,7 @@ impl ModbusSource {
         let value = serde_json::json!({
             "state": state,
             "path": self.config.path,
-            "since": chrono::Utc::now().to_rfc3339(),
+            "since": crate::clock::now().to_rfc3339(),
             "error": error,
         });
         self.state_rows.retain(|(k, _)| k != "state");

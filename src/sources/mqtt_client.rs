@@ -539,7 +539,7 @@ pub async fn run_session(
                 let Some(tx) = &handoff_tx else { continue };
                 let item = Handoff {
                     publish,
-                    received_at: Utc::now(),
+                    received_at: crate::clock::now(),
                 };
                 match tx.try_send(item) {
                     Ok(()) => {}

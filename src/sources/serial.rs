@@ -512,6 +512,13 @@ const MAX_IN_FLIGHT: usize = 8;
 /// Sequence numbers reserved per commit of the reservation.
 const SEQUENCE_BLOCK: u64 = 10_000;
 
+type AckResult = Result<Result<Committed, StoreError>, oneshot::error::RecvError>;
+/// A batch sent to the store: a copy of its readings and its commit result.
+type InFlight = (
+    Vec<Reading>,
+    oneshot::Receiver<Result<Committed, StoreError>>,
+);
+
 /// One serial port's running state.
 struct SerialSource {
     config: SerialConfig,
@@ -523,8 +530,12 @@ struct SerialSource {
     state: StateWriter,
     state_rows: Vec<(String, String)>,
     pending: Pending,
-    in_flight: VecDeque<oneshot::Receiver<Result<Committed, StoreError>>>,
+    /// Batches sent and not yet committed, with a copy of their readings to offer
+    /// again if the disk was full.
+    in_flight: VecDeque<InFlight>,
     store_refusals: u64,
+    /// Waits for a full disk (for rate-limited logging).
+    full_waits: u64,
     /// Lines accepted since start (for tests and benchmarks through the log).
     accepted_lines: u64,
 }
@@ -549,6 +560,7 @@ pub async fn run(config: SerialConfig, ctx: SourceContext) -> anyhow::Result<()>
             },
             in_flight: VecDeque::new(),
             store_refusals: 0,
+            full_waits: 0,
             accepted_lines: 0,
             config,
             ctx,
@@ -672,6 +684,13 @@ impl SerialSource {
                     Err(e) => return Ok(ReadOutcome::Gone(e.to_string())),
                 },
                 _ = sleep_until_opt(deadline) => self.flush().await,
+                // A commit result, so a batch refused by a full disk is offered again
+                // even when no new line arrives.
+                result = next_ack(&mut self.in_flight) => {
+                    if let Some((readings, _)) = self.in_flight.pop_front() {
+                        self.settle(readings, result).await;
+                    }
+                }
                 _ = publish.tick() => self.publish_state(),
             }
         }
@@ -687,7 +706,7 @@ impl SerialSource {
         if lines.is_empty() {
             return;
         }
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         let clock_unsynced = !crate::clock::is_synchronized();
         for line in lines {
             match line {
@@ -760,11 +779,18 @@ impl SerialSource {
         if readings.is_empty() {
             return;
         }
-        let sequence = match self.sequence.next().await {
-            Ok(s) => s.to_string(),
-            Err(e) => {
-                self.reject_store(&e, readings.len());
-                return;
+        let sequence = loop {
+            match self.sequence.next().await {
+                Ok(s) => break s.to_string(),
+                // The disk is full: wait for room like a refused batch does.
+                Err(StoreError::Full) if !self.ctx.shutdown.is_cancelled() => {
+                    self.note_disk_full();
+                    self.ctx.wait_for_disk_room().await;
+                }
+                Err(e) => {
+                    self.reject_store(&e, readings.len());
+                    return;
+                }
             }
         };
         let readings_len = readings.len();
@@ -810,34 +836,65 @@ impl SerialSource {
             return;
         }
         let readings = std::mem::take(&mut self.pending.readings);
-        let (batch, ack) = Batch::with_ack(readings);
+        let (batch, ack) = Batch::with_ack(readings.clone());
         // The channel is bounded: when the writer is behind, the reader waits here and
         // the bytes wait in the kernel's buffer (and the sensor's, with flow control).
         if self.ctx.out.send(batch).await.is_err() {
             return;
         }
-        self.in_flight.push_back(ack);
+        self.in_flight.push_back((readings, ack));
         while self.in_flight.len() > MAX_IN_FLIGHT {
-            if let Some(ack) = self.in_flight.pop_front() {
-                self.check_ack(ack.await);
+            if let Some((readings, ack)) = self.in_flight.pop_front() {
+                let result = ack.await;
+                self.settle(readings, result).await;
             }
         }
-        while let Some(Ok(result)) = self.in_flight.front_mut().map(|a| a.try_recv()) {
-            self.in_flight.pop_front();
-            self.check_ack(Ok(result));
+        while let Some(Ok(result)) = self.in_flight.front_mut().map(|(_, a)| a.try_recv()) {
+            if let Some((readings, _)) = self.in_flight.pop_front() {
+                self.settle(readings, Ok(result)).await;
+            }
         }
     }
 
     async fn drain_in_flight(&mut self) {
-        while let Some(ack) = self.in_flight.pop_front() {
-            self.check_ack(ack.await);
+        while let Some((readings, ack)) = self.in_flight.pop_front() {
+            let result = ack.await;
+            self.settle(readings, result).await;
         }
     }
 
-    fn check_ack(
-        &mut self,
-        result: Result<Result<Committed, StoreError>, oneshot::error::RecvError>,
-    ) {
+    /// Handles a batch's commit result. A batch refused because the disk is full is
+    /// offered again (same uids, so never stored twice) as soon as another commit
+    /// succeeded or [`super::FULL_RETRY`] passed, until it
+    /// is stored; meanwhile nothing is read from the port, so new lines wait in the
+    /// kernel's buffer (and the sensor's, with flow control). Only a shutdown while the
+    /// disk is still full loses it (logged with the count).
+    async fn settle(&mut self, readings: Vec<Reading>, mut result: AckResult) {
+        while let Ok(Err(StoreError::Full)) = result {
+            self.note_disk_full();
+            if !self.ctx.wait_for_disk_room().await {
+                break;
+            }
+            let (batch, ack) = Batch::with_ack(readings.clone());
+            if self.ctx.out.send(batch).await.is_err() {
+                break;
+            }
+            result = ack.await;
+        }
+        match result {
+            Ok(Err(e)) => self.reject_store(&e, readings.len()),
+            other => self.check_ack(other),
+        }
+    }
+
+    fn note_disk_full(&mut self) {
+        self.full_waits += 1;
+        if self.full_waits.is_power_of_two() {
+            tracing::warn!(waits = self.full_waits, "The disk is full: serial readings wait (the port is not read) until the store takes them.");
+        }
+    }
+
+    fn check_ack(&mut self, result: AckResult) {
         match result {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => self.reject_store(&e, 0),
@@ -852,7 +909,7 @@ impl SerialSource {
         let value = serde_json::json!({
             "state": state,
             "path": self.config.path,
-            "since": chrono::Utc::now().to_rfc3339(),
+            "since": crate::clock::now().to_rfc3339(),
             "error": error,
         });
         self.state_rows.retain(|(k, _)| k != "state");
@@ -870,6 +927,14 @@ impl SerialSource {
 enum ReadOutcome {
     Shutdown,
     Gone(String),
+}
+
+/// The commit result of the oldest batch in flight; never ready when there is none.
+async fn next_ack(in_flight: &mut VecDeque<InFlight>) -> AckResult {
+    match in_flight.front_mut() {
+        Some((_, ack)) => ack.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -198,7 +198,7 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
             _ = ticker.tick() => {}
         }
         let elapsed = started.elapsed();
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         let micros = now.timestamp_micros().to_string();
         let mut readings = Vec::with_capacity(config.devices.len() * config.metrics.len());
         for device in &config.devices {
@@ -219,23 +219,32 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
         }
         tick += 1;
         ctx.metrics.received(&config.name, readings.len() as u64);
-        let (batch, ack) = Batch::with_ack(readings);
-        if ctx.out.send(batch).await.is_err() {
-            break;
-        }
-        // Wait for the commit so a full disk slows the simulation instead of queueing.
-        match ack.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(StoreError::Full)) | Ok(Err(StoreError::RolledBack)) => {
-                refused += 1;
-                if refused.is_power_of_two() {
-                    tracing::warn!(source = %config.name, refused, "Simulated readings were not stored.");
+        // Wait for the commit so a full disk stops the simulation instead of queueing:
+        // a batch refused because the disk is full is offered again (same uids) until
+        // stored, and no new readings are made meanwhile (missed ticks
+        // are skipped), like a sensor that waits for its gateway.
+        loop {
+            let (batch, ack) = Batch::with_ack(readings.clone());
+            if ctx.out.send(batch).await.is_err() {
+                return Ok(());
+            }
+            match ack.await {
+                Ok(Ok(_)) => break,
+                Ok(Err(StoreError::Full)) => {
+                    refused += 1;
+                    if refused.is_power_of_two() {
+                        tracing::warn!(source = %config.name, refused, "The disk is full: simulated readings wait until the store takes them.");
+                    }
+                    if !ctx.wait_for_disk_room().await {
+                        return Ok(());
+                    }
                 }
+                Ok(Err(e)) => {
+                    tracing::warn!(source = %config.name, error = %e, "Simulated readings were not stored.");
+                    break;
+                }
+                Err(_) => return Ok(()),
             }
-            Ok(Err(e)) => {
-                tracing::warn!(source = %config.name, error = %e, "Simulated readings were not stored.")
-            }
-            Err(_) => break,
         }
     }
     Ok(())

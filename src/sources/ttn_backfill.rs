@@ -287,7 +287,7 @@ impl Backfill {
         let mut persisted = cursor;
         let start_of = |known: Option<DateTime<Utc>>| match known {
             Some(t) => t - overlap,
-            None => Utc::now() - initial,
+            None => crate::clock::now() - initial,
         };
         let mut wanted = Some(start_of(cursor));
         let mut retry = Backoff::new(self.config.retry_min.get(), self.config.retry_max.get())
@@ -544,7 +544,10 @@ impl Backfill {
                 .max_mark
                 .map_or(uplink.ns_received_at, |m| m.max(uplink.ns_received_at)),
         );
-        match self.mapper.readings(&uplink, Utc::now(), flags::BACKFILLED) {
+        match self
+            .mapper
+            .readings(&uplink, crate::clock::now(), flags::BACKFILLED)
+        {
             Ok(readings) => chunk.readings.extend(readings),
             Err(r) if r.record => self.reject(r.reason, &r.detail, line),
             Err(_) => {}

@@ -320,7 +320,7 @@ impl Store {
             move |conn| {
                 conn.execute(
                     "INSERT INTO rejected(source, reason, detail, payload, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    rusqlite::params![source, reason, detail, payload, chrono::Utc::now().timestamp_micros()],
+                    rusqlite::params![source, reason, detail, payload, crate::clock::now().timestamp_micros()],
                 )
                 .map(|_| ())
             },
@@ -470,7 +470,7 @@ fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
 /// The status summary, read from the database at `path` without the agent's help.
 pub fn status_report(path: &Path) -> rusqlite::Result<StatusReport> {
     let conn = open_reader(path, std::time::Duration::from_secs(5))?;
-    read::status(&conn, chrono::Utc::now())
+    read::status(&conn, crate::clock::now())
 }
 
 #[cfg(test)]

@@ -165,6 +165,29 @@ pub struct StatusReport {
     pub alerts: crate::alerts::state::AlertsSummary,
     /// Device-level state of serial and Modbus sources (port open, slaves offline).
     pub source_notes: Vec<String>,
+    /// Bytes an unprivileged writer can still use on the database's filesystem.
+    pub disk_free_bytes: Option<u64>,
+    /// Below [`DISK_FULL_BELOW`] free: the agent's commits fail with SQLITE_FULL.
+    pub disk_full: bool,
+    /// A step of the wall clock the agent saw recently (see [`crate::clock`]).
+    pub clock_step: Option<crate::clock::ClockStep>,
+}
+
+/// Less free space than this on the database's filesystem counts as full (a commit
+/// needs room for its WAL frames; a checkpoint for the pages it copies).
+pub const DISK_FULL_BELOW: u64 = 1 << 20;
+
+/// Free bytes for unprivileged users on the filesystem holding `path` (`statvfs`).
+pub fn disk_free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty())?;
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `stat` is plain data the call fills; `c_path` is a valid C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// The unsynced backlog: its size and the arrival time of its oldest reading.
@@ -219,8 +242,15 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
     let schema_version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let sync = crate::sync::local::read_state(conn)?;
     let source_notes = crate::sources::rejects::status_notes(conn)?;
+    let disk_free_bytes = conn
+        .path()
+        .filter(|p| !p.is_empty())
+        .and_then(|p| disk_free_bytes(std::path::Path::new(p)));
     Ok(StatusReport {
         source_notes,
+        disk_free_bytes,
+        disk_full: disk_free_bytes.is_some_and(|b| b < DISK_FULL_BELOW),
+        clock_step: crate::clock::recent_step_in_store(conn, now)?,
         now,
         series,
         total_readings,

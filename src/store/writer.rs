@@ -126,6 +126,7 @@ pub(super) fn spawn(
         stats,
         committed: Some(committed),
         last_full_log: None,
+        retention_clock: None,
     };
     std::thread::Builder::new()
         .name("outpost-store".into())
@@ -151,6 +152,8 @@ struct Writer {
     /// [`super::CommittedReadings`] stream.
     committed: Option<watch::Sender<i64>>,
     last_full_log: Option<Instant>,
+    /// The time retention last pruned at, and when (monotonic): see `retention_now`.
+    retention_clock: Option<(chrono::DateTime<chrono::Utc>, Instant)>,
 }
 
 #[derive(Default)]
@@ -288,7 +291,7 @@ impl Writer {
                 max_id,
             }) => {
                 let elapsed = started.elapsed();
-                let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+                let now_ms = crate::clock::now().timestamp_millis().max(0) as u64;
                 self.stats.commits.fetch_add(1, Relaxed);
                 self.stats.last_commit_ms.store(now_ms, Relaxed);
                 self.stats
@@ -463,8 +466,28 @@ impl Writer {
         })
     }
 
+    /// The time retention prunes at: the wall clock, but never further ahead of the
+    /// previous pruning time than the monotonic clock moved. A wall clock stepped
+    /// forward (by a day, say) does not make a day of readings look old; it is believed
+    /// after a restart. A step back is followed at once (that prunes less).
+    fn retention_now(&mut self) -> chrono::DateTime<chrono::Utc> {
+        let wall = crate::clock::now();
+        let mono = Instant::now();
+        let now = match self.retention_clock {
+            Some((last, at)) => {
+                let moved = chrono::Duration::from_std(mono.duration_since(at))
+                    .unwrap_or(chrono::Duration::MAX);
+                wall.min(last.checked_add_signed(moved).unwrap_or(wall))
+            }
+            None => wall,
+        };
+        self.retention_clock = Some((now, mono));
+        now
+    }
+
     fn prune_now(&mut self) {
-        if let Err(e) = prune(&self.conn, &self.config, chrono::Utc::now(), &self.stats) {
+        let now = self.retention_now();
+        if let Err(e) = prune(&self.conn, &self.config, now, &self.stats) {
             if !is_full(&e) {
                 tracing::warn!(error = %e, "Pruning the store failed; will retry.");
             }

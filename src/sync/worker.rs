@@ -264,7 +264,7 @@ impl Worker {
         self.send_live(floor, head, release).await?;
         self.live_floor = Some(head);
         self.drain_backlog(deadline, release).await?;
-        let at = Utc::now();
+        let at = crate::clock::now();
         self.last_sync_at = Some(at);
         let _ = self
             .store
@@ -284,7 +284,7 @@ impl Worker {
             backlog_rows: rows,
             oldest_unsynced_at: oldest,
             backlog_age_seconds: oldest
-                .map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0),
+                .map(|t| (crate::clock::now() - t).num_milliseconds() as f64 / 1000.0),
             last_sync_at: self.last_sync_at,
             last_error: self.last_error.as_ref().map(|(e, _)| e.clone()),
             last_error_at: self.last_error.as_ref().map(|(_, t)| *t),
@@ -408,7 +408,7 @@ impl Worker {
     /// report the error, log it without flooding the journal.
     async fn failed(&mut self, e: &SyncError, wait: Duration) {
         self.central = None;
-        let at = Utc::now();
+        let at = crate::clock::now();
         let message = e.to_string();
         self.last_error = Some((message.clone(), at));
         let stored = message.clone();
