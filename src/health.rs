@@ -341,11 +341,15 @@ pub fn mark_disconnected(
     now: chrono::DateTime<chrono::Utc>,
 ) {
     check.ok = false;
+    // The silence check already said "disconnected"; this says it with the error.
+    let rest = check
+        .detail
+        .strip_prefix("disconnected; ")
+        .unwrap_or(&check.detail);
     check.detail = format!(
-        "disconnected for {}: {}; {}",
+        "disconnected for {}: {}; {rest}",
         crate::status::age(now, error.since),
         error.error,
-        check.detail
     );
 }
 
