@@ -34,6 +34,20 @@ fn gauge(text: &str, series: &str) -> Option<f64> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
+/// The HTTP status of `/health` and its `certificates` check.
+fn certificates_check(port: u16) -> (u16, serde_json::Value) {
+    let (status, health) = get(port, "/health").unwrap();
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let check = health["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "certificates")
+        .unwrap_or_else(|| panic!("{health}"))
+        .clone();
+    (status, check)
+}
+
 #[test]
 fn certificate_expiry_is_in_metrics_health_and_status() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,16 +99,8 @@ fn certificate_expiry_is_in_metrics_health_and_status() {
 
     // The expired certificate makes the gateway unhealthy; the one expiring in 10
     // days is named in the detail.
-    let (status, health) = get(port, "/health").unwrap();
-    assert_eq!(status, 503, "{health}");
-    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
-    let check = health["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "certificates")
-        .unwrap_or_else(|| panic!("{health}"))
-        .clone();
+    let (status, check) = certificates_check(port);
+    assert_eq!(status, 503, "{check}");
     assert_eq!(check["ok"], false, "{check}");
     let detail = check["detail"].as_str().unwrap();
     assert!(
@@ -349,15 +355,7 @@ to = ["ops@example.com"]
     }
 
     // /health names the server whose certificate expires soon (ok: not expired yet).
-    let (_, health) = get(port, "/health").unwrap();
-    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
-    let check = health["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "certificates")
-        .unwrap_or_else(|| panic!("{health}"))
-        .clone();
+    let (_, check) = certificates_check(port);
     assert_eq!(check["ok"], true, "{check}");
     let detail = check["detail"].as_str().unwrap();
     assert!(

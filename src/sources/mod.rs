@@ -150,6 +150,25 @@ pub struct SourceContext {
     pub gateway_id: String,
 }
 
+/// Counts one more wait for a full disk in `waits` and logs "The disk is full: {what}
+/// until the store takes them." at every power of two.
+pub fn note_disk_full(what: &str, waits: &mut u64) {
+    *waits += 1;
+    if waits.is_power_of_two() {
+        tracing::warn!(
+            waits = *waits,
+            "The disk is full: {what} until the store takes them."
+        );
+    }
+}
+
+/// What a batch's acknowledgement resolves to: its commit, the store's refusal, or an
+/// error when the writer stopped before answering.
+pub type AckResult = Result<
+    Result<crate::model::Committed, crate::store::StoreError>,
+    tokio::sync::oneshot::error::RecvError,
+>;
+
 /// How long a source waits at most before offering a batch refused because the disk
 /// is full again.
 pub const FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -173,5 +192,32 @@ impl SourceContext {
                 _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
             }
         }
+    }
+
+    /// While the store refuses `readings` because the disk is full, offers them again
+    /// (same uids, so never stored twice) once there may be room
+    /// ([`wait_for_disk_room`](Self::wait_for_disk_room)); the source makes or reads
+    /// nothing new meanwhile. `waits` counts the refusals, and every power of two of
+    /// them logs "The disk is full: {what} until the store takes them." Returns the
+    /// last result: still the refusal when the agent stops while the disk is full.
+    pub async fn resend_while_full(
+        &self,
+        readings: &[crate::model::Reading],
+        mut result: AckResult,
+        what: &str,
+        waits: &mut u64,
+    ) -> AckResult {
+        while let Ok(Err(crate::store::StoreError::Full)) = result {
+            note_disk_full(what, waits);
+            if !self.wait_for_disk_room().await {
+                break;
+            }
+            let (batch, ack) = Batch::with_ack(readings.to_vec());
+            if self.out.send(batch).await.is_err() {
+                break;
+            }
+            result = ack.await;
+        }
+        result
     }
 }

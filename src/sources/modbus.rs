@@ -485,7 +485,9 @@ struct ModbusSource {
 
 const MAX_IN_FLIGHT: usize = 8;
 
-type AckResult = Result<Result<Committed, StoreError>, oneshot::error::RecvError>;
+use super::AckResult;
+/// What a full disk does to this source, for the log.
+const WAITING: &str = "Modbus readings wait (the bus is not polled)";
 /// A batch sent to the store: a copy of its readings and its commit result.
 type InFlight = (
     Vec<Reading>,
@@ -830,7 +832,7 @@ impl ModbusSource {
                 Ok(s) => break s.to_string(),
                 // The disk is full: wait for room like a refused batch does.
                 Err(StoreError::Full) if !self.ctx.shutdown.is_cancelled() => {
-                    self.note_disk_full();
+                    super::note_disk_full(WAITING, &mut self.full_waits);
                     self.ctx.wait_for_disk_room().await;
                 }
                 Err(e) => {
@@ -886,26 +888,12 @@ impl ModbusSource {
     /// succeeded or [`super::FULL_RETRY`] passed, until it
     /// is stored; meanwhile the bus is not polled. Only a shutdown while the disk is
     /// still full loses it (logged with the count).
-    async fn settle(&mut self, readings: Vec<Reading>, mut result: AckResult) {
-        while let Ok(Err(StoreError::Full)) = result {
-            self.note_disk_full();
-            if !self.ctx.wait_for_disk_room().await {
-                break;
-            }
-            let (batch, ack) = Batch::with_ack(readings.clone());
-            if self.ctx.out.send(batch).await.is_err() {
-                break;
-            }
-            result = ack.await;
-        }
+    async fn settle(&mut self, readings: Vec<Reading>, result: AckResult) {
+        let result = self
+            .ctx
+            .resend_while_full(&readings, result, WAITING, &mut self.full_waits)
+            .await;
         self.check_ack(result);
-    }
-
-    fn note_disk_full(&mut self) {
-        self.full_waits += 1;
-        if self.full_waits.is_power_of_two() {
-            tracing::warn!(waits = self.full_waits, "The disk is full: Modbus readings wait (the bus is not polled) until the store takes them.");
-        }
     }
 
     fn check_ack(&mut self, result: AckResult) {

@@ -512,7 +512,9 @@ const MAX_IN_FLIGHT: usize = 8;
 /// Sequence numbers reserved per commit of the reservation.
 const SEQUENCE_BLOCK: u64 = 10_000;
 
-type AckResult = Result<Result<Committed, StoreError>, oneshot::error::RecvError>;
+use super::AckResult;
+/// What a full disk does to this source, for the log.
+const WAITING: &str = "serial readings wait (the port is not read)";
 /// A batch sent to the store: a copy of its readings and its commit result.
 type InFlight = (
     Vec<Reading>,
@@ -784,7 +786,7 @@ impl SerialSource {
                 Ok(s) => break s.to_string(),
                 // The disk is full: wait for room like a refused batch does.
                 Err(StoreError::Full) if !self.ctx.shutdown.is_cancelled() => {
-                    self.note_disk_full();
+                    super::note_disk_full(WAITING, &mut self.full_waits);
                     self.ctx.wait_for_disk_room().await;
                 }
                 Err(e) => {
@@ -869,28 +871,14 @@ impl SerialSource {
     /// is stored; meanwhile nothing is read from the port, so new lines wait in the
     /// kernel's buffer (and the sensor's, with flow control). Only a shutdown while the
     /// disk is still full loses it (logged with the count).
-    async fn settle(&mut self, readings: Vec<Reading>, mut result: AckResult) {
-        while let Ok(Err(StoreError::Full)) = result {
-            self.note_disk_full();
-            if !self.ctx.wait_for_disk_room().await {
-                break;
-            }
-            let (batch, ack) = Batch::with_ack(readings.clone());
-            if self.ctx.out.send(batch).await.is_err() {
-                break;
-            }
-            result = ack.await;
-        }
+    async fn settle(&mut self, readings: Vec<Reading>, result: AckResult) {
+        let result = self
+            .ctx
+            .resend_while_full(&readings, result, WAITING, &mut self.full_waits)
+            .await;
         match result {
             Ok(Err(e)) => self.reject_store(&e, readings.len()),
             other => self.check_ack(other),
-        }
-    }
-
-    fn note_disk_full(&mut self) {
-        self.full_waits += 1;
-        if self.full_waits.is_power_of_two() {
-            tracing::warn!(waits = self.full_waits, "The disk is full: serial readings wait (the port is not read) until the store takes them.");
         }
     }
 

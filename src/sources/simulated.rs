@@ -223,27 +223,24 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
         // a batch refused because the disk is full is offered again (same uids) until
         // stored, and no new readings are made meanwhile (missed ticks
         // are skipped), like a sensor that waits for its gateway.
-        loop {
-            let (batch, ack) = Batch::with_ack(readings.clone());
-            if ctx.out.send(batch).await.is_err() {
-                return Ok(());
-            }
-            match ack.await {
-                Ok(Ok(_)) => break,
-                Ok(Err(StoreError::Full)) => {
-                    refused += 1;
-                    if refused.is_power_of_two() {
-                        tracing::warn!(source = %config.name, refused, "The disk is full: simulated readings wait until the store takes them.");
-                    }
-                    if !ctx.wait_for_disk_room().await {
-                        return Ok(());
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(source = %config.name, error = %e, "Simulated readings were not stored.");
-                    break;
-                }
-                Err(_) => return Ok(()),
+        let (batch, ack) = Batch::with_ack(readings.clone());
+        if ctx.out.send(batch).await.is_err() {
+            return Ok(());
+        }
+        let result = ctx
+            .resend_while_full(
+                &readings,
+                ack.await,
+                "simulated readings wait",
+                &mut refused,
+            )
+            .await;
+        match result {
+            Ok(Ok(_)) => {}
+            // Stopping while the disk is still full, or the pipeline closed.
+            Ok(Err(StoreError::Full)) | Err(_) => return Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(source = %config.name, error = %e, "Simulated readings were not stored.");
             }
         }
     }
