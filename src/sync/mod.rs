@@ -31,7 +31,7 @@ pub mod postgres;
 mod worker;
 
 pub use postgres::SyncError;
-pub use worker::{run, HoldBack};
+pub use worker::{run, run_observed, HoldBack, SyncEvent, SyncObserver};
 
 use crate::config::{HumanDuration, Problems, Secret};
 use serde::{Deserialize, Serialize};

@@ -75,6 +75,26 @@ impl HoldBack {
     }
 }
 
+/// What the worker does, reported to the observer of [`run_observed`] (the fleet
+/// benchmark records every attempt towards central with it).
+#[derive(Debug)]
+pub enum SyncEvent<'a> {
+    /// A round starts; `connect` when it opens a new connection first (the first round
+    /// and every round after a failure).
+    RoundStarted {
+        connect: bool,
+    },
+    RoundSucceeded,
+    /// The round failed; the next one starts after `retry_in`.
+    RoundFailed {
+        error: &'a SyncError,
+        retry_in: Duration,
+    },
+}
+
+/// Called by the worker for every [`SyncEvent`]; must be quick (it runs on the worker).
+pub type SyncObserver = std::sync::Arc<dyn Fn(&SyncEvent) + Send + Sync>;
+
 /// Runs the sync worker until `shutdown` is cancelled. An upload in flight at shutdown
 /// is abandoned: it was not marked, so it is retried (and deduplicated) next time.
 pub async fn run(
@@ -82,6 +102,17 @@ pub async fn run(
     agent: AgentConfig,
     store: Store,
     shutdown: CancellationToken,
+) {
+    run_observed(config, agent, store, shutdown, std::sync::Arc::new(|_| {})).await
+}
+
+/// [`run`], reporting each round's start and outcome to `observe`.
+pub async fn run_observed(
+    config: SyncConfig,
+    agent: AgentConfig,
+    store: Store,
+    shutdown: CancellationToken,
+    observe: SyncObserver,
 ) {
     let mut worker = Worker::new(config, agent, store, shutdown.clone());
     tracing::info!(
@@ -98,6 +129,9 @@ pub async fn run(
         }
         let started = Instant::now();
         let deadline = started + worker.config.interval.get();
+        observe(&SyncEvent::RoundStarted {
+            connect: worker.central.is_none(),
+        });
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => break,
             outcome = worker.round(deadline) => outcome,
@@ -108,10 +142,15 @@ pub async fn run(
                     tracing::info!(target_db = worker.target(), "Central sync works again.");
                 }
                 worker.backoff.reset();
+                observe(&SyncEvent::RoundSucceeded);
                 next = deadline;
             }
             Err(e) => {
                 let wait = worker.backoff.next_delay();
+                observe(&SyncEvent::RoundFailed {
+                    error: &e,
+                    retry_in: wait,
+                });
                 worker.failed(&e, wait).await;
                 next = Instant::now() + wait;
             }

@@ -25,6 +25,7 @@ pub struct PgBouncerBuilder {
     auth: PgAuth,
     default_pool_size: u32,
     max_client_conn: u32,
+    nofile: Option<u32>,
 }
 
 impl PgBouncerBuilder {
@@ -37,6 +38,14 @@ impl PgBouncerBuilder {
     /// `max_client_conn`, default 100.
     pub fn max_client_conn(mut self, n: u32) -> Self {
         self.max_client_conn = n;
+        self
+    }
+
+    /// Runs pgbouncer with this soft file descriptor limit (`ulimit -n`, at most the
+    /// hard limit); default: what it inherits (1024 after `runuser` as root), which
+    /// caps the clients at about 1000.
+    pub fn nofile(mut self, n: u32) -> Self {
+        self.nofile = Some(n);
         self
     }
 
@@ -111,6 +120,7 @@ impl PgBouncer {
             auth: pg.auth(),
             default_pool_size: 2,
             max_client_conn: 100,
+            nofile: None,
         }
     }
 
@@ -284,9 +294,21 @@ impl PgBouncer {
                 .map(|b| b.get(log_start..).unwrap_or_default().to_vec())
                 .unwrap_or_default()
         };
-        let out = service_command(PGBOUNCER)
-            .arg("-d")
-            .arg(&self.conf)
+        let mut command = match self.opts.nofile {
+            Some(n) => {
+                let mut c = service_command("/bin/sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec {PGBOUNCER} -d \"$0\""))
+                    .arg(&self.conf);
+                c
+            }
+            None => {
+                let mut c = service_command(PGBOUNCER);
+                c.arg("-d").arg(&self.conf);
+                c
+            }
+        };
+        let out = command
             .stdin(Stdio::null())
             .output()
             .expect("run pgbouncer");
