@@ -194,6 +194,33 @@ pub struct StoreOptions {
     /// Called on each commit; returning `true` turns the commit into a rollback
     /// (SQLite's commit hook). For fault-injection tests.
     pub commit_hook: Option<Box<dyn FnMut() -> bool + Send>>,
+    /// Databases larger than this are opened without waiting for `quick_check`, which
+    /// then runs in the background (default [`CHECK_AT_OPEN_MAX_BYTES`]).
+    pub check_at_open_max_bytes: Option<u64>,
+}
+
+/// A database (with its WAL) up to this size is checked with `quick_check` before it is
+/// used. A larger one is opened at once and checked on a background thread: the check
+/// reads every page, which takes ~20 s for 5M readings on a cold cache here and longer on
+/// an SD card, and start-up must stay within seconds. If the background check finds
+/// damage, it leaves a marker file beside the database and the agent stops with an error
+/// (systemd restarts it); the next start sees the marker, checks before opening and
+/// moves the damaged file aside as it always did.
+pub const CHECK_AT_OPEN_MAX_BYTES: u64 = 64 << 20;
+
+/// The marker a failed background check leaves: `<database>.check-failed`.
+fn check_marker(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.check-failed", path.display()))
+}
+
+/// Whether `quick_check` must run before the database at `path` is used.
+fn check_at_open(path: &Path, max_bytes: u64) -> bool {
+    let size = |suffix: &str| {
+        std::fs::metadata(format!("{}{suffix}", path.display()))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    check_marker(path).exists() || size("") + size("-wal") <= max_bytes
 }
 
 /// A cloneable handle to the store: sends writes to the writer thread and opens
@@ -205,6 +232,8 @@ pub struct Store {
     ops: mpsc::Sender<WriteOp>,
     committed: watch::Receiver<i64>,
     stats: Arc<StoreStats>,
+    /// Set by the background integrity check when it finds damage.
+    damaged: watch::Receiver<Option<String>>,
 }
 
 /// What [`Store::open`] returns besides the handle: the ingest side of the pipeline and
@@ -227,7 +256,15 @@ impl Store {
         config: &StorageConfig,
         options: StoreOptions,
     ) -> Result<(Store, Ingest), StoreError> {
+        let max_bytes = options
+            .check_at_open_max_bytes
+            .unwrap_or(CHECK_AT_OPEN_MAX_BYTES);
+        let background_check = !check_at_open(&config.path, max_bytes);
         let conn = open_writer_connection(config, &options)?;
+        let (damaged_tx, damaged_rx) = watch::channel(None);
+        if background_check {
+            spawn_background_check(config.path.clone(), config.busy_timeout.get(), damaged_tx);
+        }
         let (batch_tx, batch_rx) = mpsc::channel(config.channel_capacity.max(1));
         let (op_tx, op_rx) = mpsc::channel(256);
         let last_id: i64 = conn
@@ -257,6 +294,7 @@ impl Store {
                 ops: op_tx,
                 committed: committed_rx,
                 stats,
+                damaged: damaged_rx,
             },
             Ingest {
                 sender: batch_tx,
@@ -272,6 +310,22 @@ impl Store {
 
     pub fn stats(&self) -> &Arc<StoreStats> {
         &self.stats
+    }
+
+    /// Resolves (with the reason) if the background integrity check of a large
+    /// database found damage; never resolves otherwise. The agent then stops with an
+    /// error so that the next start moves the database aside.
+    pub async fn damaged(&self) -> String {
+        let mut rx = self.damaged.clone();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                // The check passed (or never ran): nothing will ever be reported.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// A new read-only connection (WAL readers never block the writer).
@@ -357,6 +411,7 @@ fn open_writer_connection(
                 path: path.display().to_string(),
                 reason: format!("{reason}; moving it aside failed too: {e}"),
             })?;
+            let _ = std::fs::remove_file(check_marker(path));
             tracing::error!(
                 path = %path.display(),
                 moved_to = %aside.display(),
@@ -419,13 +474,27 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
     // fewer checkpoint fsyncs under sustained ingest.
     conn.pragma_update(None, "wal_autocheckpoint", 4000)
         .map_err(classify)?;
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+    let max_bytes = options
+        .check_at_open_max_bytes
+        .unwrap_or(CHECK_AT_OPEN_MAX_BYTES);
+    if check_at_open(&config.path, max_bytes) {
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(classify)?;
+        if check != "ok" {
+            return Err(OpenFailure::Unusable(format!(
+                "quick_check failed: {check}"
+            )));
+        }
+        let _ = std::fs::remove_file(check_marker(&config.path));
+    } else {
+        // A large database: the full check runs in the background (see
+        // CHECK_AT_OPEN_MAX_BYTES). Reading the schema still catches a damaged header
+        // or catalogue before anything is written.
+        conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })
         .map_err(classify)?;
-    if check != "ok" {
-        return Err(OpenFailure::Unusable(format!(
-            "quick_check failed: {check}"
-        )));
     }
     if let Some(pages) = options.max_page_count {
         conn.pragma_update(None, "max_page_count", pages)
@@ -435,7 +504,62 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         rusqlite::Error::InvalidParameterName(msg) => OpenFailure::Environment(msg),
         other => classify(other),
     })?;
+    // What the writer reads first; damage here counts as damage, not as an error that
+    // would stop every start.
+    conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(classify)?;
     Ok(conn)
+}
+
+/// Runs `quick_check` on its own read-only connection. Damage leaves the marker for the
+/// next start and is reported on `damaged`; a check that cannot run (e.g. busy) is only
+/// logged, since it proves nothing either way.
+fn spawn_background_check(
+    path: PathBuf,
+    busy_timeout: std::time::Duration,
+    damaged: watch::Sender<Option<String>>,
+) {
+    let run = move || {
+        let started = std::time::Instant::now();
+        let result = open_reader(&path, busy_timeout)
+            .and_then(|conn| conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)));
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        let problem = match result {
+            Ok(check) if check == "ok" => {
+                tracing::info!(
+                    path = %path.display(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "The database passed its integrity check (quick_check)."
+                );
+                return;
+            }
+            Ok(check) => format!("quick_check failed: {check}"),
+            Err(e) if matches!(e.sqlite_error_code(), Some(DatabaseCorrupt | NotADatabase)) => {
+                e.to_string()
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "The background integrity check could not run; the database is checked again at the next start.");
+                return;
+            }
+        };
+        if let Err(e) = std::fs::write(check_marker(&path), format!("{problem}\n")) {
+            tracing::error!(error = %e, "Cannot write the integrity-check marker.");
+        }
+        tracing::error!(
+            path = %path.display(),
+            reason = %problem,
+            "The database is damaged: stopping, so that the next start moves it aside."
+        );
+        let _ = damaged.send(Some(problem));
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("outpost-check".into())
+        .spawn(run)
+    {
+        tracing::warn!(error = %e, "Cannot start the background integrity check.");
+    }
 }
 
 /// Renames the database and its WAL/SHM files to `<name>.corrupt-<unix time>`.
