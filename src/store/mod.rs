@@ -48,7 +48,9 @@ pub struct StorageConfig {
     /// The shortest time between two commits (at most 10s): a group is committed as
     /// soon as nothing more is queued, but not sooner than this after the previous
     /// commit. It bounds fsyncs per second (kinder to SD cards) and how long a
-    /// reading waits for its acknowledgement.
+    /// reading waits for its acknowledgement. At a site whose readings arrive one by
+    /// one, 1s halves the bytes written per reading compared with the 20ms default,
+    /// at the price of up to a second per commit (docs/reliability.md, "SD-card wear").
     #[serde(default = "default_batch_max_delay")]
     pub batch_max_delay: HumanDuration,
     /// Batches waiting for the writer; sources wait when it is full (1 to 65536).
@@ -207,6 +209,12 @@ pub struct StoreOptions {
 /// (systemd restarts it); the next start sees the marker, checks before opening and
 /// moves the damaged file aside as it always did.
 pub const CHECK_AT_OPEN_MAX_BYTES: u64 = 64 << 20;
+
+/// The page size of a database created by this agent (existing ones keep theirs).
+pub const NEW_DATABASE_PAGE_SIZE: i64 = 1024;
+
+/// The WAL is checkpointed into the database file after about this many bytes.
+const WAL_CHECKPOINT_BYTES: i64 = 16 << 20;
 
 /// The marker a failed background check leaves: `<database>.check-failed`.
 fn check_marker(path: &Path) -> PathBuf {
@@ -449,8 +457,15 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
     let mut conn = Connection::open(&config.path).map_err(classify)?;
     conn.busy_timeout(config.busy_timeout.get())
         .map_err(classify)?;
-    // auto_vacuum must be chosen before the first table exists; INCREMENTAL lets the
-    // pruner hand freed pages back to the filesystem (which matters on a full disk).
+    // page_size and auto_vacuum must be chosen before the first table exists (both are
+    // ignored for an existing database). 1 KiB pages: a commit of one reading changes
+    // about five pages (row, uid index, backlog index, series index, series summary),
+    // each a whole WAL frame, and with 4 KiB pages a site whose readings arrive one by
+    // one wrote over twice the bytes per reading (docs/reliability.md, "SD-card
+    // wear"). INCREMENTAL lets the pruner hand freed pages back to the filesystem
+    // (which matters on a full disk).
+    conn.pragma_update(None, "page_size", NEW_DATABASE_PAGE_SIZE)
+        .map_err(classify)?;
     conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
         .map_err(classify)?;
     let mode: String = conn
@@ -471,9 +486,17 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
     conn.pragma_update(None, "cache_size", -8192)
         .map_err(classify)?;
     // Checkpoint the WAL into the database every ~16 MiB rather than every 4 MiB:
-    // fewer checkpoint fsyncs under sustained ingest.
-    conn.pragma_update(None, "wal_autocheckpoint", 4000)
+    // fewer checkpoint fsyncs under sustained ingest, and a page changed by many
+    // commits meanwhile is written to the database file once.
+    let page_size: i64 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
         .map_err(classify)?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        WAL_CHECKPOINT_BYTES / page_size.max(512),
+    )
+    .map_err(classify)?;
     let max_bytes = options
         .check_at_open_max_bytes
         .unwrap_or(CHECK_AT_OPEN_MAX_BYTES);
