@@ -316,9 +316,16 @@ pub async fn run(
         database = %config.storage.path.display(),
         "Outpost is running."
     );
+    let store = pipeline.store.clone();
+    let mut damaged = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            reason = store.damaged() => {
+                damaged = Some(reason);
+                shutdown.cancel();
+                break;
+            }
             Some(()) = reload.recv() => {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
                 apply_reload(&mut pipeline, &path, &mut config, &probe).await;
@@ -326,8 +333,15 @@ pub async fn run(
             }
         }
     }
+    drop(store);
     pipeline.wait().await;
-    Ok(())
+    match damaged {
+        Some(reason) => Err(anyhow::anyhow!(
+            "the database {} is damaged ({reason}); the next start moves it aside",
+            config.storage.path.display()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Starts or restarts the alert engine and the notification outbox for `config`.

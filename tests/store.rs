@@ -234,6 +234,86 @@ async fn a_database_with_damaged_pages_is_moved_aside() {
 }
 
 #[tokio::test]
+async fn damage_in_a_large_database_is_found_in_the_background_and_moved_aside_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    // Every database counts as large here: it is opened before it is checked.
+    let large = || StoreOptions {
+        check_at_open_max_bytes: Some(0),
+        ..StoreOptions::default()
+    };
+    {
+        let (store, ingest) = Store::open(&cfg, large()).unwrap();
+        for chunk in 0..20u64 {
+            send(
+                &ingest.sender,
+                (chunk * 100..chunk * 100 + 100).map(reading).collect(),
+            )
+            .await
+            .unwrap();
+        }
+        drop((store, ingest.sender));
+        ingest.finished.await.unwrap();
+    }
+    let conn = rusqlite::Connection::open(&cfg.path).unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    drop(conn);
+    let mut bytes = std::fs::read(&cfg.path).unwrap();
+    let len = bytes.len();
+    for b in &mut bytes[len / 3..len / 3 + 16384] {
+        *b = 0xA5;
+    }
+    std::fs::write(&cfg.path, &bytes).unwrap();
+    let marker = dir.path().join("outpost.db.check-failed");
+    let (store, ingest) = Store::open(&cfg, large()).unwrap();
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(30), store.damaged())
+        .await
+        .expect("the background check reports the damage");
+    assert!(!reason.is_empty());
+    assert!(marker.exists(), "the next start must know");
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+    // The next start checks before opening and moves the file aside.
+    let (store, ingest) = Store::open(&cfg, large()).unwrap();
+    send(&ingest.sender, vec![reading(999_999)]).await.unwrap();
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+    assert_eq!(
+        count(&cfg.path),
+        1,
+        "a fresh database replaced the damaged one"
+    );
+    assert!(!marker.exists());
+    assert!(std::fs::read_dir(dir.path()).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("outpost.db.corrupt-")));
+}
+
+#[tokio::test]
+async fn a_sound_large_database_passes_the_background_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let options = || StoreOptions {
+        check_at_open_max_bytes: Some(0),
+        ..StoreOptions::default()
+    };
+    let (store, ingest) = Store::open(&cfg, options()).unwrap();
+    send(&ingest.sender, vec![reading(1)]).await.unwrap();
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+    let (store, ingest) = Store::open(&cfg, options()).unwrap();
+    let damaged = tokio::time::timeout(std::time::Duration::from_secs(2), store.damaged()).await;
+    assert!(damaged.is_err(), "nothing is reported for a sound database");
+    assert!(!dir.path().join("outpost.db.check-failed").exists());
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+    assert_eq!(count(&cfg.path), 1);
+}
+
+#[tokio::test]
 async fn a_full_disk_loses_nothing_acknowledged_and_ingest_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());

@@ -48,7 +48,9 @@ pub struct StorageConfig {
     /// The shortest time between two commits (at most 10s): a group is committed as
     /// soon as nothing more is queued, but not sooner than this after the previous
     /// commit. It bounds fsyncs per second (kinder to SD cards) and how long a
-    /// reading waits for its acknowledgement.
+    /// reading waits for its acknowledgement. At a site whose readings arrive one by
+    /// one, 1s halves the bytes written per reading compared with the 20ms default,
+    /// at the price of up to a second per commit (docs/reliability.md, "SD-card wear").
     #[serde(default = "default_batch_max_delay")]
     pub batch_max_delay: HumanDuration,
     /// Batches waiting for the writer; sources wait when it is full (1 to 65536).
@@ -194,6 +196,39 @@ pub struct StoreOptions {
     /// Called on each commit; returning `true` turns the commit into a rollback
     /// (SQLite's commit hook). For fault-injection tests.
     pub commit_hook: Option<Box<dyn FnMut() -> bool + Send>>,
+    /// Databases larger than this are opened without waiting for `quick_check`, which
+    /// then runs in the background (default [`CHECK_AT_OPEN_MAX_BYTES`]).
+    pub check_at_open_max_bytes: Option<u64>,
+}
+
+/// A database (with its WAL) up to this size is checked with `quick_check` before it is
+/// used. A larger one is opened at once and checked on a background thread: the check
+/// reads every page, which takes ~20 s for 5M readings on a cold cache here and longer on
+/// an SD card, and start-up must stay within seconds. If the background check finds
+/// damage, it leaves a marker file beside the database and the agent stops with an error
+/// (systemd restarts it); the next start sees the marker, checks before opening and
+/// moves the damaged file aside as it always did.
+pub const CHECK_AT_OPEN_MAX_BYTES: u64 = 64 << 20;
+
+/// The page size of a database created by this agent (existing ones keep theirs).
+pub const NEW_DATABASE_PAGE_SIZE: i64 = 1024;
+
+/// The WAL is checkpointed into the database file after about this many bytes.
+const WAL_CHECKPOINT_BYTES: i64 = 16 << 20;
+
+/// The marker a failed background check leaves: `<database>.check-failed`.
+fn check_marker(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.check-failed", path.display()))
+}
+
+/// Whether `quick_check` must run before the database at `path` is used.
+fn check_at_open(path: &Path, max_bytes: u64) -> bool {
+    let size = |suffix: &str| {
+        std::fs::metadata(format!("{}{suffix}", path.display()))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    check_marker(path).exists() || size("") + size("-wal") <= max_bytes
 }
 
 /// A cloneable handle to the store: sends writes to the writer thread and opens
@@ -208,6 +243,8 @@ pub struct Store {
     /// The TLS certificates the agent is configured with or shown (kept here because
     /// every connecting component holds the store, which also saves them).
     certs: crate::tls::CertWatch,
+    /// Set by the background integrity check when it finds damage.
+    damaged: watch::Receiver<Option<String>>,
 }
 
 /// What [`Store::open`] returns besides the handle: the ingest side of the pipeline and
@@ -230,7 +267,15 @@ impl Store {
         config: &StorageConfig,
         options: StoreOptions,
     ) -> Result<(Store, Ingest), StoreError> {
+        let max_bytes = options
+            .check_at_open_max_bytes
+            .unwrap_or(CHECK_AT_OPEN_MAX_BYTES);
+        let background_check = !check_at_open(&config.path, max_bytes);
         let conn = open_writer_connection(config, &options)?;
+        let (damaged_tx, damaged_rx) = watch::channel(None);
+        if background_check {
+            spawn_background_check(config.path.clone(), config.busy_timeout.get(), damaged_tx);
+        }
         let (batch_tx, batch_rx) = mpsc::channel(config.channel_capacity.max(1));
         let (op_tx, op_rx) = mpsc::channel(256);
         let last_id: i64 = conn
@@ -261,6 +306,7 @@ impl Store {
                 committed: committed_rx,
                 stats,
                 certs: crate::tls::CertWatch::default(),
+                damaged: damaged_rx,
             },
             Ingest {
                 sender: batch_tx,
@@ -287,6 +333,22 @@ impl Store {
     /// `label` (`sync`, `sources.NAME.broker`, `notifiers.NAME`).
     pub fn cert_recorder(&self, label: &str, peer: &str) -> crate::tls::CertRecorder {
         self.certs.recorder(label, peer, Some(self.clone()))
+    }
+
+    /// Resolves (with the reason) if the background integrity check of a large
+    /// database found damage; never resolves otherwise. The agent then stops with an
+    /// error so that the next start moves the database aside.
+    pub async fn damaged(&self) -> String {
+        let mut rx = self.damaged.clone();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                // The check passed (or never ran): nothing will ever be reported.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// A new read-only connection (WAL readers never block the writer).
@@ -372,6 +434,7 @@ fn open_writer_connection(
                 path: path.display().to_string(),
                 reason: format!("{reason}; moving it aside failed too: {e}"),
             })?;
+            let _ = std::fs::remove_file(check_marker(path));
             tracing::error!(
                 path = %path.display(),
                 moved_to = %aside.display(),
@@ -409,8 +472,15 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
     let mut conn = Connection::open(&config.path).map_err(classify)?;
     conn.busy_timeout(config.busy_timeout.get())
         .map_err(classify)?;
-    // auto_vacuum must be chosen before the first table exists; INCREMENTAL lets the
-    // pruner hand freed pages back to the filesystem (which matters on a full disk).
+    // page_size and auto_vacuum must be chosen before the first table exists (both are
+    // ignored for an existing database). 1 KiB pages: a commit of one reading changes
+    // about five pages (row, uid index, backlog index, series index, series summary),
+    // each a whole WAL frame, and with 4 KiB pages a site whose readings arrive one by
+    // one wrote over twice the bytes per reading (docs/reliability.md, "SD-card
+    // wear"). INCREMENTAL lets the pruner hand freed pages back to the filesystem
+    // (which matters on a full disk).
+    conn.pragma_update(None, "page_size", NEW_DATABASE_PAGE_SIZE)
+        .map_err(classify)?;
     conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
         .map_err(classify)?;
     let mode: String = conn
@@ -431,16 +501,38 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
     conn.pragma_update(None, "cache_size", -8192)
         .map_err(classify)?;
     // Checkpoint the WAL into the database every ~16 MiB rather than every 4 MiB:
-    // fewer checkpoint fsyncs under sustained ingest.
-    conn.pragma_update(None, "wal_autocheckpoint", 4000)
+    // fewer checkpoint fsyncs under sustained ingest, and a page changed by many
+    // commits meanwhile is written to the database file once.
+    let page_size: i64 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
         .map_err(classify)?;
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        WAL_CHECKPOINT_BYTES / page_size.max(512),
+    )
+    .map_err(classify)?;
+    let max_bytes = options
+        .check_at_open_max_bytes
+        .unwrap_or(CHECK_AT_OPEN_MAX_BYTES);
+    if check_at_open(&config.path, max_bytes) {
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(classify)?;
+        if check != "ok" {
+            return Err(OpenFailure::Unusable(format!(
+                "quick_check failed: {check}"
+            )));
+        }
+        let _ = std::fs::remove_file(check_marker(&config.path));
+    } else {
+        // A large database: the full check runs in the background (see
+        // CHECK_AT_OPEN_MAX_BYTES). Reading the schema still catches a damaged header
+        // or catalogue before anything is written.
+        conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })
         .map_err(classify)?;
-    if check != "ok" {
-        return Err(OpenFailure::Unusable(format!(
-            "quick_check failed: {check}"
-        )));
     }
     if let Some(pages) = options.max_page_count {
         conn.pragma_update(None, "max_page_count", pages)
@@ -450,7 +542,62 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         rusqlite::Error::InvalidParameterName(msg) => OpenFailure::Environment(msg),
         other => classify(other),
     })?;
+    // What the writer reads first; damage here counts as damage, not as an error that
+    // would stop every start.
+    conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(classify)?;
     Ok(conn)
+}
+
+/// Runs `quick_check` on its own read-only connection. Damage leaves the marker for the
+/// next start and is reported on `damaged`; a check that cannot run (e.g. busy) is only
+/// logged, since it proves nothing either way.
+fn spawn_background_check(
+    path: PathBuf,
+    busy_timeout: std::time::Duration,
+    damaged: watch::Sender<Option<String>>,
+) {
+    let run = move || {
+        let started = std::time::Instant::now();
+        let result = open_reader(&path, busy_timeout)
+            .and_then(|conn| conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)));
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        let problem = match result {
+            Ok(check) if check == "ok" => {
+                tracing::info!(
+                    path = %path.display(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "The database passed its integrity check (quick_check)."
+                );
+                return;
+            }
+            Ok(check) => format!("quick_check failed: {check}"),
+            Err(e) if matches!(e.sqlite_error_code(), Some(DatabaseCorrupt | NotADatabase)) => {
+                e.to_string()
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "The background integrity check could not run; the database is checked again at the next start.");
+                return;
+            }
+        };
+        if let Err(e) = std::fs::write(check_marker(&path), format!("{problem}\n")) {
+            tracing::error!(error = %e, "Cannot write the integrity-check marker.");
+        }
+        tracing::error!(
+            path = %path.display(),
+            reason = %problem,
+            "The database is damaged: stopping, so that the next start moves it aside."
+        );
+        let _ = damaged.send(Some(problem));
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("outpost-check".into())
+        .spawn(run)
+    {
+        tracing::warn!(error = %e, "Cannot start the background integrity check.");
+    }
 }
 
 /// Renames the database and its WAL/SHM files to `<name>.corrupt-<unix time>`.

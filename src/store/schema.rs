@@ -82,11 +82,25 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<i64> {
              install the newer agent or move the database aside"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    migrate_to(conn, CURRENT_VERSION)
+}
+
+/// Applies the pending migrations up to `target` (at most [`CURRENT_VERSION`]) and
+/// returns the version reached. [`migrate`] is this with the current version; tools
+/// and benchmarks use it to build a database of an older version.
+pub fn migrate_to(conn: &mut Connection, target: i64) -> rusqlite::Result<i64> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let target = target.min(CURRENT_VERSION);
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target.max(0) as usize)
+        .skip(version.max(0) as usize)
+    {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
-    Ok(CURRENT_VERSION)
+    Ok(version.max(target))
 }

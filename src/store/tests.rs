@@ -1,6 +1,6 @@
 //! Retention and the size cap (G4), tested on a connection with an explicit clock.
 
-use super::writer::{prune, used_bytes};
+use super::writer::{prune, used_bytes, RetentionScan};
 use super::*;
 use crate::model::to_micros;
 use chrono::{Duration as Age, Utc};
@@ -58,7 +58,14 @@ fn retention_prunes_only_old_synced_readings() {
     )
     .unwrap();
     let stats = StoreStats::default();
-    prune(&conn, &config, Utc::now(), &stats).unwrap();
+    prune(
+        &conn,
+        &config,
+        Utc::now(),
+        &stats,
+        &mut RetentionScan::default(),
+    )
+    .unwrap();
     assert_eq!(counts(&conn), (100, 100));
     assert_eq!(
         stats
@@ -83,7 +90,14 @@ fn the_size_cap_prunes_synced_first_then_oldest_unsynced_and_counts_them() {
     // A cap that synced rows alone can satisfy: no unsynced row goes.
     config.max_size = ByteSize(full * 3 / 4);
     let stats = StoreStats::default();
-    prune(&conn, &config, Utc::now(), &stats).unwrap();
+    prune(
+        &conn,
+        &config,
+        Utc::now(),
+        &stats,
+        &mut RetentionScan::default(),
+    )
+    .unwrap();
     let (synced, unsynced) = counts(&conn);
     assert_eq!(unsynced, 6000);
     assert!(synced < 3000);
@@ -91,7 +105,14 @@ fn the_size_cap_prunes_synced_first_then_oldest_unsynced_and_counts_them() {
 
     // A smaller cap: every synced row goes, then the OLDEST unsynced ones.
     config.max_size = ByteSize(full / 3);
-    prune(&conn, &config, Utc::now(), &stats).unwrap();
+    prune(
+        &conn,
+        &config,
+        Utc::now(),
+        &stats,
+        &mut RetentionScan::default(),
+    )
+    .unwrap();
     let (synced, unsynced) = counts(&conn);
     assert_eq!(synced, 0);
     assert!(unsynced < 6000);
@@ -115,4 +136,45 @@ fn the_size_cap_prunes_synced_first_then_oldest_unsynced_and_counts_them() {
         "the loss is recorded durably for `outpost status`"
     );
     assert!(used_bytes(&conn).unwrap() <= config.max_size.0);
+}
+
+#[test]
+fn retention_finds_old_synced_readings_behind_an_unsynced_backlog() {
+    let (_d, conn, config) = setup(1 << 30);
+    insert(&conn, 100, Age::days(3), false); // old backlog, not sent yet: kept
+    insert(&conn, 100, Age::days(3), true); // old, synced newest first: pruned
+    insert(&conn, 100, Age::hours(1), true); // recent, synced: kept
+    let stats = StoreStats::default();
+    prune(
+        &conn,
+        &config,
+        Utc::now(),
+        &stats,
+        &mut RetentionScan::default(),
+    )
+    .unwrap();
+    assert_eq!(counts(&conn), (100, 100));
+}
+
+#[test]
+fn retention_never_deletes_recent_readings_across_a_clock_step() {
+    let (_d, conn, config) = setup(1 << 30);
+    insert(&conn, 50, Age::days(3), true); // old: pruned
+    insert(&conn, 50, Age::hours(1), true); // recent: kept
+    insert(&conn, 50, Age::days(3), true); // the clock stepped back: old-looking, later ids
+    insert(&conn, 50, Age::hours(1), true); // recent: kept
+    let stats = StoreStats::default();
+    let mut scan = RetentionScan::default();
+    prune(&conn, &config, Utc::now(), &stats, &mut scan).unwrap();
+    let (synced, _) = counts(&conn);
+    // The first 50 go; the recent ones stay whatever the bisection found.
+    assert!((100..=150).contains(&synced), "{synced}");
+    let recent: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM readings WHERE received_at >= ?1",
+            [to_micros(Utc::now() - Age::days(1))],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(recent, 100);
 }

@@ -7,7 +7,7 @@
 
 use super::{StorageConfig, StoreError};
 use crate::model::{to_micros, Batch, Committed, Reading};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -127,6 +127,7 @@ pub(super) fn spawn(
         committed: Some(committed),
         last_full_log: None,
         retention_clock: None,
+        scan: RetentionScan::default(),
     };
     std::thread::Builder::new()
         .name("outpost-store".into())
@@ -154,6 +155,7 @@ struct Writer {
     last_full_log: Option<Instant>,
     /// The time retention last pruned at, and when (monotonic): see `retention_now`.
     retention_clock: Option<(chrono::DateTime<chrono::Utc>, Instant)>,
+    scan: RetentionScan,
 }
 
 #[derive(Default)]
@@ -487,7 +489,7 @@ impl Writer {
 
     fn prune_now(&mut self) {
         let now = self.retention_now();
-        if let Err(e) = prune(&self.conn, &self.config, now, &self.stats) {
+        if let Err(e) = prune(&self.conn, &self.config, now, &self.stats, &mut self.scan) {
             if !is_full(&e) {
                 tracing::warn!(error = %e, "Pruning the store failed; will retry.");
             }
@@ -596,6 +598,97 @@ pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 
 const PRUNE_CHUNK: usize = 5000;
 
+/// At most this many ids of the range where synced and unsynced readings interleave are
+/// scanned per retention pass (see [`prune_retention`]).
+const RETENTION_SCAN_WINDOW: i64 = 50_000;
+
+/// Where the retention pass left off in the interleaved range; kept by the writer
+/// between passes (a restart simply begins again at the start of the range).
+#[derive(Debug, Default)]
+pub(crate) struct RetentionScan {
+    after: i64,
+}
+
+/// The largest id whose reading arrived before `cutoff`, found by bisection over ids
+/// (a few index lookups instead of a scan): ids follow arrival, so `received_at` grows
+/// with the id except across a clock step. The result only limits which ids a pass
+/// looks at; every deletion still checks `received_at < cutoff` itself, so a clock step
+/// can delay the deletion of a row but never delete a recent one. 0 if there is none.
+fn retention_bound(conn: &Connection, cutoff: i64) -> rusqlite::Result<i64> {
+    let first_at = |id: i64| -> rusqlite::Result<Option<(i64, i64)>> {
+        conn.prepare_cached(
+            "SELECT id, received_at FROM readings WHERE id >= ?1 ORDER BY id LIMIT 1",
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+    };
+    let Some((mut lo, received)) = first_at(i64::MIN)? else {
+        return Ok(0);
+    };
+    if received >= cutoff {
+        return Ok(0);
+    }
+    let mut hi: i64 = conn.query_row("SELECT MAX(id) FROM readings", [], |r| r.get(0))?;
+    // Invariant: lo <= hi, and the row at or after lo arrived before the cutoff.
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        match first_at(mid)? {
+            Some((id, at)) if at < cutoff => lo = id.min(hi),
+            _ => hi = mid - 1,
+        }
+    }
+    Ok(lo)
+}
+
+/// Deletes synced readings that arrived before `cutoff` without scanning the table:
+/// below the oldest unsynced reading every row is synced, so the pass walks only the
+/// rows it deletes (up to the bisected [`retention_bound`]). Between the oldest
+/// unsynced reading and that bound, synced and unsynced rows can interleave (live
+/// readings are synced newest first while a backlog drains; G8 holds some back); that
+/// range is scanned [`RETENTION_SCAN_WINDOW`] ids per pass, resuming where the last
+/// pass stopped, so a long outage's backlog is not re-read every minute.
+fn prune_retention(
+    conn: &Connection,
+    cutoff: i64,
+    scan: &mut RetentionScan,
+) -> rusqlite::Result<usize> {
+    let bound = retention_bound(conn, cutoff)?;
+    if bound == 0 {
+        return Ok(0);
+    }
+    let oldest_unsynced: Option<i64> = conn
+        .query_row(
+            "SELECT id FROM readings WHERE synced = 0 ORDER BY id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let delete_range = |after: i64, up_to: i64| -> rusqlite::Result<usize> {
+        let mut deleted = 0;
+        loop {
+            let n = conn.execute(
+                "DELETE FROM readings WHERE id IN (SELECT id FROM readings \
+                 WHERE id > ?1 AND id <= ?2 AND synced = 1 AND received_at < ?3 \
+                 ORDER BY id LIMIT ?4)",
+                params![after, up_to, cutoff, PRUNE_CHUNK],
+            )?;
+            deleted += n;
+            if n < PRUNE_CHUNK {
+                return Ok(deleted);
+            }
+        }
+    };
+    let below = oldest_unsynced.map_or(bound, |u| bound.min(u - 1));
+    let mut deleted = delete_range(i64::MIN, below)?;
+    if let Some(u) = oldest_unsynced.filter(|&u| u <= bound) {
+        let from = scan.after.max(u - 1);
+        let to = bound.min(from.saturating_add(RETENTION_SCAN_WINDOW));
+        deleted += delete_range(from, to)?;
+        scan.after = if to >= bound { 0 } else { to };
+    }
+    Ok(deleted)
+}
+
 /// Enforces retention and the size cap (G4), in this order: synced readings older than
 /// the retention window; then, while over `max_size`, the oldest synced readings; then
 /// the oldest unsynced ones (counted durably and logged at error level). Only the
@@ -605,6 +698,7 @@ pub(crate) fn prune(
     config: &StorageConfig,
     now: chrono::DateTime<chrono::Utc>,
     stats: &StoreStats,
+    scan: &mut RetentionScan,
 ) -> rusqlite::Result<()> {
     let retention =
         chrono::Duration::from_std(config.retention.get()).unwrap_or(chrono::Duration::MAX);
@@ -612,18 +706,7 @@ pub(crate) fn prune(
         now.checked_sub_signed(retention)
             .unwrap_or(chrono::DateTime::UNIX_EPOCH),
     );
-    let mut synced = 0usize;
-    loop {
-        let n = conn.execute(
-            "DELETE FROM readings WHERE id IN (SELECT id FROM readings \
-             WHERE synced = 1 AND received_at < ?1 ORDER BY id LIMIT ?2)",
-            params![cutoff, PRUNE_CHUNK],
-        )?;
-        synced += n;
-        if n < PRUNE_CHUNK {
-            break;
-        }
-    }
+    let mut synced = prune_retention(conn, cutoff, scan)?;
     conn.execute(
         "DELETE FROM rejected WHERE id <= (SELECT MAX(id) FROM rejected) - 1000",
         [],
