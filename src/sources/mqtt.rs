@@ -262,9 +262,10 @@ fn parse_time(v: Option<&Value>, format: TimestampFormat) -> Option<DateTime<Utc
     }
 }
 
-struct JsonDecoder {
-    config: MqttJsonConfig,
-    mapping: Arc<Mapping>,
+/// `pub(crate)` for [`crate::fuzzing`], which drives the decoder as the session does.
+pub(crate) struct JsonDecoder {
+    pub(crate) config: MqttJsonConfig,
+    pub(crate) mapping: Arc<Mapping>,
 }
 
 impl Decode for JsonDecoder {
