@@ -281,13 +281,23 @@ fn serial_parser(sel: u8) -> LineParser {
         value_field: "value".into(),
         unit_field: metric.then(|| "unit".into()),
     };
-    let regex = |pattern: &str| {
-        regex::RegexBuilder::new(pattern)
-            .size_limit(1 << 20)
-            .build()
-            .map(Format::Regex)
-            .unwrap_or(Format::KeyValue)
-    };
+    // Compiled once: building a regex per input would be most of the time spent.
+    static REGEXES: OnceLock<Vec<Format>> = OnceLock::new();
+    let regexes = REGEXES.get_or_init(|| {
+        [
+            r"^(?P<device>\w+)\s+(?P<temp>\S+)\s*(?P<value>\S*)$",
+            r"^(?P<time>\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d\S*)\s+(?P<device>[\w.-]+)\s+(?P<metric>\S+)=(?P<value>\S+)(?:\s+(?P<unit>\S+))?$",
+        ]
+        .iter()
+        .map(|pattern| {
+            regex::RegexBuilder::new(pattern)
+                .size_limit(1 << 20)
+                .build()
+                .map(Format::Regex)
+                .unwrap_or(Format::KeyValue)
+        })
+        .collect()
+    });
     let format = match sel & 7 {
         0 | 7 => Format::Json,
         1 => Format::Csv {
@@ -303,10 +313,8 @@ fn serial_parser(sel: u8) -> LineParser {
             ),
         },
         3 => Format::KeyValue,
-        4 => regex(r"^(?P<device>\w+)\s+(?P<temp>\S+)\s*(?P<value>\S*)$"),
-        5 => regex(
-            r"^(?P<time>\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d\S*)\s+(?P<device>[\w.-]+)\s+(?P<metric>\S+)=(?P<value>\S+)(?:\s+(?P<unit>\S+))?$",
-        ),
+        4 => regexes[0].clone(),
+        5 => regexes[1].clone(),
         _ => Format::Csv {
             delimiter: '\t',
             columns: None,
