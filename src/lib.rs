@@ -25,6 +25,8 @@
 //! - [`sync`]: replication of readings, alert events and heartbeats to central
 //!   PostgreSQL through PgBouncer (transaction pooling), and the central schema.
 //! - [`tls`]: PEM files, rustls client configurations (ring) and certificate expiry.
+//! - [`fuzzing`]: the entry points of the fuzz targets (`fuzz/`), replayed over the
+//!   committed corpora by `tests/fuzz_corpus.rs`; not used by the agent.
 //! - [`cli`]: the command line (`run`, `check`, `status`, `readings`, `notify-test`,
 //!   `central`, `demo`); signal handling lives there, not in components.
 //!
@@ -55,6 +57,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod metrics;

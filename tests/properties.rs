@@ -829,3 +829,185 @@ proptest! {
         load(&dir, text.as_bytes())?;
     }
 }
+
+// ---------------------------------------------------------------------------------
+// What the fuzz targets cover beyond the properties above: Modbus RTU frame checks and
+// encoding, field mapping with scale and offset, validated timestamp patterns,
+// drop-ins and environment overrides, and the fuzz entry functions themselves (the
+// decoders exactly as the sources drive them, with their invariants).
+
+use outpost::sources::mapping::FieldRule;
+use outpost::sources::modbus_decode::{
+    answer_len, classify_timeout, crc16, encode_value, FrameFault,
+};
+use outpost::sources::serial_formats::check_timestamp_pattern;
+
+fn value_type() -> impl Strategy<Value = ValueType> {
+    prop_oneof![
+        Just(ValueType::U16),
+        Just(ValueType::I16),
+        Just(ValueType::U32),
+        Just(ValueType::I32),
+        Just(ValueType::F32),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn modbus_frames_are_classified(
+        body in prop::collection::vec(any::<u8>(), 2..64),
+        flip in any::<prop::sample::Index>(),
+        function in 1u8..=4,
+        quantity in 0u16..200,
+    ) {
+        prop_assert_eq!(classify_timeout(&[], answer_len(function, quantity)), FrameFault::NoAnswer);
+        let mut frame = body.clone();
+        frame.extend_from_slice(&crc16(&body).to_le_bytes());
+        let exception = frame[1] & 0x80 != 0;
+        let whole = classify_timeout(&frame, frame.len());
+        if !exception || frame.len() == 5 {
+            prop_assert_eq!(whole, FrameFault::Unexpected);
+            // One flipped bit is always caught by the CRC.
+            let i = flip.index(frame.len());
+            let mut noisy = frame.clone();
+            noisy[i] ^= 1;
+            if noisy[1] & 0x80 == frame[1] & 0x80 {
+                prop_assert_eq!(classify_timeout(&noisy, frame.len()), FrameFault::CrcError);
+            }
+        }
+        if !exception {
+            prop_assert_eq!(classify_timeout(&frame[..frame.len() - 1], frame.len()), FrameFault::Truncated);
+        }
+        let expected = answer_len(function, quantity);
+        prop_assert!(expected >= 5);
+        let _ = classify_timeout(&body, expected);
+    }
+
+    #[test]
+    fn modbus_encode_decode_round_trips(
+        ty in value_type(),
+        w in order(),
+        b in order(),
+        raw in any::<u32>(),
+    ) {
+        let words = match ty.width() {
+            1 => vec![raw as u16],
+            _ => vec![(raw >> 16) as u16, raw as u16],
+        };
+        match decode_registers(&words, ty, 1, w, b) {
+            Ok(values) => prop_assert_eq!(encode_value(values[0], ty, w, b), words),
+            Err(e) => prop_assert!(ty == ValueType::F32 && e.reason() == "not_a_number"),
+        }
+    }
+
+    #[test]
+    fn mapping_applies_rules_and_stays_finite(
+        value in json_value(),
+        scale in prop_oneof![finite(), Just(1e308), Just(-1e308)],
+        offset in prop_oneof![finite(), Just(1e308)],
+        key in name(),
+        drop in any::<bool>(),
+    ) {
+        let mut mapping = Mapping::default();
+        if drop {
+            mapping.unmapped = outpost::sources::mapping::Unmapped::Drop;
+        }
+        mapping.fields.insert(key.clone(), FieldRule { metric: Some("m".into()), unit: None, scale, offset, ignore: false });
+        for m in mapping.map_object("dev", &value) {
+            prop_assert!(m.value.is_finite());
+            prop_assert!(!m.metric.is_empty());
+            prop_assert!(!drop || m.metric == "m");
+        }
+        let wrapped = json!({ key.clone(): 2.0 });
+        let expected = 2.0 * scale + offset;
+        let got = mapping.map_object("dev", &wrapped);
+        if expected.is_finite() {
+            prop_assert_eq!(got.len(), 1);
+            prop_assert_eq!(got[0].value, expected);
+        } else {
+            prop_assert!(got.is_empty());
+        }
+    }
+
+    #[test]
+    fn validated_timestamp_patterns_never_panic(
+        pattern in "(%[YmdHMSsfzjbBaAeIpT:%+.]|[-: /T.a-z0-9]){0,12}",
+        text in "[-0-9 :/T.a-zA-Z+]{0,30}",
+    ) {
+        if check_timestamp_pattern(&pattern).is_ok() {
+            let f = TimestampFormat::Pattern(pattern.clone());
+            if let Ok(t) = parse_timestamp(&FieldValue::Text(text.clone()), &f) {
+                prop_assert!(t.timestamp() >= 946_684_800);
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_entry_functions_hold_on_random_bytes(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        outpost::fuzzing::ttn_uplink(&data);
+        outpost::fuzzing::chirpstack_uplink(&data);
+        outpost::fuzzing::mqtt_json(&data);
+        outpost::fuzzing::serial_line(&data);
+        outpost::fuzzing::modbus_registers(&data);
+    }
+
+    #[test]
+    fn fuzz_entry_functions_hold_on_json(sel in any::<u8>(), value in json_value(), decoded in json_value()) {
+        let body = value.to_string();
+        let up = ttn_uplink("dev", 3, Utc::now(), &decoded);
+        let cs = chirpstack_event("d", 3, &decoded);
+        for (f, payload) in [
+            (outpost::fuzzing::ttn_uplink as fn(&[u8]), up.as_slice()),
+            (outpost::fuzzing::chirpstack_uplink, cs.as_slice()),
+            (outpost::fuzzing::mqtt_json, body.as_bytes()),
+            (outpost::fuzzing::ttn_uplink, body.as_bytes()),
+        ] {
+            let mut data = vec![sel];
+            data.extend_from_slice(payload);
+            f(&data);
+        }
+        let mut line = vec![sel & !(1 << 2), 0, 64, 192];
+        line.extend_from_slice(body.as_bytes());
+        line.push(b'\n');
+        outpost::fuzzing::serial_line(&line);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..config() })]
+
+    /// Drop-ins append sources and override tables; `OUTPOST__*` variables override
+    /// both; whatever the pieces, loading succeeds or names every problem.
+    #[test]
+    fn config_dropins_and_env_layer(
+        names in prop::collection::btree_set("[a-z][a-z0-9]{0,6}", 1..4),
+        batch in 1u32..5000,
+        site in "[a-zA-Z ]{0,12}",
+        noise in "([\\[\\]a-z_.=\"{}, \n0-9#$-]|\\[\\[sources\\]\\]\n){0,40}",
+    ) {
+        let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let path = dir.path().join("outpost.toml");
+        std::fs::write(&path, "[agent]\ngateway_id = \"gw\"\n[storage]\nbatch_max_rows = 1\n")
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let conf_d = dir.path().join("conf.d");
+        std::fs::create_dir(&conf_d).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for (i, n) in names.iter().enumerate() {
+            std::fs::write(conf_d.join(format!("{i}.toml")), format!("[[sources]]\ntype = \"simulated\"\nname = \"{n}\"\n"))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        std::fs::write(conf_d.join("9.toml"), format!("[storage]\nbatch_max_rows = {batch}\n[agent]\nsite = {site:?}\n"))
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let config = Config::load(&path).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(config.sources.len(), names.len());
+        prop_assert_eq!(config.agent.site.as_str(), site.as_str());
+        let text = format!(
+            "[agent]\ngateway_id = \"gw\"\n{}{noise}{}STORAGE__BATCH_MAX_ROWS={batch}\n",
+            outpost::fuzzing::DROPIN_MARKER,
+            outpost::fuzzing::ENV_MARKER,
+        );
+        let fuzz_dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        outpost::fuzzing::config_load(fuzz_dir.path(), text.as_bytes());
+    }
+}

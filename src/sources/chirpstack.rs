@@ -339,9 +339,10 @@ impl EventMapper {
     }
 }
 
-struct ChirpStackDecoder {
-    mapper: EventMapper,
-    max_payload: usize,
+/// `pub(crate)` for [`crate::fuzzing`], which drives the decoder as the session does.
+pub(crate) struct ChirpStackDecoder {
+    pub(crate) mapper: EventMapper,
+    pub(crate) max_payload: usize,
 }
 
 impl Decode for ChirpStackDecoder {

@@ -4,9 +4,9 @@
 //! The device id comes from a topic level (`device_segment`, counted from 0) or a JSON
 //! pointer (`device_pointer`); metrics from JSON pointers (`metrics`) or, if none are
 //! given, from every numeric or boolean leaf (nested keys joined with dots; a bare
-//! number is named after the last topic level); the time from a JSON pointer
-//! (`timestamp_pointer`) or the arrival time. Every metric then goes through the
-//! source's field mapping.
+//! number is named after the last topic level, or `value` if it is empty); the time
+//! from a JSON pointer (`timestamp_pointer`) or the arrival time. Every metric then
+//! goes through the source's field mapping.
 //!
 //! With `qos = 1` the session is persistent and messages are acknowledged after their
 //! commit, like ChirpStack. The uid is derived from source, device, field and time, so
@@ -210,7 +210,11 @@ pub fn decode_json(
             Value::Number(n) => n
                 .as_f64()
                 .filter(|f| f.is_finite())
-                .map(|f| vec![(topic.rsplit('/').next().unwrap_or("value").to_string(), f)])
+                .map(|f| {
+                    // A topic ending in `/` has an empty last level: the metric is `value`.
+                    let level = topic.rsplit('/').next().filter(|l| !l.is_empty());
+                    vec![(level.unwrap_or("value").to_string(), f)]
+                })
                 .unwrap_or_default(),
             other => flatten_numeric(other),
         }
@@ -262,9 +266,10 @@ fn parse_time(v: Option<&Value>, format: TimestampFormat) -> Option<DateTime<Utc
     }
 }
 
-struct JsonDecoder {
-    config: MqttJsonConfig,
-    mapping: Arc<Mapping>,
+/// `pub(crate)` for [`crate::fuzzing`], which drives the decoder as the session does.
+pub(crate) struct JsonDecoder {
+    pub(crate) config: MqttJsonConfig,
+    pub(crate) mapping: Arc<Mapping>,
 }
 
 impl Decode for JsonDecoder {
@@ -385,6 +390,10 @@ mod tests {
         // A bare number is named after the last topic level.
         let m = decode_json(&c, "sensors/kitchen/data", b"21.5").unwrap();
         assert_eq!(m.fields, vec![("data".into(), 21.5)]);
+        // Found by fuzzing (docs/reliability.md, `## Fuzzing`): a topic ending in `/`
+        // named the reading with an empty metric.
+        let m = decode_json(&c, "sensors/kitchen/", b"21.5").unwrap();
+        assert_eq!(m.fields, vec![("value".into(), 21.5)]);
         // A missing topic level is no device.
         assert_eq!(
             decode_json(&c, "sensors", b"{}").unwrap_err().reason(),

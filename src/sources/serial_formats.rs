@@ -448,6 +448,8 @@ fn walk_json(value: &Value, prefix: String, depth: usize, out: &mut Vec<(String,
         }
     };
     match value {
+        // `{"": 1}`: a field without a name would become a reading without a metric.
+        Value::Number(_) | Value::Bool(_) | Value::String(_) if prefix.is_empty() => {}
         Value::Number(n) => {
             if let Some(f) = n.as_f64().filter(|f| f.is_finite()) {
                 out.push((prefix, FieldValue::Number(f)));
@@ -776,6 +778,19 @@ mod tests {
                 .join(",")
         );
         assert_eq!(p.parse(&wide).unwrap().unwrap().values.len(), MAX_FIELDS);
+    }
+
+    /// Found by proptest with the fuzz target's invariant (docs/reliability.md,
+    /// `## Fuzzing`): `{"": 1}` gave a reading whose metric was the empty string.
+    #[test]
+    fn json_field_without_a_name_is_not_a_reading() {
+        let mut p = LineParser::new(Format::Json, roles());
+        assert_eq!(p.parse(r#"{"": 1}"#).unwrap_err().reason(), "no_values");
+        let parsed = p
+            .parse(r#"{"": 1, "t": 2, "a": {"": 3}}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(keys(&parsed), [("a.", 3.0), ("t", 2.0)]);
     }
 
     #[test]

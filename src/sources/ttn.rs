@@ -464,9 +464,10 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-struct TtnDecoder {
-    mapper: UplinkMapper,
-    max_payload: usize,
+/// `pub(crate)` for [`crate::fuzzing`], which drives the decoder as the session does.
+pub(crate) struct TtnDecoder {
+    pub(crate) mapper: UplinkMapper,
+    pub(crate) max_payload: usize,
 }
 
 impl Decode for TtnDecoder {

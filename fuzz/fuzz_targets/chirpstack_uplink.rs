@@ -1,0 +1,6 @@
+//! See `outpost::fuzzing::chirpstack_uplink` for the input layout and the invariants.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| outpost::fuzzing::chirpstack_uplink(data));

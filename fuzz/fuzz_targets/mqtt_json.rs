@@ -1,0 +1,6 @@
+//! See `outpost::fuzzing::mqtt_json` for the input layout and the invariants.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| outpost::fuzzing::mqtt_json(data));

@@ -1,0 +1,6 @@
+//! See `outpost::fuzzing::serial_line` for the input layout and the invariants.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| outpost::fuzzing::serial_line(data));
