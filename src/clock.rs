@@ -213,13 +213,14 @@ pub async fn watch_steps(
             "The wall clock {}; alert timers and retention follow the monotonic clock.",
             step.describe()
         );
-        *LAST_STEP.lock().unwrap_or_else(|p| p.into_inner()) = Some(step.clone());
+        // Saved first, so that once `/health` shows the step `outpost status` does too.
         if let Ok(json) = serde_json::to_string(&step) {
             let rows = vec![(STEP_STATE.1.to_string(), json)];
             if let Err(e) = crate::sources::rejects::write_rows(&store, STEP_STATE.0, rows).await {
                 tracing::debug!(error = %e, "Could not save the clock step.");
             }
         }
+        *LAST_STEP.lock().unwrap_or_else(|p| p.into_inner()) = Some(step);
     }
 }
 
