@@ -34,6 +34,27 @@ fn gauge(text: &str, series: &str) -> Option<f64> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
+/// `outpost status --config CONFIG` (text), which must succeed.
+fn status_text(config: &Path) -> String {
+    run_status(&["status", "--config"], config)
+}
+
+/// `outpost status --json --config CONFIG`.
+fn status_json(config: &Path) -> String {
+    run_status(&["status", "--json", "--config"], config)
+}
+
+fn run_status(args: &[&str], config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .arg(config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    text
+}
+
 /// The HTTP status of `/health` and its `certificates` check.
 fn certificates_check(port: u16) -> (u16, serde_json::Value) {
     let (status, health) = get(port, "/health").unwrap();
@@ -114,13 +135,7 @@ fn certificate_expiry_is_in_metrics_health_and_status() {
     drop(agent);
 
     // `outpost status` reads the same files through the configuration.
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["status", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let text = status_text(&config);
     assert!(
         text.contains("WARNING: certificate sync.ca_file:")
             && text.contains("central-ca) expires in 10 days"),
@@ -130,12 +145,7 @@ fn certificate_expiry_is_in_metrics_health_and_status() {
         text.contains("CERTIFICATE EXPIRED: notifiers.hook.ca_file:"),
         "{text}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["status", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&status_json(&config)).unwrap();
     let certs = json["certificates"].as_array().unwrap();
     assert_eq!(certs.len(), 2, "{json}");
     assert_eq!(certs[0]["certificate"], "sync.ca_file");
@@ -367,24 +377,13 @@ to = ["ops@example.com"]
     );
 
     // `outpost status` (another process) reads what the agent saved, while it runs.
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["status", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let text = status_text(&config);
     assert!(
         text.contains("WARNING: certificate notifiers.hook: server 127.0.0.1:")
             && text.contains("expires in 10 days"),
         "{text}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["status", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&status_json(&config)).unwrap();
     let certs = json["certificates"].as_array().unwrap();
     for label in labels {
         let cert = certs
