@@ -401,30 +401,6 @@ fn local(base: &Path, rows: u64) {
 // Central
 // ---------------------------------------------------------------------------------
 
-fn migrate(pg: &support::Postgres) -> (Duration, String) {
-    let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["central", "migrate", "--sslmode", "disable", "--url"])
-        .arg(format!(
-            "postgres://{}@127.0.0.1:{}/{}",
-            pg.user(),
-            pg.port(),
-            pg.database()
-        ))
-        .env("PGPASSWORD", pg.password())
-        .env("OUTPOST_CONFIG", "/nonexistent/outpost.toml")
-        .output()
-        .unwrap();
-    let elapsed = started.elapsed();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "migrate failed: {text}");
-    (elapsed, text.lines().next().unwrap_or("").to_string())
-}
-
 fn central(rows: u64) {
     let pg = support::Postgres::start();
     println!(
@@ -526,7 +502,7 @@ fn central(rows: u64) {
                 }
                 (blocked, ok)
             });
-            let (t, first) = migrate(&pg);
+            let (t, first) = pg.outpost_central_migrate();
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             println!("    {label:<38} {}   [{first}]", secs(t));
             prober.join().unwrap()

@@ -179,19 +179,7 @@ fn main() {
         .tempdir_in(std::env::var("WEAR_DIR").unwrap_or_else(|_| "/var/tmp".into()))
         .unwrap();
     let pg = support::Postgres::start();
-    let migrate = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["central", "migrate", "--sslmode", "disable", "--url"])
-        .arg(format!(
-            "postgres://{}@127.0.0.1:{}/{}",
-            pg.user(),
-            pg.port(),
-            pg.database()
-        ))
-        .env("PGPASSWORD", pg.password())
-        .env("OUTPOST_CONFIG", "/nonexistent/outpost.toml")
-        .output()
-        .unwrap();
-    assert!(migrate.status.success(), "{migrate:?}");
+    pg.outpost_central_migrate();
     let broker = support::Mosquitto::start();
     let http = support::free_port();
     let config = write_config(dir.path(), broker.port(), http, &pg);

@@ -220,6 +220,36 @@ impl Postgres {
 
     /// Like [`psql`](Self::psql) but as superuser `postgres` (for
     /// `pg_authid`, `pg_terminate_backend`, ...).
+    /// Runs `outpost central migrate` (the binary under test) against this instance
+    /// over plain TCP as role `outpost`; panics with its output unless it succeeds.
+    /// Returns how long it took and its first output line.
+    pub fn outpost_central_migrate(&self) -> (std::time::Duration, String) {
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["central", "migrate", "--sslmode", "disable", "--url"])
+            .arg(format!(
+                "postgres://{}@127.0.0.1:{}/{}",
+                self.user(),
+                self.port(),
+                self.database()
+            ))
+            .env("PGPASSWORD", self.password())
+            .env("OUTPOST_CONFIG", "/nonexistent/outpost.toml")
+            .output()
+            .expect("run outpost central migrate");
+        let elapsed = started.elapsed();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "outpost central migrate failed: {text}"
+        );
+        (elapsed, text.lines().next().unwrap_or("").to_string())
+    }
+
     pub fn psql_superuser(&self, sql: &str) -> String {
         self.psql_as("postgres", sql)
             .unwrap_or_else(|e| panic!("psql (superuser) failed for {sql:?}: {e}"))
