@@ -11,6 +11,8 @@
 //! are the two unavoidable steps; the ratio says what the engine, the event write and
 //! the outbox add on top.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -19,46 +21,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use outpost::pipeline::Pipeline;
 use outpost::store::StoreOptions;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A private mosquitto on a free port.
-fn start_mosquitto(dir: &std::path::Path) -> (Killed, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\nmax_queued_messages 0\n"),
-    )
-    .unwrap();
-    let child = Command::new("/usr/sbin/mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Killed(child), port)
-}
 
 /// A minimal HTTP/1.1 receiver that reports when each request (with its `kind`) arrived.
 async fn receiver(arrivals: mpsc::UnboundedSender<(Instant, String)>) -> u16 {
@@ -127,7 +92,8 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
     let port = receiver(arrivals_tx).await;
-    let (_broker, mqtt_port) = start_mosquitto(dir.path());
+    let broker = support::Mosquitto::builder().max_queued_messages(0).start();
+    let mqtt_port = broker.port();
     let config_path = dir.path().join("outpost.toml");
     std::fs::write(
         &config_path,

@@ -8,6 +8,8 @@
 //! `TTN_BENCH_BATCH_ROWS` the store's `batch_max_rows`, `TTN_BENCH_MAX_QUEUED` the
 //! broker's `max_queued_messages` (default 0, no limit).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
 use outpost::config::{Config, HumanDuration, Secret};
 use outpost::pipeline::Pipeline;
 use outpost::sources::mqtt_client::BrokerConfig;
@@ -15,7 +17,6 @@ use outpost::sources::ttn::{SimulatedUplinks, TtnConfig};
 use outpost::sources::ttn_backfill::BackfillConfig;
 use outpost::sources::SourceConfig;
 use outpost::store::StoreOptions;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -23,53 +24,13 @@ use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "v3/bench-app@ttn/devices/dev-1/up";
 
+/// A child process (mosquitto_sub) killed and reaped on drop.
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_mosquitto(dir: &std::path::Path, max_queued: &str) -> (Killed, u16) {
-    let port = free_port();
-    let conf = dir.join("mosquitto.conf");
-    let user = if unsafe { libc::geteuid() } == 0 {
-        "user root\n"
-    } else {
-        ""
-    };
-    // max_queued_messages: mosquitto's default (1000) drops QoS 0 messages for any
-    // subscriber more than 1000 messages behind — at this rate even mosquitto_sub.
-    std::fs::write(
-        &conf,
-        format!(
-            "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\n\
-             log_dest none\nmax_queued_messages {max_queued}\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new("/usr/sbin/mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Killed(child), port)
 }
 
 /// One ~800-byte uplink with three numeric fields, f_cnt `i`.
@@ -139,8 +100,17 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let dir = tempfile::tempdir().unwrap();
-    let max_queued = std::env::var("TTN_BENCH_MAX_QUEUED").unwrap_or_else(|_| "0".into());
-    let (_broker, port) = start_mosquitto(dir.path(), &max_queued);
+    // max_queued_messages: mosquitto's default (1000) drops QoS 0 messages for any
+    // subscriber more than 1000 messages behind — at this rate even mosquitto_sub.
+    let max_queued: u64 = std::env::var("TTN_BENCH_MAX_QUEUED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let broker = support::Mosquitto::builder()
+        .max_queued_messages(max_queued)
+        .sys_interval(1)
+        .start();
+    let port = broker.port();
 
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
     // Generated while publishing, so the publisher adds little to the peak RSS.

@@ -21,6 +21,7 @@ pub struct MosquittoBuilder {
     require_client_cert: bool,
     max_queued_messages: Option<u64>,
     persistence: bool,
+    sys_interval: Option<u32>,
 }
 
 impl MosquittoBuilder {
@@ -46,6 +47,12 @@ impl MosquittoBuilder {
     /// QoS 1/2 messages the broker queues per client beyond those in flight, also for a
     /// disconnected client with a persistent session (mosquitto's default is 1000; the
     /// excess is dropped silently). 0 means no limit.
+    /// Publish the broker's `$SYS` statistics (e.g. dropped messages) every `secs`.
+    pub fn sys_interval(mut self, secs: u32) -> Self {
+        self.sys_interval = Some(secs);
+        self
+    }
+
     pub fn max_queued_messages(mut self, n: u64) -> Self {
         self.max_queued_messages = Some(n);
         self
@@ -217,6 +224,9 @@ impl Mosquitto {
         let queued = (self.opts.max_queued_messages).or(self.opts.persistence.then_some(100_000));
         if let Some(n) = queued {
             writeln!(c, "max_queued_messages {n}").unwrap();
+        }
+        if let Some(secs) = self.opts.sys_interval {
+            writeln!(c, "sys_interval {secs}").unwrap();
         }
         c.push_str("log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n");
         match &self.opts.credentials {
