@@ -311,10 +311,12 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
     // What the servers presented, as the running agent saved it.
     let mut certificates = certificates;
     certificates.extend(crate::tls::presented_status(&db, chrono::Utc::now()));
+    let recovered = backfill_recovered(&db);
     match crate::store::status_report(&db) {
         Ok(report) if json => match serde_json::to_value(&report).map(|mut v| {
             if let Some(map) = v.as_object_mut() {
                 map.insert("certificates".into(), serde_json::json!(certificates));
+                map.insert("backfill_recovered".into(), serde_json::json!(recovered));
             }
             v
         }) {
@@ -335,6 +337,9 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
             for line in crate::tls::status_lines(&certificates) {
                 println!("{line}");
             }
+            for source in &recovered {
+                println!("{}", source.describe());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -342,6 +347,13 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
             ExitCode::FAILURE
         }
     }
+}
+
+/// What the TTN backfill recovered per source (empty when the database cannot tell).
+fn backfill_recovered(db: &Path) -> Vec<crate::sources::ttn_backfill::RecoveryStatus> {
+    crate::store::open_reader(db, std::time::Duration::from_secs(5))
+        .and_then(|conn| crate::sources::ttn_backfill::recovery_status(&conn))
+        .unwrap_or_default()
 }
 
 /// Runs `f` on a multi-threaded runtime with a shutdown token cancelled by SIGTERM or

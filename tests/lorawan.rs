@@ -870,3 +870,242 @@ fn pointer_exists(v: &Value, dotted: &str) -> bool {
     }
     true
 }
+
+/// A Storage Integration written from The Things Stack's API reference: application
+/// uplinks after `after` (by AS `received_at`), `limit` per page, `order`, a bearer
+/// key, and a `field_mask` of paths rooted at `up` (`end_device_ids` and the top-level
+/// `received_at` are always returned). The body is `text/event-stream` holding
+/// newline-delimited JSON results, separated by blank lines as the real server does.
+///
+/// It writes in batches like the real one: an uplink is retrievable only `delay` after
+/// it was added (received by The Things Stack).
+struct DelayedStorage {
+    uplinks: Arc<Mutex<Vec<(std::time::Instant, Value)>>>,
+    /// Uplinks a request's window held that were not yet retrievable.
+    hidden: Arc<AtomicUsize>,
+    /// (path and query, body bytes) of every 200 answer.
+    served: Arc<Mutex<Vec<(String, usize)>>>,
+    delay: Duration,
+}
+
+impl DelayedStorage {
+    fn install(h: &HttpReceiver, delay: Duration) -> DelayedStorage {
+        let storage = DelayedStorage {
+            uplinks: Arc::default(),
+            hidden: Arc::default(),
+            served: Arc::default(),
+            delay,
+        };
+        let (uplinks, hidden, served) = (
+            storage.uplinks.clone(),
+            storage.hidden.clone(),
+            storage.served.clone(),
+        );
+        h.set_handler(move |req| {
+            let url = reqwest::Url::parse(&format!("http://storage{}", req.path)).unwrap();
+            let param = |key: &str| {
+                url.query_pairs()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.into_owned())
+            };
+            if req.header("authorization") != Some(format!("Bearer {API_KEY}").as_str()) {
+                return Reply::status(401).body(r#"{"code":16,"message":"unauthenticated"}"#);
+            }
+            let after = param("after").map(|a| {
+                chrono::DateTime::parse_from_rfc3339(&a)
+                    .unwrap_or_else(|e| panic!("after={a:?}: {e}"))
+                    .with_timezone(&chrono::Utc)
+            });
+            let limit: usize = param("limit").and_then(|l| l.parse().ok()).unwrap_or(1000);
+            let mask: Option<Vec<String>> =
+                param("field_mask").map(|m| m.split(',').map(str::to_string).collect());
+            if let Some(paths) = &mask {
+                if let Some(bad) = paths.iter().find(|p| !p.starts_with("up.")) {
+                    return Reply::status(400).body(format!(
+                        r#"{{"code":3,"message":"invalid field mask path {bad}"}}"#
+                    ));
+                }
+            }
+            let now = std::time::Instant::now();
+            let as_time = |up: &Value| {
+                chrono::DateTime::parse_from_rfc3339(up["received_at"].as_str().unwrap()).unwrap()
+            };
+            let mut selected: Vec<Value> = Vec::new();
+            for (visible_at, up) in uplinks.lock().unwrap().iter() {
+                if after.is_some_and(|a| as_time(up) <= a) {
+                    continue;
+                }
+                if *visible_at > now {
+                    hidden.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                selected.push(up.clone());
+            }
+            selected.sort_by_key(as_time);
+            selected.truncate(limit);
+            let mut body = String::new();
+            for up in selected {
+                let up = match &mask {
+                    Some(paths) => apply_field_mask(&up, paths),
+                    None => up,
+                };
+                body.push_str(&json!({ "result": up }).to_string());
+                body.push_str("\n\n");
+            }
+            served.lock().unwrap().push((req.path.clone(), body.len()));
+            Reply::ok()
+                .header("content-type", "text/event-stream")
+                .body(body)
+        });
+        storage
+    }
+
+    /// The Things Stack received `up` now.
+    fn add(&self, up: Value) {
+        self.uplinks
+            .lock()
+            .unwrap()
+            .push((std::time::Instant::now() + self.delay, up));
+    }
+}
+
+/// What The Things Stack returns for `paths` (rooted at `up`, i.e. the uplink itself).
+fn apply_field_mask(up: &Value, paths: &[String]) -> Value {
+    let mut out = json!({
+        "end_device_ids": up["end_device_ids"],
+        "received_at": up["received_at"],
+        "uplink_message": {},
+    });
+    for path in paths {
+        let Some(field) = path.strip_prefix("up.uplink_message.") else {
+            continue;
+        };
+        if let Some(v) = up["uplink_message"].get(field) {
+            out["uplink_message"][field] = v.clone();
+        }
+    }
+    out
+}
+
+/// `outpost status --json` of the agent's database.
+fn status_json(dir: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(dir.join("outpost.toml"))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What the backfill of source `ttn` recovered for `reason`, as `outpost status` shows it.
+fn recovered(status: &Value, reason: &str) -> u64 {
+    status["backfill_recovered"]
+        .as_array()
+        .and_then(|sources| sources.iter().find(|s| s["source"] == "ttn"))
+        .and_then(|s| s["recovered"][reason].as_u64())
+        .unwrap_or(0)
+}
+
+/// Every uplink stored exactly once: one reading per (device, f_cnt), all present.
+fn assert_each_stored_once(db: &Path, expected: &[(String, u32)], agent: &Agent) {
+    let stored = strings(
+        db,
+        "SELECT device || '/' || json_extract(meta, '$.f_cnt') FROM readings ORDER BY 1",
+    );
+    let mut wanted: Vec<String> = expected.iter().map(|(d, f)| format!("{d}/{f}")).collect();
+    wanted.sort();
+    assert_eq!(stored, wanted, "agent log:\n{}", agent.log());
+}
+
+/// Uplinks from the last moments before a reconnect are not yet in the Storage
+/// Integration when the agent fetches the gap; the settle re-fetch gets them. With
+/// `reconcile_every = "0s"` nothing is fetched after that.
+#[test]
+fn ttn_backfill_refetches_the_gap_once_the_storage_integration_settles() {
+    let visibility = Duration::from_secs(5);
+    let mut m = Mosquitto::builder().password(USER, API_KEY).start();
+    let h = HttpReceiver::start();
+    let storage = DelayedStorage::install(&h, visibility);
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path());
+    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
+    let backfill = format!(
+        "url = \"{}\"\noverlap = \"1m\"\nsettle = \"7s\"\nreconcile_every = \"0s\"\npage_limit = 4\nretry_min = \"1s\"\nretry_max = \"1s\"",
+        h.url()
+    );
+    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let mut expected = Vec::new();
+
+    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
+    storage.add(probe.clone());
+    expected.push(("probe".to_string(), 1));
+    publish_until(
+        &m,
+        &ttn_topic("probe", "up"),
+        &serde_json::to_vec(&probe).unwrap(),
+        &agent,
+        || count(&db, "SELECT COUNT(*) FROM readings") == 1,
+    );
+
+    // The broker goes away; what is sent meanwhile reaches only the Storage Integration,
+    // the last of it just before the agent reconnects.
+    m.stop();
+    for f_cnt in 0..12u32 {
+        let device = format!("edge-{}", f_cnt % 3);
+        storage.add(ttn_uplink(
+            &device,
+            f_cnt,
+            chrono::Utc::now(),
+            json!({"t": f_cnt}),
+        ));
+        expected.push((device, f_cnt));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let hidden_before = storage.hidden.load(Ordering::SeqCst);
+    m.start_again();
+
+    assert!(
+        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM readings")
+            == expected.len() as i64),
+        "agent log:\n{}",
+        agent.log()
+    );
+    assert!(
+        storage.hidden.load(Ordering::SeqCst) > hidden_before,
+        "the reconnect fetch came after the uplinks became visible: the test did not exercise the edge"
+    );
+    assert_each_stored_once(&db, &expected, &agent);
+    let status = status_json(dir.path());
+    assert!(
+        recovered(&status, "settle") > 0,
+        "the settle re-fetch recovered the edge: {:#}",
+        status["backfill_recovered"]
+    );
+    assert_eq!(recovered(&status, "reconcile"), 0);
+
+    // reconcile_every = "0s": after the settle re-fetch nothing more is fetched.
+    std::thread::sleep(Duration::from_secs(9));
+    let quiet = h.requests().len();
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        h.requests().len(),
+        quiet,
+        "no request after the settle re-fetch: {:#?}",
+        h.requests()[quiet..]
+            .iter()
+            .map(|r| r.path.clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        h.requests()
+            .iter()
+            .all(|r| r.path.contains("field_mask=up.uplink_message.")),
+        "every request names the fields it needs"
+    );
+}
