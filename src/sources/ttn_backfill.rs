@@ -1402,6 +1402,17 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_key_and_a_missing_right_get_their_own_advice() {
+        let refused = BackfillError::KeyRefused.to_string();
+        assert!(refused.contains("HTTP 401") && refused.contains("create a new API key"));
+        let forbidden = BackfillError::Forbidden.to_string();
+        assert!(forbidden.contains("HTTP 403") && forbidden.contains("give it the right"));
+        assert!(!forbidden.contains("new API key"));
+        assert!(BackfillError::KeyRefused.needs_a_person());
+        assert!(!BackfillError::Timeout(HumanDuration::from_secs(1)).needs_a_person());
+    }
+
+    #[test]
     fn timestamps_round_trip() {
         let t = DateTime::parse_from_rfc3339("2026-11-26T03:14:07.705112233Z")
             .unwrap()
