@@ -1081,13 +1081,17 @@ fn ttn_backfill_refetches_the_gap_once_the_storage_integration_settles() {
         "the reconnect fetch came after the uplinks became visible: the test did not exercise the edge"
     );
     assert_each_stored_once(&db, &expected, &agent);
-    let status = status_json(dir.path());
+    // The counts are saved right after each fetch, a moment after its readings.
     assert!(
-        recovered(&status, "settle") > 0,
-        "the settle re-fetch recovered the edge: {:#}",
-        status["backfill_recovered"]
+        wait_until(Duration::from_secs(20), || recovered(
+            &status_json(dir.path()),
+            "settle"
+        ) > 0),
+        "the settle re-fetch recovered the edge: {:#}\nagent log:\n{}",
+        status_json(dir.path())["backfill_recovered"],
+        agent.log()
     );
-    assert_eq!(recovered(&status, "reconcile"), 0);
+    assert_eq!(recovered(&status_json(dir.path()), "reconcile"), 0);
 
     // reconcile_every = "0s": after the settle re-fetch nothing more is fetched.
     std::thread::sleep(Duration::from_secs(9));
@@ -1208,22 +1212,33 @@ fn ttn_backfill_recovers_uplinks_dropped_while_connected_exactly_once() {
         "some fetch came before uplinks were visible"
     );
 
+    let live = count(&db, "SELECT COUNT(*) FROM readings WHERE flags & 4 = 0") as u64;
+    let all_recovered = |status: &Value| -> u64 {
+        ["reconnect", "gap", "settle", "reconcile"]
+            .iter()
+            .map(|r| recovered(status, r))
+            .sum()
+    };
+    // The counts are saved right after each fetch, a moment after its readings.
+    assert!(
+        wait_until(Duration::from_secs(20), || all_recovered(&status_json(
+            dir.path()
+        )) + live
+            >= expected.len() as u64),
+        "{:#}",
+        status_json(dir.path())["backfill_recovered"]
+    );
     let status = status_json(dir.path());
+    assert_eq!(
+        all_recovered(&status) + live,
+        expected.len() as u64,
+        "each reading is counted once, as live or as recovered: {:#}",
+        status["backfill_recovered"]
+    );
     let by_reconcile = recovered(&status, "reconcile");
     assert!(
         by_reconcile >= 1,
         "reconciliation recovered the uplinks dropped while connected: {:#}",
-        status["backfill_recovered"]
-    );
-    let all: u64 = ["reconnect", "gap", "settle", "reconcile"]
-        .iter()
-        .map(|r| recovered(&status, r))
-        .sum();
-    let live = count(&db, "SELECT COUNT(*) FROM readings WHERE flags & 4 = 0") as u64;
-    assert_eq!(
-        all + live,
-        expected.len() as u64,
-        "each reading is counted once, as live or as recovered: {:#}",
         status["backfill_recovered"]
     );
     let (code, metrics) = support::agent::http_get(http_port, "/metrics").unwrap();
@@ -1471,7 +1486,7 @@ fn ttn_reconciliation_bytes_for_200_devices_with_and_without_field_mask() {
             h.url()
         );
         let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
-        let uplinks = (devices * minutes) as i64;
+        let uplinks = devices * minutes;
         assert!(
             wait_until(DEADLINE, || count(
                 &db,
