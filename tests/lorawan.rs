@@ -1364,7 +1364,8 @@ fn ttn_reconciliation_asks_only_for_the_window_since_the_previous_one() {
 }
 
 /// A refused key (HTTP 401) needs a person: ERROR with the advice to make a new key. A
-/// record with neither `result` nor `error` is kept in the `rejected` table.
+/// record with neither `result` nor `error` is kept in the `rejected` table. A server
+/// that refuses the field mask gets whole-record requests instead.
 #[test]
 fn ttn_backfill_refused_key_is_an_error_and_empty_records_are_rejected() {
     let m = Mosquitto::builder().password(USER, API_KEY).start();
@@ -1388,9 +1389,13 @@ fn ttn_backfill_refused_key_is_an_error_and_empty_records_are_rejected() {
     ];
     let served = Arc::new(AtomicUsize::new(0));
     let n = served.clone();
-    h.set_handler(move |_| {
+    h.set_handler(move |req| {
         if n.fetch_add(1, Ordering::SeqCst) < 2 {
             return Reply::status(401).body(r#"{"code":16,"message":"token rejected"}"#);
+        }
+        // A server that does not know a path of the mask.
+        if req.path.contains("field_mask=") {
+            return Reply::status(400).body(r#"{"code":3,"message":"invalid field mask"}"#);
         }
         let lines = [
             json!({ "result": good[0] }).to_string(),
@@ -1448,6 +1453,21 @@ fn ttn_backfill_refused_key_is_an_error_and_empty_records_are_rejected() {
         );
     }
     assert!(!log.contains(API_KEY), "the API key is never logged");
+    // The refused field_mask: whole records from then on, said once.
+    assert_eq!(
+        log.matches("refused the field_mask (HTTP 400)").count(),
+        1,
+        "{log}"
+    );
+    // Two refused (401) and one refused mask (400) with field_mask, none after that.
+    let masked: Vec<bool> = h
+        .requests()
+        .iter()
+        .map(|r| r.path.contains("field_mask="))
+        .collect();
+    assert!(masked.len() > 3, "{masked:?}");
+    assert_eq!(masked[..3], [true, true, true]);
+    assert!(masked[3..].iter().all(|m| !m), "{masked:?}");
 }
 
 /// Bytes one reconciliation downloads on a metered link, with and without `field_mask`:

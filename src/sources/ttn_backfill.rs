@@ -628,8 +628,9 @@ impl Backfill {
                     .await;
                 match result {
                     Ok(()) => {
-                        let level_info = progress.recovered > 0 || !last_kind.is_empty();
-                        if level_info {
+                        // Worth an INFO line: something was missing, or a failure is over.
+                        // A reconciliation that finds only duplicates is routine.
+                        if progress.recovered > 0 || !last_kind.is_empty() {
                             tracing::info!(
                                 source = %self.source,
                                 reason = job.reason.label(),
