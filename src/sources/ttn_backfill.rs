@@ -18,10 +18,9 @@
 //! - **settle**: the Storage Integration writes in batches, so an uplink can be fetched
 //!   only some time after The Things Stack received it (its documentation gives no
 //!   figure). Uplinks from the last moments before a reconnect fetch may not be there
-//!   yet, so `settle` after every reconnect fetch the same window is fetched once more
-//!   (from where the first fetch started, or from its newest uplink minus
-//!   max(`overlap`, `settle`) when that is later: anything not yet visible then was
-//!   received after that point);
+//!   yet, so `settle` after every reconnect fetch the same window is fetched once more,
+//!   from the same cursor minus `overlap` (the gap is downloaded twice; duplicates are
+//!   dropped);
 //! - **reconcile**: while connected, every `reconcile_every`, the window since the
 //!   previous reconciliation: from the newest uplink stored at that time minus
 //!   max(`overlap`, `settle`), so an uplink that was not yet visible at one
@@ -490,13 +489,8 @@ impl Plan {
 
     fn succeeded(&mut self, done: Pending, progress: &FetchProgress, now: Instant) {
         if done.settle_after {
-            // Uplinks not yet retrievable during the fetch were received after its newest
-            // uplink minus the write delay: no need to go back further than that.
-            let from = match progress.newest {
-                Some(newest) => done.from.max(newest - self.margin),
-                None => done.from,
-            };
-            let from = self.settle_due.map_or(from, |(_, f)| f.min(from));
+            // The same window again: the same cursor minus overlap.
+            let from = self.settle_due.map_or(done.from, |(_, f)| f.min(done.from));
             self.settle_due = Some((now + self.settle, from));
         }
         if let Some(Some(mark)) = done.reconcile_mark {
@@ -601,11 +595,9 @@ impl Backfill {
             Some(t) => t - overlap,
             None => crate::clock::now() - initial,
         };
-        // Not older than the first fetch could reach.
-        let saved_reconcile = self
-            .load_time(RECONCILE_KEY)
-            .await
-            .map(|t| t.max(crate::clock::now() - initial));
+        // Not clamped with the local clock, which may be wrong at boot (G8); the server
+        // keeps only its retention anyway.
+        let saved_reconcile = self.load_time(RECONCILE_KEY).await;
         let mut reconcile_persisted = saved_reconcile;
         let mut plan = Plan::new(&self.config, Instant::now(), saved_reconcile);
         plan.want(start_of(cursor), FetchReason::Reconnect);
@@ -1267,8 +1259,8 @@ mod tests {
         let job = plan.take_due(now).unwrap();
         assert_eq!((job.from, job.reason), (gap_start, FetchReason::Reconnect));
         assert!(plan.take_due(now).is_none());
-        // The fetch found uplinks up to 10:20; the settle re-fetch reaches back
-        // max(overlap, settle) = 90s before that.
+        // The fetch found uplinks up to 10:20; the settle re-fetch asks for the same
+        // window again.
         plan.succeeded(job, &progress(Some(at("2026-12-04T10:20:00Z"))), now);
         assert_eq!(plan.next_wake(), Some(now + Duration::from_secs(90)));
         plan.fire(now + Duration::from_secs(89), true, None);
@@ -1277,21 +1269,30 @@ mod tests {
         let settle = plan.take_due(now + Duration::from_secs(90)).unwrap();
         assert_eq!(
             (settle.from, settle.reason),
-            (at("2026-12-04T10:18:30Z"), FetchReason::Settle)
+            (gap_start, FetchReason::Settle)
         );
         // Once: a settle fetch is not followed by another.
         plan.succeeded(settle, &progress(None), now + Duration::from_secs(91));
         assert_eq!(plan.next_wake(), None, "reconciliation is off");
 
-        // A fetch that found nothing re-fetches from where it started.
+        // Two reconnects before the Storage Integration settled: one re-fetch, from the
+        // earlier start, after the later fetch has settled.
         plan.want(gap_start, FetchReason::Reconnect);
         let job = plan.take_due(now).unwrap();
         plan.succeeded(job, &FetchProgress::default(), now);
+        let later = now + Duration::from_secs(30);
+        plan.want(at("2026-12-04T10:30:00Z"), FetchReason::Reconnect);
+        let job = plan.take_due(later).unwrap();
+        plan.succeeded(job, &FetchProgress::default(), later);
         plan.fire(now + Duration::from_secs(90), true, None);
+        assert!(plan.take_due(now + Duration::from_secs(90)).is_none());
+        plan.fire(later + Duration::from_secs(90), true, None);
+        let settle = plan.take_due(later + Duration::from_secs(90)).unwrap();
         assert_eq!(
-            plan.take_due(now + Duration::from_secs(90)).unwrap().from,
-            gap_start
+            (settle.from, settle.reason),
+            (gap_start, FetchReason::Settle)
         );
+        assert!(plan.take_due(later + Duration::from_secs(200)).is_none());
     }
 
     #[test]
