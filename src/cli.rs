@@ -311,16 +311,18 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
     // What the servers presented, as the running agent saved it.
     let mut certificates = certificates;
     certificates.extend(crate::tls::presented_status(&db, chrono::Utc::now()));
-    let recovered = backfill_recovered(&db);
     match crate::store::status_report(&db) {
         Ok(report) if json => match serde_json::to_value(&report).map(|mut v| {
             if let Some(map) = v.as_object_mut() {
                 map.insert("certificates".into(), serde_json::json!(certificates));
-                map.insert("backfill_recovered".into(), serde_json::json!(recovered));
             }
             v
         }) {
-            Ok(v) => {
+            Ok(mut v) => {
+                if let Some(map) = v.as_object_mut() {
+                    let recovered = backfill_recovered(&db);
+                    map.insert("backfill_recovered".into(), serde_json::json!(recovered));
+                }
                 println!("{v:#}");
                 ExitCode::SUCCESS
             }
@@ -334,11 +336,11 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
                 "{}",
                 crate::status::render(&report, &db.display().to_string())
             );
+            for source in backfill_recovered(&db) {
+                println!("{}", source.describe());
+            }
             for line in crate::tls::status_lines(&certificates) {
                 println!("{line}");
-            }
-            for source in &recovered {
-                println!("{}", source.describe());
             }
             ExitCode::SUCCESS
         }

@@ -77,6 +77,7 @@ impl Metrics {
             "1 when the source is connected to its broker or device, 0 when not",
             source_connected.clone(),
         );
+        let backfill_recovered = register_backfill_recovered(&mut registry);
         registry.register(
             "store_commit_duration_seconds",
             "Duration of each group commit (synchronous=FULL)",
@@ -86,7 +87,6 @@ impl Metrics {
             stats: store.stats().clone(),
             store: store.clone(),
         }));
-        let backfill_recovered = register_backfill_recovered(&mut registry);
         let certs = store.certs().clone();
         registry.register_collector(Box::new(CertCollector {
             certs: certs.clone(),

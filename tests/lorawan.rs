@@ -768,109 +768,6 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
     );
 }
 
-/// The commented LoRaWAN examples in config/outpost.toml load once uncommented, and
-/// every key of the three source types appears in them (set or as `# key = …`).
-#[test]
-fn the_lorawan_examples_load_and_document_every_key() {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/outpost.toml"))
-            .unwrap();
-    let start = text
-        .find("# --- LoRaWAN sources")
-        .expect("the LoRaWAN block");
-    let end = text
-        .find("# --- end of LoRaWAN sources ---")
-        .expect("its end");
-    let block = &text[start..end];
-    let uncommented: String = block
-        .lines()
-        .filter_map(|l| l.strip_prefix('#'))
-        .filter(|l| !l.is_empty() && !l.starts_with(' ') && !l.starts_with('-'))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let commented: std::collections::BTreeSet<String> = block
-        .lines()
-        .filter_map(|l| l.strip_prefix("# "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, _)| k.trim().to_string())
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("outpost.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[storage]\npath = \"{}\"\n{uncommented}",
-            db(dir.path()).display()
-        ),
-    )
-    .unwrap();
-    std::env::set_var("TTN_API_KEY", "NNSXS.EXAMPLE");
-    std::env::set_var("CHIRPSTACK_MQTT_PASSWORD", "example");
-    let config =
-        outpost::config::Config::load(&file).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
-    let kinds: Vec<_> = config.sources.iter().map(|s| s.kind()).collect();
-    assert_eq!(kinds, vec!["ttn", "chirpstack", "mqtt"]);
-    let effective = serde_json::to_value(&config.sources).unwrap();
-    let raw: Value = toml::from_str(&uncommented).unwrap();
-    let mut set_anywhere = Vec::new();
-    for source in raw["sources"].as_array().unwrap() {
-        collect_keys(source, "", &mut set_anywhere);
-    }
-    let set_leaves: std::collections::BTreeSet<String> = set_anywhere
-        .iter()
-        .map(|k| k.rsplit('.').next().unwrap().to_string())
-        .collect();
-    let mut missing = Vec::new();
-    for (i, source) in effective.as_array().unwrap().iter().enumerate() {
-        let mut keys = Vec::new();
-        collect_keys(source, "", &mut keys);
-        for key in keys {
-            let set = pointer_exists(&raw["sources"][i], &key);
-            let leaf = key.rsplit('.').next().unwrap().to_string();
-            // Map entries (fields.<raw key>, devices.<id>) are examples, not keys.
-            let user_named =
-                key.contains("fields.") || key.contains("devices.") || key.starts_with("metrics.");
-            if !set
-                && !set_leaves.contains(&leaf)
-                && !commented.contains(&leaf)
-                && !commented.contains(&format!("{leaf}_file"))
-                && !user_named
-            {
-                missing.push(format!("sources[{i}].{key}"));
-            }
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "keys missing from the LoRaWAN examples: {missing:#?}"
-    );
-}
-
-fn collect_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
-    if let Value::Object(map) = v {
-        for (k, v) in map {
-            let p = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            out.push(p.clone());
-            collect_keys(v, &p, out);
-        }
-    }
-}
-
-fn pointer_exists(v: &Value, dotted: &str) -> bool {
-    let mut cur = v;
-    for part in dotted.split('.') {
-        match cur.get(part) {
-            Some(next) => cur = next,
-            None => return false,
-        }
-    }
-    true
-}
-
 /// A Storage Integration written from The Things Stack's API reference: application
 /// uplinks after `after` (by AS `received_at`), `limit` per page, `order`, a bearer
 /// key, and a `field_mask` of paths rooted at `up` (`end_device_ids` and the top-level
@@ -1560,4 +1457,107 @@ fn ttn_reconciliation_bytes_for_200_devices_with_and_without_field_mask() {
         "the mask saves at least a quarter: {sizes:?}"
     );
     assert!(thin < sizes[0]);
+}
+
+/// The commented LoRaWAN examples in config/outpost.toml load once uncommented, and
+/// every key of the three source types appears in them (set or as `# key = …`).
+#[test]
+fn the_lorawan_examples_load_and_document_every_key() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/outpost.toml"))
+            .unwrap();
+    let start = text
+        .find("# --- LoRaWAN sources")
+        .expect("the LoRaWAN block");
+    let end = text
+        .find("# --- end of LoRaWAN sources ---")
+        .expect("its end");
+    let block = &text[start..end];
+    let uncommented: String = block
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .filter(|l| !l.is_empty() && !l.starts_with(' ') && !l.starts_with('-'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let commented: std::collections::BTreeSet<String> = block
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| k.trim().to_string())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("outpost.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[storage]\npath = \"{}\"\n{uncommented}",
+            db(dir.path()).display()
+        ),
+    )
+    .unwrap();
+    std::env::set_var("TTN_API_KEY", "NNSXS.EXAMPLE");
+    std::env::set_var("CHIRPSTACK_MQTT_PASSWORD", "example");
+    let config =
+        outpost::config::Config::load(&file).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    let kinds: Vec<_> = config.sources.iter().map(|s| s.kind()).collect();
+    assert_eq!(kinds, vec!["ttn", "chirpstack", "mqtt"]);
+    let effective = serde_json::to_value(&config.sources).unwrap();
+    let raw: Value = toml::from_str(&uncommented).unwrap();
+    let mut set_anywhere = Vec::new();
+    for source in raw["sources"].as_array().unwrap() {
+        collect_keys(source, "", &mut set_anywhere);
+    }
+    let set_leaves: std::collections::BTreeSet<String> = set_anywhere
+        .iter()
+        .map(|k| k.rsplit('.').next().unwrap().to_string())
+        .collect();
+    let mut missing = Vec::new();
+    for (i, source) in effective.as_array().unwrap().iter().enumerate() {
+        let mut keys = Vec::new();
+        collect_keys(source, "", &mut keys);
+        for key in keys {
+            let set = pointer_exists(&raw["sources"][i], &key);
+            let leaf = key.rsplit('.').next().unwrap().to_string();
+            // Map entries (fields.<raw key>, devices.<id>) are examples, not keys.
+            let user_named =
+                key.contains("fields.") || key.contains("devices.") || key.starts_with("metrics.");
+            if !set
+                && !set_leaves.contains(&leaf)
+                && !commented.contains(&leaf)
+                && !commented.contains(&format!("{leaf}_file"))
+                && !user_named
+            {
+                missing.push(format!("sources[{i}].{key}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "keys missing from the LoRaWAN examples: {missing:#?}"
+    );
+}
+
+fn collect_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    if let Value::Object(map) = v {
+        for (k, v) in map {
+            let p = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            out.push(p.clone());
+            collect_keys(v, &p, out);
+        }
+    }
+}
+
+fn pointer_exists(v: &Value, dotted: &str) -> bool {
+    let mut cur = v;
+    for part in dotted.split('.') {
+        match cur.get(part) {
+            Some(next) => cur = next,
+            None => return false,
+        }
+    }
+    true
 }
