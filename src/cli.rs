@@ -318,7 +318,11 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
             }
             v
         }) {
-            Ok(v) => {
+            Ok(mut v) => {
+                if let Some(map) = v.as_object_mut() {
+                    let recovered = backfill_recovered(&db);
+                    map.insert("backfill_recovered".into(), serde_json::json!(recovered));
+                }
                 println!("{v:#}");
                 ExitCode::SUCCESS
             }
@@ -332,6 +336,9 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
                 "{}",
                 crate::status::render(&report, &db.display().to_string())
             );
+            for source in backfill_recovered(&db) {
+                println!("{}", source.describe());
+            }
             for line in crate::tls::status_lines(&certificates) {
                 println!("{line}");
             }
@@ -342,6 +349,13 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
             ExitCode::FAILURE
         }
     }
+}
+
+/// What the TTN backfill recovered per source (empty when the database cannot tell).
+fn backfill_recovered(db: &Path) -> Vec<crate::sources::ttn_backfill::RecoveryStatus> {
+    crate::store::open_reader(db, std::time::Duration::from_secs(5))
+        .and_then(|conn| crate::sources::ttn_backfill::recovery_status(&conn))
+        .unwrap_or_default()
 }
 
 /// Runs `f` on a multi-threaded runtime with a shutdown token cancelled by SIGTERM or

@@ -50,6 +50,8 @@ struct Inner {
     connection_errors: std::sync::Mutex<std::collections::HashMap<String, ConnectionError>>,
     /// Expiry of the configured TLS certificates (recorded at start and reload).
     certs: crate::tls::CertWatch,
+    /// Readings the TTN backfill stored for the first time, by source and reason.
+    backfill_recovered: Family<RejectLabels, Counter>,
 }
 
 impl Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
             "1 when the source is connected to its broker or device, 0 when not",
             source_connected.clone(),
         );
+        let backfill_recovered = register_backfill_recovered(&mut registry);
         registry.register(
             "store_commit_duration_seconds",
             "Duration of each group commit (synchronous=FULL)",
@@ -97,6 +100,7 @@ impl Metrics {
                 connections: Default::default(),
                 connection_errors: Default::default(),
                 certs,
+                backfill_recovered,
             }),
         }
     }
@@ -187,6 +191,18 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         states.get(source).copied()
+    }
+
+    /// Readings a gap backfill stored that MQTT had not delivered (`reason`: reconnect,
+    /// gap, settle or reconcile).
+    pub fn backfill_recovered(&self, source: &str, reason: &str, n: u64) {
+        self.inner
+            .backfill_recovered
+            .get_or_create(&RejectLabels {
+                source: source.into(),
+                reason: reason.into(),
+            })
+            .inc_by(n);
     }
 
     /// The Prometheus text exposition.
@@ -372,4 +388,15 @@ fn encode_db_gauges(
         }
     }
     Ok(())
+}
+
+/// `outpost_backfill_recovered_total{source, reason}`.
+fn register_backfill_recovered(registry: &mut Registry) -> Family<RejectLabels, Counter> {
+    let family = Family::<RejectLabels, Counter>::default();
+    registry.register(
+        "backfill_recovered",
+        "Readings the Storage Integration backfill stored that MQTT had not delivered, by reason (reconnect, gap, settle, reconcile); reconcile counts uplinks dropped while connected",
+        family.clone(),
+    );
+    family
 }

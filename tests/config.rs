@@ -268,6 +268,98 @@ fn out_of_range_and_contradictions() {
     );
 }
 
+/// A `ttn` source whose `[sources.backfill]` holds `backfill` (on line 9 onwards).
+fn ttn_with_backfill(backfill: &str) -> String {
+    format!(
+        "[[sources]]\ntype = \"ttn\"\nname = \"t\"\napplication = \"app\"\napi_key = \"NNSXS.K\"\n[sources.broker]\nhost = \"eu1.cloud.thethings.network\"\n[sources.backfill]\n{backfill}\n"
+    )
+}
+
+#[test]
+fn ttn_backfill_settle_and_reconcile_keys() {
+    // Missing: the defaults.
+    let (_dir, config) = load_str(&ttn_with_backfill(""));
+    let config = config.unwrap_or_else(|e| panic!("{e}"));
+    let effective = serde_json::to_value(&config.sources[0]).unwrap();
+    assert_eq!(effective["backfill"]["settle"], "1m");
+    assert_eq!(effective["backfill"]["reconcile_every"], "15m");
+    assert_eq!(effective["backfill"]["field_mask"], true);
+    // "0s" turns reconciliation off and is valid.
+    let (_dir, config) = load_str(&ttn_with_backfill(
+        "settle = \"5s\"\nreconcile_every = \"0s\"\nfield_mask = false",
+    ));
+    config.unwrap_or_else(|e| panic!("{e}"));
+
+    // Wrong types.
+    assert_error(
+        &ttn_with_backfill("settle = 60"),
+        "outpost.toml:9: sources[0].backfill.settle: expected a duration",
+    );
+    assert_error(
+        &ttn_with_backfill("reconcile_every = \"often\""),
+        "outpost.toml:9: sources[0].backfill.reconcile_every: expected a duration",
+    );
+    assert_error(
+        &ttn_with_backfill("field_mask = \"yes\""),
+        "outpost.toml:9: sources[0].backfill.field_mask:",
+    );
+    // Out of range, both ways.
+    assert_error(
+        &ttn_with_backfill("settle = \"2h\""),
+        "outpost.toml:9: sources[0].backfill.settle: must be between 1s and 1h, found 2h",
+    );
+    assert_error(
+        &ttn_with_backfill("settle = \"0s\""),
+        "outpost.toml:9: sources[0].backfill.settle: must be between 1s and 1h, found 0s",
+    );
+    assert_error(
+        &ttn_with_backfill("reconcile_every = \"400d\""),
+        "outpost.toml:9: sources[0].backfill.reconcile_every: must be \"0s\" (off) or between 1s and 1d",
+    );
+    assert_error(
+        &ttn_with_backfill("reconcile_every = \"10ms\""),
+        "outpost.toml:9: sources[0].backfill.reconcile_every: must be \"0s\" (off) or between 1s and 1d",
+    );
+    // Hostile values: negative, overflowing, enormous, control characters.
+    for hostile in [
+        "\"-1s\"",
+        "\"99999999999999999999999d\"",
+        "\"1e400s\"",
+        "\"\"",
+        "\"\\u0000\"",
+        "-5",
+        "[\"1m\"]",
+        "{ seconds = 1 }",
+    ] {
+        for key in ["settle", "reconcile_every"] {
+            let errors = errors_of(&ttn_with_backfill(&format!("{key} = {hostile}")));
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.starts_with(&format!("outpost.toml:9: sources[0].backfill.{key}:"))),
+                "{key} = {hostile}: {errors:#?}"
+            );
+        }
+    }
+    let long = format!("settle = \"{}s\"", "9".repeat(10_000));
+    assert_error(
+        &ttn_with_backfill(&long),
+        "outpost.toml:9: sources[0].backfill.settle:",
+    );
+    // Every problem at once.
+    let errors = errors_of(&ttn_with_backfill(
+        "settle = \"2h\"\nreconcile_every = \"2d\"\npage_limit = 0",
+    ));
+    for key in ["settle", "reconcile_every", "page_limit"] {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(&format!("sources[0].backfill.{key}:"))),
+            "{key}: {errors:#?}"
+        );
+    }
+}
+
 #[test]
 fn toml_syntax_errors_have_lines() {
     assert_error(

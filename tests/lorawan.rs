@@ -768,6 +768,697 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
     );
 }
 
+/// A Storage Integration written from The Things Stack's API reference: application
+/// uplinks after `after` (by AS `received_at`), `limit` per page, `order`, a bearer
+/// key, and a `field_mask` of paths rooted at `up` (`end_device_ids` and the top-level
+/// `received_at` are always returned). The body is `text/event-stream` holding
+/// newline-delimited JSON results, separated by blank lines as the real server does.
+///
+/// It writes in batches like the real one: an uplink is retrievable only `delay` after
+/// it was added (received by The Things Stack).
+struct DelayedStorage {
+    uplinks: Arc<Mutex<Vec<(std::time::Instant, Value)>>>,
+    /// Uplinks a request's window held that were not yet retrievable.
+    hidden: Arc<AtomicUsize>,
+    /// (path and query, body bytes) of every 200 answer.
+    served: Arc<Mutex<Vec<(String, usize)>>>,
+    delay: Duration,
+}
+
+impl DelayedStorage {
+    fn install(h: &HttpReceiver, delay: Duration) -> DelayedStorage {
+        let storage = DelayedStorage {
+            uplinks: Arc::default(),
+            hidden: Arc::default(),
+            served: Arc::default(),
+            delay,
+        };
+        let (uplinks, hidden, served) = (
+            storage.uplinks.clone(),
+            storage.hidden.clone(),
+            storage.served.clone(),
+        );
+        h.set_handler(move |req| {
+            let url = reqwest::Url::parse(&format!("http://storage{}", req.path)).unwrap();
+            let param = |key: &str| {
+                url.query_pairs()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.into_owned())
+            };
+            if req.header("authorization") != Some(format!("Bearer {API_KEY}").as_str()) {
+                return Reply::status(401).body(r#"{"code":16,"message":"unauthenticated"}"#);
+            }
+            let after = param("after").map(|a| {
+                chrono::DateTime::parse_from_rfc3339(&a)
+                    .unwrap_or_else(|e| panic!("after={a:?}: {e}"))
+                    .with_timezone(&chrono::Utc)
+            });
+            let limit: usize = param("limit").and_then(|l| l.parse().ok()).unwrap_or(1000);
+            let mask: Option<Vec<String>> =
+                param("field_mask").map(|m| m.split(',').map(str::to_string).collect());
+            if let Some(paths) = &mask {
+                if let Some(bad) = paths.iter().find(|p| !p.starts_with("up.")) {
+                    return Reply::status(400).body(format!(
+                        r#"{{"code":3,"message":"invalid field mask path {bad}"}}"#
+                    ));
+                }
+            }
+            let now = std::time::Instant::now();
+            let as_time = |up: &Value| {
+                chrono::DateTime::parse_from_rfc3339(up["received_at"].as_str().unwrap()).unwrap()
+            };
+            let mut selected: Vec<Value> = Vec::new();
+            for (visible_at, up) in uplinks.lock().unwrap().iter() {
+                if after.is_some_and(|a| as_time(up) <= a) {
+                    continue;
+                }
+                if *visible_at > now {
+                    hidden.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                selected.push(up.clone());
+            }
+            selected.sort_by_key(as_time);
+            selected.truncate(limit);
+            let mut body = String::new();
+            for up in selected {
+                let up = match &mask {
+                    Some(paths) => apply_field_mask(&up, paths),
+                    None => up,
+                };
+                body.push_str(&json!({ "result": up }).to_string());
+                body.push_str("\n\n");
+            }
+            served.lock().unwrap().push((req.path.clone(), body.len()));
+            Reply::ok()
+                .header("content-type", "text/event-stream")
+                .body(body)
+        });
+        storage
+    }
+
+    /// The Things Stack received `up` now.
+    fn add(&self, up: Value) {
+        self.uplinks
+            .lock()
+            .unwrap()
+            .push((std::time::Instant::now() + self.delay, up));
+    }
+}
+
+/// What The Things Stack returns for `paths` (rooted at `up`, i.e. the uplink itself).
+fn apply_field_mask(up: &Value, paths: &[String]) -> Value {
+    let mut out = json!({
+        "end_device_ids": up["end_device_ids"],
+        "received_at": up["received_at"],
+        "uplink_message": {},
+    });
+    for path in paths {
+        let Some(field) = path.strip_prefix("up.uplink_message.") else {
+            continue;
+        };
+        if let Some(v) = up["uplink_message"].get(field) {
+            out["uplink_message"][field] = v.clone();
+        }
+    }
+    out
+}
+
+/// `outpost status --json` of the agent's database.
+fn status_json(dir: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(dir.join("outpost.toml"))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What the backfill of source `ttn` recovered for `reason`, as `outpost status` shows it.
+fn recovered(status: &Value, reason: &str) -> u64 {
+    status["backfill_recovered"]
+        .as_array()
+        .and_then(|sources| sources.iter().find(|s| s["source"] == "ttn"))
+        .and_then(|s| s["recovered"][reason].as_u64())
+        .unwrap_or(0)
+}
+
+/// Every uplink stored exactly once: one reading per (device, f_cnt), all present.
+fn assert_each_stored_once(db: &Path, expected: &[(String, u32)], agent: &Agent) {
+    let stored = strings(
+        db,
+        "SELECT device || '/' || json_extract(meta, '$.f_cnt') FROM readings ORDER BY 1",
+    );
+    let mut wanted: Vec<String> = expected.iter().map(|(d, f)| format!("{d}/{f}")).collect();
+    wanted.sort();
+    assert_eq!(stored, wanted, "agent log:\n{}", agent.log());
+}
+
+/// Uplinks from the last moments before a reconnect are not yet in the Storage
+/// Integration when the agent fetches the gap; the settle re-fetch gets them. With
+/// `reconcile_every = "0s"` nothing is fetched after that.
+#[test]
+fn ttn_backfill_refetches_the_gap_once_the_storage_integration_settles() {
+    let visibility = Duration::from_secs(5);
+    let mut m = Mosquitto::builder().password(USER, API_KEY).start();
+    let h = HttpReceiver::start();
+    let storage = DelayedStorage::install(&h, visibility);
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path());
+    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
+    let backfill = format!(
+        "url = \"{}\"\noverlap = \"1m\"\nsettle = \"7s\"\nreconcile_every = \"0s\"\npage_limit = 4\nretry_min = \"1s\"\nretry_max = \"1s\"",
+        h.url()
+    );
+    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let mut expected = Vec::new();
+
+    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
+    storage.add(probe.clone());
+    expected.push(("probe".to_string(), 1));
+    publish_until(
+        &m,
+        &ttn_topic("probe", "up"),
+        &serde_json::to_vec(&probe).unwrap(),
+        &agent,
+        || count(&db, "SELECT COUNT(*) FROM readings") == 1,
+    );
+
+    // The broker goes away; what is sent meanwhile reaches only the Storage Integration,
+    // the last of it just before the agent reconnects.
+    m.stop();
+    for f_cnt in 0..12u32 {
+        let device = format!("edge-{}", f_cnt % 3);
+        storage.add(ttn_uplink(
+            &device,
+            f_cnt,
+            chrono::Utc::now(),
+            json!({"t": f_cnt}),
+        ));
+        expected.push((device, f_cnt));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let hidden_before = storage.hidden.load(Ordering::SeqCst);
+    m.start_again();
+
+    assert!(
+        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM readings")
+            == expected.len() as i64),
+        "agent log:\n{}",
+        agent.log()
+    );
+    assert!(
+        storage.hidden.load(Ordering::SeqCst) > hidden_before,
+        "the reconnect fetch came after the uplinks became visible: the test did not exercise the edge"
+    );
+    assert_each_stored_once(&db, &expected, &agent);
+    // The counts are saved right after each fetch, a moment after its readings.
+    assert!(
+        wait_until(Duration::from_secs(20), || recovered(
+            &status_json(dir.path()),
+            "settle"
+        ) > 0),
+        "the settle re-fetch recovered the edge: {:#}\nagent log:\n{}",
+        status_json(dir.path())["backfill_recovered"],
+        agent.log()
+    );
+    assert_eq!(recovered(&status_json(dir.path()), "reconcile"), 0);
+
+    // reconcile_every = "0s": after the settle re-fetch nothing more is fetched.
+    std::thread::sleep(Duration::from_secs(9));
+    let quiet = h.requests().len();
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        h.requests().len(),
+        quiet,
+        "no request after the settle re-fetch: {:#?}",
+        h.requests()[quiet..]
+            .iter()
+            .map(|r| r.path.clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        h.requests()
+            .iter()
+            .all(|r| r.path.contains("field_mask=up.uplink_message.")),
+        "every request names the fields it needs"
+    );
+}
+
+/// A tiny deterministic generator, so a failing run can be repeated with its seed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next_below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// QoS 0 uplinks dropped on MQTT while the connection stays up (they reach only the
+/// Storage Integration, a few seconds late), plus a broker outage: at the end every
+/// uplink is stored exactly once, and what reconciliation recovered is counted in
+/// `/metrics` and `outpost status`.
+#[test]
+fn ttn_backfill_recovers_uplinks_dropped_while_connected_exactly_once() {
+    let visibility = Duration::from_secs(2);
+    let mut m = Mosquitto::builder().password(USER, API_KEY).start();
+    let h = HttpReceiver::start();
+    let storage = DelayedStorage::install(&h, visibility);
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path());
+    let http_port = support::free_port();
+    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
+    let backfill = format!(
+        "url = \"{}\"\noverlap = \"2s\"\nsettle = \"3s\"\nreconcile_every = \"4s\"\npage_limit = 7\nretry_min = \"1s\"\nretry_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"",
+        h.url()
+    );
+    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("drop pattern seed: {seed}");
+    let mut random = Lcg(seed);
+    let mut expected = Vec::new();
+
+    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
+    storage.add(probe.clone());
+    expected.push(("probe".to_string(), 1));
+    publish_until(
+        &m,
+        &ttn_topic("probe", "up"),
+        &serde_json::to_vec(&probe).unwrap(),
+        &agent,
+        || count(&db, "SELECT COUNT(*) FROM readings") == 1,
+    );
+
+    let mut dropped_while_connected = 0;
+    let total = 45u32;
+    for f_cnt in 0..total {
+        let device = format!("dev-{}", f_cnt % 5);
+        let up = ttn_uplink(&device, f_cnt, chrono::Utc::now(), json!({"t": f_cnt}));
+        storage.add(up.clone());
+        expected.push((device.clone(), f_cnt));
+        match f_cnt {
+            // The broker is down: only the Storage Integration has these.
+            15 => m.stop(),
+            20 => m.start_again(),
+            _ => {}
+        }
+        let broker_up = !(15..20).contains(&f_cnt);
+        // About one in three is dropped while connected, and always the last one (so
+        // that only a reconciliation can recover it).
+        let drop = f_cnt == total - 1 || random.next_below(3) == 0;
+        if broker_up && drop {
+            dropped_while_connected += 1;
+        } else if broker_up {
+            publish(
+                &m,
+                &ttn_topic(&device, "up"),
+                &serde_json::to_vec(&up).unwrap(),
+                0,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("{dropped_while_connected} uplinks dropped while connected");
+
+    assert!(
+        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM readings")
+            >= expected.len() as i64),
+        "{} of {} stored; agent log:\n{}",
+        count(&db, "SELECT COUNT(*) FROM readings"),
+        expected.len(),
+        agent.log()
+    );
+    // Another reconciliation or two: nothing is stored twice.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_each_stored_once(&db, &expected, &agent);
+    assert!(
+        storage.hidden.load(Ordering::SeqCst) > 0,
+        "some fetch came before uplinks were visible"
+    );
+
+    let live = count(&db, "SELECT COUNT(*) FROM readings WHERE flags & 4 = 0") as u64;
+    let all_recovered = |status: &Value| -> u64 {
+        ["reconnect", "gap", "settle", "reconcile"]
+            .iter()
+            .map(|r| recovered(status, r))
+            .sum()
+    };
+    // The counts are saved right after each fetch, a moment after its readings.
+    assert!(
+        wait_until(Duration::from_secs(20), || all_recovered(&status_json(
+            dir.path()
+        )) + live
+            >= expected.len() as u64),
+        "{:#}",
+        status_json(dir.path())["backfill_recovered"]
+    );
+    let status = status_json(dir.path());
+    assert_eq!(
+        all_recovered(&status) + live,
+        expected.len() as u64,
+        "each reading is counted once, as live or as recovered: {:#}",
+        status["backfill_recovered"]
+    );
+    let by_reconcile = recovered(&status, "reconcile");
+    assert!(
+        by_reconcile >= 1,
+        "reconciliation recovered the uplinks dropped while connected: {:#}",
+        status["backfill_recovered"]
+    );
+    let (code, metrics) = support::agent::http_get(http_port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("outpost_backfill_recovered_total{")
+                && l.contains("source=\"ttn\"")
+                && l.contains("reason=\"reconcile\"")
+        })
+        .unwrap_or_else(|| panic!("no reconcile counter in:\n{metrics}"));
+    assert_eq!(
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap(),
+        by_reconcile,
+        "/metrics and status agree (one run)"
+    );
+    let text = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(dir.path().join("outpost.toml"))
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Source ttn: the Storage Integration backfill recovered")
+            && text.contains(&format!("reconcile {by_reconcile}")),
+        "{text}"
+    );
+}
+
+/// Each reconciliation asks only for what came after the newest uplink stored at the
+/// previous one, minus max(overlap, settle).
+#[test]
+fn ttn_reconciliation_asks_only_for_the_window_since_the_previous_one() {
+    let m = Mosquitto::builder().password(USER, API_KEY).start();
+    let h = HttpReceiver::start();
+    let _storage = DelayedStorage::install(&h, Duration::ZERO);
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path());
+    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
+    let backfill = format!(
+        "url = \"{}\"\noverlap = \"2s\"\nsettle = \"1s\"\nreconcile_every = \"2s\"\nretry_min = \"1s\"\nretry_max = \"1s\"",
+        h.url()
+    );
+    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let round = |t: chrono::DateTime<chrono::Utc>| {
+        chrono::DateTime::from_timestamp(t.timestamp(), 0).unwrap()
+    };
+    let after_of = |r: &support::RecordedRequest| {
+        query_param(&r.path, "after").map(|a| {
+            chrono::DateTime::parse_from_rfc3339(&a)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        })
+    };
+    let wait_for_after = |wanted: chrono::DateTime<chrono::Utc>| {
+        assert!(
+            wait_until(DEADLINE, || h
+                .requests()
+                .iter()
+                .any(|r| after_of(r) == Some(wanted))),
+            "a reconciliation with after={wanted}: {:#?}\nagent log:\n{}",
+            h.requests()
+                .iter()
+                .map(|r| r.path.clone())
+                .collect::<Vec<_>>(),
+            agent.log()
+        );
+        h.requests()
+            .iter()
+            .position(|r| after_of(r) == Some(wanted))
+            .unwrap()
+    };
+
+    let t1 = round(chrono::Utc::now());
+    let l1 = ttn_uplink("dev-1", 1, t1, json!({"t": 1}));
+    publish_until(
+        &m,
+        &ttn_topic("dev-1", "up"),
+        &serde_json::to_vec(&l1).unwrap(),
+        &agent,
+        || count(&db, "SELECT COUNT(*) FROM readings") == 1,
+    );
+    let first = wait_for_after(t1 - chrono::Duration::seconds(2));
+
+    std::thread::sleep(Duration::from_millis(1100));
+    let t2 = round(chrono::Utc::now());
+    assert!(t2 > t1);
+    let l2 = ttn_uplink("dev-2", 2, t2, json!({"t": 2}));
+    publish(
+        &m,
+        &ttn_topic("dev-2", "up"),
+        &serde_json::to_vec(&l2).unwrap(),
+        0,
+    );
+    let second = wait_for_after(t2 - chrono::Duration::seconds(2));
+    assert!(second > first);
+
+    let requests = h.requests();
+    for r in &requests[first..] {
+        let after = after_of(r).unwrap();
+        assert!(
+            after >= t1 - chrono::Duration::seconds(2),
+            "no reconciliation reaches back before the previous window: {}",
+            r.path
+        );
+        assert!(
+            r.path.contains("field_mask=")
+                && query_param(&r.path, "order").as_deref() == Some("received_at"),
+            "{}",
+            r.path
+        );
+    }
+    for r in &requests[second..] {
+        assert_eq!(
+            after_of(r),
+            Some(t2 - chrono::Duration::seconds(2)),
+            "{}",
+            r.path
+        );
+    }
+}
+
+/// A refused key (HTTP 401) needs a person: ERROR with the advice to make a new key. A
+/// record with neither `result` nor `error` is kept in the `rejected` table. A server
+/// that refuses the field mask gets whole-record requests instead.
+#[test]
+fn ttn_backfill_refused_key_is_an_error_and_empty_records_are_rejected() {
+    let m = Mosquitto::builder().password(USER, API_KEY).start();
+    let h = HttpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path());
+    let now = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
+    let good = [
+        ttn_uplink(
+            "dev-a",
+            1,
+            now - chrono::Duration::minutes(5),
+            json!({"t": 1}),
+        ),
+        ttn_uplink(
+            "dev-b",
+            2,
+            now - chrono::Duration::minutes(4),
+            json!({"t": 2}),
+        ),
+    ];
+    let served = Arc::new(AtomicUsize::new(0));
+    let n = served.clone();
+    h.set_handler(move |req| {
+        if n.fetch_add(1, Ordering::SeqCst) < 2 {
+            return Reply::status(401).body(r#"{"code":16,"message":"token rejected"}"#);
+        }
+        // A server that does not know a path of the mask.
+        if req.path.contains("field_mask=") {
+            return Reply::status(400).body(r#"{"code":3,"message":"invalid field mask"}"#);
+        }
+        let lines = [
+            json!({ "result": good[0] }).to_string(),
+            "{}".to_string(),
+            r#"{"keep_alive": true}"#.to_string(),
+            json!({ "result": good[1] }).to_string(),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        Reply::ok()
+            .header("content-type", "text/event-stream")
+            .ndjson_lines(&lines, Duration::ZERO)
+    });
+    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
+    let backfill = format!(
+        "url = \"{}\"\nsettle = \"1h\"\nreconcile_every = \"0s\"\nretry_min = \"1s\"\nretry_max = \"4s\"",
+        h.url()
+    );
+    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    assert!(
+        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM readings")
+            == 2
+            && count(&db, "SELECT COUNT(*) FROM rejected") == 2),
+        "agent log:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        strings(&db, "SELECT reason FROM rejected ORDER BY id"),
+        vec!["no_result", "no_result"]
+    );
+    let log = agent.log();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("HTTP 401")).collect();
+    assert!(!refused.is_empty(), "{log}");
+    for line in &refused {
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(
+            line.contains("create a new API key")
+                && line.contains("Read application traffic (uplink and downlink)"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("give it the right"),
+            "not the 403 advice: {line}"
+        );
+        // The randomised wait actually used, to the millisecond (1s to the ceiling).
+        let retry_in = line
+            .split("retry_in=")
+            .nth(1)
+            .and_then(|rest| rest.split(" suppressed").next())
+            .unwrap_or_else(|| panic!("{line}"));
+        let wait = humantime::parse_duration(retry_in.trim_matches('"'))
+            .unwrap_or_else(|e| panic!("{retry_in:?}: {e}"));
+        assert!(
+            wait >= Duration::from_secs(1) && wait <= Duration::from_secs(4),
+            "{line}"
+        );
+    }
+    assert!(!log.contains(API_KEY), "the API key is never logged");
+    // The refused field_mask: whole records from then on, said once.
+    assert_eq!(
+        log.matches("refused the field_mask (HTTP 400)").count(),
+        1,
+        "{log}"
+    );
+    // Two refused (401) and one refused mask (400) with field_mask, none after that.
+    let masked: Vec<bool> = h
+        .requests()
+        .iter()
+        .map(|r| r.path.contains("field_mask="))
+        .collect();
+    assert!(masked.len() > 3, "{masked:?}");
+    assert_eq!(masked[..3], [true, true, true]);
+    assert!(masked[3..].iter().all(|m| !m), "{masked:?}");
+}
+
+/// Bytes one reconciliation downloads on a metered link, with and without `field_mask`:
+/// 200 devices reporting once a minute, default `reconcile_every` (15m) plus the margin
+/// (max(overlap, settle) = 1m) = 16 minutes = 3,200 uplinks shaped like the fixture (two
+/// gateways, six decoded fields). The start-up fetch of a fresh agent asks for exactly
+/// such a window, so its bytes are measured. Figures are in docs/deployment.md.
+#[test]
+fn ttn_reconciliation_bytes_for_200_devices_with_and_without_field_mask() {
+    let devices = 200;
+    let minutes = 16;
+    let mut sizes = Vec::new();
+    for field_mask in [true, false] {
+        let m = Mosquitto::builder().password(USER, API_KEY).start();
+        let h = HttpReceiver::start();
+        let storage = DelayedStorage::install(&h, Duration::ZERO);
+        let now = chrono::Utc::now();
+        for minute in 0..minutes {
+            for d in 0..devices {
+                // Distinct times: each device once a minute, 300 ms apart.
+                let ns = now - chrono::Duration::seconds((minutes - minute) * 60)
+                    + chrono::Duration::milliseconds(d * 300);
+                storage.add(ttn_uplink(
+                    &format!("sensor-{d:03}"),
+                    minute as u32 + 1000,
+                    ns,
+                    fixture("ttn-uplink.json")["uplink_message"]["decoded_payload"].clone(),
+                ));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(dir.path());
+        let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
+        let backfill = format!(
+            "url = \"{}\"\nsettle = \"1h\"\nreconcile_every = \"0s\"\nfield_mask = {field_mask}",
+            h.url()
+        );
+        let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+        let uplinks = devices * minutes;
+        assert!(
+            wait_until(DEADLINE, || count(
+                &db,
+                "SELECT COUNT(DISTINCT device || json_extract(meta, '$.f_cnt')) FROM readings"
+            ) == uplinks),
+            "agent log:\n{}",
+            agent.log()
+        );
+        let served = storage.served.lock().unwrap().clone();
+        assert_eq!(served.len(), 4, "1,000 uplinks per page: {served:?}");
+        assert!(served
+            .iter()
+            .all(|(path, _)| path.contains("field_mask=") == field_mask));
+        let bytes: usize = served.iter().map(|(_, b)| b).sum();
+        println!(
+            "field_mask = {field_mask}: {bytes} bytes in {} requests for {uplinks} uplinks ({} bytes each)",
+            served.len(),
+            bytes / uplinks as usize
+        );
+        sizes.push(bytes);
+        // The readings are the same either way.
+        assert_eq!(
+            count(&db, "SELECT COUNT(*) FROM readings"),
+            uplinks * 5,
+            "five numeric fields per uplink"
+        );
+    }
+    // rx_metadata (all gateways, whole: a mask cannot select inside a list) is most of
+    // what remains. For comparison, the bytes of only the identifying fields (what a
+    // reconciliation that first lists and then fetches only the missing uplinks would
+    // download; not implemented).
+    let thin: usize = (0..devices * minutes)
+        .map(|i| {
+            let up = ttn_uplink(
+                &format!("sensor-{:03}", i % devices),
+                1000,
+                chrono::Utc::now(),
+                fixture("ttn-uplink.json")["uplink_message"]["decoded_payload"].clone(),
+            );
+            let paths =
+                ["up.uplink_message.f_cnt", "up.uplink_message.received_at"].map(str::to_string);
+            json!({ "result": apply_field_mask(&up, &paths) })
+                .to_string()
+                .len()
+                + 2
+        })
+        .sum();
+    println!("identifying fields only: {thin} bytes");
+    assert!(
+        sizes[0] * 4 < sizes[1] * 3,
+        "the mask saves at least a quarter: {sizes:?}"
+    );
+    assert!(thin < sizes[0]);
+}
+
 /// The commented LoRaWAN examples in config/outpost.toml load once uncommented, and
 /// every key of the three source types appears in them (set or as `# key = …`).
 #[test]

@@ -1,9 +1,10 @@
 //! The Things Stack v3 ("TTN") over MQTT, with gap backfill from the Storage Integration.
 //!
 //! The Things Stack publishes at **QoS 0 only**: whatever is published while Outpost is
-//! disconnected is gone from MQTT. Gaps are filled from the Storage Integration
-//! ([`super::ttn_backfill`]) at start-up, after every reconnect and after a batch could
-//! not be stored.
+//! disconnected is gone from MQTT, and so is an uplink dropped while connected. Gaps are
+//! filled from the Storage Integration ([`super::ttn_backfill`]) at start-up, after every
+//! reconnect (and once more when the integration has settled), after a batch could not
+//! be stored, and by a periodic reconciliation while connected.
 //!
 //! Message format facts a reader cannot guess:
 //! - Fields whose value is `""`, `0` or `false` are **omitted** by the server, so every
