@@ -64,6 +64,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod pipeline;
+pub mod progress;
 pub mod ratelimit;
 pub mod readings;
 pub mod sources;

@@ -242,6 +242,14 @@ impl OutboxWorker {
         let mut in_flight: JoinSet<(Attempt, Outcome)> = JoinSet::new();
         let mut busy: HashSet<i64> = HashSet::new();
         let mut read_failures = LogLimiter::default();
+        // G9: notifications due (being delivered or not yet started) wait for this
+        // worker; every recorded attempt, delivered or failed, is progress. A failing
+        // notifier backs off, and rows waiting for a retry are not due.
+        let stage = self.store.progress().stage(
+            crate::progress::OUTBOX,
+            "notifications due",
+            Some(crate::progress::STORE),
+        );
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -252,6 +260,8 @@ impl OutboxWorker {
             let limit = busy.len() + MAX_CONCURRENT + 1;
             match self.read(move |conn| pending(conn, limit)).await {
                 Ok(rows) => {
+                    let due = rows.iter().filter(|r| r.next_attempt_at <= now).count();
+                    stage.set_waiting(due.max(busy.len()) as u64);
                     let mut started = 0;
                     let rows: Vec<OutboxRow> =
                         rows.into_iter().filter(|r| !busy.contains(&r.id)).collect();
@@ -301,6 +311,7 @@ impl OutboxWorker {
                     if let Some(Ok((attempt, outcome))) = done {
                         busy.remove(&attempt.id);
                         self.record(attempt, outcome).await;
+                        stage.progress();
                     }
                 }
                 _ = tokio::time::sleep(sleep) => {}
@@ -407,6 +418,7 @@ impl OutboxWorker {
 }
 
 async fn deliver(attempt: Attempt) -> (Attempt, Outcome) {
+    crate::progress::fault::hold(crate::progress::fault::OUTBOX_HANG).await;
     let outcome = match &attempt.event {
         None => Outcome::Failed("the stored event cannot be read".into()),
         Some(event) => match tokio::time::timeout(
