@@ -643,6 +643,57 @@ mod tests {
     }
 
     #[test]
+    fn the_progress_check_names_stalled_stages_only() {
+        use crate::progress::{StageReport, StageState};
+        let stage = |name: &str, state: StageState, waiting: u64| StageReport {
+            stage: name.into(),
+            state,
+            waiting,
+            what: "batches".into(),
+            since_progress_s: Some(7.5),
+            quiet_s: 7.5,
+            downstream: None,
+        };
+        let c = progress_check(&[
+            stage("outbox", StageState::Idle, 0),
+            stage("store", StageState::Working, 2),
+        ]);
+        assert!(c.ok);
+        assert_eq!(c.detail, "every stage is keeping up");
+        let c = progress_check(&[
+            stage(
+                "source:a",
+                StageState::WaitingFor {
+                    stage: "store".into(),
+                    reason: "stalled".into(),
+                },
+                1,
+            ),
+            stage("store", StageState::Stalled, 2),
+        ]);
+        assert!(!c.ok);
+        assert_eq!(
+            c.detail,
+            "STALLED: store (2 batches waiting, no progress for 7s) (source:a waits for store)"
+        );
+        let c = progress_check(&[stage(
+            "store",
+            StageState::Blocked {
+                reason: "the disk is full".into(),
+            },
+            3,
+        )]);
+        assert!(
+            c.ok,
+            "a full disk is reported by the store check, not as a stall"
+        );
+        assert_eq!(
+            c.detail,
+            "every stage is keeping up (store: the disk is full)"
+        );
+    }
+
+    #[test]
     fn a_disconnected_source_is_unhealthy_with_the_broker_error() {
         let now = chrono::Utc::now();
         let r = evaluate(&inputs(vec![source(Some(3), Some(false))]), HOUR);

@@ -239,10 +239,12 @@ async fn supervise_source(source: SourceConfig, ctx: SourceContext) {
     let name = source.name().to_string();
     let kind = source.kind();
     // Registered while the source runs (G9).
-    let _stage = ctx.stage(&name);
+    let stage = ctx.stage(&name);
     let mut backoff =
         Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).with_jitter(Jitter::None);
     loop {
+        // Work counted by a run that failed is not waiting any more.
+        stage.set_waiting(0);
         tracing::info!(source = %name, kind, "Source started.");
         match source.clone().run(ctx.clone()).await {
             Ok(()) => {

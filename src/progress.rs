@@ -526,6 +526,9 @@ pub mod fault {
     pub const STORE_WRITER_HANG: &str = "store_writer_hang";
     /// A source hangs with readings in hand (the simulated source).
     pub const SOURCE_HANG: &str = "source_hang";
+    /// An MQTT session's decoding worker hangs while the poll loop keeps receiving
+    /// (the shape of the wedge of issue 12).
+    pub const MQTT_WORKER_HANG: &str = "mqtt_worker_hang";
     /// The alert engine hangs before evaluating committed readings.
     pub const ALERTS_HANG: &str = "alerts_hang";
     /// A notification delivery hangs.

@@ -61,36 +61,32 @@ pub async fn supervise(
         period,
         shutdown.clone(),
     ));
-    let mut feed = tokio::time::interval(period);
-    feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Decided afresh at every evaluation, so a stall stops the very next feed.
     let mut evaluate = tokio::time::interval(EVALUATE_PERIOD.min(period));
     evaluate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stalls = crate::progress::StallLog::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = evaluate.tick() => {
-                let reports = store.progress().evaluate(stall_after);
-                if stalls.update(&reports, stall_after) {
-                    let stalled: Vec<_> = reports.into_iter().filter(|r| r.stalled()).collect();
-                    let saved = (!stalled.is_empty()).then(|| crate::progress::SavedStalls {
-                        at: crate::clock::now(),
-                        pid: std::process::id(),
-                        stall_after_s: stall_after.as_secs_f64(),
-                        stalled,
-                    });
-                    save_stalls(&database, saved).await;
-                }
-                continue;
-            }
-            _ = feed.tick() => {}
+            _ = evaluate.tick() => {}
+        }
+        let reports = store.progress().evaluate(stall_after);
+        if stalls.update(&reports, stall_after) {
+            let stalled: Vec<_> = reports.into_iter().filter(|r| r.stalled()).collect();
+            let saved = (!stalled.is_empty()).then(|| crate::progress::SavedStalls {
+                at: crate::clock::now(),
+                pid: std::process::id(),
+                stall_after_s: stall_after.as_secs_f64(),
+                stalled,
+            });
+            save_stalls(&database, saved).await;
         }
         // The probe answers within `period`, so its age tells whether it succeeded
         // lately.
-        let fresh = liveness
+        let probe_fresh = liveness
             .store_probe_age()
             .is_some_and(|age| age <= period * 2 + Duration::from_secs(1));
-        if watchdog && fresh && !stalls.any() {
+        if watchdog && probe_fresh && !stalls.any() {
             let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
         }
     }

@@ -14,6 +14,8 @@ use serde_json::Value;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::agent::{http_get, AgentProcess};
 use support::{free_port, Mosquitto, PgBouncer, Postgres, SerialLink};
@@ -180,6 +182,14 @@ fn gauge(metrics: &str, name: &str, stage: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+fn gauge_total(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Runs the agent healthy, makes `stage` hang, checks every signal of the stall, lets
 /// it go and checks that every signal clears.
 fn assert_stall_is_reported(agent: &Agent, stage: &str) {
@@ -239,7 +249,8 @@ fn assert_stall_is_reported(agent: &Agent, stage: &str) {
     assert_eq!(
         agent.watchdog_pings(Duration::from_secs(3)),
         0,
-        "the watchdog must not be fed while {stage} is stalled"
+        "the watchdog must not be fed while {stage} is stalled\n{}",
+        agent.log_text()
     );
 
     // `outpost status`, text and JSON, from the state the agent saved.
@@ -313,6 +324,73 @@ fn a_hung_source_is_reported() {
     assert_stall_is_reported(&agent, "source:sim");
 }
 
+fn mqtt_source(broker: &Mosquitto) -> String {
+    format!(
+        "[[sources]]\ntype = \"mqtt\"\nname = \"mq\"\ntopics = [\"sensors/+/data\"]\nqos = 1\n\
+         device_segment = 1\n[sources.metrics]\nvalue = \"/value\"\n\
+         [sources.broker]\nhost = \"127.0.0.1\"\nport = {}\ntls = false\n\
+         reconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n",
+        broker.port()
+    )
+}
+
+/// Publishes a QoS 1 reading every 100 ms until dropped.
+struct Publisher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Publisher {
+    fn start(port: u16) -> Publisher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stopped.load(Ordering::Relaxed) {
+                i += 1;
+                let _ = Command::new("mosquitto_pub")
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+                    .args([
+                        "-t",
+                        "sensors/d1/data",
+                        "-m",
+                        &format!("{{\"value\": {i}}}"),
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Publisher {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The shape of issue 12's wedge: the MQTT session keeps receiving while its worker
+/// takes nothing off the hand-off queue, so nothing is committed.
+#[test]
+fn a_wedged_mqtt_session_is_reported() {
+    let broker = Mosquitto::start();
+    let agent = Agent::start("mqtt_worker_hang", &mqtt_source(&broker));
+    let _publisher = Publisher::start(broker.port());
+    agent.wait_health("readings from the broker", |_, h| {
+        check(h, "source:mq")["detail"] == "connected"
+    });
+    assert_stall_is_reported(&agent, "source:mq");
+}
+
 /// A rule that fires on every reading of the simulated source, and a notifier.
 const ALERTING: &str =
     "[[alerts]]\nname = \"always\"\nkind = \"threshold\"\nmetric = \"temperature\"\n\
@@ -375,17 +453,14 @@ fn peers_that_are_down_are_not_stalls() {
     let closed_port = free_port();
     let body = format!(
         "{SIMULATED}\
-         [[sources]]\ntype = \"mqtt\"\nname = \"mq\"\ntopics = [\"sensors/+/data\"]\nqos = 1\n\
-         device_segment = 1\n[sources.metrics]\nvalue = \"/value\"\n\
-         [sources.broker]\nhost = \"127.0.0.1\"\nport = {}\ntls = false\n\
-         reconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n\
+         {}\
          [[sources]]\ntype = \"serial\"\nname = \"ser\"\npath = \"{}\"\nformat = \"key-value\"\n\
          reopen_max_delay = \"500ms\"\n[sources.fields]\ndevice = \"p1\"\n\
          [[alerts]]\nname = \"always\"\nkind = \"threshold\"\nmetric = \"temperature\"\n\
          above = -1000.0\nnotifiers = [\"mail\"]\n\
          [[notifiers]]\nname = \"mail\"\ntype = \"email\"\nserver = \"127.0.0.1\"\nport = {closed_port}\n\
          tls = \"none\"\nfrom = \"outpost@example.com\"\nto = [\"ops@example.com\"]\n{}",
-        broker.port(),
+        mqtt_source(&broker),
         link.device_path().display(),
         sync_section(&bouncer, &pg),
     );
@@ -396,6 +471,19 @@ fn peers_that_are_down_are_not_stalls() {
             .is_some_and(|d| d.starts_with("last completed round"))
             && check(h, "source:mq")["detail"] == "connected"
     });
+    // Readings flow from the broker, then it goes away with the others.
+    let publisher = Publisher::start(broker.port());
+    let stored = |a: &Agent| {
+        gauge_total(
+            &a.metrics(),
+            "outpost_readings_received_total{source=\"mq\"}",
+        )
+    };
+    assert!(
+        support::wait_until(DEADLINE, || stored(&agent) >= 3.0),
+        "readings from the broker"
+    );
+    drop(publisher);
 
     broker.stop();
     link.unplug();

@@ -242,14 +242,26 @@ impl OutboxWorker {
         let mut in_flight: JoinSet<(Attempt, Outcome)> = JoinSet::new();
         let mut busy: HashSet<i64> = HashSet::new();
         let mut read_failures = LogLimiter::default();
-        // G9: notifications due (being delivered or not yet started) wait for this
-        // worker; every recorded attempt, delivered or failed, is progress. A failing
-        // notifier backs off, and rows waiting for a retry are not due.
+        // G9: every recorded attempt, delivered or failed, is progress. An attempt
+        // waits for its notifier (a failing one backs off: not a stall) but must
+        // answer within its own timeout; one that outlived it by a second is work this
+        // worker left waiting. Measured when evaluated, so a stuck loop is seen too.
         let stage = self.store.progress().stage(
             crate::progress::OUTBOX,
-            "notifications due",
+            "notifications whose delivery outlived its timeout",
             Some(crate::progress::STORE),
         );
+        let deadlines: Arc<std::sync::Mutex<HashMap<i64, tokio::time::Instant>>> = Arc::default();
+        let watched = Arc::downgrade(&deadlines);
+        stage.add_probe(Box::new(move || {
+            let deadlines = watched.upgrade()?;
+            let now = tokio::time::Instant::now();
+            let late = deadlines
+                .lock()
+                .map(|d| d.values().filter(|at| **at < now).count())
+                .unwrap_or(0);
+            Some(late as u64)
+        }));
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -260,8 +272,6 @@ impl OutboxWorker {
             let limit = busy.len() + MAX_CONCURRENT + 1;
             match self.read(move |conn| pending(conn, limit)).await {
                 Ok(rows) => {
-                    let due = rows.iter().filter(|r| r.next_attempt_at <= now).count();
-                    stage.set_waiting(due.max(busy.len()) as u64);
                     let mut started = 0;
                     let rows: Vec<OutboxRow> =
                         rows.into_iter().filter(|r| !busy.contains(&r.id)).collect();
@@ -282,6 +292,10 @@ impl OutboxWorker {
                         };
                         started += 1;
                         busy.insert(row.id);
+                        if let Ok(mut d) = deadlines.lock() {
+                            let late = notifier.attempt_timeout + Duration::from_secs(1);
+                            d.insert(row.id, tokio::time::Instant::now() + late);
+                        }
                         let attempt = Attempt {
                             id: row.id,
                             notifier,
@@ -310,6 +324,9 @@ impl OutboxWorker {
                 done = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Some(Ok((attempt, outcome))) = done {
                         busy.remove(&attempt.id);
+                        if let Ok(mut d) = deadlines.lock() {
+                            d.remove(&attempt.id);
+                        }
                         self.record(attempt, outcome).await;
                         stage.progress();
                     }

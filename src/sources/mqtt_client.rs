@@ -692,7 +692,9 @@ async fn worker(
     let mut buf = Vec::with_capacity(MAX_MESSAGES_PER_BATCH);
     let mut limiter = LogLimiter::new(Duration::from_secs(60));
     while rx.recv_many(&mut buf, MAX_MESSAGES_PER_BATCH).await > 0 {
-        ctx.stage(&source).progress(); // G9: messages taken off the hand-off queue
+        // G9: taking messages off the hand-off queue is progress (after the test-only hang).
+        crate::progress::fault::hold(crate::progress::fault::MQTT_WORKER_HANG).await;
+        ctx.stage(&source).progress();
         let messages = buf.len();
         let mut readings = Vec::with_capacity(messages * 4);
         let mut publishes = Vec::new();
