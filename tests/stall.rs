@@ -193,6 +193,11 @@ fn gauge_total(metrics: &str, series: &str) -> f64 {
 /// Runs the agent healthy, makes `stage` hang, checks every signal of the stall, lets
 /// it go and checks that every signal clears.
 fn assert_stall_is_reported(agent: &Agent, stage: &str) {
+    assert_stall_is_reported_with(agent, stage, || {});
+}
+
+/// [`assert_stall_is_reported`], calling `give_work` once the hang holds.
+fn assert_stall_is_reported_with(agent: &Agent, stage: &str, give_work: impl FnOnce()) {
     // Healthy: the watchdog is fed and the stage is not stalled.
     assert!(
         agent.watchdog_pings(Duration::from_millis(2500)) >= 1,
@@ -207,6 +212,7 @@ fn assert_stall_is_reported(agent: &Agent, stage: &str) {
     );
 
     agent.hang();
+    give_work();
     let hung = Instant::now();
     let health = agent.wait_health(&format!("/health to name {stage} stalled"), |status, h| {
         status == 503
@@ -405,12 +411,30 @@ fn a_hung_alert_engine_is_reported() {
 
 #[test]
 fn a_hung_notification_delivery_is_reported() {
-    // The alert fires only once the delivery hangs: an excursion 10 s after the start.
-    let excursion = "[sources.excursion]\ndevice = \"sim-1\"\nmetric = \"temperature\"\n\
-                     after = \"10s\"\nduration = \"1h\"\noffset = 100.0\n";
-    let alerting = ALERTING.replace("above = -1000.0", "above = 50.0");
-    let agent = Agent::start("outbox_hang", &format!("{SIMULATED}{excursion}{alerting}"));
-    assert_stall_is_reported(&agent, "outbox");
+    // The alert fires only once the delivery hangs: the test publishes the hot reading.
+    let broker = Mosquitto::start();
+    let alerting = ALERTING
+        .replace("above = -1000.0", "above = 50.0")
+        .replace("metric = \"temperature\"", "metric = \"value\"");
+    let agent = Agent::start(
+        "outbox_hang",
+        &format!("{}{alerting}", mqtt_source(&broker)),
+    );
+    assert_stall_is_reported_with(&agent, "outbox", || {
+        let published = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &broker.port().to_string(),
+                "-q",
+                "1",
+            ])
+            .args(["-t", "sensors/d1/data", "-m", "{\"value\": 100}"])
+            .status()
+            .unwrap();
+        assert!(published.success());
+    });
 }
 
 fn sync_section(bouncer: &PgBouncer, pg: &Postgres) -> String {
