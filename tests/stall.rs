@@ -42,9 +42,14 @@ impl Agent {
     /// variables set, `WATCHDOG_PID` being the agent's own pid (set by the shell that
     /// `exec`s it).
     fn start(fault: &str, body: &str) -> Agent {
+        Agent::start_with_db(fault, body, None)
+    }
+
+    /// [`Agent::start`] with the database at `db` (default: in the agent's directory).
+    fn start_with_db(fault: &str, body: &str, db: Option<PathBuf>) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let db = dir.path().join("outpost.db");
+        let db = db.unwrap_or_else(|| dir.path().join("outpost.db"));
         let config = dir.path().join("outpost.toml");
         std::fs::write(
             &config,
@@ -552,6 +557,76 @@ fn peers_that_are_down_are_not_stalls() {
     let json: Value = serde_json::from_str(&agent.status(true)).unwrap();
     assert_eq!(json["stalled"], serde_json::json!([]));
     drop(bouncer);
+}
+
+/// A full disk is reported as such (`store` check, `Disk FULL`), not as a stall of the
+/// store or of the sources waiting for it. Needs root (a tmpfs); skipped loudly without.
+#[test]
+fn a_full_disk_is_not_a_stall() {
+    if !support::util::is_root() {
+        eprintln!("SKIPPED: a_full_disk_is_not_a_stall mounts a tmpfs, which needs root");
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: a_full_disk_is_not_a_stall: mount -t tmpfs failed here");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let agent = Agent::start_with_db(
+        "",
+        &format!("{SIMULATED}{ALERTING}"),
+        Some(mnt.join("outpost.db")),
+    );
+    // Fill the file system.
+    let mut filler = std::fs::File::create(mnt.join("filler")).unwrap();
+    let chunk = vec![0x55u8; 64 * 1024];
+    while std::io::Write::write(&mut filler, &chunk).is_ok_and(|n| n > 0) {}
+    while std::io::Write::write(&mut filler, &chunk[..512]).is_ok_and(|n| n > 0) {}
+    agent.wait_health("the full disk", |_, h| {
+        check(h, "store")["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("disk is full"))
+    });
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3 * STALL_AFTER_S) {
+        let (_, health) = agent.health().unwrap();
+        assert_eq!(check(&health, "progress")["ok"], true, "{health}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let metrics = agent.metrics();
+    for stage in ["store", "source:sim", "alerts"] {
+        assert_eq!(
+            gauge(&metrics, "outpost_stage_stalled", stage),
+            Some(0.0),
+            "{stage}: {metrics}"
+        );
+    }
+    assert!(
+        !agent.log_text().contains("STALLED"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.status(false).contains("Disk FULL"));
+    // Space returns: healthy again, without a restart.
+    drop(filler);
+    std::fs::remove_file(mnt.join("filler")).unwrap();
+    agent.wait_health("the store to take readings again", |status, _| {
+        status == 200
+    });
 }
 
 /// The saved stall state of a previous run says nothing about this one.

@@ -319,7 +319,11 @@ impl Writer {
                 if self.stats.disk_full.swap(false, Relaxed) {
                     tracing::warn!("Disk space is available again; ingest resumed.");
                 }
-                self.stage.unblock();
+                // A commit without readings (a probe, a cursor) says nothing about the
+                // room for readings: only a stored batch ends a full-disk block.
+                if !group.batches.is_empty() {
+                    self.stage.unblock();
+                }
                 self.stage.progress();
                 let mut sources: Vec<&str> = group
                     .batches
