@@ -16,6 +16,14 @@
 //! no readings in hand, so they are not waiting; sync and the outbox count a failed
 //! attempt as an answer (the existing `sync` and `notifications` checks report it).
 //!
+//! | stage | work waiting | progress | not a stall |
+//! |---|---|---|---|
+//! | `store` | batches and writes queued for the writer (channel depth, probed) or in hand | a commit (answered, even with an error) | the disk is full (until a batch is stored) |
+//! | `source:<name>` | MQTT: messages in the hand-off queue (probed); serial, Modbus: batches awaiting their commit; simulated: the batch in hand | a commit of its readings (by the writer); MQTT: messages taken off the hand-off queue | waiting for a stalled or blocked store; no broker or port means nothing in hand |
+//! | `alerts` | committed readings beyond the engine's position (probed) | a batch of readings evaluated | waiting for the store |
+//! | `outbox` | deliveries still running a second after their own attempt timeout (probed) | an attempt recorded, delivered or not | a notifier failing or slow within its timeout |
+//! | `sync` | a round under way, except while waiting for central or pacing the backlog | central answered; a round completed | central unreachable or slow within the connect and statement timeouts |
+//!
 //! Times are taken from the monotonic clock (`std::time::Instant`), so a wall-clock
 //! step neither fakes nor hides a stall. The hot path is atomics only; probes and the
 //! blocked reason are read at evaluation time (about once a second).
