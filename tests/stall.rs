@@ -605,6 +605,7 @@ fn a_full_disk_is_not_a_stall() {
     while watch.elapsed() < Duration::from_secs(3 * STALL_AFTER_S) {
         let (_, health) = agent.health().unwrap();
         assert_eq!(check(&health, "progress")["ok"], true, "{health}");
+        assert_eq!(check(&health, "store")["ok"], false, "{health}");
         std::thread::sleep(Duration::from_millis(300));
     }
     let metrics = agent.metrics();

@@ -316,12 +316,13 @@ impl Writer {
                 self.stats
                     .last_commit_us
                     .store(elapsed.as_micros() as u64, Relaxed);
-                if self.stats.disk_full.swap(false, Relaxed) {
-                    tracing::warn!("Disk space is available again; ingest resumed.");
-                }
-                // A commit without readings (a probe, a cursor) says nothing about the
-                // room for readings: only a stored batch ends a full-disk block.
+                // A commit without readings (the watchdog's probe, a cursor) says
+                // nothing about the room for readings: only a stored batch ends a full
+                // disk (else `/health` and the block of G9 flap while it lasts).
                 if !group.batches.is_empty() {
+                    if self.stats.disk_full.swap(false, Relaxed) {
+                        tracing::warn!("Disk space is available again; ingest resumed.");
+                    }
                     self.stage.unblock();
                 }
                 self.stage.progress();
