@@ -607,10 +607,10 @@ fn stall_after_is_validated_and_faults_are_not_configuration() {
         .env("OUTPOST__TEST_FAULT", "store_writer_hang")
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("environment variable OUTPOST__TEST_FAULT: test_fault: unknown section"),
+        "{stderr}"
     );
 }
