@@ -311,10 +311,16 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
     // What the servers presented, as the running agent saved it.
     let mut certificates = certificates;
     certificates.extend(crate::tls::presented_status(&db, chrono::Utc::now()));
+    // G9: stalled stages, as the running agent saved them.
+    let stalls = crate::progress::load_saved(&db);
     match crate::store::status_report(&db) {
         Ok(report) if json => match serde_json::to_value(&report).map(|mut v| {
             if let Some(map) = v.as_object_mut() {
                 map.insert("certificates".into(), serde_json::json!(certificates));
+                map.insert(
+                    "stalled".into(),
+                    serde_json::json!(stalls.as_ref().map(|s| &s.stalled).unwrap_or(&Vec::new())),
+                );
             }
             v
         }) {
@@ -341,6 +347,11 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
             }
             for line in crate::tls::status_lines(&certificates) {
                 println!("{line}");
+            }
+            if let Some(stalls) = &stalls {
+                for line in crate::status::stall_lines(stalls, crate::clock::now()) {
+                    println!("{line}");
+                }
             }
             ExitCode::SUCCESS
         }

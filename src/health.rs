@@ -8,6 +8,7 @@
 //! `notifications` while pending notifications fail to be delivered (with the last
 //! error). Each clears as soon as the peer answers again. The `clock` check is
 //! informational (always ok): synchronised or not, and a recent step of the wall clock.
+//! The `progress` check (G9) fails while a stage is stalled and names it.
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -177,6 +178,8 @@ pub struct HealthProbe {
     pub sources: std::sync::Mutex<Vec<String>>,
     pub started: std::time::Instant,
     pub source_max_silence: Duration,
+    /// `http.stall_after`: see [`progress_check`].
+    pub stall_after: Duration,
     /// Central sync is configured and enabled (updated on reload): `/health` then has
     /// a `sync` check.
     pub sync_enabled: AtomicBool,
@@ -410,6 +413,9 @@ impl HealthProbe {
         if let Some(outbox) = &stored.outbox {
             report.checks.push(notifications_check(outbox, now));
         }
+        report.checks.push(progress_check(
+            &self.store.progress().evaluate(self.stall_after),
+        ));
         if !report.healthy() {
             report.status = "unhealthy";
         }
@@ -425,6 +431,39 @@ impl HealthProbe {
             report.checks.push(check);
         }
         report
+    }
+}
+
+/// `progress` (G9): fails while a stage is stalled — work waiting for it, no progress
+/// for `http.stall_after`, no known reason — and names each stalled stage with what
+/// waits. A stage waiting for a stalled or blocked stage is mentioned, not blamed.
+pub fn progress_check(stages: &[crate::progress::StageReport]) -> Check {
+    use crate::progress::StageState;
+    let stalled: Vec<String> = stages
+        .iter()
+        .filter(|s| s.stalled())
+        .map(|s| format!("{} ({})", s.stage, s.describe()))
+        .collect();
+    let waiting: Vec<String> = stages
+        .iter()
+        .filter_map(|s| match &s.state {
+            StageState::WaitingFor { stage, .. } => Some(format!("{} waits for {stage}", s.stage)),
+            StageState::Blocked { reason } => Some(format!("{}: {reason}", s.stage)),
+            _ => None,
+        })
+        .collect();
+    let mut detail = if stalled.is_empty() {
+        "every stage is keeping up".to_string()
+    } else {
+        format!("STALLED: {}", stalled.join("; "))
+    };
+    if !waiting.is_empty() {
+        detail.push_str(&format!(" ({})", waiting.join("; ")));
+    }
+    Check {
+        name: "progress".into(),
+        ok: stalled.is_empty(),
+        detail,
     }
 }
 
@@ -600,6 +639,57 @@ mod tests {
         assert_eq!(
             c.detail,
             "2 pending, oldest 5s old; 1 expired and 0 failed permanently (see outpost status)"
+        );
+    }
+
+    #[test]
+    fn the_progress_check_names_stalled_stages_only() {
+        use crate::progress::{StageReport, StageState};
+        let stage = |name: &str, state: StageState, waiting: u64| StageReport {
+            stage: name.into(),
+            state,
+            waiting,
+            what: "batches".into(),
+            since_progress_s: Some(7.5),
+            quiet_s: 7.5,
+            downstream: None,
+        };
+        let c = progress_check(&[
+            stage("outbox", StageState::Idle, 0),
+            stage("store", StageState::Working, 2),
+        ]);
+        assert!(c.ok);
+        assert_eq!(c.detail, "every stage is keeping up");
+        let c = progress_check(&[
+            stage(
+                "source:a",
+                StageState::WaitingFor {
+                    stage: "store".into(),
+                    reason: "stalled".into(),
+                },
+                1,
+            ),
+            stage("store", StageState::Stalled, 2),
+        ]);
+        assert!(!c.ok);
+        assert_eq!(
+            c.detail,
+            "STALLED: store (2 batches waiting, no progress for 7s) (source:a waits for store)"
+        );
+        let c = progress_check(&[stage(
+            "store",
+            StageState::Blocked {
+                reason: "the disk is full".into(),
+            },
+            3,
+        )]);
+        assert!(
+            c.ok,
+            "a full disk is reported by the store check, not as a stall"
+        );
+        assert_eq!(
+            c.detail,
+            "every stage is keeping up (store: the disk is full)"
         );
     }
 

@@ -26,6 +26,13 @@ pub struct HttpConfig {
     /// long (a source that reports itself connected is healthy regardless).
     #[serde(default = "default_source_max_silence")]
     pub source_max_silence: HumanDuration,
+    /// A stage (a source, the store writer, the alert engine, the notification
+    /// outbox, central sync) with work waiting and no progress for this long, and no
+    /// known reason such as a full disk or an unreachable server, is *stalled*:
+    /// `/health` fails naming it, the log says so at ERROR and the systemd watchdog is
+    /// no longer fed, so systemd restarts the agent (G9).
+    #[serde(default = "default_stall_after")]
+    pub stall_after: HumanDuration,
 }
 
 impl Default for HttpConfig {
@@ -34,6 +41,7 @@ impl Default for HttpConfig {
             enabled: true,
             listen: default_listen(),
             source_max_silence: default_source_max_silence(),
+            stall_after: default_stall_after(),
         }
     }
 }
@@ -47,6 +55,14 @@ fn default_listen() -> String {
 fn default_source_max_silence() -> HumanDuration {
     HumanDuration::from_secs(3600)
 }
+fn default_stall_after() -> HumanDuration {
+    HumanDuration::from_secs(crate::progress::DEFAULT_STALL_AFTER.as_secs())
+}
+
+/// Bounds of `http.stall_after`: long enough for a slow SD-card commit, short enough
+/// that systemd restarts a stalled agent the same day.
+pub const STALL_AFTER_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+pub const STALL_AFTER_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl HttpConfig {
     pub fn validate(&self, path: &str, problems: &mut Problems) {
@@ -61,6 +77,10 @@ impl HttpConfig {
         }
         if self.source_max_silence.get() < std::time::Duration::from_secs(1) {
             problems.push(format!("{path}.source_max_silence"), "must be at least 1s");
+        }
+        let stall_after = self.stall_after.get();
+        if !(STALL_AFTER_MIN..=STALL_AFTER_MAX).contains(&stall_after) {
+            problems.push(format!("{path}.stall_after"), "must be between 1s and 24h");
         }
     }
 }

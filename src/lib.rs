@@ -19,6 +19,9 @@
 //!   shutdown.
 //! - [`http`], [`metrics`], [`health`], [`systemd`]: `/metrics` and `/health` on
 //!   127.0.0.1, the store-probing watchdog and READY/STOPPING notifications.
+//! - [`progress`]: every stage's progress and waiting work (G9); a stage with work
+//!   waiting and no progress for `http.stall_after` is stalled — `/health`, `/metrics`,
+//!   the log, `outpost status` and the watchdog say so. Also the test-only fault switch.
 //! - [`readings`], [`demo`], [`ratelimit`]: local history queries, the demo, rate-limited
 //!   logging of expected failures.
 //! - [`status`]: the `outpost status` summary.
@@ -64,6 +67,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod pipeline;
+pub mod progress;
 pub mod ratelimit;
 pub mod readings;
 pub mod sources;

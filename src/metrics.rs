@@ -87,6 +87,7 @@ impl Metrics {
             stats: store.stats().clone(),
             store: store.clone(),
         }));
+        register_progress(&mut registry, store);
         let certs = store.certs().clone();
         registry.register_collector(Box::new(CertCollector {
             certs: certs.clone(),
@@ -295,6 +296,60 @@ impl Collector for StoreCollector {
                 ConstGauge::new(age).encode(oldest)?;
             }
             encode_db_gauges(&conn, &mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// G9: per stage (`stage="store"`, `"alerts"`, `"outbox"`, `"sync"`,
+/// `"source:<name>"`), `stage_stalled` (1 while stalled), `stage_waiting` (work waiting)
+/// and `stage_seconds_since_progress`, evaluated at scrape time.
+fn register_progress(registry: &mut Registry, store: &Store) {
+    registry.register_collector(Box::new(ProgressCollector {
+        progress: store.progress().clone(),
+    }));
+}
+
+#[derive(Debug)]
+struct ProgressCollector {
+    progress: Arc<crate::progress::Registry>,
+}
+
+impl Collector for ProgressCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stages = self.progress.evaluate(self.progress.stall_after());
+        if stages.is_empty() {
+            return Ok(());
+        }
+        let mut stalled = encoder.encode_descriptor(
+            "stage_stalled",
+            "1 while the stage has work waiting and made no progress for http.stall_after",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &stages {
+            ConstGauge::new(s.stalled() as i64)
+                .encode(stalled.encode_family(&[("stage", s.stage.as_str())])?)?;
+        }
+        let mut waiting = encoder.encode_descriptor(
+            "stage_waiting",
+            "Work waiting for the stage (batches, readings, notifications, rounds)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &stages {
+            ConstGauge::new(s.waiting as i64)
+                .encode(waiting.encode_family(&[("stage", s.stage.as_str())])?)?;
+        }
+        let mut age = encoder.encode_descriptor(
+            "stage_seconds_since_progress",
+            "Seconds since the stage last made progress (-1: none since the agent started)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &stages {
+            ConstGauge::new(s.since_progress_s.unwrap_or(-1.0))
+                .encode(age.encode_family(&[("stage", s.stage.as_str())])?)?;
         }
         Ok(())
     }

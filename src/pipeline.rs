@@ -238,9 +238,13 @@ impl Pipeline {
 async fn supervise_source(source: SourceConfig, ctx: SourceContext) {
     let name = source.name().to_string();
     let kind = source.kind();
+    // Registered while the source runs (G9).
+    let stage = ctx.stage(&name);
     let mut backoff =
         Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).with_jitter(Jitter::None);
     loop {
+        // Work counted by a run that failed is not waiting any more.
+        stage.set_waiting(0);
         tracing::info!(source = %name, kind, "Source started.");
         match source.clone().run(ctx.clone()).await {
             Ok(()) => {
@@ -270,9 +274,14 @@ pub async fn run(
     let mut config = config;
     let mut pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown.clone())?;
     let liveness = Arc::new(Liveness::default());
+    pipeline
+        .store
+        .progress()
+        .set_stall_after(config.http.stall_after.get());
     pipeline.spawn_consumer(crate::systemd::supervise(
         pipeline.store.clone(),
         liveness.clone(),
+        config.http.stall_after.get(),
         shutdown.clone(),
     ));
     pipeline.spawn_consumer(crate::clock::watch_steps(
@@ -292,6 +301,7 @@ pub async fn run(
         ),
         started: std::time::Instant::now(),
         source_max_silence: config.http.source_max_silence.get(),
+        stall_after: config.http.stall_after.get(),
         sync_enabled: sync_enabled(&config).into(),
     });
     if config.http.enabled {

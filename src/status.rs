@@ -137,6 +137,40 @@ pub fn render(report: &StatusReport, database: &str) -> String {
     out
 }
 
+/// G9: the stages the running agent reports stalled (saved beside the database; see
+/// [`crate::progress::save`]), one line each, with what a technician should do.
+pub fn stall_lines(saved: &crate::progress::SavedStalls, now: DateTime<Utc>) -> Vec<String> {
+    let running = std::path::Path::new(&format!("/proc/{}", saved.pid)).exists();
+    let mut lines: Vec<String> = saved
+        .stalled
+        .iter()
+        .map(|s| {
+            format!(
+                "STALLED: {}: {} (reported {} ago; stall_after {}s)",
+                s.stage,
+                s.describe(),
+                age(now, saved.at),
+                saved.stall_after_s
+            )
+        })
+        .collect();
+    if !lines.is_empty() {
+        lines.push(if running {
+            format!(
+                "  The agent (pid {}) stopped feeding the systemd watchdog; systemd restarts it. \
+                 If stalls come back, send `journalctl -u outpost` to support.",
+                saved.pid
+            )
+        } else {
+            format!(
+                "  The agent that reported this (pid {}) is no longer running.",
+                saved.pid
+            )
+        });
+    }
+    lines
+}
+
 /// Left-aligned columns separated by two spaces.
 pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(|h| h.chars().count());

@@ -1,9 +1,11 @@
 //! systemd integration: `READY=1` once the store is open and sources started,
 //! `WATCHDOG=1` only while the pipeline makes progress, `STOPPING=1` at shutdown.
 //!
-//! Progress is proven end to end: every few seconds a no-op write goes through the
-//! store writer's queue and commit. A stuck writer (a hung fsync, a deadlock) stops
-//! the feed, and systemd restarts the service after `WatchdogSec`.
+//! Progress is proven two ways. End to end: every few seconds a no-op write goes
+//! through the store writer's queue and commit. Per stage (G9, [`crate::progress`]):
+//! a stage with work waiting and no progress for `http.stall_after` is stalled. A
+//! failed probe or any stalled stage stops the feed, and systemd restarts the service
+//! after `WatchdogSec`.
 
 use crate::health::Liveness;
 use crate::store::Store;
@@ -23,8 +25,19 @@ pub fn notify_stopping() {
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
 }
 
-/// Probes the store and feeds the watchdog until `shutdown`.
-pub async fn supervise(store: Store, liveness: Arc<Liveness>, shutdown: CancellationToken) {
+/// How often the stages' progress is evaluated (stall log, saved state, watchdog).
+pub const EVALUATE_PERIOD: Duration = Duration::from_secs(1);
+
+/// Probes the store, watches every stage's progress and feeds the watchdog until
+/// `shutdown`. The watchdog is fed only while the last store probe succeeded and no
+/// stage is stalled (G9); each stall is logged once and saved beside the database for
+/// `outpost status`.
+pub async fn supervise(
+    store: Store,
+    liveness: Arc<Liveness>,
+    stall_after: Duration,
+    shutdown: CancellationToken,
+) {
     let mut usec = 0u64;
     let watchdog = sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;
     // systemd recommends feeding at half the interval.
@@ -36,12 +49,79 @@ pub async fn supervise(store: Store, liveness: Arc<Liveness>, shutdown: Cancella
     if watchdog {
         tracing::info!(
             interval_ms = usec / 1000,
-            "systemd watchdog enabled; feeding it while the store makes progress."
+            "systemd watchdog enabled; feeding it while every stage makes progress."
         );
     }
+    let database = store.path().to_path_buf();
+    // A file left by a previous run says nothing about this one.
+    save_stalls(&database, None).await;
+    let probe = tokio::spawn(probe_store(
+        store.clone(),
+        liveness.clone(),
+        period,
+        shutdown.clone(),
+    ));
+    // Decided afresh at every evaluation, so a stall stops the very next feed.
+    let mut evaluate = tokio::time::interval(EVALUATE_PERIOD.min(period));
+    evaluate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stalls = crate::progress::StallLog::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = evaluate.tick() => {}
+        }
+        let reports = store.progress().evaluate(stall_after);
+        if stalls.update(&reports, stall_after) {
+            let stalled: Vec<_> = reports.into_iter().filter(|r| r.stalled()).collect();
+            let saved = (!stalled.is_empty()).then(|| crate::progress::SavedStalls {
+                at: crate::clock::now(),
+                pid: std::process::id(),
+                stall_after_s: stall_after.as_secs_f64(),
+                stalled,
+            });
+            save_stalls(&database, saved).await;
+        }
+        // The probe answers within `period`, so its age tells whether it succeeded
+        // lately.
+        let probe_fresh = liveness
+            .store_probe_age()
+            .is_some_and(|age| age <= period * 2 + Duration::from_secs(1));
+        if watchdog && probe_fresh && !stalls.any() {
+            let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+        }
+    }
+    probe.abort();
+    // The agent stops cleanly: nothing is stalled any more.
+    save_stalls(&database, None).await;
+    notify_stopping();
+}
+
+/// Saves (or clears) the stall state off the async threads; never waits long (the
+/// disk may be what hangs).
+async fn save_stalls(database: &std::path::Path, saved: Option<crate::progress::SavedStalls>) {
+    let database = database.to_path_buf();
+    let task =
+        tokio::task::spawn_blocking(move || crate::progress::save(&database, saved.as_ref()));
+    match tokio::time::timeout(Duration::from_secs(2), task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "Cannot save the stall state for outpost status.")
+        }
+        _ => tracing::warn!("Saving the stall state for outpost status did not finish in time."),
+    }
+}
+
+/// Every `period`, a no-op write through the store writer's queue and commit: proof
+/// end to end that the store takes writes (for `/health` and the watchdog).
+async fn probe_store(
+    store: Store,
+    liveness: Arc<Liveness>,
+    period: Duration,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stalled = false;
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -50,20 +130,17 @@ pub async fn supervise(store: Store, liveness: Arc<Liveness>, shutdown: Cancella
         match tokio::time::timeout(period, store.write(|_| Ok(()))).await {
             Ok(Ok(())) => {
                 liveness.store_ok();
-                if watchdog {
-                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
-                }
-                if stalled {
-                    stalled = false;
+                if failing {
+                    failing = false;
                     tracing::warn!("The store writer answers again.");
                 }
             }
-            Ok(Err(e)) if !stalled => {
-                stalled = true;
+            Ok(Err(e)) if !failing => {
+                failing = true;
                 tracing::error!(error = %e, "The store refused a probe write; the watchdog is not fed.");
             }
-            Err(_) if !stalled => {
-                stalled = true;
+            Err(_) if !failing => {
+                failing = true;
                 tracing::error!(
                     "The store writer did not answer in time; the watchdog is not fed."
                 );
@@ -71,5 +148,4 @@ pub async fn supervise(store: Store, liveness: Arc<Liveness>, shutdown: Cancella
             _ => {}
         }
     }
-    notify_stopping();
 }

@@ -633,3 +633,76 @@ fn quoted_keys_with_dots_stay_one_key() {
         "the dotted key is kept whole: {err}"
     );
 }
+
+/// G9's `http.stall_after`: a duration between 1s and 24h, 2 minutes when missing. The
+/// test-only stall faults are not configuration: no key or `OUTPOST__` variable sets them.
+#[test]
+fn stall_after_is_validated_and_faults_are_not_configuration() {
+    let (_d, ok) = load_str("[http]\n");
+    assert_eq!(
+        ok.unwrap().http.stall_after.get(),
+        std::time::Duration::from_secs(120)
+    );
+    let (_d, ok) = load_str("[http]\nstall_after = \"3s\"\n");
+    assert_eq!(
+        ok.unwrap().http.stall_after.get(),
+        std::time::Duration::from_secs(3)
+    );
+    assert_error(
+        "[http]\nstall_after = 5\n",
+        "outpost.toml:2: http.stall_after: expected a duration",
+    );
+    assert_error(
+        "[http]\nstall_after = \"soon\"\n",
+        "outpost.toml:2: http.stall_after: expected a duration",
+    );
+    assert_error(
+        "[http]\nstall_after = \"\"\n",
+        "outpost.toml:2: http.stall_after: expected a duration",
+    );
+    for out_of_range in ["0s", "500ms", "25h", "10years"] {
+        assert_error(
+            &format!("[http]\nstall_after = \"{out_of_range}\"\n"),
+            "outpost.toml:2: http.stall_after: must be between 1s and 24h",
+        );
+    }
+    // Oversized and hostile values: refused with the key, never a panic.
+    for hostile in [
+        "99999999999999999999999s".to_string(),
+        format!("{}s", "9".repeat(10_000)),
+        "-5s".to_string(),
+        "1s; rm -rf /".to_string(),
+        "\\u0000".to_string(),
+    ] {
+        let errors = errors_of(&format!("[http]\nstall_after = \"{hostile}\"\n"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("outpost.toml:2: http.stall_after: ")),
+            "{hostile:?}: {errors:#?}"
+        );
+    }
+    assert_error(
+        "[http]\nstall_after = [\"1m\"]\n",
+        "outpost.toml:2: http.stall_after: expected a duration",
+    );
+    // The fault switch is not a key of any section.
+    assert_error(
+        "[http]\ntest_fault = \"store_writer_hang\"\n",
+        "outpost.toml:2: http.test_fault: unknown key `test_fault`",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let main = write(dir.path(), "outpost.toml", "[http]\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["check", "--config"])
+        .arg(&main)
+        .env("OUTPOST__TEST_FAULT", "store_writer_hang")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("environment variable OUTPOST__TEST_FAULT: test_fault: unknown section"),
+        "{stderr}"
+    );
+}

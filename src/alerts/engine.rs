@@ -614,6 +614,19 @@ async fn run_engine(
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut position = start;
+    // G9: committed readings not yet evaluated wait for the engine (seen from outside,
+    // so a hung engine is still measured); each evaluated batch is progress.
+    let stage = store.progress().stage(
+        crate::progress::ALERTS,
+        "committed readings not yet evaluated",
+        Some(crate::progress::STORE),
+    );
+    let evaluated = Arc::new(std::sync::atomic::AtomicI64::new(start));
+    let (committed, seen) = (store.committed_watch(), Arc::downgrade(&evaluated));
+    stage.add_probe(Box::new(move || {
+        let seen = seen.upgrade()?.load(std::sync::atomic::Ordering::Relaxed);
+        Some((*committed.borrow()).saturating_sub(seen).max(0) as u64)
+    }));
     let mut unsaved = engine.take_changes();
     let mut last_save = tokio::time::Instant::now();
     let mut save_failures = LogLimiter::default();
@@ -632,11 +645,14 @@ async fn run_engine(
         let open = tokio::select! {
             rows = rx.recv() => match rows {
                 Some(rows) => {
+                    crate::progress::fault::hold(crate::progress::fault::ALERTS_HANG).await;
                     let now = now_after_steps(&mut engine, &mut stepped);
                     for row in &rows {
                         engine.on_reading(&row.reading, now);
                         position = row.id;
                     }
+                    evaluated.store(position, std::sync::atomic::Ordering::Relaxed);
+                    stage.progress();
                     true
                 }
                 None => false,

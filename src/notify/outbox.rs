@@ -242,6 +242,26 @@ impl OutboxWorker {
         let mut in_flight: JoinSet<(Attempt, Outcome)> = JoinSet::new();
         let mut busy: HashSet<i64> = HashSet::new();
         let mut read_failures = LogLimiter::default();
+        // G9: every recorded attempt, delivered or failed, is progress. An attempt
+        // waits for its notifier (a failing one backs off: not a stall) but must
+        // answer within its own timeout; one that outlived it by a second is work this
+        // worker left waiting. Measured when evaluated, so a stuck loop is seen too.
+        let stage = self.store.progress().stage(
+            crate::progress::OUTBOX,
+            "notifications whose delivery outlived its timeout",
+            Some(crate::progress::STORE),
+        );
+        let deadlines: Arc<std::sync::Mutex<HashMap<i64, tokio::time::Instant>>> = Arc::default();
+        let watched = Arc::downgrade(&deadlines);
+        stage.add_probe(Box::new(move || {
+            let deadlines = watched.upgrade()?;
+            let now = tokio::time::Instant::now();
+            let late = deadlines
+                .lock()
+                .map(|d| d.values().filter(|at| **at < now).count())
+                .unwrap_or(0);
+            Some(late as u64)
+        }));
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -272,6 +292,10 @@ impl OutboxWorker {
                         };
                         started += 1;
                         busy.insert(row.id);
+                        if let Ok(mut d) = deadlines.lock() {
+                            let late = notifier.attempt_timeout + Duration::from_secs(1);
+                            d.insert(row.id, tokio::time::Instant::now() + late);
+                        }
                         let attempt = Attempt {
                             id: row.id,
                             notifier,
@@ -300,7 +324,11 @@ impl OutboxWorker {
                 done = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Some(Ok((attempt, outcome))) = done {
                         busy.remove(&attempt.id);
+                        if let Ok(mut d) = deadlines.lock() {
+                            d.remove(&attempt.id);
+                        }
                         self.record(attempt, outcome).await;
+                        stage.progress();
                     }
                 }
                 _ = tokio::time::sleep(sleep) => {}
@@ -407,6 +435,7 @@ impl OutboxWorker {
 }
 
 async fn deliver(attempt: Attempt) -> (Attempt, Outcome) {
+    crate::progress::fault::hold(crate::progress::fault::OUTBOX_HANG).await;
     let outcome = match &attempt.event {
         None => Outcome::Failed("the stored event cannot be read".into()),
         Some(event) => match tokio::time::timeout(

@@ -174,6 +174,17 @@ pub type AckResult = Result<
 pub const FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl SourceContext {
+    /// The progress stage of the source `name` (G9): the store writer records its
+    /// progress at every commit of its readings; the source counts the readings in
+    /// hand that wait for their commit. The pipeline holds it while the source runs.
+    pub fn stage(&self, name: &str) -> crate::progress::Stage {
+        self.store.progress().stage(
+            &crate::progress::source_stage(name),
+            "batches of readings not yet stored",
+            Some(crate::progress::STORE),
+        )
+    }
+
     /// After the store refused a batch because the disk is full: waits until some
     /// commit has succeeded since (the writer then clears `disk_full`, so a backlog of
     /// refused batches goes at once) or [`FULL_RETRY`] has passed (someone has to try).

@@ -870,6 +870,8 @@ impl ModbusSource {
             return;
         }
         self.in_flight.push_back((readings, ack));
+        let in_flight = self.in_flight.len() as u64;
+        self.ctx.stage(&self.config.name).set_waiting(in_flight);
         while self.in_flight.len() > MAX_IN_FLIGHT {
             if let Some((readings, ack)) = self.in_flight.pop_front() {
                 let result = ack.await;
@@ -889,6 +891,8 @@ impl ModbusSource {
     /// is stored; meanwhile the bus is not polled. Only a shutdown while the disk is
     /// still full loses it (logged with the count).
     async fn settle(&mut self, readings: Vec<Reading>, result: AckResult) {
+        let in_flight = self.in_flight.len() as u64;
+        self.ctx.stage(&self.config.name).set_waiting(in_flight);
         let result = self
             .ctx
             .resend_while_full(&readings, result, WAITING, &mut self.full_waits)

@@ -456,6 +456,12 @@ pub async fn run_session(
     eventloop.set_network_options(network);
 
     let (handoff_tx, handoff_rx) = mpsc::channel::<Handoff>(HANDOFF_CAPACITY);
+    // G9: messages received and not yet taken by the worker wait for this source.
+    let handed_off = handoff_tx.downgrade();
+    ctx.stage(&session.source).add_probe(Box::new(move || {
+        let tx = handed_off.upgrade()?;
+        Some(tx.max_capacity().saturating_sub(tx.capacity()) as u64)
+    }));
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(ACK_PIPELINE_CAPACITY);
     let committed_mark = session.committed_mark.clone();
     let worker = tokio::spawn(worker(
@@ -686,6 +692,9 @@ async fn worker(
     let mut buf = Vec::with_capacity(MAX_MESSAGES_PER_BATCH);
     let mut limiter = LogLimiter::new(Duration::from_secs(60));
     while rx.recv_many(&mut buf, MAX_MESSAGES_PER_BATCH).await > 0 {
+        // G9: taking messages off the hand-off queue is progress (after the test-only hang).
+        crate::progress::fault::hold(crate::progress::fault::MQTT_WORKER_HANG).await;
+        ctx.stage(&source).progress();
         let messages = buf.len();
         let mut readings = Vec::with_capacity(messages * 4);
         let mut publishes = Vec::new();

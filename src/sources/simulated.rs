@@ -192,6 +192,7 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut tick: u64 = 0;
     let mut refused: u64 = 0;
+    let stage = ctx.stage(&config.name);
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
@@ -223,6 +224,8 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
         // a batch refused because the disk is full is offered again (same uids) until
         // stored, and no new readings are made meanwhile (missed ticks
         // are skipped), like a sensor that waits for its gateway.
+        let held = stage.hold(1);
+        crate::progress::fault::hold(crate::progress::fault::SOURCE_HANG).await;
         let (batch, ack) = Batch::with_ack(readings.clone());
         if ctx.out.send(batch).await.is_err() {
             return Ok(());
@@ -235,6 +238,7 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
                 &mut refused,
             )
             .await;
+        drop(held);
         match result {
             Ok(Ok(_)) => {}
             // Stopping while the disk is still full, or the pipeline closed.

@@ -245,6 +245,8 @@ pub struct Store {
     certs: crate::tls::CertWatch,
     /// Set by the background integrity check when it finds damage.
     damaged: watch::Receiver<Option<String>>,
+    /// Every stage's progress (G9), kept here because every component holds the store.
+    progress: Arc<crate::progress::Registry>,
 }
 
 /// What [`Store::open`] returns besides the handle: the ingest side of the pipeline and
@@ -287,6 +289,27 @@ impl Store {
         let stats = Arc::new(StoreStats::default());
         let (finished_tx, finished_rx) = oneshot::channel();
         let close = tokio_util::sync::CancellationToken::new();
+        let progress = Arc::new(crate::progress::Registry::default());
+        let stage = progress.stage(
+            crate::progress::STORE,
+            "batches and writes not yet committed",
+            None,
+        );
+        // What is queued for the writer, seen from outside: a hung writer cannot count.
+        let (batches_queued, ops_queued) = (batch_tx.downgrade(), op_tx.downgrade());
+        stage.add_probe(Box::new(move || {
+            let depth = |capacity: usize, max: usize| (max - capacity.min(max)) as u64;
+            let batches = batches_queued
+                .upgrade()
+                .map(|s| depth(s.capacity(), s.max_capacity()));
+            let ops = ops_queued
+                .upgrade()
+                .map(|s| depth(s.capacity(), s.max_capacity()));
+            match (batches, ops) {
+                (None, None) => None,
+                (b, o) => Some(b.unwrap_or(0) + o.unwrap_or(0)),
+            }
+        }));
         writer::spawn(
             conn,
             config.clone(),
@@ -297,6 +320,7 @@ impl Store {
             stats.clone(),
             finished_tx,
             close.clone(),
+            (stage, progress.clone()),
         )?;
         Ok((
             Store {
@@ -307,6 +331,7 @@ impl Store {
                 stats,
                 certs: crate::tls::CertWatch::default(),
                 damaged: damaged_rx,
+                progress,
             },
             Ingest {
                 sender: batch_tx,
@@ -327,6 +352,11 @@ impl Store {
     /// The certificates' expiry, for `/metrics`, `/health` and the log.
     pub fn certs(&self) -> &crate::tls::CertWatch {
         &self.certs
+    }
+
+    /// The progress of every stage (G9): register a stage here, evaluate stalls here.
+    pub fn progress(&self) -> &Arc<crate::progress::Registry> {
+        &self.progress
     }
 
     /// Records (and saves) the certificate the server `peer` presents to the section

@@ -116,6 +116,7 @@ pub(super) fn spawn(
     stats: Arc<StoreStats>,
     finished: oneshot::Sender<()>,
     close: CancellationToken,
+    (stage, progress): (crate::progress::Stage, Arc<crate::progress::Registry>),
 ) -> Result<(), StoreError> {
     if let Some(hook) = commit_hook {
         conn.commit_hook(Some(hook));
@@ -128,6 +129,8 @@ pub(super) fn spawn(
         last_full_log: None,
         retention_clock: None,
         scan: RetentionScan::default(),
+        stage,
+        progress,
     };
     std::thread::Builder::new()
         .name("outpost-store".into())
@@ -156,6 +159,11 @@ struct Writer {
     /// The time retention last pruned at, and when (monotonic): see `retention_now`.
     retention_clock: Option<(chrono::DateTime<chrono::Utc>, Instant)>,
     scan: RetentionScan,
+    /// The writer's progress (G9): a group in hand counts as waiting work (the
+    /// channels' depth is probed from outside); each commit is progress, for the
+    /// writer and for the sources of its batches; a full disk is a known reason.
+    stage: crate::progress::Stage,
+    progress: Arc<crate::progress::Registry>,
 }
 
 #[derive(Default)]
@@ -285,6 +293,15 @@ impl Writer {
 
     /// Commits one group. Returns `Err` only when the disk is full.
     fn commit(&mut self, group: Group) -> Result<(), ()> {
+        self.stage
+            .set_waiting((group.batches.len() + group.ops.len()) as u64);
+        crate::progress::fault::hold_blocking(crate::progress::fault::STORE_WRITER_HANG);
+        let result = self.commit_group(group);
+        self.stage.set_waiting(0);
+        result
+    }
+
+    fn commit_group(&mut self, group: Group) -> Result<(), ()> {
         let started = Instant::now();
         match self.try_commit(&group.batches, group.ops) {
             Ok(Outcome {
@@ -299,8 +316,26 @@ impl Writer {
                 self.stats
                     .last_commit_us
                     .store(elapsed.as_micros() as u64, Relaxed);
-                if self.stats.disk_full.swap(false, Relaxed) {
-                    tracing::warn!("Disk space is available again; ingest resumed.");
+                // A commit without readings (the watchdog's probe, a cursor) says
+                // nothing about the room for readings: only a stored batch ends a full
+                // disk (else `/health` and the block of G9 flap while it lasts).
+                if !group.batches.is_empty() {
+                    if self.stats.disk_full.swap(false, Relaxed) {
+                        tracing::warn!("Disk space is available again; ingest resumed.");
+                    }
+                    self.stage.unblock();
+                }
+                self.stage.progress();
+                let mut sources: Vec<&str> = group
+                    .batches
+                    .iter()
+                    .filter_map(|b| b.readings.first().map(|r| r.source.as_str()))
+                    .collect();
+                sources.sort_unstable();
+                sources.dedup();
+                for source in sources {
+                    self.progress
+                        .progress_of(&crate::progress::source_stage(source));
                 }
                 for (batch, result) in group.batches.into_iter().zip(per_batch) {
                     if let Ok(c) = &result {
@@ -331,6 +366,7 @@ impl Writer {
                         .readings_refused_full
                         .fetch_add(group.rows as u64, Relaxed);
                     self.stats.disk_full.store(true, Relaxed);
+                    self.stage.blocked_by("the disk is full");
                     let now = Instant::now();
                     let quiet = match self.last_full_log {
                         Some(t) => now.duration_since(t) < Duration::from_secs(60),
@@ -345,6 +381,9 @@ impl Writer {
                         );
                     }
                 } else {
+                    // Answered (with an error the log and the commit failure count
+                    // report): not a stall.
+                    self.stage.progress();
                     tracing::error!(error = %error, rows = group.rows, "A commit failed; its batches were not acknowledged.");
                 }
                 for batch in group.batches {

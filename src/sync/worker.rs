@@ -136,12 +136,14 @@ pub async fn run_observed(
             _ = shutdown.cancelled() => break,
             outcome = worker.round(deadline) => outcome,
         };
+        worker.stage.set_waiting(0);
         match outcome {
             Ok(()) => {
                 if worker.backoff.attempt() > 0 {
                     tracing::info!(target_db = worker.target(), "Central sync works again.");
                 }
                 worker.backoff.reset();
+                worker.stage.progress();
                 observe(&SyncEvent::RoundSucceeded);
                 next = deadline;
             }
@@ -177,6 +179,10 @@ struct Worker {
     last_sync_at: Option<DateTime<Utc>>,
     last_error: Option<(String, DateTime<Utc>)>,
     failure_log: LogLimiter,
+    /// G9: a round under way is work waiting for this worker, except while it waits
+    /// for central (bounded by the connect and statement timeouts; a failure is
+    /// reported by the `sync` check, not as a stall).
+    stage: crate::progress::Stage,
 }
 
 impl Worker {
@@ -186,6 +192,11 @@ impl Worker {
         store: Store,
         shutdown: CancellationToken,
     ) -> Worker {
+        let stage = store.progress().stage(
+            crate::progress::SYNC,
+            "sync round under way",
+            Some(crate::progress::STORE),
+        );
         Worker {
             options: ConnectOptions {
                 certs: Some(store.clone()),
@@ -209,6 +220,7 @@ impl Worker {
             last_sync_at: None,
             last_error: None,
             failure_log: LogLimiter::new(Duration::from_secs(300)),
+            stage,
         }
     }
 
@@ -291,6 +303,7 @@ impl Worker {
     /// One round: heartbeat, alert events, live readings, then backlog until `deadline`.
     async fn round(&mut self, deadline: Instant) -> Result<(), SyncError> {
         self.connected().await?;
+        self.stage.set_waiting(1);
         let head = self.read(local::head).await?;
         let now = Instant::now();
         self.hold.observe(now, head);
@@ -329,7 +342,11 @@ impl Worker {
             last_error_at: self.last_error.as_ref().map(|(_, t)| *t),
         };
         let central = self.central.as_ref().ok_or_else(not_connected)?;
-        heartbeat::send(central, &hb).await
+        self.stage.set_waiting(0);
+        let sent = heartbeat::send(central, &hb).await;
+        self.stage.set_waiting(1);
+        self.stage.progress();
+        sent
     }
 
     /// Alert events, oldest first, every one of them each round (they are few).
@@ -346,9 +363,11 @@ impl Worker {
                 return Ok(());
             }
             let central = self.central.as_ref().ok_or_else(not_connected)?;
-            central
-                .upload_alert_events(&self.gateway_id, &events)
-                .await?;
+            self.stage.set_waiting(0);
+            let uploaded = central.upload_alert_events(&self.gateway_id, &events).await;
+            self.stage.set_waiting(1);
+            self.stage.progress();
+            uploaded?;
             let count = events.len();
             let ids = events.ids;
             self.store
@@ -425,10 +444,13 @@ impl Worker {
             if rate > 0 {
                 let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
                 if due > Instant::now() {
+                    // Paced on purpose: not a stall.
+                    self.stage.set_waiting(0);
                     tokio::select! {
                         _ = self.shutdown.cancelled() => {}
                         _ = tokio::time::sleep_until(due.min(deadline)) => {}
                     }
+                    self.stage.set_waiting(1);
                 }
             }
         };
@@ -439,8 +461,13 @@ impl Worker {
     }
 
     async fn upload(&self, rows: &ReadingColumns) -> Result<u64, SyncError> {
+        crate::progress::fault::hold(crate::progress::fault::SYNC_HANG).await;
         let central = self.central.as_ref().ok_or_else(not_connected)?;
-        central.upload_readings(&self.gateway_id, rows).await
+        self.stage.set_waiting(0);
+        let uploaded = central.upload_readings(&self.gateway_id, rows).await;
+        self.stage.set_waiting(1);
+        self.stage.progress();
+        uploaded
     }
 
     /// After a failed round: drop the connection (its state is unknown), remember and
