@@ -23,9 +23,10 @@
 //! - At the end the last agent drains and stops; every published message is stored
 //!   exactly once.
 //!
-//! The control: the same harness with the agent under `eatmydata` (fsync becomes a
-//! no-op) must catch acknowledged readings lost. If it does not, the harness cannot
-//! fail, and the test fails.
+//! The control: the same harness, first with the agent as shipped (its cut must lose
+//! nothing), then with the agent under `eatmydata` (fsync becomes a no-op), whose cuts
+//! must lose acknowledged messages, all of them acknowledged under eatmydata. If the
+//! harness does not catch that loss, it cannot fail, and the test fails.
 //!
 //! Environment: `OUTPOST_POWER_CUTS` (default 16: 8 random, and each of the 8 crash
 //! faults once; the full run in docs/reliability.md
@@ -39,7 +40,7 @@ use outpost::model::Uid;
 use rand::{Rng, SeedableRng};
 use rusqlite::Connection;
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -179,10 +180,12 @@ fn uplink(prefix: &str, n: u64) -> (String, Vec<u8>) {
     (topic, serde_json::to_vec(&event).expect("serialise uplink"))
 }
 
-/// The reading uids (hex) of the message with this deduplicationId, as the agent
-/// derives them.
-fn reading_uids(dedup: &str) -> [String; 2] {
-    FIELDS.map(|field| Uid::derive(&["chirpstack", dedup, field]).to_hex())
+/// The reading uids of the message with this deduplicationId, as the agent derives
+/// them; memoised (thousands of messages are checked after every cut).
+fn reading_uids(memo: &mut HashMap<String, [[u8; 16]; 2]>, dedup: &str) -> [[u8; 16]; 2] {
+    *memo
+        .entry(dedup.to_string())
+        .or_insert_with(|| FIELDS.map(|field| Uid::derive(&["chirpstack", dedup, field]).0))
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -213,7 +216,12 @@ struct Survey {
 
 /// Copies the database and its WAL out of LazyFS's backing directory (what a disk
 /// holds after the cut; never the -shm, which is rebuilt) and checks them.
-fn survey(root: &Path, acked: &HashSet<String>, notified: &HashSet<String>) -> Survey {
+fn survey(
+    root: &Path,
+    acked: &HashSet<String>,
+    notified: &HashSet<String>,
+    memo: &mut HashMap<String, [[u8; 16]; 2]>,
+) -> Survey {
     let scratch = tempfile::tempdir().expect("scratch dir");
     for name in ["outpost.db", "outpost.db-wal"] {
         let from = root.join(name);
@@ -245,13 +253,17 @@ fn survey(root: &Path, acked: &HashSet<String>, notified: &HashSet<String>) -> S
             .map(|rows| rows.filter_map(|r| r.ok()).collect())
             .unwrap_or_default()
     };
-    let uids: HashSet<String> = strings("SELECT lower(hex(uid)) FROM readings")
-        .into_iter()
-        .collect();
+    let uids: HashSet<[u8; 16]> = conn
+        .prepare("SELECT uid FROM readings")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |r| r.get::<_, [u8; 16]>(0))
+                .map(|rows| rows.filter_map(|r| r.ok()).collect())
+        })
+        .unwrap_or_default();
     s.readings = uids.len();
     s.lost = acked
         .iter()
-        .filter(|d| !reading_uids(d).iter().all(|u| uids.contains(u)))
+        .filter(|d| !reading_uids(memo, d).iter().all(|u| uids.contains(u)))
         .cloned()
         .collect();
     s.lost.sort();
@@ -275,7 +287,6 @@ fn survey(root: &Path, acked: &HashSet<String>, notified: &HashSet<String>) -> S
 
 /// One agent, its database on LazyFS, its broker (behind the proxy) and its webhook.
 struct Harness {
-    mode: Mode,
     prefix: &'static str,
     dir: tempfile::TempDir,
     fs: LazyFs,
@@ -284,6 +295,8 @@ struct Harness {
     receiver: HttpReceiver,
     agent: Option<AgentProcess>,
     starts: usize,
+    /// The next starts run under eatmydata (only ever in [`Mode::Control`]).
+    fsync_off: bool,
 }
 
 impl Harness {
@@ -349,7 +362,6 @@ ttl = "1h"
         );
         std::fs::write(dir.path().join("outpost.toml"), config).expect("write the config");
         Harness {
-            mode,
             prefix,
             dir,
             fs,
@@ -358,6 +370,7 @@ ttl = "1h"
             receiver,
             agent: None,
             starts: 0,
+            fsync_off: false,
         }
     }
 
@@ -371,6 +384,7 @@ ttl = "1h"
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
+    /// Starts the agent (under eatmydata in [`Mode::Control`], once `self.fsync_off`).
     fn start_agent(&mut self) {
         use std::io::Write;
         self.starts += 1;
@@ -381,13 +395,12 @@ ttl = "1h"
             .expect("open the agent log");
         writeln!(log, "===== start {} =====", self.starts).expect("write the agent log");
         let program = env!("CARGO_BIN_EXE_outpost");
-        let mut cmd = match self.mode {
-            Mode::Durable => Command::new(program),
-            Mode::Control => {
-                let mut c = Command::new("eatmydata");
-                c.arg(program);
-                c
-            }
+        let mut cmd = if self.fsync_off {
+            let mut c = Command::new("eatmydata");
+            c.arg(program);
+            c
+        } else {
+            Command::new(program)
         };
         cmd.arg("--config")
             .arg(self.dir.path().join("outpost.toml"))
@@ -438,6 +451,18 @@ ttl = "1h"
             .collect()
     }
 
+    /// When the agent acknowledged each message (the last time, if redelivered).
+    fn acked_at(&self) -> HashMap<String, Instant> {
+        self.proxy
+            .acked()
+            .iter()
+            .filter_map(|m| {
+                let v: Value = serde_json::from_slice(&m.payload).ok()?;
+                Some((v["deduplicationId"].as_str()?.to_string(), m.acked_at))
+            })
+            .collect()
+    }
+
     /// The alert event uids the webhook received.
     fn notified(&self) -> HashSet<String> {
         self.receiver
@@ -450,15 +475,14 @@ ttl = "1h"
             .collect()
     }
 
-    /// Cuts the power as `cut` says; returns whether a crash fault fired (for the
-    /// random cut: true). The agent is dead and LazyFS unmounted afterwards.
-    fn cut(&mut self, cut: Cut) -> bool {
+    /// Cuts the power as `cut` says. The agent is dead and LazyFS unmounted afterwards.
+    fn cut(&mut self, cut: Cut) -> Outcome {
         match cut {
             Cut::Random { after } => {
                 std::thread::sleep(after);
                 self.kill_agent();
                 self.fs.power_cut();
-                true
+                Outcome::Cut
             }
             Cut::Wal { timing, op, after } => {
                 std::thread::sleep(after);
@@ -466,7 +490,11 @@ ttl = "1h"
                 let fired = support::wait_until(FAULT_DEADLINE, || !self.fs.is_running());
                 self.kill_agent();
                 self.fs.power_cut();
-                fired
+                if fired {
+                    Outcome::Cut
+                } else {
+                    Outcome::NotReached
+                }
             }
             Cut::Checkpoint { timing, op, after } => {
                 // Once this agent committed something, so that its shutdown has a WAL
@@ -476,12 +504,28 @@ ttl = "1h"
                 std::thread::sleep(after);
                 self.fs.crash_on(timing, op, r"outpost\.db$");
                 self.terminate_agent();
-                let fired = support::wait_until(FAULT_DEADLINE, || {
+                support::wait_until(FAULT_DEADLINE, || {
                     !self.fs.is_running() || self.agent_exited()
-                }) && !self.fs.is_running();
+                });
+                if !self.fs.is_running() {
+                    self.kill_agent();
+                    self.fs.power_cut();
+                    return Outcome::Cut;
+                }
+                // The agent stopped without checkpointing (SQLite checkpoints when the
+                // last connection closes, and that was one of its read-only ones): the
+                // WAL it left is checkpointed from here, through the mount, as the next
+                // start would on reaching the WAL limit.
                 self.kill_agent();
+                let checkpoint = Connection::open(self.fs.path().join("outpost.db"))
+                    .and_then(|c| c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())));
+                let fired = support::wait_until(Duration::from_secs(5), || !self.fs.is_running());
                 self.fs.power_cut();
-                fired
+                match (fired, checkpoint) {
+                    (true, _) => Outcome::CutInTestCheckpoint,
+                    (false, Ok(())) => Outcome::NotReached,
+                    (false, Err(e)) => panic!("checkpoint through the mount failed: {e}"),
+                }
             }
         }
     }
@@ -493,6 +537,18 @@ ttl = "1h"
     }
 }
 
+/// How a cut went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// As planned: a random cut, or the crash fault fired in the agent's own I/O.
+    Cut,
+    /// The database-file fault fired in the checkpoint the test ran after the agent's
+    /// clean shutdown left its WAL behind.
+    CutInTestCheckpoint,
+    /// The fault never met its operation: a plain power cut instead.
+    NotReached,
+}
+
 #[derive(Debug, Default)]
 struct Totals {
     cuts: usize,
@@ -501,6 +557,8 @@ struct Totals {
     checkpoint_faults: usize,
     /// Crash faults armed that never met their operation (fell back to a random cut).
     faults_not_reached: usize,
+    /// Database-file faults that fired in the test's checkpoint, not the agent's.
+    faults_in_test_checkpoint: usize,
     lost: usize,
     corrupt: usize,
     moved_aside: usize,
@@ -554,25 +612,28 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         Box::new(move |n| uplink(prefix, n)),
     );
     let mut totals = Totals::default();
+    let mut memo = HashMap::new();
     for i in 0..cuts {
         let cut = Cut::pick(i, &mut rng);
-        let fired = h.cut(cut);
+        let outcome = h.cut(cut);
         totals.cuts += 1;
         match cut {
             Cut::Random { .. } => totals.random += 1,
             Cut::Wal { .. } => totals.wal_faults += 1,
             Cut::Checkpoint { .. } => totals.checkpoint_faults += 1,
         }
-        totals.faults_not_reached += usize::from(!fired);
-        let s = survey(h.fs.root(), &h.acked(), &h.notified());
+        totals.faults_not_reached += usize::from(outcome == Outcome::NotReached);
+        totals.faults_in_test_checkpoint += usize::from(outcome == Outcome::CutInTestCheckpoint);
+        let s = survey(h.fs.root(), &h.acked(), &h.notified(), &mut memo);
         eprintln!(
             "cut {i}: {}{}; acknowledged {} messages, stored {} readings; lost {}, duplicates {}, \
              integrity {}, notified events {} (missing {}), moved aside {:?}",
             cut.label(),
-            if fired {
-                ""
-            } else {
-                " (fault not reached: random cut instead)"
+            match outcome {
+                Outcome::Cut => "",
+                Outcome::CutInTestCheckpoint =>
+                    " (the agent's shutdown did not checkpoint: fired in the test's checkpoint)",
+                Outcome::NotReached => " (fault not reached: plain power cut instead)",
             },
             s.acked,
             s.readings,
@@ -628,7 +689,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
     assert!(stopped, "the last agent did not stop on SIGTERM");
     h.kill_agent();
     h.fs.power_cut();
-    let s = survey(h.fs.root(), &all, &h.notified());
+    let s = survey(h.fs.root(), &all, &h.notified(), &mut memo);
     assert!(
         s.lost.is_empty()
             && s.integrity == "ok"
@@ -662,15 +723,13 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
     let durable_secs = started.elapsed().as_secs_f64();
 
     // ---- The control: no fsync ----------------------------------------------------------
+    // The first agent runs as shipped and its cut must lose nothing (so the database and
+    // its schema are durable); the next ones run under eatmydata, and their cuts must
+    // lose acknowledged messages, and only messages acknowledged under eatmydata.
     let control_started = Instant::now();
     let mut c = Harness::new(Mode::Control, &lazyfs);
     c.start_agent();
     c.wait_subscribed(Duration::from_secs(60));
-    let preloaded = c
-        .pid()
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/maps")).ok())
-        .is_some_and(|maps| maps.contains("libeatmydata"));
-    assert!(preloaded, "the control agent does not run under eatmydata");
     let control_publisher = QosPublisher::start(
         &rt,
         c.broker.port(),
@@ -678,24 +737,54 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         RATE,
         Box::new(|n| uplink("control", n)),
     );
+    c.cut(Cut::Random {
+        after: Duration::from_millis(1500),
+    });
+    let baseline = survey(c.fs.root(), &c.acked(), &c.notified(), &mut memo);
+    eprintln!(
+        "control cut 0 (as shipped): acknowledged {}, stored {} readings, lost {}, integrity {}",
+        baseline.acked,
+        baseline.readings,
+        baseline.lost.len(),
+        baseline.integrity
+    );
+    assert!(
+        baseline.acked > 0 && baseline.lost.is_empty() && baseline.integrity == "ok",
+        "the control's first, durable agent: {} acknowledged, {} lost, integrity {}",
+        baseline.acked,
+        baseline.lost.len(),
+        baseline.integrity
+    );
+    c.fs.remount();
+    c.fsync_off = true;
+    let eatmydata_since = Instant::now();
+    c.start_agent();
+    let preloaded = support::wait_until(Duration::from_secs(10), || {
+        c.pid()
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/maps")).ok())
+            .is_some_and(|maps| maps.contains("libeatmydata"))
+    });
+    assert!(preloaded, "the control agent does not run under eatmydata");
     let mut control: Option<(usize, Survey)> = None;
-    for i in 0..CONTROL_MAX_CUTS {
+    for i in 1..=CONTROL_MAX_CUTS {
         // Random cuts only, late enough that something was acknowledged.
         let after = Duration::from_millis(rng.gen_range(1000..2500));
         c.cut(Cut::Random { after });
-        let s = survey(c.fs.root(), &c.acked(), &c.notified());
+        let s = survey(c.fs.root(), &c.acked(), &c.notified(), &mut memo);
         eprintln!(
             "control cut {i} (eatmydata, random cut {} ms after start): acknowledged {}, \
-             stored {} readings, lost {}, integrity {}, notified events missing {}",
+             stored {} readings, lost {}, integrity {}, notified events missing {}, \
+             moved aside {:?}",
             after.as_millis(),
             s.acked,
             s.readings,
             s.lost.len(),
             s.integrity,
-            s.events_missing.len()
+            s.events_missing.len(),
+            s.moved_aside
         );
         let caught = !s.lost.is_empty();
-        control = Some((i + 1, s));
+        control = Some((i, s));
         if caught {
             break;
         }
@@ -709,10 +798,22 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         "the control (agent under eatmydata, fsync a no-op) lost nothing it acknowledged in \
          {control_cuts} power cuts: the harness cannot detect a missing fsync"
     );
+    // The harness blames the right commits: nothing the durable agent acknowledged.
+    let acked_at = c.acked_at();
+    let misattributed: Vec<&String> = control
+        .lost
+        .iter()
+        .filter(|d| acked_at.get(*d).is_none_or(|at| *at < eatmydata_since))
+        .collect();
+    assert!(
+        misattributed.is_empty(),
+        "the control lost messages acknowledged before eatmydata: {misattributed:?}"
+    );
 
     eprintln!(
         "power cuts done in {durable_secs:.1} s (seed {seed}): {} cuts ({} random, {} crash faults \
-         on the WAL, {} on the database file at shutdown; {} faults not reached), {acked_total} \
+         on the WAL, {} on the database file at shutdown, {} of these in the test's checkpoint; \
+         {} faults not reached), {acked_total} \
          messages acknowledged through the proxy ({published} published, {} readings stored), \
          lost 0, duplicates 0, corrupt 0, moved aside 0; {notified_total} notified alert events \
          all present with their outbox rows; {connections} MQTT connections, {unknown_acks} \
@@ -721,14 +822,17 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         totals.random,
         totals.wal_faults,
         totals.checkpoint_faults,
+        totals.faults_in_test_checkpoint,
         totals.faults_not_reached,
         s.readings
     );
     eprintln!(
-        "control (eatmydata) in {:.1} s: caught after {control_cuts} cut(s): {} of {} \
-         acknowledged messages lost ({} readings survived), integrity {}, notified events \
-         missing {} of {}",
+        "control in {:.1} s: the first agent's cut lost 0 of {} acknowledged; under \
+         eatmydata caught after {control_cuts} cut(s): {} of {} acknowledged messages lost, \
+         all acknowledged under eatmydata ({} readings survived), integrity {}, notified \
+         events missing {} of {}",
         control_started.elapsed().as_secs_f64(),
+        baseline.acked,
         control.lost.len(),
         control.acked,
         control.readings,
