@@ -616,6 +616,11 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
     for i in 0..cuts {
         let cut = Cut::pick(i, &mut rng);
         let outcome = h.cut(cut);
+        // No new messages while the power is off and the test checks what survived
+        // (seconds per cut once the database is large): otherwise the broker's backlog
+        // for the agent grows with every cut, and a backlog of some 45,000 messages
+        // wedges the MQTT source (issue 12, item 1), which is not what this test is about.
+        publisher.pause();
         totals.cuts += 1;
         match cut {
             Cut::Random { .. } => totals.random += 1,
@@ -670,6 +675,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         );
         h.fs.remount();
         h.start_agent();
+        publisher.resume();
     }
 
     // Every published message ends up stored exactly once: the broker redelivers what
@@ -714,6 +720,18 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         !log.contains("moved aside"),
         "the agent moved its database aside:\n{}",
         h.log_tail()
+    );
+    // Every survey found the database intact, so a damage verdict of the agent's own
+    // check is false (it was given for read errors while LazyFS was gone, before
+    // src/store told I/O errors from damage) and would have moved it aside next time.
+    assert!(
+        !log.contains("The database is damaged"),
+        "the agent called its intact database damaged:\n{}",
+        log.lines()
+            .filter(|l| l.contains("The database is damaged"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let acked_total = h.acked().len();
     let notified_total = s.notified;

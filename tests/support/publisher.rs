@@ -17,6 +17,7 @@ pub struct QosPublisher {
     acked: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     publishing: tokio::task::JoinHandle<()>,
     polling: tokio::task::JoinHandle<()>,
 }
@@ -41,6 +42,7 @@ impl QosPublisher {
         let acked = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
         let polling = {
             let (acked, errors) = (acked.clone(), errors.clone());
             rt.spawn(async move {
@@ -60,7 +62,7 @@ impl QosPublisher {
             })
         };
         let publishing = {
-            let (published, stop) = (published.clone(), stop.clone());
+            let (published, stop, paused) = (published.clone(), stop.clone(), paused.clone());
             rt.spawn(async move {
                 let mut tick =
                     tokio::time::interval(Duration::from_micros(1_000_000 / per_second.max(1)));
@@ -68,6 +70,9 @@ impl QosPublisher {
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     tick.tick().await;
+                    if paused.load(Ordering::SeqCst) {
+                        continue;
+                    }
                     let (topic, payload) = message(n);
                     client
                         .publish(topic, QoS::AtLeastOnce, false, payload)
@@ -83,9 +88,20 @@ impl QosPublisher {
             acked,
             errors,
             stop,
+            paused,
             publishing,
             polling,
         }
+    }
+
+    /// Stops sending new messages until [`QosPublisher::resume`] (unacknowledged ones
+    /// are still retransmitted).
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     /// Messages handed to the client so far.
