@@ -546,13 +546,28 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         .check_at_open_max_bytes
         .unwrap_or(CHECK_AT_OPEN_MAX_BYTES);
     if check_at_open(&config.path, max_bytes) {
-        let check: String = conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(classify)?;
-        if check != "ok" {
-            return Err(OpenFailure::Unusable(format!(
-                "quick_check failed: {check}"
-            )));
+        let mut verdict = quick_check(&conn).map_err(classify)?;
+        if let CheckVerdict::Unreadable(found) = &verdict {
+            // A read error says nothing about the contents: check again before moving
+            // a possibly healthy database (and its unsynced readings) aside. Only a
+            // file that stays unreadable is given up, so that the agent does not
+            // crash-loop on it.
+            tracing::warn!(path = %config.path.display(), found = %found, "The integrity check could not read the database (an I/O error); checking again.");
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            verdict = quick_check(&conn).map_err(classify)?;
+        }
+        match verdict {
+            CheckVerdict::Ok => {}
+            CheckVerdict::Damaged(found) => {
+                return Err(OpenFailure::Unusable(format!(
+                    "quick_check failed: {found}"
+                )));
+            }
+            CheckVerdict::Unreadable(found) => {
+                return Err(OpenFailure::Unusable(format!(
+                    "quick_check could not read the database twice (I/O errors): {found}"
+                )));
+            }
         }
         let _ = std::fs::remove_file(check_marker(&config.path));
     } else {
@@ -581,9 +596,64 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
     Ok(conn)
 }
 
+/// What `PRAGMA quick_check` found.
+#[derive(Debug, PartialEq, Eq)]
+enum CheckVerdict {
+    Ok,
+    /// The database is damaged: it is moved aside.
+    Damaged(String),
+    /// Pages could not be read (an I/O error: a failing card, a file system that went
+    /// away under the check). That proves nothing about the file, and moving a healthy
+    /// database aside would strand its unsynced readings: the background check only
+    /// logs it, the check at open tries again first.
+    Unreadable(String),
+}
+
+/// Runs `quick_check` and classifies what it reports.
+fn quick_check(conn: &Connection) -> rusqlite::Result<CheckVerdict> {
+    let mut stmt = conn.prepare("PRAGMA quick_check")?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(check_verdict(&rows))
+}
+
+/// SQLite reports each problem on a line of its own (several per row); a page it could
+/// not read reads "Tree 3 page 72932: unable to get the page. error code=266", where
+/// the code's low byte 10 is SQLITE_IOERR (266 = SQLITE_IOERR_READ). A short read (522)
+/// means the file is shorter than its pages: that is damage, not an I/O error.
+fn check_verdict(rows: &[String]) -> CheckVerdict {
+    if rows.len() == 1 && rows[0] == "ok" {
+        return CheckVerdict::Ok;
+    }
+    let lines: Vec<&str> = rows.iter().flat_map(|r| r.lines()).collect();
+    let summary = lines
+        .iter()
+        .filter(|l| !l.starts_with("***"))
+        .take(3)
+        .copied()
+        .collect::<Vec<_>>()
+        .join("; ");
+    let summary = if summary.is_empty() {
+        lines.join("; ")
+    } else {
+        summary
+    };
+    let io_error = |line: &&str| {
+        line.rsplit_once("error code=")
+            .and_then(|(_, code)| code.trim().parse::<i32>().ok())
+            .is_some_and(|code| code & 0xff == 10 && code != 522)
+    };
+    if lines.iter().any(io_error) {
+        CheckVerdict::Unreadable(summary)
+    } else {
+        CheckVerdict::Damaged(summary)
+    }
+}
+
 /// Runs `quick_check` on its own read-only connection. Damage leaves the marker for the
-/// next start and is reported on `damaged`; a check that cannot run (e.g. busy) is only
-/// logged, since it proves nothing either way.
+/// next start and is reported on `damaged`; a check that cannot run (e.g. busy) or
+/// cannot read the file (an I/O error) is only logged, since it proves nothing either way.
 fn spawn_background_check(
     path: PathBuf,
     busy_timeout: std::time::Duration,
@@ -591,11 +661,10 @@ fn spawn_background_check(
 ) {
     let run = move || {
         let started = std::time::Instant::now();
-        let result = open_reader(&path, busy_timeout)
-            .and_then(|conn| conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)));
+        let result = open_reader(&path, busy_timeout).and_then(|conn| quick_check(&conn));
         use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
         let problem = match result {
-            Ok(check) if check == "ok" => {
+            Ok(CheckVerdict::Ok) => {
                 tracing::info!(
                     path = %path.display(),
                     seconds = started.elapsed().as_secs_f64(),
@@ -603,7 +672,11 @@ fn spawn_background_check(
                 );
                 return;
             }
-            Ok(check) => format!("quick_check failed: {check}"),
+            Ok(CheckVerdict::Damaged(found)) => format!("quick_check failed: {found}"),
+            Ok(CheckVerdict::Unreadable(found)) => {
+                tracing::warn!(path = %path.display(), found = %found, "The background integrity check could not read the database (an I/O error, not damage); it is checked again at the next start.");
+                return;
+            }
             Err(e) if matches!(e.sqlite_error_code(), Some(DatabaseCorrupt | NotADatabase)) => {
                 e.to_string()
             }

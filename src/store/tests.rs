@@ -178,3 +178,33 @@ fn retention_never_deletes_recent_readings_across_a_clock_step() {
         .unwrap();
     assert_eq!(recent, 100);
 }
+
+/// Seen in the power-cut test (tests/powercut.rs): LazyFS crashed while the background
+/// check read the database, and every page read failed. That is not damage; before the
+/// fix the agent wrote the damage marker (the next start moves the database aside).
+#[test]
+fn quick_check_read_errors_are_not_damage() {
+    use super::{check_verdict, CheckVerdict};
+    let rows = |s: &str| vec![s.to_string()];
+    assert_eq!(check_verdict(&rows("ok")), CheckVerdict::Ok);
+    let unreadable = "*** in database main ***\n\
+        Tree 12 page 18006: unable to get the page. error code=266\n\
+        Tree 3 page 76815 right child: Failed to read ptrmap key=72793\n\
+        Tree 3 page 72793: unable to get the page. error code=266";
+    assert!(matches!(
+        check_verdict(&rows(unreadable)),
+        CheckVerdict::Unreadable(s) if s.starts_with("Tree 12 page 18006")
+    ));
+    let damaged = "*** in database main ***\n\
+        Tree 2 page 5 cell 0: invalid page number 4000\n\
+        Page 7: btreeInitPage() returns error code 11";
+    assert!(matches!(
+        check_verdict(&rows(damaged)),
+        CheckVerdict::Damaged(_)
+    ));
+    let short = "*** in database main ***\nTree 2 page 9: unable to get the page. error code=522";
+    assert!(matches!(
+        check_verdict(&rows(short)),
+        CheckVerdict::Damaged(_)
+    ));
+}
