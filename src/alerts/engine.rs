@@ -81,6 +81,10 @@ pub struct Engine {
     series: HashMap<(usize, String), Series>,
     context: EventContext,
     changes: Changes,
+    /// The uid of the reading being evaluated, or `None` for timers: events carry it
+    /// in their own uid, so two transitions of one series evaluated at the same `now`
+    /// (a backlog caught up in one batch) stay two events.
+    trigger: Option<Uid>,
 }
 
 fn elapsed(now: DateTime<Utc>, since: DateTime<Utc>) -> Duration {
@@ -94,6 +98,7 @@ impl Engine {
             series: HashMap::new(),
             context,
             changes: Changes::default(),
+            trigger: None,
         }
     }
 
@@ -199,6 +204,12 @@ impl Engine {
 
     /// Evaluates one committed reading at `now`.
     pub fn on_reading(&mut self, r: &Reading, now: DateTime<Utc>) {
+        self.trigger = Some(r.uid);
+        self.evaluate_reading(r, now);
+        self.trigger = None;
+    }
+
+    fn evaluate_reading(&mut self, r: &Reading, now: DateTime<Utc>) {
         for i in 0..self.rules.len() {
             if !self.rules[i].matches(&r.device, &r.metric, r.meta.as_ref()) {
                 continue;
@@ -406,6 +417,9 @@ impl Engine {
             return;
         };
         let device = &key.1;
+        let trigger = self
+            .trigger
+            .map_or_else(|| "timer".to_string(), |uid| uid.to_hex());
         let uid = Uid::derive(&[
             "alert-event",
             &rule.key,
@@ -413,6 +427,7 @@ impl Engine {
             &s.metric,
             kind.as_str(),
             &to_micros(now).to_string(),
+            &trigger,
         ]);
         let event = AlertEvent {
             uid: uid.to_hex(),
@@ -848,6 +863,31 @@ mod tests {
         assert_eq!(ev.event.condition, "above 8 °C for 10s");
         assert_eq!(ev.notifiers, vec!["ops".to_string()]);
         assert_eq!(e.firing(), vec![("hot".into(), "a".into())]);
+    }
+
+    #[test]
+    fn crossings_evaluated_at_the_same_instant_are_distinct_events() {
+        // A backlog caught up in one batch: every reading is evaluated at the same
+        // `now`. Each crossing must keep its own event (found by the 1,000-kill crash
+        // loop: the second firing shared the first one's uid and was dropped).
+        let instant = "name = \"hot\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nclear = 6.0\nnotifiers = [\"ops\"]";
+        let mut e = engine(instant);
+        let now = at(100);
+        for (i, value) in [9.0, 5.0, 9.5, 5.5].into_iter().enumerate() {
+            e.on_reading(&reading("a", value, at(i as i64)), now);
+        }
+        let c = e.take_changes();
+        assert_eq!(
+            kinds(&c),
+            vec![
+                EventKind::Firing,
+                EventKind::Resolved,
+                EventKind::Firing,
+                EventKind::Resolved
+            ]
+        );
+        let uids: std::collections::HashSet<_> = c.events.iter().map(|e| &e.event.uid).collect();
+        assert_eq!(uids.len(), 4, "one uid per event");
     }
 
     #[test]
