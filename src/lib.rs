@@ -66,6 +66,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod readings;
+pub mod rejected;
 pub mod sources;
 pub mod status;
 pub mod store;

@@ -109,6 +109,10 @@ pub fn render(report: &StatusReport, database: &str) -> String {
             report.rejected
         );
     }
+    out.push_str(&crate::sources::rejects::render_summary(
+        &report.rejections,
+        now,
+    ));
     out.push_str(&crate::alerts::state::render(&report.alerts, now));
     for note in &report.source_notes {
         let _ = writeln!(out, "{note}");
