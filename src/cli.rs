@@ -286,6 +286,14 @@ fn notify_test(path: &Path, name: &str) -> ExitCode {
     }
 }
 
+/// How values are shown: `[display]` of the configuration when it loads, else the
+/// defaults (e.g. `--db` on another machine's database without its configuration).
+fn display_config(config_path: Option<&Path>) -> crate::display::DisplayConfig {
+    Config::load(&config::resolve_path(config_path))
+        .map(|c| c.display)
+        .unwrap_or_default()
+}
+
 /// The database to read: `--db`, else the configured one.
 fn database_path(config_path: Option<&Path>, db: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
     let db = match db {
@@ -323,7 +331,10 @@ fn readings(
         .and_then(|conn| crate::readings::query(&conn, query));
     match result {
         Ok(rows) => {
-            print!("{}", crate::readings::render(&rows, format));
+            print!(
+                "{}",
+                crate::readings::render(&rows, format, &display_config(config_path))
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -391,7 +402,11 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
         Ok(report) => {
             print!(
                 "{}",
-                crate::status::render(&report, &db.display().to_string())
+                crate::status::render_with(
+                    &report,
+                    &db.display().to_string(),
+                    &display_config(config_path)
+                )
             );
             for line in crate::tls::status_lines(&certificates) {
                 println!("{line}");

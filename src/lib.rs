@@ -57,6 +57,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod display;
 pub mod fuzzing;
 pub mod health;
 pub mod http;

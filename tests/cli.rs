@@ -442,3 +442,74 @@ fn rejected_refuses_bad_flags() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no database at"), "{err}");
 }
+
+/// `[display] precision` decides how `outpost readings` and `outpost status` show a
+/// metric, the series table and the alert rows alike; other metrics keep the default.
+#[test]
+fn values_are_shown_with_the_configured_precision_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--duration", "3s", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let db = dir.path().join("outpost.db");
+    let config = dir.path().join("display.toml");
+    std::fs::write(&config, "[display]\nprecision = { temperature = 3 }\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let three_decimals = |cell: &str| {
+        let number = cell.trim().trim_end_matches("°C").trim();
+        number.split_once('.').is_some_and(|(_, d)| d.len() == 3)
+    };
+    let table = run(&["readings", "--metric", "temperature", "--limit", "5"]);
+    let values: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split("  ").find(|c| c.contains("°C")))
+        .collect();
+    assert_eq!(values.len(), 5, "{table}");
+    assert!(values.iter().all(|v| three_decimals(v)), "{table}");
+
+    let status = run(&["status"]);
+    let temperatures: Vec<&str> = status
+        .lines()
+        .filter_map(|l| l.split("  ").find(|c| c.contains("°C")))
+        .collect();
+    assert!(!temperatures.is_empty(), "{status}");
+    for cell in temperatures {
+        let cell = cell.trim().trim_start_matches("temperature ");
+        assert!(three_decimals(cell), "{cell:?} in\n{status}");
+    }
+    // A metric without a precision: at most two decimals, no trailing zero.
+    let humidity = run(&["readings", "--metric", "humidity", "--limit", "20"]);
+    for line in humidity.lines().skip(1) {
+        let cell = line
+            .split("  ")
+            .find(|c| c.contains('%'))
+            .unwrap_or_else(|| panic!("{humidity}"));
+        let number = cell.trim().trim_end_matches('%').trim();
+        let decimals = number.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(
+            decimals <= 2 && !number.ends_with('0') || !number.contains('.'),
+            "{cell:?}"
+        );
+    }
+}

@@ -462,8 +462,8 @@ impl CompiledRule {
     }
 
     /// "above 8 °C for 5m" — the condition as a technician reads it.
-    pub fn describe(&self, unit: Option<&str>) -> String {
-        let with_unit = |v: f64| crate::status::format_value(v, unit);
+    pub fn describe(&self, unit: Option<&str>, precision: Option<u8>) -> String {
+        let with_unit = |v: f64| crate::display::format_value(v, unit, precision);
         let hold = |d: Duration| {
             if d.is_zero() {
                 String::new()
@@ -557,6 +557,10 @@ pub struct AlertEvent {
     pub threshold: Option<f64>,
     /// The condition in words, e.g. "above 8 °C for 5m".
     pub condition: String,
+    /// Decimals to show `value` and `threshold` with (`[display] precision` of the
+    /// metric); none: the default rule of [`crate::display`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<u8>,
     /// When the alert started firing (for a firing event: now).
     pub since: DateTime<Utc>,
     /// When this event happened.
@@ -627,7 +631,8 @@ mod tests {
         assert!(c.matches("coldroom-1", "temperature", None));
         assert!(!c.matches("freezer-1", "temperature", None));
         assert!(!c.matches("coldroom-1", "humidity", None));
-        assert_eq!(c.describe(Some("°C")), "above 8 °C for 5m");
+        assert_eq!(c.describe(Some("°C"), None), "above 8 °C for 5m");
+        assert_eq!(c.describe(Some("°C"), Some(1)), "above 8.0 °C for 5m");
     }
 
     #[test]

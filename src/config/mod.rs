@@ -34,6 +34,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub http: crate::http::HttpConfig,
+    pub display: crate::display::DisplayConfig,
     pub sources: Vec<SourceConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync: Option<crate::sync::SyncConfig>,
@@ -368,6 +369,7 @@ const SECTIONS: &[&str] = &[
     "storage",
     "log",
     "http",
+    "display",
     "sources",
     "sync",
     "alerts",
@@ -425,6 +427,9 @@ impl Config {
             .unwrap_or_default();
         let http = section("http", &mut problems)
             .and_then(|v| problems.deserialize(v, "http"))
+            .unwrap_or_default();
+        let display = section("display", &mut problems)
+            .and_then(|v| problems.deserialize(v, "display"))
             .unwrap_or_default();
         let sync = section("sync", &mut problems).and_then(|v| problems.deserialize(v, "sync"));
         let mut tables = Tables::default();
@@ -484,6 +489,7 @@ impl Config {
             storage,
             log,
             http,
+            display,
             sources,
             sync,
             alerts,
@@ -545,6 +551,7 @@ impl Config {
         }
         self.storage.validate("storage", problems);
         self.http.validate("http", problems);
+        self.display.validate("display", problems);
         if let Some(sync) = &self.sync {
             sync.validate("sync", problems);
         }
