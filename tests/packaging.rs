@@ -86,6 +86,54 @@ fn unit_exposure_is_at_most_2_5() {
     );
 }
 
+/// Design G8 under chrony or ntpd: the agent asks systemd-timedated over the system
+/// D-Bus (`busctl get-property org.freedesktop.timedate1 … NTPSynchronized`, see
+/// src/clock.rs). The unit must let it: AF_UNIX sockets, /run/dbus visible, and
+/// running busctl (execve, process, socket and IPC calls of @system-service not removed).
+#[test]
+fn unit_allows_asking_timedated_over_dbus() {
+    let text = unit_text();
+    let settings: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    let families = settings
+        .iter()
+        .find_map(|l| l.strip_prefix("RestrictAddressFamilies="))
+        .expect("RestrictAddressFamilies= is set");
+    assert!(
+        !families.starts_with('~') && families.split_whitespace().any(|f| f == "AF_UNIX"),
+        "RestrictAddressFamilies={families} must allow AF_UNIX (the system bus)"
+    );
+    for line in &settings {
+        for hiding in [
+            "InaccessiblePaths=",
+            "TemporaryFileSystem=",
+            "BindPaths=",
+            "BindReadOnlyPaths=",
+        ] {
+            if let Some(paths) = line.strip_prefix(hiding) {
+                assert!(
+                    !paths
+                        .split_whitespace()
+                        .any(|p| p.trim_start_matches(['-', '+']) == "/run"
+                            || p.contains("/run/dbus")),
+                    "{line}: must not hide /run/dbus/system_bus_socket"
+                );
+            }
+        }
+        if let Some(filter) = line.strip_prefix("SystemCallFilter=~") {
+            for needed in ["execve", "@process", "@network-io", "@ipc"] {
+                assert!(
+                    !filter.split_whitespace().any(|f| f == needed),
+                    "{line}: busctl needs {needed}"
+                );
+            }
+        }
+    }
+}
+
 /// Design G8: the agent learns the clock state from /run/systemd/timesync, because
 /// ProtectClock= filters adjtimex(2) even for reading, and the boot id from
 /// /proc/sys/kernel/random/boot_id. Neither may be hidden by the sandbox.
