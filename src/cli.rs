@@ -79,6 +79,25 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = crate::readings::Format::Table)]
         format: crate::readings::Format,
     },
+    /// List the rejected input the agent kept (newest first): payload excerpt, topic,
+    /// reason, what was wrong and what to do. `outpost status` shows the counts.
+    Rejected {
+        /// Read this database instead of the configured one.
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+        /// Only this source (its `name` in [[sources]]).
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this reason, e.g. `protobuf` or `invalid_json` (docs/technician.md lists them).
+        #[arg(long)]
+        reason: Option<String>,
+        /// At most this many messages (1 to 1000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::rejected::Format::Table)]
+        format: crate::rejected::Format,
+    },
     /// Run simulated sensors into a local database and print readings as they commit.
     Demo {
         /// Where the demo database goes (default: a new directory under /tmp).
@@ -161,6 +180,24 @@ pub fn main() -> ExitCode {
                 limit,
             };
             readings(cli.config.as_deref(), db, &query, format)
+        }
+        Command::Rejected {
+            db,
+            source,
+            reason,
+            limit,
+            format,
+        } => {
+            let query = crate::rejected::Query {
+                source,
+                reason,
+                limit,
+            };
+            if let Err(e) = query.validate() {
+                eprintln!("outpost: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            rejected(cli.config.as_deref(), db, &query, format)
         }
         Command::Central { command } => {
             crate::sync::central::command(&config::resolve_path(cli.config.as_deref()), command)
@@ -249,6 +286,14 @@ fn notify_test(path: &Path, name: &str) -> ExitCode {
     }
 }
 
+/// How values are shown: `[display]` of the configuration when it loads, else the
+/// defaults (e.g. `--db` on another machine's database without its configuration).
+fn display_config(config_path: Option<&Path>) -> crate::display::DisplayConfig {
+    Config::load(&config::resolve_path(config_path))
+        .map(|c| c.display)
+        .unwrap_or_default()
+}
+
 /// The database to read: `--db`, else the configured one.
 fn database_path(config_path: Option<&Path>, db: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
     let db = match db {
@@ -286,7 +331,34 @@ fn readings(
         .and_then(|conn| crate::readings::query(&conn, query));
     match result {
         Ok(rows) => {
-            print!("{}", crate::readings::render(&rows, format));
+            print!(
+                "{}",
+                crate::readings::render(&rows, format, &display_config(config_path))
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost: cannot read {}: {e}", db.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn rejected(
+    config_path: Option<&Path>,
+    db: Option<PathBuf>,
+    query: &crate::rejected::Query,
+    format: crate::rejected::Format,
+) -> ExitCode {
+    let db = match database_path(config_path, db) {
+        Ok(db) => db,
+        Err(code) => return code,
+    };
+    let result = crate::store::open_reader(&db, std::time::Duration::from_secs(5))
+        .and_then(|conn| crate::rejected::query(&conn, query));
+    match result {
+        Ok(rows) => {
+            print!("{}", crate::rejected::render(&rows, format));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -340,7 +412,11 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
         Ok(report) => {
             print!(
                 "{}",
-                crate::status::render(&report, &db.display().to_string())
+                crate::status::render_with(
+                    &report,
+                    &db.display().to_string(),
+                    &display_config(config_path)
+                )
             );
             for source in backfill_recovered(&db) {
                 println!("{}", source.describe());

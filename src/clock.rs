@@ -9,12 +9,20 @@
 //!
 //! 1. `/run/systemd/timesync/synchronized`, which systemd-timesyncd creates once it
 //!    has synchronised the clock (readable by everyone, allowed by the unit);
-//! 2. `adjtimex` with no modes set (read-only), when the seccomp filter allows it
-//!    (outside the unit, or with chrony/ntpd on a unit without `ProtectClock=`);
-//! 3. otherwise "not synchronised": the agent cannot vouch for the clock, and an honest
+//! 2. systemd-timedated's `NTPSynchronized` property on the system D-Bus
+//!    (`org.freedesktop.timedate1`, what `timedatectl show -p NTPSynchronized`
+//!    prints): timedated reads the kernel's state itself, outside our sandbox, so it
+//!    is right with chrony and ntpd too, which never create the timesyncd flag;
+//! 3. `adjtimex` with no modes set (read-only), when the seccomp filter allows it
+//!    (outside the unit, or on a unit without `ProtectClock=`);
+//! 4. otherwise "not synchronised": the agent cannot vouch for the clock, and an honest
 //!    flag is better than a silent wrong time.
 //!
-//! The answer is cached for a second: serial sources ask for every line.
+//! The answer is cached for a second: serial sources ask for every line. timedated is
+//! asked by `busctl` (systemd's own D-Bus client, present wherever the unit runs: it
+//! speaks the protocol, honours `DBUS_SYSTEM_BUS_ADDRESS`, and costs the agent no
+//! dependency; `timedatectl` itself refuses to run where systemd is not PID 1) on a
+//! background thread, never by the caller: see [`TimedatedWatch`].
 //!
 //! # The agent's wall clock and its steps
 //!
@@ -339,7 +347,11 @@ pub fn is_synchronized() -> bool {
     if cached & CACHED != 0 && now_ms.saturating_sub(cached & (ANSWER - 1)) < CACHE_MILLIS {
         return cached & ANSWER != 0;
     }
-    let answer = decide(Path::new(TIMESYNC_FLAG).exists(), kernel_clock);
+    let answer = decide_with_timedated(
+        Path::new(TIMESYNC_FLAG).exists(),
+        timedated().answer(),
+        kernel_clock,
+    );
     CACHE.store(
         CACHED | if answer { ANSWER } else { 0 } | now_ms,
         Ordering::Relaxed,
@@ -347,9 +359,122 @@ pub fn is_synchronized() -> bool {
     answer
 }
 
-/// The decision, with its inputs passed in so it can be tested.
+/// The decision without timedated, with its inputs passed in so it can be tested.
 pub fn decide(timesync_flag_exists: bool, kernel: impl FnOnce() -> KernelClock) -> bool {
-    timesync_flag_exists || kernel() == KernelClock::Synchronized
+    decide_with_timedated(timesync_flag_exists, None, kernel)
+}
+
+/// The decision: the timesyncd flag, else timedated's answer, else the kernel.
+pub fn decide_with_timedated(
+    timesync_flag_exists: bool,
+    timedated: Option<bool>,
+    kernel: impl FnOnce() -> KernelClock,
+) -> bool {
+    if timesync_flag_exists {
+        return true;
+    }
+    match timedated {
+        Some(answer) => answer,
+        None => kernel() == KernelClock::Synchronized,
+    }
+}
+
+/// How often timedated is asked while the clock is not synchronised (the state to
+/// notice soon after boot), and once it is.
+const TIMEDATED_POLL_UNSYNCED: Duration = Duration::from_secs(15);
+const TIMEDATED_POLL_SYNCED: Duration = Duration::from_secs(300);
+/// An answer older than this is not used (timedated stopped answering).
+const TIMEDATED_ANSWER_TTL: Duration = Duration::from_secs(330);
+
+/// timedated's last answer, refreshed by one background thread so that
+/// [`is_synchronized`] never waits for D-Bus (it is called on async worker threads).
+pub struct TimedatedWatch {
+    /// Whether timedated was asked at least once, and its last answer (`None`: it
+    /// cannot be asked: no bus, no timedated).
+    last: Mutex<(bool, Option<(Instant, bool)>)>,
+    answered: std::sync::Condvar,
+}
+
+/// The process's watch; its thread starts on first use.
+pub fn timedated() -> &'static TimedatedWatch {
+    static WATCH: OnceLock<&'static TimedatedWatch> = OnceLock::new();
+    WATCH.get_or_init(|| {
+        let watch: &'static TimedatedWatch = Box::leak(Box::new(TimedatedWatch {
+            last: Mutex::new((false, None)),
+            answered: std::sync::Condvar::new(),
+        }));
+        let spawned = std::thread::Builder::new()
+            .name("clock-timedated".into())
+            .spawn(move || loop {
+                let answer = ask_timedated();
+                {
+                    let mut last = watch.last.lock().unwrap_or_else(|p| p.into_inner());
+                    *last = (true, answer.map(|a| (Instant::now(), a)));
+                }
+                watch.answered.notify_all();
+                std::thread::sleep(match answer {
+                    Some(true) => TIMEDATED_POLL_SYNCED,
+                    _ => TIMEDATED_POLL_UNSYNCED,
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "Cannot start the thread that asks systemd-timedated about the clock; using the other sources.");
+        }
+        watch
+    })
+}
+
+impl TimedatedWatch {
+    /// The last answer, if recent enough.
+    pub fn answer(&self) -> Option<bool> {
+        let (_, last) = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.filter(|(at, _)| at.elapsed() < TIMEDATED_ANSWER_TTL)
+            .map(|(_, a)| a)
+    }
+
+    /// Waits (blocking, at most `timeout`) until timedated was asked once, so the agent
+    /// knows the clock state before its sources start. Returns the answer, if any.
+    pub fn wait_first(&self, timeout: Duration) -> Option<bool> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, _) = self
+            .answered
+            .wait_timeout_while(last, timeout, |(asked, _)| !*asked)
+            .unwrap_or_else(|p| p.into_inner());
+        last.1.map(|(_, a)| a)
+    }
+}
+
+/// Asks systemd-timedated for `NTPSynchronized` through `busctl` (blocking, at most
+/// 10 s; D-Bus activation starts timedated if it is not running). `None` when it
+/// cannot answer: no system bus, no timedated, no `busctl`.
+pub fn ask_timedated() -> Option<bool> {
+    let out = std::process::Command::new("busctl")
+        .args([
+            "--system",
+            "--timeout=10",
+            "get-property",
+            "org.freedesktop.timedate1",
+            "/org/freedesktop/timedate1",
+            "org.freedesktop.timedate1",
+            "NTPSynchronized",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_ntp_synchronized(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `busctl get-property` prints a boolean as `b true` or `b false`.
+pub fn parse_ntp_synchronized(text: &str) -> Option<bool> {
+    match text.trim() {
+        "b true" => Some(true),
+        "b false" => Some(false),
+        _ => None,
+    }
 }
 
 /// Asks the kernel through `adjtimex` without changing anything (`modes = 0`).
@@ -443,7 +568,12 @@ mod tests {
     fn agrees_with_the_kernel_here() {
         // Whatever this machine's state is, the public answer matches its inputs and is
         // stable within the cache window.
-        let expected = decide(Path::new(TIMESYNC_FLAG).exists(), kernel_clock);
+        let timedated_answer = timedated().wait_first(Duration::from_secs(30));
+        let expected = decide_with_timedated(
+            Path::new(TIMESYNC_FLAG).exists(),
+            timedated_answer,
+            kernel_clock,
+        );
         assert_eq!(is_synchronized(), expected);
         assert_eq!(is_synchronized(), expected);
     }
@@ -477,6 +607,156 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    }
+
+    /// chrony's or ntpd's case under the unit's filter: no timesyncd flag, `adjtimex`
+    /// refused, the kernel synchronised. systemd-timedated (here a stand-in on a
+    /// private bus, found through `DBUS_SYSTEM_BUS_ADDRESS`) knows, and the agent asks
+    /// it from inside the filter. When timedated says "no", or cannot be reached, the
+    /// answer is "not synchronised" (the old fallbacks).
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[test]
+    fn timedated_answers_under_the_units_filter() {
+        if let Some(expected) = std::env::var_os("OUTPOST_TIMEDATED_CHILD") {
+            install_adjtimex_filter();
+            assert_eq!(kernel_clock(), KernelClock::Unavailable);
+            let expected = match expected.to_str() {
+                Some("yes") => Some(true),
+                Some("no") => Some(false),
+                _ => None,
+            };
+            assert_eq!(ask_timedated(), expected);
+            assert_eq!(timedated().wait_first(Duration::from_secs(20)), expected);
+            assert_eq!(is_synchronized(), expected == Some(true));
+            return;
+        }
+        if Path::new(TIMESYNC_FLAG).exists() {
+            eprintln!("SKIPPED timedated_answers_under_the_units_filter: {TIMESYNC_FLAG} exists here, so timedated is never asked");
+            return;
+        }
+        let mock = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/timedate1_mock.py");
+        let has = |cmd: &str, args: &[&str]| {
+            std::process::Command::new(cmd)
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !(has("dbus-daemon", &["--version"])
+            && has("busctl", &["--version"])
+            && has("/usr/bin/python3", &["-c", "import dbus, gi"]))
+        {
+            eprintln!("SKIPPED timedated_answers_under_the_units_filter: needs dbus-daemon, busctl and python3-dbus/python3-gi (scripts/install-test-deps)");
+            return;
+        }
+        for (state, expected) in [(Some("yes"), "yes"), (Some("no"), "no"), (None, "none")] {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("system_bus_socket");
+            let conf = dir.path().join("bus.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>"#,
+                    socket.display()
+                ),
+            )
+            .unwrap();
+            /// Kills the bus and the mock however the test ends.
+            struct Children(Vec<std::process::Child>);
+            impl Drop for Children {
+                fn drop(&mut self) {
+                    for child in &mut self.0 {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                }
+            }
+            use std::io::BufRead;
+            let mut children = Children(Vec::new());
+            let mut daemon = std::process::Command::new("dbus-daemon")
+                .arg(format!("--config-file={}", conf.display()))
+                .args(["--nofork", "--print-address"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut printed = String::new();
+            let daemon_out = daemon.stdout.take().unwrap();
+            children.0.push(daemon);
+            // Printed once the bus listens.
+            std::io::BufReader::new(daemon_out)
+                .read_line(&mut printed)
+                .unwrap();
+            assert!(
+                printed.starts_with("unix:path="),
+                "dbus-daemon printed {printed:?}"
+            );
+            let address = format!("unix:path={}", socket.display());
+            if let Some(state) = state {
+                let mut service = std::process::Command::new("/usr/bin/python3")
+                    .arg(&mock)
+                    .args([address.as_str(), state])
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let mut line = String::new();
+                let service_out = service.stdout.take().unwrap();
+                children.0.push(service);
+                std::io::BufReader::new(service_out)
+                    .read_line(&mut line)
+                    .unwrap();
+                assert_eq!(line.trim(), "ready", "the mock timedated did not start");
+            }
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "clock::tests::timedated_answers_under_the_units_filter",
+                    "--nocapture",
+                ])
+                .env("OUTPOST_TIMEDATED_CHILD", expected)
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
+                .output()
+                .unwrap();
+            drop(children);
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "timedated {expected}: child failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn busctl_booleans() {
+        assert_eq!(parse_ntp_synchronized("b true\n"), Some(true));
+        assert_eq!(parse_ntp_synchronized("b false"), Some(false));
+        assert_eq!(parse_ntp_synchronized(""), None);
+        assert_eq!(parse_ntp_synchronized("s \"yes\""), None);
+        assert!(decide_with_timedated(false, Some(true), || {
+            KernelClock::Unavailable
+        }));
+        assert!(!decide_with_timedated(false, Some(false), || {
+            KernelClock::Synchronized
+        }));
+        assert!(decide_with_timedated(true, Some(false), || {
+            KernelClock::Unavailable
+        }));
+        assert!(decide_with_timedated(false, None, || {
+            KernelClock::Synchronized
+        }));
+        assert!(!decide_with_timedated(false, None, || {
+            KernelClock::Unavailable
+        }));
     }
 
     /// A classic BPF seccomp filter returning EPERM for adjtimex and clock_adjtime, as

@@ -4,11 +4,11 @@
 
 use crate::alerts::{AlertRule, Clock, RuleKind, Severity};
 use crate::config::{Config, HumanDuration};
+use crate::display::format_value;
 use crate::notify::{NotifierConfig, NotifierKind};
 use crate::pipeline::Pipeline;
 use crate::sources::simulated::{Excursion, SimulatedConfig, SimulatedMetric};
 use crate::sources::SourceConfig;
-use crate::status::format_value;
 use crate::store::StoreOptions;
 use std::io::Write;
 use std::path::Path;
@@ -121,7 +121,7 @@ pub async fn run(
                     row.id,
                     r.device,
                     r.metric,
-                    format_value(r.value, r.unit.as_deref()),
+                    format_value(r.value, r.unit.as_deref(), None),
                 ));
             }
             print(&readings_out, &text);
@@ -160,7 +160,7 @@ pub async fn run(
                             e.device,
                             e.metric,
                             e.value
-                                .map(|v| format_value(v, e.unit.as_deref()))
+                                .map(|v| format_value(v, e.unit.as_deref(), e.precision))
                                 .unwrap_or_default(),
                             e.condition,
                         ),

@@ -272,6 +272,18 @@ pub async fn run(
     mut reload: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let mut config = config;
+    // Learn the clock state from systemd-timedated (D-Bus) before sources stamp readings.
+    let timedated = tokio::task::spawn_blocking(|| {
+        crate::clock::timedated().wait_first(std::time::Duration::from_secs(2))
+    })
+    .await
+    .ok()
+    .flatten();
+    tracing::info!(
+        synchronized = crate::clock::is_synchronized(),
+        timedated = ?timedated,
+        "Clock synchronisation state (timesyncd flag, else systemd-timedated's NTPSynchronized, else adjtimex)."
+    );
     let mut pipeline = Pipeline::start(&config, StoreOptions::default(), shutdown.clone())?;
     let liveness = Arc::new(Liveness::default());
     pipeline

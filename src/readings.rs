@@ -1,8 +1,9 @@
 //! `outpost readings`: local history for technicians on site, straight from the
 //! database (read-only; works while the service runs).
 
+use crate::display::DisplayConfig;
 use crate::model::to_micros;
-use crate::status::{format_value, table};
+use crate::status::table;
 use crate::store::StoredReading;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
@@ -76,7 +77,7 @@ pub fn query(conn: &Connection, q: &Query) -> rusqlite::Result<Vec<StoredReading
     rows.collect()
 }
 
-pub fn render(rows: &[StoredReading], format: Format) -> String {
+pub fn render(rows: &[StoredReading], format: Format, display: &DisplayConfig) -> String {
     match format {
         Format::Json => {
             let list: Vec<serde_json::Value> = rows
@@ -133,7 +134,11 @@ pub fn render(rows: &[StoredReading], format: Format) -> String {
                             .to_string(),
                         r.reading.device.clone(),
                         r.reading.metric.clone(),
-                        format_value(r.reading.value, r.reading.unit.as_deref()),
+                        display.value(
+                            &r.reading.metric,
+                            r.reading.value,
+                            r.reading.unit.as_deref(),
+                        ),
                         if r.synced { "synced" } else { "pending" }.to_string(),
                     ]
                 })

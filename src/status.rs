@@ -1,6 +1,7 @@
 //! `outpost status`: a human summary read straight from the database, so it works
 //! whether or not the service runs (WAL readers never block the writer).
 
+use crate::display::DisplayConfig;
 use crate::store::StatusReport;
 use chrono::{DateTime, Utc};
 use std::fmt::Write;
@@ -20,21 +21,13 @@ pub fn age(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
     }
 }
 
-pub fn format_value(value: f64, unit: Option<&str>) -> String {
-    let mut s = if value.fract() == 0.0 && value.abs() < 1e15 {
-        format!("{value:.0}")
-    } else {
-        format!("{value:.2}")
-    };
-    if let Some(u) = unit.filter(|u| !u.is_empty()) {
-        s.push(' ');
-        s.push_str(u);
-    }
-    s
+/// Renders the report as aligned text, values with the default precision.
+pub fn render(report: &StatusReport, database: &str) -> String {
+    render_with(report, database, &DisplayConfig::default())
 }
 
-/// Renders the report as aligned text.
-pub fn render(report: &StatusReport, database: &str) -> String {
+/// Renders the report as aligned text, values as `display` says ([`crate::display`]).
+pub fn render_with(report: &StatusReport, database: &str, display: &DisplayConfig) -> String {
     let mut out = String::new();
     let now = report.now;
     let _ = writeln!(
@@ -109,7 +102,11 @@ pub fn render(report: &StatusReport, database: &str) -> String {
             report.rejected
         );
     }
-    out.push_str(&crate::alerts::state::render(&report.alerts, now));
+    out.push_str(&crate::sources::rejects::render_summary(
+        &report.rejections,
+        now,
+    ));
+    out.push_str(&crate::alerts::state::render(&report.alerts, now, display));
     for note in &report.source_notes {
         let _ = writeln!(out, "{note}");
     }
@@ -127,7 +124,7 @@ pub fn render(report: &StatusReport, database: &str) -> String {
                 s.source.clone(),
                 s.device.clone(),
                 s.metric.clone(),
-                format_value(s.value, s.unit.as_deref()),
+                display.value(&s.metric, s.value, s.unit.as_deref()),
                 age(now, s.observed_at),
                 s.count.to_string(),
             ]
@@ -211,7 +208,5 @@ mod tests {
         assert_eq!(age(now, now - chrono::Duration::hours(5)), "5h");
         assert_eq!(age(now, now - chrono::Duration::days(5)), "5d");
         assert_eq!(age(now, now + chrono::Duration::days(5)), "in the future");
-        assert_eq!(format_value(4.256, Some("°C")), "4.26 °C");
-        assert_eq!(format_value(1.0, None), "1");
     }
 }

@@ -223,3 +223,293 @@ fn readings_queries_local_history_in_every_format() {
     let (_, table, _) = run(&["--until", "2000-01-01T00:00:00Z"]);
     assert!(table.contains("No readings match"));
 }
+
+/// A database as the agent leaves it, with kept rejected messages (hostile ones too).
+fn database_with_rejections(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("outpost.db");
+    let mut conn = rusqlite::Connection::open(&path).unwrap();
+    outpost::store::schema::migrate(&mut conn).unwrap();
+    let now = chrono::Utc::now().timestamp_micros();
+    let mut pb = vec![0x0a, 36, 0xff];
+    pb.extend_from_slice(b"7c1d2a9e");
+    type Row<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, &'a [u8]);
+    let rows: [Row; 4] = [
+        (
+            "chirp",
+            "invalid_json",
+            Some("application/a/device/01/event/up"),
+            "not valid JSON: expected value",
+            b"23.5 C",
+        ),
+        (
+            "chirp",
+            "protobuf",
+            Some("application/a/device/01/event/up"),
+            "the payload is Protobuf",
+            &pb,
+        ),
+        (
+            "probe",
+            "not_json",
+            None,
+            "not JSON: x",
+            b"\x1b[2J\x1b]0;pwned\x07",
+        ),
+        (
+            "chirp",
+            "invalid_json",
+            Some("application/a/device/02/event/up"),
+            "not valid JSON",
+            b"hello",
+        ),
+    ];
+    for (i, (source, reason, topic, detail, payload)) in rows.iter().enumerate() {
+        conn.execute(
+            "INSERT INTO rejected(source, reason, topic, detail, payload, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            rusqlite::params![source, reason, topic, detail, payload, now - 1000 + i as i64],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO rejected_reasons VALUES (?1, ?2, 1, ?3, ?4)
+             ON CONFLICT(source, reason) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+            rusqlite::params![source, reason, now - 1000 + i as i64, detail],
+        )
+        .unwrap();
+    }
+    path
+}
+
+fn run_outpost(args: &[&str], db: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--db")
+        .arg(db)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn rejected_lists_kept_messages_with_hints() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = database_with_rejections(dir.path());
+
+    let (code, table, err) = run_outpost(&["rejected"], &db);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("TIME") && lines[0].contains("PAYLOAD"),
+        "{table}"
+    );
+    assert!(
+        lines[1].contains("chirp") && lines[1].contains("hello"),
+        "newest first:\n{table}"
+    );
+    assert!(
+        table.contains("hex: 0a 24 ff 37"),
+        "binary payloads in hex:\n{table}"
+    );
+    assert!(
+        !table.contains('\x1b') && !table.contains('\x07'),
+        "escape sequences are escaped:\n{table:?}"
+    );
+    assert!(table.contains("\\u{1b}[2J"), "{table}");
+    assert!(table.contains("What to do:\n"), "{table}");
+    assert!(
+        table.contains("  protobuf: set `json = true` in [integration.mqtt] of chirpstack.toml"),
+        "{table}"
+    );
+
+    let (code, json, _) = run_outpost(
+        &[
+            "rejected",
+            "--source",
+            "chirp",
+            "--reason",
+            "invalid_json",
+            "--format",
+            "json",
+        ],
+        &db,
+    );
+    assert_eq!(code, Some(0));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 2, "{json}");
+    assert_eq!(rows[0]["payload"], "hello");
+    assert_eq!(rows[1]["payload"], "23.5 C");
+    assert_eq!(rows[1]["topic"], "application/a/device/01/event/up");
+    assert_eq!(rows[1]["reason"], "invalid_json");
+    assert!(rows[1]["hint"].as_str().unwrap().contains("send JSON"));
+    assert!(rows[1]["received_at"].as_str().unwrap().contains('T'));
+
+    let (_, json, _) = run_outpost(&["rejected", "--limit", "1", "--format", "json"], &db);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 1);
+    let (_, none, _) = run_outpost(&["rejected", "--source", "nobody"], &db);
+    assert!(none.contains("No rejected input"), "{none}");
+
+    // Status: per source, the count by reason, when the last came and what to do.
+    let (code, text, _) = run_outpost(&["status"], &db);
+    assert_eq!(code, Some(0));
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("chirp") && l.contains("invalid_json"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.contains("  2  ")
+            && row.contains("s ago")
+            && row.contains("make the publisher send JSON"),
+        "{row}"
+    );
+    assert!(
+        text.contains("Rejected input (`outpost rejected` lists the messages):"),
+        "{text}"
+    );
+    let (_, json, _) = run_outpost(&["status", "--json"], &db);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let list = status["rejections"].as_array().unwrap();
+    assert_eq!(list.len(), 3, "{list:?}");
+    let protobuf = list.iter().find(|r| r["reason"] == "protobuf").unwrap();
+    assert_eq!(protobuf["source"], "chirp");
+    assert_eq!(protobuf["count"], 1);
+    assert!(protobuf["hint"].as_str().unwrap().contains("json = true"));
+    assert!(protobuf["last_at"].as_str().is_some());
+}
+
+#[test]
+fn rejected_refuses_bad_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = database_with_rejections(dir.path());
+    for (args, expected) in [
+        (
+            &["rejected", "--limit", "0"][..],
+            "--limit must be between 1 and 1000",
+        ),
+        (
+            &["rejected", "--limit", "1001"],
+            "--limit must be between 1 and 1000",
+        ),
+        (&["rejected", "--limit", "-1"], "unexpected argument '-1'"),
+        (
+            &["rejected", "--limit=-1"],
+            "invalid value '-1' for '--limit",
+        ),
+        (
+            &["rejected", "--limit", "99999999999999999999999"],
+            "--limit",
+        ),
+        (&["rejected", "--limit", "many"], "--limit"),
+        (
+            &["rejected", "--reason", "protobuff"],
+            "--reason: unknown reason \"protobuff\"; one of too_large",
+        ),
+        (&["rejected", "--reason", ""], "--reason: unknown reason"),
+        (
+            &["rejected", "--source", "'; DROP TABLE rejected; --"],
+            "--source: the source name",
+        ),
+        (
+            &["rejected", "--source", &"a".repeat(100_000)],
+            "--source: the source name is longer than 64",
+        ),
+        (
+            &["rejected", "--format", "xml"],
+            "invalid value 'xml' for '--format",
+        ),
+        (
+            &["rejected", "--source"],
+            "a value is required for '--source",
+        ),
+    ] {
+        let (code, _, err) = run_outpost(args, &db);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // The table is intact after the hostile source name.
+    let (code, json, _) = run_outpost(&["rejected", "--format", "json"], &db);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        serde_json::from_str::<Vec<serde_json::Value>>(&json)
+            .unwrap()
+            .len(),
+        4
+    );
+    let (code, _, err) = run_outpost(&["rejected"], Path::new("/nonexistent/outpost.db"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no database at"), "{err}");
+}
+
+/// `[display] precision` decides how `outpost readings` and `outpost status` show a
+/// metric, the series table and the alert rows alike; other metrics keep the default.
+#[test]
+fn values_are_shown_with_the_configured_precision_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--duration", "3s", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let db = dir.path().join("outpost.db");
+    let config = dir.path().join("display.toml");
+    std::fs::write(&config, "[display]\nprecision = { temperature = 3 }\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let three_decimals = |cell: &str| {
+        let number = cell.trim().trim_end_matches("°C").trim();
+        number.split_once('.').is_some_and(|(_, d)| d.len() == 3)
+    };
+    let table = run(&["readings", "--metric", "temperature", "--limit", "5"]);
+    let values: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split("  ").find(|c| c.contains("°C")))
+        .collect();
+    assert_eq!(values.len(), 5, "{table}");
+    assert!(values.iter().all(|v| three_decimals(v)), "{table}");
+
+    let status = run(&["status"]);
+    let temperatures: Vec<&str> = status
+        .lines()
+        .filter_map(|l| l.split("  ").find(|c| c.contains("°C")))
+        .collect();
+    assert!(!temperatures.is_empty(), "{status}");
+    for cell in temperatures {
+        let cell = cell.trim().trim_start_matches("temperature ");
+        assert!(three_decimals(cell), "{cell:?} in\n{status}");
+    }
+    // A metric without a precision: at most two decimals, no trailing zero.
+    let humidity = run(&["readings", "--metric", "humidity", "--limit", "20"]);
+    for line in humidity.lines().skip(1) {
+        let cell = line
+            .split("  ")
+            .find(|c| c.contains('%'))
+            .unwrap_or_else(|| panic!("{humidity}"));
+        let number = cell.trim().trim_end_matches('%').trim();
+        let decimals = number.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(
+            decimals <= 2 && !number.ends_with('0') || !number.contains('.'),
+            "{cell:?}"
+        );
+    }
+}

@@ -706,3 +706,205 @@ fn stall_after_is_validated_and_faults_are_not_configuration() {
         "{stderr}"
     );
 }
+
+const TTN_LORAWAN: &str = "[[sources]]\ntype = \"ttn\"\nname = \"lorawan\"\napplication = \"app\"\napi_key = \"k\"\n[sources.broker]\nhost = \"127.0.0.1\"\nport = 1883\ntls = false\n";
+const CHIRPSTACK_LORAWAN: &str = "[[sources]]\ntype = \"chirpstack\"\nname = \"lorawan\"\napplication_id = \"1f6a3c2e-9d4b-4e8a-b7c5-2a1d0e9f8b7c\"\n[sources.broker]\nhost = \"127.0.0.1\"\ntls = false\n";
+
+/// Every problem of `text`, checking that each is one `outpost.toml:LINE: KEY: sentence`.
+fn located_errors(text: &str) -> Vec<String> {
+    let errors = errors_of(text);
+    for e in &errors {
+        let mut parts = e.splitn(4, ": ");
+        let (file, key, sentence) = (parts.next(), parts.next(), parts.next());
+        let line_ok = file
+            .and_then(|f| f.strip_prefix("outpost.toml:"))
+            .is_some_and(|l| l.parse::<usize>().is_ok());
+        assert!(
+            line_ok && key.is_some_and(|k| !k.contains(' ')) && sentence.is_some(),
+            "not `file:line: key: sentence`: {e}"
+        );
+    }
+    errors
+}
+
+#[test]
+fn lorawan_fixtures_are_valid_alone() {
+    let (_d, ok) = load_str(TTN_LORAWAN);
+    ok.unwrap_or_else(|e| panic!("{e}"));
+    let (_d, ok) = load_str(CHIRPSTACK_LORAWAN);
+    ok.unwrap_or_else(|e| panic!("{e}"));
+    // Alone, the duplicate is reported at the second name.
+    assert_eq!(
+        located_errors(&format!("{TTN_LORAWAN}{CHIRPSTACK_LORAWAN}")),
+        ["outpost.toml:12: sources[1].name: another source is already called \"lorawan\"; names must be unique"]
+    );
+}
+
+/// A `[[sources]]` table with a type problem of its own still counts for unique names.
+#[test]
+fn a_duplicate_source_name_is_reported_beside_a_quoted_port() {
+    let text =
+        format!("{TTN_LORAWAN}{CHIRPSTACK_LORAWAN}").replace("port = 1883", "port = \"1883\"");
+    assert_eq!(
+        located_errors(&text),
+        [
+            "outpost.toml:8: sources[0].broker.port: expected a whole number, found string \"1883\"",
+            "outpost.toml:12: sources[1].name: another source is already called \"lorawan\"; names must be unique",
+        ]
+    );
+}
+
+#[test]
+fn a_duplicate_source_name_is_reported_beside_a_misspelled_key() {
+    let text =
+        format!("{TTN_LORAWAN}{CHIRPSTACK_LORAWAN}").replace("application_id =", "aplication_id =");
+    let errors = located_errors(&text);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors[0]
+            .starts_with("outpost.toml:13: sources[1].aplication_id: unknown key `aplication_id`"),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[0].ends_with("; did you mean `application_id`?"),
+        "{errors:#?}"
+    );
+    assert_eq!(errors[1], "outpost.toml:12: sources[1].name: another source is already called \"lorawan\"; names must be unique");
+}
+
+/// The held-out technician's file: a misspelled key, a quoted number and a duplicated
+/// source name give three located lines, nothing more.
+#[test]
+fn three_mistakes_give_three_lines() {
+    let text = format!("[storage]\nbatch_max_row = 500\n{TTN_LORAWAN}{CHIRPSTACK_LORAWAN}")
+        .replace("port = 1883", "port = \"1883\"");
+    let errors = located_errors(&text);
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    // A misspelt required key is one mistake too, not also a missing key.
+    let misspelt_required = format!("{TTN_LORAWAN}{CHIRPSTACK_LORAWAN}")
+        .replace("port = 1883", "port = \"1883\"")
+        .replace("application =", "applicaton =");
+    assert_eq!(located_errors(&misspelt_required).len(), 3);
+
+    // And `outpost check` prints exactly those three lines and the count.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "outpost.toml", &text);
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let located: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("outpost.toml:"))
+        .collect();
+    assert_eq!(located.len(), 3, "{stderr}");
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("outpost.toml:2: storage.batch_max_row: unknown key")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e
+                .starts_with("outpost.toml:10: sources[0].broker.port: expected a whole number")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e
+                .starts_with("outpost.toml:14: sources[1].name: another source is already called")),
+        "{errors:#?}"
+    );
+}
+
+/// After an invalid table, the next table's own problems keep their place in the list.
+#[test]
+fn problems_after_an_invalid_table_keep_their_index() {
+    let errors = located_errors(
+        "[[sources]]\ntype = \"simulated\"\nname = \"a\"\nperiod = 5\n[[sources]]\ntype = \"simulated\"\nname = \"b\"\nperiod = \"1ms\"\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "outpost.toml:4: sources[0].period: expected a duration string like \"30s\", \"10m\" or \"7d\", found the number `5`",
+            "outpost.toml:8: sources[1].period: must be at least 10ms, found 1ms",
+        ],
+    );
+}
+
+const LOG_NOTIFIER: &str = "[[notifiers]]\nname = \"journal\"\ntype = \"log\"\n";
+const RULE: &str = "[[alerts]]\nname = \"warm\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nnotifiers = [\"journal\"]\n";
+
+#[test]
+fn a_duplicate_notifier_name_is_reported_beside_a_bad_ttl() {
+    let text = format!("{LOG_NOTIFIER}{LOG_NOTIFIER}ttl = \"forever\"\n");
+    let errors = located_errors(&text);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("outpost.toml:7: notifiers[1].ttl: expected a duration")),
+        "{errors:#?}"
+    );
+    assert!(errors.iter().any(|e| e == "outpost.toml:5: notifiers[1].name: another notifier is already called \"journal\"; names must be unique"), "{errors:#?}");
+}
+
+#[test]
+fn a_duplicate_rule_name_is_reported_beside_a_quoted_level() {
+    let text = format!("{LOG_NOTIFIER}{RULE}{RULE}").replacen("above = 8.0", "above = \"8\"", 1);
+    let errors = located_errors(&text);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors.iter().any(|e| e
+            .starts_with("outpost.toml:8: alerts[0].above: expected a number, found string \"8\"")),
+        "{errors:#?}"
+    );
+    assert!(errors.iter().any(|e| e == "outpost.toml:11: alerts[1].name: another rule is already called \"warm\"; names must be unique"), "{errors:#?}");
+}
+
+/// A rule naming a notifier whose table is invalid hears that it is invalid, not unknown.
+#[test]
+fn a_rule_naming_an_invalid_notifier_says_it_is_invalid() {
+    let text = format!("{LOG_NOTIFIER}retry_initial = 5\n{RULE}");
+    let errors = located_errors(&text);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("outpost.toml:4: notifiers[0].retry_initial: expected a duration"),
+        "{errors:#?}"
+    );
+    assert_eq!(
+        errors[1],
+        "outpost.toml:10: alerts[0].notifiers[0]: notifier \"journal\" exists but is invalid; fix the problems reported for notifiers[0]"
+    );
+}
+
+/// A rule with a problem of its own still has its notifier references checked.
+#[test]
+fn an_unknown_notifier_is_reported_beside_the_rules_own_problem() {
+    let text = format!("{LOG_NOTIFIER}{RULE}")
+        .replace("above = 8.0", "above = 8.0\nfor = 5")
+        .replace("[\"journal\"]", "[\"journal\", \"pager\"]");
+    let errors = located_errors(&text);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("outpost.toml:9: alerts[0].for: expected a duration"),
+        "{errors:#?}"
+    );
+    assert_eq!(
+        errors[1],
+        "outpost.toml:10: alerts[0].notifiers[1]: unknown notifier \"pager\"; configured notifiers: \"journal\""
+    );
+    // With no notifier table at all.
+    let errors = located_errors(RULE);
+    assert_eq!(
+        errors,
+        ["outpost.toml:6: alerts[0].notifiers[0]: unknown notifier \"journal\"; no [[notifiers]] are configured"]
+    );
+}

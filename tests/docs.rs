@@ -313,3 +313,127 @@ fn the_operator_queries_run_on_the_plain_central_schema() {
 fn the_operator_queries_run_on_the_partitioned_central_schema() {
     check_operator_queries(true);
 }
+
+/// `docs/technician.md` lists every rejection reason exactly as the program prints it:
+/// the rows after the `<!-- rejection reasons` marker are `src/sources/reasons.rs`'s
+/// list, in order, word for word.
+#[test]
+fn the_technicians_guide_lists_every_rejection_reason_as_the_program_prints_it() {
+    let text = std::fs::read_to_string(repo_file("docs/technician.md")).unwrap();
+    let start = text
+        .find("<!-- rejection reasons")
+        .expect("the rejection reasons marker in docs/technician.md");
+    let rows: Vec<Vec<String>> = text[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .skip(2) // header and separator
+        .map(|l| {
+            l.trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect();
+    let expected: Vec<Vec<String>> = outpost::sources::reasons::REASONS
+        .iter()
+        .map(|r| {
+            vec![
+                format!("`{}`", r.reason),
+                r.sources.to_string(),
+                r.cause.to_string(),
+                r.fix.to_string(),
+            ]
+        })
+        .collect();
+    for (i, (doc, code)) in rows.iter().zip(&expected).enumerate() {
+        assert_eq!(doc, code, "row {} of the rejection reasons", i + 1);
+    }
+    assert_eq!(
+        rows.len(),
+        expected.len(),
+        "the table has {} rows, the code {} reasons",
+        rows.len(),
+        expected.len()
+    );
+}
+
+/// Every reason a source rejects input for is in `src/sources/reasons.rs` (and so in
+/// the guide): the labels are read from the sources' code — `fn reason` arms,
+/// `reason: "…"` fields and `reject("…"` calls — and each listed reason is used.
+#[test]
+fn every_rejection_reason_in_the_sources_is_listed() {
+    let mut used = std::collections::BTreeSet::new();
+    let label = |s: &str| -> Option<String> {
+        let rest = s.trim_start().strip_prefix('"')?;
+        let end = rest.find('"')?;
+        let l = &rest[..end];
+        (!l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .then(|| l.to_string())
+    };
+    for entry in std::fs::read_dir(repo_file("src/sources")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().is_some_and(|n| n == "reasons.rs") {
+            continue;
+        }
+        let code = std::fs::read_to_string(&path).unwrap();
+        // Unit tests assert reasons too; only the code before them counts.
+        let code = code.split("#[cfg(test)]").next().unwrap_or("");
+        let mut in_reason_fn = false;
+        let mut pending_reject = false;
+        for line in code.lines() {
+            let t = line.trim();
+            if t.starts_with("pub fn reason(") || t.starts_with("fn reason(") {
+                in_reason_fn = true;
+            } else if in_reason_fn && t == "}" && !line.starts_with("        ") {
+                in_reason_fn = false;
+            }
+            if in_reason_fn {
+                if let Some((_, arm)) = t.split_once("=> ") {
+                    used.extend(label(arm));
+                }
+            }
+            if let Some(rest) = t.strip_prefix("reason: ") {
+                used.extend(label(rest));
+            }
+            if pending_reject {
+                used.extend(label(t));
+                pending_reject = false;
+            }
+            if let Some((_, rest)) = t.split_once("reject(") {
+                match label(rest) {
+                    Some(l) => {
+                        used.insert(l);
+                    }
+                    None => pending_reject = rest.is_empty(),
+                }
+            }
+        }
+    }
+    let listed: std::collections::BTreeSet<String> = outpost::sources::reasons::REASONS
+        .iter()
+        .map(|r| r.reason.to_string())
+        .collect();
+    // Sanity: the scan finds reasons of every kind of source.
+    for known in [
+        "protobuf",
+        "no_object",
+        "not_json",
+        "line_too_long",
+        "crc_error",
+        "modbus_exception",
+        "too_large",
+    ] {
+        assert!(used.contains(known), "the scan missed {known}: {used:?}");
+    }
+    let unlisted: Vec<_> = used.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "used in src/sources but not in reasons.rs: {unlisted:?}"
+    );
+    let unused: Vec<_> = listed.difference(&used).collect();
+    assert!(
+        unused.is_empty(),
+        "listed in reasons.rs but used nowhere: {unused:?}"
+    );
+}

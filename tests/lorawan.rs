@@ -1561,3 +1561,138 @@ fn pointer_exists(v: &Value, dotted: &str) -> bool {
     }
     true
 }
+
+/// What a technician meets when ChirpStack is set up wrong: ten bad payloads, then
+/// Protobuf. The log still shows the first message of every reason with its hint (the
+/// rate limit is per reason), plain text is `invalid_json`, and `outpost status` and
+/// `outpost rejected` show the counts, the messages and what to do.
+#[test]
+fn every_rejection_reason_is_logged_once_with_its_hint_and_shown() {
+    let m = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let app = "1f6a3c2e-9d4b-4e8a-b7c5-2a1d0e9f8b7c";
+    let config = format!(
+        r#"
+[storage]
+path = "{db}"
+batch_max_delay = "20ms"
+[[sources]]
+type = "chirpstack"
+name = "cs"
+application_id = "{app}"
+[sources.broker]
+host = "127.0.0.1"
+port = {port}
+tls = false
+"#,
+        db = db(dir.path()).display(),
+        port = m.port()
+    );
+    let agent = Agent::start(dir.path(), &config);
+    let db = db(dir.path());
+    let topic = format!("application/{app}/device/a84041c2a1b2c3d4/event/up");
+    let probe = serde_json::to_vec(&fixture("chirpstack-up.json")).unwrap();
+    publish_until(&m, &topic, &probe, &agent, || {
+        count(&db, "SELECT COUNT(*) FROM readings") > 0
+    });
+
+    for i in 0..10 {
+        publish(&m, &topic, format!("{i}.5 C").as_bytes(), 0);
+    }
+    publish(&m, &topic, b"[1, 2, 3]", 0);
+    let mut pb = vec![0x0a, 36];
+    pb.extend_from_slice(b"7c1d2a9e-5b0f-4f3e-9a61-0d8e2b4c6f10");
+    publish(&m, &topic, &pb, 0);
+    assert!(
+        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM rejected")
+            == 12),
+        "agent log:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        strings(
+            &db,
+            "SELECT reason || ' ' || count FROM rejected_reasons ORDER BY reason"
+        ),
+        ["invalid_json 10", "protobuf 1", "wrong_type 1"],
+        "plain text is invalid_json, not wrong_type"
+    );
+
+    let log = agent.log();
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("A message was rejected"))
+        .collect();
+    assert_eq!(logged.len(), 3, "one line per reason:\n{log}");
+    for (reason, hint) in [
+        ("invalid_json", "make the publisher send JSON"),
+        (
+            "wrong_type",
+            "check that the topic carries this source type's uplink events",
+        ),
+        (
+            "protobuf",
+            "hint=\"set `json = true` in [integration.mqtt] of chirpstack.toml",
+        ),
+    ] {
+        assert!(
+            logged
+                .iter()
+                .any(|l| l.contains(&format!("reason=\"{reason}\"")) && l.contains(hint)),
+            "{reason} logged with its hint:\n{log}"
+        );
+    }
+
+    let outpost = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(args)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = outpost(&["status"]);
+    let row = status
+        .lines()
+        .find(|l| l.starts_with("cs ") && l.contains("protobuf"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        row.contains(" 1 ") && row.contains("ago") && row.contains("json = true"),
+        "{row}"
+    );
+    let listed: Vec<Value> = serde_json::from_str(&outpost(&[
+        "rejected", "--reason", "protobuf", "--format", "json",
+    ]))
+    .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["topic"], topic.as_str());
+    assert_eq!(listed[0]["source"], "cs");
+    assert!(
+        listed[0]["payload"].as_str().unwrap().contains("7c1d2a9e"),
+        "{listed:?}"
+    );
+    assert!(listed[0]["hint"]
+        .as_str()
+        .unwrap()
+        .contains("restart ChirpStack"));
+    let plain: Vec<Value> = serde_json::from_str(&outpost(&[
+        "rejected",
+        "--source",
+        "cs",
+        "--reason",
+        "invalid_json",
+        "--limit",
+        "3",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(plain.len(), 3);
+    assert_eq!(plain[0]["payload"], "9.5 C", "newest first");
+}

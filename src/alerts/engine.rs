@@ -40,6 +40,8 @@ const READ_BATCH: usize = 1024;
 pub struct EventContext {
     pub site: String,
     pub gateway_id: String,
+    /// How values are shown in the events' texts.
+    pub display: crate::display::DisplayConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -441,7 +443,11 @@ impl Engine {
             value: s.value,
             unit: s.unit.clone(),
             threshold: rule.threshold(),
-            condition: rule.describe(s.unit.as_deref()),
+            condition: rule.describe(
+                s.unit.as_deref(),
+                self.context.display.precision_of(&s.metric),
+            ),
+            precision: self.context.display.precision_of(&s.metric),
             since: s.since,
             at: now,
         };
@@ -518,6 +524,7 @@ pub fn spawn_tasks(
         let context = EventContext {
             site: config.agent.site.clone(),
             gateway_id: config.agent.gateway_id.clone(),
+            display: config.display.clone(),
         };
         let engine = Engine::from_config(&config.alerts, context)?;
         let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
@@ -773,6 +780,7 @@ mod tests {
             EventContext {
                 site: "Site".into(),
                 gateway_id: "gw".into(),
+                ..Default::default()
             },
         )
         .unwrap()
@@ -783,6 +791,47 @@ mod tests {
     }
 
     const HOT: &str = "name = \"hot\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nclear = 6.0\nfor = \"10s\"\nnotifiers = [\"ops\"]\nreminder = \"1m\"";
+
+    /// The firing and the resolved notification show their values by one rule: the
+    /// metric's `[display] precision`, or the default (never "12.80" then "4").
+    #[test]
+    fn firing_and_resolved_texts_format_values_alike() {
+        let rule: AlertRule = toml::from_str(&HOT.replace("for = \"10s\"\n", "")).unwrap();
+        let texts = |display: crate::display::DisplayConfig| {
+            let context = EventContext {
+                display,
+                ..Default::default()
+            };
+            let mut e = Engine::from_config(std::slice::from_ref(&rule), context).unwrap();
+            e.on_reading(&reading("a", 12.8, at(0)), at(0));
+            e.on_reading(&reading("a", 4.0, at(5)), at(5));
+            e.take_changes()
+                .events
+                .iter()
+                .map(|n| {
+                    let ev = &n.event;
+                    crate::notify::template::render("{kind} {metric} {value} ({condition})", ev)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            texts(Default::default()),
+            [
+                "FIRING temperature 12.8 °C (above 8 °C)",
+                "RESOLVED temperature 4 °C (above 8 °C)"
+            ]
+        );
+        let one_decimal = crate::display::DisplayConfig {
+            precision: [("temperature".to_string(), 1)].into(),
+        };
+        assert_eq!(
+            texts(one_decimal),
+            [
+                "FIRING temperature 12.8 °C (above 8.0 °C)",
+                "RESOLVED temperature 4.0 °C (above 8.0 °C)"
+            ]
+        );
+    }
 
     #[test]
     fn a_clock_step_neither_completes_nor_delays_timers() {

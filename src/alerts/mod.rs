@@ -25,7 +25,6 @@ use crate::model::Uid;
 use chrono::{DateTime, Utc};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,8 +141,10 @@ impl AlertRule {
         Uid::derive(&["alert-rule", &identity.to_string()]).to_hex()
     }
 
-    /// Checks one rule; `notifiers` are the configured notifier names.
-    pub fn validate(&self, path: &str, notifiers: &HashSet<&str>, problems: &mut Problems) {
+    /// Checks one rule on its own. Its names and its references to notifiers are
+    /// checked with the other tables by `config` (they must be seen even when this
+    /// table has a problem of its own).
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
         problems.check(
             format!("{path}.name"),
             check_identifier(&self.name, "the rule name"),
@@ -189,21 +190,6 @@ impl AlertRule {
                 problems.push(
                     format!("{path}.tags[{i}]"),
                     "write `key` or `key=value` (at most 256 characters)",
-                );
-            }
-        }
-        for (i, name) in self.notifiers.iter().enumerate() {
-            if !notifiers.contains(name.as_str()) {
-                let known = if notifiers.is_empty() {
-                    "no valid [[notifiers]] are configured".to_string()
-                } else {
-                    let mut names: Vec<_> = notifiers.iter().map(|n| format!("{n:?}")).collect();
-                    names.sort();
-                    format!("configured notifiers: {}", names.join(", "))
-                };
-                problems.push(
-                    format!("{path}.notifiers[{i}]"),
-                    format!("unknown notifier {name:?}; {known}"),
                 );
             }
         }
@@ -323,24 +309,6 @@ impl AlertRule {
                 }
             }
         }
-    }
-}
-
-/// Checks every rule and the cross-references between rules and notifiers.
-pub fn validate_rules(rules: &[AlertRule], notifiers: &HashSet<&str>, problems: &mut Problems) {
-    let mut names = HashSet::new();
-    for (i, rule) in rules.iter().enumerate() {
-        let path = format!("alerts[{i}]");
-        if !names.insert(rule.name.as_str()) {
-            problems.push(
-                format!("{path}.name"),
-                format!(
-                    "another rule is already called {:?}; names must be unique",
-                    rule.name
-                ),
-            );
-        }
-        rule.validate(&path, notifiers, problems);
     }
 }
 
@@ -494,8 +462,8 @@ impl CompiledRule {
     }
 
     /// "above 8 °C for 5m" — the condition as a technician reads it.
-    pub fn describe(&self, unit: Option<&str>) -> String {
-        let with_unit = |v: f64| crate::status::format_value(v, unit);
+    pub fn describe(&self, unit: Option<&str>, precision: Option<u8>) -> String {
+        let with_unit = |v: f64| crate::display::format_value(v, unit, precision);
         let hold = |d: Duration| {
             if d.is_zero() {
                 String::new()
@@ -589,6 +557,10 @@ pub struct AlertEvent {
     pub threshold: Option<f64>,
     /// The condition in words, e.g. "above 8 °C for 5m".
     pub condition: String,
+    /// Decimals to show `value` and `threshold` with (`[display] precision` of the
+    /// metric); none: the default rule of [`crate::display`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<u8>,
     /// When the alert started firing (for a firing event: now).
     pub since: DateTime<Utc>,
     /// When this event happened.
@@ -632,10 +604,9 @@ mod tests {
         toml::from_str(toml_text).unwrap()
     }
 
-    fn problems_of(rule: &AlertRule, notifiers: &[&str]) -> Vec<(String, String)> {
+    fn problems_of(rule: &AlertRule) -> Vec<(String, String)> {
         let mut p = Problems::default();
-        let names: HashSet<&str> = notifiers.iter().copied().collect();
-        rule.validate("alerts[0]", &names, &mut p);
+        rule.validate("alerts[0]", &mut p);
         p.0
     }
 
@@ -655,19 +626,20 @@ mod tests {
     #[test]
     fn a_good_rule_validates_and_compiles() {
         let r = rule(WARM);
-        assert!(problems_of(&r, &["ops"]).is_empty());
+        assert!(problems_of(&r).is_empty());
         let c = CompiledRule::new(&r).unwrap();
         assert!(c.matches("coldroom-1", "temperature", None));
         assert!(!c.matches("freezer-1", "temperature", None));
         assert!(!c.matches("coldroom-1", "humidity", None));
-        assert_eq!(c.describe(Some("°C")), "above 8 °C for 5m");
+        assert_eq!(c.describe(Some("°C"), None), "above 8 °C for 5m");
+        assert_eq!(c.describe(Some("°C"), Some(1)), "above 8.0 °C for 5m");
     }
 
     #[test]
     fn clear_on_the_wrong_side_is_rejected() {
         let mut r = rule(WARM);
         r.clear = Some(9.0);
-        let p = problems_of(&r, &["ops"]);
+        let p = problems_of(&r);
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].0, "alerts[0].clear");
         assert!(p[0].1.contains("above the alert level"), "{}", p[0].1);
@@ -676,22 +648,20 @@ mod tests {
         r.above = None;
         r.below = Some(2.0);
         r.clear = Some(1.0);
-        let p = problems_of(&r, &["ops"]);
+        let p = problems_of(&r);
         assert!(p[0].1.contains("below the alert level"), "{p:?}");
     }
 
     #[test]
-    fn unknown_notifiers_and_contradictions_are_all_reported() {
+    fn contradictions_are_all_reported() {
         let mut r = rule(WARM);
-        r.notifiers = vec!["ops".into(), "pager".into()];
         r.after = Some(HumanDuration::from_secs(5));
         r.above = Some(f64::NAN);
         r.reminder = Some(HumanDuration::from_secs(1));
         r.devices = vec!["[".into()];
-        let p = problems_of(&r, &["ops"]);
+        let p = problems_of(&r);
         let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
         for k in [
-            "alerts[0].notifiers[1]",
             "alerts[0].after",
             "alerts[0].above",
             "alerts[0].reminder",
@@ -699,34 +669,31 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} missing from {p:?}");
         }
-        assert!(p
-            .iter()
-            .any(|(_, m)| m.contains("unknown notifier \"pager\"")));
     }
 
     #[test]
     fn kind_specific_keys() {
         let stale = rule("name = \"s\"\nkind = \"stale\"\nmetric = \"t\"\nafter = \"15m\"");
-        assert!(problems_of(&stale, &[]).is_empty());
+        assert!(problems_of(&stale).is_empty());
         let mut bad = stale.clone();
         bad.after = None;
         bad.hold = Some(HumanDuration::from_secs(1));
-        let p = problems_of(&bad, &[]);
+        let p = problems_of(&bad);
         assert!(p.iter().any(|(k, _)| k == "alerts[0].after"));
         assert!(p.iter().any(|(k, _)| k == "alerts[0].for"));
 
         let rate = rule("name = \"r\"\nkind = \"rate\"\nmetric = \"t\"\ndelta = 2.0\nperiod = \"10m\"\nclear = 1.0");
-        assert!(problems_of(&rate, &[]).is_empty());
+        assert!(problems_of(&rate).is_empty());
         let mut bad = rate.clone();
         bad.delta = Some(0.0);
         bad.period = None;
-        assert_eq!(problems_of(&bad, &[]).len(), 2);
+        assert_eq!(problems_of(&bad).len(), 2);
         let mut bad = rate.clone();
         bad.clear = Some(3.0);
-        assert!(problems_of(&bad, &[])[0].1.contains("beyond"));
+        assert!(problems_of(&bad)[0].1.contains("beyond"));
 
         let none = rule("name = \"t\"\nkind = \"threshold\"\nmetric = \"t\"");
-        assert_eq!(problems_of(&none, &[])[0].0, "alerts[0].above");
+        assert_eq!(problems_of(&none)[0].0, "alerts[0].above");
     }
 
     #[test]
@@ -735,7 +702,7 @@ mod tests {
         r.name = "'; DROP TABLE alert_state; --".into();
         r.metric = String::new();
         r.tags = vec!["=x".into(), "k".repeat(300)];
-        let p = problems_of(&r, &["ops"]);
+        let p = problems_of(&r);
         assert!(p.iter().any(|(k, _)| k == "alerts[0].name"));
         assert!(p.iter().any(|(k, _)| k == "alerts[0].metric"));
         assert!(p.iter().any(|(k, _)| k == "alerts[0].tags[0]"));

@@ -513,8 +513,12 @@ pub fn summary(conn: &Connection) -> rusqlite::Result<AlertsSummary> {
 }
 
 /// The alerting lines of `outpost status`.
-pub fn render(summary: &AlertsSummary, now: DateTime<Utc>) -> String {
-    use crate::status::{age, format_value, table};
+pub fn render(
+    summary: &AlertsSummary,
+    now: DateTime<Utc>,
+    display: &crate::display::DisplayConfig,
+) -> String {
+    use crate::status::{age, table};
     use std::fmt::Write;
     let mut out = String::new();
     if summary.firing.is_empty() {
@@ -542,7 +546,7 @@ pub fn render(summary: &AlertsSummary, now: DateTime<Utc>) -> String {
                         "{} {}",
                         a.metric,
                         a.value
-                            .map(|v| format_value(v, a.unit.as_deref()))
+                            .map(|v| display.value(&a.metric, v, a.unit.as_deref()))
                             .unwrap_or_default()
                     ),
                     format!("{} ago", age(now, a.since)),

@@ -7,6 +7,7 @@
 //! `config/outpost.toml` in the repository documents every key.
 
 mod load;
+mod tables;
 pub mod types;
 
 pub use load::{expand_env, ConfigError, ConfigErrors, Origin, SECRET_KEYS};
@@ -21,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use tables::{Declared, Tables};
 
 /// The default location of the main configuration file.
 pub const DEFAULT_PATH: &str = "/etc/outpost/outpost.toml";
@@ -32,6 +34,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub http: crate::http::HttpConfig,
+    pub display: crate::display::DisplayConfig,
     pub sources: Vec<SourceConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync: Option<crate::sync::SyncConfig>,
@@ -182,6 +185,9 @@ impl Problems {
         // Keys removed after a problem was reported for them: their "missing" in a
         // later round is a consequence, not a second problem.
         let mut removed: Vec<String> = Vec::new();
+        // Keys an unknown key was taken for ("did you mean"): their "missing" is the
+        // same mistake (a misspelt required key), not a second problem.
+        let mut suggested: Vec<String> = Vec::new();
         // Each round reports one problem and removes the offending key, so the next
         // round finds the next problem. The bound stops a pathological file.
         for _ in 0..64 {
@@ -209,8 +215,22 @@ impl Problems {
                         .iter()
                         .fold(String::new(), |acc, s| join_path(&acc, s));
                     let missing = raw.starts_with("missing field");
-                    if !(missing && removed.contains(&rel)) {
-                        self.push(join_path(prefix, &rel), humanize(&raw));
+                    let mut message = humanize(&raw);
+                    if raw.starts_with("unknown field") {
+                        if let Some(meant) = closest_field(&raw) {
+                            message = format!("{message}; did you mean `{meant}`?");
+                            let parent = &segments[..segments.len().saturating_sub(1)];
+                            let mut meant_path = parent.to_vec();
+                            meant_path.push(meant);
+                            suggested.push(
+                                meant_path
+                                    .iter()
+                                    .fold(String::new(), |acc, s| join_path(&acc, s)),
+                            );
+                        }
+                    }
+                    if !(missing && (removed.contains(&rel) || suggested.contains(&rel))) {
+                        self.push(join_path(prefix, &rel), message);
                     }
                     if missing || !remove_path(&mut value, &segments) {
                         return None;
@@ -230,6 +250,39 @@ pub fn quoted(items: &[&str]) -> String {
         .map(|s| format!("{s:?}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`": the expected field
+/// closest to `x`, when it is close enough to be a misspelling.
+fn closest_field(raw: &str) -> Option<String> {
+    let unknown = backticked_after(raw, "unknown field `")?;
+    let (_, expected) = raw.split_once("expected ")?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|field| (edit_distance(&unknown, field), field))
+        .filter(|(d, field)| *d > 0 && *d <= 2.max(field.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, field)| field.to_string())
+}
+
+/// Levenshtein distance (keys are short; quadratic is fine).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 fn backticked_after(message: &str, marker: &str) -> Option<String> {
@@ -316,6 +369,7 @@ const SECTIONS: &[&str] = &[
     "storage",
     "log",
     "http",
+    "display",
     "sources",
     "sync",
     "alerts",
@@ -374,17 +428,24 @@ impl Config {
         let http = section("http", &mut problems)
             .and_then(|v| problems.deserialize(v, "http"))
             .unwrap_or_default();
+        let display = section("display", &mut problems)
+            .and_then(|v| problems.deserialize(v, "display"))
+            .unwrap_or_default();
         let sync = section("sync", &mut problems).and_then(|v| problems.deserialize(v, "sync"));
+        let mut tables = Tables::default();
         let mut sources = Vec::new();
         match root.remove("sources") {
             None => {}
             Some(Value::Array(list)) => {
                 for (i, v) in list.into_iter().enumerate() {
+                    let mut declared = Declared::of(&v);
                     if let Some(s) =
                         SourceConfig::from_json(v, &format!("sources[{i}]"), &mut problems)
                     {
                         sources.push(s);
+                        declared.valid = true;
                     }
+                    tables.sources.push(declared);
                 }
             }
             Some(_) => problems.push("sources", "expected a list of `[[sources]]` tables"),
@@ -394,8 +455,12 @@ impl Config {
             None => {}
             Some(Value::Array(list)) => {
                 for (i, v) in list.into_iter().enumerate() {
+                    tables.declare_alert(&v);
                     if let Some(a) = problems.deserialize(v, &format!("alerts[{i}]")) {
                         alerts.push(a);
+                        if let Some(d) = tables.alerts.last_mut() {
+                            d.valid = true;
+                        }
                     }
                 }
             }
@@ -406,11 +471,14 @@ impl Config {
             None => {}
             Some(Value::Array(list)) => {
                 for (i, v) in list.into_iter().enumerate() {
+                    let mut declared = Declared::of(&v);
                     if let Some(n) =
                         NotifierConfig::from_json(v, &format!("notifiers[{i}]"), &mut problems)
                     {
                         notifiers.push(n);
+                        declared.valid = true;
                     }
+                    tables.notifiers.push(declared);
                 }
             }
             Some(_) => problems.push("notifiers", "expected a list of `[[notifiers]]` tables"),
@@ -421,12 +489,14 @@ impl Config {
             storage,
             log,
             http,
+            display,
             sources,
             sync,
             alerts,
             notifiers,
         };
-        config.validate(&mut problems);
+        tables.check(&mut problems);
+        config.validate_each(&tables, &mut problems);
         for (key, message) in problems.0 {
             errors.push(layers.error(&key, message));
         }
@@ -437,8 +507,35 @@ impl Config {
         }
     }
 
-    /// Cross-field checks that types alone cannot express.
+    /// Checks that types alone cannot express, for a configuration built in code (every
+    /// table valid and at its place).
     pub fn validate(&self, problems: &mut Problems) {
+        let valid = |name: &str| Declared {
+            name: Some(name.to_string()),
+            valid: true,
+        };
+        let mut tables = Tables {
+            sources: self.sources.iter().map(|s| valid(s.name())).collect(),
+            notifiers: self.notifiers.iter().map(|n| valid(&n.name)).collect(),
+            ..Default::default()
+        };
+        for rule in &self.alerts {
+            tables.declare_alert(&serde_json::json!({
+                "name": rule.name,
+                "notifiers": rule.notifiers,
+            }));
+            if let Some(d) = tables.alerts.last_mut() {
+                d.valid = true;
+            }
+        }
+        tables.check(problems);
+        self.validate_each(&tables, problems);
+    }
+
+    /// Checks each section and each valid table on its own; `tables` gives each parsed
+    /// table's place in its list, so a problem is reported at the right key even when
+    /// an earlier table of the list was invalid.
+    fn validate_each(&self, tables: &Tables, problems: &mut Problems) {
         problems.check(
             "agent.gateway_id",
             check_identifier(&self.agent.gateway_id, "the gateway id"),
@@ -454,26 +551,22 @@ impl Config {
         }
         self.storage.validate("storage", problems);
         self.http.validate("http", problems);
+        self.display.validate("display", problems);
         if let Some(sync) = &self.sync {
             sync.validate("sync", problems);
         }
-        let mut names = std::collections::HashSet::new();
-        for (i, source) in self.sources.iter().enumerate() {
-            let path = format!("sources[{i}]");
-            if !names.insert(source.name()) {
-                problems.push(
-                    format!("{path}.name"),
-                    format!(
-                        "another source is already called {:?}; names must be unique",
-                        source.name()
-                    ),
-                );
-            }
-            source.validate(&path, problems);
+        let at = Tables::positions(&tables.sources);
+        for (source, i) in self.sources.iter().zip(at) {
+            source.validate(&format!("sources[{i}]"), problems);
         }
-        crate::notify::validate_notifiers(&self.notifiers, problems);
-        let notifier_names = self.notifiers.iter().map(|n| n.name.as_str()).collect();
-        crate::alerts::validate_rules(&self.alerts, &notifier_names, problems);
+        let at = Tables::positions(&tables.notifiers);
+        for (notifier, i) in self.notifiers.iter().zip(at) {
+            notifier.validate(&format!("notifiers[{i}]"), problems);
+        }
+        let at = Tables::positions(&tables.alerts);
+        for (rule, i) in self.alerts.iter().zip(at) {
+            rule.validate(&format!("alerts[{i}]"), problems);
+        }
     }
 
     /// The effective configuration as TOML, secrets shown as `<redacted>`.
@@ -510,6 +603,26 @@ mod tests {
         assert_eq!(
             humanize("missing field `name`"),
             "the required key `name` is missing"
+        );
+    }
+
+    #[test]
+    fn misspellings_are_recognised() {
+        assert_eq!(edit_distance("aplication_id", "application_id"), 1);
+        assert_eq!(edit_distance("", "ab"), 2);
+        assert_eq!(
+            closest_field(
+                "unknown field `aplication_id`, expected one of `name`, `application_id`"
+            ),
+            Some("application_id".into())
+        );
+        assert_eq!(
+            closest_field("unknown field `colour`, expected one of `name`, `period`"),
+            None
+        );
+        assert_eq!(
+            closest_field("unknown field `x`, there are no fields"),
+            None
         );
     }
 

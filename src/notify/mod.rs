@@ -27,7 +27,6 @@ use crate::alerts::AlertEvent;
 use crate::config::{check_identifier, quoted, HumanDuration, Problems};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::collections::HashSet;
 use std::time::Duration;
 
 /// Deliveries in flight at once (across notifiers).
@@ -203,24 +202,6 @@ impl NotifierConfig {
             NotifierKind::Exec(c) => c.validate(path, problems),
             NotifierKind::Log(_) => {}
         }
-    }
-}
-
-/// Checks every notifier; names must be unique.
-pub fn validate_notifiers(notifiers: &[NotifierConfig], problems: &mut Problems) {
-    let mut names = HashSet::new();
-    for (i, n) in notifiers.iter().enumerate() {
-        let path = format!("notifiers[{i}]");
-        if !names.insert(n.name.as_str()) {
-            problems.push(
-                format!("{path}.name"),
-                format!(
-                    "another notifier is already called {:?}; names must be unique",
-                    n.name
-                ),
-            );
-        }
-        n.validate(&path, problems);
     }
 }
 
@@ -443,15 +424,5 @@ mod tests {
         }
         let (_, p) = parse("name = \"x\"\ntype = 7");
         assert!(p[0].1.contains("expected a string"));
-    }
-
-    #[test]
-    fn duplicate_names_are_rejected() {
-        let (a, _) = parse("name = \"x\"\ntype = \"log\"");
-        let a = a.unwrap();
-        let mut p = Problems::default();
-        validate_notifiers(&[a.clone(), a], &mut p);
-        assert_eq!(p.0.len(), 1);
-        assert_eq!(p.0[0].0, "notifiers[1].name");
     }
 }

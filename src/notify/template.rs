@@ -3,7 +3,7 @@
 //! errors, caught by `outpost check`, not surprises in a notification at 3 a.m.
 
 use crate::alerts::{AlertEvent, EventKind};
-use crate::status::format_value;
+use crate::display::format_value;
 
 /// The fields a template may use.
 pub const FIELDS: &[&str] = &[
@@ -120,11 +120,11 @@ pub fn field_value(event: &AlertEvent, field: &str) -> String {
         "metric" => event.metric.clone(),
         "value" => event
             .value
-            .map(|v| format_value(v, unit))
+            .map(|v| format_value(v, unit, event.precision))
             .unwrap_or_else(|| "-".into()),
         "threshold" => event
             .threshold
-            .map(|v| format_value(v, unit))
+            .map(|v| format_value(v, unit, event.precision))
             .unwrap_or_else(|| "-".into()),
         "condition" => event.condition.clone(),
         "since" => event.since.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
@@ -155,6 +155,7 @@ pub fn test_event(site: &str, gateway_id: &str) -> AlertEvent {
         unit: Some("°C".into()),
         threshold: Some(8.0),
         condition: "a test notification from `outpost notify-test`".into(),
+        precision: None,
         since: now,
         at: now,
     }
@@ -173,6 +174,12 @@ mod tests {
             render(DEFAULT_SUBJECT, &e),
             "FIRING [info] Cold store / test-device: temperature 11.62 °C"
         );
+        e.precision = Some(1);
+        assert_eq!(render("{value}", &e), "11.6 °C");
+        e.value = Some(4.0);
+        assert_eq!(render("{value}", &e), "4.0 °C");
+        e.precision = None;
+        assert_eq!(render("{value}", &e), "4 °C");
         assert_eq!(
             render("{{x}} { device } {{{rule}}}", &e),
             "{x} test-device {notify-test}"

@@ -208,9 +208,12 @@ pub fn decode_chirpstack(
     if looks_like_protobuf(payload) {
         return Err(DecodeError::Protobuf);
     }
-    let event: UplinkEvent = serde_json::from_slice(payload).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => DecodeError::WrongType(e.to_string()),
-        _ => DecodeError::InvalidJson(e.to_string()),
+    let event: UplinkEvent = serde_json::from_slice(payload).map_err(|e| {
+        if super::reasons::is_json_of_wrong_shape(&e, payload) {
+            DecodeError::WrongType(e.to_string())
+        } else {
+            DecodeError::InvalidJson(e.to_string())
+        }
     })?;
     if event.deduplication_id.is_empty() {
         return Err(DecodeError::NoDeduplicationId);
@@ -493,6 +496,15 @@ mod tests {
 
     #[test]
     fn bad_input_is_classified() {
+        let topic = "application/a/device/0102030405060708/event/up";
+        for (text, expected) in [
+            ("23.5 C", "invalid_json"),
+            ("temperature=4", "invalid_json"),
+            ("[1]", "wrong_type"),
+        ] {
+            let e = decode_chirpstack(topic, text.as_bytes(), 1000).unwrap_err();
+            assert_eq!(e.reason(), expected, "{text:?}");
+        }
         assert_eq!(
             decode_value(&json!({"deviceInfo": {"deviceName": "d"}})).unwrap_err(),
             DecodeError::NoDeduplicationId

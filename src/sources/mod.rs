@@ -11,6 +11,7 @@ pub mod modbus;
 pub mod modbus_decode;
 pub mod mqtt;
 pub mod mqtt_client;
+pub mod reasons;
 pub mod rejects;
 pub mod serial;
 pub mod serial_formats;

@@ -24,7 +24,7 @@ use super::SourceContext;
 use crate::backoff::Backoff;
 use crate::config::{HumanDuration, Problems, Secret};
 use crate::model::{Batch, Reading};
-use crate::ratelimit::LogLimiter;
+use crate::ratelimit::{KeyedLogLimiter, LogLimiter};
 use crate::store::StoreError;
 use chrono::{DateTime, Utc};
 use rumqttc::{
@@ -690,7 +690,7 @@ async fn worker(
     stats: Arc<SessionStats>,
 ) {
     let mut buf = Vec::with_capacity(MAX_MESSAGES_PER_BATCH);
-    let mut limiter = LogLimiter::new(Duration::from_secs(60));
+    let mut limiter = KeyedLogLimiter::new(Duration::from_secs(60));
     while rx.recv_many(&mut buf, MAX_MESSAGES_PER_BATCH).await > 0 {
         // G9: taking messages off the hand-off queue is progress (after the test-only hang).
         crate::progress::fault::hold(crate::progress::fault::MQTT_WORKER_HANG).await;
@@ -751,7 +751,7 @@ pub fn reject(
     ctx: &SourceContext,
     source: &str,
     stats: &SessionStats,
-    limiter: &mut LogLimiter,
+    limiter: &mut KeyedLogLimiter,
     topic: &str,
     payload: &[u8],
     rejection: &Rejection,
@@ -766,21 +766,24 @@ pub fn reject(
         *by_reason.entry(rejection.reason).or_default() += 1;
     }
     let rejected = stats.rejected.load(Relaxed);
-    if let Some(suppressed) = limiter.allow() {
+    // Per reason, so the first message of every reason is logged with its hint.
+    if let Some(suppressed) = limiter.allow(rejection.reason) {
         tracing::warn!(
             source,
             topic,
             reason = rejection.reason,
             detail = %rejection.detail,
+            hint = super::reasons::fix_for(rejection.reason),
             rejected,
             suppressed,
-            "A message was rejected; it is kept in the `rejected` table (see `outpost status`)."
+            "A message was rejected (logged at most once a minute per reason; all are kept: `outpost rejected`)."
         );
     }
-    ctx.store.record_rejected(
+    ctx.store.record_rejected_message(
         source,
         rejection.reason,
-        &format!("{topic}: {}", rejection.detail),
+        Some(topic),
+        &rejection.detail,
         payload,
     );
 }

@@ -1,8 +1,10 @@
 //! Bad input and visible source state, shared by the serial and Modbus sources.
 //!
 //! Rejected input is counted per reason (also in `/metrics` as
-//! `outpost_readings_rejected{source, reason}`), logged at most once a minute per source (with
-//! how many were suppressed), and kept in the bounded `rejected` table. Counts and the
+//! `outpost_readings_rejected{source, reason}`), logged at most once a minute per source
+//! and reason (so the first of every reason is logged, with its hint from
+//! [`super::reasons`], and how many were suppressed), kept in the bounded `rejected`
+//! table and counted in `rejected_reasons` (see [`summary`]). Counts and the
 //! source's state (port open, slave offline, …) are written to `source_state` rows,
 //! which `outpost status` and health read without the agent's help:
 //!
@@ -14,7 +16,7 @@
 //! | `slave.<id>`        | JSON: `{"state": "online" \| "offline", …}`   |
 
 use crate::metrics::Metrics;
-use crate::ratelimit::LogLimiter;
+use crate::ratelimit::KeyedLogLimiter;
 use crate::store::Store;
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -26,7 +28,7 @@ pub struct RejectCounter {
     store: Store,
     metrics: Metrics,
     counts: BTreeMap<&'static str, u64>,
-    limiter: LogLimiter,
+    limiter: KeyedLogLimiter,
     dirty: bool,
 }
 
@@ -37,7 +39,7 @@ impl RejectCounter {
             store,
             metrics,
             counts: BTreeMap::new(),
-            limiter: LogLimiter::default(),
+            limiter: KeyedLogLimiter::default(),
             dirty: false,
         }
     }
@@ -51,14 +53,15 @@ impl RejectCounter {
         self.dirty = true;
         self.metrics.rejected(&self.source, reason);
         let detail = detail.to_string();
-        if let Some(suppressed) = self.limiter.allow() {
+        if let Some(suppressed) = self.limiter.allow(reason) {
             tracing::warn!(
                 source = %self.source,
                 reason,
                 detail = %detail,
+                hint = super::reasons::fix_for(reason),
                 count,
                 suppressed,
-                "Input rejected (logged at most once a minute; every one is counted and kept in the rejected table)."
+                "Input rejected (logged at most once a minute per reason; every one is counted and kept: `outpost rejected`)."
             );
         }
         self.store
@@ -302,9 +305,122 @@ pub fn status_notes(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<String>
     Ok(notes)
 }
 
+/// Rejections of one source for one reason, for `outpost status` (text and JSON).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RejectionSummary {
+    pub source: String,
+    pub reason: String,
+    /// How many were recorded (since the database was created; the `rejected` table
+    /// itself keeps only the newest messages).
+    pub count: i64,
+    /// When the last one arrived, and what was wrong with it.
+    pub last_at: chrono::DateTime<chrono::Utc>,
+    pub last_detail: Option<String>,
+    /// What to do about it ([`super::reasons`]).
+    pub hint: &'static str,
+}
+
+/// Every (source, reason) with rejections, newest first.
+pub fn summary(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<RejectionSummary>> {
+    // A database not yet migrated by this version of the agent (read before its first
+    // start after an upgrade) has only the kept messages to count.
+    let migrated: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'rejected_reasons'",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut stmt = conn.prepare(if migrated {
+        "SELECT source, reason, count, last_at, last_detail FROM rejected_reasons
+         ORDER BY source, last_at DESC, reason"
+    } else {
+        "SELECT source, reason, COUNT(*), MAX(received_at), NULL FROM rejected
+         GROUP BY source, reason ORDER BY source, 4 DESC, reason"
+    })?;
+    let rows = stmt.query_map([], |r| {
+        let reason: String = r.get(1)?;
+        Ok(RejectionSummary {
+            source: r.get(0)?,
+            hint: super::reasons::fix_for(&reason),
+            reason,
+            count: r.get(2)?,
+            last_at: crate::model::from_micros(r.get(3)?),
+            last_detail: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The `outpost status` section: per source, the count by reason, when the last one
+/// arrived and what to do.
+pub fn render_summary(rows: &[RejectionSummary], now: chrono::DateTime<chrono::Utc>) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let header = ["SOURCE", "REASON", "COUNT", "LAST", "WHAT TO DO"];
+    let body: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.source.clone(),
+                r.reason.clone(),
+                r.count.to_string(),
+                format!("{} ago", crate::status::age(now, r.last_at)),
+                if r.hint.is_empty() {
+                    "see `outpost rejected`".to_string()
+                } else {
+                    r.hint.to_string()
+                },
+            ]
+        })
+        .collect();
+    format!(
+        "Rejected input (`outpost rejected` lists the messages):\n{}",
+        crate::status::table(&header, &body)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rejections_are_summarised_per_source_and_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
+        crate::store::schema::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO rejected_reasons VALUES
+               ('chirp', 'protobuf', 11, 1000000, 'the payload is Protobuf'),
+               ('chirp', 'invalid_json', 2, 3000000, NULL),
+               ('ttn', 'made_up', 1, 2000000, NULL);",
+        )
+        .unwrap();
+        let rows = summary(&conn).unwrap();
+        let keys: Vec<(&str, &str, i64)> = rows
+            .iter()
+            .map(|r| (r.source.as_str(), r.reason.as_str(), r.count))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("chirp", "invalid_json", 2),
+                ("chirp", "protobuf", 11),
+                ("ttn", "made_up", 1)
+            ]
+        );
+        assert!(rows[1].hint.contains("json = true"));
+        let now = crate::model::from_micros(63_000_000);
+        let text = render_summary(&rows, now);
+        assert!(
+            text.contains("chirp   protobuf      11     62s ago  set `json = true`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ttn     made_up       1      61s ago  see `outpost rejected`"),
+            "{text}"
+        );
+        assert_eq!(render_summary(&[], now), "");
+    }
 
     #[test]
     fn status_notes_name_missing_ports_and_offline_slaves() {

@@ -190,10 +190,14 @@ impl DecodeError {
         }
     }
 
-    pub(super) fn from_json(e: serde_json::Error) -> DecodeError {
-        match e.classify() {
-            serde_json::error::Category::Data => DecodeError::WrongType(e.to_string()),
-            _ => DecodeError::InvalidJson(e.to_string()),
+    /// Classifies a parse error of `payload`: a payload that is JSON but not the
+    /// expected shape is `wrong_type`; anything else (plain text such as `23.5 C`,
+    /// which serde_json starts reading as a number) is `invalid_json`.
+    pub(super) fn from_json(e: serde_json::Error, payload: &[u8]) -> DecodeError {
+        if super::reasons::is_json_of_wrong_shape(&e, payload) {
+            DecodeError::WrongType(e.to_string())
+        } else {
+            DecodeError::InvalidJson(e.to_string())
         }
     }
 }
@@ -281,7 +285,8 @@ pub fn decode_ttn(topic: &str, payload: &[u8], max_payload: usize) -> Result<Upl
     if !topic.ends_with("/up") {
         return Err(DecodeError::NotAnUplink);
     }
-    let up: ApplicationUp = serde_json::from_slice(payload).map_err(DecodeError::from_json)?;
+    let up: ApplicationUp =
+        serde_json::from_slice(payload).map_err(|e| DecodeError::from_json(e, payload))?;
     let topic_device = topic.rsplit('/').nth(1).unwrap_or_default();
     Uplink::from_message(up, topic_device)
 }
@@ -735,6 +740,20 @@ mod tests {
         let mut v = fixture();
         v["uplink_message"]["rx_metadata"] = json!("none");
         assert!(matches!(decode_value(&v), Err(DecodeError::WrongType(_))));
+
+        // Plain text is not JSON, even when it starts like a number; JSON of another
+        // shape is a wrong type.
+        for text in ["23.5 C", "12", "hello", "OK\n"] {
+            let reason = decode_ttn(TOPIC, text.as_bytes(), 1000)
+                .unwrap_err()
+                .reason();
+            let expected = if text == "12" {
+                "wrong_type"
+            } else {
+                "invalid_json"
+            };
+            assert_eq!(reason, expected, "{text:?}");
+        }
 
         // Oversized payloads are refused before parsing.
         let big = vec![b' '; 2000];

@@ -911,7 +911,7 @@ impl Backfill {
             .map(<[u8]>::trim_ascii)
             .unwrap_or(line);
         let parsed: Result<StorageLine, DecodeError> =
-            serde_json::from_slice(line).map_err(DecodeError::from_json);
+            serde_json::from_slice(line).map_err(|e| DecodeError::from_json(e, line));
         let up = match parsed {
             Ok(StorageLine { error: Some(e), .. }) => {
                 let message = e

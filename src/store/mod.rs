@@ -404,15 +404,39 @@ impl Store {
     /// 1000 rows) for diagnosis. Never waits: if the writer is busy the row is skipped,
     /// which is acceptable for diagnostics (the caller counts rejections anyway).
     pub fn record_rejected(&self, source: &str, reason: &str, detail: &str, payload: &[u8]) {
+        self.record_rejected_message(source, reason, None, detail, payload);
+    }
+
+    /// [`Store::record_rejected`] for a message that arrived on an MQTT `topic`. Also
+    /// counts it in `rejected_reasons` (per source and reason, with the last time and
+    /// detail), which `outpost status` shows and which pruning never touches.
+    pub fn record_rejected_message(
+        &self,
+        source: &str,
+        reason: &str,
+        topic: Option<&str>,
+        detail: &str,
+        payload: &[u8],
+    ) {
         const MAX_PAYLOAD: usize = 4096;
-        let (source, reason, detail) = (source.to_string(), reason.to_string(), detail.to_string());
+        const MAX_TEXT: usize = 1024;
+        let cut = |s: &str| s.chars().take(MAX_TEXT).collect::<String>();
+        let (source, reason, detail) = (source.to_string(), reason.to_string(), cut(detail));
+        let topic = topic.map(cut);
         let payload = payload[..payload.len().min(MAX_PAYLOAD)].to_vec();
         let (tx, _rx) = oneshot::channel();
         let op = WriteOp::new(
             move |conn| {
+                let now = crate::clock::now().timestamp_micros();
                 conn.execute(
-                    "INSERT INTO rejected(source, reason, detail, payload, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    rusqlite::params![source, reason, detail, payload, crate::clock::now().timestamp_micros()],
+                    "INSERT INTO rejected(source, reason, topic, detail, payload, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    rusqlite::params![source, reason, topic, detail, payload, now],
+                )?;
+                conn.execute(
+                    "INSERT INTO rejected_reasons(source, reason, count, last_at, last_detail) VALUES (?1, ?2, 1, ?3, ?4)
+                     ON CONFLICT(source, reason) DO UPDATE SET count = count + 1,
+                         last_at = excluded.last_at, last_detail = excluded.last_detail",
+                    rusqlite::params![source, reason, now, detail],
                 )
                 .map(|_| ())
             },

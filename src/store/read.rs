@@ -165,6 +165,8 @@ pub struct StatusReport {
     pub alerts: crate::alerts::state::AlertsSummary,
     /// Device-level state of serial and Modbus sources (port open, slaves offline).
     pub source_notes: Vec<String>,
+    /// Rejected input per source and reason, with the last time and a hint.
+    pub rejections: Vec<crate::sources::rejects::RejectionSummary>,
     /// Bytes an unprivileged writer can still use on the database's filesystem.
     pub disk_free_bytes: Option<u64>,
     /// Below [`DISK_FULL_BELOW`] free: the agent's commits fail with SQLITE_FULL.
@@ -247,6 +249,7 @@ pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
         .filter(|p| !p.is_empty())
         .and_then(|p| disk_free_bytes(std::path::Path::new(p)));
     Ok(StatusReport {
+        rejections: crate::sources::rejects::summary(conn)?,
         source_notes,
         disk_free_bytes,
         disk_full: disk_free_bytes.is_some_and(|b| b < DISK_FULL_BELOW),

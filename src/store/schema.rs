@@ -67,6 +67,22 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 2: alert state, alert events and the notification outbox.
     crate::alerts::state::MIGRATION,
+    // 3: the MQTT topic of rejected messages, and rejections counted per source and
+    // reason (the `rejected` table keeps only the newest rows).
+    r#"
+    ALTER TABLE rejected ADD COLUMN topic TEXT;
+    CREATE TABLE rejected_reasons (
+        source      TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        count       INTEGER NOT NULL,
+        last_at     INTEGER NOT NULL,             -- microseconds since the epoch, UTC
+        last_detail TEXT,
+        PRIMARY KEY (source, reason)
+    ) WITHOUT ROWID;
+    INSERT INTO rejected_reasons (source, reason, count, last_at, last_detail)
+        SELECT source, reason, COUNT(*), MAX(received_at), NULL FROM rejected
+        GROUP BY source, reason;
+    "#,
 ];
 
 /// The schema version this build writes.
