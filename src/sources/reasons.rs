@@ -65,6 +65,12 @@ pub const REASONS: &[RejectReason] = &[
         "check the source's `topic`; other event types (join, status, ack) are ignored without being kept",
     ),
     r(
+        "no_result",
+        "ttn (backfill)",
+        "a Storage Integration record with neither `result` nor `error` (a proxy or server answering something else)",
+        "check `backfill.url` points at The Things Stack's Storage Integration; look at the record with `outpost rejected --reason no_result`",
+    ),
+    r(
         "no_deduplication_id",
         "chirpstack",
         "a ChirpStack uplink event without `deduplicationId`, which Outpost needs to store it exactly once",
