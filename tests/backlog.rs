@@ -10,7 +10,7 @@
 //!   which mosquitto 2.0.11 stops honouring after a reconnect with a backlog), with no
 //!   window at all (`max_inflight_messages 0`: the whole backlog at once), and the
 //!   generic MQTT source at QoS 1.
-//! - **Overload**: a publisher paced at twice the agent's recent commit rate for a
+//! - **Overload**: a publisher paced at 1.5 times the agent's recent commit rate for a
 //!   while; in no 10-second window does the commit rate fall to zero, memory stays
 //!   bounded, and afterwards everything drains, exactly once.
 //!
@@ -21,10 +21,11 @@
 mod support;
 
 use serde_json::json;
-use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::agent::{db_i64, AgentProcess};
 use support::Mosquitto;
@@ -158,6 +159,11 @@ impl Site {
         db_i64(&self.db(), "SELECT COUNT(DISTINCT uid) FROM readings").unwrap_or(0)
     }
 
+    /// Rows inserted so far (the newest row id; cheap to read every second).
+    fn inserted(&self) -> i64 {
+        db_i64(&self.db(), "SELECT COALESCE(MAX(id), 0) FROM readings").unwrap_or(0)
+    }
+
     fn rows(&self) -> i64 {
         db_i64(&self.db(), "SELECT COUNT(*) FROM readings").unwrap_or(0)
     }
@@ -219,6 +225,29 @@ fn wait_for_drain(site: &Site, agent: &AgentProcess, want: i64, started: Instant
         seconds,
         peak_rss_kib,
     }
+}
+
+/// The agent's warnings and errors and the broker's view of its connections, for a
+/// failure message.
+fn diagnostics(site: &Site, broker: &Mosquitto, kind: Kind) -> String {
+    let agent: Vec<String> = site
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("Connected"))
+        .map(str::to_string)
+        .collect();
+    let id = kind.client_id();
+    let broker: Vec<String> = broker
+        .log()
+        .lines()
+        .filter(|l| l.contains(id) && !l.contains("PUBLISH") && !l.contains("PUBACK"))
+        .map(str::to_string)
+        .collect();
+    format!(
+        "agent log (warnings, errors, connects):\n{}\nbroker log for {id}:\n{}",
+        agent.join("\n"),
+        broker.join("\n")
+    )
 }
 
 /// Every reading stored once, no reading twice, and the broker never dropped the agent.
@@ -287,49 +316,72 @@ fn generic_mqtt_qos1_backlog_drains_exactly_once_without_wedging() {
     backlog(Kind::GenericQos1, None);
 }
 
-/// `mosquitto_pub -l` at QoS 1, fed line by line at the test's pace.
-struct Publisher {
-    child: Child,
-    stdin: Option<std::io::BufWriter<std::process::ChildStdin>>,
+/// A QoS 1 publisher on its own thread (`mosquitto_pub -l`), paced at `rate` uplinks
+/// per second (set by the test as it goes) until `stop`; returns how many it published.
+fn paced_publisher(
+    broker: &Mosquitto,
+    kind: Kind,
+    rate: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+        .args([
+            "-t",
+            &kind.topic(),
+            "-q",
+            "1",
+            "-l",
+            "-i",
+            "backlog-publisher",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run mosquitto_pub");
+    let stdin = child.stdin.take().expect("stdin");
+    std::thread::spawn(move || {
+        let mut stdin = std::io::BufWriter::new(stdin);
+        let mut published = 0u64;
+        let mut credit = 0.0_f64;
+        let mut last = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            credit += rate.load(Ordering::SeqCst) as f64 * (now - last).as_secs_f64();
+            last = now;
+            while credit >= 1.0 {
+                writeln!(stdin, "{}", kind.uplink(published)).expect("write to mosquitto_pub");
+                published += 1;
+                credit -= 1.0;
+            }
+            stdin.flush().expect("flush to mosquitto_pub");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(stdin);
+        let status = child.wait().expect("wait for mosquitto_pub");
+        assert!(status.success(), "mosquitto_pub failed");
+        published
+    })
 }
 
-impl Publisher {
-    fn start(broker: &Mosquitto, topic: &str) -> Publisher {
-        let mut child = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
-            .args(["-t", topic, "-q", "1", "-l", "-i", "backlog-publisher"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("run mosquitto_pub");
-        let stdin = child.stdin.take().map(std::io::BufWriter::new);
-        Publisher { child, stdin }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("publisher open");
-        writeln!(stdin, "{line}").expect("write to mosquitto_pub");
-    }
-
-    fn flush(&mut self) {
-        if let Some(stdin) = self.stdin.as_mut() {
-            stdin.flush().expect("flush to mosquitto_pub");
+/// The lowest commit rate (uplinks/s) over any 10-second span of `samples` (time,
+/// readings stored), from the first commit on.
+fn lowest_ten_second_rate(samples: &[(Instant, i64)], before: i64) -> f64 {
+    let first = samples
+        .iter()
+        .position(|(_, n)| *n > before)
+        .expect("something was committed");
+    let mut lowest = f64::INFINITY;
+    for (i, (t0, n0)) in samples.iter().enumerate().skip(first) {
+        if let Some((t1, n1)) = samples[i..]
+            .iter()
+            .find(|(t, _)| t.duration_since(*t0) >= Duration::from_secs(10))
+        {
+            let rate = (n1 - n0) as f64 / READINGS_PER_UPLINK as f64 / (*t1 - *t0).as_secs_f64();
+            lowest = lowest.min(rate);
         }
     }
-
-    /// Closes stdin and waits until mosquitto_pub has published everything.
-    fn finish(mut self) {
-        drop(self.stdin.take());
-        let status = self.child.wait().expect("wait for mosquitto_pub");
-        assert!(status.success(), "mosquitto_pub failed");
-    }
-}
-
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    lowest
 }
 
 #[test]
@@ -339,78 +391,62 @@ fn sustained_overload_keeps_committing_and_drains() {
     let broker = Mosquitto::builder().max_queued_messages(0).start();
     let site = Site::new(kind, &broker);
     create_session(kind, &broker, &site);
-    let before = site.stored();
+    let before = site.inserted();
     let mut agent = site.start();
-    let mut publisher = Publisher::start(&broker, &kind.topic());
+    let rate = Arc::new(AtomicU64::new(200));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = paced_publisher(&broker, kind, rate.clone(), stop.clone());
 
-    // Stored readings, sampled every second from the agent's start.
-    let mut samples: Vec<i64> = vec![site.stored()];
-    let mut recent: VecDeque<i64> = VecDeque::from([site.stored()]);
-    let mut published: u64 = 0;
-    let mut peak_rss_kib = 0;
+    // Publishing: paced at 1.5 times the commit rate of the last five seconds (at least
+    // 200 uplinks/s, growing by at most half per second), so the agent stays behind and
+    // the broker's queue grows. Readings stored are sampled every second.
     let started = Instant::now();
-    let mut next_sample = started + Duration::from_secs(1);
-    let mut rate = 200.0_f64;
-    // Publishing: paced at twice the commit rate of the last five seconds (at least
-    // 200 uplinks/s), so the agent is always behind and the broker's queue grows.
+    let mut samples: Vec<(Instant, i64)> = vec![(started, site.inserted())];
+    let mut peak_rss_kib = 0;
+    let mut tick = started;
+    let sample = |samples: &mut Vec<(Instant, i64)>, tick: &mut Instant| {
+        *tick = (*tick + Duration::from_secs(1)).max(Instant::now());
+        std::thread::sleep(tick.saturating_duration_since(Instant::now()));
+        samples.push((Instant::now(), site.inserted()));
+    };
     while started.elapsed() < Duration::from_secs(secs) {
-        let due = (rate * 0.1) as u64;
-        for _ in 0..due {
-            publisher.send(&kind.uplink(published));
-            published += 1;
-        }
-        publisher.flush();
-        std::thread::sleep(Duration::from_millis(100));
-        if Instant::now() >= next_sample {
-            next_sample += Duration::from_secs(1);
-            let stored = site.stored();
-            samples.push(stored);
-            recent.push_back(stored);
-            if recent.len() > 6 {
-                recent.pop_front();
-            }
-            let committed = (stored - recent[0]) as f64 / READINGS_PER_UPLINK as f64;
-            let per_sec = committed / (recent.len() - 1) as f64;
-            rate = (2.0 * per_sec).max(200.0);
-            peak_rss_kib = agent.status_kib("VmHWM").unwrap_or(peak_rss_kib);
-        }
+        sample(&mut samples, &mut tick);
+        let recent = &samples[samples.len().saturating_sub(6)..];
+        let (t0, n0) = recent[0];
+        let (t1, n1) = recent[recent.len() - 1];
+        let per_sec = (n1 - n0) as f64 / READINGS_PER_UPLINK as f64 / (t1 - t0).as_secs_f64();
+        let previous = rate.load(Ordering::SeqCst) as f64;
+        let next = (1.5 * per_sec).clamp(200.0, 1.5 * previous);
+        rate.store(next as u64, Ordering::SeqCst);
+        peak_rss_kib = agent.status_kib("VmHWM").unwrap_or(peak_rss_kib);
     }
-    let behind_at_end = published as i64 - (site.stored() - before) / READINGS_PER_UPLINK;
-    publisher.finish();
+    stop.store(true, Ordering::SeqCst);
+    let published = publisher.join().expect("publisher thread");
+    let behind_at_end = published as i64 - (site.inserted() - before) / READINGS_PER_UPLINK;
     let want = before + READINGS_PER_UPLINK * published as i64;
     // Draining: keep sampling until everything is stored.
     let drain_started = Instant::now();
-    let mut last_progress = (site.stored(), Instant::now());
-    while site.stored() < want {
-        std::thread::sleep(next_sample.saturating_duration_since(Instant::now()));
-        next_sample += Duration::from_secs(1);
-        let stored = site.stored();
-        samples.push(stored);
+    let mut last_progress = (site.inserted(), Instant::now());
+    while site.inserted() < want {
+        sample(&mut samples, &mut tick);
+        let stored = samples[samples.len() - 1].1;
         if stored > last_progress.0 {
             last_progress = (stored, Instant::now());
         }
         assert!(
             last_progress.1.elapsed() < NO_PROGRESS_LIMIT,
-            "no commit for {NO_PROGRESS_LIMIT:?} at {stored} of {want} readings (wedged); log:\n{}",
-            site.agent_log()
+            "no commit for {NO_PROGRESS_LIMIT:?} at {stored} of {want} readings (wedged)\n{}",
+            diagnostics(&site, &broker, kind)
         );
     }
     let drain_secs = drain_started.elapsed().as_secs_f64();
     peak_rss_kib = agent.status_kib("VmHWM").unwrap_or(peak_rss_kib);
     agent.terminate(Duration::from_secs(20));
 
-    // The lowest commit rate over any 10-second window (in uplinks per second), from
-    // the first commit of the run until everything was stored.
-    let first = samples
-        .iter()
-        .position(|s| *s > before)
-        .expect("something was committed");
-    let lowest = samples[first..]
-        .windows(11)
-        .map(|w| (w[10] - w[0]) as f64 / READINGS_PER_UPLINK as f64 / 10.0)
-        .fold(f64::INFINITY, f64::min);
+    let lowest = lowest_ten_second_rate(&samples, before);
+    let counts: Vec<i64> = samples.iter().map(|(_, n)| *n).collect();
     println!(
-        "overload: {published} uplinks published in {secs}s (paced at 2x the commit rate), \
+        "overload: {published} uplinks published in {secs}s (paced at 1.5x the commit rate), \
          {behind_at_end} behind when publishing stopped, drained {drain_secs:.1}s later; \
          lowest 10-s commit rate {lowest:.0} uplinks/s; peak RSS {} MiB",
         peak_rss_kib / 1024
@@ -421,7 +457,8 @@ fn sustained_overload_keeps_committing_and_drains() {
     );
     assert!(
         lowest > 0.0,
-        "a 10-second window without a commit: {samples:?}"
+        "a 10-second span without a commit: {counts:?}\n{}",
+        diagnostics(&site, &broker, kind)
     );
     assert_exactly_once_and_connected(&site, &broker, want);
     assert!(

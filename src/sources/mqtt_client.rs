@@ -10,12 +10,12 @@
 //!   | ack pipeline | [`ACK_PIPELINE_CAPACITY`] batches | worker | acker |
 //!   | owed PUBACKs | [`ACK_PIPELINE_CAPACITY`] batches | acker | poll loop |
 //!
-//!   The worker waits for the store and the acker; the acker waits only for commits
-//!   (the store writer never waits for a source) and for room in the owed-PUBACK
-//!   queue; the poll loop drains that queue in every state it can be in — before each
-//!   `poll()`, while paused, while backing off and at shutdown — and never waits for
-//!   the worker, the acker or the store. So no wait depends on itself, whatever the
-//!   broker sends. The acker also puts one ack of each batch into rumqttc's request
+//!   The worker waits for the store and the acker; the acker waits for commits and,
+//!   to retry a refused one, for room in the store's queue (the store writer never
+//!   waits for a source), and for room in the owed-PUBACK queue; the poll loop drains
+//!   that queue in every state it can be in — before each `poll()`, while paused,
+//!   while backing off and at shutdown — and never waits for the worker, the acker or
+//!   the store. So no wait depends on itself, whatever the broker sends. The acker also puts one ack of each batch into rumqttc's request
 //!   queue with `try_ack` (never waiting): its only job is to wake a poll loop that is
 //!   idle inside `poll()`; the other acks are written by the poll loop between polls,
 //!   in one flush per batch (rumqttc writes one request per poll).
