@@ -1367,6 +1367,42 @@ mod tests {
         task.await.unwrap().unwrap();
     }
 
+    /// The acker never waits for the event loop: acks owed on an older connection are
+    /// dropped, one ack per batch goes into rumqttc's queue (to wake `poll()`), the
+    /// rest into the owed queue, and a full rumqttc queue sends the wake-up ack there
+    /// too.
+    #[tokio::test]
+    async fn acks_are_handed_over_without_waiting_for_the_event_loop() {
+        let options = MqttOptions::new("outpost-test", "127.0.0.1", 1883);
+        // Never polled, as when the poll loop is paused or busy.
+        let (client, _eventloop) = AsyncClient::new(options, 1);
+        let (owed_tx, mut owed) = mpsc::channel(ACK_PIPELINE_CAPACITY);
+        let live = Arc::new(AtomicU64::new(2));
+        let route = AckRoute {
+            client,
+            owed: owed_tx,
+            live_connection: live.clone(),
+        };
+        let acks = |connection: u64, ids: &[u16]| -> Vec<PubAckRef> {
+            ids.iter()
+                .map(|&pkid| PubAckRef { connection, pkid })
+                .collect()
+        };
+        let mut batch = acks(1, &[1, 2]);
+        batch.extend(acks(2, &[3, 4, 5]));
+        assert!(route.send(batch).await);
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[3, 4])));
+        assert!(owed.try_recv().is_err(), "5 went to rumqttc's queue");
+        // rumqttc's queue (capacity 1) is full now.
+        assert!(route.send(acks(2, &[6, 7])).await);
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[6])));
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[7])));
+        // Disconnected: nothing is owed to anyone.
+        live.store(0, Relaxed);
+        assert!(route.send(acks(2, &[8])).await);
+        assert!(owed.try_recv().is_err());
+    }
+
     #[test]
     fn oversized_payloads_are_refused() {
         assert!(check_size(&[0u8; 10], 10).is_ok());
