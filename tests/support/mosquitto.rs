@@ -14,6 +14,9 @@ use super::TestCa;
 
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
+/// The most lines [`Mosquitto::publish_lines`] gives one `mosquitto_pub -l`.
+pub const PUBLISH_LINES_CHUNK: usize = 50_000;
+
 #[derive(Default, Clone)]
 pub struct MosquittoBuilder {
     credentials: Option<(String, String)>,
@@ -213,9 +216,19 @@ impl Mosquitto {
         self.dir.path()
     }
 
-    /// Publishes each line of `lines` as one message on `topic` with one
-    /// `mosquitto_pub -l` (about 20,000 messages/s at QoS 1); panics if it fails.
+    /// Publishes each line of `lines` as one message on `topic` with `mosquitto_pub -l`
+    /// (about 20,000 messages/s at QoS 1); panics if it fails. At most
+    /// [`PUBLISH_LINES_CHUNK`] lines go to one `mosquitto_pub`: mosquitto_pub 2.0.11
+    /// given 200,000 lines at QoS 1 exits 0 after the broker received only 68,945 of
+    /// them (message-id wrap-around), while 66,000 arrive complete.
     pub fn publish_lines(&self, topic: &str, qos: u8, lines: impl IntoIterator<Item = String>) {
+        let mut lines = lines.into_iter().peekable();
+        while lines.peek().is_some() {
+            self.publish_chunk(topic, qos, lines.by_ref().take(PUBLISH_LINES_CHUNK));
+        }
+    }
+
+    fn publish_chunk(&self, topic: &str, qos: u8, lines: impl Iterator<Item = String>) {
         use std::io::Write;
         let mut cmd = Command::new("mosquitto_pub");
         cmd.args(["-h", HOST, "-p", &self.port.to_string(), "-t", topic])
