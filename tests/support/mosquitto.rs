@@ -220,7 +220,7 @@ impl Mosquitto {
     /// (about 20,000 messages/s at QoS 1); panics if it fails. At most
     /// [`PUBLISH_LINES_CHUNK`] lines go to one `mosquitto_pub`: mosquitto_pub 2.0.11
     /// given 200,000 lines at QoS 1 exits 0 after the broker received only 68,945 of
-    /// them (message-id wrap-around), while 66,000 arrive complete.
+    /// them (probably message-id wrap-around), while 66,000 arrive complete.
     pub fn publish_lines(&self, topic: &str, qos: u8, lines: impl IntoIterator<Item = String>) {
         let mut lines = lines.into_iter().peekable();
         while lines.peek().is_some() {
