@@ -5,6 +5,14 @@
 //! [`Engine`] itself is synchronous and takes `now` explicitly, so every rule kind is
 //! tested step by step; [`spawn_tasks`] wraps it in the task that reads the store, writes
 //! each decision with the cursor in one transaction, and wakes the notification worker.
+//!
+//! **Queues and waits (G9).** A feeder task follows the store's committed-readings
+//! stream (its own read connection, woken by the writer's `watch`, which never blocks
+//! the writer) and hands batches to the engine through a queue of two. The engine waits
+//! for that queue, its tick, and the store writer (each decision's write); it wakes the
+//! outbox worker with a `Notify`, which never blocks. The writer waits for neither the
+//! engine nor the feeder, and the feeder waits only for the engine, so no wait depends
+//! on itself.
 
 use super::state::{self, Changes, NewEvent, Phase, SeenSeries, StateChange, StateRow};
 use super::{

@@ -11,6 +11,11 @@
 //! jittered backoff, so a younger RESOLVED would otherwise often go out before its
 //! FIRING), and a delivery makes that notifier's waiting rows due at once, so the
 //! queue drains as soon as the peer is back instead of after each row's backoff.
+//!
+//! **Queues and waits (G9).** The worker waits for its wake-up (`Notify`) or its
+//! interval, for its read connection, for at most `MAX_CONCURRENT` deliveries and for
+//! the store writer to record outcomes. Nothing waits for the worker: the alert engine
+//! only writes rows and calls `notify_one`, and the writer never waits for anyone.
 
 use super::{Notifier, Outcome, MAX_CONCURRENT};
 use crate::alerts::{AlertEvent, Clock};

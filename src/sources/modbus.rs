@@ -18,6 +18,12 @@
 //!
 //! Bytes left over from a slave answering after its timeout are discarded before the
 //! next request, so a late answer is never taken for another slave's.
+//!
+//! **Queues and waits (G9).** One task per bus: it waits for room in the store's batch
+//! queue and, once more than `MAX_IN_FLIGHT` (8) polls are uncommitted, for the oldest
+//! commit before the next poll (the acknowledgement of a Modbus reading is the next
+//! poll). The store writer never waits for a source, so the bus can be slowed by the
+//! store but never wedged.
 
 use super::modbus_decode::{
     answer_len, classify_timeout, decode_bits, decode_registers, Order, ValueType,

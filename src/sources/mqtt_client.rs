@@ -1,17 +1,54 @@
 //! MQTT plumbing shared by the `ttn`, `chirpstack` and `mqtt` sources.
 //!
 //! What it guarantees:
-//! - **The poll loop never waits for the store.** It only moves each PUBLISH into a
-//!   bounded hand-off queue ([`HANDOFF_CAPACITY`] messages) and keeps polling, so
-//!   keep-alive pings and acknowledgements keep flowing. A worker task takes
-//!   everything that is ready (up to [`MAX_MESSAGES_PER_BATCH`]) as one batch,
-//!   decodes it and sends it to the store. Only if the hand-off queue is full — the
-//!   store is far behind — does the poll loop wait (back-pressure towards the broker).
+//! - **The session never waits on itself (G9).** Three tasks and four bounded queues:
+//!
+//!   | queue | capacity | filled by | drained by |
+//!   |---|---|---|---|
+//!   | hand-off | [`HANDOFF_CAPACITY`] messages | poll loop (`try_send`, never waits) | worker |
+//!   | store ingest | the store's | worker, acker (retries) | store writer thread |
+//!   | ack pipeline | [`ACK_PIPELINE_CAPACITY`] batches | worker | acker |
+//!   | owed PUBACKs | [`ACK_PIPELINE_CAPACITY`] batches | acker | poll loop |
+//!
+//!   The worker waits for the store and the acker; the acker waits for commits and,
+//!   to retry a refused one, for room in the store's queue (the store writer never
+//!   waits for a source), and for room in the owed-PUBACK queue; the poll loop drains
+//!   that queue in every state it can be in — before each `poll()`, while paused,
+//!   while backing off and at shutdown — and never waits for the worker, the acker or
+//!   the store. So no wait depends on itself, whatever the broker sends. The acker also puts one ack of each batch into rumqttc's request
+//!   queue with `try_ack` (never waiting): its only job is to wake a poll loop that is
+//!   idle inside `poll()`; the other acks are written by the poll loop between polls,
+//!   in one flush per batch (rumqttc writes one request per poll).
+//! - **Back-pressure reaches the broker, and the connection stays alive.** When the
+//!   hand-off queue is full (the store is behind), the poll loop keeps the message
+//!   that did not fit and stops calling `poll()`, so nothing more is read: the broker
+//!   keeps the rest, unread in its socket buffer or queued. While paused it still
+//!   writes the PUBACKs of committed batches and a keep-alive ping every half
+//!   keep-alive straight to the socket, and resumes as soon as the worker makes room.
+//!   Memory stays bounded by the queues above (G4), whatever the backlog. No message
+//!   is dropped by the agent at any QoS: for QoS 0 (TTN, generic MQTT) a broker that
+//!   runs out of room for a slow subscriber may drop messages itself or disconnect it;
+//!   a TTN reconnect triggers the Storage Integration backfill.
+//!
+//!   The broker's in-flight window does *not* bound what it sends: mosquitto 2.0.11
+//!   honours `max_inflight_messages` (default 20) for a live session, but after a
+//!   persistent session reconnects with a queued backlog every PUBACK releases up to a
+//!   whole window of new messages (measured: 1,000 acks → 20,020 messages), and with
+//!   `max_inflight_messages 0` it sends everything at once. Before this rule the poll
+//!   loop awaited room in the hand-off queue while the acker awaited rumqttc's request
+//!   queue, which only the poll loop drains: a backlog of ~45,000 wedged the session
+//!   for good (issue 12).
+//! - **Keep-alive survives a backlog.** mosquitto queues a PINGRESP behind the messages
+//!   it is sending, so during a large backlog the answer to a ping can take longer
+//!   than the keep-alive interval; every incoming message (and the end of a pause)
+//!   counts as proof that the connection is alive, where rumqttc alone would drop it.
 //! - **QoS 1 messages are acknowledged only after their batch committed** (G1). With
-//!   `manual_acks`, an acker task awaits each batch's commit in order and only then
-//!   sends the PUBACKs; a refused commit is retried, never acknowledged. A message
-//!   received but not committed when the agent dies is redelivered by the broker
-//!   (persistent session) and deduplicated by its uid (G2).
+//!   `manual_acks`, the acker awaits each batch's commit in order and only then hands
+//!   over its PUBACKs; a refused commit is retried, never acknowledged. A PUBACK goes
+//!   only to the connection that delivered the message (packet ids belong to a
+//!   connection); a message received but not acknowledged when the connection or the
+//!   agent dies is redelivered by the broker (persistent session) and deduplicated by
+//!   its uid (G2).
 //! - **Reconnects back off.** rumqttc reconnects as soon as it is polled again; the
 //!   poll loop sleeps an exponentially growing, fully jittered delay after every
 //!   failure and resubscribes on every ConnAck.
@@ -28,8 +65,9 @@ use crate::ratelimit::{KeyedLogLimiter, LogLimiter};
 use crate::store::StoreError;
 use chrono::{DateTime, Utc};
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, Publish, QoS,
-    Request, Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, PubAck,
+    Publish, QoS, Request, Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration,
+    Transport,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -40,15 +78,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Messages waiting between the poll loop and the decoding worker.
-pub const HANDOFF_CAPACITY: usize = 16_384;
+pub const HANDOFF_CAPACITY: usize = 1_024;
 /// The most messages decoded into one batch.
-pub const MAX_MESSAGES_PER_BATCH: usize = 2_000;
-/// Batches sent to the store whose commit is still awaited (QoS 1 acks, cursors). With
-/// [`MAX_MESSAGES_PER_BATCH`] this bounds the readings a session holds in memory: when
-/// the store falls behind, the worker waits, the hand-off queue fills, and only then
-/// does the poll loop wait (G4).
+pub const MAX_MESSAGES_PER_BATCH: usize = 250;
+/// Batches sent to the store whose commit is still awaited (QoS 1 acks, cursors), and
+/// batches of PUBACKs owed to the poll loop. With [`MAX_MESSAGES_PER_BATCH`] this
+/// bounds the readings a session holds in memory: when the store falls behind, the
+/// worker waits, the hand-off queue fills, and the poll loop stops reading (G4).
 const ACK_PIPELINE_CAPACITY: usize = 4;
-/// Requests (PUBACKs, subscriptions) waiting for the event loop.
+/// Requests waiting for the event loop (subscriptions, one wake-up PUBACK per batch).
 const REQUEST_CAPACITY: usize = 4_096;
 /// rumqttc drops the connection on a larger packet, so this is generous; the
 /// decoders enforce the configured, much smaller `max_payload`.
@@ -403,8 +441,11 @@ pub struct SessionStats {
     pub rejected_by_reason: Mutex<BTreeMap<&'static str, u64>>,
     /// Batches whose commit failed (retried for QoS 1, backfilled for TTN).
     pub commit_failures: AtomicU64,
-    /// Times the poll loop had to wait because the hand-off queue was full.
+    /// Times the session stopped reading from the broker because the hand-off queue
+    /// was full (back-pressure).
     pub handoff_full: AtomicU64,
+    /// Milliseconds spent not reading for that reason.
+    pub paused_ms: AtomicU64,
 }
 
 /// Everything a session needs besides the decoder.
@@ -428,13 +469,26 @@ pub struct Session {
 struct Handoff {
     publish: Publish,
     received_at: DateTime<Utc>,
+    /// The connection that delivered it (see [`PubAckRef`]).
+    connection: u64,
+}
+
+/// A PUBACK owed for a committed QoS 1 message. Packet ids belong to the connection
+/// that delivered the message: after a reconnect the broker redelivers everything not
+/// yet acknowledged, so an ack owed on an older connection is dropped (the redelivered
+/// copy is deduplicated by its uid and acknowledged in turn), as rumqttc itself does
+/// with the PUBACKs in its queue when a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PubAckRef {
+    connection: u64,
+    pkid: u16,
 }
 
 /// A batch sent to the store whose commit the acker awaits.
 struct Pending {
     ack: oneshot::Receiver<Result<crate::model::Committed, StoreError>>,
     /// PUBACKs to send after the commit (manual acks only).
-    publishes: Vec<Publish>,
+    acks: Vec<PubAckRef>,
     /// A copy of the readings to resend if the commit fails (manual acks only).
     retry: Option<Vec<Reading>>,
     messages: usize,
@@ -450,6 +504,7 @@ pub async fn run_session(
     ctx: &SourceContext,
 ) -> anyhow::Result<()> {
     let manual_acks = session.options.manual_acks();
+    let keep_alive = session.options.keep_alive();
     let (client, mut eventloop) = AsyncClient::new(session.options.clone(), REQUEST_CAPACITY);
     let mut network = rumqttc::NetworkOptions::new();
     network.set_connection_timeout(session.connect_timeout.as_secs().max(1));
@@ -463,6 +518,9 @@ pub async fn run_session(
         Some(tx.max_capacity().saturating_sub(tx.capacity()) as u64)
     }));
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(ACK_PIPELINE_CAPACITY);
+    let (owed_tx, mut owed_acks) = mpsc::channel::<Vec<PubAckRef>>(ACK_PIPELINE_CAPACITY);
+    // The connection PUBACKs may go to: its number while connected, 0 otherwise.
+    let live_connection = Arc::new(AtomicU64::new(0));
     let committed_mark = session.committed_mark.clone();
     let worker = tokio::spawn(worker(
         handoff_rx,
@@ -475,7 +533,11 @@ pub async fn run_session(
     ));
     let acker = tokio::spawn(acker(
         pending_rx,
-        client.clone(),
+        AckRoute {
+            client: client.clone(),
+            owed: owed_tx,
+            live_connection: live_connection.clone(),
+        },
         ctx.out.clone(),
         session.source.clone(),
         session.stats.clone(),
@@ -491,7 +553,9 @@ pub async fn run_session(
     let mut generation: u64 = 0;
     let mut was_connected = false;
     let mut failure_log = LogLimiter::new(Duration::from_secs(300));
-    let mut handoff_tx = Some(handoff_tx);
+    // The message that found the hand-off queue full: nothing more is read from the
+    // broker until the worker has made room for it.
+    let mut held: Option<Handoff> = None;
     let broker = {
         let (host, port) = session.options.broker_address();
         format!("{host}:{port}")
@@ -500,15 +564,47 @@ pub async fn run_session(
     // The error last written to `source_state`, so a failing broker is written once
     // per distinct error rather than once per attempt.
     let mut recorded_error: Option<String> = None;
-    loop {
-        let event = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            event = eventloop.poll() => event,
+    'session: loop {
+        let event = if let Err(error) =
+            write_owed_acks(&mut eventloop, &mut owed_acks, &live_connection).await
+        {
+            Err(error)
+        } else if let Some(item) = held.take() {
+            let paused = std::time::Instant::now();
+            let Paused::Room { permit, lost } = wait_for_room(
+                &mut eventloop,
+                &handoff_tx,
+                &mut owed_acks,
+                &live_connection,
+                keep_alive,
+                &ctx.shutdown,
+            )
+            .await
+            else {
+                break;
+            };
+            permit.send(item);
+            stats
+                .paused_ms
+                .fetch_add(paused.elapsed().as_millis() as u64, Relaxed);
+            // The broker's answer to rumqttc's last ping waits behind the messages not
+            // read during the pause; the pings written meanwhile kept the connection up.
+            eventloop.state.await_pingresp = false;
+            match lost {
+                Some(error) => Err(error),
+                None => continue,
+            }
+        } else {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                event = eventloop.poll() => event,
+            }
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
                 generation += 1;
+                live_connection.store(generation, Relaxed);
                 ctx.metrics.set_connected(source, true);
                 stats.connects.fetch_add(1, Relaxed);
                 if let Some(tx) = &session.connected {
@@ -542,20 +638,22 @@ pub async fn run_session(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 stats.messages.fetch_add(1, Relaxed);
-                let Some(tx) = &handoff_tx else { continue };
+                // Any packet proves the connection alive. rumqttc counts only PINGRESP,
+                // which mosquitto queues behind the messages it is sending, so during a
+                // large backlog the answer can take longer than the keep-alive.
+                eventloop.state.await_pingresp = false;
                 let item = Handoff {
                     publish,
                     received_at: crate::clock::now(),
+                    connection: generation,
                 };
-                match tx.try_send(item) {
+                match handoff_tx.try_send(item) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(item)) => {
-                        // The store is far behind: let back-pressure reach the broker.
+                        // The store is behind: stop reading, so the broker keeps the
+                        // rest (back-pressure), and keep the connection alive.
                         stats.handoff_full.fetch_add(1, Relaxed);
-                        tokio::select! {
-                            _ = ctx.shutdown.cancelled() => break,
-                            r = tx.send(item) => if r.is_err() { break },
-                        }
+                        held = Some(item);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => break,
                 }
@@ -573,6 +671,11 @@ pub async fn run_session(
             }
             Ok(_) => {}
             Err(error) => {
+                live_connection.store(0, Relaxed);
+                // Packet ids die with the connection (see `PubAckRef`).
+                eventloop
+                    .pending
+                    .retain(|r| !matches!(r, Request::PubAck(_)));
                 stats.connection_failures.fetch_add(1, Relaxed);
                 ctx.metrics.set_connected(source, false);
                 let text = error.to_string();
@@ -589,9 +692,15 @@ pub async fn run_session(
                 let delay = backoff.next_delay();
                 log_connection_error(source, &error, delay, was_connected, &mut failure_log);
                 was_connected = false;
-                tokio::select! {
-                    _ = ctx.shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => break 'session,
+                        _ = &mut sleep => break,
+                        // Owed on the lost connection: redelivered after the reconnect.
+                        Some(_) = owed_acks.recv() => {}
+                    }
                 }
             }
         }
@@ -600,16 +709,32 @@ pub async fn run_session(
     // Shutdown: stop taking messages, let the worker hand its last batch to the store,
     // and keep polling briefly so PUBACKs of committed batches reach the broker.
     // Messages not acknowledged now are redelivered at the next start.
-    drop(handoff_tx.take());
-    let _ = worker.await;
-    if manual_acks && was_connected {
+    drop(handoff_tx);
+    drop(held);
+    let mut worker = worker;
+    loop {
+        // The acker may be handing over PUBACKs while the worker waits for it.
+        tokio::select! {
+            _ = &mut worker => break,
+            Some(acks) = owed_acks.recv() => {
+                queue_acks(&mut eventloop, &acks, live_connection.load(Relaxed));
+            }
+        }
+    }
+    if manual_acks && live_connection.load(Relaxed) != 0 {
         let flush = async {
             let mut acker = acker;
             loop {
                 tokio::select! {
                     _ = &mut acker => break,
+                    Some(acks) = owed_acks.recv() => {
+                        queue_acks(&mut eventloop, &acks, live_connection.load(Relaxed));
+                    }
                     e = eventloop.poll() => if e.is_err() { break },
                 }
+            }
+            while let Ok(acks) = owed_acks.try_recv() {
+                queue_acks(&mut eventloop, &acks, live_connection.load(Relaxed));
             }
             let _ = client.try_disconnect();
             while let Ok(e) = eventloop.poll().await {
@@ -625,6 +750,125 @@ pub async fn run_session(
         let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
     }
     Ok(())
+}
+
+/// At shutdown only: puts PUBACKs owed on the live connection into the event loop's
+/// own queue, written by the polls that flush the session.
+fn queue_acks(eventloop: &mut EventLoop, acks: &[PubAckRef], live_connection: u64) {
+    for ack in acks.iter().filter(|a| a.connection == live_connection) {
+        eventloop
+            .pending
+            .push_back(Request::PubAck(PubAck::new(ack.pkid)));
+    }
+}
+
+/// Writes every PUBACK the acker handed over since the last poll, in one flush (the
+/// event loop is not being polled, so nothing else writes meanwhile).
+async fn write_owed_acks(
+    eventloop: &mut EventLoop,
+    owed: &mut mpsc::Receiver<Vec<PubAckRef>>,
+    live_connection: &AtomicU64,
+) -> Result<(), ConnectionError> {
+    let live = live_connection.load(Relaxed);
+    let mut packets = Vec::new();
+    while let Ok(acks) = owed.try_recv() {
+        packets.extend(
+            acks.iter()
+                .filter(|a| a.connection == live)
+                .map(|a| Packet::PubAck(PubAck::new(a.pkid))),
+        );
+    }
+    write_directly(eventloop, packets, live_connection).await
+}
+
+/// How a pause for room in the hand-off queue ended.
+enum Paused<'a> {
+    Room {
+        permit: mpsc::Permit<'a, Handoff>,
+        /// The connection failed during the pause; polling reconnects.
+        lost: Option<ConnectionError>,
+    },
+    /// Shutdown, or the worker is gone.
+    Stop,
+}
+
+/// Back-pressure: waits until the hand-off queue has room without reading anything
+/// from the broker, which keeps the rest (unread in its socket buffer, in its queue,
+/// or unsent for want of acknowledgements). The connection stays alive meanwhile:
+/// PUBACKs of committed batches and keep-alive pings are written straight to the
+/// socket, so neither the broker's in-flight window nor its keep-alive timer waits
+/// for the store to catch up.
+async fn wait_for_room<'a>(
+    eventloop: &mut EventLoop,
+    handoff: &'a mpsc::Sender<Handoff>,
+    owed: &mut mpsc::Receiver<Vec<PubAckRef>>,
+    live_connection: &AtomicU64,
+    keep_alive: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Paused<'a> {
+    // rumqttc pinged at most one keep-alive ago and the broker allows one and a half,
+    // so the first ping goes out well within the remaining half.
+    let mut next_ping = tokio::time::Instant::now() + (keep_alive / 4).min(Duration::from_secs(1));
+    let mut lost = None;
+    loop {
+        let live = live_connection.load(Relaxed);
+        let packets: Vec<Packet> = tokio::select! {
+            _ = shutdown.cancelled() => return Paused::Stop,
+            permit = handoff.reserve() => {
+                return match permit {
+                    Ok(permit) => Paused::Room { permit, lost },
+                    Err(_) => Paused::Stop,
+                };
+            }
+            Some(acks) = owed.recv() => acks
+                .iter()
+                .filter(|a| a.connection == live)
+                .map(|a| Packet::PubAck(PubAck::new(a.pkid)))
+                .collect(),
+            _ = tokio::time::sleep_until(next_ping) => {
+                next_ping += keep_alive / 2;
+                vec![Packet::PingReq]
+            }
+        };
+        if let Err(error) = write_directly(eventloop, packets, live_connection).await {
+            lost.get_or_insert(error);
+        }
+    }
+}
+
+/// Writes packets to the broker past rumqttc's request queue, between polls. On
+/// failure the connection is dropped the way rumqttc drops it (`clean`); the next
+/// poll reconnects.
+async fn write_directly(
+    eventloop: &mut EventLoop,
+    packets: Vec<Packet>,
+    live_connection: &AtomicU64,
+) -> Result<(), ConnectionError> {
+    if packets.is_empty() {
+        return Ok(());
+    }
+    let timeout = Duration::from_secs(eventloop.network_options().connection_timeout());
+    let Some(network) = eventloop.network.as_mut() else {
+        return Ok(());
+    };
+    let written = tokio::time::timeout(timeout, async {
+        for packet in packets {
+            network.write(packet).await?;
+        }
+        network.flush().await
+    })
+    .await;
+    let error = match written {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(error)) => ConnectionError::MqttState(error),
+        Err(_) => ConnectionError::FlushTimeout,
+    };
+    live_connection.store(0, Relaxed);
+    eventloop.clean();
+    eventloop
+        .pending
+        .retain(|r| !matches!(r, Request::PubAck(_)));
+    Err(error)
 }
 
 /// The `state` row of an MQTT source in `source_state` (read by `outpost status`).
@@ -697,7 +941,7 @@ async fn worker(
         ctx.stage(&source).progress();
         let messages = buf.len();
         let mut readings = Vec::with_capacity(messages * 4);
-        let mut publishes = Vec::new();
+        let mut acks = Vec::new();
         let (mut min_mark, mut max_mark) = (None::<DateTime<Utc>>, None::<DateTime<Utc>>);
         for item in buf.drain(..) {
             match decoder.decode(&item.publish.topic, &item.publish.payload, item.received_at) {
@@ -718,13 +962,17 @@ async fn worker(
                     &rejection,
                 ),
             }
+            // Subscriptions are QoS 0 or 1, so a PUBACK is the whole acknowledgement.
             if manual_acks && item.publish.qos != QoS::AtMostOnce {
-                publishes.push(item.publish);
+                acks.push(PubAckRef {
+                    connection: item.connection,
+                    pkid: item.publish.pkid,
+                });
             }
         }
         stats.readings.fetch_add(readings.len() as u64, Relaxed);
         ctx.metrics.received(&source, readings.len() as u64);
-        if readings.is_empty() && publishes.is_empty() {
+        if readings.is_empty() && acks.is_empty() {
             continue;
         }
         let retry = manual_acks.then(|| readings.clone());
@@ -734,7 +982,7 @@ async fn worker(
         }
         let item = Pending {
             ack,
-            publishes,
+            acks,
             retry,
             messages,
             min_mark,
@@ -788,10 +1036,40 @@ pub fn reject(
     );
 }
 
+/// How the acker hands PUBACKs to the session without waiting for the event loop to
+/// be polled: a committed batch's acks go through `owed`, which the poll loop drains
+/// in every state (before each poll, while paused for room, while backing off, at
+/// shutdown) and writes in one flush; one ack also goes into rumqttc's request queue
+/// (never waiting), only to wake a poll loop that is idle in `poll()`.
+struct AckRoute {
+    client: AsyncClient,
+    owed: mpsc::Sender<Vec<PubAckRef>>,
+    live_connection: Arc<AtomicU64>,
+}
+
+impl AckRoute {
+    /// `false` once the session is gone.
+    async fn send(&self, mut acks: Vec<PubAckRef>) -> bool {
+        let live = self.live_connection.load(Relaxed);
+        acks.retain(|a| a.connection == live);
+        let Some(wake) = acks.pop() else {
+            return true;
+        };
+        if !acks.is_empty() && self.owed.send(acks).await.is_err() {
+            return false;
+        }
+        let mut probe = Publish::new("", QoS::AtLeastOnce, Vec::new());
+        probe.pkid = wake.pkid;
+        // A full request queue means the poll loop is busy with it and comes round to
+        // `owed` shortly.
+        self.client.try_ack(&probe).is_ok() || self.owed.send(vec![wake]).await.is_ok()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn acker(
     mut rx: mpsc::Receiver<Pending>,
-    client: AsyncClient,
+    route: AckRoute,
     out: mpsc::Sender<Batch>,
     source: String,
     stats: Arc<SessionStats>,
@@ -809,10 +1087,8 @@ async fn acker(
                     stats
                         .committed_messages
                         .fetch_add(item.messages as u64, Relaxed);
-                    for publish in item.publishes.drain(..) {
-                        if client.ack(&publish).await.is_err() {
-                            return;
-                        }
+                    if !item.acks.is_empty() && !route.send(std::mem::take(&mut item.acks)).await {
+                        return;
                     }
                     if let (Some(tx), Some(mark)) = (&committed_mark, item.max_mark) {
                         tx.send_if_modified(|current| {
@@ -1101,6 +1377,42 @@ mod tests {
         assert!((7..=40).contains(&failures), "{failures} attempts in 60s");
         shutdown.cancel();
         task.await.unwrap().unwrap();
+    }
+
+    /// The acker never waits for the event loop: acks owed on an older connection are
+    /// dropped, one ack per batch goes into rumqttc's queue (to wake `poll()`), the
+    /// rest into the owed queue, and a full rumqttc queue sends the wake-up ack there
+    /// too.
+    #[tokio::test]
+    async fn acks_are_handed_over_without_waiting_for_the_event_loop() {
+        let options = MqttOptions::new("outpost-test", "127.0.0.1", 1883);
+        // Never polled, as when the poll loop is paused or busy.
+        let (client, _eventloop) = AsyncClient::new(options, 1);
+        let (owed_tx, mut owed) = mpsc::channel(ACK_PIPELINE_CAPACITY);
+        let live = Arc::new(AtomicU64::new(2));
+        let route = AckRoute {
+            client,
+            owed: owed_tx,
+            live_connection: live.clone(),
+        };
+        let acks = |connection: u64, ids: &[u16]| -> Vec<PubAckRef> {
+            ids.iter()
+                .map(|&pkid| PubAckRef { connection, pkid })
+                .collect()
+        };
+        let mut batch = acks(1, &[1, 2]);
+        batch.extend(acks(2, &[3, 4, 5]));
+        assert!(route.send(batch).await);
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[3, 4])));
+        assert!(owed.try_recv().is_err(), "5 went to rumqttc's queue");
+        // rumqttc's queue (capacity 1) is full now.
+        assert!(route.send(acks(2, &[6, 7])).await);
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[6])));
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[7])));
+        // Disconnected: nothing is owed to anyone.
+        live.store(0, Relaxed);
+        assert!(route.send(acks(2, &[8])).await);
+        assert!(owed.try_recv().is_err());
     }
 
     #[test]

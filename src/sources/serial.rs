@@ -20,6 +20,13 @@
 //!
 //! Lines are batched (up to `batch_max_lines` or `batch_max_delay`) so ingest keeps up
 //! with fast sensors while the store groups commits.
+//!
+//! **Queues and waits (G9).** The reader task is the only stage of the source: it
+//! waits for room in the store's batch queue, and for the oldest commit once more than
+//! `MAX_IN_FLIGHT` (8) batches are unacknowledged. The store writer, which drains that
+//! queue and resolves the commits, never waits for a source, so the reader can wait but
+//! never wedge; meanwhile the bytes wait in the kernel's buffer (and the sensor's, with
+//! flow control).
 
 use super::rejects::{RejectCounter, SequenceAllocator, StateWriter};
 use super::serial_formats::{

@@ -37,6 +37,13 @@
 //! ERROR: a person must make a new key), a key without rights (403), a timeout or an
 //! unreachable server is logged (rate-limited) and retried with backoff and jitter;
 //! live ingestion carries on meanwhile.
+//!
+//! **Queues and waits (G9).** The backfill task learns of reconnects and of the newest
+//! committed mark through `watch` channels (never blocking the MQTT session) and of
+//! gaps through a queue of 64 that the session's acker fills with `try_send` (never
+//! waiting; a full queue already holds an earlier gap to fetch from). It waits for the
+//! HTTP server, for room in the store's batch queue and for commits before moving its
+//! cursor; nothing waits for it.
 
 use super::mqtt_client;
 use super::ttn::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};

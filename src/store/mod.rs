@@ -16,6 +16,15 @@
 //!   diagnosis) and a fresh one is created.
 //!
 //! Everyone else reads through their own read-only connections ([`Store::reader`]).
+//!
+//! **Queues and waits (G9).** The writer thread blocks only to take work from its two
+//! bounded queues — batches (`channel_capacity`; sources wait for room) and write
+//! operations (256; the alert engine, the outbox worker, sync marks and cursors wait
+//! for room, then for their commit) — and on the disk. It hands results back through
+//! oneshot senders and announces commits through a `watch`, and neither can block. So
+//! every chain through the store ends at the writer, and the writer waits for none of
+//! the stages that wait for it: no cycle can form here. `record_rejected` uses
+//! `try_send` (a busy writer skips the diagnostic row) because the MQTT worker calls it.
 
 mod read;
 pub mod schema;

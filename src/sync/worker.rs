@@ -5,6 +5,12 @@
 //! Batches are pipelined: while one batch is uploading, the next is read from SQLite,
 //! and the previous batch's synced mark is committed by the store writer. A mark is
 //! only ever requested after the central commit of its batch.
+//!
+//! **Queues and waits (G9).** The worker waits for PostgreSQL, for its own blocking
+//! reads, and for the store writer to commit marks (one in flight while backlog is
+//! pipelined; the live phase's marks are awaited before its end). Nothing waits for the
+//! worker, and the writer never waits for anyone, so sync can be slow but never wedge
+//! another stage or itself.
 
 use super::heartbeat::{self, Heartbeat};
 use super::local::{self, AlertEventColumns, ReadingColumns, Window};
