@@ -29,10 +29,10 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::agent::AgentProcess;
 use support::publisher::QosPublisher;
 use support::{HttpReceiver, Mosquitto, PgBouncer, Postgres, Reply};
 
@@ -118,10 +118,9 @@ fn expected_uids(messages: u64) -> BTreeSet<String> {
 
 // ---- The agent ----------------------------------------------------------------------
 
-/// The real agent; SIGKILLed on drop. Every start appends to one log file.
-struct Agent {
-    child: Child,
-}
+/// The real agent ([`AgentProcess`], SIGKILLed on drop); every start appends to one log
+/// file, under a marker line naming the start.
+struct Agent(AgentProcess);
 
 impl Agent {
     fn start(config: &Path, log: &Path, generation: usize) -> Agent {
@@ -132,45 +131,17 @@ impl Agent {
             .open(log)
             .expect("open the agent log");
         writeln!(file, "===== start {generation} =====").expect("write the agent log");
-        let child = Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start outpost");
-        Agent { child }
+        Agent(AgentProcess::run(config, log))
     }
 
     /// SIGKILL: no chance to commit, acknowledge, mark or flush anything.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill(self) {
+        drop(self);
     }
 
     /// SIGTERM, and the exit status (SIGKILL after 20 s).
     fn terminate(mut self) -> Option<std::process::ExitStatus> {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.terminate(Duration::from_secs(20))
     }
 }
 
