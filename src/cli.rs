@@ -1,7 +1,8 @@
 //! The command line. Each subcommand parses its arguments, loads what it needs and
 //! calls the library; signal handling lives here, not in components.
 
-use crate::config::{self, Config, HumanDuration};
+use crate::config::{self, Config};
+use crate::settings::HumanDuration;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -372,7 +373,7 @@ fn status(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCo
     // Without --db the configuration is at hand: its certificate files are checked too.
     let certificates = match db {
         None => Config::load(&config::resolve_path(config_path))
-            .map(|c| crate::tls::status_of(&c, crate::clock::now()))
+            .map(|c| crate::tls::status_of(&c.tls_endpoints(), crate::clock::now()))
             .unwrap_or_default(),
         Some(_) => Vec::new(),
     };

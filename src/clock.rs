@@ -224,7 +224,7 @@ pub async fn watch_steps(
         // Saved first, so that once `/health` shows the step `outpost status` does too.
         if let Ok(json) = serde_json::to_string(&step) {
             let rows = vec![(STEP_STATE.1.to_string(), json)];
-            if let Err(e) = crate::sources::rejects::write_rows(&store, STEP_STATE.0, rows).await {
+            if let Err(e) = crate::store::state::write_rows(&store, STEP_STATE.0, rows).await {
                 tracing::debug!(error = %e, "Could not save the clock step.");
             }
         }
@@ -311,7 +311,7 @@ pub fn recent_step_in_store(
     conn: &rusqlite::Connection,
     now: DateTime<Utc>,
 ) -> rusqlite::Result<Option<ClockStep>> {
-    let stored = crate::sources::rejects::read_state(conn, STEP_STATE.0, STEP_STATE.1)?;
+    let stored = crate::store::state::read_state(conn, STEP_STATE.0, STEP_STATE.1)?;
     Ok(stored
         .and_then(|json| serde_json::from_str::<ClockStep>(&json).ok())
         .filter(|step| step.is_recent(now)))

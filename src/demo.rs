@@ -3,10 +3,11 @@
 //! configure.
 
 use crate::alerts::{AlertRule, Clock, RuleKind, Severity};
-use crate::config::{Config, HumanDuration};
+use crate::config::Config;
 use crate::display::format_value;
 use crate::notify::{NotifierConfig, NotifierKind};
 use crate::pipeline::Pipeline;
+use crate::settings::HumanDuration;
 use crate::sources::simulated::{Excursion, SimulatedConfig, SimulatedMetric};
 use crate::sources::SourceConfig;
 use crate::store::StoreOptions;

@@ -7,7 +7,7 @@
 //! most two decimals without trailing zeros ("12.8", "4", "4.26"), and values below 1
 //! three significant digits ("0.00345"), so small quantities do not read as 0.
 
-use crate::config::{check_identifier, Problems};
+use crate::settings::{check_identifier, Problems};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

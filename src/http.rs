@@ -1,9 +1,9 @@
 //! The local HTTP endpoint (default `127.0.0.1:9464`): `/metrics` in Prometheus text
 //! format and `/health` as JSON (200 or 503 with the reasons).
 
-use crate::config::{HumanDuration, Problems};
 use crate::health::HealthProbe;
 use crate::metrics::Metrics;
+use crate::settings::{HumanDuration, Problems};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};

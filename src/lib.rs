@@ -72,6 +72,7 @@ pub mod progress;
 pub mod ratelimit;
 pub mod readings;
 pub mod rejected;
+pub mod settings;
 pub mod sources;
 pub mod status;
 pub mod store;

@@ -325,8 +325,9 @@ pub async fn run(
         ));
     }
     let certs = pipeline.metrics.certs().clone();
-    crate::tls::record_and_log(&certs, &config, crate::clock::now());
-    crate::tls::forget_removed_servers(&certs, &config, &pipeline.store).await;
+    let endpoints = config.tls_endpoints();
+    crate::tls::record_and_log(&certs, &endpoints, crate::clock::now());
+    crate::tls::forget_removed_servers(&certs, &endpoints, &pipeline.store).await;
     pipeline.spawn_consumer(crate::tls::remind_daily(certs, shutdown.clone()));
     // Downstream consumers that a reload may restart are named.
     start_alerts(&mut pipeline, &config).await;
@@ -469,8 +470,9 @@ async fn apply_reload(
         start_alerts(pipeline, &running).await;
         tracing::info!("Alert rules and notifiers reloaded.");
     }
-    crate::tls::record_and_log(pipeline.metrics.certs(), &new, crate::clock::now());
-    crate::tls::forget_removed_servers(pipeline.metrics.certs(), &new, &pipeline.store).await;
+    let endpoints = new.tls_endpoints();
+    crate::tls::record_and_log(pipeline.metrics.certs(), &endpoints, crate::clock::now());
+    crate::tls::forget_removed_servers(pipeline.metrics.certs(), &endpoints, &pipeline.store).await;
     probe
         .sync_enabled
         .store(sync_enabled(&new), std::sync::atomic::Ordering::Relaxed);

@@ -35,7 +35,7 @@ pub fn parse_time(value: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Stri
     if let Ok(t) = DateTime::parse_from_rfc3339(value) {
         return Ok(t.with_timezone(&Utc));
     }
-    let ago: crate::config::HumanDuration = value
+    let ago: crate::settings::HumanDuration = value
         .parse()
         .map_err(|_| format!("expected a duration ago like \"2h\" or a time like \"2026-11-26T08:00:00Z\", found {value:?}"))?;
     chrono::Duration::from_std(ago.get())

@@ -40,7 +40,7 @@ impl Query {
             ));
         }
         if let Some(source) = &self.source {
-            crate::config::check_identifier(source, "the source name")
+            crate::settings::check_identifier(source, "the source name")
                 .map_err(|e| format!("--source: {e}"))?;
         }
         if let Some(reason) = &self.reason {

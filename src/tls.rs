@@ -10,9 +10,6 @@
 //! database (`source_state`, source [`PRESENTED_STATE`]) because `outpost status` is
 //! another process.
 
-use crate::config::Config;
-use crate::notify::NotifierKind;
-use crate::sources::SourceConfig;
 use chrono::{DateTime, NaiveDate, Utc};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::BTreeMap;
@@ -510,8 +507,7 @@ impl CertRecorder {
             };
             runtime.spawn(async move {
                 let rows = vec![(label, value)];
-                if let Err(e) =
-                    crate::sources::rejects::write_rows(&store, PRESENTED_STATE, rows).await
+                if let Err(e) = crate::store::state::write_rows(&store, PRESENTED_STATE, rows).await
                 {
                     tracing::debug!(error = %e, "Cannot save a server certificate's expiry.");
                 }
@@ -593,37 +589,52 @@ impl rustls::client::danger::ServerCertVerifier for Recording {
     }
 }
 
-/// The sections that may connect to a TLS server, as [`CertRecorder`] labels: a
-/// server certificate recorded under another label belongs to removed configuration.
-pub fn server_labels(config: &Config) -> std::collections::BTreeSet<String> {
-    let mut labels = std::collections::BTreeSet::new();
-    for source in &config.sources {
-        if let SourceConfig::Ttn(_) | SourceConfig::Chirpstack(_) | SourceConfig::Mqtt(_) = source {
-            labels.insert(format!("sources.{}.broker", source.name()));
-        }
-        if let SourceConfig::Ttn(_) = source {
-            labels.insert(format!("sources.{}.backfill", source.name()));
+/// A TLS server a configured section connects to, declared by that section
+/// (`SourceConfig::tls_endpoints`, `NotifierConfig::tls_endpoints`,
+/// `SyncConfig::tls_endpoints`, all gathered by `Config::tls_endpoints`): the
+/// certificate watch follows what sections declare, never a list of kinds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The [`CertRecorder`] label of the certificate the server presents:
+    /// `sources.NAME.broker`, `sources.NAME.backfill`, `sync`, `notifiers.NAME`.
+    pub label: String,
+    /// Certificate files configured for this connection, each labelled with its key
+    /// path (`sources.NAME.broker.ca_file`).
+    pub files: Vec<(String, PathBuf)>,
+}
+
+impl Endpoint {
+    /// An endpoint with no certificate files configured.
+    pub fn new(label: impl Into<String>) -> Endpoint {
+        Endpoint {
+            label: label.into(),
+            files: Vec::new(),
         }
     }
-    if config.sync.is_some() {
-        labels.insert("sync".to_string());
-    }
-    for notifier in &config.notifiers {
-        if let NotifierKind::Email(_) | NotifierKind::Webhook(_) = notifier.kind {
-            labels.insert(format!("notifiers.{}", notifier.name));
+
+    /// Adds `path` (when set) as the file configured under the key path `key`.
+    pub fn with_file(mut self, key: String, path: Option<&PathBuf>) -> Endpoint {
+        if let Some(path) = path {
+            self.files.push((key, path.clone()));
         }
+        self
     }
-    labels
+}
+
+/// The servers' [`CertRecorder`] labels: a server certificate recorded under another
+/// label belongs to removed configuration.
+pub fn server_labels(endpoints: &[Endpoint]) -> std::collections::BTreeSet<String> {
+    endpoints.iter().map(|e| e.label.clone()).collect()
 }
 
 /// Forgets servers' certificates recorded for sections `config` no longer has, in
 /// `watch` and in the database (`store`).
 pub async fn forget_removed_servers(
     watch: &CertWatch,
-    config: &Config,
+    endpoints: &[Endpoint],
     store: &crate::store::Store,
 ) {
-    let keep = server_labels(config);
+    let keep = server_labels(endpoints);
     watch.retain_presented(|label| keep.contains(label));
     let result = store
         .write(move |conn| {
@@ -645,50 +656,18 @@ pub async fn forget_removed_servers(
     }
 }
 
-/// Every certificate file the configuration names, with its key path as label.
-pub fn configured_cert_files(config: &Config) -> Vec<(String, PathBuf)> {
-    let mut files = Vec::new();
-    for source in &config.sources {
-        let broker = match source {
-            SourceConfig::Ttn(c) => &c.broker,
-            SourceConfig::Chirpstack(c) => &c.broker,
-            SourceConfig::Mqtt(c) => &c.broker,
-            SourceConfig::Simulated(_) | SourceConfig::Serial(_) | SourceConfig::ModbusRtu(_) => {
-                continue
-            }
-        };
-        for (key, path) in [
-            ("ca_file", &broker.ca_file),
-            ("client_cert_file", &broker.client_cert_file),
-        ] {
-            if let Some(path) = path {
-                files.push((
-                    format!("sources.{}.broker.{key}", source.name()),
-                    path.clone(),
-                ));
-            }
-        }
-    }
-    if let Some(path) = config.sync.as_ref().and_then(|s| s.ca_file.as_ref()) {
-        files.push(("sync.ca_file".to_string(), path.clone()));
-    }
-    for notifier in &config.notifiers {
-        let ca = match &notifier.kind {
-            NotifierKind::Email(c) => &c.ca_file,
-            NotifierKind::Webhook(c) => &c.ca_file,
-            _ => continue,
-        };
-        if let Some(path) = ca {
-            files.push((format!("notifiers.{}.ca_file", notifier.name), path.clone()));
-        }
-    }
-    files
+/// Every certificate file the endpoints name, with its key path as label.
+pub fn configured_cert_files(endpoints: &[Endpoint]) -> Vec<(String, PathBuf)> {
+    endpoints
+        .iter()
+        .flat_map(|e| e.files.iter().cloned())
+        .collect()
 }
 
 /// Records the configured certificates in `watch`, logs the files whose expiry cannot
 /// be read, then the certificates expiring soon ([`log_expiring`]).
-pub fn record_and_log(watch: &CertWatch, config: &Config, now: DateTime<Utc>) {
-    for (label, outcome) in watch.record_all(&configured_cert_files(config)) {
+pub fn record_and_log(watch: &CertWatch, endpoints: &[Endpoint], now: DateTime<Utc>) {
+    for (label, outcome) in watch.record_all(&configured_cert_files(endpoints)) {
         if let Err(e) = outcome {
             tracing::warn!(
                 certificate = %label,
@@ -791,8 +770,8 @@ impl CertStatus {
 }
 
 /// Reads every certificate file the configuration names (for `outpost status`).
-pub fn status_of(config: &Config, now: DateTime<Utc>) -> Vec<CertStatus> {
-    configured_cert_files(config)
+pub fn status_of(endpoints: &[Endpoint], now: DateTime<Utc>) -> Vec<CertStatus> {
+    configured_cert_files(endpoints)
         .into_iter()
         .map(|(certificate, path)| match inspect_file(&path) {
             Ok(info) => CertStatus {
@@ -916,6 +895,7 @@ pub fn health_check(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn cert_expiring(not_after: DateTime<Utc>, cn: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
@@ -1012,7 +992,7 @@ mod tests {
         )
         .unwrap();
         let config = Config::load(&config).unwrap();
-        let labels: Vec<String> = server_labels(&config).into_iter().collect();
+        let labels: Vec<String> = server_labels(&config.tls_endpoints()).into_iter().collect();
         assert_eq!(labels, ["notifiers.hook", "sources.cs.broker", "sync"]);
         assert_eq!(url_peer("https://h.example/x"), "h.example:443");
         assert_eq!(url_peer("http://10.0.0.2:8080/x"), "10.0.0.2:8080");
@@ -1153,7 +1133,7 @@ mod tests {
         )
         .unwrap();
         let config = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
-        let labels: Vec<String> = configured_cert_files(&config)
+        let labels: Vec<String> = configured_cert_files(&config.tls_endpoints())
             .into_iter()
             .map(|(label, path)| {
                 assert_eq!(path, pem);
@@ -1168,10 +1148,14 @@ mod tests {
                 "sync.ca_file"
             ]
         );
-        let status = status_of(&config, at("2039-12-22T00:00:00Z"));
+        let status = status_of(&config.tls_endpoints(), at("2039-12-22T00:00:00Z"));
         assert!(status.iter().all(|s| s.state == "expiring"), "{status:?}");
         assert_eq!(status_lines(&status).len(), 3);
-        assert!(status_lines(&status_of(&config, at("2030-01-01T00:00:00Z"))).is_empty());
+        assert!(status_lines(&status_of(
+            &config.tls_endpoints(),
+            at("2030-01-01T00:00:00Z")
+        ))
+        .is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,8 +20,8 @@
 pub mod engine;
 pub mod state;
 
-use crate::config::{check_identifier, HumanDuration, Problems};
 use crate::model::Uid;
+use crate::settings::{check_identifier, HumanDuration, Problems};
 use chrono::{DateTime, Utc};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};

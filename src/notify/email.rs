@@ -6,7 +6,7 @@
 //! (at-least-once) carries the same Message-ID and mail clients thread or drop it.
 
 use super::Outcome;
-use crate::config::{HumanDuration, Problems, Secret};
+use crate::settings::{HumanDuration, Problems, Secret};
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;

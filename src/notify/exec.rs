@@ -8,8 +8,8 @@
 
 use super::Outcome;
 use crate::alerts::AlertEvent;
-use crate::config::{HumanDuration, Problems};
 use crate::notify::template::field_value;
+use crate::settings::{HumanDuration, Problems};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::Stdio;

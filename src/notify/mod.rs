@@ -24,7 +24,7 @@ pub mod webhook;
 pub use outbox::{NotifyStats, OutboxWorker};
 
 use crate::alerts::AlertEvent;
-use crate::config::{check_identifier, quoted, HumanDuration, Problems};
+use crate::settings::{check_identifier, quoted, HumanDuration, Problems};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -110,6 +110,18 @@ fn default_retry_max() -> HumanDuration {
 }
 
 impl NotifierConfig {
+    /// The TLS server this notifier connects to, if any (every kind is named, so a new
+    /// one must say).
+    pub fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        let label = format!("notifiers.{}", self.name);
+        let ca_file = match &self.kind {
+            NotifierKind::Email(c) => c.ca_file.as_ref(),
+            NotifierKind::Webhook(c) => c.ca_file.as_ref(),
+            NotifierKind::Exec(_) | NotifierKind::Log(_) => return Vec::new(),
+        };
+        vec![crate::tls::Endpoint::new(label.clone()).with_file(format!("{label}.ca_file"), ca_file)]
+    }
+
     /// Deserializes one `[[notifiers]]` table, reporting problems with their key paths.
     pub fn from_json(
         mut value: Value,

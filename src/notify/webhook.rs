@@ -7,7 +7,7 @@
 
 use super::Outcome;
 use crate::alerts::AlertEvent;
-use crate::config::{HumanDuration, Problems, Secret};
+use crate::settings::{HumanDuration, Problems, Secret};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;

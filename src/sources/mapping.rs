@@ -14,7 +14,7 @@
 //! Raw keys of nested objects are flattened with dots (`{"a": {"b": 1}}` → `a.b`);
 //! booleans become 0 and 1; strings and nulls are not readings.
 
-use crate::config::{check_identifier, Problems};
+use crate::settings::{check_identifier, Problems};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -19,8 +19,8 @@ pub mod simulated;
 pub mod ttn;
 pub mod ttn_backfill;
 
-use crate::config::{check_identifier, quoted, Problems};
 use crate::model::Batch;
+use crate::settings::{check_identifier, quoted, Problems};
 use crate::store::Store;
 use serde::Serialize;
 use serde_json::Value;
@@ -58,6 +58,22 @@ impl SourceConfig {
             SourceConfig::Mqtt(c) => &c.name,
             SourceConfig::Serial(c) => &c.name,
             SourceConfig::ModbusRtu(c) => &c.name,
+        }
+    }
+
+    /// The TLS servers this source connects to (every match arm is explicit, so a new
+    /// kind must say whether it connects to one).
+    pub fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        match self {
+            SourceConfig::Ttn(c) => vec![
+                c.broker.tls_endpoint(&c.name),
+                crate::tls::Endpoint::new(format!("sources.{}.backfill", c.name)),
+            ],
+            SourceConfig::Chirpstack(c) => vec![c.broker.tls_endpoint(&c.name)],
+            SourceConfig::Mqtt(c) => vec![c.broker.tls_endpoint(&c.name)],
+            SourceConfig::Simulated(_) | SourceConfig::Serial(_) | SourceConfig::ModbusRtu(_) => {
+                Vec::new()
+            }
         }
     }
 

@@ -28,12 +28,13 @@
 use super::modbus_decode::{
     answer_len, classify_timeout, decode_bits, decode_registers, Order, ValueType,
 };
-use super::rejects::{RejectCounter, SequenceAllocator, StateWriter};
+use super::rejects::{RejectCounter, SequenceAllocator};
 use super::serial::{Plausible, PortSettings};
 use super::SourceContext;
 use crate::backoff::{Backoff, Jitter};
-use crate::config::{check_identifier, HumanDuration, Problems};
 use crate::model::{flags, Batch, Committed, Reading, Uid};
+use crate::settings::{check_identifier, HumanDuration, Problems};
+use crate::store::state::StateWriter;
 use crate::store::StoreError;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;

@@ -59,9 +59,9 @@
 
 use super::SourceContext;
 use crate::backoff::Backoff;
-use crate::config::{HumanDuration, Problems, Secret};
 use crate::model::{Batch, Reading};
 use crate::ratelimit::{KeyedLogLimiter, LogLimiter};
+use crate::settings::{HumanDuration, Problems, Secret};
 use crate::store::StoreError;
 use chrono::{DateTime, Utc};
 use rumqttc::{
@@ -287,6 +287,17 @@ impl BrokerConfig {
                 .zip(self.client_key_file.as_deref()),
             recorder,
         )
+    }
+
+    /// The broker as the TLS server source `source` connects to, with its files.
+    pub fn tls_endpoint(&self, source: &str) -> crate::tls::Endpoint {
+        let label = format!("sources.{source}.broker");
+        crate::tls::Endpoint::new(label.clone())
+            .with_file(format!("{label}.ca_file"), self.ca_file.as_ref())
+            .with_file(
+                format!("{label}.client_cert_file"),
+                self.client_cert_file.as_ref(),
+            )
     }
 
     /// Records the certificate this broker presents to `source` in `store`.
@@ -560,7 +571,7 @@ pub async fn run_session(
         let (host, port) = session.options.broker_address();
         format!("{host}:{port}")
     };
-    let mut state = super::rejects::StateWriter::new(source, ctx.store.clone());
+    let mut state = crate::store::state::StateWriter::new(source, ctx.store.clone());
     // The error last written to `source_state`, so a failing broker is written once
     // per distinct error rather than once per attempt.
     let mut recorded_error: Option<String> = None;

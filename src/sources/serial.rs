@@ -28,16 +28,17 @@
 //! never wedge; meanwhile the bytes wait in the kernel's buffer (and the sensor's, with
 //! flow control).
 
-use super::rejects::{RejectCounter, SequenceAllocator, StateWriter};
+use super::rejects::{RejectCounter, SequenceAllocator};
 use super::serial_formats::{
     check_timestamp_pattern, FieldRoles, Format, Frame, LineEnding, LineError, LineFramer,
     LineParser, TimestampFormat,
 };
 use super::SourceContext;
 use crate::backoff::{Backoff, Jitter};
-use crate::config::{check_identifier, HumanDuration, Problems};
 use crate::model::{flags, Batch, Committed, Reading, Uid};
+use crate::settings::{check_identifier, HumanDuration, Problems};
 use crate::sources::mapping::Mapping;
+use crate::store::state::StateWriter;
 use crate::store::StoreError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};

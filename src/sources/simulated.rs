@@ -6,8 +6,8 @@
 //! makes the demo's alert fire and resolve.
 
 use super::SourceContext;
-use crate::config::{check_identifier, HumanDuration, Problems};
 use crate::model::{Batch, Reading, Uid};
+use crate::settings::{check_identifier, HumanDuration, Problems};
 use crate::store::StoreError;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

@@ -23,8 +23,8 @@
 use super::mapping::{flatten_numeric, Mapping};
 use super::mqtt_client::{self, BrokerConfig, Decode, Decoded, Rejection, Session, SessionStats};
 use super::{ttn_backfill, SourceContext};
-use crate::config::{check_identifier, ByteSize, Problems, Secret};
 use crate::model::{flags, Reading, Uid};
+use crate::settings::{check_identifier, ByteSize, Problems, Secret};
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};

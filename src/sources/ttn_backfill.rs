@@ -49,9 +49,9 @@ use super::mqtt_client;
 use super::ttn::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};
 use super::SourceContext;
 use crate::backoff::Backoff;
-use crate::config::{HumanDuration, Problems, Secret};
 use crate::model::{flags, Batch, Reading};
 use crate::ratelimit::LogLimiter;
+use crate::settings::{HumanDuration, Problems, Secret};
 use crate::store::StoreError;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
@@ -769,7 +769,7 @@ impl Backfill {
             (recovered_key(reason), total.to_string()),
             (LAST_RECOVERY_KEY.to_string(), last.to_string()),
         ];
-        if let Err(e) = super::rejects::write_rows(&self.ctx.store, &self.source, rows).await {
+        if let Err(e) = crate::store::state::write_rows(&self.ctx.store, &self.source, rows).await {
             tracing::debug!(source = %self.source, error = %e, "The backfill counts were not saved; they will be next time.");
         }
     }
@@ -1038,7 +1038,7 @@ impl Backfill {
         let source = self.source.clone();
         tokio::task::spawn_blocking(move || {
             let conn = store.reader().ok()?;
-            let value = super::rejects::read_state(&conn, &source, key).ok()??;
+            let value = crate::store::state::read_state(&conn, &source, key).ok()??;
             DateTime::parse_from_rfc3339(&value)
                 .ok()
                 .map(|t| t.with_timezone(&Utc))
@@ -1058,7 +1058,7 @@ impl Backfill {
                 return totals;
             };
             for reason in FetchReason::ALL {
-                let value = super::rejects::read_state(&conn, &source, &recovered_key(reason));
+                let value = crate::store::state::read_state(&conn, &source, &recovered_key(reason));
                 if let Some(n) = value.ok().flatten().and_then(|v| v.parse::<u64>().ok()) {
                     totals.insert(reason, n);
                 }
@@ -1072,7 +1072,7 @@ impl Backfill {
     async fn persist_time(&self, key: &'static str, value: Option<DateTime<Utc>>) {
         let Some(value) = value else { return };
         let rows = vec![(key.to_string(), rfc3339(value))];
-        if let Err(e) = super::rejects::write_rows(&self.ctx.store, &self.source, rows).await {
+        if let Err(e) = crate::store::state::write_rows(&self.ctx.store, &self.source, rows).await {
             tracing::debug!(source = %self.source, key, error = %e, "Backfill state was not saved; it will be next time.");
         }
     }

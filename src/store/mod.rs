@@ -28,6 +28,7 @@
 
 mod read;
 pub mod schema;
+pub mod state;
 mod writer;
 
 pub use read::{
@@ -36,8 +37,8 @@ pub use read::{
 };
 pub use writer::{StoreStats, WriteOp};
 
-use crate::config::{ByteSize, HumanDuration, Problems};
 use crate::model::Batch;
+use crate::settings::{ByteSize, HumanDuration, Problems};
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

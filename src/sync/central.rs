@@ -9,7 +9,7 @@
 
 use super::postgres::{connect, parse_url_allowing_password, Central, ConnectOptions};
 use super::{SslMode, SyncConfig, SyncError};
-use crate::config::Secret;
+use crate::settings::Secret;
 use chrono::{Datelike, NaiveDate, Utc};
 use std::fmt::Write as _;
 use std::path::PathBuf;

@@ -33,7 +33,7 @@ mod worker;
 pub use postgres::SyncError;
 pub use worker::{run, run_observed, HoldBack, SyncEvent, SyncObserver};
 
-use crate::config::{HumanDuration, Problems, Secret};
+use crate::settings::{HumanDuration, Problems, Secret};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -152,6 +152,12 @@ fn default_clock_hold_max() -> HumanDuration {
 const MAX_URL_LEN: usize = 2048;
 
 impl SyncConfig {
+    /// Central PostgreSQL (or PgBouncer) as the TLS server sync connects to.
+    pub fn tls_endpoint(&self) -> crate::tls::Endpoint {
+        crate::tls::Endpoint::new("sync")
+            .with_file("sync.ca_file".to_string(), self.ca_file.as_ref())
+    }
+
     /// A configuration with every default, for `outpost central … --url` and tests.
     pub fn with_url(url: impl Into<String>) -> SyncConfig {
         SyncConfig {

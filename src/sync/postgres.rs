@@ -11,7 +11,7 @@
 
 use super::local::{AlertEventColumns, ReadingColumns};
 use super::{SslMode, SyncConfig};
-use crate::config::Secret;
+use crate::settings::Secret;
 use bytes::BytesMut;
 use std::path::Path;
 use std::str::FromStr;
