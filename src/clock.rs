@@ -62,6 +62,35 @@ pub const STEP_THRESHOLD: Duration = Duration::from_secs(2);
 /// How long a step stays reported.
 pub const STEP_NOTICE: Duration = Duration::from_secs(600);
 
+/// Where "now" comes from: the system clock in the agent; a clock that follows tokio's
+/// (pausable) time in tests, so `for`, reminders and backoff are tested without sleeps.
+#[derive(Clone)]
+pub struct Clock(std::sync::Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock(std::sync::Arc::new(now))
+    }
+
+    /// Wall time that advances with `tokio::time`, starting at `start`.
+    pub fn tokio(start: DateTime<Utc>) -> Clock {
+        let origin = tokio::time::Instant::now();
+        Clock(std::sync::Arc::new(move || {
+            start + chrono::Duration::from_std(origin.elapsed()).unwrap_or_default()
+        }))
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
 /// The agent's wall clock: the system clock (plus the test offset, when configured).
 pub fn now() -> DateTime<Utc> {
     let system = Utc::now();

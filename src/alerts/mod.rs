@@ -25,7 +25,6 @@ use crate::settings::{check_identifier, HumanDuration, Problems};
 use chrono::{DateTime, Utc};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use engine::{spawn_tasks, AlertTasks, Engine};
@@ -567,34 +566,7 @@ pub struct AlertEvent {
     pub at: DateTime<Utc>,
 }
 
-/// Where "now" comes from: the system clock in the agent; a clock that follows tokio's
-/// (pausable) time in tests, so `for`, reminders and backoff are tested without sleeps.
-#[derive(Clone)]
-pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
-
-impl Clock {
-    pub fn system() -> Clock {
-        Clock(Arc::new(crate::clock::now))
-    }
-
-    /// Wall time that advances with `tokio::time`, starting at `start`.
-    pub fn tokio(start: DateTime<Utc>) -> Clock {
-        let origin = tokio::time::Instant::now();
-        Clock(Arc::new(move || {
-            start + chrono::Duration::from_std(origin.elapsed()).unwrap_or_default()
-        }))
-    }
-
-    pub fn now(&self) -> DateTime<Utc> {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for Clock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Clock")
-    }
-}
+pub use crate::clock::Clock;
 
 #[cfg(test)]
 mod tests {
