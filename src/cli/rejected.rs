@@ -11,6 +11,29 @@ use crate::sources::reasons;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+pub fn main(
+    config_path: Option<&Path>,
+    db: Option<PathBuf>,
+    q: &Query,
+    format: Format,
+) -> ExitCode {
+    if let Err(e) = q.validate() {
+        eprintln!("outpost: {e}");
+        return ExitCode::from(crate::exit::CONFIG);
+    }
+    match super::database_path(config_path, db)
+        .and_then(|db| super::read_database(&db, |conn| query(conn, q)))
+    {
+        Ok(rows) => {
+            print!("{}", render(&rows, format));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
 
 /// What to list.
 #[derive(Debug, Clone)]
@@ -179,7 +202,7 @@ pub fn render(rows: &[KeptRejection], format: Format) -> String {
                     ]
                 })
                 .collect();
-            let mut out = crate::status::table(&header, &body);
+            let mut out = crate::display::table(&header, &body);
             let mut shown: Vec<&str> = Vec::new();
             for r in rows {
                 if !shown.contains(&r.reason.as_str()) {
