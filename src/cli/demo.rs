@@ -18,7 +18,19 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 /// `outpost demo [--dir DIR] [--duration D]`: until Ctrl-C or for `duration`.
-pub fn main(dir: Option<PathBuf>, duration: Option<HumanDuration>) -> ExitCode {
+/// The command-line arguments of `outpost demo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Where the demo database goes (default: a new directory under /tmp).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Stop after this long (e.g. "30s"); default: until Ctrl-C.
+    #[arg(long, value_name = "DURATION")]
+    pub duration: Option<HumanDuration>,
+}
+
+pub fn main(args: Args) -> ExitCode {
+    let Args { dir, duration } = args;
     super::init_tracing("warn");
     let dir = match dir {
         Some(d) => d,

@@ -13,7 +13,6 @@ pub mod run;
 pub mod status;
 
 use crate::config::{self, Config};
-use crate::settings::HumanDuration;
 use clap::{Parser, Subcommand};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -53,14 +52,7 @@ pub enum Command {
     /// Validate the configuration and print it with secrets redacted (exit 2 if invalid).
     Check,
     /// Summarise the local database: last reading per device, backlog, problems.
-    Status {
-        /// Read this database instead of the configured one.
-        #[arg(long, value_name = "PATH")]
-        db: Option<PathBuf>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Status(status::Args),
     /// Send a test notification through one configured notifier and print the outcome
     /// (exit 1 if it was not delivered).
     NotifyTest {
@@ -68,57 +60,12 @@ pub enum Command {
         name: String,
     },
     /// Query local history (newest first).
-    Readings {
-        /// Read this database instead of the configured one.
-        #[arg(long, value_name = "PATH")]
-        db: Option<PathBuf>,
-        /// Only this device.
-        #[arg(long)]
-        device: Option<String>,
-        /// Only this metric.
-        #[arg(long)]
-        metric: Option<String>,
-        /// From this time: a duration ago ("2h") or RFC 3339 ("2026-11-26T08:00:00Z").
-        #[arg(long)]
-        since: Option<String>,
-        /// Until this time (same forms as --since).
-        #[arg(long)]
-        until: Option<String>,
-        /// At most this many readings.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = readings::Format::Table)]
-        format: readings::Format,
-    },
+    Readings(readings::Args),
     /// List the rejected input the agent kept (newest first): payload excerpt, topic,
     /// reason, what was wrong and what to do. `outpost status` shows the counts.
-    Rejected {
-        /// Read this database instead of the configured one.
-        #[arg(long, value_name = "PATH")]
-        db: Option<PathBuf>,
-        /// Only this source (its `name` in [[sources]]).
-        #[arg(long)]
-        source: Option<String>,
-        /// Only this reason, e.g. `protobuf` or `invalid_json` (docs/technician.md lists them).
-        #[arg(long)]
-        reason: Option<String>,
-        /// At most this many messages (1 to 1000).
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = rejected::Format::Table)]
-        format: rejected::Format,
-    },
+    Rejected(rejected::Args),
     /// Run simulated sensors into a local database and print readings as they commit.
-    Demo {
-        /// Where the demo database goes (default: a new directory under /tmp).
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-        /// Stop after this long (e.g. "30s"); default: until Ctrl-C.
-        #[arg(long, value_name = "DURATION")]
-        duration: Option<HumanDuration>,
-    },
+    Demo(demo::Args),
     /// The central PostgreSQL schema: print it, apply it, maintain its partitions.
     Central {
         #[command(subcommand)]
@@ -132,45 +79,14 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check => check::main(&config::resolve_path(config_path)),
         Command::Run => run::main(&config::resolve_path(config_path)),
-        Command::Status { db, json } => status::main(config_path, db, json),
+        Command::Status(args) => status::main(config_path, args),
         Command::NotifyTest { name } => {
             notify_test::main(&config::resolve_path(config_path), &name)
         }
-        Command::Readings {
-            db,
-            device,
-            metric,
-            since,
-            until,
-            limit,
-            format,
-        } => {
-            let args = readings::Args {
-                device,
-                metric,
-                since,
-                until,
-                limit,
-                format,
-            };
-            readings::main(config_path, db, args)
-        }
-        Command::Rejected {
-            db,
-            source,
-            reason,
-            limit,
-            format,
-        } => {
-            let query = rejected::Query {
-                source,
-                reason,
-                limit,
-            };
-            rejected::main(config_path, db, &query, format)
-        }
+        Command::Readings(args) => readings::main(config_path, args),
+        Command::Rejected(args) => rejected::main(config_path, args),
         Command::Central { command } => central::main(&config::resolve_path(config_path), command),
-        Command::Demo { dir, duration } => demo::main(dir, duration),
+        Command::Demo(args) => demo::main(args),
     }
 }
 

@@ -12,18 +12,33 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// The command-line arguments of `outpost readings`.
-#[derive(Debug, Clone)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
+    /// Read this database instead of the configured one.
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Only this device.
+    #[arg(long)]
     pub device: Option<String>,
+    /// Only this metric.
+    #[arg(long)]
     pub metric: Option<String>,
+    /// From this time: a duration ago ("2h") or RFC 3339 ("2026-11-26T08:00:00Z").
+    #[arg(long)]
     pub since: Option<String>,
+    /// Until this time (same forms as --since).
+    #[arg(long)]
     pub until: Option<String>,
+    /// At most this many readings.
+    #[arg(long, default_value_t = 100)]
     pub limit: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
 
-pub fn main(config_path: Option<&Path>, db: Option<PathBuf>, args: Args) -> ExitCode {
-    let now = crate::clock::now();
+pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
+    let now = crate::clock::Clock::system().now();
     let parse = |v: Option<String>, flag: &str| match v {
         None => Ok(None),
         Some(v) => parse_time(&v, now)
@@ -48,7 +63,7 @@ pub fn main(config_path: Option<&Path>, db: Option<PathBuf>, args: Args) -> Exit
         until,
         limit: args.limit,
     };
-    let rows = match super::database_path(config_path, db)
+    let rows = match super::database_path(config_path, args.db)
         .and_then(|db| super::read_database(&db, |conn| query(conn, &q)))
     {
         Ok(rows) => rows,

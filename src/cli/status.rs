@@ -41,7 +41,7 @@ pub struct StatusReport {
 /// The status summary, read from the database at `path` without the agent's help.
 pub fn status_report(path: &Path) -> rusqlite::Result<StatusReport> {
     let conn = crate::store::open_reader(path, std::time::Duration::from_secs(5))?;
-    report(&conn, crate::clock::now())
+    report(&conn, crate::clock::Clock::system().now())
 }
 
 /// The summary from the store and from what each component keeps in it.
@@ -212,11 +212,23 @@ pub fn stall_lines(saved: &crate::progress::SavedStalls, now: DateTime<Utc>) -> 
     lines
 }
 
-pub fn main(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> ExitCode {
+/// The command-line arguments of `outpost status`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Read this database instead of the configured one.
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
+    let Args { db, json } = args;
     // Without --db the configuration is at hand: its certificate files are checked too.
     let certificates = match db {
         None => crate::config::Config::load(&crate::config::resolve_path(config_path))
-            .map(|c| crate::tls::status_of(&c.tls_endpoints(), crate::clock::now()))
+            .map(|c| crate::tls::status_of(&c.tls_endpoints(), crate::clock::Clock::system().now()))
             .unwrap_or_default(),
         Some(_) => Vec::new(),
     };
@@ -269,7 +281,7 @@ pub fn main(config_path: Option<&Path>, db: Option<PathBuf>, json: bool) -> Exit
                 println!("{line}");
             }
             if let Some(stalls) = &stalls {
-                for line in stall_lines(stalls, crate::clock::now()) {
+                for line in stall_lines(stalls, crate::clock::Clock::system().now()) {
                     println!("{line}");
                 }
             }

@@ -74,16 +74,16 @@ impl Pipeline {
     /// Opens the store and starts every configured source.
     pub fn start(
         config: &Config,
-        options: StoreOptions,
+        mut options: StoreOptions,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Pipeline> {
+        let clock = options.clock.get_or_insert_with(Clock::system).clone();
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
         // TRANSITIONAL (issue 14): the watch still lives in the store because sources,
         // notifiers and sync record presented certificates through
         // `Store::cert_recorder`. Once they take a `CertWatch` (SourceContext::certs,
         // the notify/sync constructors), this becomes `CertWatch` created here.
         let certs = store.certs().clone();
-        let clock = Clock::system();
         let metrics = crate::run::collector::metrics(&store, &certs, &clock);
         let mut pipeline = Pipeline {
             store,

@@ -44,6 +44,7 @@ pub use read::{
 };
 pub use writer::{StoreStats, WriteOp};
 
+use crate::clock::Clock;
 use crate::model::Batch;
 use crate::settings::{ByteSize, HumanDuration, Problems};
 use rusqlite::{Connection, OpenFlags};
@@ -190,6 +191,9 @@ pub struct StoreOptions {
     /// Databases larger than this are opened without waiting for `quick_check`, which
     /// then runs in the background (default [`CHECK_AT_OPEN_MAX_BYTES`]).
     pub check_at_open_max_bytes: Option<u64>,
+    /// The wall clock that stamps rejected input and commits and ages readings for
+    /// retention (default [`Clock::system`]); the pipeline passes the agent's one.
+    pub clock: Option<Clock>,
 }
 
 /// A database (with its WAL) up to this size is checked with `quick_check` before it is
@@ -238,6 +242,8 @@ pub struct Store {
     damaged: watch::Receiver<Option<String>>,
     /// Every stage's progress (G9), kept here because every component holds the store.
     progress: Arc<crate::progress::Registry>,
+    /// The wall clock of [`StoreOptions::clock`].
+    clock: Clock,
 }
 
 /// What [`Store::open`] returns besides the handle: the ingest side of the pipeline and
@@ -264,6 +270,7 @@ impl Store {
             .check_at_open_max_bytes
             .unwrap_or(CHECK_AT_OPEN_MAX_BYTES);
         let background_check = !check_at_open(&config.path, max_bytes);
+        let clock = options.clock.clone().unwrap_or_else(Clock::system);
         let conn = open_writer_connection(config, &options)?;
         let (damaged_tx, damaged_rx) = watch::channel(None);
         if background_check {
@@ -312,6 +319,7 @@ impl Store {
             finished_tx,
             close.clone(),
             (stage, progress.clone()),
+            clock.clone(),
         )?;
         Ok((
             Store {
@@ -323,6 +331,7 @@ impl Store {
                 certs: crate::tls::CertWatch::default(),
                 damaged: damaged_rx,
                 progress,
+                clock,
             },
             Ingest {
                 sender: batch_tx,
@@ -343,6 +352,11 @@ impl Store {
     /// The certificates' expiry, for `/metrics`, `/health` and the log.
     pub fn certs(&self) -> &crate::tls::CertWatch {
         &self.certs
+    }
+
+    /// The wall clock the store stamps with ([`StoreOptions::clock`]).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// The progress of every stage (G9): register a stage here, evaluate stalls here.
@@ -416,9 +430,10 @@ impl Store {
         let topic = topic.map(cut);
         let payload = payload[..payload.len().min(MAX_PAYLOAD)].to_vec();
         let (tx, _rx) = oneshot::channel();
+        let clock = self.clock.clone();
         let op = WriteOp::new(
             move |conn| {
-                let now = crate::clock::now().timestamp_micros();
+                let now = clock.now().timestamp_micros();
                 conn.execute(
                     "INSERT INTO rejected(source, reason, topic, detail, payload, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     rusqlite::params![source, reason, topic, detail, payload, now],
