@@ -33,7 +33,7 @@
 //!     builder, one load-the-configuration-or-exit; the demo; signal handling lives
 //!     here, not in components.
 //!
-//! [`fuzzing`] (the fuzz targets' entry points) is compiled only for tests and with
+//! `fuzzing` (the fuzz targets' entry points) is compiled only for tests and with
 //! the `fuzzing` feature (`fuzz/`, `tests/fuzz_corpus.rs`), never into the agent.
 //!
 //! # Data flow
