@@ -6,6 +6,7 @@
 //! reported at once, each as `file:line: key.path: sentence` (G5).
 //! `config/outpost.toml` in the repository documents every key.
 
+pub mod http;
 mod load;
 mod tables;
 
@@ -31,7 +32,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
-    pub http: crate::http::HttpConfig,
+    pub http: http::HttpConfig,
     pub display: crate::display::DisplayConfig,
     pub sources: Vec<SourceConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
