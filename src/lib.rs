@@ -61,6 +61,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod display;
+pub mod exit;
 pub mod fuzzing;
 pub mod health;
 pub mod http;

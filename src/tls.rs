@@ -359,6 +359,12 @@ pub const PRESENTED_STATE: &str = "@tls";
 #[derive(Debug, Clone, Default)]
 pub struct CertWatch {
     inner: Arc<Mutex<Watched>>,
+    /// Where what servers present is also saved for `outpost status` (none: kept in
+    /// memory only, e.g. for `outpost notify-test`).
+    /// (Behind an `Arc`: a `Store` still carries a watch until the merge.)
+    store: Option<Arc<crate::store::Store>>,
+    /// The clock expiries are judged by when a server presents a new certificate.
+    clock: crate::clock::Clock,
 }
 
 #[derive(Debug, Default)]
@@ -417,20 +423,45 @@ impl CertWatch {
         self.lock().presented.retain(|label, _| keep(label));
     }
 
+    /// The same watch (clones share what they record), also saving what servers
+    /// present to `store` (the `@tls` rows of `source_state`) for `outpost status`.
+    pub fn saving_to(mut self, store: crate::store::Store) -> CertWatch {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The same watch, judging expiries by `clock`.
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> CertWatch {
+        self.clock = clock;
+        self
+    }
+
     /// A recorder for the handshakes of one connection: `label` names the section
-    /// that connects, `peer` the server (`host:port`). With a `store`, what it sees is
-    /// also saved for `outpost status`.
-    pub fn recorder(
+    /// that connects (`sync`, `sources.NAME.broker`, `notifiers.NAME`), `peer` the
+    /// server (`host:port`). What it sees is also saved when the watch saves (see
+    /// [`CertWatch::saving_to`]).
+    pub fn recorder(&self, label: &str, peer: &str) -> CertRecorder {
+        CertRecorder {
+            watch: self.clone(),
+            label: label.to_string(),
+            peer: peer.to_string(),
+            store: self.store.as_deref().cloned(),
+        }
+    }
+
+    /// [`CertWatch::recorder`], saving to `store` whatever this watch does.
+    ///
+    /// To be removed with `Store::cert_recorder` (its only caller): components get a
+    /// [`CertWatch`] that saves, and ask it for recorders.
+    pub fn recorder_saving_to(
         &self,
-        label: impl Into<String>,
-        peer: impl Into<String>,
+        label: &str,
+        peer: &str,
         store: Option<crate::store::Store>,
     ) -> CertRecorder {
         CertRecorder {
-            watch: self.clone(),
-            label: label.into(),
-            peer: peer.into(),
             store,
+            ..self.recorder(label, peer)
         }
     }
 
@@ -498,7 +529,7 @@ impl CertRecorder {
         if !self.watch.record_presented(&self.label, info.clone()) {
             return;
         }
-        let now = crate::clock::now();
+        let now = self.watch.clock.now();
         log_one(&self.label, &info, now, "presented by the server");
         if let (Some(store), Ok(runtime)) = (&self.store, tokio::runtime::Handle::try_current()) {
             let (store, label) = (store.clone(), self.label.clone());
@@ -923,7 +954,7 @@ mod tests {
         let watch = CertWatch::default();
         let verifier = recording(
             webpki_verifier(roots).unwrap(),
-            Some(watch.recorder("sources.lns.broker", "broker.example:8883", None)),
+            Some(watch.recorder("sources.lns.broker", "broker.example:8883")),
         );
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let verdict = verifier.verify_server_cert(

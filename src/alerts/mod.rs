@@ -18,6 +18,7 @@
 //!   severity, notifiers or reminders does not reset an alert.
 
 pub mod engine;
+mod legacy;
 pub mod state;
 
 use crate::model::Uid;
@@ -27,7 +28,8 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-pub use engine::{spawn_tasks, AlertTasks, Engine};
+pub use engine::{engine_task, Engine, EventContext, Task};
+pub use legacy::{spawn_tasks, AlertTasks};
 
 /// One `[[alerts]]` rule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
