@@ -1,0 +1,316 @@
+//! X.509 reading: the expiry (and common name) of a certificate, by a small DER walk
+//! (fuzzed: `fuzzing::tls_certificate`), and of the certificates of a PEM file.
+
+use super::config::read_certs;
+use chrono::{DateTime, NaiveDate, Utc};
+use std::path::Path;
+
+/// Certificates expiring within this many days are reported.
+pub const WARN_DAYS: i64 = 30;
+
+/// One DER element: its tag, its content and what follows it. `None` when the input
+/// is truncated, uses the indefinite length (not DER) or a length over 4 bytes.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// Reads an element that must have `tag`.
+fn expect<'a>(input: &'a [u8], tag: u8, what: &str) -> Result<(&'a [u8], &'a [u8]), String> {
+    match der_element(input) {
+        Some((t, content, rest)) if t == tag => Ok((content, rest)),
+        Some((t, _, _)) => Err(format!("{what}: expected tag 0x{tag:02x}, found 0x{t:02x}")),
+        None => Err(format!("{what}: truncated or malformed DER")),
+    }
+}
+
+const SEQUENCE: u8 = 0x30;
+const SET: u8 = 0x31;
+const INTEGER: u8 = 0x02;
+const OID: u8 = 0x06;
+const UTC_TIME: u8 = 0x17;
+const GENERALIZED_TIME: u8 = 0x18;
+const VERSION: u8 = 0xa0;
+/// 2.5.4.3 (commonName).
+const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+
+/// What [`parse_certificate`] learns from a certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedCert {
+    pub not_after: DateTime<Utc>,
+    /// The subject's common name when it has one (sanitised, at most 64 characters).
+    pub common_name: Option<String>,
+}
+
+/// Walks a DER X.509 certificate to its validity and subject. Never panics on
+/// truncated or hostile input.
+pub fn parse_certificate(der: &[u8]) -> Result<ParsedCert, String> {
+    let (cert, _) = expect(der, SEQUENCE, "certificate")?;
+    let (tbs, _) = expect(cert, SEQUENCE, "tbsCertificate")?;
+    let mut rest = tbs;
+    if let Some((VERSION, _, after)) = der_element(rest) {
+        rest = after;
+    }
+    let (_, rest) = expect(rest, INTEGER, "serialNumber")?;
+    let (_, rest) = expect(rest, SEQUENCE, "signature")?;
+    let (_, rest) = expect(rest, SEQUENCE, "issuer")?;
+    let (validity, rest) = expect(rest, SEQUENCE, "validity")?;
+    let (_, _, after_not_before) =
+        der_element(validity).ok_or("notBefore: truncated or malformed DER")?;
+    let (tag, not_after, _) =
+        der_element(after_not_before).ok_or("notAfter: truncated or malformed DER")?;
+    let not_after = parse_time(tag, not_after)?;
+    let common_name = expect(rest, SEQUENCE, "subject")
+        .ok()
+        .and_then(|(subject, _)| common_name(subject));
+    Ok(ParsedCert {
+        not_after,
+        common_name,
+    })
+}
+
+/// The first commonName in a subject's RDN sequence.
+fn common_name(mut rdns: &[u8]) -> Option<String> {
+    while let Some((SET, mut set, next)) = der_element(rdns) {
+        while let Some((SEQUENCE, attribute, next_attribute)) = der_element(set) {
+            if let Some((OID, oid, value)) = der_element(attribute) {
+                if oid == COMMON_NAME {
+                    let (_, text, _) = der_element(value)?;
+                    let name: String = String::from_utf8_lossy(text)
+                        .chars()
+                        .filter(|c| !c.is_control())
+                        .take(64)
+                        .collect();
+                    return Some(name);
+                }
+            }
+            set = next_attribute;
+        }
+        rdns = next;
+    }
+    None
+}
+
+/// UTCTime `YYMMDDHHMMSSZ` (years below 50 are 20YY, RFC 5280) or GeneralizedTime
+/// `YYYYMMDDHHMMSSZ`.
+fn parse_time(tag: u8, bytes: &[u8]) -> Result<DateTime<Utc>, String> {
+    let digits = |s: &[u8]| -> Option<u32> {
+        s.iter().try_fold(0u32, |acc, &b| {
+            b.is_ascii_digit().then(|| acc * 10 + (b - b'0') as u32)
+        })
+    };
+    let (year, rest) = match (tag, bytes.len()) {
+        (UTC_TIME, 13) => {
+            let yy = digits(&bytes[..2]).ok_or("notAfter: not a UTCTime")?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &bytes[2..])
+        }
+        (GENERALIZED_TIME, 15) => (
+            digits(&bytes[..4]).ok_or("notAfter: not a GeneralizedTime")?,
+            &bytes[4..],
+        ),
+        _ => {
+            return Err(format!(
+                "notAfter: unsupported time (tag 0x{tag:02x}, {} bytes)",
+                bytes.len()
+            ))
+        }
+    };
+    if rest[10] != b'Z' {
+        return Err("notAfter: not in UTC (no trailing Z)".into());
+    }
+    let field = |i: usize| digits(&rest[i..i + 2]).ok_or("notAfter: not a time");
+    let (month, day) = (field(0)?, field(2)?);
+    let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
+    NaiveDate::from_ymd_opt(year as i32, month, day)
+        .and_then(|d| d.and_hms_opt(hour, minute, second))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| "notAfter: no such date".to_string())
+}
+
+/// A certificate file or a server's chain, and the earliest expiry in it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CertInfo {
+    /// Where it was seen: the file's path, or `server HOST:PORT`.
+    pub origin: String,
+    /// The common name of the certificate expiring first (or the file name).
+    pub subject_hint: String,
+    pub not_after: DateTime<Utc>,
+}
+
+impl CertInfo {
+    /// Days until expiry (negative once expired), fractional.
+    pub fn days_left(&self, now: DateTime<Utc>) -> f64 {
+        (self.not_after - now).num_seconds() as f64 / 86_400.0
+    }
+
+    pub fn expiry(&self, now: DateTime<Utc>) -> Expiry {
+        let days = (self.not_after - now).num_days();
+        if self.not_after <= now {
+            Expiry::Expired {
+                days_ago: (now - self.not_after).num_days(),
+            }
+        } else if days < WARN_DAYS {
+            Expiry::Soon { days }
+        } else {
+            Expiry::Valid { days }
+        }
+    }
+
+    /// A sentence for the log, `/health` and `outpost status`.
+    pub fn describe(&self, now: DateTime<Utc>) -> String {
+        let when = self.not_after.format("%Y-%m-%d %H:%M UTC");
+        let what = format!("{} ({})", self.origin, self.subject_hint);
+        match self.expiry(now) {
+            Expiry::Expired { days_ago: 0 } => format!("{what} expired today ({when})"),
+            Expiry::Expired { days_ago } => {
+                format!("{what} EXPIRED {} ago ({when})", plural_days(days_ago))
+            }
+            Expiry::Soon { days: 0 } => format!("{what} expires today ({when})"),
+            Expiry::Soon { days } | Expiry::Valid { days } => {
+                format!("{what} expires in {} ({when})", plural_days(days))
+            }
+        }
+    }
+}
+
+fn plural_days(n: i64) -> String {
+    if n == 1 {
+        "1 day".into()
+    } else {
+        format!("{n} days")
+    }
+}
+
+/// Where a certificate stands relative to [`WARN_DAYS`] (whole days, rounded down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Valid { days: i64 },
+    Soon { days: i64 },
+    Expired { days_ago: i64 },
+}
+
+/// Reads every certificate in a PEM file: the one expiring first.
+pub fn inspect_file(path: &Path) -> Result<CertInfo, String> {
+    let certs = read_certs(path)?;
+    let mut earliest: Option<ParsedCert> = None;
+    for (i, cert) in certs.iter().enumerate() {
+        let parsed = parse_certificate(cert)
+            .map_err(|e| format!("{}: certificate {}: {e}", path.display(), i + 1))?;
+        let earlier = match &earliest {
+            Some(e) => parsed.not_after < e.not_after,
+            None => true,
+        };
+        if earlier {
+            earliest = Some(parsed);
+        }
+    }
+    let earliest = earliest.ok_or_else(|| format!("{} contains no certificate", path.display()))?;
+    Ok(CertInfo {
+        origin: path.display().to_string(),
+        subject_hint: earliest.common_name.unwrap_or_else(|| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        }),
+        not_after: earliest.not_after,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{at, cert_expiring};
+    use super::*;
+
+    #[test]
+    fn not_after_utc_time_and_generalized_time() {
+        // rcgen writes UTCTime before 2050 and GeneralizedTime from 2050 (RFC 5280).
+        for when in [
+            "2031-05-06T07:08:09Z",
+            "2049-12-31T23:59:59Z",
+            "2050-01-01T00:00:00Z",
+            "2101-02-03T04:05:06Z",
+            "1999-03-04T05:06:07Z",
+        ] {
+            let (cert, _) = cert_expiring(at(when), "central-ca");
+            let parsed = parse_certificate(cert.der()).unwrap();
+            assert_eq!(parsed.not_after, at(when), "{when}");
+            assert_eq!(parsed.common_name.as_deref(), Some("central-ca"));
+        }
+    }
+
+    #[test]
+    fn truncated_and_garbage_der_is_an_error_not_a_panic() {
+        let (cert, _) = cert_expiring(at("2031-05-06T07:08:09Z"), "x");
+        let der = cert.der().to_vec();
+        for len in 0..der.len() {
+            // Cutting the outer SEQUENCE short always fails its length check.
+            assert!(parse_certificate(&der[..len]).is_err(), "{len}");
+        }
+        for garbage in [
+            &b""[..],
+            b"\x30",
+            b"\x30\x80\x00\x00",
+            b"\x30\x85\xff\xff\xff\xff\xff",
+            b"\x30\x84\xff\xff\xff\xff",
+            b"\x30\x03\x30\x01\x00",
+            b"-----BEGIN CERTIFICATE-----",
+        ] {
+            assert!(parse_certificate(garbage).is_err(), "{garbage:?}");
+        }
+        // Every single-byte corruption either parses or errors: never panics.
+        let mut corrupt = der.clone();
+        for i in 0..corrupt.len() {
+            for b in [0x00, 0x17, 0x18, 0x30, 0x80, 0x84, 0xff] {
+                let old = corrupt[i];
+                corrupt[i] = b;
+                let _ = parse_certificate(&corrupt);
+                corrupt[i] = old;
+            }
+        }
+    }
+
+    #[test]
+    fn times_are_checked() {
+        assert_eq!(
+            parse_time(UTC_TIME, b"491231235959Z").unwrap(),
+            at("2049-12-31T23:59:59Z")
+        );
+        assert_eq!(
+            parse_time(UTC_TIME, b"500101000000Z").unwrap(),
+            at("1950-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            parse_time(GENERALIZED_TIME, b"20310506070809Z").unwrap(),
+            at("2031-05-06T07:08:09Z")
+        );
+        for (tag, bad) in [
+            (UTC_TIME, &b"491331235959Z"[..]),
+            (UTC_TIME, b"490230000000Z"),
+            (UTC_TIME, b"4912312359590"),
+            (UTC_TIME, b"49123123595Z"),
+            (UTC_TIME, b"4912312359+9Z"),
+            (UTC_TIME, b"49123123596\xffZ"),
+            (GENERALIZED_TIME, b"2031050607080Z"),
+            (GENERALIZED_TIME, b"20310506070809.5Z"),
+            (0x04, b"491231235959Z"),
+        ] {
+            assert!(parse_time(tag, bad).is_err(), "{bad:?}");
+        }
+    }
+}
