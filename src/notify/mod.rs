@@ -63,6 +63,12 @@ pub trait KindConfig: Serialize + serde::de::DeserializeOwned {
     fn validate(&self, path: &str, problems: &mut Problems);
 }
 
+/// The one TLS server of a kind that connects to one, trusting `ca_file` besides the
+/// public roots: its certificate is `label`, the file `label.ca_file`.
+pub fn server_endpoint(label: &str, ca_file: Option<&std::path::PathBuf>) -> Vec<Endpoint> {
+    vec![Endpoint::new(label).with_file(format!("{label}.ca_file"), ca_file)]
+}
+
 /// What a kind's [`KindConfig::build`] may use.
 pub struct BuildContext<'a> {
     /// The notifier's name.
@@ -559,5 +565,44 @@ mod tests {
         }
         let (_, p) = parse("name = \"x\"\ntype = 7");
         assert!(p[0].1.contains("expected a string"));
+    }
+
+    /// Every kind that connects to a TLS server declares it as `notifiers.NAME`, with
+    /// the CA file it configures, so the certificate watch follows it; the others
+    /// declare none. Every kind of the list is checked.
+    #[test]
+    fn kinds_that_connect_over_tls_declare_their_endpoint() {
+        let cases = [
+            (
+                "email",
+                "server = \"smtp.example\"\nfrom = \"o@example.com\"\nto = [\"x@example.com\"]",
+                true,
+            ),
+            ("webhook", "url = \"https://hooks.example/x\"", true),
+            ("exec", "program = \"/bin/true\"", false),
+            ("log", "", false),
+        ];
+        let covered: Vec<&str> = cases.iter().map(|(kind, _, _)| *kind).collect();
+        assert_eq!(covered, TYPES, "a new kind must say whether it connects");
+        for (kind, keys, connects) in cases {
+            for ca_file in [None, Some("/etc/outpost/ca.pem")] {
+                let mut text = format!("name = \"n1\"\ntype = \"{kind}\"\n{keys}\n");
+                if let (true, Some(ca)) = (connects, ca_file) {
+                    text.push_str(&format!("ca_file = \"{ca}\"\n"));
+                }
+                let value: Value = toml::from_str(&text).unwrap();
+                let mut p = Problems::default();
+                let n = NotifierConfig::from_json(value, "notifiers[0]", &mut p)
+                    .unwrap_or_else(|| panic!("{kind}: {:?}", p.0));
+                let expected = if connects {
+                    let path = ca_file.map(std::path::PathBuf::from);
+                    vec![Endpoint::new("notifiers.n1")
+                        .with_file("notifiers.n1.ca_file".into(), path.as_ref())]
+                } else {
+                    Vec::new()
+                };
+                assert_eq!(n.tls_endpoints(), expected, "{kind}");
+            }
+        }
     }
 }

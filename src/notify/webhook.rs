@@ -54,7 +54,7 @@ impl KindConfig for WebhookConfig {
     type Sender = Webhook;
 
     fn tls_endpoints(&self, label: &str) -> Vec<Endpoint> {
-        vec![Endpoint::new(label).with_file(format!("{label}.ca_file"), self.ca_file.as_ref())]
+        super::server_endpoint(label, self.ca_file.as_ref())
     }
 
     fn attempt_timeout(&self) -> std::time::Duration {
