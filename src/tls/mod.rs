@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: reading PEM certificate and key files, root stores, rustls client
 //!   configurations on the ring provider;
-//! - [`x509`]: the expiry and common name of a certificate (a small, fuzzed DER walk);
+//! - [`x509`]: the expiry and common name of a certificate (RustCrypto's `x509-cert`);
 //! - [`watch`]: the certificate watch ([`CertWatch`]) fed with the [`Endpoint`]s that
 //!   configured sections declare, the recording verifier that shows it what servers
 //!   present, its persistence for `outpost status` (`source_state`, owner `@tls`),

@@ -1,54 +1,21 @@
-//! X.509 reading: the expiry (and common name) of a certificate, by a small DER walk
-//! (fuzzed: `fuzzing::tls_certificate`), and of the certificates of a PEM file.
+//! X.509 reading: the expiry (and common name) of a certificate, decoded by RustCrypto's
+//! `x509-cert` (already linked for PostgreSQL's channel binding), and of the
+//! certificates of a PEM file.
 
 use super::config::read_certs;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use std::path::Path;
+use x509_cert::der::asn1::ObjectIdentifier;
+use x509_cert::der::Decode;
+use x509_cert::name::Name;
+use x509_cert::time::Time;
+use x509_cert::Certificate;
+
+/// 2.5.4.3 (commonName).
+const COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
 
 /// Certificates expiring within this many days are reported.
 pub const WARN_DAYS: i64 = 30;
-
-/// One DER element: its tag, its content and what follows it. `None` when the input
-/// is truncated, uses the indefinite length (not DER) or a length over 4 bytes.
-fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-/// Reads an element that must have `tag`.
-fn expect<'a>(input: &'a [u8], tag: u8, what: &str) -> Result<(&'a [u8], &'a [u8]), String> {
-    match der_element(input) {
-        Some((t, content, rest)) if t == tag => Ok((content, rest)),
-        Some((t, _, _)) => Err(format!("{what}: expected tag 0x{tag:02x}, found 0x{t:02x}")),
-        None => Err(format!("{what}: truncated or malformed DER")),
-    }
-}
-
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-const INTEGER: u8 = 0x02;
-const OID: u8 = 0x06;
-const UTC_TIME: u8 = 0x17;
-const GENERALIZED_TIME: u8 = 0x18;
-const VERSION: u8 = 0xa0;
-/// 2.5.4.3 (commonName).
-const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
 
 /// What [`parse_certificate`] learns from a certificate.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,89 +25,41 @@ pub struct ParsedCert {
     pub common_name: Option<String>,
 }
 
-/// Walks a DER X.509 certificate to its validity and subject. Never panics on
-/// truncated or hostile input.
+/// Decodes a DER X.509 certificate (RustCrypto's `x509-cert`) to its validity and
+/// subject. Never panics on truncated or hostile input.
 pub fn parse_certificate(der: &[u8]) -> Result<ParsedCert, String> {
-    let (cert, _) = expect(der, SEQUENCE, "certificate")?;
-    let (tbs, _) = expect(cert, SEQUENCE, "tbsCertificate")?;
-    let mut rest = tbs;
-    if let Some((VERSION, _, after)) = der_element(rest) {
-        rest = after;
-    }
-    let (_, rest) = expect(rest, INTEGER, "serialNumber")?;
-    let (_, rest) = expect(rest, SEQUENCE, "signature")?;
-    let (_, rest) = expect(rest, SEQUENCE, "issuer")?;
-    let (validity, rest) = expect(rest, SEQUENCE, "validity")?;
-    let (_, _, after_not_before) =
-        der_element(validity).ok_or("notBefore: truncated or malformed DER")?;
-    let (tag, not_after, _) =
-        der_element(after_not_before).ok_or("notAfter: truncated or malformed DER")?;
-    let not_after = parse_time(tag, not_after)?;
-    let common_name = expect(rest, SEQUENCE, "subject")
-        .ok()
-        .and_then(|(subject, _)| common_name(subject));
+    let cert = Certificate::from_der(der).map_err(|e| format!("not a DER certificate: {e}"))?;
+    let tbs = &cert.tbs_certificate;
+    let not_after = not_after(&tbs.validity.not_after)?;
     Ok(ParsedCert {
         not_after,
-        common_name,
+        common_name: common_name(&tbs.subject),
     })
 }
 
-/// The first commonName in a subject's RDN sequence.
-fn common_name(mut rdns: &[u8]) -> Option<String> {
-    while let Some((SET, mut set, next)) = der_element(rdns) {
-        while let Some((SEQUENCE, attribute, next_attribute)) = der_element(set) {
-            if let Some((OID, oid, value)) = der_element(attribute) {
-                if oid == COMMON_NAME {
-                    let (_, text, _) = der_element(value)?;
-                    let name: String = String::from_utf8_lossy(text)
-                        .chars()
-                        .filter(|c| !c.is_control())
-                        .take(64)
-                        .collect();
-                    return Some(name);
-                }
-            }
-            set = next_attribute;
-        }
-        rdns = next;
-    }
-    None
+fn not_after(time: &Time) -> Result<DateTime<Utc>, String> {
+    let since_epoch = time.to_unix_duration();
+    i64::try_from(since_epoch.as_secs())
+        .ok()
+        .and_then(|secs| DateTime::from_timestamp(secs, since_epoch.subsec_nanos()))
+        .ok_or_else(|| "notAfter: no such date".to_string())
 }
 
-/// UTCTime `YYMMDDHHMMSSZ` (years below 50 are 20YY, RFC 5280) or GeneralizedTime
-/// `YYYYMMDDHHMMSSZ`.
-fn parse_time(tag: u8, bytes: &[u8]) -> Result<DateTime<Utc>, String> {
-    let digits = |s: &[u8]| -> Option<u32> {
-        s.iter().try_fold(0u32, |acc, &b| {
-            b.is_ascii_digit().then(|| acc * 10 + (b - b'0') as u32)
-        })
-    };
-    let (year, rest) = match (tag, bytes.len()) {
-        (UTC_TIME, 13) => {
-            let yy = digits(&bytes[..2]).ok_or("notAfter: not a UTCTime")?;
-            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &bytes[2..])
-        }
-        (GENERALIZED_TIME, 15) => (
-            digits(&bytes[..4]).ok_or("notAfter: not a GeneralizedTime")?,
-            &bytes[4..],
-        ),
-        _ => {
-            return Err(format!(
-                "notAfter: unsupported time (tag 0x{tag:02x}, {} bytes)",
-                bytes.len()
-            ))
-        }
-    };
-    if rest[10] != b'Z' {
-        return Err("notAfter: not in UTC (no trailing Z)".into());
-    }
-    let field = |i: usize| digits(&rest[i..i + 2]).ok_or("notAfter: not a time");
-    let (month, day) = (field(0)?, field(2)?);
-    let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
-    NaiveDate::from_ymd_opt(year as i32, month, day)
-        .and_then(|d| d.and_hms_opt(hour, minute, second))
-        .map(|t| t.and_utc())
-        .ok_or_else(|| "notAfter: no such date".to_string())
+/// The first commonName of a subject, as text (control characters dropped, at most
+/// 64 characters).
+fn common_name(subject: &Name) -> Option<String> {
+    let value = subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|attribute| attribute.oid == COMMON_NAME)
+        .map(|attribute| &attribute.value)?;
+    let name: String = String::from_utf8_lossy(value.value())
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    Some(name)
 }
 
 /// A certificate file or a server's chain, and the earliest expiry in it.
@@ -285,15 +204,26 @@ mod tests {
         }
     }
 
+    /// notAfter as UTCTime `YYMMDDHHMMSSZ` (years below 50 are 20YY, RFC 5280) or
+    /// GeneralizedTime `YYYYMMDDHHMMSSZ`; anything else is an error.
     #[test]
     fn times_are_checked() {
+        const UTC_TIME: u8 = 0x17;
+        const GENERALIZED_TIME: u8 = 0x18;
+        let parse_time = |tag: u8, bytes: &[u8]| {
+            let mut der = vec![tag, bytes.len() as u8];
+            der.extend_from_slice(bytes);
+            Time::from_der(&der)
+                .map_err(|e| e.to_string())
+                .and_then(|t| not_after(&t))
+        };
         assert_eq!(
             parse_time(UTC_TIME, b"491231235959Z").unwrap(),
             at("2049-12-31T23:59:59Z")
         );
         assert_eq!(
-            parse_time(UTC_TIME, b"500101000000Z").unwrap(),
-            at("1950-01-01T00:00:00Z")
+            parse_time(UTC_TIME, b"700101000000Z").unwrap(),
+            at("1970-01-01T00:00:00Z")
         );
         assert_eq!(
             parse_time(GENERALIZED_TIME, b"20310506070809Z").unwrap(),
@@ -306,6 +236,8 @@ mod tests {
             (UTC_TIME, b"49123123595Z"),
             (UTC_TIME, b"4912312359+9Z"),
             (UTC_TIME, b"49123123596\xffZ"),
+            // Before 1970: no certificate the agent meets expired then.
+            (UTC_TIME, b"500101000000Z"),
             (GENERALIZED_TIME, b"2031050607080Z"),
             (GENERALIZED_TIME, b"20310506070809.5Z"),
             (0x04, b"491231235959Z"),
