@@ -12,7 +12,7 @@
 //!   the engine resumes from that cursor with that state. A firing alert stays firing
 //!   (no second firing event) and a pending timer keeps its start.
 //! - **An event and its notifications are one write.** Each event row and one outbox row
-//!   per notifier commit atomically (see [`crate::notify`] for delivery).
+//!   per notifier commit atomically (the `notify` module delivers them).
 //! - **Reloaded rules keep their state** when their definition did not change: state is
 //!   keyed by a hash of the rule's condition and scope ([`AlertRule::key`]), so editing
 //!   severity, notifiers or reminders does not reset an alert.
