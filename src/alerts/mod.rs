@@ -12,12 +12,13 @@
 //!   the engine resumes from that cursor with that state. A firing alert stays firing
 //!   (no second firing event) and a pending timer keeps its start.
 //! - **An event and its notifications are one write.** Each event row and one outbox row
-//!   per notifier commit atomically (see [`crate::notify`] for delivery).
+//!   per notifier commit atomically (the `notify` module delivers them).
 //! - **Reloaded rules keep their state** when their definition did not change: state is
 //!   keyed by a hash of the rule's condition and scope ([`AlertRule::key`]), so editing
 //!   severity, notifiers or reminders does not reset an alert.
 
 pub mod engine;
+mod legacy;
 pub mod state;
 
 use crate::model::Uid;
@@ -27,7 +28,8 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-pub use engine::{spawn_tasks, AlertTasks, Engine};
+pub use engine::{engine_task, Engine, EventContext, Task};
+pub use legacy::{spawn_tasks, AlertTasks};
 
 /// One `[[alerts]]` rule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -367,7 +367,8 @@ impl Store {
     /// Records (and saves) the certificate the server `peer` presents to the section
     /// `label` (`sync`, `sources.NAME.broker`, `notifiers.NAME`).
     pub fn cert_recorder(&self, label: &str, peer: &str) -> crate::tls::CertRecorder {
-        self.certs.recorder(label, peer, Some(self.clone()))
+        self.certs
+            .recorder_saving_to(label, peer, Some(self.clone()))
     }
 
     /// Resolves (with the reason) if the background integrity check of a large

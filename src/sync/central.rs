@@ -383,12 +383,16 @@ pub struct ConnectionArgs {
     pub ca_file: Option<PathBuf>,
 }
 
+/// Loads the configuration's `[sync]` section (the configuration's error as text).
+pub type LoadSync<'a> = &'a dyn Fn() -> Result<Option<SyncConfig>, String>;
+
 fn resolve_connection(
     config_path: &std::path::Path,
+    load_sync: LoadSync<'_>,
     args: &ConnectionArgs,
 ) -> Result<ConnectOptions, String> {
-    let configured = match crate::config::Config::load(config_path) {
-        Ok(config) => config.sync,
+    let configured = match load_sync() {
+        Ok(sync) => sync,
         Err(errors) if args.url.is_none() => {
             return Err(format!(
                 "{errors}\ncannot read sync.url from {}; fix it or pass --url",
@@ -439,8 +443,14 @@ fn resolve_connection(
     Ok(options)
 }
 
-/// Runs `outpost central …` and returns the exit code.
-pub fn command(config_path: &std::path::Path, command: CentralCommand) -> ExitCode {
+/// Runs `outpost central …` and returns the exit code. `load_sync` loads the `[sync]`
+/// section of the configuration at `config_path` (asked only by the commands that
+/// connect, and only needed when no `--url` is given).
+pub fn run_command(
+    config_path: &std::path::Path,
+    load_sync: LoadSync<'_>,
+    command: CentralCommand,
+) -> ExitCode {
     match command {
         CentralCommand::Schema { partitioned } => {
             let layout = if partitioned {
@@ -454,71 +464,86 @@ pub fn command(config_path: &std::path::Path, command: CentralCommand) -> ExitCo
         CentralCommand::Migrate {
             connection,
             partitioned,
-        } => run_admin(config_path, &connection, move |central| async move {
-            let layout = if partitioned {
-                Layout::Partitioned
-            } else {
-                Layout::Plain
-            };
-            let m = migrate(&central, layout).await?;
-            let mut out = if m.from_version == m.to_version {
-                format!(
-                    "The central schema is up to date (version {}).",
-                    m.to_version
-                )
-            } else {
-                format!(
-                    "The central schema was migrated from version {} to {}.",
-                    m.from_version, m.to_version
-                )
-            };
-            if m.partitioned {
-                let _ = write!(
-                    out,
-                    " outpost.readings is partitioned by month; created partitions: {}. \
+        } => run_admin(
+            config_path,
+            load_sync,
+            &connection,
+            move |central| async move {
+                let layout = if partitioned {
+                    Layout::Partitioned
+                } else {
+                    Layout::Plain
+                };
+                let m = migrate(&central, layout).await?;
+                let mut out = if m.from_version == m.to_version {
+                    format!(
+                        "The central schema is up to date (version {}).",
+                        m.to_version
+                    )
+                } else {
+                    format!(
+                        "The central schema was migrated from version {} to {}.",
+                        m.from_version, m.to_version
+                    )
+                };
+                if m.partitioned {
+                    let _ = write!(
+                        out,
+                        " outpost.readings is partitioned by month; created partitions: {}. \
                      Run `outpost central maintain` daily.",
-                    if m.partitions_created.is_empty() {
-                        "none".to_string()
-                    } else {
-                        m.partitions_created.join(", ")
-                    }
-                );
-            }
-            Ok(out)
-        }),
+                        if m.partitions_created.is_empty() {
+                            "none".to_string()
+                        } else {
+                            m.partitions_created.join(", ")
+                        }
+                    );
+                }
+                Ok(out)
+            },
+        ),
         CentralCommand::Maintain {
             connection,
             months_ahead,
-        } => run_admin(config_path, &connection, move |central| async move {
-            if readings_is_partitioned(&central).await? == Some(false) {
-                return Ok("outpost.readings is not partitioned; nothing to do.".to_string());
-            }
-            let created = maintain(
-                &central,
-                Utc::now().date_naive(),
-                DEFAULT_MONTHS_BACK,
-                months_ahead.clamp(0, 120),
-            )
-            .await?;
-            Ok(if created.is_empty() {
-                "Every partition exists already.".to_string()
-            } else {
-                format!("Created partitions: {}.", created.join(", "))
-            })
-        }),
+        } => run_admin(
+            config_path,
+            load_sync,
+            &connection,
+            move |central| async move {
+                if readings_is_partitioned(&central).await? == Some(false) {
+                    return Ok("outpost.readings is not partitioned; nothing to do.".to_string());
+                }
+                let created = maintain(
+                    &central,
+                    Utc::now().date_naive(),
+                    DEFAULT_MONTHS_BACK,
+                    months_ahead.clamp(0, 120),
+                )
+                .await?;
+                Ok(if created.is_empty() {
+                    "Every partition exists already.".to_string()
+                } else {
+                    format!("Created partitions: {}.", created.join(", "))
+                })
+            },
+        ),
     }
 }
 
-fn run_admin<F, Fut>(config_path: &std::path::Path, args: &ConnectionArgs, work: F) -> ExitCode
+fn run_admin<F, Fut>(
+    config_path: &std::path::Path,
+    load_sync: LoadSync<'_>,
+    args: &ConnectionArgs,
+    work: F,
+) -> ExitCode
 where
     F: FnOnce(Central) -> Fut,
     Fut: std::future::Future<Output = Result<String, SyncError>>,
 {
-    let options = match resolve_connection(config_path, args) {
+    let options = match resolve_connection(config_path, load_sync, args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("outpost: {e}");
-            return ExitCode::from(crate::cli::EXIT_CONFIG);
+            return ExitCode::from(crate::exit::CONFIG);
         }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -548,6 +573,8 @@ where
         }
     })
 }
+
+pub use super::legacy::command;
 
 #[cfg(test)]
 mod tests {

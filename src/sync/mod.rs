@@ -25,18 +25,40 @@
 //! (the `outpost.gateways` row).
 
 pub mod central;
+mod clock_hold;
 pub mod heartbeat;
+mod legacy;
 pub mod local;
 pub mod postgres;
 mod worker;
 
 pub use postgres::SyncError;
-pub use worker::{run, run_observed, HoldBack, SyncEvent, SyncObserver};
+pub use worker::{run, run_in, run_observed, HoldBack, SyncEvent, SyncObserver};
 
 use crate::settings::{HumanDuration, Problems, Secret};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Who this gateway is, as the central rows name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    /// The `gateway_id` of every row this gateway sends.
+    pub gateway_id: String,
+    /// The site, shown in the heartbeat row.
+    pub site: String,
+}
+
+/// What the sync worker works with besides its `[sync]` section.
+#[derive(Debug, Clone)]
+pub struct SyncContext {
+    pub gateway: Gateway,
+    pub store: crate::store::Store,
+    /// Where central's (or PgBouncer's) certificate is recorded, as `sync`.
+    pub certs: crate::tls::CertWatch,
+    /// Stamps the heartbeat's and the events' local times.
+    pub clock: crate::clock::Clock,
+}
 
 /// `[sync]`: replication to the central PostgreSQL. Without this section nothing is
 /// sent (readings stay in the local database until retention or the size cap).
