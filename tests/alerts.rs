@@ -61,9 +61,10 @@ impl Agent {
     fn start_with(dir: tempfile::TempDir, config: Config) -> Agent {
         let (store, ingest) = Store::open(&config.storage, StoreOptions::default()).unwrap();
         let token = CancellationToken::new();
-        let alerting = outpost::alerts::spawn_tasks(
+        let alerting = outpost::run::alerting::spawn_tasks(
             &config,
             &store,
+            outpost::tls::CertWatch::default().saving_to(store.clone()),
             token.clone(),
             outpost::alerts::Clock::system(),
         )
@@ -407,18 +408,16 @@ async fn email_implicit_tls_plain_relay_and_wrong_ca_through_notify_test() {
         wrong = ca.wrong_ca_pem().display(),
     );
     let config = load(dir.path(), &body);
-    let ok = outpost::notify::send_test(&config, "smtps").await.unwrap();
+    let ok = send_test(&config, "smtps").await.unwrap();
     assert_eq!(ok, outpost::notify::Outcome::Delivered);
     let mails = smtps.wait_for_messages_async(1, DEADLINE).await;
     assert!(mails[0].data_str().contains("Subject: TEST [info]"));
     assert_eq!(
-        outpost::notify::send_test(&config, "relay").await.unwrap(),
+        send_test(&config, "relay").await.unwrap(),
         outpost::notify::Outcome::Delivered
     );
     plain.wait_for_messages_async(1, DEADLINE).await;
-    let wrong = outpost::notify::send_test(&config, "wrongca")
-        .await
-        .unwrap();
+    let wrong = send_test(&config, "wrongca").await.unwrap();
     assert!(
         matches!(&wrong, outpost::notify::Outcome::Retry(m) if m.to_lowercase().contains("certificate")),
         "{wrong:?}"
@@ -746,4 +745,19 @@ fn demo_fires_and_resolves_its_alert_visibly() {
     );
     let report = outpost::store::status_report(&dir.path().join("outpost.db")).unwrap();
     assert!(report.alerts.firing.is_empty());
+}
+
+/// `outpost notify-test`'s delivery, in-process.
+async fn send_test(
+    config: &outpost::config::Config,
+    name: &str,
+) -> anyhow::Result<outpost::notify::Outcome> {
+    outpost::notify::send_test_event(
+        &config.notifiers,
+        &config.agent.site,
+        &config.agent.gateway_id,
+        name,
+        &outpost::clock::Clock::system(),
+    )
+    .await
 }

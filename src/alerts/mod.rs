@@ -18,7 +18,6 @@
 //!   severity, notifiers or reminders does not reset an alert.
 
 pub mod engine;
-mod legacy;
 pub mod state;
 
 use crate::model::Uid;
@@ -29,7 +28,6 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 pub use engine::{engine_task, Engine, EventContext, Task};
-pub use legacy::{spawn_tasks, AlertTasks};
 
 /// One `[[alerts]]` rule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -160,9 +160,10 @@ pub async fn run(
             print(&readings_out, &text);
         }
     });
-    let alerting = crate::alerts::spawn_tasks(
+    let alerting = crate::run::alerting::spawn_tasks(
         &config,
         &pipeline.store,
+        pipeline.certs.clone(),
         pipeline.shutdown_token(),
         pipeline.clock.clone(),
     )?;

@@ -16,7 +16,13 @@ pub fn main(path: &Path, name: &str) -> ExitCode {
     super::init_tracing("warn");
     let outcome = match super::block_on(
         Runtime::CurrentThread,
-        crate::notify::send_test(&config, name),
+        crate::notify::send_test_event(
+            &config.notifiers,
+            &config.agent.site,
+            &config.agent.gateway_id,
+            name,
+            &crate::clock::Clock::system(),
+        ),
     ) {
         Ok(outcome) => outcome,
         Err(code) => return code,

@@ -340,3 +340,12 @@ pub fn resolve_path(explicit: Option<&Path>) -> PathBuf {
         .or_else(|| std::env::var_os("OUTPOST_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
 }
+
+impl From<AgentConfig> for crate::sync::Gateway {
+    fn from(agent: AgentConfig) -> crate::sync::Gateway {
+        crate::sync::Gateway {
+            gateway_id: agent.gateway_id,
+            site: agent.site,
+        }
+    }
+}

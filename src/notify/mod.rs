@@ -24,13 +24,11 @@
 
 pub mod email;
 pub mod exec;
-mod legacy;
 pub mod log;
 pub mod outbox;
 pub mod template;
 pub mod webhook;
 
-pub use legacy::send_test;
 pub use log::LogNotifierConfig;
 pub use outbox::{outbox_task, NotifyStats, OutboxWorker};
 

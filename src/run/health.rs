@@ -430,7 +430,7 @@ impl HealthProbe {
             crate::clock::is_synchronized(),
             crate::clock::last_step(),
         ));
-        if let Some(check) = crate::tls::health_check(&self.certs.snapshot(), now) {
+        if let Some(check) = certificates_check(&self.certs.snapshot(), now) {
             if !check.ok {
                 report.status = "unhealthy";
             }
@@ -496,6 +496,18 @@ pub fn clock_check(
         ok: true,
         detail,
     }
+}
+
+/// The `certificates` check: informational, from what the watch recorded.
+fn certificates_check(
+    certs: &[(String, crate::tls::CertInfo)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<Check> {
+    crate::tls::certificates_health(certs, now).map(|h| Check {
+        name: "certificates".into(),
+        ok: h.ok,
+        detail: h.detail,
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! - [`pipeline`]: builds the store, the certificate watch and the clock, starts every
 //!   component with them, reloads on SIGHUP (only what changed restarts) and shuts
 //!   down in order.
+//! - [`alerting`]: the alert engine and the notification outbox, started together.
 //! - [`health`]: `/health` and the store-probing liveness the watchdog feeds on.
 //! - [`http`]: the local endpoint serving `/metrics` and `/health`.
 //! - [`collector`]: the `/metrics` gauges read from SQLite, sync state and the
@@ -12,6 +13,7 @@
 //!   computed on the blocking pool, never on a runtime worker.
 //! - [`systemd`]: READY/STOPPING/WATCHDOG notifications.
 
+pub mod alerting;
 pub mod collector;
 pub mod health;
 pub mod http;

@@ -400,12 +400,12 @@ async fn start_alerts(pipeline: &mut Pipeline, config: &Config) {
         return;
     }
     let (config, store) = (config.clone(), pipeline.store.clone());
-    let clock = pipeline.clock.clone();
+    let (clock, certs) = (pipeline.clock.clone(), pipeline.certs.clone());
     pipeline
         .replace_consumer(
             "alerts",
             Some(move |stop: CancellationToken| async move {
-                match crate::alerts::spawn_tasks(&config, &store, stop, clock) {
+                match super::alerting::spawn_tasks(&config, &store, certs, stop, clock) {
                     Ok(tasks) => {
                         let all = [tasks.engine, tasks.outbox].into_iter().flatten();
                         futures_util::future::join_all(all).await;

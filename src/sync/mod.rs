@@ -27,7 +27,6 @@
 pub mod central;
 mod clock_hold;
 pub mod heartbeat;
-mod legacy;
 pub mod local;
 pub mod postgres;
 mod worker;

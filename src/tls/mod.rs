@@ -12,7 +12,6 @@
 //! a kind of source, notifier or section; components declare their endpoints.
 
 pub mod config;
-mod legacy;
 pub mod watch;
 pub mod x509;
 
@@ -20,7 +19,6 @@ pub use config::{
     builder, client_config, provider, public_roots_with, read_certs, read_private_key, root_store,
     webpki_verifier,
 };
-pub use legacy::health_check;
 pub use watch::{
     certificates_health, configured_cert_files, expiring, forget_removed_servers, log_expiring,
     presented_status, record_and_log, recording, remind_daily, server_labels, status_lines,

@@ -1,9 +1,8 @@
-//! Old entry point, kept only so that callers outside this branch (`pipeline.rs`,
-//! `demo.rs`, `tests/alerts.rs`) compile until the merge; it is the only place in
-//! `alerts` that reaches up to `config` and `notify`. Delete this file once they start
-//! the two tasks themselves, as [`spawn_tasks`] shows.
+//! Alerting as the pipeline runs it: the rule engine and the notification outbox,
+//! sharing one wake-up (the engine wakes the outbox when it queued a notification).
+//! Wired here, above `alerts` and `notify`, so neither imports the other.
 
-use super::engine::{engine_task, EventContext, Task};
+use crate::alerts::engine::{engine_task, EventContext, Task};
 use crate::clock::Clock;
 use crate::store::Store;
 use std::sync::Arc;
@@ -22,11 +21,11 @@ pub struct AlertTasks {
 pub fn spawn_tasks(
     config: &crate::config::Config,
     store: &Store,
+    certs: crate::tls::CertWatch,
     shutdown: CancellationToken,
     clock: Clock,
 ) -> anyhow::Result<AlertTasks> {
     let wake = Arc::new(tokio::sync::Notify::new());
-    let certs = store.certs().clone().saving_to(store.clone());
     let outbox = crate::notify::outbox_task(
         &config.notifiers,
         &config.agent.gateway_id,
