@@ -30,7 +30,7 @@ use super::modbus_decode::{
 };
 use super::rejects::{RejectCounter, SequenceAllocator};
 use super::serial::{Plausible, PortSettings};
-use super::SourceContext;
+use super::{SourceContext, SourceKind};
 use crate::backoff::{Backoff, Jitter};
 use crate::model::{flags, Batch, Committed, Reading, Uid};
 use crate::settings::{check_identifier, HumanDuration, Problems};
@@ -38,6 +38,7 @@ use crate::store::state::StateWriter;
 use crate::store::StoreError;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -160,7 +161,32 @@ fn one_f64() -> f64 {
 }
 
 impl ModbusConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+    fn gap(&self) -> Duration {
+        if let Some(gap) = self.inter_frame_gap {
+            return gap.get();
+        }
+        if self.port.baud > 19_200 {
+            Duration::from_micros(1750)
+        } else {
+            Duration::from_secs_f64(
+                3.5 * f64::from(self.port.bits_per_char()) / f64::from(self.port.baud.max(1)),
+            )
+        }
+    }
+}
+
+impl SourceKind for ModbusConfig {
+    const TYPE: &'static str = "modbus-rtu";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        Vec::new()
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         if self.path.trim().is_empty() {
             problems.push(
                 format!("{path}.path"),
@@ -207,17 +233,8 @@ impl ModbusConfig {
         }
     }
 
-    fn gap(&self) -> Duration {
-        if let Some(gap) = self.inter_frame_gap {
-            return gap.get();
-        }
-        if self.port.baud > 19_200 {
-            Duration::from_micros(1750)
-        } else {
-            Duration::from_secs_f64(
-                3.5 * f64::from(self.port.bits_per_char()) / f64::from(self.port.baud.max(1)),
-            )
-        }
+    fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, ctx)
     }
 }
 

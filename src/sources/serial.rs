@@ -33,7 +33,7 @@ use super::serial_formats::{
     check_timestamp_pattern, FieldRoles, Format, Frame, LineEnding, LineError, LineFramer,
     LineParser, TimestampFormat,
 };
-use super::SourceContext;
+use super::{SourceContext, SourceKind};
 use crate::backoff::{Backoff, Jitter};
 use crate::model::{flags, Batch, Committed, Reading, Uid};
 use crate::settings::{check_identifier, HumanDuration, Problems};
@@ -42,6 +42,7 @@ use crate::store::state::StateWriter;
 use crate::store::StoreError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
@@ -298,7 +299,50 @@ fn default_max_line_length() -> usize {
 }
 
 impl SerialConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+    fn parser(&self) -> anyhow::Result<LineParser> {
+        let format = match self.format {
+            FormatName::Json => Format::Json,
+            FormatName::Csv => Format::Csv {
+                delimiter: self.csv.delimiter.chars().next().unwrap_or(','),
+                columns: self.csv.columns.clone(),
+            },
+            FormatName::KeyValue => Format::KeyValue,
+            FormatName::Regex => {
+                let pattern = self.pattern.as_deref().unwrap_or_default();
+                Format::Regex(
+                    regex::RegexBuilder::new(pattern)
+                        .size_limit(1 << 20)
+                        .build()?,
+                )
+            }
+        };
+        let f = &self.fields;
+        Ok(LineParser::new(
+            format,
+            FieldRoles {
+                device_field: f.device_field.clone(),
+                timestamp_field: f.timestamp_field.clone(),
+                timestamp_format: f.timestamp_format.clone(),
+                metric_field: f.metric_field.clone(),
+                value_field: f.value_field.clone(),
+                unit_field: f.unit_field.clone(),
+            },
+        ))
+    }
+}
+
+impl SourceKind for SerialConfig {
+    const TYPE: &'static str = "serial";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        Vec::new()
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         if self.path.trim().is_empty() {
             problems.push(
                 format!("{path}.path"),
@@ -418,35 +462,8 @@ impl SerialConfig {
         }
     }
 
-    fn parser(&self) -> anyhow::Result<LineParser> {
-        let format = match self.format {
-            FormatName::Json => Format::Json,
-            FormatName::Csv => Format::Csv {
-                delimiter: self.csv.delimiter.chars().next().unwrap_or(','),
-                columns: self.csv.columns.clone(),
-            },
-            FormatName::KeyValue => Format::KeyValue,
-            FormatName::Regex => {
-                let pattern = self.pattern.as_deref().unwrap_or_default();
-                Format::Regex(
-                    regex::RegexBuilder::new(pattern)
-                        .size_limit(1 << 20)
-                        .build()?,
-                )
-            }
-        };
-        let f = &self.fields;
-        Ok(LineParser::new(
-            format,
-            FieldRoles {
-                device_field: f.device_field.clone(),
-                timestamp_field: f.timestamp_field.clone(),
-                timestamp_format: f.timestamp_format.clone(),
-                metric_field: f.metric_field.clone(),
-                value_field: f.value_field.clone(),
-                unit_field: f.unit_field.clone(),
-            },
-        ))
+    fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, ctx)
     }
 }
 

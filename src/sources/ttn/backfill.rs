@@ -45,13 +45,12 @@
 //! HTTP server, for room in the store's batch queue and for commits before moving its
 //! cursor; nothing waits for it.
 
-use super::mqtt_client;
-use super::ttn::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};
-use super::SourceContext;
+use super::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};
 use crate::backoff::Backoff;
 use crate::model::{flags, Batch, Reading};
 use crate::ratelimit::LogLimiter;
 use crate::settings::{HumanDuration, Problems, Secret};
+use crate::sources::{mqtt, SourceContext};
 use crate::store::StoreError;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
@@ -554,16 +553,15 @@ impl Backfill {
             .read_timeout(config.backfill.timeout.get())
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
         if base_url.starts_with("https://") {
-            let recorder = ctx.store.cert_recorder(
-                &format!("sources.{}.backfill", config.name),
+            let recorder = ctx.cert_recorder(
+                &config.backfill_endpoint().label,
                 &crate::tls::url_peer(&base_url),
             );
-            let tls = mqtt_client::tls_client_config(
-                config.broker.ca_file.as_deref(),
-                None,
-                Some(recorder),
-            )
-            .map_err(|(key, e)| anyhow::anyhow!("source {}: broker.{key}: {e}", config.name))?;
+            let tls =
+                mqtt::tls_client_config(config.broker.ca_file.as_deref(), None, Some(recorder))
+                    .map_err(|(key, e)| {
+                        anyhow::anyhow!("source {}: broker.{key}: {e}", config.name)
+                    })?;
             builder = builder.use_preconfigured_tls(tls);
         }
         let http = builder.build().map_err(|e| {
