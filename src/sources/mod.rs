@@ -8,19 +8,23 @@
 pub mod chirpstack;
 pub mod mapping;
 pub mod modbus;
-pub mod modbus_decode;
 pub mod mqtt;
 pub mod mqtt_json;
+pub mod port;
 pub mod reasons;
 pub mod rejects;
 pub mod serial;
-pub mod serial_formats;
 pub mod simulated;
 pub mod ttn;
+pub mod window;
 
 // Paths from before the `mqtt/` and `ttn/` folders (the CLI, benches, `crate::fuzzing`).
 pub use mqtt as mqtt_client;
 pub use ttn::backfill as ttn_backfill;
+// The parsers under their paths from before the `serial/` and `modbus/` folders
+// (tests, fuzz targets).
+pub use modbus::decode as modbus_decode;
+pub use serial::formats as serial_formats;
 
 use crate::model::Batch;
 use crate::settings::{check_identifier, quoted, Problems};
