@@ -317,3 +317,111 @@ impl SourceContext {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A minimal `[[sources]]` table of every kind (without `type` and `name`). A new
+    /// kind must add one, so the checks below cover it.
+    fn samples() -> Vec<(&'static str, Value)> {
+        let broker = json!({ "host": "broker.example", "tls": false });
+        vec![
+            (
+                "simulated",
+                json!({ "devices": ["d1"], "metrics": [{ "name": "t" }] }),
+            ),
+            (
+                "ttn",
+                json!({ "application": "app", "api_key": "NNSXS.KEY", "broker": broker }),
+            ),
+            (
+                "chirpstack",
+                json!({ "application_id": "1f6a3c2e", "broker": broker }),
+            ),
+            (
+                "mqtt",
+                json!({ "topics": ["sensors/+/json"], "device_segment": 1, "broker": broker }),
+            ),
+            (
+                "serial",
+                json!({ "path": "/dev/ttyUSB0", "format": "json" }),
+            ),
+            (
+                "modbus-rtu",
+                json!({ "path": "/dev/ttyUSB1", "slaves": [] }),
+            ),
+        ]
+    }
+
+    fn parse(kind: &str, mut value: Value) -> SourceConfig {
+        value["type"] = json!(kind);
+        value["name"] = json!("s1");
+        let mut problems = Problems::default();
+        let config = SourceConfig::from_json(value, "sources[0]", &mut problems);
+        assert!(problems.0.is_empty(), "{kind}: {:?}", problems.0);
+        config.unwrap_or_else(|| panic!("{kind} did not deserialize"))
+    }
+
+    #[test]
+    fn every_kind_in_the_list_has_a_sample() {
+        let samples = samples();
+        for kind in TYPES {
+            assert!(
+                samples.iter().any(|(k, _)| k == kind),
+                "add a sample of {kind:?} to samples()"
+            );
+        }
+    }
+
+    /// Every kind that connects to a broker declares it (`sources.NAME.broker`), and
+    /// TTN its Storage Integration too, so the certificate watch covers them.
+    #[test]
+    fn every_kind_that_connects_declares_its_tls_endpoints() {
+        for (kind, value) in samples() {
+            let connects = value.get("broker").is_some();
+            let config = parse(kind, value);
+            assert_eq!(config.kind(), kind);
+            assert_eq!(config.name(), "s1");
+            let labels: Vec<String> = config
+                .tls_endpoints()
+                .into_iter()
+                .map(|e| e.label)
+                .collect();
+            let mut expected = Vec::new();
+            if connects {
+                expected.push("sources.s1.broker".to_string());
+            }
+            if kind == "ttn" {
+                expected.push("sources.s1.backfill".to_string());
+            }
+            assert_eq!(labels, expected, "{kind}");
+        }
+    }
+
+    /// The generated serializer writes `type` like serde's internally tagged enums, so
+    /// a printed configuration reads back the same (secrets print redacted).
+    #[test]
+    fn serialized_sources_read_back_the_same() {
+        for (kind, value) in samples() {
+            let config = parse(kind, value);
+            let printed = serde_json::to_value(&config).unwrap();
+            assert_eq!(printed["type"], json!(kind));
+            let mut problems = Problems::default();
+            let again = SourceConfig::from_json(printed.clone(), "sources[0]", &mut problems)
+                .unwrap_or_else(|| panic!("{kind}: {:?}", problems.0));
+            assert_eq!(serde_json::to_value(&again).unwrap(), printed, "{kind}");
+        }
+    }
+
+    #[test]
+    fn unknown_types_name_the_known_ones() {
+        let mut problems = Problems::default();
+        let value = json!({ "type": "lorawan", "name": "s1" });
+        assert!(SourceConfig::from_json(value, "sources[0]", &mut problems).is_none());
+        let text = format!("{:?}", problems.0);
+        assert!(text.contains("sources[0].type"), "{text}");
+        assert!(text.contains("modbus-rtu"), "{text}");
+    }
+}

@@ -216,7 +216,7 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
             _ = ticker.tick() => {}
         }
         let elapsed = started.elapsed();
-        let now = crate::clock::now();
+        let now = ctx.clock.now();
         let micros = now.timestamp_micros().to_string();
         let mut readings = Vec::with_capacity(config.devices.len() * config.metrics.len());
         for device in &config.devices {

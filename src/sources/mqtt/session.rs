@@ -253,7 +253,7 @@ pub async fn run_session(
                 eventloop.state.await_pingresp = false;
                 let item = Handoff {
                     publish,
-                    received_at: crate::clock::now(),
+                    received_at: ctx.clock.now(),
                     connection: generation,
                 };
                 match handoff_tx.try_send(item) {

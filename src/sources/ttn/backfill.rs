@@ -596,9 +596,10 @@ impl Backfill {
             chrono::Duration::from_std(self.config.initial_window.get()).unwrap_or_default();
         let mut cursor = self.load_time(CURSOR_KEY).await;
         let mut persisted = cursor;
+        let clock = self.ctx.clock.clone();
         let start_of = |known: Option<DateTime<Utc>>| match known {
             Some(t) => t - overlap,
-            None => crate::clock::now() - initial,
+            None => clock.now() - initial,
         };
         // Not clamped with the local clock, which may be wrong at boot (G8); the server
         // keeps only its retention anyway.
@@ -761,7 +762,7 @@ impl Backfill {
         let last = serde_json::json!({
             "reason": reason.label(),
             "readings": progress.recovered,
-            "at": rfc3339(crate::clock::now()),
+            "at": rfc3339(self.ctx.clock.now()),
         });
         let rows = vec![
             (recovered_key(reason), total.to_string()),
@@ -963,7 +964,7 @@ impl Backfill {
         );
         match self
             .mapper
-            .readings(&uplink, crate::clock::now(), flags::BACKFILLED)
+            .readings(&uplink, self.ctx.clock.now(), flags::BACKFILLED)
         {
             Ok(readings) => chunk.readings.extend(readings),
             Err(r) if r.record => self.reject(r.reason, &r.detail, line),
