@@ -412,6 +412,20 @@ mod tests {
             let again = SourceConfig::from_json(printed.clone(), "sources[0]", &mut problems)
                 .unwrap_or_else(|| panic!("{kind}: {:?}", problems.0));
             assert_eq!(serde_json::to_value(&again).unwrap(), printed, "{kind}");
+            // As `outpost config` prints it.
+            let text = toml::to_string(&config).unwrap();
+            let read: toml::Value = toml::from_str(&text).unwrap();
+            let back = SourceConfig::from_json(
+                serde_json::to_value(read).unwrap(),
+                "sources[0]",
+                &mut problems,
+            );
+            let back = back.unwrap_or_else(|| panic!("{kind}: {:?}\n{text}", problems.0));
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                printed,
+                "{kind}:\n{text}"
+            );
         }
     }
 
