@@ -1,10 +1,15 @@
 //! What the serial and Modbus sources share about their port: its line settings, and
 //! [`ReopeningPort`], which opens it with backoff and reopens it when it disappears
-//! (an unplugged USB adapter), keeping the `state` row (`open`, `waiting`, `stopped`
-//! with the path, since and error) that `outpost status` shows.
+//! (an unplugged USB adapter), and [`PortRecords`], what such a source records: the
+//! `state` row (`open`, `waiting`, `stopped` with the path, since and error) that
+//! `outpost status` shows, rejected input, sequence numbers and batches in flight.
 
+use super::rejects::{RejectCounter, SequenceAllocator};
+use super::window::BatchWindow;
+use super::SourceContext;
 use crate::backoff::{Backoff, Jitter};
 use crate::settings::Problems;
+use crate::store::state::StateWriter;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -233,26 +238,82 @@ impl ReopeningPort {
     }
 }
 
-/// The `state` row of a port in `source_state`: `(key, JSON)`.
-pub fn state_row(
-    state: &str,
-    path: &str,
-    since: DateTime<Utc>,
-    error: Option<&str>,
-) -> (String, String) {
-    let value = serde_json::json!({
-        "state": state,
-        "path": path,
-        "since": since.to_rfc3339(),
-        "error": error,
-    });
-    ("state".into(), value.to_string())
+/// What a source that reads a port records: sequence numbers for its uids, rejected
+/// input, its `source_state` rows (the port's `state` row and the counts of
+/// [`RejectCounter`]) and the batches awaiting their commit.
+pub struct PortRecords {
+    pub rejects: RejectCounter,
+    pub window: BatchWindow,
+    sequence: SequenceAllocator,
+    state: StateWriter,
+    state_rows: Vec<(String, String)>,
 }
 
-/// Replaces the `state` row in `rows`.
-pub fn put_state_row(rows: &mut Vec<(String, String)>, row: (String, String)) {
-    rows.retain(|(k, _)| k != "state");
-    rows.push(row);
+/// Sequence numbers reserved per commit of the reservation.
+const SEQUENCE_BLOCK: u64 = 10_000;
+
+impl PortRecords {
+    /// `what` names the readings in log lines ("serial"); `waiting` says what a full
+    /// disk does to the source.
+    pub async fn load(
+        ctx: &SourceContext,
+        source: &str,
+        what: &'static str,
+        waiting: &'static str,
+    ) -> anyhow::Result<PortRecords> {
+        Ok(PortRecords {
+            sequence: SequenceAllocator::load(source, ctx.store.clone(), SEQUENCE_BLOCK).await?,
+            rejects: RejectCounter::new(source, ctx.store.clone(), ctx.metrics.clone()),
+            window: BatchWindow::new(ctx, source, what, waiting),
+            state: StateWriter::new(source, ctx.store.clone()),
+            state_rows: Vec::new(),
+        })
+    }
+
+    /// The next sequence number for the uids of `readings` readings (see
+    /// [`BatchWindow::next_sequence`]).
+    pub async fn next_sequence(&mut self, readings: usize) -> Option<String> {
+        self.window
+            .next_sequence(&mut self.sequence, readings)
+            .await
+    }
+
+    /// Sets the `state` row (`open`, `waiting`, `stopped`) of the port at `path`.
+    pub fn set_state(
+        &mut self,
+        state: &str,
+        path: &str,
+        since: DateTime<Utc>,
+        error: Option<&str>,
+    ) {
+        let value = serde_json::json!({
+            "state": state,
+            "path": path,
+            "since": since.to_rfc3339(),
+            "error": error,
+        });
+        self.state_rows.retain(|(k, _)| k != "state");
+        self.state_rows.push(("state".into(), value.to_string()));
+    }
+
+    /// Writes the changed rows, with the source's `extra` rows, in the background.
+    pub fn publish(&mut self, extra: Vec<(String, String)>) {
+        let rows = self.take_rows(extra);
+        self.state.put(rows);
+    }
+
+    /// At stop, after the batches in flight were drained: writes the last rows.
+    pub async fn finish(&mut self, extra: Vec<(String, String)>) {
+        let rows = self.take_rows(extra);
+        self.state.flush(rows).await;
+    }
+
+    fn take_rows(&mut self, extra: Vec<(String, String)>) -> Vec<(String, String)> {
+        let mut rows = std::mem::take(&mut self.state_rows);
+        rows.extend(extra);
+        rows.extend(self.rejects.take_changed_rows());
+        rows
+    }
 }
 
 #[cfg(test)]

@@ -29,14 +29,11 @@ use decode::{answer_len, classify_timeout, decode_bits, decode_registers, Order,
 pub mod decode;
 
 use super::mapping::Plausible;
-use super::port::{put_state_row, state_row, PortOwner, PortSettings, ReopeningPort};
-use super::rejects::{RejectCounter, SequenceAllocator};
-use super::window::BatchWindow;
+use super::port::{PortOwner, PortRecords, PortSettings, ReopeningPort};
 use super::{SourceContext, SourceKind};
 use crate::backoff::{Backoff, Jitter};
 use crate::model::{flags, Reading, Uid};
 use crate::settings::{check_identifier, HumanDuration, Problems};
-use crate::store::state::StateWriter;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
@@ -492,16 +489,10 @@ struct ModbusSource {
     config: ModbusConfig,
     ctx: SourceContext,
     slaves: Vec<SlaveRuntime>,
-    sequence: SequenceAllocator,
-    rejects: RejectCounter,
-    state: StateWriter,
-    state_rows: Vec<(String, String)>,
-    /// Batches awaiting their commit.
-    window: BatchWindow,
+    records: PortRecords,
     bus_open: bool,
 }
 
-const SEQUENCE_BLOCK: u64 = 10_000;
 /// The first wait before probing a slave that went offline (or its interval if longer).
 const OFFLINE_FIRST_PROBE: Duration = Duration::from_secs(1);
 
@@ -532,17 +523,13 @@ pub async fn run(config: ModbusConfig, ctx: SourceContext) -> anyhow::Result<()>
             })
             .collect();
         let mut source = ModbusSource {
-            sequence: SequenceAllocator::load(&config.name, ctx.store.clone(), SEQUENCE_BLOCK)
-                .await?,
-            rejects: RejectCounter::new(&config.name, ctx.store.clone(), ctx.metrics.clone()),
-            state: StateWriter::new(&config.name, ctx.store.clone()),
-            state_rows: Vec::new(),
-            window: BatchWindow::new(
+            records: PortRecords::load(
                 &ctx,
                 &config.name,
                 "Modbus",
                 "Modbus readings wait (the bus is not polled)",
-            ),
+            )
+            .await?,
             bus_open: false,
             slaves,
             config,
@@ -585,12 +572,10 @@ impl ModbusSource {
                 }
             }
         }
-        self.window.drain().await;
+        self.records.window.drain().await;
         self.set_state("stopped", None);
-        let mut rows = std::mem::take(&mut self.state_rows);
-        rows.extend(self.slave_rows());
-        rows.extend(self.rejects.take_changed_rows());
-        self.state.flush(rows).await;
+        let slaves = self.slave_rows();
+        self.records.finish(slaves).await;
         Ok(())
     }
 
@@ -676,7 +661,7 @@ impl ModbusSource {
                         let metric = reg.metric_name(k);
                         let value = v * reg.scale + reg.offset;
                         if !reg.plausible().contains(value) {
-                            self.rejects.reject(
+                            self.records.rejects.reject(
                                 "implausible_value",
                                 &format_args!(
                                     "slave {id} {metric} = {value} is outside {:?}..{:?}",
@@ -691,7 +676,7 @@ impl ModbusSource {
                 }
                 Some(Err(RequestError::Exception(code))) => {
                     answered = true;
-                    self.rejects.reject(
+                    self.records.rejects.reject(
                         "modbus_exception",
                         &format_args!(
                             "slave {id} function {} address {} ({}): {} (exception {:#04x})",
@@ -706,7 +691,7 @@ impl ModbusSource {
                 }
                 Some(Err(RequestError::Decode(e))) => {
                     answered = true;
-                    self.rejects.reject(
+                    self.records.rejects.reject(
                         e.reason(),
                         &format_args!(
                             "slave {id} function {} address {} ({}): {e}",
@@ -727,7 +712,7 @@ impl ModbusSource {
                     // The slave said something, but garbled: it is alive; keep the bytes
                     // for diagnosis and go on with the next register.
                     answered = true;
-                    self.rejects.reject(
+                    self.records.rejects.reject(
                         reason,
                         &format_args!(
                             "slave {id} function {} address {} ({}) after {attempts} attempt(s)",
@@ -738,7 +723,8 @@ impl ModbusSource {
                 }
                 Some(Err(RequestError::Framing(e))) => {
                     answered = true;
-                    self.rejects
+                    self.records
+                        .rejects
                         .reject("bad_frame", &format_args!("slave {id}: {e}"), &[]);
                 }
                 Some(Err(RequestError::Bus(e))) => return Err(PollAbort::Bus(e)),
@@ -804,11 +790,7 @@ impl ModbusSource {
         if values.is_empty() {
             return;
         }
-        let Some(sequence) = self
-            .window
-            .next_sequence(&mut self.sequence, values.len())
-            .await
-        else {
+        let Some(sequence) = self.records.next_sequence(values.len()).await else {
             return;
         };
         let flags = if crate::clock::is_synchronized() {
@@ -835,7 +817,7 @@ impl ModbusSource {
         self.ctx
             .metrics
             .received(&self.config.name, readings.len() as u64);
-        self.window.send(readings).await;
+        self.records.window.send(readings).await;
     }
 
     fn slave_rows(&self) -> Vec<(String, String)> {
@@ -867,10 +849,8 @@ impl PortOwner for ModbusSource {
     fn set_state(&mut self, state: &str, error: Option<&str>) {
         self.bus_open = state == "open";
         let since = self.ctx.clock.now();
-        put_state_row(
-            &mut self.state_rows,
-            state_row(state, &self.config.path, since, error),
-        );
+        self.records
+            .set_state(state, &self.config.path, since, error);
         self.publish_state();
     }
 
@@ -881,10 +861,8 @@ impl PortOwner for ModbusSource {
         self.ctx
             .metrics
             .set_connected(&self.config.name, bus_open && any_alive);
-        let mut rows = std::mem::take(&mut self.state_rows);
-        rows.extend(self.slave_rows());
-        rows.extend(self.rejects.take_changed_rows());
-        self.state.put(rows);
+        let slaves = self.slave_rows();
+        self.records.publish(slaves);
     }
 
     fn log_open(&self, back_after: Option<Duration>) {

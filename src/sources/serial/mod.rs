@@ -31,14 +31,11 @@
 pub mod formats;
 
 use super::mapping::Plausible;
-use super::port::{put_state_row, state_row, PortOwner, PortSettings, ReopeningPort};
-use super::rejects::{RejectCounter, SequenceAllocator};
-use super::window::BatchWindow;
+use super::port::{PortOwner, PortRecords, PortSettings, ReopeningPort};
 use super::{SourceContext, SourceKind};
 use crate::model::{flags, Reading, Uid};
 use crate::settings::{check_identifier, HumanDuration, Problems};
 use crate::sources::mapping::Mapping;
-use crate::store::state::StateWriter;
 use formats::{
     check_timestamp_pattern, FieldRoles, Format, Frame, LineEnding, LineError, LineFramer,
     LineParser, TimestampFormat,
@@ -372,22 +369,14 @@ struct Pending {
     since: Option<Instant>,
 }
 
-/// Sequence numbers reserved per commit of the reservation.
-const SEQUENCE_BLOCK: u64 = 10_000;
-
 /// One serial port's running state.
 struct SerialSource {
     config: SerialConfig,
     ctx: SourceContext,
     parser: LineParser,
     framer: LineFramer,
-    sequence: SequenceAllocator,
-    rejects: RejectCounter,
-    state: StateWriter,
-    state_rows: Vec<(String, String)>,
+    records: PortRecords,
     pending: Pending,
-    /// Batches awaiting their commit.
-    window: BatchWindow,
     /// Lines accepted since start (for tests and benchmarks through the log).
     accepted_lines: u64,
 }
@@ -396,26 +385,22 @@ pub async fn run(config: SerialConfig, ctx: SourceContext) -> anyhow::Result<()>
     let span = tracing::info_span!("source", name = %config.name, kind = "serial");
     async move {
         let parser = config.parser()?;
-        let sequence =
-            SequenceAllocator::load(&config.name, ctx.store.clone(), SEQUENCE_BLOCK).await?;
+        let records = PortRecords::load(
+            &ctx,
+            &config.name,
+            "serial",
+            "serial readings wait (the port is not read)",
+        )
+        .await?;
         let mut source = SerialSource {
             framer: LineFramer::new(config.max_line_length, config.line_ending),
             parser,
-            sequence,
-            rejects: RejectCounter::new(&config.name, ctx.store.clone(), ctx.metrics.clone()),
-            state: StateWriter::new(&config.name, ctx.store.clone()),
-            state_rows: Vec::new(),
+            records,
             pending: Pending {
                 readings: Vec::new(),
                 lines: 0,
                 since: None,
             },
-            window: BatchWindow::new(
-                &ctx,
-                &config.name,
-                "serial",
-                "serial readings wait (the port is not read)",
-            ),
             accepted_lines: 0,
             config,
             ctx,
@@ -443,7 +428,7 @@ impl SerialSource {
             // The port is closed here (dropped), so the kernel can reuse the device name.
             let partial = self.framer.reset();
             if partial > 0 {
-                self.rejects.reject(
+                self.records.rejects.reject(
                     "truncated_line",
                     &format_args!("{partial} bytes of a line cut off when the port closed"),
                     &[],
@@ -460,14 +445,12 @@ impl SerialSource {
             }
         }
         self.flush().await;
-        self.window.drain().await;
+        self.records.window.drain().await;
         self.set_state("stopped", None);
-        let mut rows = std::mem::take(&mut self.state_rows);
-        rows.extend(self.rejects.take_changed_rows());
-        self.state.flush(rows).await;
+        self.records.finish(Vec::new()).await;
         tracing::debug!(
             accepted_lines = self.accepted_lines,
-            rejected = self.rejects.total(),
+            rejected = self.records.rejects.total(),
             "Serial source stopped."
         );
         Ok(())
@@ -501,7 +484,7 @@ impl SerialSource {
                 _ = sleep_until_opt(deadline) => self.flush().await,
                 // A commit result, so a batch refused by a full disk is offered again
                 // even when no new line arrives.
-                result = self.window.next_ack() => self.window.settle_oldest(result).await,
+                result = self.records.window.next_ack() => self.records.window.settle_oldest(result).await,
                 _ = publish.tick() => self.publish_state(),
             }
         }
@@ -522,7 +505,7 @@ impl SerialSource {
         for line in lines {
             match line {
                 Ok(bytes) => self.take_line(&bytes, now, clock_unsynced).await,
-                Err(n) => self.rejects.reject(
+                Err(n) => self.records.rejects.reject(
                     "line_too_long",
                     &format_args!(
                         "{n} bytes without a line ending (max_line_length {})",
@@ -574,7 +557,7 @@ impl SerialSource {
             }
             if let Some(range) = self.config.plausible.get(&mapped.metric) {
                 if !range.contains(mapped.value) {
-                    self.rejects.reject(
+                    self.records.rejects.reject(
                         "implausible_value",
                         &format_args!(
                             "{} of {device} = {} is outside {:?}..{:?}",
@@ -590,11 +573,7 @@ impl SerialSource {
         if readings.is_empty() {
             return;
         }
-        let Some(sequence) = self
-            .window
-            .next_sequence(&mut self.sequence, readings.len())
-            .await
-        else {
+        let Some(sequence) = self.records.next_sequence(readings.len()).await else {
             return;
         };
         let readings_len = readings.len();
@@ -621,7 +600,7 @@ impl SerialSource {
     }
 
     fn reject_line(&mut self, e: &LineError, bytes: &[u8]) {
-        self.rejects.reject(e.reason(), e, bytes);
+        self.records.rejects.reject(e.reason(), e, bytes);
     }
 
     /// Sends the pending readings as one batch; waits only when too many batches are
@@ -635,7 +614,7 @@ impl SerialSource {
         let readings = std::mem::take(&mut self.pending.readings);
         // When the writer is behind, the reader waits here and the bytes wait in the
         // kernel's buffer (and the sensor's, with flow control).
-        self.window.send(readings).await;
+        self.records.window.send(readings).await;
     }
 }
 
@@ -647,17 +626,13 @@ impl PortOwner for SerialSource {
             .metrics
             .set_connected(&self.config.name, state == "open");
         let since = self.ctx.clock.now();
-        put_state_row(
-            &mut self.state_rows,
-            state_row(state, &self.config.path, since, error),
-        );
+        self.records
+            .set_state(state, &self.config.path, since, error);
         self.publish_state();
     }
 
     fn publish_state(&mut self) {
-        let mut rows = std::mem::take(&mut self.state_rows);
-        rows.extend(self.rejects.take_changed_rows());
-        self.state.put(rows);
+        self.records.publish(Vec::new());
     }
 
     fn log_open(&self, back_after: Option<Duration>) {
