@@ -279,15 +279,7 @@ fn parse_time(
     value: Option<&str>,
     field: &'static str,
 ) -> Result<Option<DateTime<Utc>>, DecodeError> {
-    match value {
-        None | Some("") => Ok(None),
-        Some(s) => DateTime::parse_from_rfc3339(s)
-            .map(|t| Some(t.with_timezone(&Utc)))
-            .map_err(|_| DecodeError::BadTime {
-                field,
-                value: s.chars().take(64).collect(),
-            }),
-    }
+    mqtt::parse_rfc3339(value).map_err(|value| DecodeError::BadTime { field, value })
 }
 
 /// Turns uplink events into readings for one configured source.

@@ -8,7 +8,7 @@ use super::rejects::{RejectCounter, SequenceAllocator};
 use super::window::BatchWindow;
 use super::SourceContext;
 use crate::backoff::{Backoff, Jitter};
-use crate::settings::Problems;
+use crate::settings::{HumanDuration, Problems};
 use crate::store::state::StateWriter;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -141,6 +141,28 @@ impl PortSettings {
         1 + u32::from(self.data_bits)
             + u32::from(self.parity != ParityName::None)
             + u32::from(self.stop_bits)
+    }
+}
+
+/// Checks the device `device` and its line settings (`{path}.path`, `{path}.port`).
+pub fn check_port(device: &str, settings: &PortSettings, path: &str, problems: &mut Problems) {
+    if device.trim().is_empty() {
+        problems.push(
+            format!("{path}.path"),
+            "must name the serial device, e.g. /dev/serial/by-id/...",
+        );
+    }
+    settings.validate(&format!("{path}.port"), problems);
+}
+
+/// Checks `{path}.reopen_max_delay`, the cap of [`ReopeningPort`]'s backoff.
+pub fn check_reopen_max_delay(delay: HumanDuration, path: &str, problems: &mut Problems) {
+    let delay = delay.get();
+    if delay < Duration::from_millis(250) || delay > Duration::from_secs(3600) {
+        problems.push(
+            format!("{path}.reopen_max_delay"),
+            "must be between 250ms and 1h",
+        );
     }
 }
 

@@ -29,7 +29,9 @@ use decode::{answer_len, classify_timeout, decode_bits, decode_registers, Order,
 pub mod decode;
 
 use super::mapping::Plausible;
-use super::port::{PortOwner, PortRecords, PortSettings, ReopeningPort};
+use super::port::{
+    check_port, check_reopen_max_delay, PortOwner, PortRecords, PortSettings, ReopeningPort,
+};
 use super::{SourceContext, SourceKind};
 use crate::backoff::{Backoff, Jitter};
 use crate::model::{flags, Reading, Uid};
@@ -182,13 +184,7 @@ impl SourceKind for ModbusConfig {
     }
 
     fn validate(&self, path: &str, problems: &mut Problems) {
-        if self.path.trim().is_empty() {
-            problems.push(
-                format!("{path}.path"),
-                "must name the serial device, e.g. /dev/serial/by-id/...",
-            );
-        }
-        self.port.validate(&format!("{path}.port"), problems);
+        check_port(&self.path, &self.port, path, problems);
         if let Some(gap) = self.inter_frame_gap {
             if gap.get() > Duration::from_secs(1) {
                 problems.push(format!("{path}.inter_frame_gap"), "must be at most 1s");
@@ -200,13 +196,7 @@ impl SourceKind for ModbusConfig {
                 "must be at least 1s",
             );
         }
-        let reopen = self.reopen_max_delay.get();
-        if reopen < Duration::from_millis(250) || reopen > Duration::from_secs(3600) {
-            problems.push(
-                format!("{path}.reopen_max_delay"),
-                "must be between 250ms and 1h",
-            );
-        }
+        check_reopen_max_delay(self.reopen_max_delay, path, problems);
         if self.slaves.is_empty() {
             problems.push(format!("{path}.slaves"), "list at least one slave");
         }

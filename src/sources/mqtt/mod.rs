@@ -92,6 +92,17 @@ impl Session {
     }
 }
 
+/// An optional RFC 3339 time of a network server's JSON (`""` counts as absent, as the
+/// servers omit empty fields); the error holds the start of the bad value.
+pub fn parse_rfc3339(value: Option<&str>) -> Result<Option<DateTime<Utc>>, String> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(s) => DateTime::parse_from_rfc3339(s)
+            .map(|t| Some(t.with_timezone(&Utc)))
+            .map_err(|_| s.chars().take(64).collect()),
+    }
+}
+
 /// The default `max_payload` of the MQTT sources.
 pub fn default_max_payload() -> ByteSize {
     ByteSize(64 << 10)

@@ -31,7 +31,9 @@
 pub mod formats;
 
 use super::mapping::Plausible;
-use super::port::{PortOwner, PortRecords, PortSettings, ReopeningPort};
+use super::port::{
+    check_port, check_reopen_max_delay, PortOwner, PortRecords, PortSettings, ReopeningPort,
+};
 use super::{SourceContext, SourceKind};
 use crate::model::{flags, Reading, Uid};
 use crate::settings::{check_identifier, HumanDuration, Problems};
@@ -238,13 +240,7 @@ impl SourceKind for SerialConfig {
     }
 
     fn validate(&self, path: &str, problems: &mut Problems) {
-        if self.path.trim().is_empty() {
-            problems.push(
-                format!("{path}.path"),
-                "must name the serial device, e.g. /dev/serial/by-id/...",
-            );
-        }
-        self.port.validate(&format!("{path}.port"), problems);
+        check_port(&self.path, &self.port, path, problems);
         if !(16..=65_536).contains(&self.max_line_length) {
             problems.push(
                 format!("{path}.max_line_length"),
@@ -348,13 +344,7 @@ impl SourceKind for SerialConfig {
                 "must be more than 0 and at most 1s",
             );
         }
-        let reopen = self.reopen_max_delay.get();
-        if reopen < Duration::from_millis(250) || reopen > Duration::from_secs(3600) {
-            problems.push(
-                format!("{path}.reopen_max_delay"),
-                "must be between 250ms and 1h",
-            );
-        }
+        check_reopen_max_delay(self.reopen_max_delay, path, problems);
     }
 
     fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
