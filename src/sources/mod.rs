@@ -1,5 +1,17 @@
-//! Sources: everything that produces readings. The set is closed, so configuration is a
-//! tagged enum (`type = "…"`) and each variant runs its own component.
+//! Sources: everything that produces readings. The set is closed: each kind implements
+//! [`SourceKind`] (its `type`, checks, TLS endpoints and `run`) in its own file or
+//! folder, and one line per kind in the kind list ([`source_kinds!`], below) generates
+//! the tagged enum [`SourceConfig`] (`type = "…"`) and every per-kind switch.
+//!
+//! - `simulated.rs`, `serial/` (with its line formats), `modbus/` (with its register
+//!   decoding): the kinds that make or read readings locally; `port.rs` and
+//!   `window.rs` are what serial and Modbus share (reopening the port, state rows,
+//!   batches in flight).
+//! - `ttn/` (with its Storage Integration backfill), `chirpstack.rs`, `mqtt_json.rs`:
+//!   the kinds that subscribe to a broker, all through the one session driver in
+//!   `mqtt/`.
+//! - `mapping.rs` (field mapping, plausible ranges), `reasons.rs` (rejection reasons
+//!   and their fixes), `rejects.rs` (counting rejected input, sequence numbers).
 //!
 //! Every source hands [`Batch`]es to the store through a bounded channel and
 //! acknowledges its producer only after the batch's commit (G1). Sources stop when the
