@@ -231,7 +231,7 @@ pub async fn run_session(
                 state.put(vec![connection_state_row(
                     "connected",
                     &broker,
-                    Utc::now(),
+                    ctx.clock.now(),
                     None,
                 )]);
                 // Straight into rumqttc's outgoing queue: never blocks, and is sent
@@ -288,7 +288,9 @@ pub async fn run_session(
                 stats.connection_failures.fetch_add(1, Relaxed);
                 ctx.metrics.set_connected(source, false);
                 let text = error.to_string();
-                let record = ctx.metrics.set_connection_error(source, &text, Utc::now());
+                let record = ctx
+                    .metrics
+                    .set_connection_error(source, &text, ctx.clock.now());
                 if recorded_error.as_deref() != Some(text.as_str()) {
                     state.put(vec![connection_state_row(
                         "disconnected",
