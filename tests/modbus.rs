@@ -66,6 +66,8 @@ impl Agent {
             store: self.store.clone(),
             metrics: outpost::metrics::Metrics::new(&self.store),
             gateway_id: "test".into(),
+            clock: outpost::clock::Clock::system(),
+            certs: outpost::tls::CertWatch::default(),
         };
         self.sources
             .push((token, tokio::spawn(config.unwrap().run(ctx))));

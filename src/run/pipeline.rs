@@ -116,6 +116,8 @@ impl Pipeline {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             gateway_id: self.gateway_id.clone(),
+            clock: crate::clock::Clock::system(),
+            certs: self.store.certs().clone(),
         };
         let name = source.name().to_string();
         let task = tokio::spawn(supervise_source(source.clone(), ctx));

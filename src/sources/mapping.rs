@@ -189,6 +189,41 @@ fn walk(value: &Value, prefix: String, depth: usize, out: &mut Vec<(String, f64)
     }
 }
 
+/// The range a value must lie in to be believed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plausible {
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+impl Plausible {
+    pub fn contains(&self, v: f64) -> bool {
+        self.min.map_or(true, |min| v >= min) && self.max.map_or(true, |max| v <= max)
+    }
+
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        for (key, v) in [("min", self.min), ("max", self.max)] {
+            if v.is_some_and(|v| !v.is_finite()) {
+                problems.push(format!("{path}.{key}"), "must be a finite number");
+            }
+        }
+        if let (Some(min), Some(max)) = (self.min, self.max) {
+            if min > max {
+                problems.push(
+                    format!("{path}.min"),
+                    format!("min {min} is above max {max}"),
+                );
+            }
+        }
+        if self.min.is_none() && self.max.is_none() {
+            problems.push(path, "give `min`, `max` or both");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,13 +45,12 @@
 //! HTTP server, for room in the store's batch queue and for commits before moving its
 //! cursor; nothing waits for it.
 
-use super::mqtt_client;
-use super::ttn::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};
-use super::SourceContext;
+use super::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};
 use crate::backoff::Backoff;
 use crate::model::{flags, Batch, Reading};
 use crate::ratelimit::LogLimiter;
 use crate::settings::{HumanDuration, Problems, Secret};
+use crate::sources::{mqtt, SourceContext};
 use crate::store::StoreError;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
@@ -554,16 +553,15 @@ impl Backfill {
             .read_timeout(config.backfill.timeout.get())
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
         if base_url.starts_with("https://") {
-            let recorder = ctx.store.cert_recorder(
-                &format!("sources.{}.backfill", config.name),
+            let recorder = ctx.cert_recorder(
+                &config.backfill_endpoint().label,
                 &crate::tls::url_peer(&base_url),
             );
-            let tls = mqtt_client::tls_client_config(
-                config.broker.ca_file.as_deref(),
-                None,
-                Some(recorder),
-            )
-            .map_err(|(key, e)| anyhow::anyhow!("source {}: broker.{key}: {e}", config.name))?;
+            let tls =
+                mqtt::tls_client_config(config.broker.ca_file.as_deref(), None, Some(recorder))
+                    .map_err(|(key, e)| {
+                        anyhow::anyhow!("source {}: broker.{key}: {e}", config.name)
+                    })?;
             builder = builder.use_preconfigured_tls(tls);
         }
         let http = builder.build().map_err(|e| {
@@ -598,9 +596,10 @@ impl Backfill {
             chrono::Duration::from_std(self.config.initial_window.get()).unwrap_or_default();
         let mut cursor = self.load_time(CURSOR_KEY).await;
         let mut persisted = cursor;
+        let clock = self.ctx.clock.clone();
         let start_of = |known: Option<DateTime<Utc>>| match known {
             Some(t) => t - overlap,
-            None => crate::clock::now() - initial,
+            None => clock.now() - initial,
         };
         // Not clamped with the local clock, which may be wrong at boot (G8); the server
         // keeps only its retention anyway.
@@ -763,7 +762,7 @@ impl Backfill {
         let last = serde_json::json!({
             "reason": reason.label(),
             "readings": progress.recovered,
-            "at": rfc3339(crate::clock::now()),
+            "at": rfc3339(self.ctx.clock.now()),
         });
         let rows = vec![
             (recovered_key(reason), total.to_string()),
@@ -965,7 +964,7 @@ impl Backfill {
         );
         match self
             .mapper
-            .readings(&uplink, crate::clock::now(), flags::BACKFILLED)
+            .readings(&uplink, self.ctx.clock.now(), flags::BACKFILLED)
         {
             Ok(readings) => chunk.readings.extend(readings),
             Err(r) if r.record => self.reject(r.reason, &r.detail, line),
