@@ -235,9 +235,6 @@ pub struct Store {
     ops: mpsc::Sender<WriteOp>,
     committed: watch::Receiver<i64>,
     stats: Arc<StoreStats>,
-    /// The TLS certificates the agent is configured with or shown (kept here because
-    /// every connecting component holds the store, which also saves them).
-    certs: crate::tls::CertWatch,
     /// Set by the background integrity check when it finds damage.
     damaged: watch::Receiver<Option<String>>,
     /// Every stage's progress (G9), kept here because every component holds the store.
@@ -328,7 +325,6 @@ impl Store {
                 ops: op_tx,
                 committed: committed_rx,
                 stats,
-                certs: crate::tls::CertWatch::default(),
                 damaged: damaged_rx,
                 progress,
                 clock,
@@ -349,11 +345,6 @@ impl Store {
         &self.stats
     }
 
-    /// The certificates' expiry, for `/metrics`, `/health` and the log.
-    pub fn certs(&self) -> &crate::tls::CertWatch {
-        &self.certs
-    }
-
     /// The wall clock the store stamps with ([`StoreOptions::clock`]).
     pub fn clock(&self) -> &Clock {
         &self.clock
@@ -362,13 +353,6 @@ impl Store {
     /// The progress of every stage (G9): register a stage here, evaluate stalls here.
     pub fn progress(&self) -> &Arc<crate::progress::Registry> {
         &self.progress
-    }
-
-    /// Records (and saves) the certificate the server `peer` presents to the section
-    /// `label` (`sync`, `sources.NAME.broker`, `notifiers.NAME`).
-    pub fn cert_recorder(&self, label: &str, peer: &str) -> crate::tls::CertRecorder {
-        self.certs
-            .recorder_saving_to(label, peer, Some(self.clone()))
     }
 
     /// Resolves (with the reason) if the background integrity check of a large

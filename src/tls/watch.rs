@@ -115,22 +115,6 @@ impl CertWatch {
         }
     }
 
-    /// [`CertWatch::recorder`], saving to `store` whatever this watch does.
-    ///
-    /// To be removed with `Store::cert_recorder` (its only caller): components get a
-    /// [`CertWatch`] that saves, and ask it for recorders.
-    pub fn recorder_saving_to(
-        &self,
-        label: &str,
-        peer: &str,
-        store: Option<crate::store::Store>,
-    ) -> CertRecorder {
-        CertRecorder {
-            store,
-            ..self.recorder(label, peer)
-        }
-    }
-
     /// Every recorded certificate: configured files, then servers' chains.
     pub fn snapshot(&self) -> Vec<(String, CertInfo)> {
         let watched = self.lock();
