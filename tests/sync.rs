@@ -447,13 +447,13 @@ async fn wrong_password_is_reported_with_the_keys_to_fix() {
     agent.start_sync(sync);
     let path = agent.path.clone();
     wait_for("the error in the local status", DEADLINE, async || {
-        outpost::store::status_report(&path)
+        outpost::cli::status::status_report(&path)
             .ok()
             .and_then(|r| r.sync.last_error)
             .is_some_and(|e| e.contains("refused the password"))
     })
     .await;
-    let report = outpost::store::status_report(&path).unwrap();
+    let report = outpost::cli::status::status_report(&path).unwrap();
     let rendered = outpost::status::render(&report, "test.db");
     assert!(rendered.contains("Central sync is FAILING"), "{rendered}");
     agent.stop().await;

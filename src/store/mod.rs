@@ -26,16 +26,12 @@
 //! the stages that wait for it: no cycle can form here. `record_rejected` uses
 //! `try_send` (a busy writer skips the diagnostic row) because the MQTT worker calls it.
 
+mod clock_steps;
 mod read;
 pub mod schema;
 pub mod state;
 mod writer;
 
-/// TRANSITIONAL (issue 14): the status summary is assembled by the command line
-/// (`crate::cli::status`), which can see every component; this re-export keeps the
-/// tests' `outpost::store::status_report` path until they use
-/// `outpost::cli::status::status_report`. The lead removes it at merge.
-pub use crate::cli::status::{status_report, StatusReport};
 pub use crate::model::StoreError;
 pub use read::{
     backlog, counter, database_disk_free, disk_free_bytes, reading_from_row, series,
