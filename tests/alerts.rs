@@ -309,7 +309,7 @@ async fn a_400_fails_permanently_and_an_expired_ttl_is_reported() {
     assert_eq!(report.alerts.notifications_expired, 1);
     assert_eq!(report.alerts.notifications_failed, 1);
     assert_eq!(report.alerts.firing.len(), 1);
-    let text = outpost::status::render(&report, "db");
+    let text = outpost::cli::status::render(&report, "db");
     assert!(text.contains("Alerts: 1 FIRING"), "{text}");
     assert!(text.contains("1 expired, 1 failed permanently"), "{text}");
     assert!(

@@ -39,22 +39,12 @@ const LAYERS: &[(u8, &[&str])] = &[
     (10, &["cli", "fuzzing"]),
 ];
 
-/// TRANSITIONAL (issue 14): old module paths that `src/lib.rs` re-exports while other
-/// branches move; an import through an alias counts as one of the module it names.
-const ALIASES: &[(&str, &str)] = &[
-    ("status", "cli"),
-    ("readings", "cli"),
-    ("rejected", "cli"),
-    ("demo", "cli"),
-    ("health", "run"),
-    ("http", "run"),
-    ("pipeline", "run"),
-    ("systemd", "run"),
-];
+/// Old module paths re-exported by `src/lib.rs` (none: every module is imported by
+/// its own path); an import through one would count as one of the module it names.
+const ALIASES: &[(&str, &str)] = &[];
 
-/// TRANSITIONAL (issue 14): known upward imports that the branches restructuring
-/// these modules remove. The lead empties this list at merge; an entry no longer
-/// needed is reported (not failed) so it can go.
+/// Known upward imports, each with why it is allowed (none: an entry no longer needed
+/// is reported so it can go).
 const ALLOWED: &[(&str, &str, &str)] = &[];
 
 /// One import: which module, where.

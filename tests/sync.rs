@@ -454,7 +454,7 @@ async fn wrong_password_is_reported_with_the_keys_to_fix() {
     })
     .await;
     let report = outpost::cli::status::status_report(&path).unwrap();
-    let rendered = outpost::status::render(&report, "test.db");
+    let rendered = outpost::cli::status::render(&report, "test.db");
     assert!(rendered.contains("Central sync is FAILING"), "{rendered}");
     agent.stop().await;
 }

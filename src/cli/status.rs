@@ -3,9 +3,7 @@
 
 use crate::clock::STEP_STATE as STEP;
 use crate::display::DisplayConfig;
-/// TRANSITIONAL (issue 14): `alerts::state` and `sources::rejects` still import these
-/// as `crate::status::{age, table}`; their home is [`crate::display`].
-pub use crate::display::{age, table};
+use crate::display::{age, table};
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde::Serialize;

@@ -363,7 +363,10 @@ impl Worker {
     }
 
     async fn heartbeat(&mut self) -> Result<(), SyncError> {
-        let (rows, oldest) = self.read(local::backlog).await?;
+        let crate::store::BacklogSummary {
+            rows,
+            oldest_received_at: oldest,
+        } = self.read(crate::store::backlog).await?;
         let hb = Heartbeat {
             gateway_id: self.gateway_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
