@@ -20,7 +20,7 @@
 //! connects to, the timeout of one attempt, building its [`Sender`]), and one line
 //! in the `notifier_kinds!` list below adds it to the closed set (the serde-tagged
 //! [`NotifierKind`] and the sender enum are generated from that list). Nothing here
-//! names a kind. See `docs/developing-notify.md`.
+//! names a kind. See `docs/developing.md` ("Add a notifier").
 
 pub mod email;
 pub mod exec;
