@@ -52,6 +52,7 @@ pub struct Agent {
     config: PathBuf,
     db: PathBuf,
     port: Option<u16>,
+    gateway_id: Option<String>,
     log: PathBuf,
     log_filter: String,
     env: Vec<(String, String)>,
@@ -68,13 +69,14 @@ impl Agent {
     pub fn new(dir: &Path, config: &str) -> Agent {
         let path = dir.join("outpost.toml");
         std::fs::write(&path, config).expect("write the agent's configuration");
-        let (db, port) = storage_and_http(config);
+        let known = KnownKeys::of(config);
         Agent {
             _temp: None,
             dir: dir.to_path_buf(),
             config: path,
-            db: db.unwrap_or_else(|| dir.join("outpost.db")),
-            port,
+            db: known.db.unwrap_or_else(|| dir.join("outpost.db")),
+            port: known.port,
+            gateway_id: known.gateway_id,
             log: dir.join("agent.log"),
             log_filter: "info".into(),
             env: Vec::new(),
@@ -110,8 +112,13 @@ impl Agent {
     /// Runs the binary through `launcher` (a program and its arguments, e.g.
     /// `["eatmydata"]`), which gets `outpost --config … run` appended.
     pub fn through<S: AsRef<std::ffi::OsStr>>(mut self, launcher: &[S]) -> Agent {
-        self.launcher = launcher.iter().map(|s| s.as_ref().to_owned()).collect();
+        self.run_through(launcher);
         self
+    }
+
+    /// [`Agent::through`] from the next start on.
+    pub fn run_through<S: AsRef<std::ffi::OsStr>>(&mut self, launcher: &[S]) {
+        self.launcher = launcher.iter().map(|s| s.as_ref().to_owned()).collect();
     }
 
     /// How long the `wait_*` methods wait (default [`DEFAULT_DEADLINE`]).
@@ -201,12 +208,36 @@ impl Agent {
             .expect("wait for the agent")
     }
 
+    /// Whether the process runs (false once it exited, or after [`Agent::kill`]).
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_some() && self.exit_status().is_none()
+    }
+
     /// Panics, with the log, unless the agent still runs.
     pub fn assert_running(&mut self) {
         assert!(self.process.is_some(), "the agent was stopped");
         if let Some(status) = self.exit_status() {
             panic!("the agent exited ({status}); log:\n{}", self.log());
         }
+    }
+
+    /// Panics unless the agent still runs and was started once: the same process
+    /// throughout, which did not restart itself either.
+    pub fn assert_started_once(&mut self) {
+        self.assert_running();
+        assert_eq!(self.starts, 1, "the test started the agent once");
+        assert_eq!(
+            self.full_log().matches("Outpost is running.").count(),
+            1,
+            "started once"
+        );
+    }
+
+    /// `[agent] gateway_id` of the configuration.
+    pub fn gateway_id(&self) -> &str {
+        self.gateway_id
+            .as_deref()
+            .expect("the configuration has no `[agent] gateway_id`")
     }
 
     pub fn dir(&self) -> &Path {
@@ -291,10 +322,17 @@ impl Agent {
 
     // ---- What a technician looks at ------------------------------------------------
 
-    /// `/health`: (HTTP status, document); `None` while nothing answers.
+    /// `/health`: (HTTP status, document); `None` while nothing answers. Panics unless
+    /// the two agree (200 exactly when the document says `ok`).
     pub fn health(&self) -> Option<(u16, Value)> {
         let (status, body) = http_get(self.port(), "/health")?;
-        Some((status, serde_json::from_str(&body).ok()?))
+        let health: Value = serde_json::from_str(&body).ok()?;
+        assert_eq!(
+            status == 200,
+            health["status"] == "ok",
+            "HTTP status and body agree: {status} {health}"
+        );
+        Some((status, health))
     }
 
     /// `/metrics` (empty while nothing answers).
@@ -321,6 +359,16 @@ impl Agent {
                 self.log()
             )
         })
+    }
+
+    /// Polls `/health` until its check `name` satisfies `pred`; returns the check.
+    pub fn wait_check(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let health = self.wait_health(&format!("check {name}"), |_, h| {
+            health_check(h, name).is_some_and(&pred)
+        });
+        health_check(&health, name)
+            .expect("the check is there")
+            .clone()
     }
 
     /// `outpost status --config …` as a separate process: its text.
@@ -386,28 +434,48 @@ impl Agent {
     }
 }
 
-/// `[storage] path` and the port of `[http] listen` (unless `enabled = false`).
-fn storage_and_http(config: &str) -> (Option<PathBuf>, Option<u16>) {
-    let Ok(doc) = config.parse::<toml::Table>() else {
-        return (None, None); // a test of a broken configuration
-    };
-    let db = doc
-        .get("storage")
-        .and_then(|s| s.get("path"))
-        .and_then(|p| p.as_str())
-        .map(PathBuf::from);
-    let http = doc.get("http");
-    let enabled = http
-        .and_then(|h| h.get("enabled"))
-        .and_then(|e| e.as_bool())
-        .unwrap_or(true);
-    let port = http
-        .and_then(|h| h.get("listen"))
-        .and_then(|l| l.as_str())
-        .and_then(|l| l.rsplit_once(':'))
-        .and_then(|(_, port)| port.parse().ok())
-        .filter(|_| enabled);
-    (db, port)
+/// The check `name` of a `/health` document (`{"checks": [{"name": …, "ok": …,
+/// "detail": …}, …]}`).
+pub fn health_check<'a>(health: &'a Value, name: &str) -> Option<&'a Value> {
+    health["checks"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
+}
+
+/// What the harness reads from the configuration text.
+struct KnownKeys {
+    /// `[storage] path`
+    db: Option<PathBuf>,
+    /// The port of `[http] listen`, unless `[http] enabled = false`.
+    port: Option<u16>,
+    /// `[agent] gateway_id`
+    gateway_id: Option<String>,
+}
+
+impl KnownKeys {
+    fn of(config: &str) -> KnownKeys {
+        // A test of a broken configuration gets none of them.
+        let doc = config.parse::<toml::Table>().unwrap_or_default();
+        let text = |table: &str, key: &str| {
+            doc.get(table)
+                .and_then(|t| t.get(key))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        let http_enabled = doc
+            .get("http")
+            .and_then(|h| h.get("enabled"))
+            .and_then(|e| e.as_bool())
+            .unwrap_or(true);
+        KnownKeys {
+            db: text("storage", "path").map(PathBuf::from),
+            port: text("http", "listen")
+                .and_then(|l| l.rsplit_once(':')?.1.parse().ok())
+                .filter(|_| http_enabled),
+            gateway_id: text("agent", "gateway_id"),
+        }
+    }
 }
 
 // ---- The bare process --------------------------------------------------------------------
@@ -548,6 +616,7 @@ mod in_process {
     /// `outpost run` without the rest. Sources stop on their own tokens (so a test can
     /// stop them and keep the store); other tasks stop on [`InProcessAgent::shutdown`].
     pub struct InProcessAgent {
+        gateway_id: String,
         db: PathBuf,
         store: Option<Store>,
         ingest: Option<mpsc::Sender<Batch>>,
@@ -560,15 +629,23 @@ mod in_process {
     }
 
     impl InProcessAgent {
-        /// Opens a store in a fresh temporary directory (batches commit after 10 ms).
+        /// Opens a store in a fresh temporary directory (batches commit after 10 ms),
+        /// for gateway `test`.
         pub fn open() -> InProcessAgent {
+            InProcessAgent::open_as("test")
+        }
+
+        /// [`InProcessAgent::open`] for gateway `gateway_id`.
+        pub fn open_as(gateway_id: &str) -> InProcessAgent {
             let dir = tempfile::tempdir().expect("create the agent's directory");
             let storage = StorageConfig {
                 path: dir.path().join("outpost.db"),
                 batch_max_delay: HumanDuration::from_millis(10),
                 ..StorageConfig::default()
             };
-            InProcessAgent::open_in(dir, &storage)
+            let mut agent = InProcessAgent::open_in(dir, &storage);
+            agent.gateway_id = gateway_id.into();
+            agent
         }
 
         /// Opens the store `storage` describes; `dir` is removed on drop.
@@ -582,6 +659,7 @@ mod in_process {
             let (store, ingest) =
                 Store::open(storage, StoreOptions::default()).expect("open the store");
             InProcessAgent {
+                gateway_id: "test".into(),
                 db: storage.path.clone(),
                 store: Some(store),
                 ingest: Some(ingest.sender),
@@ -591,6 +669,10 @@ mod in_process {
                 tasks: JoinSet::new(),
                 _dir: dir,
             }
+        }
+
+        pub fn gateway_id(&self) -> &str {
+            &self.gateway_id
         }
 
         pub fn db(&self) -> &Path {
@@ -622,7 +704,7 @@ mod in_process {
                 shutdown: token.clone(),
                 store: self.store().clone(),
                 metrics: outpost::metrics::Metrics::new(self.store()),
-                gateway_id: "test".into(),
+                gateway_id: self.gateway_id.clone(),
             };
             self.sources.push((token, tokio::spawn(config.run(ctx))));
         }
