@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod ca;
+pub mod cold_room;
 pub mod config_keys;
 pub mod http;
 pub mod lazyfs;
