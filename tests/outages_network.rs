@@ -28,12 +28,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::agent::{health_check, Agent};
+use support::agent::{health_check, outpost, Agent};
 use support::{
     free_port, HttpReceiver, Mosquitto, PgBouncer, Postgres, Reply, SmtpOptions, SmtpServer,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 /// How long any single condition may take to show or clear.
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -120,16 +119,8 @@ fn migrate_central(gateway: &str, body: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outpost.toml");
     std::fs::write(&path, config_text(dir.path(), gateway, 1, body)).unwrap();
-    let out = Command::new(BIN)
-        .args(["central", "migrate", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "central migrate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, stderr) = outpost(["central", "migrate", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "central migrate: {stderr}");
 }
 
 /// The uids `sql` returns, in lower-case hex.

@@ -46,8 +46,8 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 /// `[http] listen`); its log (stderr) is appended to `DIR/agent.log`, one marker line
 /// per start.
 pub struct Agent {
-    /// Present when the agent owns its directory ([`Agent::in_temp_dir`]).
-    _temp: Option<tempfile::TempDir>,
+    /// Killed (on drop) before the directory goes.
+    process: Option<AgentProcess>,
     dir: PathBuf,
     config: PathBuf,
     db: PathBuf,
@@ -59,8 +59,9 @@ pub struct Agent {
     /// A program (with arguments) the binary runs through, e.g. `eatmydata`.
     launcher: Vec<OsString>,
     deadline: Duration,
-    process: Option<AgentProcess>,
     starts: usize,
+    /// Present when the agent owns its directory ([`Agent::in_temp_dir`]).
+    owned_dir: Option<tempfile::TempDir>,
 }
 
 impl Agent {
@@ -71,7 +72,7 @@ impl Agent {
         std::fs::write(&path, config).expect("write the agent's configuration");
         let known = KnownKeys::of(config);
         Agent {
-            _temp: None,
+            process: None,
             dir: dir.to_path_buf(),
             config: path,
             db: known.db.unwrap_or_else(|| dir.join("outpost.db")),
@@ -82,8 +83,8 @@ impl Agent {
             env: Vec::new(),
             launcher: Vec::new(),
             deadline: DEFAULT_DEADLINE,
-            process: None,
             starts: 0,
+            owned_dir: None,
         }
     }
 
@@ -92,7 +93,7 @@ impl Agent {
     pub fn in_temp_dir(config: impl FnOnce(&Path) -> String) -> Agent {
         let temp = tempfile::tempdir().expect("create the agent's directory");
         let mut agent = Agent::new(temp.path(), &config(temp.path()));
-        agent._temp = Some(temp);
+        agent.owned_dir = Some(temp);
         agent
     }
 
@@ -172,6 +173,14 @@ impl Agent {
     /// SIGKILL: no chance to commit, acknowledge, mark or flush anything.
     pub fn kill(&mut self) {
         self.process = None; // AgentProcess kills and reaps on drop
+    }
+
+    /// SIGTERM, and the exit status; panics unless the agent exits within `limit`.
+    pub fn terminate_within(&mut self, limit: Duration) -> ExitStatus {
+        let mut process = self.process.take().expect("the agent is running");
+        process
+            .terminate(limit)
+            .unwrap_or_else(|| panic!("did not exit within {limit:?} of SIGTERM"))
     }
 
     /// SIGTERM and wait ([`Agent::terminate`]), then start again.
@@ -476,6 +485,41 @@ impl KnownKeys {
             gateway_id: text("agent", "gateway_id"),
         }
     }
+}
+
+// ---- One-shot commands ---------------------------------------------------------------------
+
+/// `outpost ARGS…` (this build's binary) run to completion, without `OUTPOST_CONFIG`
+/// from the test's environment: (exit code, stdout, stderr).
+pub fn outpost<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("OUTPOST_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outpost");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `outpost demo --duration DURATION --dir DIR` to its end; returns the database it
+/// left (`DIR/outpost.db`).
+pub fn demo_database(dir: &Path, duration: &str) -> PathBuf {
+    let status = Command::new(BIN)
+        .args(["demo", "--duration", duration, "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run outpost demo");
+    assert!(status.success(), "outpost demo: {status}");
+    dir.join("outpost.db")
 }
 
 // ---- The bare process --------------------------------------------------------------------
