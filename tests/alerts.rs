@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::agent::{Agent, InProcessAgent};
+use support::agent::{outpost, Agent, InProcessAgent};
+use support::util::wait_until_async;
 use support::{HttpReceiver, Reply, SmtpOptions, SmtpServer, TestCa};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
@@ -100,14 +101,6 @@ fn outbox_states(db: &Path) -> Vec<(String, i64, Option<String>)> {
     rows
 }
 
-async fn wait_until_async(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn verify_signature(secret: &str, body: &[u8], header: &str) -> bool {
     let Some(hex_sig) = header.strip_prefix("sha256=") else {
         return false;
@@ -186,7 +179,7 @@ async fn webhook_gets_signed_firing_and_resolved_events_with_idempotency_keys() 
     let resolved: serde_json::Value = serde_json::from_slice(&reqs[1].body).unwrap();
     assert_eq!(resolved["kind"], "resolved");
     assert_ne!(resolved["uid"], event["uid"]);
-    wait_until_async("both delivered", DEADLINE, || {
+    wait_until_async("both delivered", DEADLINE, async || {
         outbox_states(agent.db())
             .iter()
             .filter(|s| s.0 == "delivered")
@@ -212,7 +205,7 @@ async fn webhook_outage_500_then_timeouts_then_recovery_keeps_the_key() {
     let agent = start_alerting(&format!("{RULE}{}", webhook(&receiver.url(), "")));
     reading(&agent, "coldroom-1", 12.0).await;
     let reqs = receiver.wait_for_requests_async(6, DEADLINE).await;
-    wait_until_async("delivery recorded", DEADLINE, || {
+    wait_until_async("delivery recorded", DEADLINE, async || {
         outbox_states(agent.db())[0].0 == "delivered"
     })
     .await;
@@ -248,7 +241,7 @@ async fn a_400_fails_permanently_and_an_expired_ttl_is_reported() {
     );
     let agent = start_alerting(&body);
     reading(&agent, "coldroom-1", 12.0).await;
-    wait_until_async("failed and expired", DEADLINE, || {
+    wait_until_async("failed and expired", DEADLINE, async || {
         let s = outbox_states(agent.db());
         s.len() == 2
             && s.iter()
@@ -329,14 +322,14 @@ async fn email_with_auth_over_starttls_with_a_test_ca_and_smtp_outage() {
     // The mail server goes away: the resolved mail waits and arrives after recovery.
     smtp.stop();
     reading(&agent, "coldroom-2", 3.0).await;
-    wait_until_async("two failed attempts", DEADLINE, || {
+    wait_until_async("two failed attempts", DEADLINE, async || {
         outbox_states(agent.db()).get(1).is_some_and(|s| s.1 >= 2)
     })
     .await;
     smtp.start_again();
     let mails = smtp.wait_for_messages_async(2, DEADLINE).await;
     assert!(mails[1].data_str().contains("Subject: RESOLVED [critical]"));
-    wait_until_async("delivered", DEADLINE, || {
+    wait_until_async("delivered", DEADLINE, async || {
         outbox_states(agent.db())[1].0 == "delivered"
     })
     .await;
@@ -407,7 +400,7 @@ async fn exec_notifier_runs_a_script_with_the_event() {
     let agent = start_alerting_in(dir, config);
     reading(&agent, "coldroom-1", 9.0).await;
     let json_path = record.with_extension("json");
-    wait_until_async("the script ran", DEADLINE, || {
+    wait_until_async("the script ran", DEADLINE, async || {
         outbox_states(agent.db())
             .first()
             .is_some_and(|s| s.0 == "delivered")
@@ -446,14 +439,8 @@ fn config_errors_name_file_line_and_key() {
          \n[[alerts]]\nname = \"b\"\nkind = \"stale\"\nmetric = \"t\"\nafter = \"often\"\n\
          \n[[notifiers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"ftp://x\"\n",
     );
-    let out = Command::new(BIN)
-        .arg("check")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, _, err) = outpost(["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("outpost.toml:14: alerts[0].clear: clear level 1 is below the alert level 2"),
         "{err}"
@@ -474,34 +461,19 @@ fn notify_test_command_reports_the_outcome() {
     let receiver = HttpReceiver::start();
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &webhook(&receiver.url(), ""));
-    let out = Command::new(BIN)
-        .args(["notify-test", "hook", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("hook: delivered"));
+    let notify_test =
+        |notifier: &str| outpost(["notify-test", notifier, "-c", path.to_str().unwrap()]);
+    let (code, stdout, stderr) = notify_test("hook");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("hook: delivered"));
     let req = &receiver.wait_for_requests(1, DEADLINE)[0];
     assert!(req.body_str().contains("\"kind\":\"test\""));
     receiver.set_handler(|_| Reply::status(401));
-    let out = Command::new(BIN)
-        .args(["notify-test", "hook", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("hook: NOT delivered (permanent failure): the webhook answered 401"));
-    let out = Command::new(BIN)
-        .args(["notify-test", "nope", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no notifier is called \"nope\""));
+    let (code, _, stderr) = notify_test("hook");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("hook: NOT delivered (permanent failure): the webhook answered 401"));
+    let (_, _, stderr) = notify_test("nope");
+    assert!(stderr.contains("no notifier is called \"nope\""));
 }
 
 // ---- The real binary, killed with SIGKILL --------------------------------------------

@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::agent::InProcessAgent as Agent;
+use support::util::wait_until_async;
 use support::{PgBouncer, Postgres, TestCa};
 use tokio_postgres::types::Type;
 
@@ -51,17 +52,6 @@ async fn pg_i64(pg_url: &str, sql: &str) -> Option<i64> {
     let client = pg_client(pg_url).await?;
     let rows = client.query_typed(sql, &[]).await.ok()?;
     rows.first().map(|r| r.get::<_, i64>(0))
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
 }
 
 fn fast_sync(url: &str) -> SyncConfig {
@@ -217,7 +207,7 @@ async fn assert_exactly_once(pg_url: &str, agent: &Agent, expected: usize) {
 async fn wait_drained(pg_url: &str, agent: &Agent, expected: usize) {
     let gw = agent.gateway_id().to_string();
     let sql = format!("SELECT COUNT(*) FROM outpost.readings WHERE gateway_id = '{gw}'");
-    wait_for(&format!("{gw} to drain"), DEADLINE, async || {
+    wait_until_async(&format!("{gw} to drain"), DEADLINE, async || {
         unsynced(agent) == 0 && pg_i64(pg_url, &sql).await == Some(expected as i64)
     })
     .await;
@@ -263,7 +253,7 @@ async fn three_agents_through_a_pool_of_two(layout: Layout) {
         assert_exactly_once(&pg_url, a, 12_020).await;
     }
     // Heartbeats: one row per gateway, with a boot id and the backlog.
-    wait_for("heartbeats with an empty backlog", DEADLINE, async || {
+    wait_until_async("heartbeats with an empty backlog", DEADLINE, async || {
         pg_i64(
             &pg_url,
             "SELECT COUNT(*) FROM outpost.gateways WHERE backlog_rows = 0 AND length(boot_id) = 36",
@@ -314,7 +304,7 @@ async fn interrupted_mid_sync(layout: Layout, outage: Outage) {
     sync.batch_size = 5000;
     start_sync(&mut agent, sync);
     let sql = "SELECT COUNT(*) FROM outpost.readings";
-    wait_for("the first batches", DEADLINE, async || {
+    wait_until_async("the first batches", DEADLINE, async || {
         pg_i64(&pg_url, sql).await.unwrap_or(0) >= 5000
     })
     .await;
@@ -387,7 +377,7 @@ async fn wrong_password_is_reported_with_the_keys_to_fix() {
     sync.password = Some(Secret::new("not-the-password"));
     start_sync(&mut agent, sync);
     let path = agent.db().to_path_buf();
-    wait_for("the error in the local status", DEADLINE, async || {
+    wait_until_async("the error in the local status", DEADLINE, async || {
         outpost::store::status_report(&path)
             .ok()
             .and_then(|r| r.sync.last_error)
@@ -627,7 +617,7 @@ async fn live_reading_reaches_central_within_one_interval_despite_a_200k_backlog
     sync.backlog_rows_per_second = 20_000;
     start_sync(&mut agent, sync);
     let count = "SELECT COUNT(*) FROM outpost.readings";
-    wait_for("the backlog to start draining", DEADLINE, async || {
+    wait_until_async("the backlog to start draining", DEADLINE, async || {
         pg_i64(&pg_url, count).await.unwrap_or(0) > 0
     })
     .await;
@@ -638,7 +628,7 @@ async fn live_reading_reaches_central_within_one_interval_despite_a_200k_backlog
     let probe = format!(
         "SELECT COUNT(*) FROM outpost.readings WHERE replace(uid::text, '-', '') = '{uid}'"
     );
-    wait_for("the fresh reading in central", DEADLINE, async || {
+    wait_until_async("the fresh reading in central", DEADLINE, async || {
         pg_i64(&pg_url, &probe).await == Some(1)
     })
     .await;
@@ -681,7 +671,7 @@ async fn unsynchronised_clock_readings_are_held_then_sent_flagged() {
     start_sync(&mut agent, sync);
     let held = Instant::now();
     let total = "SELECT COUNT(*) FROM outpost.readings";
-    wait_for("the synchronised readings", DEADLINE, async || {
+    wait_until_async("the synchronised readings", DEADLINE, async || {
         pg_i64(&pg_url, total).await == Some(101)
     })
     .await;
@@ -742,7 +732,7 @@ async fn alert_events_sync_from_a_local_table() {
     }
     start_sync(&mut agent, fast_sync(&bouncer.url()));
     let path = agent.db().to_path_buf();
-    wait_for("the events in central and marked", DEADLINE, async || {
+    wait_until_async("the events in central and marked", DEADLINE, async || {
         let marked: i64 = rusqlite::Connection::open(&path)
             .unwrap()
             .query_row(
@@ -767,23 +757,16 @@ async fn alert_events_sync_from_a_local_table() {
     agent.shutdown().await;
 }
 
-fn outpost(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["--config", "/nonexistent/outpost.toml"])
-        .args(args)
-        .env_remove("OUTPOST_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `outpost ARGS…` without a configuration file: (success, stdout, stderr).
+fn outpost_without_config(args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) =
+        support::agent::outpost([&["--config", "/nonexistent/outpost.toml"], args].concat());
+    (code == Some(0), stdout, stderr)
 }
 
 #[test]
 fn central_commands_print_migrate_and_maintain() {
-    let (ok, sql, _) = outpost(&["central", "schema", "--partitioned"]);
+    let (ok, sql, _) = outpost_without_config(&["central", "schema", "--partitioned"]);
     assert!(
         ok && sql.contains("PARTITION BY RANGE (observed_at)"),
         "{sql}"
@@ -792,7 +775,7 @@ fn central_commands_print_migrate_and_maintain() {
     let pg = Postgres::start();
     let bouncer = PgBouncer::start(&pg);
     // The printed SQL applies as it is, twice.
-    let plain = outpost(&["central", "schema"]).1;
+    let plain = outpost_without_config(&["central", "schema"]).1;
     pg.psql(&plain);
     pg.psql(&plain);
     assert_eq!(
@@ -802,7 +785,7 @@ fn central_commands_print_migrate_and_maintain() {
     pg.psql("DROP SCHEMA outpost CASCADE");
 
     let url = bouncer.url();
-    let (ok, out, err) = outpost(&[
+    let (ok, out, err) = outpost_without_config(&[
         "central",
         "migrate",
         "--url",
@@ -816,7 +799,7 @@ fn central_commands_print_migrate_and_maintain() {
         out.contains("migrated from version 0 to 1") && out.contains("partitioned"),
         "{out}"
     );
-    let (ok, out, err) = outpost(&[
+    let (ok, out, err) = outpost_without_config(&[
         "central",
         "migrate",
         "--url",
@@ -826,12 +809,13 @@ fn central_commands_print_migrate_and_maintain() {
         "--partitioned",
     ]);
     assert!(ok && out.contains("up to date"), "{out}{err}");
-    let (ok, out, err) = outpost(&["central", "maintain", "--url", &url, "--sslmode", "disable"]);
+    let (ok, out, err) =
+        outpost_without_config(&["central", "maintain", "--url", &url, "--sslmode", "disable"]);
     assert!(
         ok && out.contains("Every partition exists already"),
         "{out}{err}"
     );
-    let (ok, out, err) = outpost(&[
+    let (ok, out, err) = outpost_without_config(&[
         "central",
         "maintain",
         "--url",
@@ -843,9 +827,9 @@ fn central_commands_print_migrate_and_maintain() {
     ]);
     assert!(ok && out.contains("Created partitions"), "{out}{err}");
 
-    let (ok, _, err) = outpost(&["central", "migrate"]);
+    let (ok, _, err) = outpost_without_config(&["central", "migrate"]);
     assert!(!ok && err.contains("pass --url"), "{err}");
-    let (ok, _, err) = outpost(&[
+    let (ok, _, err) = outpost_without_config(&[
         "central",
         "migrate",
         "--url",
