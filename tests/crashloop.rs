@@ -116,29 +116,8 @@ statement_timeout = "30s"
 backoff_initial = "100ms"
 backoff_max = "500ms"
 
-[[sources]]
-type = "chirpstack"
-name = "chirpstack"
-application_id = "{APP}"
-[sources.broker]
-host = "127.0.0.1"
-port = {mqtt_port}
-tls = false
-client_id = "{CLIENT_ID}"
-keep_alive = "5s"
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-
-[[alerts]]
-name = "crash-warm"
-kind = "threshold"
-devices = ["dev-*"]
-metric = "temperature"
-above = 8.0
-clear = 6.0
-severity = "critical"
-notifiers = ["hook"]
-
+{source}
+{rule}
 [[notifiers]]
 name = "hook"
 type = "webhook"
@@ -154,7 +133,8 @@ ttl = "1h"
         password = pg.password(),
         database = pg.database(),
         bouncer_port = bouncer.port(),
-        mqtt_port = broker.port(),
+        source = cold_room::chirpstack_source(APP, broker.port(), CLIENT_ID),
+        rule = cold_room::alert_rule("crash-warm", "hook"),
     )
 }
 

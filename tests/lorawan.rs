@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::agent::Agent;
+use support::agent::{outpost, Agent};
 use support::{wait_until, HttpReceiver, Mosquitto, Reply, TestCa};
 
 const APP: &str = "bistro-cold-chain";
@@ -106,6 +106,12 @@ reconnect_max = "1s"
 "#,
         db = db(dir).display()
     )
+}
+
+/// The agent with a TTN source on `m` (plain MQTT) and this `[sources.backfill]`.
+fn start_ttn_agent(dir: &Path, m: &Mosquitto, backfill: &str) -> Agent {
+    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
+    start_agent(dir, &ttn_config(dir, &broker, backfill))
 }
 
 /// Publishes `payload` every 300ms until `cond` holds: the agent subscribes at some
@@ -298,11 +304,7 @@ fn ttn_uplinks_over_tls_with_password_auth() {
 fn ttn_wrong_api_key_is_reported_and_retried() {
     let m = Mosquitto::builder().password(USER, "the-right-key").start();
     let dir = tempfile::tempdir().unwrap();
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
-    let agent = start_agent(
-        dir.path(),
-        &ttn_config(dir.path(), &broker, "enabled = false"),
-    );
+    let agent = start_ttn_agent(dir.path(), &m, "enabled = false");
     assert!(
         wait_until(DEADLINE, || agent
             .log()
@@ -560,13 +562,11 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
     let t3 = now - chrono::Duration::minutes(4);
     // Stored before the agent ever ran: fetched at start-up, once the errors are over.
     storage.add(ttn_uplink("dev-0", 10, t0, json!({"t": 0.5})));
-
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\noverlap = \"1m\"\npage_limit = 2\ntimeout = \"1s\"\nretry_min = \"1s\"\nretry_max = \"1s\"",
         h.url()
     );
-    let agent = start_agent(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
 
     // Live uplink U1 (also kept by the Storage Integration: the overlap).
     let u1 = ttn_uplink("dev-1", 11, t1, json!({"t": 1.5}));
@@ -785,6 +785,22 @@ fn recovered(status: &Value, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Publishes the uplink of device `probe` (also kept by the Storage Integration, through
+/// `keep`) until the agent stored it: the agent is subscribed from then on. Returns the
+/// (device, f_cnt) stored.
+fn probe_until_stored(m: &Mosquitto, agent: &Agent, keep: impl FnOnce(Value)) -> (String, u32) {
+    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
+    keep(probe.clone());
+    publish_until(
+        m,
+        &ttn_topic("probe", "up"),
+        &serde_json::to_vec(&probe).unwrap(),
+        agent,
+        || agent.try_count("SELECT COUNT(*) FROM readings") == Some(1),
+    );
+    ("probe".to_string(), 1)
+}
+
 /// Every uplink stored exactly once: one reading per (device, f_cnt), all present.
 fn assert_each_stored_once(expected: &[(String, u32)], agent: &Agent) {
     let stored = agent
@@ -804,24 +820,12 @@ fn ttn_backfill_refetches_the_gap_once_the_storage_integration_settles() {
     let h = HttpReceiver::start();
     let storage = DelayedStorage::install(&h, visibility);
     let dir = tempfile::tempdir().unwrap();
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\noverlap = \"1m\"\nsettle = \"7s\"\nreconcile_every = \"0s\"\npage_limit = 4\nretry_min = \"1s\"\nretry_max = \"1s\"",
         h.url()
     );
-    let agent = start_agent(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
-    let mut expected = Vec::new();
-
-    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
-    storage.add(probe.clone());
-    expected.push(("probe".to_string(), 1));
-    publish_until(
-        &m,
-        &ttn_topic("probe", "up"),
-        &serde_json::to_vec(&probe).unwrap(),
-        &agent,
-        || agent.try_count("SELECT COUNT(*) FROM readings") == Some(1),
-    );
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
+    let mut expected = vec![probe_until_stored(&m, &agent, |up| storage.add(up))];
 
     // The broker goes away; what is sent meanwhile reaches only the Storage Integration,
     // the last of it just before the agent reconnects.
@@ -909,30 +913,18 @@ fn ttn_backfill_recovers_uplinks_dropped_while_connected_exactly_once() {
     let storage = DelayedStorage::install(&h, visibility);
     let dir = tempfile::tempdir().unwrap();
     let http_port = support::free_port();
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\noverlap = \"2s\"\nsettle = \"3s\"\nreconcile_every = \"4s\"\npage_limit = 7\nretry_min = \"1s\"\nretry_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"",
         h.url()
     );
-    let agent = start_agent(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     println!("drop pattern seed: {seed}");
     let mut random = Lcg(seed);
-    let mut expected = Vec::new();
-
-    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
-    storage.add(probe.clone());
-    expected.push(("probe".to_string(), 1));
-    publish_until(
-        &m,
-        &ttn_topic("probe", "up"),
-        &serde_json::to_vec(&probe).unwrap(),
-        &agent,
-        || agent.try_count("SELECT COUNT(*) FROM readings") == Some(1),
-    );
+    let mut expected = vec![probe_until_stored(&m, &agent, |up| storage.add(up))];
 
     let mut dropped_while_connected = 0;
     let total = 45u32;
@@ -1025,13 +1017,7 @@ fn ttn_backfill_recovers_uplinks_dropped_while_connected_exactly_once() {
         by_reconcile,
         "/metrics and status agree (one run)"
     );
-    let text = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .arg("--config")
-        .arg(dir.path().join("outpost.toml"))
-        .arg("status")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = agent.status_text();
     assert!(
         text.contains("Source ttn: the Storage Integration backfill recovered")
             && text.contains(&format!("reconcile {by_reconcile}")),
@@ -1047,12 +1033,11 @@ fn ttn_reconciliation_asks_only_for_the_window_since_the_previous_one() {
     let h = HttpReceiver::start();
     let _storage = DelayedStorage::install(&h, Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\noverlap = \"2s\"\nsettle = \"1s\"\nreconcile_every = \"2s\"\nretry_min = \"1s\"\nretry_max = \"1s\"",
         h.url()
     );
-    let agent = start_agent(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
     let round = |t: chrono::DateTime<chrono::Utc>| {
         chrono::DateTime::from_timestamp(t.timestamp(), 0).unwrap()
     };
@@ -1175,12 +1160,11 @@ fn ttn_backfill_refused_key_is_an_error_and_empty_records_are_rejected() {
             .header("content-type", "text/event-stream")
             .ndjson_lines(&lines, Duration::ZERO)
     });
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\nsettle = \"1h\"\nreconcile_every = \"0s\"\nretry_min = \"1s\"\nretry_max = \"4s\"",
         h.url()
     );
-    let agent = start_agent(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
     assert!(
         wait_until(DEADLINE, || agent
             .try_count("SELECT COUNT(*) FROM readings")
@@ -1267,12 +1251,11 @@ fn ttn_reconciliation_bytes_for_200_devices_with_and_without_field_mask() {
             }
         }
         let dir = tempfile::tempdir().unwrap();
-        let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
         let backfill = format!(
             "url = \"{}\"\nsettle = \"1h\"\nreconcile_every = \"0s\"\nfield_mask = {field_mask}",
             h.url()
         );
-        let agent = start_agent(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+        let agent = start_ttn_agent(dir.path(), &m, &backfill);
         let uplinks = devices * minutes;
         assert!(
             wait_until(DEADLINE, || agent.try_count(
@@ -1509,18 +1492,10 @@ tls = false
     }
 
     let outpost = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(args)
-            .arg("--db")
-            .arg(agent.db())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (code, stdout, stderr) =
+            outpost([args, &["--db", agent.db().to_str().unwrap()]].concat());
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        stdout
     };
     let status = outpost(&["status"]);
     let row = status

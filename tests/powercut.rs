@@ -291,29 +291,8 @@ batch_max_delay = "10ms"
 [http]
 enabled = false
 
-[[sources]]
-type = "chirpstack"
-name = "chirpstack"
-application_id = "{APP}"
-[sources.broker]
-host = "127.0.0.1"
-port = {port}
-tls = false
-client_id = "outpost-{prefix}"
-keep_alive = "5s"
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-
-[[alerts]]
-name = "warm"
-kind = "threshold"
-devices = ["dev-*"]
-metric = "temperature"
-above = 8.0
-clear = 6.0
-severity = "critical"
-notifiers = ["hook"]
-
+{source}
+{rule}
 [[notifiers]]
 name = "hook"
 type = "webhook"
@@ -324,8 +303,9 @@ retry_max = "500ms"
 ttl = "1h"
 "#,
             db = fs.path().join("outpost.db").display(),
-            port = proxy.port(),
+            source = cold_room::chirpstack_source(APP, proxy.port(), &format!("outpost-{prefix}")),
             hook = receiver.url(),
+            rule = cold_room::alert_rule("warm", "hook"),
         );
         Harness {
             prefix,

@@ -22,6 +22,28 @@ pub const FIELDS: [&str; 2] = ["temperature", "battery"];
 pub const EARLY_MS: std::ops::Range<u64> = 10..300;
 pub const EARLY_SHARE: f64 = 0.2;
 
+/// The `[[sources]]` table of a ChirpStack source `chirpstack` that receives the stream
+/// of application `app` from the broker on 127.0.0.1:`port` as `client_id` (a persistent
+/// session), reconnecting quickly.
+pub fn chirpstack_source(app: &str, port: u16, client_id: &str) -> String {
+    format!(
+        "[[sources]]\ntype = \"chirpstack\"\nname = \"chirpstack\"\napplication_id = \"{app}\"\n\
+         [sources.broker]\nhost = \"127.0.0.1\"\nport = {port}\ntls = false\n\
+         client_id = \"{client_id}\"\nkeep_alive = \"5s\"\n\
+         reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n"
+    )
+}
+
+/// A `[[alerts]]` table: a threshold rule on every device of the stream that fires when
+/// a room goes hot and resolves when it is cold again, notifying `notifier`.
+pub fn alert_rule(name: &str, notifier: &str) -> String {
+    format!(
+        "[[alerts]]\nname = \"{name}\"\nkind = \"threshold\"\ndevices = [\"dev-*\"]\n\
+         metric = \"temperature\"\nabove = 8.0\nclear = 6.0\nseverity = \"critical\"\n\
+         notifiers = [\"{notifier}\"]\n"
+    )
+}
+
 /// Message `n` (from 0): (device index, fCnt). fCnt counts per device from 1.
 pub fn origin(n: u64) -> (u64, u64) {
     (n % DEVICES, n / DEVICES + 1)
