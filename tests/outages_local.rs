@@ -29,12 +29,13 @@ fn start(dir: &Path, db: &Path, config: &str, env: &[(&str, &str)]) -> Agent {
          [http]\nlisten = \"127.0.0.1:{port}\"\nsource_max_silence = \"1h\"\n",
         db.display()
     );
-    let agent = env
-        .iter()
-        .fold(Agent::new(dir, &config), |agent, (k, v)| agent.env(k, v))
+    let mut agent = Agent::new(dir, &config)
         .log_filter("outpost=info")
-        .deadline(WAIT)
-        .start();
+        .deadline(WAIT);
+    for (key, value) in env {
+        agent = agent.env(key, value);
+    }
+    let agent = agent.start();
     agent.wait_for("/health to answer", || health(&agent));
     agent
 }

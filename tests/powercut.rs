@@ -573,10 +573,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         all.len(),
         h.log_tail()
     );
-    h.agent.signal(libc::SIGTERM);
-    let stopped = support::wait_until(Duration::from_secs(30), || !h.agent.is_running());
-    assert!(stopped, "the last agent did not stop on SIGTERM");
-    h.agent.kill();
+    h.agent.terminate_within(Duration::from_secs(30));
     h.fs.power_cut();
     let s = survey(h.fs.root(), &all, &h.notified(), &mut memo);
     assert!(
