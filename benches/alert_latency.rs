@@ -110,9 +110,10 @@ async fn main() {
     let token = CancellationToken::new();
     let mut pipeline = Pipeline::start(&config, StoreOptions::default(), token.clone()).unwrap();
     let store = pipeline.store.clone();
-    let tasks = outpost::alerts::spawn_tasks(
+    let tasks = outpost::run::alerting::spawn_tasks(
         &config,
         &store,
+        pipeline.certs.clone(),
         token.clone(),
         outpost::alerts::Clock::system(),
     )

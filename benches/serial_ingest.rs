@@ -135,6 +135,8 @@ async fn outpost_lines(
         store: store.clone(),
         metrics: outpost::metrics::Metrics::new(&store),
         gateway_id: "test".into(),
+        clock: outpost::clock::Clock::system(),
+        certs: outpost::tls::CertWatch::default(),
     };
     let task = tokio::spawn(config.run(ctx));
     // Wait until the port is open (the state row says so).
@@ -266,6 +268,8 @@ async fn outpost_polls(dir: &Path, device: &Path, ids: &[u8], secs: f64) -> (f64
         store: store.clone(),
         metrics: outpost::metrics::Metrics::new(&store),
         gateway_id: "test".into(),
+        clock: outpost::clock::Clock::system(),
+        certs: outpost::tls::CertWatch::default(),
     };
     let task = tokio::spawn(source(&config).run(ctx));
     // Let the first polls settle, then count committed readings over the window.

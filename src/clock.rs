@@ -1,4 +1,11 @@
-//! Is the local clock synchronised? (G8)
+//! The agent's clock: the one injectable wall clock ([`Clock`]), steps of it detected
+//! against the monotonic clock, and whether the local clock is synchronised (G8).
+//!
+//! This module is a leaf: it imports nothing of the crate. What the agent does with a
+//! step (move unsynchronised readings, remember it for `outpost status`) is done by an
+//! implementation of [`StepStore`] that [`watch_steps`] is given.
+//!
+//! # Is the local clock synchronised?
 //!
 //! Gateways without a real-time clock boot with a wrong time; readings stamped by the
 //! local clock before synchronisation carry `flags::CLOCK_UNSYNCED`.
@@ -18,41 +25,45 @@
 //! 4. otherwise "not synchronised": the agent cannot vouch for the clock, and an honest
 //!    flag is better than a silent wrong time.
 //!
-//! The answer is cached for a second: serial sources ask for every line. timedated is
-//! asked by `busctl` (systemd's own D-Bus client, present wherever the unit runs: it
-//! speaks the protocol, honours `DBUS_SYSTEM_BUS_ADDRESS`, and costs the agent no
-//! dependency; `timedatectl` itself refuses to run where systemd is not PID 1) on a
-//! background thread, never by the caller: see [`TimedatedWatch`].
+//! [`is_synchronized`] is the one answer: the readings' flags, `/health` and the
+//! central heartbeat all ask it. It is cached for a second: serial sources ask for
+//! every line. timedated is asked by `busctl` (systemd's own D-Bus client, present
+//! wherever the unit runs: it speaks the protocol, honours `DBUS_SYSTEM_BUS_ADDRESS`,
+//! and costs the agent no dependency; `timedatectl` itself refuses to run where
+//! systemd is not PID 1) on a background thread, never by the caller: see
+//! [`TimedatedWatch`].
 //!
 //! # The agent's wall clock and its steps
 //!
 //! Every time decision of the agent that uses wall time (local reading timestamps,
-//! alert timers, retention, health and status ages) asks [`now`], not `Utc::now()`
-//! directly, so that tests can step the clock of a running agent (see
-//! [`TEST_OFFSET_ENV`]). Durations that must not jump with the wall clock are measured
-//! on the monotonic clock (`Instant`), or corrected with a [`StepDetector`]: the wall
-//! clock moved by more than [`STEP_THRESHOLD`] beyond what the monotonic clock moved.
-//! The agent watches for steps once a second ([`watch_steps`]), logs them, and keeps
-//! the last one ([`last_step`], persisted for `outpost status`) so `/health` and
-//! `outpost status` report "clock stepped back by 1h at …" for [`step_notice`].
+//! alert timers, retention, health and status ages) asks an injected [`Clock`], not
+//! `Utc::now()` directly, so that tests can step the clock of a running agent (debug
+//! builds only, see [`TEST_OFFSET_ENV`]) or pause it (`Clock::tokio`). Durations that
+//! must not jump with the wall clock are measured on the monotonic clock (`Instant`),
+//! or corrected with a [`StepDetector`]: the wall clock moved by more than
+//! [`STEP_THRESHOLD`] beyond what the monotonic clock moved. The agent watches for
+//! steps once a second ([`watch_steps`]), logs them, and keeps the last one
+//! ([`last_step`], persisted for `outpost status`) so `/health` and `outpost status`
+//! report "clock stepped back by 1h at …" for [`step_notice`].
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// **Test only.** Names a file holding an offset in seconds (e.g. `-3600`, `86400.5`)
-/// added to the system clock by [`now`], optionally followed by `synchronized` or
-/// `unsynchronized`, which then replaces the answer of [`is_synchronized`]. The file is
-/// re-read at most once a second; a missing or unreadable file means no offset. Lets
-/// black-box tests step the clock of a running agent without root or touching the
-/// machine's clock. Never set it in production.
+/// **Test only, debug builds only.** Names a file holding an offset in seconds (e.g.
+/// `-3600`, `86400.5`) added to the system clock by [`Clock::system`], optionally
+/// followed by `synchronized` or `unsynchronized`, which then replaces the answer of
+/// [`is_synchronized`]. The file is re-read at most once a second; a missing or
+/// unreadable file means no offset. Lets black-box tests step the clock of a running
+/// agent without root or touching the machine's clock. A release build ignores it.
 pub const TEST_OFFSET_ENV: &str = "OUTPOST_TEST_CLOCK_OFFSET_FILE";
 
-/// **Test only.** Seconds a clock step stays reported by `/health` and `outpost
-/// status` instead of [`STEP_NOTICE`].
+/// **Test only, debug builds only.** Seconds a clock step stays reported by `/health`
+/// and `outpost status` instead of [`STEP_NOTICE`].
 pub const TEST_STEP_NOTICE_ENV: &str = "OUTPOST_TEST_CLOCK_STEP_NOTICE";
 
 /// A wall-clock move this much larger or smaller than the monotonic clock's is a step
@@ -62,8 +73,44 @@ pub const STEP_THRESHOLD: Duration = Duration::from_secs(2);
 /// How long a step stays reported.
 pub const STEP_NOTICE: Duration = Duration::from_secs(600);
 
-/// The agent's wall clock: the system clock (plus the test offset, when configured).
-pub fn now() -> DateTime<Utc> {
+/// Where "now" comes from: the system clock in the agent; a clock that follows tokio's
+/// (pausable) time in tests, so `for`, reminders and backoff are tested without sleeps.
+#[derive(Clone)]
+pub struct Clock(std::sync::Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
+
+impl Clock {
+    /// The system clock (in debug builds, plus the offset of [`TEST_OFFSET_ENV`]).
+    pub fn system() -> Clock {
+        Clock(std::sync::Arc::new(system_now))
+    }
+
+    /// Wall time that advances with `tokio::time`, starting at `start`.
+    pub fn tokio(start: DateTime<Utc>) -> Clock {
+        let origin = tokio::time::Instant::now();
+        Clock(std::sync::Arc::new(move || {
+            start + chrono::Duration::from_std(origin.elapsed()).unwrap_or_default()
+        }))
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::system()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+/// What [`Clock::system`] reads.
+fn system_now() -> DateTime<Utc> {
     let system = Utc::now();
     match test_clock() {
         None => system,
@@ -71,13 +118,24 @@ pub fn now() -> DateTime<Utc> {
     }
 }
 
+/// The system clock, as [`Clock::system`] reads it.
+///
+/// To be removed: use the injected [`Clock`]. It stays only for callers outside
+/// `clock`'s branch that no `Clock` reaches yet (sources, store, health, metrics,
+/// systemd, cli, pipeline).
+pub fn now() -> DateTime<Utc> {
+    system_now()
+}
+
 /// What the test file says: the offset and, if given, the synchronisation state;
-/// `None` without [`TEST_OFFSET_ENV`]. Re-read at most once a second.
+/// `None` without [`TEST_OFFSET_ENV`], and always `None` in release builds. Re-read at
+/// most once a second.
+#[cfg(debug_assertions)]
 fn test_clock() -> Option<(chrono::Duration, Option<bool>)> {
-    static OFFSET_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static OFFSET_FILE: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
     static CACHE: Mutex<Option<(Instant, chrono::Duration, Option<bool>)>> = Mutex::new(None);
     let path = OFFSET_FILE
-        .get_or_init(|| std::env::var_os(TEST_OFFSET_ENV).map(PathBuf::from))
+        .get_or_init(|| std::env::var_os(TEST_OFFSET_ENV).map(std::path::PathBuf::from))
         .as_ref()?;
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((read_at, offset, synced)) = *cache {
@@ -86,6 +144,19 @@ fn test_clock() -> Option<(chrono::Duration, Option<bool>)> {
         }
     }
     let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (offset, synced) = parse_test_clock(&text);
+    *cache = Some((Instant::now(), offset, synced));
+    Some((offset, synced))
+}
+
+#[cfg(not(debug_assertions))]
+fn test_clock() -> Option<(chrono::Duration, Option<bool>)> {
+    None
+}
+
+/// `"-3600 unsynchronized"` → (-1h, Some(false)); anything unreadable → no offset.
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
+fn parse_test_clock(text: &str) -> (chrono::Duration, Option<bool>) {
     let mut words = text.split_whitespace();
     let offset = words
         .next()
@@ -98,8 +169,7 @@ fn test_clock() -> Option<(chrono::Duration, Option<bool>)> {
         Some("unsynchronized") => Some(false),
         _ => None,
     };
-    *cache = Some((Instant::now(), offset, synced));
-    Some((offset, synced))
+    (offset, synced)
 }
 
 /// Detects steps of the wall clock by comparing it with the monotonic clock between
@@ -153,16 +223,27 @@ impl ClockStep {
         let since = (now - self.at).abs().to_std().unwrap_or(Duration::MAX);
         since <= step_notice()
     }
+
+    /// The step saved as `json` (the value of the [`STEP_STATE`] row), if it is still
+    /// recent at `now`.
+    pub fn recent_from_json(json: Option<&str>, now: DateTime<Utc>) -> Option<ClockStep> {
+        json.and_then(|json| serde_json::from_str::<ClockStep>(json).ok())
+            .filter(|step| step.is_recent(now))
+    }
 }
 
-/// How long a step stays reported: [`STEP_NOTICE`], or the test override.
+/// How long a step stays reported: [`STEP_NOTICE`], or (debug builds) the test
+/// override [`TEST_STEP_NOTICE_ENV`].
 pub fn step_notice() -> Duration {
-    std::env::var(TEST_STEP_NOTICE_ENV)
+    #[cfg(debug_assertions)]
+    if let Some(secs) = std::env::var(TEST_STEP_NOTICE_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(STEP_NOTICE)
+    {
+        return Duration::from_secs_f64(secs);
+    }
+    STEP_NOTICE
 }
 
 static LAST_STEP: Mutex<Option<ClockStep>> = Mutex::new(None);
@@ -172,23 +253,65 @@ pub fn last_step() -> Option<ClockStep> {
     LAST_STEP.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// `source_state` row (source, key) where the last step is kept for `outpost status`.
+/// `source_state` row (owner, key) where the last step is kept for `outpost status`.
 /// `@` cannot start a source name, so it never collides with a source's rows.
 pub const STEP_STATE: (&str, &str) = ("@agent", "clock_step");
 
+/// The readings a step may have to move (G8): those committed by the previous check,
+/// and those committed since whose time lies within the interval since it on the old
+/// clock (a step is at least [`STEP_THRESHOLD`], so the intervals before and after it
+/// do not overlap).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepWindow {
+    /// The first reading id this process committed (readings before are not its own).
+    pub first_id: i64,
+    /// The newest committed id at the previous check.
+    pub previous_id: i64,
+    /// The wall time of the previous check (on the old clock).
+    pub previous_wall: DateTime<Utc>,
+    /// How long the monotonic clock says passed since the previous check.
+    pub since: chrono::Duration,
+    /// How far the wall clock stepped (positive: forward).
+    pub step: chrono::Duration,
+}
+
+/// What [`watch_steps`] does with what it learns; implemented over the local store
+/// (today in `sync::clock_hold`; its home is the store, which keeps the readings and
+/// the `source_state` rows).
+pub trait StepStore: Clone + Send + Sync + 'static {
+    /// The id of the newest committed reading (it follows commits).
+    fn newest_committed(&self) -> i64;
+    /// G8: readings this process stamped with its own clock while it was not
+    /// synchronised (`CLOCK_UNSYNCED`), not yet corrected nor sent, and stamped before
+    /// the step (see [`StepWindow`]), move with the step, so they stay right relative
+    /// to the new clock.
+    fn move_unsynced(&self, window: StepWindow) -> impl Future<Output = ()> + Send;
+    /// G8: the clock is synchronised now; the readings this process stamped before
+    /// (ids in `first_id + 1 ..= newest`, moved with every step since) carry the right
+    /// time: flag them `CLOCK_CORRECTED`.
+    fn mark_corrected(&self, first_id: i64, newest: i64) -> impl Future<Output = ()> + Send;
+    /// Keeps `step` for `outpost status` (the [`STEP_STATE`] row).
+    fn save_step(&self, step: &ClockStep) -> impl Future<Output = ()> + Send;
+}
+
 /// Watches the wall clock once a second until `shutdown`: each step is logged, kept
-/// for `/health` and written to the store for `outpost status`.
-pub async fn watch_steps(
-    store: crate::store::Store,
+/// for `/health` and saved through `store` for `outpost status`.
+pub async fn watch_steps(store: impl StepStore, shutdown: tokio_util::sync::CancellationToken) {
+    watch_steps_on(Clock::system(), store, shutdown).await
+}
+
+/// [`watch_steps`] on `clock`.
+pub async fn watch_steps_on(
+    clock: Clock,
+    store: impl StepStore,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut detector = StepDetector::default();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let committed = store.committed_watch();
     // Readings this process stamped: only their clock is known (G8: same boot, and the
     // monotonic clock measured the time since).
-    let first_id = *committed.borrow();
+    let first_id = store.newest_committed();
     let mut previous: Option<(DateTime<Utc>, Instant, i64)> = None;
     let mut was_synchronized = is_synchronized();
     loop {
@@ -196,16 +319,25 @@ pub async fn watch_steps(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let wall = now();
+        let wall = clock.now();
         let mono = Instant::now();
-        let newest = *committed.borrow();
+        let newest = store.newest_committed();
         let step = detector.observe(wall, mono);
-        if let (Some(step), Some(previous)) = (step, previous) {
-            correct_unsynced(&store, first_id, previous, mono, step).await;
+        if let (Some(step), Some((previous_wall, previous_mono, previous_id))) = (step, previous) {
+            let since = chrono::Duration::from_std(mono.saturating_duration_since(previous_mono))
+                .unwrap_or_default();
+            let window = StepWindow {
+                first_id,
+                previous_id,
+                previous_wall,
+                since,
+                step,
+            };
+            store.move_unsynced(window).await;
         }
         let synchronized = is_synchronized();
         if synchronized && !was_synchronized {
-            mark_corrected(&store, first_id, newest).await;
+            store.mark_corrected(first_id, newest).await;
         }
         was_synchronized = synchronized;
         previous = Some((wall, mono, newest));
@@ -222,99 +354,31 @@ pub async fn watch_steps(
             step.describe()
         );
         // Saved first, so that once `/health` shows the step `outpost status` does too.
-        if let Ok(json) = serde_json::to_string(&step) {
-            let rows = vec![(STEP_STATE.1.to_string(), json)];
-            if let Err(e) = crate::sources::rejects::write_rows(&store, STEP_STATE.0, rows).await {
-                tracing::debug!(error = %e, "Could not save the clock step.");
-            }
-        }
+        store.save_step(&step).await;
         *LAST_STEP.lock().unwrap_or_else(|p| p.into_inner()) = Some(step);
-    }
-}
-
-/// G8: readings this process stamped with its own clock while it was not synchronised
-/// (`CLOCK_UNSYNCED`), not yet corrected nor sent, move with a step, so they stay
-/// right relative to the new clock. Which readings were stamped before the step:
-/// those committed by the previous check (`previous`: wall time, monotonic time,
-/// newest id), and those committed since whose time lies within that interval on
-/// the old clock (a step is at least [`STEP_THRESHOLD`], so the intervals before and
-/// after it do not overlap).
-async fn correct_unsynced(
-    store: &crate::store::Store,
-    first_id: i64,
-    previous: (DateTime<Utc>, Instant, i64),
-    mono: Instant,
-    step: chrono::Duration,
-) {
-    let (prev_wall, prev_mono, prev_id) = previous;
-    let Some(shift) = step.num_microseconds() else {
-        return;
-    };
-    let since =
-        chrono::Duration::from_std(mono.saturating_duration_since(prev_mono)).unwrap_or_default();
-    let lag = chrono::Duration::milliseconds(500);
-    let from = crate::model::to_micros(prev_wall - lag);
-    let to = crate::model::to_micros(prev_wall + since + chrono::Duration::milliseconds(200));
-    let sql = format!(
-        "UPDATE readings SET observed_at = observed_at + ?1, received_at = received_at + ?1 \
-         WHERE id > ?2 AND synced = 0 AND (flags & {unsynced}) != 0 AND (flags & {corrected}) = 0 \
-           AND (id <= ?3 OR received_at BETWEEN ?4 AND ?5)",
-        unsynced = crate::model::flags::CLOCK_UNSYNCED,
-        corrected = crate::model::flags::CLOCK_CORRECTED,
-    );
-    let result = store
-        .write(move |conn| {
-            conn.execute(&sql, rusqlite::params![shift, first_id, prev_id, from, to])
-        })
-        .await;
-    match result {
-        Ok(n) if n > 0 => {
-            tracing::info!(
-                readings = n,
-                "Readings stamped before the clock step were moved with it."
-            )
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot move unsynchronised readings with the clock step.")
-        }
-    }
-}
-
-/// G8: the clock is synchronised now; the readings this process stamped before (moved
-/// with every step since) carry the right time: flag them `CLOCK_CORRECTED`, so sync
-/// sends them without waiting for `clock_hold_max`.
-async fn mark_corrected(store: &crate::store::Store, first_id: i64, newest: i64) {
-    let sql = format!(
-        "UPDATE readings SET flags = flags | {corrected} \
-         WHERE id > ?1 AND id <= ?2 AND synced = 0 AND (flags & {unsynced}) != 0",
-        unsynced = crate::model::flags::CLOCK_UNSYNCED,
-        corrected = crate::model::flags::CLOCK_CORRECTED,
-    );
-    match store
-        .write(move |conn| conn.execute(&sql, rusqlite::params![first_id, newest]))
-        .await
-    {
-        Ok(n) => tracing::info!(
-            readings = n,
-            "The clock is synchronised; readings stamped before are marked corrected."
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot mark readings corrected after clock synchronisation.")
-        }
     }
 }
 
 /// The last step recorded in the database, if it is still recent at `now` (for
 /// `outpost status`, which runs in its own process).
+///
+/// To be removed: the store reads its `source_state` row itself
+/// (`store::state::read_state(conn, STEP_STATE.0, STEP_STATE.1)`) and passes the value
+/// to [`ClockStep::recent_from_json`]. Kept so `store::read` compiles until then; it
+/// reads the row with the same query as `store::state::read_state`.
 pub fn recent_step_in_store(
     conn: &rusqlite::Connection,
     now: DateTime<Utc>,
 ) -> rusqlite::Result<Option<ClockStep>> {
-    let stored = crate::sources::rejects::read_state(conn, STEP_STATE.0, STEP_STATE.1)?;
-    Ok(stored
-        .and_then(|json| serde_json::from_str::<ClockStep>(&json).ok())
-        .filter(|step| step.is_recent(now)))
+    use rusqlite::OptionalExtension;
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT value FROM source_state WHERE source = ?1 AND key = ?2",
+            rusqlite::params![STEP_STATE.0, STEP_STATE.1],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(ClockStep::recent_from_json(stored.as_deref(), now))
 }
 
 /// The file systemd-timesyncd creates once the clock is synchronised.

@@ -6,10 +6,15 @@
 //! shows exactly that many decimals ("4.0 °C", "12.8 °C"). Any other value shows at
 //! most two decimals without trailing zeros ("12.8", "4", "4.26"), and values below 1
 //! three significant digits ("0.00345"), so small quantities do not read as 0.
+//!
+//! Also the other shapes text takes for people: ages ("4s", "12m", "3h", "2d") and
+//! aligned tables. This module is a leaf: every layer may use it.
 
-use crate::config::{check_identifier, Problems};
+use crate::settings::{check_identifier, Problems};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fmt::Write;
 
 /// The most decimals a precision may ask for.
 pub const MAX_PRECISION: u8 = 6;
@@ -87,9 +92,62 @@ pub fn format_value(value: f64, unit: Option<&str>, precision: Option<u8>) -> St
     s
 }
 
+/// "4s", "12m", "3h", "2d" — ages as a technician reads them.
+pub fn age(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
+    let secs = (now - then).num_seconds();
+    if secs < 0 {
+        return "in the future".into();
+    }
+    let secs = secs as u64;
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ages() {
+        let now = Utc::now();
+        assert_eq!(age(now, now - chrono::Duration::seconds(5)), "5s");
+        assert_eq!(age(now, now - chrono::Duration::minutes(5)), "5m");
+        assert_eq!(age(now, now - chrono::Duration::hours(5)), "5h");
+        assert_eq!(age(now, now - chrono::Duration::days(5)), "5d");
+        assert_eq!(age(now, now + chrono::Duration::days(5)), "in the future");
+    }
 
     #[test]
     fn the_default_drops_trailing_zeros_at_two_decimals() {

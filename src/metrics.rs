@@ -1,5 +1,10 @@
-//! Prometheus metrics (`/metrics`). Labels stay low-cardinality: source names, reasons,
-//! never device ids.
+//! The in-memory metrics components increment (`/metrics`). Labels stay
+//! low-cardinality: source names, reasons, never device ids.
+//!
+//! This layer counts; it never queries the database, the sync state or the
+//! certificates. The gauges read from those at scrape time are collectors of the run
+//! layer ([`crate::run::collector`]) registered through [`Metrics::with_collectors`];
+//! `/metrics` encodes on the blocking pool because they may touch SQLite.
 
 use crate::store::{Store, StoreStats};
 use prometheus_client::collector::Collector;
@@ -48,16 +53,21 @@ struct Inner {
     /// Why each disconnected source is disconnected, and since when (cleared on
     /// connect), for `/health`.
     connection_errors: std::sync::Mutex<std::collections::HashMap<String, ConnectionError>>,
-    /// Expiry of the configured TLS certificates (recorded at start and reload).
-    certs: crate::tls::CertWatch,
     /// Readings the TTN backfill stored for the first time, by source and reason.
     backfill_recovered: Family<RejectLabels, Counter>,
 }
 
 impl Metrics {
-    /// Metrics for the agent using `store`. Store counters and the backlog are read at
-    /// scrape time, so the store's hot path pays nothing for them.
+    /// Metrics for the agent using `store`. The store's counters are read at scrape
+    /// time, so its hot path pays nothing for them.
     pub fn new(store: &Store) -> Metrics {
+        Metrics::with_collectors(store, Vec::new())
+    }
+
+    /// [`Metrics::new`] plus `collectors` encoded after the counters (the run layer's
+    /// database, sync and certificate gauges). Collectors may block: [`Metrics::encode`]
+    /// belongs on the blocking pool when any is registered.
+    pub fn with_collectors(store: &Store, collectors: Vec<Box<dyn Collector>>) -> Metrics {
         let mut registry = Registry::with_prefix("outpost");
         let readings_received = Family::<SourceLabels, Counter>::default();
         let readings_rejected = Family::<RejectLabels, Counter>::default();
@@ -85,13 +95,11 @@ impl Metrics {
         );
         registry.register_collector(Box::new(StoreCollector {
             stats: store.stats().clone(),
-            store: store.clone(),
         }));
         register_progress(&mut registry, store);
-        let certs = store.certs().clone();
-        registry.register_collector(Box::new(CertCollector {
-            certs: certs.clone(),
-        }));
+        for collector in collectors {
+            registry.register_collector(collector);
+        }
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -100,15 +108,9 @@ impl Metrics {
                 source_connected,
                 connections: Default::default(),
                 connection_errors: Default::default(),
-                certs,
                 backfill_recovered,
             }),
         }
-    }
-
-    /// The configured TLS certificates' expiry, for `/metrics` and `/health`.
-    pub fn certs(&self) -> &crate::tls::CertWatch {
-        &self.inner.certs
     }
 
     pub fn received(&self, source: &str, n: u64) {
@@ -219,7 +221,6 @@ impl Metrics {
 #[derive(Debug)]
 struct StoreCollector {
     stats: Arc<StoreStats>,
-    store: Store,
 }
 
 impl Collector for StoreCollector {
@@ -274,29 +275,6 @@ impl Collector for StoreCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(s.disk_full.load(Relaxed) as i64).encode(full)?;
-        if let Ok(conn) = self.store.reader() {
-            if let Ok(report) = crate::store::backlog(&conn) {
-                let rows = encoder.encode_descriptor(
-                    "backlog_rows",
-                    "Readings not yet in central",
-                    None,
-                    MetricType::Gauge,
-                )?;
-                ConstGauge::new(report.rows).encode(rows)?;
-                let age = report
-                    .oldest_received_at
-                    .map(|t| (crate::clock::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
-                    .unwrap_or(0.0);
-                let oldest = encoder.encode_descriptor(
-                    "backlog_oldest_age_seconds",
-                    "Age of the oldest reading not yet in central (0 when none)",
-                    None,
-                    MetricType::Gauge,
-                )?;
-                ConstGauge::new(age).encode(oldest)?;
-            }
-            encode_db_gauges(&conn, &mut encoder)?;
-        }
         Ok(())
     }
 }
@@ -353,96 +331,6 @@ impl Collector for ProgressCollector {
         }
         Ok(())
     }
-}
-
-/// `tls_certificate_expiry_days{certificate="sync.ca_file"}`, computed at scrape time.
-#[derive(Debug)]
-struct CertCollector {
-    certs: crate::tls::CertWatch,
-}
-
-impl Collector for CertCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let certs = self.certs.snapshot();
-        if certs.is_empty() {
-            return Ok(());
-        }
-        let now = crate::clock::now();
-        let mut family = encoder.encode_descriptor(
-            "tls_certificate_expiry_days",
-            "Days until the first certificate in each configured certificate file expires (negative: expired)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (label, info) in certs {
-            ConstGauge::new(info.days_left(now))
-                .encode(family.encode_family(&[("certificate", label.as_str())])?)?;
-        }
-        Ok(())
-    }
-}
-
-/// Gauges read from the database at scrape time: alert states, the notification
-/// outbox and the last sync round. Tables a build does not have are skipped.
-fn encode_db_gauges(
-    conn: &rusqlite::Connection,
-    encoder: &mut DescriptorEncoder,
-) -> Result<(), std::fmt::Error> {
-    let counts = |sql: &str| -> Vec<(String, i64)> {
-        conn.prepare(sql)
-            .and_then(|mut stmt| {
-                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .unwrap_or_default()
-    };
-    let families = [
-        (
-            "alerts",
-            "Alert series by state (pending, firing)",
-            ["pending", "firing"].as_slice(),
-            counts("SELECT state, COUNT(*) FROM alert_state GROUP BY state"),
-        ),
-        (
-            "notifications",
-            "Notifications in the outbox by state (expired and failed need a person)",
-            ["pending", "delivered", "failed", "expired"].as_slice(),
-            counts("SELECT state, COUNT(*) FROM outbox GROUP BY state"),
-        ),
-    ];
-    for (name, help, states, rows) in families {
-        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for state in states {
-            let n = rows
-                .iter()
-                .find(|(s, _)| s == state)
-                .map(|(_, n)| *n)
-                .unwrap_or(0);
-            ConstGauge::new(n).encode(family.encode_family(&[("state", *state)])?)?;
-        }
-    }
-    if let Ok(sync) = crate::sync::local::read_state(conn) {
-        for (name, help, at) in [
-            (
-                "sync_last_success_timestamp_seconds",
-                "When central last committed a sync round (0: never)",
-                sync.last_sync_at,
-            ),
-            (
-                "sync_last_error_timestamp_seconds",
-                "When a sync round last failed (0: never)",
-                sync.last_error_at,
-            ),
-        ] {
-            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            ConstGauge::new(
-                at.map(|t| t.timestamp_millis() as f64 / 1000.0)
-                    .unwrap_or(0.0),
-            )
-            .encode(metric)?;
-        }
-    }
-    Ok(())
 }
 
 /// `outpost_backfill_recovered_total{source, reason}`.

@@ -99,7 +99,34 @@ pub struct Committed {
 
 /// Resolved once the batch's transaction has committed with `synchronous=FULL`, or with
 /// the reason it was not stored. A source acknowledges its producer only on `Ok` (G1).
-pub type Ack = oneshot::Sender<Result<Committed, crate::store::StoreError>>;
+pub type Ack = oneshot::Sender<Result<Committed, StoreError>>;
+
+/// Why the store could not do what was asked (re-exported as `store::StoreError`;
+/// it is defined here because every acknowledgement carries it). Cloneable so one commit failure can be
+/// reported to every batch of the group.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("the disk is full (SQLITE_FULL); nothing of this batch was stored")]
+    Full,
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("the commit was rolled back; nothing of this batch was stored")]
+    RolledBack,
+    #[error("cannot open the database {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("SQLite: {0}")]
+    Sqlite(String),
+}
+
+impl StoreError {
+    pub fn from_sqlite(e: &rusqlite::Error) -> StoreError {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full,
+            Some(rusqlite::ErrorCode::OperationAborted) => StoreError::RolledBack,
+            _ => StoreError::Sqlite(e.to_string()),
+        }
+    }
+}
 
 /// A group of readings from one source, with an optional acknowledgement.
 #[derive(Debug)]
@@ -112,10 +139,7 @@ impl Batch {
     /// A batch whose commit is awaited through the returned receiver.
     pub fn with_ack(
         readings: Vec<Reading>,
-    ) -> (
-        Batch,
-        oneshot::Receiver<Result<Committed, crate::store::StoreError>>,
-    ) {
+    ) -> (Batch, oneshot::Receiver<Result<Committed, StoreError>>) {
         let (tx, rx) = oneshot::channel();
         (
             Batch {

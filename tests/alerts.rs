@@ -52,9 +52,10 @@ fn start_alerting(body: &str) -> InProcessAgent {
 
 fn start_alerting_in(dir: tempfile::TempDir, config: Config) -> InProcessAgent {
     let mut agent = InProcessAgent::open_in(dir, &config.storage);
-    let alerting = outpost::alerts::spawn_tasks(
+    let alerting = outpost::run::alerting::spawn_tasks(
         &config,
         agent.store(),
+        outpost::tls::CertWatch::default().saving_to(agent.store().clone()),
         agent.shutdown_token(),
         outpost::alerts::Clock::system(),
     )
@@ -356,18 +357,16 @@ async fn email_implicit_tls_plain_relay_and_wrong_ca_through_notify_test() {
         wrong = ca.wrong_ca_pem().display(),
     );
     let config = load(dir.path(), &body);
-    let ok = outpost::notify::send_test(&config, "smtps").await.unwrap();
+    let ok = send_test(&config, "smtps").await.unwrap();
     assert_eq!(ok, outpost::notify::Outcome::Delivered);
     let mails = smtps.wait_for_messages_async(1, DEADLINE).await;
     assert!(mails[0].data_str().contains("Subject: TEST [info]"));
     assert_eq!(
-        outpost::notify::send_test(&config, "relay").await.unwrap(),
+        send_test(&config, "relay").await.unwrap(),
         outpost::notify::Outcome::Delivered
     );
     plain.wait_for_messages_async(1, DEADLINE).await;
-    let wrong = outpost::notify::send_test(&config, "wrongca")
-        .await
-        .unwrap();
+    let wrong = send_test(&config, "wrongca").await.unwrap();
     assert!(
         matches!(&wrong, outpost::notify::Outcome::Retry(m) if m.to_lowercase().contains("certificate")),
         "{wrong:?}"
@@ -633,4 +632,19 @@ fn demo_fires_and_resolves_its_alert_visibly() {
     );
     let report = outpost::store::status_report(&dir.path().join("outpost.db")).unwrap();
     assert!(report.alerts.firing.is_empty());
+}
+
+/// `outpost notify-test`'s delivery, in-process.
+async fn send_test(
+    config: &outpost::config::Config,
+    name: &str,
+) -> anyhow::Result<outpost::notify::Outcome> {
+    outpost::notify::send_test_event(
+        &config.notifiers,
+        &config.agent.site,
+        &config.agent.gateway_id,
+        name,
+        &outpost::clock::Clock::system(),
+    )
+    .await
 }

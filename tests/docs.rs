@@ -351,8 +351,20 @@ fn every_rejection_reason_in_the_sources_is_listed() {
         (!l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
             .then(|| l.to_string())
     };
-    for entry in std::fs::read_dir(repo_file("src/sources")).unwrap() {
-        let path = entry.unwrap().path();
+    // The kinds' files and folders (`serial/`, `mqtt/`, …).
+    let mut files = Vec::new();
+    let mut dirs = vec![repo_file("src/sources")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for path in files {
         if path.file_name().is_some_and(|n| n == "reasons.rs") {
             continue;
         }

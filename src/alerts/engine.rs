@@ -3,7 +3,7 @@
 //! timers, stale devices, reminders).
 //!
 //! [`Engine`] itself is synchronous and takes `now` explicitly, so every rule kind is
-//! tested step by step; [`spawn_tasks`] wraps it in the task that reads the store, writes
+//! tested step by step; [`engine_task`] wraps it in the task that reads the store, writes
 //! each decision with the cursor in one transaction, and wakes the notification worker.
 //!
 //! **Queues and waits (G9).** A feeder task follows the store's committed-readings
@@ -18,7 +18,6 @@ use super::state::{self, Changes, NewEvent, Phase, SeenSeries, StateChange, Stat
 use super::{
     AlertEvent, AlertRule, Clock, CompiledRule, Condition, Direction, EventKind, MAX_RATE_SAMPLES,
 };
-use crate::config::Config;
 use crate::model::{to_micros, Reading, Uid};
 use crate::ratelimit::LogLimiter;
 use crate::store::Store;
@@ -492,56 +491,32 @@ impl Engine {
     }
 }
 
-/// The futures that run alerting; the caller spawns them (as pipeline consumers).
-pub struct AlertTasks {
-    /// Ends when the committed-readings stream ends (after the sources stopped).
-    pub engine: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    /// Ends when the shutdown token is cancelled.
-    pub outbox: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-}
+/// A future the caller spawns (as a pipeline consumer).
+pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Builds the engine and the outbox worker for `config` (none when there is nothing to
-/// do). Fails on a notifier that cannot be built (e.g. an unreadable CA file).
-pub fn spawn_tasks(
-    config: &Config,
+/// The alert engine for `rules`, as a task for the caller to spawn (none without
+/// rules). It follows the store's committed readings until that stream ends (after the
+/// sources stopped), writes each decision with its outbox rows, and notifies `wake`
+/// (the notification worker's, see `notify::outbox_task`) when it wrote some.
+/// `notifier_ttls` gives each notifier's `ttl` (the outbox rows' expiry). Fails on a
+/// rule that cannot be compiled.
+pub fn engine_task(
+    rules: &[AlertRule],
+    context: EventContext,
+    notifier_ttls: HashMap<String, Duration>,
     store: &Store,
-    shutdown: CancellationToken,
     clock: Clock,
-) -> anyhow::Result<AlertTasks> {
-    let wake = Arc::new(Notify::new());
-    let ttl: HashMap<String, Duration> = config
-        .notifiers
-        .iter()
-        .map(|n| (n.name.clone(), n.ttl.get()))
-        .collect();
-    let outbox = if config.notifiers.is_empty() {
-        None
-    } else {
-        let worker =
-            crate::notify::OutboxWorker::new(config, store.clone(), clock.clone(), wake.clone())?;
-        let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
-            worker
-                .run(shutdown.clone())
-                .instrument(tracing::info_span!("notify")),
-        );
-        Some(fut)
-    };
-    let engine = if config.alerts.is_empty() {
-        None
-    } else {
-        let context = EventContext {
-            site: config.agent.site.clone(),
-            gateway_id: config.agent.gateway_id.clone(),
-            display: config.display.clone(),
-        };
-        let engine = Engine::from_config(&config.alerts, context)?;
-        let fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
-            run_engine(engine, store.clone(), clock, wake, ttl, shutdown.clone())
-                .instrument(tracing::info_span!("alerts")),
-        );
-        Some(fut)
-    };
-    Ok(AlertTasks { engine, outbox })
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<Task>> {
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let engine = Engine::from_config(rules, context)?;
+    Ok(Some(Box::pin(
+        run_engine(engine, store.clone(), clock, wake, notifier_ttls, shutdown)
+            .instrument(tracing::info_span!("alerts")),
+    )))
 }
 
 /// Runs a blocking read on a fresh read connection.
@@ -818,7 +793,12 @@ mod tests {
                 .iter()
                 .map(|n| {
                     let ev = &n.event;
-                    crate::notify::template::render("{kind} {metric} {value} ({condition})", ev)
+                    let value = ev.value.map_or_else(
+                        || "-".to_string(),
+                        |v| crate::display::format_value(v, ev.unit.as_deref(), ev.precision),
+                    );
+                    let kind = ev.kind.as_str().to_uppercase();
+                    format!("{kind} {} {value} ({})", ev.metric, ev.condition)
                 })
                 .collect::<Vec<_>>()
         };

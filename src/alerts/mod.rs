@@ -12,7 +12,7 @@
 //!   the engine resumes from that cursor with that state. A firing alert stays firing
 //!   (no second firing event) and a pending timer keeps its start.
 //! - **An event and its notifications are one write.** Each event row and one outbox row
-//!   per notifier commit atomically (see [`crate::notify`] for delivery).
+//!   per notifier commit atomically (the `notify` module delivers them).
 //! - **Reloaded rules keep their state** when their definition did not change: state is
 //!   keyed by a hash of the rule's condition and scope ([`AlertRule::key`]), so editing
 //!   severity, notifiers or reminders does not reset an alert.
@@ -20,15 +20,14 @@
 pub mod engine;
 pub mod state;
 
-use crate::config::{check_identifier, HumanDuration, Problems};
 use crate::model::Uid;
+use crate::settings::{check_identifier, HumanDuration, Problems};
 use chrono::{DateTime, Utc};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 use std::time::Duration;
 
-pub use engine::{spawn_tasks, AlertTasks, Engine};
+pub use engine::{engine_task, Engine, EventContext, Task};
 
 /// One `[[alerts]]` rule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -567,34 +566,7 @@ pub struct AlertEvent {
     pub at: DateTime<Utc>,
 }
 
-/// Where "now" comes from: the system clock in the agent; a clock that follows tokio's
-/// (pausable) time in tests, so `for`, reminders and backoff are tested without sleeps.
-#[derive(Clone)]
-pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
-
-impl Clock {
-    pub fn system() -> Clock {
-        Clock(Arc::new(crate::clock::now))
-    }
-
-    /// Wall time that advances with `tokio::time`, starting at `start`.
-    pub fn tokio(start: DateTime<Utc>) -> Clock {
-        let origin = tokio::time::Instant::now();
-        Clock(Arc::new(move || {
-            start + chrono::Duration::from_std(origin.elapsed()).unwrap_or_default()
-        }))
-    }
-
-    pub fn now(&self) -> DateTime<Utc> {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for Clock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Clock")
-    }
-}
+pub use crate::clock::Clock;
 
 #[cfg(test)]
 mod tests {

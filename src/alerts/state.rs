@@ -518,7 +518,7 @@ pub fn render(
     now: DateTime<Utc>,
     display: &crate::display::DisplayConfig,
 ) -> String {
-    use crate::status::{age, table};
+    use crate::display::{age, table};
     use std::fmt::Write;
     let mut out = String::new();
     if summary.firing.is_empty() {

@@ -9,6 +9,7 @@
 //! Drop-ins merge table by table; arrays of tables (`[[sources]]`, `[[alerts]]`, …)
 //! are appended, so a drop-in can add a source without repeating the others.
 
+use crate::settings::join_path;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fmt;
@@ -127,16 +128,6 @@ impl Layers {
 fn parent_path(path: &str) -> Option<&str> {
     let cut = path.rfind(['.', '['])?;
     Some(&path[..cut])
-}
-
-pub fn join_path(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else if key.starts_with('[') {
-        format!("{prefix}{key}")
-    } else {
-        format!("{prefix}.{key}")
-    }
 }
 
 /// Reads the main file, its drop-ins and the environment. Problems are pushed to

@@ -5,8 +5,9 @@
 //! The Message-ID is derived from the event uid and the notifier, so a message sent twice
 //! (at-least-once) carries the same Message-ID and mail clients thread or drop it.
 
-use super::Outcome;
-use crate::config::{HumanDuration, Problems, Secret};
+use super::{BuildContext, KindConfig, Message as Notification, Outcome, Sender};
+use crate::settings::{HumanDuration, Problems, Secret};
+use crate::tls::Endpoint;
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
@@ -66,8 +67,22 @@ fn is_local(host: &str) -> bool {
     matches!(host, "localhost" | "127.0.0.1" | "::1" | "[::1]")
 }
 
-impl EmailConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl KindConfig for EmailConfig {
+    type Sender = Email;
+
+    fn tls_endpoints(&self, label: &str) -> Vec<Endpoint> {
+        super::server_endpoint(label, self.ca_file.as_ref())
+    }
+
+    fn attempt_timeout(&self) -> std::time::Duration {
+        self.timeout.get()
+    }
+
+    fn build(&self, context: &BuildContext<'_>) -> anyhow::Result<Email> {
+        Email::new(self, context.gateway_id)
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         if self.server.trim().is_empty()
             || self.server.len() > 253
             || self.server.contains(char::is_whitespace)
@@ -360,6 +375,22 @@ async fn smtp_step(
                 last.trim()
             )),
         };
+    }
+}
+
+impl Sender for Email {
+    async fn deliver(&self, message: &Notification<'_>) -> Outcome {
+        self.send(&message.subject, &message.body(), &message.key)
+            .await
+    }
+
+    /// lettre keeps its handshakes to itself, so the server is asked separately.
+    fn probed_server(&self) -> Option<String> {
+        self.peer()
+    }
+
+    async fn probe_certificate(&self, recorder: crate::tls::CertRecorder) -> Result<(), String> {
+        Email::probe_certificate(self, recorder).await
     }
 }
 

@@ -6,10 +6,10 @@
 //! The program runs with a minimal environment (`PATH` and the `OUTPOST_*` variables),
 //! never the agent's, which may hold secrets.
 
-use super::Outcome;
+use super::{BuildContext, KindConfig, Message, Outcome, Sender};
 use crate::alerts::AlertEvent;
-use crate::config::{HumanDuration, Problems};
 use crate::notify::template::field_value;
+use crate::settings::{HumanDuration, Problems};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -35,8 +35,23 @@ fn default_timeout() -> HumanDuration {
 /// What a program's stderr contributes to the error message.
 const STDERR_KEPT: usize = 2048;
 
-impl ExecConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl KindConfig for ExecConfig {
+    type Sender = Exec;
+
+    /// A local program: no server, no certificate.
+    fn tls_endpoints(&self, _label: &str) -> Vec<crate::tls::Endpoint> {
+        Vec::new()
+    }
+
+    fn attempt_timeout(&self) -> std::time::Duration {
+        self.timeout.get()
+    }
+
+    fn build(&self, _context: &BuildContext<'_>) -> anyhow::Result<Exec> {
+        Ok(Exec::new(self))
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         if !self.program.is_absolute() {
             problems.push(
                 format!("{path}.program"),
@@ -206,6 +221,13 @@ impl Exec {
     }
 }
 
+impl Sender for Exec {
+    async fn deliver(&self, message: &Message<'_>) -> Outcome {
+        self.run(message.event, &message.subject, &message.key)
+            .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,7 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn exit_status_decides() {
-        let e = test_event("Site", "gw");
+        let e = test_event("Site", "gw", chrono::Utc::now());
         assert_eq!(
             exec("/bin/true", &[], 5000).run(&e, "s", "k").await,
             Outcome::Delivered
@@ -253,7 +275,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let script = format!("cat > {0}.json; env > {0}.env", out.display());
-        let mut e = test_event("Site", "gw");
+        let mut e = test_event("Site", "gw", chrono::Utc::now());
         e.device = "dev\0ice".into();
         std::env::set_var("OUTPOST_TEST_LEAK", "secret");
         assert_eq!(

@@ -14,23 +14,210 @@
 //!   notifications are logged at error level, counted and shown by `outpost status`.
 //! - **Delivery never blocks evaluation.** The worker is its own task with at most
 //!   [`MAX_CONCURRENT`] deliveries in flight; the alert engine only writes rows.
+//!
+//! Each kind declares itself in its own file ([`email`], [`webhook`], [`exec`], [`log`]):
+//! its configuration implements [`KindConfig`] (validation, the TLS server it
+//! connects to, the timeout of one attempt, building its [`Sender`]), and one line
+//! in the `notifier_kinds!` list below adds it to the closed set (the serde-tagged
+//! [`NotifierKind`] and the sender enum are generated from that list). Nothing here
+//! names a kind. See `docs/developing-notify.md`.
 
 pub mod email;
 pub mod exec;
+pub mod log;
 pub mod outbox;
 pub mod template;
 pub mod webhook;
 
-pub use outbox::{NotifyStats, OutboxWorker};
+pub use log::LogNotifierConfig;
+pub use outbox::{outbox_task, NotifyStats, OutboxWorker};
 
 use crate::alerts::AlertEvent;
-use crate::config::{check_identifier, quoted, HumanDuration, Problems};
+use crate::settings::{check_identifier, quoted, HumanDuration, Problems};
+use crate::tls::{CertRecorder, CertWatch, Endpoint};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::future::Future;
 use std::time::Duration;
 
 /// Deliveries in flight at once (across notifiers).
 pub const MAX_CONCURRENT: usize = 4;
+
+/// What one kind of notifier declares about itself; implemented by its configuration
+/// struct (the `[[notifiers]]` keys of that `type`, deserialized with
+/// `deny_unknown_fields`), in the kind's own file.
+pub trait KindConfig: Serialize + serde::de::DeserializeOwned {
+    /// What [`KindConfig::build`] makes.
+    type Sender: Sender;
+    /// The TLS servers it connects to, named `label` (`notifiers.NAME`), with the CA
+    /// file its configuration names (empty: it connects to no TLS server). Every kind
+    /// must say: the certificate watch knows servers only through this.
+    fn tls_endpoints(&self, label: &str) -> Vec<Endpoint>;
+    /// How long one attempt may take (the worker waits 5 s more before it gives up).
+    fn attempt_timeout(&self) -> Duration;
+    /// Builds the sender: reads CA files, parses addresses and URLs.
+    fn build(&self, context: &BuildContext<'_>) -> anyhow::Result<Self::Sender>;
+    /// Reports what is wrong with the kind's own keys, under `path`.
+    fn validate(&self, path: &str, problems: &mut Problems);
+}
+
+/// The one TLS server of a kind that connects to one, trusting `ca_file` besides the
+/// public roots: its certificate is `label`, the file `label.ca_file`.
+pub fn server_endpoint(label: &str, ca_file: Option<&std::path::PathBuf>) -> Vec<Endpoint> {
+    vec![Endpoint::new(label).with_file(format!("{label}.ca_file"), ca_file)]
+}
+
+/// What a kind's [`KindConfig::build`] may use.
+pub struct BuildContext<'a> {
+    /// The notifier's name.
+    pub notifier: &'a str,
+    /// The gateway's id (email uses it in Message-IDs).
+    pub gateway_id: &'a str,
+    /// Where servers' certificates are recorded (none for `outpost notify-test`).
+    pub certs: Option<&'a CertWatch>,
+}
+
+impl BuildContext<'_> {
+    /// `notifiers.NAME`: the label the notifier's server certificate is recorded under.
+    pub fn label(&self) -> String {
+        format!("notifiers.{}", self.notifier)
+    }
+}
+
+/// One notification to deliver, as a [`Sender`] sees it.
+pub struct Message<'a> {
+    /// The notifier's name.
+    pub notifier: &'a str,
+    pub event: &'a AlertEvent,
+    /// The rendered subject (email) or summary line (webhook, exec, log).
+    pub subject: String,
+    /// The key a receiver uses to drop duplicates: the same on every attempt.
+    pub key: String,
+    body_template: &'a str,
+}
+
+impl Message<'_> {
+    /// The rendered body (email).
+    pub fn body(&self) -> String {
+        template::render(self.body_template, self.event)
+    }
+}
+
+/// A built notifier of one kind.
+pub trait Sender: Send + Sync + 'static {
+    /// One delivery attempt.
+    fn deliver(&self, message: &Message<'_>) -> impl Future<Output = Outcome> + Send;
+    /// The server (`host:port`) whose certificate is probed now and once a day, for a
+    /// kind whose client library keeps its handshakes to itself; `None` (the default)
+    /// when the certificate is recorded on every connection, or there is none.
+    fn probed_server(&self) -> Option<String> {
+        None
+    }
+    /// Connects to [`Sender::probed_server`] only to give its certificate to `recorder`.
+    fn probe_certificate(
+        &self,
+        recorder: CertRecorder,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        drop(recorder);
+        async { Ok(()) }
+    }
+}
+
+/// The closed set of notifier kinds, from one list: `"type" => Variant(ConfigType)`.
+/// Generates [`NotifierKind`] (the serde-tagged configuration), the sender enum, and
+/// the dispatch of every [`KindConfig`] and [`Sender`] method.
+macro_rules! notifier_kinds {
+    ($($name:literal => $variant:ident($config:ty)),+ $(,)?) => {
+        /// The notifier's type and its own keys.
+        #[derive(Debug, Clone, Serialize, PartialEq)]
+        #[serde(tag = "type")]
+        pub enum NotifierKind {
+            $(#[serde(rename = $name)] $variant($config),)+
+        }
+
+        /// Every `type` value.
+        const TYPES: &[&str] = &[$($name),+];
+
+        impl NotifierKind {
+            /// The `type` value.
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(NotifierKind::$variant(_) => $name,)+
+                }
+            }
+
+            /// Deserializes the kind's own keys (`None` inside: reported to `problems`;
+            /// `None` outside: `kind` is no known type).
+            fn deserialize(
+                kind: &str,
+                value: Value,
+                path: &str,
+                problems: &mut Problems,
+            ) -> Option<Option<NotifierKind>> {
+                match kind {
+                    $($name => Some(problems.deserialize(value, path).map(NotifierKind::$variant)),)+
+                    _ => None,
+                }
+            }
+
+            fn validate(&self, path: &str, problems: &mut Problems) {
+                match self {
+                    $(NotifierKind::$variant(c) => c.validate(path, problems),)+
+                }
+            }
+
+            fn tls_endpoints(&self, label: &str) -> Vec<Endpoint> {
+                match self {
+                    $(NotifierKind::$variant(c) => c.tls_endpoints(label),)+
+                }
+            }
+
+            fn attempt_timeout(&self) -> Duration {
+                match self {
+                    $(NotifierKind::$variant(c) => c.attempt_timeout(),)+
+                }
+            }
+
+            fn build(&self, context: &BuildContext<'_>) -> anyhow::Result<Channel> {
+                Ok(match self {
+                    $(NotifierKind::$variant(c) => Channel::$variant(c.build(context)?),)+
+                })
+            }
+        }
+
+        /// A built sender of any kind.
+        enum Channel {
+            $($variant(<$config as KindConfig>::Sender),)+
+        }
+
+        impl Channel {
+            async fn deliver(&self, message: &Message<'_>) -> Outcome {
+                match self {
+                    $(Channel::$variant(s) => s.deliver(message).await,)+
+                }
+            }
+
+            fn probed_server(&self) -> Option<String> {
+                match self {
+                    $(Channel::$variant(s) => s.probed_server(),)+
+                }
+            }
+
+            async fn probe_certificate(&self, recorder: CertRecorder) -> Result<(), String> {
+                match self {
+                    $(Channel::$variant(s) => s.probe_certificate(recorder).await,)+
+                }
+            }
+        }
+    };
+}
+
+notifier_kinds! {
+    "email" => Email(email::EmailConfig),
+    "webhook" => Webhook(webhook::WebhookConfig),
+    "exec" => Exec(exec::ExecConfig),
+    "log" => Log(log::LogNotifierConfig),
+}
 
 /// One `[[notifiers]]` entry: the keys every type shares, and the type's own.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -56,23 +243,6 @@ pub struct NotifierConfig {
     pub kind: NotifierKind,
 }
 
-/// The notifier's type and its own keys.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum NotifierKind {
-    Email(email::EmailConfig),
-    Webhook(webhook::WebhookConfig),
-    Exec(exec::ExecConfig),
-    Log(LogNotifierConfig),
-}
-
-/// `type = "log"`: writes the subject to the journal (warning level for firing and
-/// reminders). Always available; useful as a second channel and in the demo.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct LogNotifierConfig {}
-
-const TYPES: &[&str] = &["email", "webhook", "exec", "log"];
 /// The keys every `[[notifiers]]` type shares (the rest belong to the type).
 pub const COMMON_KEYS: &[&str] = &[
     "name",
@@ -110,6 +280,16 @@ fn default_retry_max() -> HumanDuration {
 }
 
 impl NotifierConfig {
+    /// `notifiers.NAME`: how this notifier is named in certificates, health and logs.
+    pub fn label(&self) -> String {
+        format!("notifiers.{}", self.name)
+    }
+
+    /// The TLS servers this notifier connects to, as its kind declares them.
+    pub fn tls_endpoints(&self) -> Vec<Endpoint> {
+        self.kind.tls_endpoints(&self.label())
+    }
+
     /// Deserializes one `[[notifiers]]` table, reporting problems with their key paths.
     pub fn from_json(
         mut value: Value,
@@ -125,16 +305,13 @@ impl NotifierConfig {
             }
         }
         let common: Option<Common> = problems.deserialize(Value::Object(common), path);
-        let kind = match kind.as_str() {
-            "email" => problems.deserialize(value, path).map(NotifierKind::Email),
-            "webhook" => problems.deserialize(value, path).map(NotifierKind::Webhook),
-            "exec" => problems.deserialize(value, path).map(NotifierKind::Exec),
-            "log" => problems.deserialize(value, path).map(NotifierKind::Log),
-            other => {
+        let kind = match NotifierKind::deserialize(&kind, value, path, problems) {
+            Some(kind) => kind,
+            None => {
                 problems.push(
                     format!("{path}.type"),
                     format!(
-                        "unknown notifier type {other:?}; expected one of {}",
+                        "unknown notifier type {kind:?}; expected one of {}",
                         quoted(TYPES)
                     ),
                 );
@@ -154,12 +331,7 @@ impl NotifierConfig {
     }
 
     pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            NotifierKind::Email(_) => "email",
-            NotifierKind::Webhook(_) => "webhook",
-            NotifierKind::Exec(_) => "exec",
-            NotifierKind::Log(_) => "log",
-        }
+        self.kind.type_name()
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {
@@ -196,12 +368,7 @@ impl NotifierConfig {
                 problems.check(format!("{path}.{key}"), template::check(t));
             }
         }
-        match &self.kind {
-            NotifierKind::Email(c) => c.validate(path, problems),
-            NotifierKind::Webhook(c) => c.validate(path, problems),
-            NotifierKind::Exec(c) => c.validate(path, problems),
-            NotifierKind::Log(_) => {}
-        }
+        self.kind.validate(path, problems);
     }
 }
 
@@ -213,49 +380,6 @@ pub enum Outcome {
     Retry(String),
     /// Retrying cannot help (a webhook's 4xx, an SMTP 5xx): a person must act.
     Failed(String),
-}
-
-impl Notifier {
-    /// A task that records the certificate of the mail server now and once a day until
-    /// `shutdown`, for a TLS email notifier (lettre keeps its handshakes to itself, so
-    /// the server is asked separately; see [`email::Email::probe_certificate`]). The
-    /// other channels record on every connection; they need no task.
-    pub fn watch_server_certificate(
-        self: &std::sync::Arc<Self>,
-        store: &crate::store::Store,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-        let Channel::Email(mail) = &self.channel else {
-            return None;
-        };
-        let recorder = store.cert_recorder(&format!("notifiers.{}", self.name), &mail.peer()?);
-        let notifier = self.clone();
-        Some(async move {
-            const DAY: Duration = Duration::from_secs(24 * 3600);
-            loop {
-                if let Channel::Email(mail) = &notifier.channel {
-                    if let Err(e) = mail.probe_certificate(recorder.clone()).await {
-                        tracing::debug!(
-                            notifier = %notifier.name,
-                            error = %e,
-                            "Cannot see the mail server's certificate now."
-                        );
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(DAY) => {}
-                }
-            }
-        })
-    }
-}
-
-enum Channel {
-    Email(email::Email),
-    Webhook(webhook::Webhook),
-    Exec(exec::Exec),
-    Log,
 }
 
 /// A notifier ready to deliver.
@@ -273,36 +397,24 @@ pub struct Notifier {
 
 impl Notifier {
     /// Builds a notifier from its (validated) configuration: reads CA files, parses
-    /// addresses and URLs. With a `store`, the certificate the server presents is
+    /// addresses and URLs. With `certs`, the certificate the server presents is
     /// recorded as `notifiers.NAME` (see [`Notifier::watch_server_certificate`]).
     pub fn build(
         config: &NotifierConfig,
         gateway_id: &str,
-        store: Option<&crate::store::Store>,
+        certs: Option<&CertWatch>,
     ) -> anyhow::Result<Notifier> {
-        let label = format!("notifiers.{}", config.name);
-        let (channel, timeout) = match &config.kind {
-            NotifierKind::Email(c) => (
-                Channel::Email(email::Email::new(c, gateway_id)?),
-                c.timeout.get(),
-            ),
-            NotifierKind::Webhook(c) => {
-                let recorder =
-                    store.map(|s| s.cert_recorder(&label, &crate::tls::url_peer(&c.url)));
-                (
-                    Channel::Webhook(webhook::Webhook::new(c, recorder)?),
-                    c.timeout.get(),
-                )
-            }
-            NotifierKind::Exec(c) => (Channel::Exec(exec::Exec::new(c)), c.timeout.get()),
-            NotifierKind::Log(_) => (Channel::Log, Duration::from_secs(1)),
+        let context = BuildContext {
+            notifier: &config.name,
+            gateway_id,
+            certs,
         };
         Ok(Notifier {
             name: config.name.clone(),
             kind: config.kind_name(),
             retry_initial: config.retry_initial.get(),
             retry_max: config.retry_max.get(),
-            attempt_timeout: timeout + Duration::from_secs(5),
+            attempt_timeout: config.kind.attempt_timeout() + Duration::from_secs(5),
             subject: config
                 .subject
                 .clone()
@@ -311,7 +423,7 @@ impl Notifier {
                 .body
                 .clone()
                 .unwrap_or_else(|| template::DEFAULT_BODY.to_string()),
-            channel,
+            channel: config.kind.build(&context)?,
         })
     }
 
@@ -322,33 +434,60 @@ impl Notifier {
 
     /// One delivery attempt.
     pub async fn deliver(&self, event: &AlertEvent) -> Outcome {
-        let subject = template::render(&self.subject, event);
-        let key = self.idempotency_key(event);
-        match &self.channel {
-            Channel::Email(e) => {
-                let body = template::render(&self.body, event);
-                e.send(&subject, &body, &key).await
-            }
-            Channel::Webhook(w) => w.send(event, &subject, &key).await,
-            Channel::Exec(x) => x.run(event, &subject, &key).await,
-            Channel::Log => {
-                match event.kind {
-                    crate::alerts::EventKind::Firing | crate::alerts::EventKind::Reminder => {
-                        tracing::warn!(notifier = %self.name, event = %event.uid, "{subject}")
-                    }
-                    _ => tracing::info!(notifier = %self.name, event = %event.uid, "{subject}"),
+        let message = Message {
+            notifier: &self.name,
+            event,
+            subject: template::render(&self.subject, event),
+            key: self.idempotency_key(event),
+            body_template: &self.body,
+        };
+        self.channel.deliver(&message).await
+    }
+
+    /// A task that records the certificate of the server now and once a day until
+    /// `shutdown`, for a kind whose client library keeps its handshakes to itself (a
+    /// TLS email notifier: see [`email::Email::probe_certificate`]). The other kinds
+    /// record on every connection; they need no task.
+    pub fn watch_server_certificate(
+        self: &std::sync::Arc<Self>,
+        certs: &CertWatch,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let recorder = certs.recorder(
+            &format!("notifiers.{}", self.name),
+            &self.channel.probed_server()?,
+        );
+        let notifier = self.clone();
+        Some(async move {
+            const DAY: Duration = Duration::from_secs(24 * 3600);
+            loop {
+                if let Err(e) = notifier.channel.probe_certificate(recorder.clone()).await {
+                    tracing::debug!(
+                        notifier = %notifier.name,
+                        error = %e,
+                        "Cannot see the server's certificate now."
+                    );
                 }
-                Outcome::Delivered
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(DAY) => {}
+                }
             }
-        }
+        })
     }
 }
 
-/// Sends one test event through the notifier `name` (for `outpost notify-test`),
-/// without the outbox.
-pub async fn send_test(config: &crate::config::Config, name: &str) -> anyhow::Result<Outcome> {
-    let Some(n) = config.notifiers.iter().find(|n| n.name == name) else {
-        let names: Vec<&str> = config.notifiers.iter().map(|n| n.name.as_str()).collect();
+/// Sends one test event through the notifier `name` of `notifiers` (for `outpost
+/// notify-test`), without the outbox; the event names `site` and `gateway_id`.
+pub async fn send_test_event(
+    notifiers: &[NotifierConfig],
+    site: &str,
+    gateway_id: &str,
+    name: &str,
+    clock: &crate::clock::Clock,
+) -> anyhow::Result<Outcome> {
+    let Some(n) = notifiers.iter().find(|n| n.name == name) else {
+        let names: Vec<&str> = notifiers.iter().map(|n| n.name.as_str()).collect();
         anyhow::bail!(
             "no notifier is called {name:?}; configured: {}",
             if names.is_empty() {
@@ -358,8 +497,8 @@ pub async fn send_test(config: &crate::config::Config, name: &str) -> anyhow::Re
             }
         );
     };
-    let notifier = Notifier::build(n, &config.agent.gateway_id, None)?;
-    let event = template::test_event(&config.agent.site, &config.agent.gateway_id);
+    let notifier = Notifier::build(n, gateway_id, None)?;
+    let event = template::test_event(site, gateway_id, clock.now());
     match tokio::time::timeout(notifier.attempt_timeout, notifier.deliver(&event)).await {
         Ok(outcome) => Ok(outcome),
         Err(_) => Ok(Outcome::Retry("the attempt timed out".into())),
@@ -424,5 +563,44 @@ mod tests {
         }
         let (_, p) = parse("name = \"x\"\ntype = 7");
         assert!(p[0].1.contains("expected a string"));
+    }
+
+    /// Every kind that connects to a TLS server declares it as `notifiers.NAME`, with
+    /// the CA file it configures, so the certificate watch follows it; the others
+    /// declare none. Every kind of the list is checked.
+    #[test]
+    fn kinds_that_connect_over_tls_declare_their_endpoint() {
+        let cases = [
+            (
+                "email",
+                "server = \"smtp.example\"\nfrom = \"o@example.com\"\nto = [\"x@example.com\"]",
+                true,
+            ),
+            ("webhook", "url = \"https://hooks.example/x\"", true),
+            ("exec", "program = \"/bin/true\"", false),
+            ("log", "", false),
+        ];
+        let covered: Vec<&str> = cases.iter().map(|(kind, _, _)| *kind).collect();
+        assert_eq!(covered, TYPES, "a new kind must say whether it connects");
+        for (kind, keys, connects) in cases {
+            for ca_file in [None, Some("/etc/outpost/ca.pem")] {
+                let mut text = format!("name = \"n1\"\ntype = \"{kind}\"\n{keys}\n");
+                if let (true, Some(ca)) = (connects, ca_file) {
+                    text.push_str(&format!("ca_file = \"{ca}\"\n"));
+                }
+                let value: Value = toml::from_str(&text).unwrap();
+                let mut p = Problems::default();
+                let n = NotifierConfig::from_json(value, "notifiers[0]", &mut p)
+                    .unwrap_or_else(|| panic!("{kind}: {:?}", p.0));
+                let expected = if connects {
+                    let path = ca_file.map(std::path::PathBuf::from);
+                    vec![Endpoint::new("notifiers.n1")
+                        .with_file("notifiers.n1.ca_file".into(), path.as_ref())]
+                } else {
+                    Vec::new()
+                };
+                assert_eq!(n.tls_endpoints(), expected, "{kind}");
+            }
+        }
     }
 }

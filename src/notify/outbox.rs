@@ -17,12 +17,13 @@
 //! the store writer to record outcomes. Nothing waits for the worker: the alert engine
 //! only writes rows and calls `notify_one`, and the writer never waits for anyone.
 
-use super::{Notifier, Outcome, MAX_CONCURRENT};
-use crate::alerts::{AlertEvent, Clock};
-use crate::config::Config;
+use super::{Notifier, NotifierConfig, Outcome, MAX_CONCURRENT};
+use crate::alerts::AlertEvent;
+use crate::clock::Clock;
 use crate::model::{from_micros, to_micros};
 use crate::ratelimit::LogLimiter;
 use crate::store::Store;
+use crate::tls::CertWatch;
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use rusqlite::{params, Connection};
@@ -173,9 +174,35 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration, rng: &mut impl Rn
     Duration::from_millis(rng.gen_range(10..=millis.max(10)))
 }
 
+/// The notification worker for `notifiers`, as a task for the caller to spawn (none
+/// without notifiers); it runs until `shutdown`. The alert engine, given the same
+/// `wake`, notifies it when it wrote rows. Fails on a notifier that cannot be built
+/// (e.g. an unreadable CA file).
+pub fn outbox_task(
+    notifiers: &[NotifierConfig],
+    gateway_id: &str,
+    store: &Store,
+    certs: CertWatch,
+    clock: Clock,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>> {
+    use tracing::Instrument;
+    if notifiers.is_empty() {
+        return Ok(None);
+    }
+    let worker = OutboxWorker::new(notifiers, gateway_id, store.clone(), certs, clock, wake)?;
+    Ok(Some(Box::pin(
+        worker
+            .run(shutdown)
+            .instrument(tracing::info_span!("notify")),
+    )))
+}
+
 /// Delivers the outbox.
 pub struct OutboxWorker {
     store: Store,
+    certs: CertWatch,
     notifiers: HashMap<String, Arc<Notifier>>,
     clock: Clock,
     wake: Arc<Notify>,
@@ -191,22 +218,26 @@ struct Attempt {
 }
 
 impl OutboxWorker {
-    /// Builds every configured notifier. `wake` is notified when new rows were written.
+    /// Builds every configured notifier (the certificates their servers present go to
+    /// `certs`). `wake` is notified when new rows were written.
     pub fn new(
-        config: &Config,
+        notifiers: &[NotifierConfig],
+        gateway_id: &str,
         store: Store,
+        certs: CertWatch,
         clock: Clock,
         wake: Arc<Notify>,
     ) -> anyhow::Result<OutboxWorker> {
-        let mut notifiers = HashMap::new();
-        for n in &config.notifiers {
-            let built = Notifier::build(n, &config.agent.gateway_id, Some(&store))
+        let mut built = HashMap::new();
+        for n in notifiers {
+            let notifier = Notifier::build(n, gateway_id, Some(&certs))
                 .map_err(|e| anyhow::anyhow!("notifiers: {:?}: {e:#}", n.name))?;
-            notifiers.insert(n.name.clone(), Arc::new(built));
+            built.insert(n.name.clone(), Arc::new(notifier));
         }
         Ok(OutboxWorker {
             store,
-            notifiers,
+            certs,
+            notifiers: built,
             clock,
             wake,
             stats: Arc::new(NotifyStats::default()),
@@ -240,7 +271,7 @@ impl OutboxWorker {
         );
         let mut certificate_watches = JoinSet::new();
         for notifier in self.notifiers.values() {
-            if let Some(task) = notifier.watch_server_certificate(&self.store, shutdown.clone()) {
+            if let Some(task) = notifier.watch_server_certificate(&self.certs, shutdown.clone()) {
                 certificate_watches.spawn(task);
             }
         }

@@ -134,9 +134,8 @@ pub fn field_value(event: &AlertEvent, field: &str) -> String {
     }
 }
 
-/// A test event for `outpost notify-test`.
-pub fn test_event(site: &str, gateway_id: &str) -> AlertEvent {
-    let now = crate::clock::now();
+/// A test event for `outpost notify-test`, happening `now`.
+pub fn test_event(site: &str, gateway_id: &str, now: chrono::DateTime<chrono::Utc>) -> AlertEvent {
     AlertEvent {
         uid: crate::model::Uid::derive(&[
             "notify-test",
@@ -167,7 +166,7 @@ mod tests {
 
     #[test]
     fn renders_fields_and_literal_braces() {
-        let mut e = test_event("Cold store", "gw-1");
+        let mut e = test_event("Cold store", "gw-1", chrono::Utc::now());
         e.kind = EventKind::Firing;
         e.value = Some(11.623);
         assert_eq!(

@@ -5,9 +5,10 @@
 //! answer is delivered; 408 and 429 are retried; any other 4xx fails permanently (the
 //! request itself is wrong, retrying cannot help); everything else is retried.
 
-use super::Outcome;
+use super::{BuildContext, KindConfig, Message, Outcome, Sender};
 use crate::alerts::AlertEvent;
-use crate::config::{HumanDuration, Problems, Secret};
+use crate::settings::{HumanDuration, Problems, Secret};
+use crate::tls::Endpoint;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -49,8 +50,26 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-impl WebhookConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl KindConfig for WebhookConfig {
+    type Sender = Webhook;
+
+    fn tls_endpoints(&self, label: &str) -> Vec<Endpoint> {
+        super::server_endpoint(label, self.ca_file.as_ref())
+    }
+
+    fn attempt_timeout(&self) -> std::time::Duration {
+        self.timeout.get()
+    }
+
+    /// The server's certificate is recorded on every connection.
+    fn build(&self, context: &BuildContext<'_>) -> anyhow::Result<Webhook> {
+        let recorder = context
+            .certs
+            .map(|certs| certs.recorder(&context.label(), &crate::tls::url_peer(&self.url)));
+        Webhook::new(self, recorder)
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         match reqwest::Url::parse(&self.url) {
             Err(e) => problems.push(format!("{path}.url"), format!("not a URL ({e})")),
             Ok(url) => {
@@ -201,6 +220,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+impl Sender for Webhook {
+    async fn deliver(&self, message: &Message<'_>) -> Outcome {
+        self.send(message.event, &message.subject, &message.key)
+            .await
+    }
 }
 
 #[cfg(test)]

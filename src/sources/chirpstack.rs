@@ -13,16 +13,19 @@
 //! `false` are omitted from the JSON, so all of them have defaults here.
 
 use super::mapping::{flatten_numeric, Mapping};
-use super::mqtt_client::{self, BrokerConfig, Decode, Decoded, Rejection, Session, SessionStats};
-use super::ttn::{check_max_payload, default_max_payload};
-use super::SourceContext;
-use crate::config::{check_identifier, ByteSize, Problems};
+use super::mqtt::{
+    self, check_max_payload, default_max_payload, BrokerConfig, Decode, Decoded, Rejection,
+    Session, Subscription,
+};
+use super::{SourceContext, SourceKind};
 use crate::model::{Reading, Uid};
+use crate::settings::{check_identifier, ByteSize, Problems};
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -68,17 +71,26 @@ impl ChirpStackConfig {
             .clone()
             .unwrap_or_else(|| format!("application/{}/device/+/event/up", self.application_id))
     }
+}
 
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl SourceKind for ChirpStackConfig {
+    const TYPE: &'static str = "chirpstack";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        vec![self.broker.tls_endpoint(&self.name)]
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         problems.check(
             format!("{path}.application_id"),
-            mqtt_client::check_topic_level(&self.application_id, "the application id"),
+            mqtt::check_topic_level(&self.application_id, "the application id"),
         );
         if let Some(topic) = &self.topic {
-            problems.check(
-                format!("{path}.topic"),
-                mqtt_client::check_topic_filter(topic),
-            );
+            problems.check(format!("{path}.topic"), mqtt::check_topic_filter(topic));
         }
         self.broker.validate(&format!("{path}.broker"), problems);
         for (i, d) in self.devices.iter().enumerate() {
@@ -89,6 +101,10 @@ impl ChirpStackConfig {
         }
         check_max_payload(self.max_payload, &format!("{path}.max_payload"), problems);
         self.mapping.validate(&format!("{path}.mapping"), problems);
+    }
+
+    fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, ctx)
     }
 }
 
@@ -263,15 +279,7 @@ fn parse_time(
     value: Option<&str>,
     field: &'static str,
 ) -> Result<Option<DateTime<Utc>>, DecodeError> {
-    match value {
-        None | Some("") => Ok(None),
-        Some(s) => DateTime::parse_from_rfc3339(s)
-            .map(|t| Some(t.with_timezone(&Utc)))
-            .map_err(|_| DecodeError::BadTime {
-                field,
-                value: s.chars().take(64).collect(),
-            }),
-    }
+    mqtt::parse_rfc3339(value).map_err(|value| DecodeError::BadTime { field, value })
 }
 
 /// Turns uplink events into readings for one configured source.
@@ -368,34 +376,13 @@ impl Decode for ChirpStackDecoder {
 }
 
 pub async fn run(config: ChirpStackConfig, ctx: SourceContext) -> anyhow::Result<()> {
-    let client_id = config
-        .broker
-        .client_id
-        .clone()
-        .unwrap_or_else(|| mqtt_client::default_client_id(&ctx.gateway_id, &config.name));
     // Persistent session + manual acks: acknowledged only after the commit.
-    let options = config
-        .broker
-        .mqtt_options(
-            &client_id,
-            false,
-            true,
-            None,
-            Some(config.broker.cert_recorder(&config.name, &ctx.store)),
-        )
-        .map_err(|e| anyhow::anyhow!("source {}: {e}", config.name))?;
-    let session = Session {
-        source: config.name.clone(),
-        options,
-        connect_timeout: config.broker.connect_timeout.get(),
-        subscriptions: vec![(config.topic(), QoS::AtLeastOnce)],
-        reconnect_min: config.broker.reconnect_min.get(),
-        reconnect_max: config.broker.reconnect_max.get(),
-        stats: Arc::new(SessionStats::default()),
-        connected: None,
-        committed_mark: None,
-        gaps: None,
+    let subscription = Subscription {
+        topics: vec![config.topic()],
+        qos: QoS::AtLeastOnce,
+        credentials: None,
     };
+    let session = Session::new(&config.name, &config.broker, subscription, &ctx)?;
     let decoder = ChirpStackDecoder {
         mapper: EventMapper {
             source: config.name.clone(),
@@ -405,7 +392,7 @@ pub async fn run(config: ChirpStackConfig, ctx: SourceContext) -> anyhow::Result
         },
         max_payload: config.max_payload.0 as usize,
     };
-    mqtt_client::run_session(session, decoder, &ctx).await
+    session.run(decoder, &ctx).await
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! Raw keys of nested objects are flattened with dots (`{"a": {"b": 1}}` → `a.b`);
 //! booleans become 0 and 1; strings and nulls are not readings.
 
-use crate::config::{check_identifier, Problems};
+use crate::settings::{check_identifier, Problems};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -186,6 +186,41 @@ fn walk(value: &Value, prefix: String, depth: usize, out: &mut Vec<(String, f64)
             }
         }
         _ => {}
+    }
+}
+
+/// The range a value must lie in to be believed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plausible {
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+impl Plausible {
+    pub fn contains(&self, v: f64) -> bool {
+        self.min.map_or(true, |min| v >= min) && self.max.map_or(true, |max| v <= max)
+    }
+
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        for (key, v) in [("min", self.min), ("max", self.max)] {
+            if v.is_some_and(|v| !v.is_finite()) {
+                problems.push(format!("{path}.{key}"), "must be a finite number");
+            }
+        }
+        if let (Some(min), Some(max)) = (self.min, self.max) {
+            if min > max {
+                problems.push(
+                    format!("{path}.min"),
+                    format!("min {min} is above max {max}"),
+                );
+            }
+        }
+        if self.min.is_none() && self.max.is_none() {
+            problems.push(path, "give `min`, `max` or both");
+        }
     }
 }
 

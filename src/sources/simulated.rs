@@ -5,11 +5,12 @@
 //! offset to one device's metric for a while (a freezer door left open), which is what
 //! makes the demo's alert fire and resolve.
 
-use super::SourceContext;
-use crate::config::{check_identifier, HumanDuration, Problems};
+use super::{SourceContext, SourceKind};
 use crate::model::{Batch, Reading, Uid};
+use crate::settings::{check_identifier, HumanDuration, Problems};
 use crate::store::StoreError;
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -88,7 +89,53 @@ fn default_cycle() -> HumanDuration {
 }
 
 impl SimulatedConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+    /// The value of `metric` on `device` at `elapsed` since start, for tick `tick`.
+    pub fn value_at(
+        &self,
+        device: &str,
+        metric: &SimulatedMetric,
+        elapsed: Duration,
+        tick: u64,
+    ) -> f64 {
+        let phase = elapsed.as_secs_f64() / metric.cycle.get().as_secs_f64().max(1e-9);
+        let mut value = metric.base + metric.amplitude * (phase * std::f64::consts::TAU).sin();
+        if metric.noise > 0.0 {
+            let h = Uid::derive(&[
+                &self.seed.to_string(),
+                device,
+                &metric.name,
+                &tick.to_string(),
+            ]);
+            let unit =
+                u32::from_le_bytes([h.0[0], h.0[1], h.0[2], h.0[3]]) as f64 / u32::MAX as f64;
+            value += (unit * 2.0 - 1.0) * metric.noise;
+        }
+        if let Some(x) = &self.excursion {
+            let start = x.after.get();
+            if x.device == device
+                && x.metric == metric.name
+                && elapsed >= start
+                && elapsed < start + x.duration.get()
+            {
+                value += x.offset;
+            }
+        }
+        value
+    }
+}
+
+impl SourceKind for SimulatedConfig {
+    const TYPE: &'static str = "simulated";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        Vec::new()
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         if self.devices.is_empty() {
             problems.push(format!("{path}.devices"), "list at least one device");
         }
@@ -151,38 +198,8 @@ impl SimulatedConfig {
         }
     }
 
-    /// The value of `metric` on `device` at `elapsed` since start, for tick `tick`.
-    pub fn value_at(
-        &self,
-        device: &str,
-        metric: &SimulatedMetric,
-        elapsed: Duration,
-        tick: u64,
-    ) -> f64 {
-        let phase = elapsed.as_secs_f64() / metric.cycle.get().as_secs_f64().max(1e-9);
-        let mut value = metric.base + metric.amplitude * (phase * std::f64::consts::TAU).sin();
-        if metric.noise > 0.0 {
-            let h = Uid::derive(&[
-                &self.seed.to_string(),
-                device,
-                &metric.name,
-                &tick.to_string(),
-            ]);
-            let unit =
-                u32::from_le_bytes([h.0[0], h.0[1], h.0[2], h.0[3]]) as f64 / u32::MAX as f64;
-            value += (unit * 2.0 - 1.0) * metric.noise;
-        }
-        if let Some(x) = &self.excursion {
-            let start = x.after.get();
-            if x.device == device
-                && x.metric == metric.name
-                && elapsed >= start
-                && elapsed < start + x.duration.get()
-            {
-                value += x.offset;
-            }
-        }
-        value
+    fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, ctx)
     }
 }
 
@@ -199,7 +216,7 @@ pub async fn run(config: SimulatedConfig, ctx: SourceContext) -> anyhow::Result<
             _ = ticker.tick() => {}
         }
         let elapsed = started.elapsed();
-        let now = crate::clock::now();
+        let now = ctx.clock.now();
         let micros = now.timestamp_micros().to_string();
         let mut readings = Vec::with_capacity(config.devices.len() * config.metrics.len());
         for device in &config.devices {

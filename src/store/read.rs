@@ -1,5 +1,7 @@
 //! Reading the store: the stream of committed readings for downstream consumers, and
-//! the summary behind `outpost status`.
+//! the store's own parts of the `outpost status` summary (series, backlog, counters,
+//! free space); the summary itself is assembled by the command line
+//! (`crate::cli::status`), which can see every component's state.
 
 use crate::model::{from_micros, Reading, Uid};
 use chrono::{DateTime, Utc};
@@ -149,32 +151,6 @@ pub struct BacklogSummary {
     pub oldest_received_at: Option<DateTime<Utc>>,
 }
 
-/// What `outpost status` shows.
-#[derive(Debug, Clone, Serialize)]
-pub struct StatusReport {
-    pub now: DateTime<Utc>,
-    pub series: Vec<SeriesSummary>,
-    pub total_readings: i64,
-    pub backlog: BacklogSummary,
-    pub pruned_unsynced: i64,
-    pub rejected: i64,
-    pub schema_version: i64,
-    /// Central sync: last completed round and last error.
-    pub sync: crate::sync::local::SyncState,
-    /// Firing alerts and notifications waiting or given up.
-    pub alerts: crate::alerts::state::AlertsSummary,
-    /// Device-level state of serial and Modbus sources (port open, slaves offline).
-    pub source_notes: Vec<String>,
-    /// Rejected input per source and reason, with the last time and a hint.
-    pub rejections: Vec<crate::sources::rejects::RejectionSummary>,
-    /// Bytes an unprivileged writer can still use on the database's filesystem.
-    pub disk_free_bytes: Option<u64>,
-    /// Below [`DISK_FULL_BELOW`] free: the agent's commits fail with SQLITE_FULL.
-    pub disk_full: bool,
-    /// A step of the wall clock the agent saw recently (see [`crate::clock`]).
-    pub clock_step: Option<crate::clock::ClockStep>,
-}
-
 /// Less free space than this on the database's filesystem counts as full (a commit
 /// needs room for its WAL frames; a checkpoint for the pages it copies).
 pub const DISK_FULL_BELOW: u64 = 1 << 20;
@@ -211,57 +187,42 @@ pub fn backlog(conn: &Connection) -> rusqlite::Result<BacklogSummary> {
     })
 }
 
-pub(crate) fn status(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<StatusReport> {
+/// The last reading of every series, ordered by source, device and metric (from the
+/// per-series summary the writer keeps, never a scan of the readings).
+pub fn series(conn: &Connection) -> rusqlite::Result<Vec<SeriesSummary>> {
     let mut stmt = conn.prepare(
         "SELECT source, device, metric, value, unit, observed_at, received_at, count \
          FROM series ORDER BY source, device, metric",
     )?;
-    let series = stmt
-        .query_map([], |r| {
-            Ok(SeriesSummary {
-                source: r.get(0)?,
-                device: r.get(1)?,
-                metric: r.get(2)?,
-                value: r.get(3)?,
-                unit: r.get(4)?,
-                observed_at: from_micros(r.get(5)?),
-                received_at: from_micros(r.get(6)?),
-                count: r.get(7)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let total_readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?;
-    let backlog = backlog(conn)?;
-    let pruned_unsynced = conn
-        .query_row(
-            "SELECT value FROM counters WHERE name = 'pruned_unsynced'",
-            [],
-            |r| r.get(0),
-        )
+    let rows = stmt.query_map([], |r| {
+        Ok(SeriesSummary {
+            source: r.get(0)?,
+            device: r.get(1)?,
+            metric: r.get(2)?,
+            value: r.get(3)?,
+            unit: r.get(4)?,
+            observed_at: from_micros(r.get(5)?),
+            received_at: from_micros(r.get(6)?),
+            count: r.get(7)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The durable counter `name` (0 when never counted), e.g. `pruned_unsynced`.
+pub fn counter(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
+    Ok(conn
+        .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
         .optional()?
-        .unwrap_or(0);
-    let rejected = conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get(0))?;
-    let schema_version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let sync = crate::sync::local::read_state(conn)?;
-    let source_notes = crate::sources::rejects::status_notes(conn)?;
-    let disk_free_bytes = conn
-        .path()
+        .unwrap_or(0))
+}
+
+/// Free bytes on the filesystem of the database `conn` reads (`None` for an
+/// in-memory database or when the filesystem cannot tell).
+pub fn database_disk_free(conn: &Connection) -> Option<u64> {
+    conn.path()
         .filter(|p| !p.is_empty())
-        .and_then(|p| disk_free_bytes(std::path::Path::new(p)));
-    Ok(StatusReport {
-        rejections: crate::sources::rejects::summary(conn)?,
-        source_notes,
-        disk_free_bytes,
-        disk_full: disk_free_bytes.is_some_and(|b| b < DISK_FULL_BELOW),
-        clock_step: crate::clock::recent_step_in_store(conn, now)?,
-        now,
-        series,
-        total_readings,
-        backlog,
-        pruned_unsynced,
-        rejected,
-        schema_version,
-        sync,
-        alerts: crate::alerts::state::summary(conn)?,
-    })
+        .and_then(|p| disk_free_bytes(std::path::Path::new(p)))
 }

@@ -1,8 +1,10 @@
 //! Embedded, versioned migrations of the local database (`PRAGMA user_version`).
 //!
 //! Migrations only ever move forward; each runs in its own transaction, so an
-//! interrupted upgrade is retried whole at the next start. Later components append
-//! their tables here instead of creating them on the fly.
+//! interrupted upgrade is retried whole at the next start. Every local table is
+//! declared here, including those of alerting and notification: components above the
+//! store append their tables here instead of creating them on the fly, and the store
+//! imports none of them.
 
 use rusqlite::Connection;
 
@@ -65,8 +67,62 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
-    // 2: alert state, alert events and the notification outbox.
-    crate::alerts::state::MIGRATION,
+    // 2: alert state, alert events and the notification outbox (the alerts engine and
+    // the notify outbox read and write them; their layout is the store's).
+    r#"
+    -- Alerts that are pending or firing (ok = no row), keyed by the rule's definition
+    -- hash so a changed rule starts afresh and an unchanged one keeps its state.
+    CREATE TABLE alert_state (
+        rule_key      TEXT NOT NULL,
+        device        TEXT NOT NULL,
+        metric        TEXT NOT NULL,
+        rule          TEXT NOT NULL,
+        severity      TEXT NOT NULL,
+        state         TEXT NOT NULL,              -- 'pending' or 'firing'
+        since         INTEGER NOT NULL,           -- µs: pending since, or firing since
+        value         REAL,
+        unit          TEXT,
+        last_notified INTEGER,                    -- µs of the firing event or last reminder
+        updated_at    INTEGER NOT NULL,
+        PRIMARY KEY (rule_key, device, metric)
+    ) WITHOUT ROWID;
+
+    -- Firing, reminder and resolved events, with stable uids (G2). Never pruned to make
+    -- room (G4); `synced` is for replication to central.
+    CREATE TABLE alert_events (
+        id       INTEGER PRIMARY KEY,
+        uid      BLOB NOT NULL UNIQUE,
+        kind     TEXT NOT NULL,
+        rule     TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        device   TEXT NOT NULL,
+        metric   TEXT NOT NULL,
+        value       REAL,
+        unit        TEXT,
+        threshold   REAL,
+        since       INTEGER,                      -- µs: when the condition began
+        occurred_at INTEGER NOT NULL,             -- µs: when this event happened
+        message     TEXT NOT NULL,                -- the event as JSON, as notifiers get it
+        synced      INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX alert_events_unsynced ON alert_events(id) WHERE synced = 0;
+
+    -- One row per (event, notifier): the durable outbox, delivered at least once.
+    CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY,
+        event_uid       BLOB NOT NULL,
+        notifier        TEXT NOT NULL,
+        state           TEXT NOT NULL DEFAULT 'pending',  -- pending, delivered, failed, expired
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        created_at      INTEGER NOT NULL,
+        next_attempt_at INTEGER NOT NULL,
+        expires_at      INTEGER NOT NULL,
+        last_error      TEXT,
+        done_at         INTEGER,
+        UNIQUE (event_uid, notifier)
+    );
+    CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'pending';
+"#,
     // 3: the MQTT topic of rejected messages, and rejections counted per source and
     // reason (the `rejected` table keeps only the newest rows).
     r#"

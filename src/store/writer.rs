@@ -117,6 +117,7 @@ pub(super) fn spawn(
     finished: oneshot::Sender<()>,
     close: CancellationToken,
     (stage, progress): (crate::progress::Stage, Arc<crate::progress::Registry>),
+    clock: crate::clock::Clock,
 ) -> Result<(), StoreError> {
     if let Some(hook) = commit_hook {
         conn.commit_hook(Some(hook));
@@ -131,6 +132,7 @@ pub(super) fn spawn(
         scan: RetentionScan::default(),
         stage,
         progress,
+        clock,
     };
     std::thread::Builder::new()
         .name("outpost-store".into())
@@ -164,6 +166,8 @@ struct Writer {
     /// writer and for the sources of its batches; a full disk is a known reason.
     stage: crate::progress::Stage,
     progress: Arc<crate::progress::Registry>,
+    /// Stamps commits and ages readings for retention.
+    clock: crate::clock::Clock,
 }
 
 #[derive(Default)]
@@ -310,7 +314,7 @@ impl Writer {
                 max_id,
             }) => {
                 let elapsed = started.elapsed();
-                let now_ms = crate::clock::now().timestamp_millis().max(0) as u64;
+                let now_ms = self.clock.now().timestamp_millis().max(0) as u64;
                 self.stats.commits.fetch_add(1, Relaxed);
                 self.stats.last_commit_ms.store(now_ms, Relaxed);
                 self.stats
@@ -512,7 +516,7 @@ impl Writer {
     /// forward (by a day, say) does not make a day of readings look old; it is believed
     /// after a restart. A step back is followed at once (that prunes less).
     fn retention_now(&mut self) -> chrono::DateTime<chrono::Utc> {
-        let wall = crate::clock::now();
+        let wall = self.clock.now();
         let mono = Instant::now();
         let now = match self.retention_clock {
             Some((last, at)) => {

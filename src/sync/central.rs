@@ -7,13 +7,12 @@
 //! `outpost.schema_version`. The agent refuses to sync into a schema older or newer than
 //! [`SCHEMA_VERSION`], with a message that says which command to run.
 
-use super::postgres::{connect, parse_url_allowing_password, Central, ConnectOptions};
+use super::postgres::{parse_url_allowing_password, Central, ConnectOptions};
 use super::{SslMode, SyncConfig, SyncError};
-use crate::config::Secret;
+use crate::settings::Secret;
 use chrono::{Datelike, NaiveDate, Utc};
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 use tokio_postgres::types::Type;
 
@@ -206,7 +205,7 @@ pub struct Migrated {
     pub partitions_created: Vec<String>,
 }
 
-async fn readings_is_partitioned(central: &Central) -> Result<Option<bool>, SyncError> {
+pub async fn readings_is_partitioned(central: &Central) -> Result<Option<bool>, SyncError> {
     let rows = central
         .transaction(central.client().query_typed(
             "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -383,12 +382,16 @@ pub struct ConnectionArgs {
     pub ca_file: Option<PathBuf>,
 }
 
-fn resolve_connection(
+/// Loads the configuration's `[sync]` section (the configuration's error as text).
+pub type LoadSync<'a> = &'a dyn Fn() -> Result<Option<SyncConfig>, String>;
+
+pub fn resolve_connection(
     config_path: &std::path::Path,
+    load_sync: LoadSync<'_>,
     args: &ConnectionArgs,
 ) -> Result<ConnectOptions, String> {
-    let configured = match crate::config::Config::load(config_path) {
-        Ok(config) => config.sync,
+    let configured = match load_sync() {
+        Ok(sync) => sync,
         Err(errors) if args.url.is_none() => {
             return Err(format!(
                 "{errors}\ncannot read sync.url from {}; fix it or pass --url",
@@ -437,116 +440,6 @@ fn resolve_connection(
     options.statement_timeout = Duration::from_secs(3600);
     options.application_name = "outpost central".into();
     Ok(options)
-}
-
-/// Runs `outpost central …` and returns the exit code.
-pub fn command(config_path: &std::path::Path, command: CentralCommand) -> ExitCode {
-    match command {
-        CentralCommand::Schema { partitioned } => {
-            let layout = if partitioned {
-                Layout::Partitioned
-            } else {
-                Layout::Plain
-            };
-            print!("{}", schema_sql(layout, Utc::now().date_naive()));
-            ExitCode::SUCCESS
-        }
-        CentralCommand::Migrate {
-            connection,
-            partitioned,
-        } => run_admin(config_path, &connection, move |central| async move {
-            let layout = if partitioned {
-                Layout::Partitioned
-            } else {
-                Layout::Plain
-            };
-            let m = migrate(&central, layout).await?;
-            let mut out = if m.from_version == m.to_version {
-                format!(
-                    "The central schema is up to date (version {}).",
-                    m.to_version
-                )
-            } else {
-                format!(
-                    "The central schema was migrated from version {} to {}.",
-                    m.from_version, m.to_version
-                )
-            };
-            if m.partitioned {
-                let _ = write!(
-                    out,
-                    " outpost.readings is partitioned by month; created partitions: {}. \
-                     Run `outpost central maintain` daily.",
-                    if m.partitions_created.is_empty() {
-                        "none".to_string()
-                    } else {
-                        m.partitions_created.join(", ")
-                    }
-                );
-            }
-            Ok(out)
-        }),
-        CentralCommand::Maintain {
-            connection,
-            months_ahead,
-        } => run_admin(config_path, &connection, move |central| async move {
-            if readings_is_partitioned(&central).await? == Some(false) {
-                return Ok("outpost.readings is not partitioned; nothing to do.".to_string());
-            }
-            let created = maintain(
-                &central,
-                Utc::now().date_naive(),
-                DEFAULT_MONTHS_BACK,
-                months_ahead.clamp(0, 120),
-            )
-            .await?;
-            Ok(if created.is_empty() {
-                "Every partition exists already.".to_string()
-            } else {
-                format!("Created partitions: {}.", created.join(", "))
-            })
-        }),
-    }
-}
-
-fn run_admin<F, Fut>(config_path: &std::path::Path, args: &ConnectionArgs, work: F) -> ExitCode
-where
-    F: FnOnce(Central) -> Fut,
-    Fut: std::future::Future<Output = Result<String, SyncError>>,
-{
-    let options = match resolve_connection(config_path, args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("outpost: {e}");
-            return ExitCode::from(crate::cli::EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outpost: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let result = match connect(&options).await {
-            Ok(central) => work(central).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(message) => {
-                println!("{message}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("outpost: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
 }
 
 #[cfg(test)]

@@ -33,21 +33,12 @@ pub fn boot_id() -> Option<String> {
         .filter(|s| !s.is_empty() && s.len() <= 64)
 }
 
-/// Whether the system clock is synchronised, as far as this process can tell:
-/// `adjtimex` in read-only mode, which systemd's `ProtectClock=` may refuse; then
-/// systemd-timesyncd's flag file `/run/systemd/timesync/synchronized` (present once it
-/// has synchronised). `None` when neither says anything.
+/// Whether the local clock is synchronised: the same answer the readings' flags and
+/// `/health` get ([`crate::clock::is_synchronized`]), so the central row never
+/// disagrees with the `CLOCK_UNSYNCED` flags of the readings it describes. Always
+/// known (`Some`): "cannot tell" is reported as not synchronised, as on readings.
 pub fn clock_synchronized() -> Option<bool> {
-    // SAFETY: a zeroed timex with modes = 0 only reads the kernel's clock state.
-    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
-    let state = unsafe { libc::adjtimex(&mut tx) };
-    if state >= 0 {
-        return Some(state != libc::TIME_ERROR);
-    }
-    if std::path::Path::new("/run/systemd/timesync/synchronized").exists() {
-        return Some(true);
-    }
-    None
+    Some(crate::clock::is_synchronized())
 }
 
 /// Upserts the gateway's row in one transaction.
@@ -97,9 +88,14 @@ mod tests {
         assert_eq!(id.len(), 36, "{id}");
     }
 
+    /// The heartbeat and the readings' flags ask one function: they agree, whatever
+    /// this machine's state is (the heartbeat used to ask `adjtimex` first and ignore
+    /// `STA_UNSYNC`).
     #[test]
-    fn clock_state_is_known_or_honestly_unknown() {
-        // Either answer is fine here; it must not panic or block.
-        let _ = clock_synchronized();
+    fn heartbeat_and_readings_agree_on_the_clock_state() {
+        for _ in 0..3 {
+            let readings_unsynced = !crate::clock::is_synchronized();
+            assert_eq!(clock_synchronized(), Some(!readings_unsynced));
+        }
     }
 }

@@ -25,18 +25,39 @@
 //! (the `outpost.gateways` row).
 
 pub mod central;
+mod clock_hold;
 pub mod heartbeat;
 pub mod local;
 pub mod postgres;
 mod worker;
 
 pub use postgres::SyncError;
-pub use worker::{run, run_observed, HoldBack, SyncEvent, SyncObserver};
+pub use worker::{run, run_in, run_observed, HoldBack, SyncEvent, SyncObserver};
 
-use crate::config::{HumanDuration, Problems, Secret};
+use crate::settings::{HumanDuration, Problems, Secret};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Who this gateway is, as the central rows name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    /// The `gateway_id` of every row this gateway sends.
+    pub gateway_id: String,
+    /// The site, shown in the heartbeat row.
+    pub site: String,
+}
+
+/// What the sync worker works with besides its `[sync]` section.
+#[derive(Debug, Clone)]
+pub struct SyncContext {
+    pub gateway: Gateway,
+    pub store: crate::store::Store,
+    /// Where central's (or PgBouncer's) certificate is recorded, as `sync`.
+    pub certs: crate::tls::CertWatch,
+    /// Stamps the heartbeat's and the events' local times.
+    pub clock: crate::clock::Clock,
+}
 
 /// `[sync]`: replication to the central PostgreSQL. Without this section nothing is
 /// sent (readings stay in the local database until retention or the size cap).
@@ -152,6 +173,12 @@ fn default_clock_hold_max() -> HumanDuration {
 const MAX_URL_LEN: usize = 2048;
 
 impl SyncConfig {
+    /// Central PostgreSQL (or PgBouncer) as the TLS server sync connects to.
+    pub fn tls_endpoint(&self) -> crate::tls::Endpoint {
+        crate::tls::Endpoint::new("sync")
+            .with_file("sync.ca_file".to_string(), self.ca_file.as_ref())
+    }
+
     /// A configuration with every default, for `outpost central … --url` and tests.
     pub fn with_url(url: impl Into<String>) -> SyncConfig {
         SyncConfig {

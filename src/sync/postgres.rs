@@ -11,7 +11,7 @@
 
 use super::local::{AlertEventColumns, ReadingColumns};
 use super::{SslMode, SyncConfig};
-use crate::config::Secret;
+use crate::settings::Secret;
 use bytes::BytesMut;
 use std::path::Path;
 use std::str::FromStr;
@@ -169,7 +169,7 @@ pub struct ConnectOptions {
     pub statement_timeout: Duration,
     pub application_name: String,
     /// Where the server's certificate is recorded (as `sync`) and saved, if anywhere.
-    pub certs: Option<crate::store::Store>,
+    pub certs: Option<crate::tls::CertWatch>,
 }
 
 impl ConnectOptions {
@@ -236,7 +236,7 @@ pub async fn connect(options: &ConnectOptions) -> Result<Central, SyncError> {
                 let recorder = options
                     .certs
                     .as_ref()
-                    .map(|s| s.cert_recorder("sync", peer));
+                    .map(|certs| certs.recorder("sync", peer));
                 let tls =
                     tls_config(mode, options.ca_file.as_deref(), recorder).map_err(|reason| {
                         SyncError::Tls {

@@ -15,9 +15,9 @@
 use super::heartbeat::{self, Heartbeat};
 use super::local::{self, AlertEventColumns, ReadingColumns, Window};
 use super::postgres::{connect, Central, ConnectOptions};
-use super::{SyncConfig, SyncError};
+use super::{Gateway, SyncConfig, SyncContext, SyncError};
 use crate::backoff::{Backoff, Jitter};
-use crate::config::AgentConfig;
+use crate::clock::Clock;
 use crate::ratelimit::LogLimiter;
 use crate::store::Store;
 use chrono::{DateTime, Utc};
@@ -103,24 +103,53 @@ pub type SyncObserver = std::sync::Arc<dyn Fn(&SyncEvent) + Send + Sync>;
 
 /// Runs the sync worker until `shutdown` is cancelled. An upload in flight at shutdown
 /// is abandoned: it was not marked, so it is retried (and deduplicated) next time.
+///
+/// Central's certificate is recorded in the store's certificate watch and the system
+/// clock is used: to be replaced by [`run_in`] once the caller has a `CertWatch` to
+/// pass (the store no longer carries one after the merge).
 pub async fn run(
     config: SyncConfig,
-    agent: AgentConfig,
+    gateway: impl Into<Gateway>,
     store: Store,
     shutdown: CancellationToken,
 ) {
-    run_observed(config, agent, store, shutdown, std::sync::Arc::new(|_| {})).await
+    run_observed(
+        config,
+        gateway,
+        store,
+        shutdown,
+        std::sync::Arc::new(|_| {}),
+    )
+    .await
 }
 
 /// [`run`], reporting each round's start and outcome to `observe`.
 pub async fn run_observed(
     config: SyncConfig,
-    agent: AgentConfig,
+    gateway: impl Into<Gateway>,
     store: Store,
     shutdown: CancellationToken,
     observe: SyncObserver,
 ) {
-    let mut worker = Worker::new(config, agent, store, shutdown.clone());
+    let context = SyncContext {
+        gateway: gateway.into(),
+        certs: store.certs().clone().saving_to(store.clone()),
+        store,
+        clock: Clock::system(),
+    };
+    run_in(config, context, shutdown, observe).await
+}
+
+/// Runs the sync worker in `context` until `shutdown` is cancelled, reporting each
+/// round's start and outcome to `observe`. An upload in flight at shutdown is
+/// abandoned: it was not marked, so it is retried (and deduplicated) next time.
+pub async fn run_in(
+    config: SyncConfig,
+    context: SyncContext,
+    shutdown: CancellationToken,
+    observe: SyncObserver,
+) {
+    let mut worker = Worker::new(config, context, shutdown.clone());
     tracing::info!(
         gateway = %worker.gateway_id,
         interval = %worker.config.interval,
@@ -171,6 +200,7 @@ struct Worker {
     config: SyncConfig,
     gateway_id: String,
     site: String,
+    clock: Clock,
     options: ConnectOptions,
     store: Store,
     shutdown: CancellationToken,
@@ -192,12 +222,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(
-        config: SyncConfig,
-        agent: AgentConfig,
-        store: Store,
-        shutdown: CancellationToken,
-    ) -> Worker {
+    fn new(config: SyncConfig, context: SyncContext, shutdown: CancellationToken) -> Worker {
+        let SyncContext {
+            gateway,
+            store,
+            certs,
+            clock,
+        } = context;
         let stage = store.progress().stage(
             crate::progress::SYNC,
             "sync round under way",
@@ -205,8 +236,8 @@ impl Worker {
         );
         Worker {
             options: ConnectOptions {
-                certs: Some(store.clone()),
-                ..ConnectOptions::from_config(&config, &agent.gateway_id)
+                certs: Some(certs),
+                ..ConnectOptions::from_config(&config, &gateway.gateway_id)
             },
             backoff: Backoff::new(config.backoff_initial.get(), config.backoff_max.get())
                 .with_jitter(if config.backoff_jitter {
@@ -215,8 +246,9 @@ impl Worker {
                     Jitter::None
                 }),
             hold: HoldBack::new(config.clock_hold_max.get()),
-            gateway_id: agent.gateway_id,
-            site: agent.site,
+            gateway_id: gateway.gateway_id,
+            site: gateway.site,
+            clock,
             config,
             store,
             shutdown,
@@ -322,7 +354,7 @@ impl Worker {
         self.send_live(floor, head, release).await?;
         self.live_floor = Some(head);
         self.drain_backlog(deadline, release).await?;
-        let at = crate::clock::now();
+        let at = self.clock.now();
         self.last_sync_at = Some(at);
         let _ = self
             .store
@@ -342,7 +374,7 @@ impl Worker {
             backlog_rows: rows,
             oldest_unsynced_at: oldest,
             backlog_age_seconds: oldest
-                .map(|t| (crate::clock::now() - t).num_milliseconds() as f64 / 1000.0),
+                .map(|t| (self.clock.now() - t).num_milliseconds() as f64 / 1000.0),
             last_sync_at: self.last_sync_at,
             last_error: self.last_error.as_ref().map(|(e, _)| e.clone()),
             last_error_at: self.last_error.as_ref().map(|(_, t)| *t),
@@ -480,7 +512,7 @@ impl Worker {
     /// report the error, log it without flooding the journal.
     async fn failed(&mut self, e: &SyncError, wait: Duration) {
         self.central = None;
-        let at = crate::clock::now();
+        let at = self.clock.now();
         let message = e.to_string();
         self.last_error = Some((message.clone(), at));
         let stored = message.clone();

@@ -749,6 +749,8 @@ mod in_process {
                 store: self.store().clone(),
                 metrics: outpost::metrics::Metrics::new(self.store()),
                 gateway_id: self.gateway_id.clone(),
+                clock: outpost::clock::Clock::system(),
+                certs: outpost::tls::CertWatch::default(),
             };
             self.sources.push((token, tokio::spawn(config.run(ctx))));
         }

@@ -2,7 +2,7 @@
 //!
 //! The Things Stack publishes at **QoS 0 only**: whatever is published while Outpost is
 //! disconnected is gone from MQTT, and so is an uplink dropped while connected. Gaps are
-//! filled from the Storage Integration ([`super::ttn_backfill`]) at start-up, after every
+//! filled from the Storage Integration ([`backfill`]) at start-up, after every
 //! reconnect (and once more when the integration has settled), after a batch could not
 //! be stored, and by a periodic reconciliation while connected.
 //!
@@ -20,15 +20,21 @@
 //! Each reading's uid is derived from application, device, f_cnt, NS `received_at` and
 //! the raw field (G2), so a live uplink and its backfilled copy are stored once.
 
+pub mod backfill;
+
 use super::mapping::{flatten_numeric, Mapping};
-use super::mqtt_client::{self, BrokerConfig, Decode, Decoded, Rejection, Session, SessionStats};
-use super::{ttn_backfill, SourceContext};
-use crate::config::{check_identifier, ByteSize, Problems, Secret};
+use super::mqtt::{
+    self, check_max_payload, default_max_payload, BrokerConfig, Decode, Decoded, Rejection,
+    Session, Subscription,
+};
+use super::{SourceContext, SourceKind};
 use crate::model::{flags, Reading, Uid};
+use crate::settings::{check_identifier, ByteSize, Problems, Secret};
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
@@ -65,7 +71,7 @@ pub struct TtnConfig {
     pub max_payload: ByteSize,
     /// Gap filling from the Storage Integration.
     #[serde(default)]
-    pub backfill: ttn_backfill::BackfillConfig,
+    pub backfill: backfill::BackfillConfig,
     /// `decoded_payload` field → metric, unit, scale, offset (see `[sources.mapping]`).
     #[serde(default)]
     pub mapping: Mapping,
@@ -82,11 +88,13 @@ pub enum SimulatedUplinks {
 fn default_tenant() -> String {
     "ttn".into()
 }
-pub(super) fn default_max_payload() -> ByteSize {
-    ByteSize(64 << 10)
-}
-
 impl TtnConfig {
+    /// The Storage Integration as the TLS server the backfill connects to (its CA is
+    /// the broker's `ca_file`, already watched under `sources.NAME.broker`).
+    pub fn backfill_endpoint(&self) -> crate::tls::Endpoint {
+        crate::tls::Endpoint::new(format!("sources.{}.backfill", self.name))
+    }
+
     /// `{application}@{tenant}`, the MQTT user name and the topic's second level.
     pub fn app_user(&self) -> String {
         if self.tenant.is_empty() {
@@ -99,11 +107,26 @@ impl TtnConfig {
     pub fn topic(&self) -> String {
         format!("v3/{}/devices/+/up", self.app_user())
     }
+}
 
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl SourceKind for TtnConfig {
+    const TYPE: &'static str = "ttn";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        vec![
+            self.broker.tls_endpoint(&self.name),
+            self.backfill_endpoint(),
+        ]
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         problems.check(
             format!("{path}.application"),
-            mqtt_client::check_topic_level(&self.application, "the application id"),
+            mqtt::check_topic_level(&self.application, "the application id"),
         );
         if self.application.contains('@') {
             problems.push(
@@ -114,7 +137,7 @@ impl TtnConfig {
         if !self.tenant.is_empty() {
             problems.check(
                 format!("{path}.tenant"),
-                mqtt_client::check_topic_level(&self.tenant, "the tenant"),
+                mqtt::check_topic_level(&self.tenant, "the tenant"),
             );
         }
         if self.api_key.expose().trim().is_empty() {
@@ -147,14 +170,9 @@ impl TtnConfig {
             .validate(&format!("{path}.backfill"), problems);
         self.mapping.validate(&format!("{path}.mapping"), problems);
     }
-}
 
-pub(super) fn check_max_payload(size: ByteSize, path: &str, problems: &mut Problems) {
-    if size.0 < 256 || size.0 > (16 << 20) {
-        problems.push(
-            path,
-            format!("must be between 256B and 16MiB, found {size}"),
-        );
+    fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, ctx)
     }
 }
 
@@ -353,15 +371,7 @@ fn parse_time(
     value: Option<&str>,
     field: &'static str,
 ) -> Result<Option<DateTime<Utc>>, DecodeError> {
-    match value {
-        None | Some("") => Ok(None),
-        Some(s) => DateTime::parse_from_rfc3339(s)
-            .map(|t| Some(t.with_timezone(&Utc)))
-            .map_err(|_| DecodeError::BadTime {
-                field,
-                value: s.chars().take(64).collect(),
-            }),
-    }
+    mqtt::parse_rfc3339(value).map_err(|value| DecodeError::BadTime { field, value })
 }
 
 /// Turns uplinks into readings for one configured source.
@@ -498,42 +508,22 @@ impl Decode for TtnDecoder {
 
 /// Runs the source: the MQTT session and the backfill task.
 pub async fn run(config: TtnConfig, ctx: SourceContext) -> anyhow::Result<()> {
-    let client_id = config
-        .broker
-        .client_id
-        .clone()
-        .unwrap_or_else(|| mqtt_client::default_client_id(&ctx.gateway_id, &config.name));
-    let credentials = Some((config.app_user(), config.api_key.expose().to_string()));
     // QoS 0 only, so there is no session worth keeping.
-    let options = config
-        .broker
-        .mqtt_options(
-            &client_id,
-            true,
-            false,
-            credentials,
-            Some(config.broker.cert_recorder(&config.name, &ctx.store)),
-        )
-        .map_err(|e| anyhow::anyhow!("source {}: {e}", config.name))?;
+    let subscription = Subscription {
+        topics: vec![config.topic()],
+        qos: QoS::AtMostOnce,
+        credentials: Some((config.app_user(), config.api_key.expose().to_string())),
+    };
+    let mut session = Session::new(&config.name, &config.broker, subscription, &ctx)?;
     let (connected_tx, connected_rx) = watch::channel((0u64, None));
     let (mark_tx, mark_rx) = watch::channel(None);
     let (gap_tx, gap_rx) = mpsc::channel(64);
-    let stats = Arc::new(SessionStats::default());
-    let session = Session {
-        source: config.name.clone(),
-        options,
-        connect_timeout: config.broker.connect_timeout.get(),
-        subscriptions: vec![(config.topic(), QoS::AtMostOnce)],
-        reconnect_min: config.broker.reconnect_min.get(),
-        reconnect_max: config.broker.reconnect_max.get(),
-        stats,
-        connected: Some(connected_tx),
-        committed_mark: Some(mark_tx),
-        gaps: Some(gap_tx),
-    };
+    session.connected = Some(connected_tx);
+    session.committed_mark = Some(mark_tx);
+    session.gaps = Some(gap_tx);
     let mapper = UplinkMapper::new(&config);
     let backfill = if config.backfill.enabled {
-        let task = ttn_backfill::Backfill::new(&config, mapper.clone(), ctx.clone())?;
+        let task = backfill::Backfill::new(&config, mapper.clone(), ctx.clone())?;
         Some(tokio::spawn(task.run(connected_rx, mark_rx, gap_rx)))
     } else {
         None
@@ -542,7 +532,7 @@ pub async fn run(config: TtnConfig, ctx: SourceContext) -> anyhow::Result<()> {
         mapper,
         max_payload: config.max_payload.0 as usize,
     };
-    let result = mqtt_client::run_session(session, decoder, &ctx).await;
+    let result = session.run(decoder, &ctx).await;
     if let Some(task) = backfill {
         let _ = task.await;
     }
@@ -553,7 +543,7 @@ pub async fn run(config: TtnConfig, ctx: SourceContext) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../tests/fixtures/ttn-uplink.json");
+    const FIXTURE: &str = include_str!("../../../tests/fixtures/ttn-uplink.json");
     const TOPIC: &str = "v3/bistro-cold-chain@ttn/devices/walkin-freezer-2/up";
 
     fn mapper() -> UplinkMapper {

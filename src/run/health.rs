@@ -10,8 +10,10 @@
 //! informational (always ok): synchronised or not, and a recent step of the wall clock.
 //! The `progress` check (G9) fails while a stage is stalled and names it.
 
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::tls::CertWatch;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
@@ -173,6 +175,10 @@ pub fn evaluate(inputs: &HealthInputs, source_max_silence: Duration) -> HealthRe
 pub struct HealthProbe {
     pub store: Store,
     pub metrics: Metrics,
+    /// The certificates' expiry (the pipeline's one watch).
+    pub certs: CertWatch,
+    /// The agent's wall clock.
+    pub clock: Clock,
     pub liveness: Arc<Liveness>,
     /// Configured source names (updated on reload).
     pub sources: std::sync::Mutex<Vec<String>>,
@@ -277,7 +283,7 @@ pub fn sync_check(
     backlog: &crate::store::BacklogSummary,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Check {
-    use crate::status::age;
+    use crate::display::age;
     let backlog_text = match backlog.oldest_received_at {
         Some(oldest) => format!(
             "backlog {} readings, oldest {} old",
@@ -309,7 +315,7 @@ pub fn sync_check(
 /// Expired and permanently failed ones are mentioned (they need a person) but do not
 /// fail the check for ever: `outpost status` lists them.
 pub fn notifications_check(outbox: &OutboxView, now: chrono::DateTime<chrono::Utc>) -> Check {
-    use crate::status::age;
+    use crate::display::age;
     let mut detail = match (&outbox.last_error, outbox.oldest_pending) {
         (Some((notifier, attempts, error)), _) if outbox.failing > 0 => format!(
             "{} of {} pending failing; last error ({notifier}, {attempts} attempt{}): {error}",
@@ -351,14 +357,14 @@ pub fn mark_disconnected(
         .unwrap_or(&check.detail);
     check.detail = format!(
         "disconnected for {}: {}; {rest}",
-        crate::status::age(now, error.since),
+        crate::display::age(now, error.since),
         error.error,
     );
 }
 
 impl HealthProbe {
     pub async fn report(&self) -> HealthReport {
-        let now = crate::clock::now();
+        let now = self.clock.now();
         let store = self.store.clone();
         let sync_enabled = self.sync_enabled.load(Relaxed);
         // Last reading per source from the per-series summary (never a table scan),
@@ -424,7 +430,7 @@ impl HealthProbe {
             crate::clock::is_synchronized(),
             crate::clock::last_step(),
         ));
-        if let Some(check) = crate::tls::health_check(&self.metrics.certs().snapshot(), now) {
+        if let Some(check) = certificates_check(&self.certs.snapshot(), now) {
             if !check.ok {
                 report.status = "unhealthy";
             }
@@ -490,6 +496,18 @@ pub fn clock_check(
         ok: true,
         detail,
     }
+}
+
+/// The `certificates` check: informational, from what the watch recorded.
+fn certificates_check(
+    certs: &[(String, crate::tls::CertInfo)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<Check> {
+    crate::tls::certificates_health(certs, now).map(|h| Check {
+        name: "certificates".into(),
+        ok: h.ok,
+        detail: h.detail,
+    })
 }
 
 #[cfg(test)]

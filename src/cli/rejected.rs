@@ -11,6 +11,49 @@ use crate::sources::reasons;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The command-line arguments of `outpost rejected`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Read this database instead of the configured one.
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Only this source (its `name` in [[sources]]).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only this reason, e.g. `protobuf` or `invalid_json` (docs/technician.md lists them).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// At most this many messages (1 to 1000).
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
+    let q = &Query {
+        source: args.source,
+        reason: args.reason,
+        limit: args.limit,
+    };
+    if let Err(e) = q.validate() {
+        eprintln!("outpost: {e}");
+        return ExitCode::from(crate::exit::CONFIG);
+    }
+    match super::database_path(config_path, args.db)
+        .and_then(|db| super::read_database(&db, |conn| query(conn, q)))
+    {
+        Ok(rows) => {
+            print!("{}", render(&rows, args.format));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
 
 /// What to list.
 #[derive(Debug, Clone)]
@@ -40,7 +83,7 @@ impl Query {
             ));
         }
         if let Some(source) = &self.source {
-            crate::config::check_identifier(source, "the source name")
+            crate::settings::check_identifier(source, "the source name")
                 .map_err(|e| format!("--source: {e}"))?;
         }
         if let Some(reason) = &self.reason {
@@ -179,7 +222,7 @@ pub fn render(rows: &[KeptRejection], format: Format) -> String {
                     ]
                 })
                 .collect();
-            let mut out = crate::status::table(&header, &body);
+            let mut out = crate::display::table(&header, &body);
             let mut shown: Vec<&str> = Vec::new();
             for r in rows {
                 if !shown.contains(&r.reason.as_str()) {

@@ -14,16 +14,19 @@
 //! the arrival time is all there is and a redelivery after a crash is stored again.
 
 use super::mapping::{flatten_numeric, Mapping};
-use super::mqtt_client::{self, BrokerConfig, Decode, Decoded, Rejection, Session, SessionStats};
-use super::ttn::{check_max_payload, default_max_payload};
-use super::SourceContext;
-use crate::config::{ByteSize, Problems};
+use super::mqtt::{
+    self, check_max_payload, default_max_payload, BrokerConfig, Decode, Decoded, Rejection,
+    Session, Subscription,
+};
+use super::{SourceContext, SourceKind};
 use crate::model::{Reading, Uid};
+use crate::settings::{ByteSize, Problems};
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,17 +87,24 @@ fn check_pointer(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-impl MqttJsonConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl SourceKind for MqttJsonConfig {
+    const TYPE: &'static str = "mqtt";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        vec![self.broker.tls_endpoint(&self.name)]
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         self.broker.validate(&format!("{path}.broker"), problems);
         if self.topics.is_empty() {
             problems.push(format!("{path}.topics"), "list at least one topic filter");
         }
         for (i, t) in self.topics.iter().enumerate() {
-            problems.check(
-                format!("{path}.topics[{i}]"),
-                mqtt_client::check_topic_filter(t),
-            );
+            problems.check(format!("{path}.topics[{i}]"), mqtt::check_topic_filter(t));
         }
         if self.qos > 1 {
             problems.push(
@@ -126,6 +136,10 @@ impl MqttJsonConfig {
         }
         check_max_payload(self.max_payload, &format!("{path}.max_payload"), problems);
         self.mapping.validate(&format!("{path}.mapping"), problems);
+    }
+
+    fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, ctx)
     }
 }
 
@@ -313,44 +327,21 @@ impl Decode for JsonDecoder {
 }
 
 pub async fn run(config: MqttJsonConfig, ctx: SourceContext) -> anyhow::Result<()> {
-    let client_id = config
-        .broker
-        .client_id
-        .clone()
-        .unwrap_or_else(|| mqtt_client::default_client_id(&ctx.gateway_id, &config.name));
-    let at_least_once = config.qos == 1;
-    let options = config
-        .broker
-        .mqtt_options(
-            &client_id,
-            !at_least_once,
-            at_least_once,
-            None,
-            Some(config.broker.cert_recorder(&config.name, &ctx.store)),
-        )
-        .map_err(|e| anyhow::anyhow!("source {}: {e}", config.name))?;
-    let qos = if at_least_once {
-        QoS::AtLeastOnce
-    } else {
-        QoS::AtMostOnce
+    let subscription = Subscription {
+        topics: config.topics.clone(),
+        qos: if config.qos == 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        },
+        credentials: None,
     };
-    let session = Session {
-        source: config.name.clone(),
-        options,
-        connect_timeout: config.broker.connect_timeout.get(),
-        subscriptions: config.topics.iter().map(|t| (t.clone(), qos)).collect(),
-        reconnect_min: config.broker.reconnect_min.get(),
-        reconnect_max: config.broker.reconnect_max.get(),
-        stats: Arc::new(SessionStats::default()),
-        connected: None,
-        committed_mark: None,
-        gaps: None,
-    };
+    let session = Session::new(&config.name, &config.broker, subscription, &ctx)?;
     let decoder = JsonDecoder {
         mapping: Arc::new(config.mapping.clone()),
         config,
     };
-    mqtt_client::run_session(session, decoder, &ctx).await
+    session.run(decoder, &ctx).await
 }
 
 #[cfg(test)]

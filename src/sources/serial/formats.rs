@@ -358,7 +358,7 @@ fn truncate(s: &str) -> String {
     s.chars().take(80).collect()
 }
 
-/// Names taken from a line (devices, metrics): what [`crate::config::check_identifier`]
+/// Names taken from a line (devices, metrics): what [`crate::settings::check_identifier`]
 /// accepts.
 fn is_plain_name(s: &str) -> bool {
     !s.is_empty()

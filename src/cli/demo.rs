@@ -2,18 +2,51 @@
 //! sensors, a local database, readings printed as they are committed. Nothing to
 //! configure.
 
-use crate::alerts::{AlertRule, Clock, RuleKind, Severity};
-use crate::config::{Config, HumanDuration};
+use crate::alerts::{AlertRule, RuleKind, Severity};
+use crate::config::Config;
 use crate::display::format_value;
 use crate::notify::{NotifierConfig, NotifierKind};
-use crate::pipeline::Pipeline;
+use crate::run::pipeline::Pipeline;
+use crate::settings::HumanDuration;
 use crate::sources::simulated::{Excursion, SimulatedConfig, SimulatedMetric};
 use crate::sources::SourceConfig;
 use crate::store::StoreOptions;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
+
+/// `outpost demo [--dir DIR] [--duration D]`: until Ctrl-C or for `duration`.
+/// The command-line arguments of `outpost demo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Where the demo database goes (default: a new directory under /tmp).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Stop after this long (e.g. "30s"); default: until Ctrl-C.
+    #[arg(long, value_name = "DURATION")]
+    pub duration: Option<HumanDuration>,
+}
+
+pub fn main(args: Args) -> ExitCode {
+    let Args { dir, duration } = args;
+    super::init_tracing("warn");
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("outpost-demo-{}", std::process::id())),
+    };
+    super::run::until_signal(move |token| {
+        if let Some(d) = duration {
+            let t = token.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(d.get()).await;
+                t.cancel();
+            });
+        }
+        async move { run(&dir, token, std::io::stdout()).await }
+    })
+}
 
 /// The demo's configuration: two cold rooms; the first one's door is left open for a
 /// while, which warms it up by 8 °C.
@@ -127,11 +160,12 @@ pub async fn run(
             print(&readings_out, &text);
         }
     });
-    let alerting = crate::alerts::spawn_tasks(
+    let alerting = crate::run::alerting::spawn_tasks(
         &config,
         &pipeline.store,
+        pipeline.certs.clone(),
         pipeline.shutdown_token(),
-        Clock::system(),
+        pipeline.clock.clone(),
     )?;
     for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
         pipeline.spawn_consumer(task);

@@ -4,14 +4,19 @@
 //! source has dropped its sender the writer commits what it holds and ends the
 //! committed-readings streams; consumers finish and drop their store handles; the
 //! writer closes. Nothing accepted is left uncommitted.
+//!
+//! The pipeline owns the agent's one certificate watch and its one clock and hands
+//! them to every component it starts; no component finds them on its own.
 
 use crate::backoff::{Backoff, Jitter};
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::health::{HealthProbe, Liveness};
 use crate::metrics::Metrics;
 use crate::model::Batch;
+use crate::run::health::{HealthProbe, Liveness};
 use crate::sources::{SourceConfig, SourceContext};
 use crate::store::{Store, StoreOptions};
+use crate::tls::CertWatch;
 use anyhow::Context;
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,6 +34,11 @@ pub const SOURCE_GRACE: Duration = Duration::from_secs(3);
 pub struct Pipeline {
     pub store: Store,
     pub metrics: Metrics,
+    /// The certificates' expiry, configured and presented: `/metrics`, `/health`,
+    /// the log.
+    pub certs: CertWatch,
+    /// The agent's wall clock, injected into everything that stamps or ages.
+    pub clock: Clock,
     shutdown: CancellationToken,
     /// Kept so sources can be started on reload; dropped at shutdown so the writer
     /// drains.
@@ -64,14 +74,22 @@ impl Pipeline {
     /// Opens the store and starts every configured source.
     pub fn start(
         config: &Config,
-        options: StoreOptions,
+        mut options: StoreOptions,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Pipeline> {
+        let clock = options.clock.get_or_insert_with(Clock::system).clone();
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
-        let metrics = Metrics::new(&store);
+        // TRANSITIONAL (issue 14): the watch still lives in the store because sources,
+        // notifiers and sync record presented certificates through
+        // `Store::cert_recorder`. Once they take a `CertWatch` (SourceContext::certs,
+        // the notify/sync constructors), this becomes `CertWatch` created here.
+        let certs = store.certs().clone();
+        let metrics = crate::run::collector::metrics(&store, &certs, &clock);
         let mut pipeline = Pipeline {
             store,
             metrics,
+            certs,
+            clock,
             shutdown,
             ingest: Some(ingest.sender),
             sources: HashMap::new(),
@@ -98,6 +116,8 @@ impl Pipeline {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             gateway_id: self.gateway_id.clone(),
+            clock: crate::clock::Clock::system(),
+            certs: self.store.certs().clone(),
         };
         let name = source.name().to_string();
         let task = tokio::spawn(supervise_source(source.clone(), ctx));
@@ -290,8 +310,9 @@ pub async fn run(
         .store
         .progress()
         .set_stall_after(config.http.stall_after.get());
-    pipeline.spawn_consumer(crate::systemd::supervise(
+    pipeline.spawn_consumer(crate::run::systemd::supervise(
         pipeline.store.clone(),
+        pipeline.clock.clone(),
         liveness.clone(),
         config.http.stall_after.get(),
         shutdown.clone(),
@@ -303,6 +324,8 @@ pub async fn run(
     let probe = Arc::new(HealthProbe {
         store: pipeline.store.clone(),
         metrics: pipeline.metrics.clone(),
+        certs: pipeline.certs.clone(),
+        clock: pipeline.clock.clone(),
         liveness,
         sources: std::sync::Mutex::new(
             config
@@ -317,21 +340,22 @@ pub async fn run(
         sync_enabled: sync_enabled(&config).into(),
     });
     if config.http.enabled {
-        pipeline.spawn_consumer(crate::http::run(
+        pipeline.spawn_consumer(crate::run::http::run(
             config.http.listen.clone(),
             pipeline.metrics.clone(),
             probe.clone(),
             shutdown.clone(),
         ));
     }
-    let certs = pipeline.metrics.certs().clone();
-    crate::tls::record_and_log(&certs, &config, crate::clock::now());
-    crate::tls::forget_removed_servers(&certs, &config, &pipeline.store).await;
+    let certs = pipeline.certs.clone();
+    let endpoints = config.tls_endpoints();
+    crate::tls::record_and_log(&certs, &endpoints, pipeline.clock.now());
+    crate::tls::forget_removed_servers(&certs, &endpoints, &pipeline.store).await;
     pipeline.spawn_consumer(crate::tls::remind_daily(certs, shutdown.clone()));
     // Downstream consumers that a reload may restart are named.
     start_alerts(&mut pipeline, &config).await;
     start_sync(&mut pipeline, config.sync.clone(), config.agent.clone()).await;
-    crate::systemd::notify_ready();
+    crate::run::systemd::notify_ready();
     tracing::info!(
         gateway = %config.agent.gateway_id,
         sources = config.sources.len(),
@@ -351,7 +375,7 @@ pub async fn run(
             Some(()) = reload.recv() => {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
                 apply_reload(&mut pipeline, &path, &mut config, &probe).await;
-                crate::systemd::notify_ready();
+                crate::run::systemd::notify_ready();
             }
         }
     }
@@ -378,16 +402,12 @@ async fn start_alerts(pipeline: &mut Pipeline, config: &Config) {
         return;
     }
     let (config, store) = (config.clone(), pipeline.store.clone());
+    let (clock, certs) = (pipeline.clock.clone(), pipeline.certs.clone());
     pipeline
         .replace_consumer(
             "alerts",
             Some(move |stop: CancellationToken| async move {
-                match crate::alerts::spawn_tasks(
-                    &config,
-                    &store,
-                    stop,
-                    crate::alerts::Clock::system(),
-                ) {
+                match super::alerting::spawn_tasks(&config, &store, certs, stop, clock) {
                     Ok(tasks) => {
                         let all = [tasks.engine, tasks.outbox].into_iter().flatten();
                         futures_util::future::join_all(all).await;
@@ -469,8 +489,9 @@ async fn apply_reload(
         start_alerts(pipeline, &running).await;
         tracing::info!("Alert rules and notifiers reloaded.");
     }
-    crate::tls::record_and_log(pipeline.metrics.certs(), &new, crate::clock::now());
-    crate::tls::forget_removed_servers(pipeline.metrics.certs(), &new, &pipeline.store).await;
+    let endpoints = new.tls_endpoints();
+    crate::tls::record_and_log(&pipeline.certs, &endpoints, pipeline.clock.now());
+    crate::tls::forget_removed_servers(&pipeline.certs, &endpoints, &pipeline.store).await;
     probe
         .sync_enabled
         .store(sync_enabled(&new), std::sync::atomic::Ordering::Relaxed);

@@ -28,24 +28,26 @@
 //! never wedge; meanwhile the bytes wait in the kernel's buffer (and the sensor's, with
 //! flow control).
 
-use super::rejects::{RejectCounter, SequenceAllocator, StateWriter};
-use super::serial_formats::{
+pub mod formats;
+
+use super::mapping::Plausible;
+use super::port::{
+    check_port, check_reopen_max_delay, PortOwner, PortRecords, PortSettings, ReopeningPort,
+};
+use super::{SourceContext, SourceKind};
+use crate::model::{flags, Reading, Uid};
+use crate::settings::{check_identifier, HumanDuration, Problems};
+use crate::sources::mapping::Mapping;
+use formats::{
     check_timestamp_pattern, FieldRoles, Format, Frame, LineEnding, LineError, LineFramer,
     LineParser, TimestampFormat,
 };
-use super::SourceContext;
-use crate::backoff::{Backoff, Jitter};
-use crate::config::{check_identifier, HumanDuration, Problems};
-use crate::model::{flags, Batch, Committed, Reading, Uid};
-use crate::sources::mapping::Mapping;
-use crate::store::StoreError;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_serial::SerialPortBuilderExt;
 use tracing::Instrument;
 
 /// `[[sources]]` with `type = "serial"`.
@@ -95,62 +97,6 @@ pub struct SerialConfig {
     /// 250ms up to this).
     #[serde(default = "default_reopen_max_delay")]
     pub reopen_max_delay: HumanDuration,
-}
-
-/// Line settings of the port.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PortSettings {
-    /// Bits per second, e.g. 9600 or 115200.
-    #[serde(default = "default_baud")]
-    pub baud: u32,
-    /// 5, 6, 7 or 8.
-    #[serde(default = "default_data_bits")]
-    pub data_bits: u8,
-    /// `none`, `even` or `odd`.
-    #[serde(default)]
-    pub parity: ParityName,
-    /// 1 or 2.
-    #[serde(default = "default_stop_bits")]
-    pub stop_bits: u8,
-    /// `none`, `software` (XON/XOFF) or `hardware` (RTS/CTS).
-    #[serde(default)]
-    pub flow_control: FlowControlName,
-    /// Open the port exclusively (TIOCEXCL and a lock), so no other program can open
-    /// it and steal bytes.
-    #[serde(default = "yes")]
-    pub exclusive: bool,
-}
-
-impl Default for PortSettings {
-    fn default() -> Self {
-        PortSettings {
-            baud: default_baud(),
-            data_bits: default_data_bits(),
-            parity: ParityName::default(),
-            stop_bits: default_stop_bits(),
-            flow_control: FlowControlName::default(),
-            exclusive: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ParityName {
-    #[default]
-    None,
-    Even,
-    Odd,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum FlowControlName {
-    #[default]
-    None,
-    Software,
-    Hardware,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -229,53 +175,6 @@ impl Default for FieldsConfig {
     }
 }
 
-/// The range a value must lie in to be believed.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Plausible {
-    #[serde(default)]
-    pub min: Option<f64>,
-    #[serde(default)]
-    pub max: Option<f64>,
-}
-
-impl Plausible {
-    pub fn contains(&self, v: f64) -> bool {
-        self.min.map_or(true, |min| v >= min) && self.max.map_or(true, |max| v <= max)
-    }
-
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
-        for (key, v) in [("min", self.min), ("max", self.max)] {
-            if v.is_some_and(|v| !v.is_finite()) {
-                problems.push(format!("{path}.{key}"), "must be a finite number");
-            }
-        }
-        if let (Some(min), Some(max)) = (self.min, self.max) {
-            if min > max {
-                problems.push(
-                    format!("{path}.min"),
-                    format!("min {min} is above max {max}"),
-                );
-            }
-        }
-        if self.min.is_none() && self.max.is_none() {
-            problems.push(path, "give `min`, `max` or both");
-        }
-    }
-}
-
-fn default_baud() -> u32 {
-    9600
-}
-fn default_data_bits() -> u8 {
-    8
-}
-fn default_stop_bits() -> u8 {
-    1
-}
-fn yes() -> bool {
-    true
-}
 fn default_delimiter() -> String {
     ",".into()
 }
@@ -297,14 +196,51 @@ fn default_max_line_length() -> usize {
 }
 
 impl SerialConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
-        if self.path.trim().is_empty() {
-            problems.push(
-                format!("{path}.path"),
-                "must name the serial device, e.g. /dev/serial/by-id/...",
-            );
-        }
-        self.port.validate(&format!("{path}.port"), problems);
+    fn parser(&self) -> anyhow::Result<LineParser> {
+        let format = match self.format {
+            FormatName::Json => Format::Json,
+            FormatName::Csv => Format::Csv {
+                delimiter: self.csv.delimiter.chars().next().unwrap_or(','),
+                columns: self.csv.columns.clone(),
+            },
+            FormatName::KeyValue => Format::KeyValue,
+            FormatName::Regex => {
+                let pattern = self.pattern.as_deref().unwrap_or_default();
+                Format::Regex(
+                    regex::RegexBuilder::new(pattern)
+                        .size_limit(1 << 20)
+                        .build()?,
+                )
+            }
+        };
+        let f = &self.fields;
+        Ok(LineParser::new(
+            format,
+            FieldRoles {
+                device_field: f.device_field.clone(),
+                timestamp_field: f.timestamp_field.clone(),
+                timestamp_format: f.timestamp_format.clone(),
+                metric_field: f.metric_field.clone(),
+                value_field: f.value_field.clone(),
+                unit_field: f.unit_field.clone(),
+            },
+        ))
+    }
+}
+
+impl SourceKind for SerialConfig {
+    const TYPE: &'static str = "serial";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        Vec::new()
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        check_port(&self.path, &self.port, path, problems);
         if !(16..=65_536).contains(&self.max_line_length) {
             problems.push(
                 format!("{path}.max_line_length"),
@@ -352,7 +288,7 @@ impl SerialConfig {
             if columns.iter().all(|c| c.is_empty()) {
                 problems.push(format!("{path}.csv.columns"), "name at least one column");
             }
-            if columns.len() > super::serial_formats::MAX_FIELDS {
+            if columns.len() > formats::MAX_FIELDS {
                 problems.push(format!("{path}.csv.columns"), "at most 256 columns");
             }
         }
@@ -408,102 +344,11 @@ impl SerialConfig {
                 "must be more than 0 and at most 1s",
             );
         }
-        let reopen = self.reopen_max_delay.get();
-        if reopen < Duration::from_millis(250) || reopen > Duration::from_secs(3600) {
-            problems.push(
-                format!("{path}.reopen_max_delay"),
-                "must be between 250ms and 1h",
-            );
-        }
+        check_reopen_max_delay(self.reopen_max_delay, path, problems);
     }
 
-    fn parser(&self) -> anyhow::Result<LineParser> {
-        let format = match self.format {
-            FormatName::Json => Format::Json,
-            FormatName::Csv => Format::Csv {
-                delimiter: self.csv.delimiter.chars().next().unwrap_or(','),
-                columns: self.csv.columns.clone(),
-            },
-            FormatName::KeyValue => Format::KeyValue,
-            FormatName::Regex => {
-                let pattern = self.pattern.as_deref().unwrap_or_default();
-                Format::Regex(
-                    regex::RegexBuilder::new(pattern)
-                        .size_limit(1 << 20)
-                        .build()?,
-                )
-            }
-        };
-        let f = &self.fields;
-        Ok(LineParser::new(
-            format,
-            FieldRoles {
-                device_field: f.device_field.clone(),
-                timestamp_field: f.timestamp_field.clone(),
-                timestamp_format: f.timestamp_format.clone(),
-                metric_field: f.metric_field.clone(),
-                value_field: f.value_field.clone(),
-                unit_field: f.unit_field.clone(),
-            },
-        ))
-    }
-}
-
-impl PortSettings {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
-        if !(50..=4_000_000).contains(&self.baud) {
-            problems.push(
-                format!("{path}.baud"),
-                format!("must be between 50 and 4000000, found {}", self.baud),
-            );
-        }
-        if !(5..=8).contains(&self.data_bits) {
-            problems.push(
-                format!("{path}.data_bits"),
-                format!("must be 5, 6, 7 or 8, found {}", self.data_bits),
-            );
-        }
-        if !(1..=2).contains(&self.stop_bits) {
-            problems.push(
-                format!("{path}.stop_bits"),
-                format!("must be 1 or 2, found {}", self.stop_bits),
-            );
-        }
-    }
-
-    /// A tokio-serial builder with these settings (values checked by `validate`).
-    pub fn builder(&self, path: &str) -> tokio_serial::SerialPortBuilder {
-        use tokio_serial::{DataBits, FlowControl, Parity, StopBits};
-        tokio_serial::new(path, self.baud)
-            .data_bits(match self.data_bits {
-                5 => DataBits::Five,
-                6 => DataBits::Six,
-                7 => DataBits::Seven,
-                _ => DataBits::Eight,
-            })
-            .parity(match self.parity {
-                ParityName::None => Parity::None,
-                ParityName::Even => Parity::Even,
-                ParityName::Odd => Parity::Odd,
-            })
-            .stop_bits(if self.stop_bits == 2 {
-                StopBits::Two
-            } else {
-                StopBits::One
-            })
-            .flow_control(match self.flow_control {
-                FlowControlName::None => FlowControl::None,
-                FlowControlName::Software => FlowControl::Software,
-                FlowControlName::Hardware => FlowControl::Hardware,
-            })
-            .exclusive(self.exclusive)
-    }
-
-    /// Bits on the wire per character (start + data + parity + stop).
-    pub fn bits_per_char(&self) -> u32 {
-        1 + u32::from(self.data_bits)
-            + u32::from(self.parity != ParityName::None)
-            + u32::from(self.stop_bits)
+    fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, ctx)
     }
 }
 
@@ -514,37 +359,14 @@ struct Pending {
     since: Option<Instant>,
 }
 
-/// The most batches awaiting their commit at once; more makes the reader wait.
-const MAX_IN_FLIGHT: usize = 8;
-/// Sequence numbers reserved per commit of the reservation.
-const SEQUENCE_BLOCK: u64 = 10_000;
-
-use super::AckResult;
-/// What a full disk does to this source, for the log.
-const WAITING: &str = "serial readings wait (the port is not read)";
-/// A batch sent to the store: a copy of its readings and its commit result.
-type InFlight = (
-    Vec<Reading>,
-    oneshot::Receiver<Result<Committed, StoreError>>,
-);
-
 /// One serial port's running state.
 struct SerialSource {
     config: SerialConfig,
     ctx: SourceContext,
     parser: LineParser,
     framer: LineFramer,
-    sequence: SequenceAllocator,
-    rejects: RejectCounter,
-    state: StateWriter,
-    state_rows: Vec<(String, String)>,
+    records: PortRecords,
     pending: Pending,
-    /// Batches sent and not yet committed, with a copy of their readings to offer
-    /// again if the disk was full.
-    in_flight: VecDeque<InFlight>,
-    store_refusals: u64,
-    /// Waits for a full disk (for rate-limited logging).
-    full_waits: u64,
     /// Lines accepted since start (for tests and benchmarks through the log).
     accepted_lines: u64,
 }
@@ -553,23 +375,22 @@ pub async fn run(config: SerialConfig, ctx: SourceContext) -> anyhow::Result<()>
     let span = tracing::info_span!("source", name = %config.name, kind = "serial");
     async move {
         let parser = config.parser()?;
-        let sequence =
-            SequenceAllocator::load(&config.name, ctx.store.clone(), SEQUENCE_BLOCK).await?;
+        let records = PortRecords::load(
+            &ctx,
+            &config.name,
+            "serial",
+            "serial readings wait (the port is not read)",
+        )
+        .await?;
         let mut source = SerialSource {
             framer: LineFramer::new(config.max_line_length, config.line_ending),
             parser,
-            sequence,
-            rejects: RejectCounter::new(&config.name, ctx.store.clone(), ctx.metrics.clone()),
-            state: StateWriter::new(&config.name, ctx.store.clone()),
-            state_rows: Vec::new(),
+            records,
             pending: Pending {
                 readings: Vec::new(),
                 lines: 0,
                 since: None,
             },
-            in_flight: VecDeque::new(),
-            store_refusals: 0,
-            full_waits: 0,
             accepted_lines: 0,
             config,
             ctx,
@@ -582,56 +403,22 @@ pub async fn run(config: SerialConfig, ctx: SourceContext) -> anyhow::Result<()>
 
 impl SerialSource {
     async fn run(&mut self) -> anyhow::Result<()> {
-        let mut backoff = Backoff::new(
-            Duration::from_millis(250),
+        let mut port = ReopeningPort::new(
+            &self.config.path,
+            &self.config.port,
             self.config.reopen_max_delay.get(),
-        )
-        .with_jitter(Jitter::Spread(0.2));
-        let mut reported_missing = false;
-        let mut gone_since: Option<Instant> = None;
+        );
         let mut publish = tokio::time::interval(Duration::from_secs(5));
         publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        'outer: loop {
-            let port = match self
-                .config
-                .port
-                .builder(&self.config.path)
-                .open_native_async()
-            {
-                Ok(port) => port,
-                Err(e) => {
-                    if !reported_missing {
-                        reported_missing = true;
-                        tracing::warn!(path = %self.config.path, error = %e, "Serial port cannot be opened; retrying with backoff.");
-                        self.set_state("waiting", Some(&e.to_string()));
-                    } else {
-                        tracing::debug!(path = %self.config.path, error = %e, "Serial port still cannot be opened.");
-                    }
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => break 'outer,
-                        _ = tokio::time::sleep(delay) => continue 'outer,
-                        _ = publish.tick() => { self.publish_state(); continue 'outer; }
-                    }
-                }
-            };
-            backoff.reset();
-            match gone_since.take() {
-                Some(t) => {
-                    tracing::info!(path = %self.config.path, after = ?t.elapsed(), "Serial port is back; reading again.")
-                }
-                None => {
-                    tracing::info!(path = %self.config.path, baud = self.config.port.baud, "Serial port open.")
-                }
-            }
-            self.set_state("open", None);
+        let shutdown = self.ctx.shutdown.clone();
+        while let Some(stream) = port.open(self, &shutdown, &mut publish).await {
             // A sensor that was unplugged starts over: it will send its header again.
             self.parser.reset();
-            let outcome = self.read_port(port, &mut publish).await?;
+            let outcome = self.read_port(stream, &mut publish).await?;
             // The port is closed here (dropped), so the kernel can reuse the device name.
             let partial = self.framer.reset();
             if partial > 0 {
-                self.rejects.reject(
+                self.records.rejects.reject(
                     "truncated_line",
                     &format_args!("{partial} bytes of a line cut off when the port closed"),
                     &[],
@@ -641,27 +428,19 @@ impl SerialSource {
             match outcome {
                 ReadOutcome::Shutdown => break,
                 ReadOutcome::Gone(reason) => {
-                    tracing::warn!(path = %self.config.path, reason = %reason, "Serial port disappeared; reopening with backoff.");
-                    self.set_state("waiting", Some(&reason));
-                    gone_since = Some(Instant::now());
-                    reported_missing = true;
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+                    if !port.lost(self, &reason, &shutdown).await {
+                        break;
                     }
                 }
             }
         }
         self.flush().await;
-        self.drain_in_flight().await;
+        self.records.window.drain().await;
         self.set_state("stopped", None);
-        let mut rows = std::mem::take(&mut self.state_rows);
-        rows.extend(self.rejects.take_changed_rows());
-        self.state.flush(rows).await;
+        self.records.finish(Vec::new()).await;
         tracing::debug!(
             accepted_lines = self.accepted_lines,
-            rejected = self.rejects.total(),
+            rejected = self.records.rejects.total(),
             "Serial source stopped."
         );
         Ok(())
@@ -695,11 +474,7 @@ impl SerialSource {
                 _ = sleep_until_opt(deadline) => self.flush().await,
                 // A commit result, so a batch refused by a full disk is offered again
                 // even when no new line arrives.
-                result = next_ack(&mut self.in_flight) => {
-                    if let Some((readings, _)) = self.in_flight.pop_front() {
-                        self.settle(readings, result).await;
-                    }
-                }
+                result = self.records.window.next_ack() => self.records.window.settle_oldest(result).await,
                 _ = publish.tick() => self.publish_state(),
             }
         }
@@ -715,12 +490,12 @@ impl SerialSource {
         if lines.is_empty() {
             return;
         }
-        let now = crate::clock::now();
+        let now = self.ctx.clock.now();
         let clock_unsynced = !crate::clock::is_synchronized();
         for line in lines {
             match line {
                 Ok(bytes) => self.take_line(&bytes, now, clock_unsynced).await,
-                Err(n) => self.rejects.reject(
+                Err(n) => self.records.rejects.reject(
                     "line_too_long",
                     &format_args!(
                         "{n} bytes without a line ending (max_line_length {})",
@@ -772,7 +547,7 @@ impl SerialSource {
             }
             if let Some(range) = self.config.plausible.get(&mapped.metric) {
                 if !range.contains(mapped.value) {
-                    self.rejects.reject(
+                    self.records.rejects.reject(
                         "implausible_value",
                         &format_args!(
                             "{} of {device} = {} is outside {:?}..{:?}",
@@ -788,19 +563,8 @@ impl SerialSource {
         if readings.is_empty() {
             return;
         }
-        let sequence = loop {
-            match self.sequence.next().await {
-                Ok(s) => break s.to_string(),
-                // The disk is full: wait for room like a refused batch does.
-                Err(StoreError::Full) if !self.ctx.shutdown.is_cancelled() => {
-                    super::note_disk_full(WAITING, &mut self.full_waits);
-                    self.ctx.wait_for_disk_room().await;
-                }
-                Err(e) => {
-                    self.reject_store(&e, readings.len());
-                    return;
-                }
-            }
+        let Some(sequence) = self.records.next_sequence(readings.len()).await else {
+            return;
         };
         let readings_len = readings.len();
         for (metric, unit, value) in readings {
@@ -826,14 +590,7 @@ impl SerialSource {
     }
 
     fn reject_line(&mut self, e: &LineError, bytes: &[u8]) {
-        self.rejects.reject(e.reason(), e, bytes);
-    }
-
-    fn reject_store(&mut self, e: &StoreError, readings: usize) {
-        self.store_refusals += 1;
-        if self.store_refusals.is_power_of_two() {
-            tracing::error!(error = %e, readings, refusals = self.store_refusals, "The store refused serial readings; they are lost.");
-        }
+        self.records.rejects.reject(e.reason(), e, bytes);
     }
 
     /// Sends the pending readings as one batch; waits only when too many batches are
@@ -845,95 +602,44 @@ impl SerialSource {
             return;
         }
         let readings = std::mem::take(&mut self.pending.readings);
-        let (batch, ack) = Batch::with_ack(readings.clone());
-        // The channel is bounded: when the writer is behind, the reader waits here and
-        // the bytes wait in the kernel's buffer (and the sensor's, with flow control).
-        if self.ctx.out.send(batch).await.is_err() {
-            return;
-        }
-        self.in_flight.push_back((readings, ack));
-        let in_flight = self.in_flight.len() as u64;
-        self.ctx.stage(&self.config.name).set_waiting(in_flight);
-        while self.in_flight.len() > MAX_IN_FLIGHT {
-            if let Some((readings, ack)) = self.in_flight.pop_front() {
-                let result = ack.await;
-                self.settle(readings, result).await;
-            }
-        }
-        while let Some(Ok(result)) = self.in_flight.front_mut().map(|(_, a)| a.try_recv()) {
-            if let Some((readings, _)) = self.in_flight.pop_front() {
-                self.settle(readings, Ok(result)).await;
-            }
-        }
+        // When the writer is behind, the reader waits here and the bytes wait in the
+        // kernel's buffer (and the sensor's, with flow control).
+        self.records.window.send(readings).await;
     }
+}
 
-    async fn drain_in_flight(&mut self) {
-        while let Some((readings, ack)) = self.in_flight.pop_front() {
-            let result = ack.await;
-            self.settle(readings, result).await;
-        }
-    }
-
-    /// Handles a batch's commit result. A batch refused because the disk is full is
-    /// offered again (same uids, so never stored twice) as soon as another commit
-    /// succeeded or [`super::FULL_RETRY`] passed, until it
-    /// is stored; meanwhile nothing is read from the port, so new lines wait in the
-    /// kernel's buffer (and the sensor's, with flow control). Only a shutdown while the
-    /// disk is still full loses it (logged with the count).
-    async fn settle(&mut self, readings: Vec<Reading>, result: AckResult) {
-        let in_flight = self.in_flight.len() as u64;
-        self.ctx.stage(&self.config.name).set_waiting(in_flight);
-        let result = self
-            .ctx
-            .resend_while_full(&readings, result, WAITING, &mut self.full_waits)
-            .await;
-        match result {
-            Ok(Err(e)) => self.reject_store(&e, readings.len()),
-            other => self.check_ack(other),
-        }
-    }
-
-    fn check_ack(&mut self, result: AckResult) {
-        match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => self.reject_store(&e, 0),
-            Err(_) => self.reject_store(&StoreError::Closed, 0),
-        }
-    }
+impl PortOwner for SerialSource {
+    const WHAT: &'static str = "Serial port";
 
     fn set_state(&mut self, state: &str, error: Option<&str>) {
         self.ctx
             .metrics
             .set_connected(&self.config.name, state == "open");
-        let value = serde_json::json!({
-            "state": state,
-            "path": self.config.path,
-            "since": crate::clock::now().to_rfc3339(),
-            "error": error,
-        });
-        self.state_rows.retain(|(k, _)| k != "state");
-        self.state_rows.push(("state".into(), value.to_string()));
+        let since = self.ctx.clock.now();
+        self.records
+            .set_state(state, &self.config.path, since, error);
         self.publish_state();
     }
 
     fn publish_state(&mut self) {
-        let mut rows = std::mem::take(&mut self.state_rows);
-        rows.extend(self.rejects.take_changed_rows());
-        self.state.put(rows);
+        self.records.publish(Vec::new());
+    }
+
+    fn log_open(&self, back_after: Option<Duration>) {
+        match back_after {
+            Some(after) => {
+                tracing::info!(path = %self.config.path, after = ?after, "Serial port is back; reading again.")
+            }
+            None => {
+                tracing::info!(path = %self.config.path, baud = self.config.port.baud, "Serial port open.")
+            }
+        }
     }
 }
 
 enum ReadOutcome {
     Shutdown,
     Gone(String),
-}
-
-/// The commit result of the oldest batch in flight; never ready when there is none.
-async fn next_ack(in_flight: &mut VecDeque<InFlight>) -> AckResult {
-    match in_flight.front_mut() {
-        Some((_, ack)) => ack.await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -1034,18 +740,5 @@ mod tests {
         assert!(got.iter().any(|p| p == "sources[0].format"), "{got:?}");
         assert!(got.iter().any(|p| p == "sources[0].port.parity"), "{got:?}");
         assert!(got.iter().any(|p| p == "sources[0].colour"), "{got:?}");
-    }
-
-    #[test]
-    fn backoff_doubles_with_jitter_up_to_the_cap() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500))
-            .with_jitter(Jitter::Spread(0.2));
-        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(80) && delays[0] <= Duration::from_millis(120));
-        assert!(delays[1] >= Duration::from_millis(160) && delays[1] <= Duration::from_millis(240));
-        assert!(delays.iter().all(|d| *d <= Duration::from_millis(500)));
-        assert!(delays[5] >= Duration::from_millis(400));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(120));
     }
 }

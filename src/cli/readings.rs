@@ -1,13 +1,80 @@
 //! `outpost readings`: local history for technicians on site, straight from the
 //! database (read-only; works while the service runs).
 
+use crate::display::table;
 use crate::display::DisplayConfig;
 use crate::model::to_micros;
-use crate::status::table;
 use crate::store::StoredReading;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The command-line arguments of `outpost readings`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Read this database instead of the configured one.
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Only this device.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Only this metric.
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// From this time: a duration ago ("2h") or RFC 3339 ("2026-11-26T08:00:00Z").
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Until this time (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many readings.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
+    let now = crate::clock::Clock::system().now();
+    let parse = |v: Option<String>, flag: &str| match v {
+        None => Ok(None),
+        Some(v) => parse_time(&v, now)
+            .map(Some)
+            .map_err(|e| format!("--{flag}: {e}")),
+    };
+    let (since, until) = match (parse(args.since, "since"), parse(args.until, "until")) {
+        (Ok(s), Ok(u)) => (s, u),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(crate::exit::CONFIG);
+        }
+    };
+    if args.limit == 0 || args.limit > MAX_LIMIT {
+        eprintln!("outpost: --limit must be between 1 and {MAX_LIMIT}");
+        return ExitCode::from(crate::exit::CONFIG);
+    }
+    let q = Query {
+        device: args.device,
+        metric: args.metric,
+        since,
+        until,
+        limit: args.limit,
+    };
+    let rows = match super::database_path(config_path, args.db)
+        .and_then(|db| super::read_database(&db, |conn| query(conn, &q)))
+    {
+        Ok(rows) => rows,
+        Err(code) => return code,
+    };
+    print!(
+        "{}",
+        render(&rows, args.format, &super::display_config(config_path))
+    );
+    ExitCode::SUCCESS
+}
 
 /// What to select.
 #[derive(Debug, Clone, Default)]
@@ -35,7 +102,7 @@ pub fn parse_time(value: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Stri
     if let Ok(t) = DateTime::parse_from_rfc3339(value) {
         return Ok(t.with_timezone(&Utc));
     }
-    let ago: crate::config::HumanDuration = value
+    let ago: crate::settings::HumanDuration = value
         .parse()
         .map_err(|_| format!("expected a duration ago like \"2h\" or a time like \"2026-11-26T08:00:00Z\", found {value:?}"))?;
     chrono::Duration::from_std(ago.get())

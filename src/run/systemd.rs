@@ -7,7 +7,8 @@
 //! failed probe or any stalled stage stops the feed, and systemd restarts the service
 //! after `WatchdogSec`.
 
-use crate::health::Liveness;
+use crate::clock::Clock;
+use crate::run::health::Liveness;
 use crate::store::Store;
 use sd_notify::NotifyState;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub const EVALUATE_PERIOD: Duration = Duration::from_secs(1);
 /// `outpost status`.
 pub async fn supervise(
     store: Store,
+    clock: Clock,
     liveness: Arc<Liveness>,
     stall_after: Duration,
     shutdown: CancellationToken,
@@ -74,7 +76,7 @@ pub async fn supervise(
         if stalls.update(&reports, stall_after) {
             let stalled: Vec<_> = reports.into_iter().filter(|r| r.stalled()).collect();
             let saved = (!stalled.is_empty()).then(|| crate::progress::SavedStalls {
-                at: crate::clock::now(),
+                at: clock.now(),
                 pid: std::process::id(),
                 stall_after_s: stall_after.as_secs_f64(),
                 stalled,

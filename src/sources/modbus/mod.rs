@@ -25,29 +25,28 @@
 //! poll). The store writer never waits for a source, so the bus can be slowed by the
 //! store but never wedged.
 
-use super::modbus_decode::{
-    answer_len, classify_timeout, decode_bits, decode_registers, Order, ValueType,
+use decode::{answer_len, classify_timeout, decode_bits, decode_registers, Order, ValueType};
+pub mod decode;
+
+use super::mapping::Plausible;
+use super::port::{
+    check_port, check_reopen_max_delay, PortOwner, PortRecords, PortSettings, ReopeningPort,
 };
-use super::rejects::{RejectCounter, SequenceAllocator, StateWriter};
-use super::serial::{Plausible, PortSettings};
-use super::SourceContext;
+use super::{SourceContext, SourceKind};
 use crate::backoff::{Backoff, Jitter};
-use crate::config::{check_identifier, HumanDuration, Problems};
-use crate::model::{flags, Batch, Committed, Reading, Uid};
-use crate::store::StoreError;
+use crate::model::{flags, Reading, Uid};
+use crate::settings::{check_identifier, HumanDuration, Problems};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_modbus::client::Client;
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{Request, Response, Slave};
-use tokio_serial::SerialPortBuilderExt;
 use tracing::Instrument;
 
 /// `[[sources]]` with `type = "modbus-rtu"`.
@@ -159,14 +158,33 @@ fn one_f64() -> f64 {
 }
 
 impl ModbusConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
-        if self.path.trim().is_empty() {
-            problems.push(
-                format!("{path}.path"),
-                "must name the serial device, e.g. /dev/serial/by-id/...",
-            );
+    fn gap(&self) -> Duration {
+        if let Some(gap) = self.inter_frame_gap {
+            return gap.get();
         }
-        self.port.validate(&format!("{path}.port"), problems);
+        if self.port.baud > 19_200 {
+            Duration::from_micros(1750)
+        } else {
+            Duration::from_secs_f64(
+                3.5 * f64::from(self.port.bits_per_char()) / f64::from(self.port.baud.max(1)),
+            )
+        }
+    }
+}
+
+impl SourceKind for ModbusConfig {
+    const TYPE: &'static str = "modbus-rtu";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tls_endpoints(&self) -> Vec<crate::tls::Endpoint> {
+        Vec::new()
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        check_port(&self.path, &self.port, path, problems);
         if let Some(gap) = self.inter_frame_gap {
             if gap.get() > Duration::from_secs(1) {
                 problems.push(format!("{path}.inter_frame_gap"), "must be at most 1s");
@@ -178,13 +196,7 @@ impl ModbusConfig {
                 "must be at least 1s",
             );
         }
-        let reopen = self.reopen_max_delay.get();
-        if reopen < Duration::from_millis(250) || reopen > Duration::from_secs(3600) {
-            problems.push(
-                format!("{path}.reopen_max_delay"),
-                "must be between 250ms and 1h",
-            );
-        }
+        check_reopen_max_delay(self.reopen_max_delay, path, problems);
         if self.slaves.is_empty() {
             problems.push(format!("{path}.slaves"), "list at least one slave");
         }
@@ -206,17 +218,8 @@ impl ModbusConfig {
         }
     }
 
-    fn gap(&self) -> Duration {
-        if let Some(gap) = self.inter_frame_gap {
-            return gap.get();
-        }
-        if self.port.baud > 19_200 {
-            Duration::from_micros(1750)
-        } else {
-            Duration::from_secs_f64(
-                3.5 * f64::from(self.port.bits_per_char()) / f64::from(self.port.baud.max(1)),
-            )
-        }
+    fn run(self, ctx: SourceContext) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, ctx)
     }
 }
 
@@ -451,7 +454,7 @@ enum RequestError {
     /// The slave answered with a Modbus exception.
     Exception(tokio_modbus::ExceptionCode),
     /// The answer was valid but unusable (wrong count, NaN).
-    Decode(super::modbus_decode::DecodeError),
+    Decode(decode::DecodeError),
     /// The framing broke (tokio-modbus gave up on the byte stream); the context must be
     /// rebuilt but the port is fine.
     Framing(String),
@@ -476,30 +479,10 @@ struct ModbusSource {
     config: ModbusConfig,
     ctx: SourceContext,
     slaves: Vec<SlaveRuntime>,
-    sequence: SequenceAllocator,
-    rejects: RejectCounter,
-    state: StateWriter,
-    state_rows: Vec<(String, String)>,
-    /// Batches sent and not yet committed, with a copy of their readings to offer
-    /// again if the disk was full.
-    in_flight: VecDeque<InFlight>,
-    store_refusals: u64,
-    /// Waits for a full disk (for rate-limited logging).
-    full_waits: u64,
+    records: PortRecords,
     bus_open: bool,
 }
 
-const MAX_IN_FLIGHT: usize = 8;
-
-use super::AckResult;
-/// What a full disk does to this source, for the log.
-const WAITING: &str = "Modbus readings wait (the bus is not polled)";
-/// A batch sent to the store: a copy of its readings and its commit result.
-type InFlight = (
-    Vec<Reading>,
-    oneshot::Receiver<Result<Committed, StoreError>>,
-);
-const SEQUENCE_BLOCK: u64 = 10_000;
 /// The first wait before probing a slave that went offline (or its interval if longer).
 const OFFLINE_FIRST_PROBE: Duration = Duration::from_secs(1);
 
@@ -525,19 +508,18 @@ pub async fn run(config: ModbusConfig, ctx: SourceContext) -> anyhow::Result<()>
                 polls: 0,
                 failed_polls: 0,
                 last_error: None,
-                since: crate::clock::now(),
+                since: ctx.clock.now(),
                 config: s.clone(),
             })
             .collect();
         let mut source = ModbusSource {
-            sequence: SequenceAllocator::load(&config.name, ctx.store.clone(), SEQUENCE_BLOCK)
-                .await?,
-            rejects: RejectCounter::new(&config.name, ctx.store.clone(), ctx.metrics.clone()),
-            state: StateWriter::new(&config.name, ctx.store.clone()),
-            state_rows: Vec::new(),
-            in_flight: VecDeque::new(),
-            store_refusals: 0,
-            full_waits: 0,
+            records: PortRecords::load(
+                &ctx,
+                &config.name,
+                "Modbus",
+                "Modbus readings wait (the bus is not polled)",
+            )
+            .await?,
             bus_open: false,
             slaves,
             config,
@@ -551,44 +533,17 @@ pub async fn run(config: ModbusConfig, ctx: SourceContext) -> anyhow::Result<()>
 
 impl ModbusSource {
     async fn run(&mut self) -> anyhow::Result<()> {
-        let mut backoff = Backoff::new(
-            Duration::from_millis(250),
+        let mut adapter = ReopeningPort::new(
+            &self.config.path,
+            &self.config.port,
             self.config.reopen_max_delay.get(),
-        )
-        .with_jitter(Jitter::Spread(0.2));
-        let mut reported_missing = false;
+        );
         let mut publish = tokio::time::interval(Duration::from_secs(5));
         publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let micros_per_byte = 1e6 * f64::from(self.config.port.bits_per_char())
             / f64::from(self.config.port.baud.max(1));
-        'outer: loop {
-            let stream = match self
-                .config
-                .port
-                .builder(&self.config.path)
-                .open_native_async()
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    if !reported_missing {
-                        reported_missing = true;
-                        tracing::warn!(path = %self.config.path, error = %e, "Modbus adapter cannot be opened; retrying with backoff.");
-                        self.set_bus_state("waiting", Some(&e.to_string()));
-                    }
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => break 'outer,
-                        _ = tokio::time::sleep(delay) => continue 'outer,
-                    }
-                }
-            };
-            backoff.reset();
-            if reported_missing {
-                tracing::info!(path = %self.config.path, "Modbus adapter is back; polling again.");
-            } else {
-                tracing::info!(path = %self.config.path, baud = self.config.port.baud, slaves = self.slaves.len(), "Modbus bus open.");
-            }
-            self.set_bus_state("open", None);
+        let shutdown = self.ctx.shutdown.clone();
+        while let Some(stream) = adapter.open(self, &shutdown, &mut publish).await {
             let port = SharedPort(Arc::new(Mutex::new(PortState {
                 stream,
                 received: Vec::new(),
@@ -601,26 +556,16 @@ impl ModbusSource {
                 BusOutcome::Shutdown => break,
                 BusOutcome::Gone(e) => {
                     drop(port);
-                    tracing::warn!(path = %self.config.path, error = %e, "Modbus adapter disappeared; reopening with backoff.");
-                    self.set_bus_state("waiting", Some(&e.to_string()));
-                    reported_missing = true;
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+                    if !adapter.lost(self, &e.to_string(), &shutdown).await {
+                        break;
                     }
                 }
             }
         }
-        while let Some((readings, ack)) = self.in_flight.pop_front() {
-            let result = ack.await;
-            self.settle(readings, result).await;
-        }
-        self.set_bus_state("stopped", None);
-        let mut rows = std::mem::take(&mut self.state_rows);
-        rows.extend(self.slave_rows());
-        rows.extend(self.rejects.take_changed_rows());
-        self.state.flush(rows).await;
+        self.records.window.drain().await;
+        self.set_state("stopped", None);
+        let slaves = self.slave_rows();
+        self.records.finish(slaves).await;
         Ok(())
     }
 
@@ -678,7 +623,7 @@ impl ModbusSource {
         let mut values: Vec<(String, Option<String>, f64)> = Vec::new();
         let mut answered = false;
         let mut failure: Option<(&'static str, String)> = None;
-        let mut observed_at = crate::clock::now();
+        let mut observed_at = self.ctx.clock.now();
         let mut rebuild = false;
         for reg in &registers {
             let mut outcome = None;
@@ -697,7 +642,7 @@ impl ModbusSource {
                     break;
                 }
             }
-            observed_at = crate::clock::now();
+            observed_at = self.ctx.clock.now();
             match outcome {
                 None => {}
                 Some(Ok(raw)) => {
@@ -706,7 +651,7 @@ impl ModbusSource {
                         let metric = reg.metric_name(k);
                         let value = v * reg.scale + reg.offset;
                         if !reg.plausible().contains(value) {
-                            self.rejects.reject(
+                            self.records.rejects.reject(
                                 "implausible_value",
                                 &format_args!(
                                     "slave {id} {metric} = {value} is outside {:?}..{:?}",
@@ -721,7 +666,7 @@ impl ModbusSource {
                 }
                 Some(Err(RequestError::Exception(code))) => {
                     answered = true;
-                    self.rejects.reject(
+                    self.records.rejects.reject(
                         "modbus_exception",
                         &format_args!(
                             "slave {id} function {} address {} ({}): {} (exception {:#04x})",
@@ -736,7 +681,7 @@ impl ModbusSource {
                 }
                 Some(Err(RequestError::Decode(e))) => {
                     answered = true;
-                    self.rejects.reject(
+                    self.records.rejects.reject(
                         e.reason(),
                         &format_args!(
                             "slave {id} function {} address {} ({}): {e}",
@@ -757,7 +702,7 @@ impl ModbusSource {
                     // The slave said something, but garbled: it is alive; keep the bytes
                     // for diagnosis and go on with the next register.
                     answered = true;
-                    self.rejects.reject(
+                    self.records.rejects.reject(
                         reason,
                         &format_args!(
                             "slave {id} function {} address {} ({}) after {attempts} attempt(s)",
@@ -768,7 +713,8 @@ impl ModbusSource {
                 }
                 Some(Err(RequestError::Framing(e))) => {
                     answered = true;
-                    self.rejects
+                    self.records
+                        .rejects
                         .reject("bad_frame", &format_args!("slave {id}: {e}"), &[]);
                 }
                 Some(Err(RequestError::Bus(e))) => return Err(PollAbort::Bus(e)),
@@ -792,6 +738,7 @@ impl ModbusSource {
         device: &str,
     ) {
         let now = Instant::now();
+        let now_wall = self.ctx.clock.now();
         let slave = &mut self.slaves[i];
         slave.polls += 1;
         let was = slave.online;
@@ -808,7 +755,7 @@ impl ModbusSource {
                         "Modbus slave does not answer; marked offline and polled with backoff."
                     );
                     slave.online = Some(false);
-                    slave.since = crate::clock::now();
+                    slave.since = now_wall;
                     changed = true;
                 }
                 slave.next_due = now + slave.backoff.next_delay();
@@ -819,7 +766,7 @@ impl ModbusSource {
                         tracing::info!(slave = slave.config.id, device = %slave.device, "Modbus slave answers again.");
                     }
                     slave.online = Some(true);
-                    slave.since = crate::clock::now();
+                    slave.since = now_wall;
                     slave.backoff.reset();
                     changed = true;
                 }
@@ -833,19 +780,8 @@ impl ModbusSource {
         if values.is_empty() {
             return;
         }
-        let sequence = loop {
-            match self.sequence.next().await {
-                Ok(s) => break s.to_string(),
-                // The disk is full: wait for room like a refused batch does.
-                Err(StoreError::Full) if !self.ctx.shutdown.is_cancelled() => {
-                    super::note_disk_full(WAITING, &mut self.full_waits);
-                    self.ctx.wait_for_disk_room().await;
-                }
-                Err(e) => {
-                    self.store_refused(&e);
-                    return;
-                }
-            }
+        let Some(sequence) = self.records.next_sequence(values.len()).await else {
+            return;
         };
         let flags = if crate::clock::is_synchronized() {
             0
@@ -871,54 +807,7 @@ impl ModbusSource {
         self.ctx
             .metrics
             .received(&self.config.name, readings.len() as u64);
-        let (batch, ack) = Batch::with_ack(readings.clone());
-        if self.ctx.out.send(batch).await.is_err() {
-            return;
-        }
-        self.in_flight.push_back((readings, ack));
-        let in_flight = self.in_flight.len() as u64;
-        self.ctx.stage(&self.config.name).set_waiting(in_flight);
-        while self.in_flight.len() > MAX_IN_FLIGHT {
-            if let Some((readings, ack)) = self.in_flight.pop_front() {
-                let result = ack.await;
-                self.settle(readings, result).await;
-            }
-        }
-        while let Some(Ok(result)) = self.in_flight.front_mut().map(|(_, a)| a.try_recv()) {
-            if let Some((readings, _)) = self.in_flight.pop_front() {
-                self.settle(readings, Ok(result)).await;
-            }
-        }
-    }
-
-    /// Handles a batch's commit result. A batch refused because the disk is full is
-    /// offered again (same uids, so never stored twice) as soon as another commit
-    /// succeeded or [`super::FULL_RETRY`] passed, until it
-    /// is stored; meanwhile the bus is not polled. Only a shutdown while the disk is
-    /// still full loses it (logged with the count).
-    async fn settle(&mut self, readings: Vec<Reading>, result: AckResult) {
-        let in_flight = self.in_flight.len() as u64;
-        self.ctx.stage(&self.config.name).set_waiting(in_flight);
-        let result = self
-            .ctx
-            .resend_while_full(&readings, result, WAITING, &mut self.full_waits)
-            .await;
-        self.check_ack(result);
-    }
-
-    fn check_ack(&mut self, result: AckResult) {
-        match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => self.store_refused(&e),
-            Err(_) => self.store_refused(&StoreError::Closed),
-        }
-    }
-
-    fn store_refused(&mut self, e: &StoreError) {
-        self.store_refusals += 1;
-        if self.store_refusals.is_power_of_two() {
-            tracing::error!(error = %e, refusals = self.store_refusals, "The store refused Modbus readings; they are lost.");
-        }
+        self.records.window.send(readings).await;
     }
 
     fn slave_rows(&self) -> Vec<(String, String)> {
@@ -942,17 +831,16 @@ impl ModbusSource {
             })
             .collect()
     }
+}
 
-    fn set_bus_state(&mut self, state: &str, error: Option<&str>) {
+impl PortOwner for ModbusSource {
+    const WHAT: &'static str = "Modbus adapter";
+
+    fn set_state(&mut self, state: &str, error: Option<&str>) {
         self.bus_open = state == "open";
-        let value = serde_json::json!({
-            "state": state,
-            "path": self.config.path,
-            "since": crate::clock::now().to_rfc3339(),
-            "error": error,
-        });
-        self.state_rows.retain(|(k, _)| k != "state");
-        self.state_rows.push(("state".into(), value.to_string()));
+        let since = self.ctx.clock.now();
+        self.records
+            .set_state(state, &self.config.path, since, error);
         self.publish_state();
     }
 
@@ -963,10 +851,16 @@ impl ModbusSource {
         self.ctx
             .metrics
             .set_connected(&self.config.name, bus_open && any_alive);
-        let mut rows = std::mem::take(&mut self.state_rows);
-        rows.extend(self.slave_rows());
-        rows.extend(self.rejects.take_changed_rows());
-        self.state.put(rows);
+        let slaves = self.slave_rows();
+        self.records.publish(slaves);
+    }
+
+    fn log_open(&self, back_after: Option<Duration>) {
+        if back_after.is_some() {
+            tracing::info!(path = %self.config.path, "Modbus adapter is back; polling again.");
+        } else {
+            tracing::info!(path = %self.config.path, baud = self.config.port.baud, slaves = self.slaves.len(), "Modbus bus open.");
+        }
     }
 }
 

@@ -1,356 +1,19 @@
-//! TLS in one place: reading PEM certificate and key files, root stores (a CA file
-//! and/or the system's roots), rustls client configurations on the ring provider (never
-//! aws-lc: it does not cross-build cleanly), and the expiry of every certificate the
-//! configuration names or a server presents ([`CertWatch`]), for the log, `/health`,
-//! `/metrics` and `outpost status`.
+//! The certificate watch: the expiry of every certificate the configuration names or a
+//! server presents ([`CertWatch`]), fed with the [`Endpoint`]s configured sections
+//! declare, for the log, `/health`, `/metrics` and `outpost status`.
 //!
 //! Servers' certificates are seen by a [`recording`] verifier that wraps the real one:
 //! the chain is recorded before it is judged, so an expired server certificate is
 //! reported by name even though the handshake fails. They are also kept in the
-//! database (`source_state`, source [`PRESENTED_STATE`]) because `outpost status` is
-//! another process.
+//! database (`source_state`, owner [`PRESENTED_STATE`], through `crate::store::state`)
+//! because `outpost status` is another process.
 
-use crate::config::Config;
-use crate::notify::NotifierKind;
-use crate::sources::SourceConfig;
-use chrono::{DateTime, NaiveDate, Utc};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use super::x509::{inspect_file, parse_certificate, CertInfo, Expiry, ParsedCert};
+use chrono::{DateTime, Utc};
+use rustls::pki_types::CertificateDer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-
-/// Certificates expiring within this many days are reported.
-pub const WARN_DAYS: i64 = 30;
-
-/// The crypto provider every TLS connection of the agent uses.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A client configuration builder on [`provider`] with the safe protocol versions.
-pub fn builder(
-) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, String> {
-    rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("cannot set up TLS: {e}"))
-}
-
-/// Every certificate in a PEM file (at least one).
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut bytes.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} contains no PEM certificate", path.display()));
-    }
-    Ok(certs)
-}
-
-/// The first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
-pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(|e| format!("{} is not a PEM key file: {e}", path.display()))?
-        .ok_or_else(|| format!("{} contains no PEM private key", path.display()))
-}
-
-/// The trusted roots: every certificate of `ca_file` (each must be usable), plus the
-/// system's roots when `use_system_roots` (unparsable system certificates are skipped).
-/// The store may be empty; callers decide whether that is an error.
-pub fn root_store(
-    ca_file: Option<&Path>,
-    use_system_roots: bool,
-) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = ca_file {
-        for cert in read_certs(path)? {
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
-        }
-    }
-    if use_system_roots {
-        let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
-    }
-    Ok(roots)
-}
-
-/// The standard (WebPKI) verifier of server certificates against `roots`.
-pub fn webpki_verifier(
-    roots: rustls::RootCertStore,
-) -> Result<Arc<rustls::client::WebPkiServerVerifier>, String> {
-    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| format!("cannot use the CA certificates: {e}"))
-}
-
-/// Mozilla's public roots as bundled (what lettre and reqwest trust by default), plus
-/// every certificate of `ca_file`: for mail and webhook servers, which are usually
-/// public.
-pub fn public_roots_with(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, String> {
-    let mut roots = root_store(ca_file, false)?;
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    Ok(roots)
-}
-
-/// A client configuration trusting `roots`, with a client certificate chain and its key
-/// when `client_auth` is given, recording the server's certificate with `recorder`.
-/// Errors name the key at fault (`client_cert_file`, `client_key_file`, `ca_file`,
-/// `tls`).
-pub fn client_config(
-    roots: rustls::RootCertStore,
-    client_auth: Option<(&Path, &Path)>,
-    recorder: Option<CertRecorder>,
-) -> Result<rustls::ClientConfig, (&'static str, String)> {
-    let verifier = webpki_verifier(roots).map_err(|e| ("ca_file", e))?;
-    let builder = builder()
-        .map_err(|e| ("tls", e))?
-        .dangerous()
-        .with_custom_certificate_verifier(recording(verifier, recorder));
-    match client_auth {
-        Some((cert_path, key_path)) => {
-            let certs = read_certs(cert_path).map_err(|e| ("client_cert_file", e))?;
-            let key = read_private_key(key_path).map_err(|e| ("client_key_file", e))?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| {
-                (
-                    "client_key_file",
-                    format!("does not match client_cert_file: {e}"),
-                )
-            })
-        }
-        None => Ok(builder.with_no_client_auth()),
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// Certificate expiry
-// ---------------------------------------------------------------------------------
-
-/// One DER element: its tag, its content and what follows it. `None` when the input
-/// is truncated, uses the indefinite length (not DER) or a length over 4 bytes.
-fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-/// Reads an element that must have `tag`.
-fn expect<'a>(input: &'a [u8], tag: u8, what: &str) -> Result<(&'a [u8], &'a [u8]), String> {
-    match der_element(input) {
-        Some((t, content, rest)) if t == tag => Ok((content, rest)),
-        Some((t, _, _)) => Err(format!("{what}: expected tag 0x{tag:02x}, found 0x{t:02x}")),
-        None => Err(format!("{what}: truncated or malformed DER")),
-    }
-}
-
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-const INTEGER: u8 = 0x02;
-const OID: u8 = 0x06;
-const UTC_TIME: u8 = 0x17;
-const GENERALIZED_TIME: u8 = 0x18;
-const VERSION: u8 = 0xa0;
-/// 2.5.4.3 (commonName).
-const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
-
-/// What [`parse_certificate`] learns from a certificate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParsedCert {
-    pub not_after: DateTime<Utc>,
-    /// The subject's common name when it has one (sanitised, at most 64 characters).
-    pub common_name: Option<String>,
-}
-
-/// Walks a DER X.509 certificate to its validity and subject. Never panics on
-/// truncated or hostile input.
-pub fn parse_certificate(der: &[u8]) -> Result<ParsedCert, String> {
-    let (cert, _) = expect(der, SEQUENCE, "certificate")?;
-    let (tbs, _) = expect(cert, SEQUENCE, "tbsCertificate")?;
-    let mut rest = tbs;
-    if let Some((VERSION, _, after)) = der_element(rest) {
-        rest = after;
-    }
-    let (_, rest) = expect(rest, INTEGER, "serialNumber")?;
-    let (_, rest) = expect(rest, SEQUENCE, "signature")?;
-    let (_, rest) = expect(rest, SEQUENCE, "issuer")?;
-    let (validity, rest) = expect(rest, SEQUENCE, "validity")?;
-    let (_, _, after_not_before) =
-        der_element(validity).ok_or("notBefore: truncated or malformed DER")?;
-    let (tag, not_after, _) =
-        der_element(after_not_before).ok_or("notAfter: truncated or malformed DER")?;
-    let not_after = parse_time(tag, not_after)?;
-    let common_name = expect(rest, SEQUENCE, "subject")
-        .ok()
-        .and_then(|(subject, _)| common_name(subject));
-    Ok(ParsedCert {
-        not_after,
-        common_name,
-    })
-}
-
-/// The first commonName in a subject's RDN sequence.
-fn common_name(mut rdns: &[u8]) -> Option<String> {
-    while let Some((SET, mut set, next)) = der_element(rdns) {
-        while let Some((SEQUENCE, attribute, next_attribute)) = der_element(set) {
-            if let Some((OID, oid, value)) = der_element(attribute) {
-                if oid == COMMON_NAME {
-                    let (_, text, _) = der_element(value)?;
-                    let name: String = String::from_utf8_lossy(text)
-                        .chars()
-                        .filter(|c| !c.is_control())
-                        .take(64)
-                        .collect();
-                    return Some(name);
-                }
-            }
-            set = next_attribute;
-        }
-        rdns = next;
-    }
-    None
-}
-
-/// UTCTime `YYMMDDHHMMSSZ` (years below 50 are 20YY, RFC 5280) or GeneralizedTime
-/// `YYYYMMDDHHMMSSZ`.
-fn parse_time(tag: u8, bytes: &[u8]) -> Result<DateTime<Utc>, String> {
-    let digits = |s: &[u8]| -> Option<u32> {
-        s.iter().try_fold(0u32, |acc, &b| {
-            b.is_ascii_digit().then(|| acc * 10 + (b - b'0') as u32)
-        })
-    };
-    let (year, rest) = match (tag, bytes.len()) {
-        (UTC_TIME, 13) => {
-            let yy = digits(&bytes[..2]).ok_or("notAfter: not a UTCTime")?;
-            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &bytes[2..])
-        }
-        (GENERALIZED_TIME, 15) => (
-            digits(&bytes[..4]).ok_or("notAfter: not a GeneralizedTime")?,
-            &bytes[4..],
-        ),
-        _ => {
-            return Err(format!(
-                "notAfter: unsupported time (tag 0x{tag:02x}, {} bytes)",
-                bytes.len()
-            ))
-        }
-    };
-    if rest[10] != b'Z' {
-        return Err("notAfter: not in UTC (no trailing Z)".into());
-    }
-    let field = |i: usize| digits(&rest[i..i + 2]).ok_or("notAfter: not a time");
-    let (month, day) = (field(0)?, field(2)?);
-    let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
-    NaiveDate::from_ymd_opt(year as i32, month, day)
-        .and_then(|d| d.and_hms_opt(hour, minute, second))
-        .map(|t| t.and_utc())
-        .ok_or_else(|| "notAfter: no such date".to_string())
-}
-
-/// A certificate file or a server's chain, and the earliest expiry in it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CertInfo {
-    /// Where it was seen: the file's path, or `server HOST:PORT`.
-    pub origin: String,
-    /// The common name of the certificate expiring first (or the file name).
-    pub subject_hint: String,
-    pub not_after: DateTime<Utc>,
-}
-
-impl CertInfo {
-    /// Days until expiry (negative once expired), fractional.
-    pub fn days_left(&self, now: DateTime<Utc>) -> f64 {
-        (self.not_after - now).num_seconds() as f64 / 86_400.0
-    }
-
-    pub fn expiry(&self, now: DateTime<Utc>) -> Expiry {
-        let days = (self.not_after - now).num_days();
-        if self.not_after <= now {
-            Expiry::Expired {
-                days_ago: (now - self.not_after).num_days(),
-            }
-        } else if days < WARN_DAYS {
-            Expiry::Soon { days }
-        } else {
-            Expiry::Valid { days }
-        }
-    }
-
-    /// A sentence for the log, `/health` and `outpost status`.
-    pub fn describe(&self, now: DateTime<Utc>) -> String {
-        let when = self.not_after.format("%Y-%m-%d %H:%M UTC");
-        let what = format!("{} ({})", self.origin, self.subject_hint);
-        match self.expiry(now) {
-            Expiry::Expired { days_ago: 0 } => format!("{what} expired today ({when})"),
-            Expiry::Expired { days_ago } => {
-                format!("{what} EXPIRED {} ago ({when})", plural_days(days_ago))
-            }
-            Expiry::Soon { days: 0 } => format!("{what} expires today ({when})"),
-            Expiry::Soon { days } | Expiry::Valid { days } => {
-                format!("{what} expires in {} ({when})", plural_days(days))
-            }
-        }
-    }
-}
-
-fn plural_days(n: i64) -> String {
-    if n == 1 {
-        "1 day".into()
-    } else {
-        format!("{n} days")
-    }
-}
-
-/// Where a certificate stands relative to [`WARN_DAYS`] (whole days, rounded down).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiry {
-    Valid { days: i64 },
-    Soon { days: i64 },
-    Expired { days_ago: i64 },
-}
-
-/// Reads every certificate in a PEM file: the one expiring first.
-pub fn inspect_file(path: &Path) -> Result<CertInfo, String> {
-    let certs = read_certs(path)?;
-    let mut earliest: Option<ParsedCert> = None;
-    for (i, cert) in certs.iter().enumerate() {
-        let parsed = parse_certificate(cert)
-            .map_err(|e| format!("{}: certificate {}: {e}", path.display(), i + 1))?;
-        let earlier = match &earliest {
-            Some(e) => parsed.not_after < e.not_after,
-            None => true,
-        };
-        if earlier {
-            earliest = Some(parsed);
-        }
-    }
-    let earliest = earliest.ok_or_else(|| format!("{} contains no certificate", path.display()))?;
-    Ok(CertInfo {
-        origin: path.display().to_string(),
-        subject_hint: earliest.common_name.unwrap_or_else(|| {
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        }),
-        not_after: earliest.not_after,
-    })
-}
 
 /// The `source_state` source under which servers' certificates are kept for
 /// `outpost status` (source names are identifiers, so none can collide with it).
@@ -362,6 +25,12 @@ pub const PRESENTED_STATE: &str = "@tls";
 #[derive(Debug, Clone, Default)]
 pub struct CertWatch {
     inner: Arc<Mutex<Watched>>,
+    /// Where what servers present is also saved for `outpost status` (none: kept in
+    /// memory only, e.g. for `outpost notify-test`).
+    /// (Behind an `Arc`: a `Store` still carries a watch until the merge.)
+    store: Option<Arc<crate::store::Store>>,
+    /// The clock expiries are judged by when a server presents a new certificate.
+    clock: crate::clock::Clock,
 }
 
 #[derive(Debug, Default)]
@@ -420,20 +89,45 @@ impl CertWatch {
         self.lock().presented.retain(|label, _| keep(label));
     }
 
+    /// The same watch (clones share what they record), also saving what servers
+    /// present to `store` (the `@tls` rows of `source_state`) for `outpost status`.
+    pub fn saving_to(mut self, store: crate::store::Store) -> CertWatch {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The same watch, judging expiries by `clock`.
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> CertWatch {
+        self.clock = clock;
+        self
+    }
+
     /// A recorder for the handshakes of one connection: `label` names the section
-    /// that connects, `peer` the server (`host:port`). With a `store`, what it sees is
-    /// also saved for `outpost status`.
-    pub fn recorder(
+    /// that connects (`sync`, `sources.NAME.broker`, `notifiers.NAME`), `peer` the
+    /// server (`host:port`). What it sees is also saved when the watch saves (see
+    /// [`CertWatch::saving_to`]).
+    pub fn recorder(&self, label: &str, peer: &str) -> CertRecorder {
+        CertRecorder {
+            watch: self.clone(),
+            label: label.to_string(),
+            peer: peer.to_string(),
+            store: self.store.as_deref().cloned(),
+        }
+    }
+
+    /// [`CertWatch::recorder`], saving to `store` whatever this watch does.
+    ///
+    /// To be removed with `Store::cert_recorder` (its only caller): components get a
+    /// [`CertWatch`] that saves, and ask it for recorders.
+    pub fn recorder_saving_to(
         &self,
-        label: impl Into<String>,
-        peer: impl Into<String>,
+        label: &str,
+        peer: &str,
         store: Option<crate::store::Store>,
     ) -> CertRecorder {
         CertRecorder {
-            watch: self.clone(),
-            label: label.into(),
-            peer: peer.into(),
             store,
+            ..self.recorder(label, peer)
         }
     }
 
@@ -501,7 +195,7 @@ impl CertRecorder {
         if !self.watch.record_presented(&self.label, info.clone()) {
             return;
         }
-        let now = crate::clock::now();
+        let now = self.watch.clock.now();
         log_one(&self.label, &info, now, "presented by the server");
         if let (Some(store), Ok(runtime)) = (&self.store, tokio::runtime::Handle::try_current()) {
             let (store, label) = (store.clone(), self.label.clone());
@@ -510,8 +204,7 @@ impl CertRecorder {
             };
             runtime.spawn(async move {
                 let rows = vec![(label, value)];
-                if let Err(e) =
-                    crate::sources::rejects::write_rows(&store, PRESENTED_STATE, rows).await
+                if let Err(e) = crate::store::state::write_rows(&store, PRESENTED_STATE, rows).await
                 {
                     tracing::debug!(error = %e, "Cannot save a server certificate's expiry.");
                 }
@@ -593,37 +286,52 @@ impl rustls::client::danger::ServerCertVerifier for Recording {
     }
 }
 
-/// The sections that may connect to a TLS server, as [`CertRecorder`] labels: a
-/// server certificate recorded under another label belongs to removed configuration.
-pub fn server_labels(config: &Config) -> std::collections::BTreeSet<String> {
-    let mut labels = std::collections::BTreeSet::new();
-    for source in &config.sources {
-        if let SourceConfig::Ttn(_) | SourceConfig::Chirpstack(_) | SourceConfig::Mqtt(_) = source {
-            labels.insert(format!("sources.{}.broker", source.name()));
-        }
-        if let SourceConfig::Ttn(_) = source {
-            labels.insert(format!("sources.{}.backfill", source.name()));
+/// A TLS server a configured section connects to, declared by that section
+/// (`SourceConfig::tls_endpoints`, `NotifierConfig::tls_endpoints`,
+/// `SyncConfig::tls_endpoints`, all gathered by `Config::tls_endpoints`): the
+/// certificate watch follows what sections declare, never a list of kinds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The [`CertRecorder`] label of the certificate the server presents:
+    /// `sources.NAME.broker`, `sources.NAME.backfill`, `sync`, `notifiers.NAME`.
+    pub label: String,
+    /// Certificate files configured for this connection, each labelled with its key
+    /// path (`sources.NAME.broker.ca_file`).
+    pub files: Vec<(String, PathBuf)>,
+}
+
+impl Endpoint {
+    /// An endpoint with no certificate files configured.
+    pub fn new(label: impl Into<String>) -> Endpoint {
+        Endpoint {
+            label: label.into(),
+            files: Vec::new(),
         }
     }
-    if config.sync.is_some() {
-        labels.insert("sync".to_string());
-    }
-    for notifier in &config.notifiers {
-        if let NotifierKind::Email(_) | NotifierKind::Webhook(_) = notifier.kind {
-            labels.insert(format!("notifiers.{}", notifier.name));
+
+    /// Adds `path` (when set) as the file configured under the key path `key`.
+    pub fn with_file(mut self, key: String, path: Option<&PathBuf>) -> Endpoint {
+        if let Some(path) = path {
+            self.files.push((key, path.clone()));
         }
+        self
     }
-    labels
+}
+
+/// The servers' [`CertRecorder`] labels: a server certificate recorded under another
+/// label belongs to removed configuration.
+pub fn server_labels(endpoints: &[Endpoint]) -> std::collections::BTreeSet<String> {
+    endpoints.iter().map(|e| e.label.clone()).collect()
 }
 
 /// Forgets servers' certificates recorded for sections `config` no longer has, in
 /// `watch` and in the database (`store`).
 pub async fn forget_removed_servers(
     watch: &CertWatch,
-    config: &Config,
+    endpoints: &[Endpoint],
     store: &crate::store::Store,
 ) {
-    let keep = server_labels(config);
+    let keep = server_labels(endpoints);
     watch.retain_presented(|label| keep.contains(label));
     let result = store
         .write(move |conn| {
@@ -645,50 +353,18 @@ pub async fn forget_removed_servers(
     }
 }
 
-/// Every certificate file the configuration names, with its key path as label.
-pub fn configured_cert_files(config: &Config) -> Vec<(String, PathBuf)> {
-    let mut files = Vec::new();
-    for source in &config.sources {
-        let broker = match source {
-            SourceConfig::Ttn(c) => &c.broker,
-            SourceConfig::Chirpstack(c) => &c.broker,
-            SourceConfig::Mqtt(c) => &c.broker,
-            SourceConfig::Simulated(_) | SourceConfig::Serial(_) | SourceConfig::ModbusRtu(_) => {
-                continue
-            }
-        };
-        for (key, path) in [
-            ("ca_file", &broker.ca_file),
-            ("client_cert_file", &broker.client_cert_file),
-        ] {
-            if let Some(path) = path {
-                files.push((
-                    format!("sources.{}.broker.{key}", source.name()),
-                    path.clone(),
-                ));
-            }
-        }
-    }
-    if let Some(path) = config.sync.as_ref().and_then(|s| s.ca_file.as_ref()) {
-        files.push(("sync.ca_file".to_string(), path.clone()));
-    }
-    for notifier in &config.notifiers {
-        let ca = match &notifier.kind {
-            NotifierKind::Email(c) => &c.ca_file,
-            NotifierKind::Webhook(c) => &c.ca_file,
-            _ => continue,
-        };
-        if let Some(path) = ca {
-            files.push((format!("notifiers.{}.ca_file", notifier.name), path.clone()));
-        }
-    }
-    files
+/// Every certificate file the endpoints name, with its key path as label.
+pub fn configured_cert_files(endpoints: &[Endpoint]) -> Vec<(String, PathBuf)> {
+    endpoints
+        .iter()
+        .flat_map(|e| e.files.iter().cloned())
+        .collect()
 }
 
 /// Records the configured certificates in `watch`, logs the files whose expiry cannot
 /// be read, then the certificates expiring soon ([`log_expiring`]).
-pub fn record_and_log(watch: &CertWatch, config: &Config, now: DateTime<Utc>) {
-    for (label, outcome) in watch.record_all(&configured_cert_files(config)) {
+pub fn record_and_log(watch: &CertWatch, endpoints: &[Endpoint], now: DateTime<Utc>) {
+    for (label, outcome) in watch.record_all(&configured_cert_files(endpoints)) {
         if let Err(e) = outcome {
             tracing::warn!(
                 certificate = %label,
@@ -701,7 +377,7 @@ pub fn record_and_log(watch: &CertWatch, config: &Config, now: DateTime<Utc>) {
 }
 
 /// Logs each recorded certificate that has expired (error) or expires within
-/// [`WARN_DAYS`] (warning).
+/// [`WARN_DAYS`](super::WARN_DAYS) (warning).
 pub fn log_expiring(watch: &CertWatch, now: DateTime<Utc>) {
     for (label, info) in watch.snapshot() {
         log_one(&label, &info, now, "configured or presented");
@@ -709,7 +385,7 @@ pub fn log_expiring(watch: &CertWatch, now: DateTime<Utc>) {
 }
 
 /// Logs one certificate's expiry: an error once expired, a warning within
-/// [`WARN_DAYS`], debug otherwise.
+/// [`WARN_DAYS`](super::WARN_DAYS), debug otherwise.
 fn log_one(label: &str, info: &CertInfo, now: DateTime<Utc>, seen: &str) {
     match info.expiry(now) {
         Expiry::Expired { .. } => tracing::error!(
@@ -742,7 +418,7 @@ pub async fn remind_daily(watch: CertWatch, shutdown: tokio_util::sync::Cancella
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(DAY) => log_expiring(&watch, crate::clock::now()),
+            _ = tokio::time::sleep(DAY) => log_expiring(&watch, watch.clock.now()),
         }
     }
 }
@@ -791,8 +467,8 @@ impl CertStatus {
 }
 
 /// Reads every certificate file the configuration names (for `outpost status`).
-pub fn status_of(config: &Config, now: DateTime<Utc>) -> Vec<CertStatus> {
-    configured_cert_files(config)
+pub fn status_of(endpoints: &[Endpoint], now: DateTime<Utc>) -> Vec<CertStatus> {
+    configured_cert_files(endpoints)
         .into_iter()
         .map(|(certificate, path)| match inspect_file(&path) {
             Ok(info) => CertStatus {
@@ -861,7 +537,7 @@ pub fn status_lines(certs: &[CertStatus]) -> Vec<String> {
 }
 
 /// Lines for `outpost status` and `/health`: certificates expired or expiring within
-/// [`WARN_DAYS`], as `label: sentence`.
+/// [`WARN_DAYS`](super::WARN_DAYS), as `label: sentence`.
 pub fn expiring(certs: &[(String, CertInfo)], now: DateTime<Utc>) -> Vec<(String, bool, String)> {
     certs
         .iter()
@@ -873,13 +549,18 @@ pub fn expiring(certs: &[(String, CertInfo)], now: DateTime<Utc>) -> Vec<(String
         .collect()
 }
 
-/// The `/health` check over the recorded certificates: not ok once one has expired;
-/// ok but saying so when one expires within [`WARN_DAYS`]. `None` when the
-/// configuration names no certificate.
-pub fn health_check(
-    certs: &[(String, CertInfo)],
-    now: DateTime<Utc>,
-) -> Option<crate::health::Check> {
+/// What the `/health` check over the recorded certificates says (the check itself is
+/// the run layer's): not ok once one has expired; ok but saying so when one expires
+/// within [`WARN_DAYS`](super::WARN_DAYS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertHealth {
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The state of `certs` for `/health` (`None` when the configuration names no
+/// certificate).
+pub fn certificates_health(certs: &[(String, CertInfo)], now: DateTime<Utc>) -> Option<CertHealth> {
     if certs.is_empty() {
         return None;
     }
@@ -906,33 +587,15 @@ pub fn health_check(
             .collect::<Vec<_>>()
             .join("; ")
     };
-    Some(crate::health::Check {
-        name: "certificates".into(),
-        ok,
-        detail,
-    })
+    Some(CertHealth { ok, detail })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::config::webpki_verifier;
+    use super::super::test_support::{at, cert_expiring};
     use super::*;
-
-    fn cert_expiring(not_after: DateTime<Utc>, cn: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        // rcgen's time type is not re-exported: count seconds from the epoch.
-        params.not_after = rcgen::date_time_ymd(1970, 1, 1)
-            + std::time::Duration::from_secs(not_after.timestamp() as u64);
-        let key = rcgen::KeyPair::generate().unwrap();
-        (params.self_signed(&key).unwrap(), key)
-    }
-
-    fn at(s: &str) -> DateTime<Utc> {
-        s.parse().unwrap()
-    }
+    use crate::config::Config;
 
     #[test]
     fn a_rejected_server_chain_is_still_recorded_under_its_section() {
@@ -943,7 +606,7 @@ mod tests {
         let watch = CertWatch::default();
         let verifier = recording(
             webpki_verifier(roots).unwrap(),
-            Some(watch.recorder("sources.lns.broker", "broker.example:8883", None)),
+            Some(watch.recorder("sources.lns.broker", "broker.example:8883")),
         );
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let verdict = verifier.verify_server_cert(
@@ -1012,88 +675,11 @@ mod tests {
         )
         .unwrap();
         let config = Config::load(&config).unwrap();
-        let labels: Vec<String> = server_labels(&config).into_iter().collect();
+        let labels: Vec<String> = server_labels(&config.tls_endpoints()).into_iter().collect();
         assert_eq!(labels, ["notifiers.hook", "sources.cs.broker", "sync"]);
         assert_eq!(url_peer("https://h.example/x"), "h.example:443");
         assert_eq!(url_peer("http://10.0.0.2:8080/x"), "10.0.0.2:8080");
         assert_eq!(url_peer("not a url"), "not a url");
-    }
-
-    #[test]
-    fn not_after_utc_time_and_generalized_time() {
-        // rcgen writes UTCTime before 2050 and GeneralizedTime from 2050 (RFC 5280).
-        for when in [
-            "2031-05-06T07:08:09Z",
-            "2049-12-31T23:59:59Z",
-            "2050-01-01T00:00:00Z",
-            "2101-02-03T04:05:06Z",
-            "1999-03-04T05:06:07Z",
-        ] {
-            let (cert, _) = cert_expiring(at(when), "central-ca");
-            let parsed = parse_certificate(cert.der()).unwrap();
-            assert_eq!(parsed.not_after, at(when), "{when}");
-            assert_eq!(parsed.common_name.as_deref(), Some("central-ca"));
-        }
-    }
-
-    #[test]
-    fn truncated_and_garbage_der_is_an_error_not_a_panic() {
-        let (cert, _) = cert_expiring(at("2031-05-06T07:08:09Z"), "x");
-        let der = cert.der().to_vec();
-        for len in 0..der.len() {
-            // Cutting the outer SEQUENCE short always fails its length check.
-            assert!(parse_certificate(&der[..len]).is_err(), "{len}");
-        }
-        for garbage in [
-            &b""[..],
-            b"\x30",
-            b"\x30\x80\x00\x00",
-            b"\x30\x85\xff\xff\xff\xff\xff",
-            b"\x30\x84\xff\xff\xff\xff",
-            b"\x30\x03\x30\x01\x00",
-            b"-----BEGIN CERTIFICATE-----",
-        ] {
-            assert!(parse_certificate(garbage).is_err(), "{garbage:?}");
-        }
-        // Every single-byte corruption either parses or errors: never panics.
-        let mut corrupt = der.clone();
-        for i in 0..corrupt.len() {
-            for b in [0x00, 0x17, 0x18, 0x30, 0x80, 0x84, 0xff] {
-                let old = corrupt[i];
-                corrupt[i] = b;
-                let _ = parse_certificate(&corrupt);
-                corrupt[i] = old;
-            }
-        }
-    }
-
-    #[test]
-    fn times_are_checked() {
-        assert_eq!(
-            parse_time(UTC_TIME, b"491231235959Z").unwrap(),
-            at("2049-12-31T23:59:59Z")
-        );
-        assert_eq!(
-            parse_time(UTC_TIME, b"500101000000Z").unwrap(),
-            at("1950-01-01T00:00:00Z")
-        );
-        assert_eq!(
-            parse_time(GENERALIZED_TIME, b"20310506070809Z").unwrap(),
-            at("2031-05-06T07:08:09Z")
-        );
-        for (tag, bad) in [
-            (UTC_TIME, &b"491331235959Z"[..]),
-            (UTC_TIME, b"490230000000Z"),
-            (UTC_TIME, b"4912312359590"),
-            (UTC_TIME, b"49123123595Z"),
-            (UTC_TIME, b"4912312359+9Z"),
-            (UTC_TIME, b"49123123596\xffZ"),
-            (GENERALIZED_TIME, b"2031050607080Z"),
-            (GENERALIZED_TIME, b"20310506070809.5Z"),
-            (0x04, b"491231235959Z"),
-        ] {
-            assert!(parse_time(tag, bad).is_err(), "{bad:?}");
-        }
     }
 
     #[test]
@@ -1153,7 +739,7 @@ mod tests {
         )
         .unwrap();
         let config = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
-        let labels: Vec<String> = configured_cert_files(&config)
+        let labels: Vec<String> = configured_cert_files(&config.tls_endpoints())
             .into_iter()
             .map(|(label, path)| {
                 assert_eq!(path, pem);
@@ -1168,10 +754,14 @@ mod tests {
                 "sync.ca_file"
             ]
         );
-        let status = status_of(&config, at("2039-12-22T00:00:00Z"));
+        let status = status_of(&config.tls_endpoints(), at("2039-12-22T00:00:00Z"));
         assert!(status.iter().all(|s| s.state == "expiring"), "{status:?}");
         assert_eq!(status_lines(&status).len(), 3);
-        assert!(status_lines(&status_of(&config, at("2030-01-01T00:00:00Z"))).is_empty());
+        assert!(status_lines(&status_of(
+            &config.tls_endpoints(),
+            at("2030-01-01T00:00:00Z")
+        ))
+        .is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1203,10 +793,10 @@ mod tests {
         assert!(info(0).describe(now).contains("expires today"));
         assert!(info(-2).describe(now).contains("EXPIRED 1 day ago"));
 
-        let healthy = health_check(&[("sync.ca_file".into(), info(90))], now).unwrap();
+        let healthy = certificates_health(&[("sync.ca_file".into(), info(90))], now).unwrap();
         assert!(healthy.ok);
         assert!(healthy.detail.contains("90 days"), "{}", healthy.detail);
-        let soon = health_check(
+        let soon = certificates_health(
             &[("sync.ca_file".into(), info(10)), ("x".into(), info(90))],
             now,
         )
@@ -1218,13 +808,13 @@ mod tests {
             "{}",
             soon.detail
         );
-        let expired = health_check(
+        let expired = certificates_health(
             &[("sync.ca_file".into(), info(10)), ("x".into(), info(-5))],
             now,
         )
         .unwrap();
         assert!(!expired.ok);
         assert!(expired.detail.contains("EXPIRED"), "{}", expired.detail);
-        assert!(health_check(&[], now).is_none());
+        assert!(certificates_health(&[], now).is_none());
     }
 }

@@ -45,13 +45,12 @@
 //! HTTP server, for room in the store's batch queue and for commits before moving its
 //! cursor; nothing waits for it.
 
-use super::mqtt_client;
-use super::ttn::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};
-use super::SourceContext;
+use super::{ApplicationUp, DecodeError, TtnConfig, Uplink, UplinkMapper};
 use crate::backoff::Backoff;
-use crate::config::{HumanDuration, Problems, Secret};
 use crate::model::{flags, Batch, Reading};
 use crate::ratelimit::LogLimiter;
+use crate::settings::{HumanDuration, Problems, Secret};
+use crate::sources::{mqtt, SourceContext};
 use crate::store::StoreError;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
@@ -554,16 +553,15 @@ impl Backfill {
             .read_timeout(config.backfill.timeout.get())
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
         if base_url.starts_with("https://") {
-            let recorder = ctx.store.cert_recorder(
-                &format!("sources.{}.backfill", config.name),
+            let recorder = ctx.cert_recorder(
+                &config.backfill_endpoint().label,
                 &crate::tls::url_peer(&base_url),
             );
-            let tls = mqtt_client::tls_client_config(
-                config.broker.ca_file.as_deref(),
-                None,
-                Some(recorder),
-            )
-            .map_err(|(key, e)| anyhow::anyhow!("source {}: broker.{key}: {e}", config.name))?;
+            let tls =
+                mqtt::tls_client_config(config.broker.ca_file.as_deref(), None, Some(recorder))
+                    .map_err(|(key, e)| {
+                        anyhow::anyhow!("source {}: broker.{key}: {e}", config.name)
+                    })?;
             builder = builder.use_preconfigured_tls(tls);
         }
         let http = builder.build().map_err(|e| {
@@ -598,9 +596,10 @@ impl Backfill {
             chrono::Duration::from_std(self.config.initial_window.get()).unwrap_or_default();
         let mut cursor = self.load_time(CURSOR_KEY).await;
         let mut persisted = cursor;
+        let clock = self.ctx.clock.clone();
         let start_of = |known: Option<DateTime<Utc>>| match known {
             Some(t) => t - overlap,
-            None => crate::clock::now() - initial,
+            None => clock.now() - initial,
         };
         // Not clamped with the local clock, which may be wrong at boot (G8); the server
         // keeps only its retention anyway.
@@ -763,13 +762,13 @@ impl Backfill {
         let last = serde_json::json!({
             "reason": reason.label(),
             "readings": progress.recovered,
-            "at": rfc3339(crate::clock::now()),
+            "at": rfc3339(self.ctx.clock.now()),
         });
         let rows = vec![
             (recovered_key(reason), total.to_string()),
             (LAST_RECOVERY_KEY.to_string(), last.to_string()),
         ];
-        if let Err(e) = super::rejects::write_rows(&self.ctx.store, &self.source, rows).await {
+        if let Err(e) = crate::store::state::write_rows(&self.ctx.store, &self.source, rows).await {
             tracing::debug!(source = %self.source, error = %e, "The backfill counts were not saved; they will be next time.");
         }
     }
@@ -965,7 +964,7 @@ impl Backfill {
         );
         match self
             .mapper
-            .readings(&uplink, crate::clock::now(), flags::BACKFILLED)
+            .readings(&uplink, self.ctx.clock.now(), flags::BACKFILLED)
         {
             Ok(readings) => chunk.readings.extend(readings),
             Err(r) if r.record => self.reject(r.reason, &r.detail, line),
@@ -1038,7 +1037,7 @@ impl Backfill {
         let source = self.source.clone();
         tokio::task::spawn_blocking(move || {
             let conn = store.reader().ok()?;
-            let value = super::rejects::read_state(&conn, &source, key).ok()??;
+            let value = crate::store::state::read_state(&conn, &source, key).ok()??;
             DateTime::parse_from_rfc3339(&value)
                 .ok()
                 .map(|t| t.with_timezone(&Utc))
@@ -1058,7 +1057,7 @@ impl Backfill {
                 return totals;
             };
             for reason in FetchReason::ALL {
-                let value = super::rejects::read_state(&conn, &source, &recovered_key(reason));
+                let value = crate::store::state::read_state(&conn, &source, &recovered_key(reason));
                 if let Some(n) = value.ok().flatten().and_then(|v| v.parse::<u64>().ok()) {
                     totals.insert(reason, n);
                 }
@@ -1072,7 +1071,7 @@ impl Backfill {
     async fn persist_time(&self, key: &'static str, value: Option<DateTime<Utc>>) {
         let Some(value) = value else { return };
         let rows = vec![(key.to_string(), rfc3339(value))];
-        if let Err(e) = super::rejects::write_rows(&self.ctx.store, &self.source, rows).await {
+        if let Err(e) = crate::store::state::write_rows(&self.ctx.store, &self.source, rows).await {
             tracing::debug!(source = %self.source, key, error = %e, "Backfill state was not saved; it will be next time.");
         }
     }

@@ -1,0 +1,21 @@
+//! The run layer: what `outpost run` starts and wires together. It may import every
+//! lower layer (components and the aggregate configuration); only the command line
+//! (`crate::cli`) sits above it.
+//!
+//! - [`pipeline`]: builds the store, the certificate watch and the clock, starts every
+//!   component with them, reloads on SIGHUP (only what changed restarts) and shuts
+//!   down in order.
+//! - [`alerting`]: the alert engine and the notification outbox, started together.
+//! - [`health`]: `/health` and the store-probing liveness the watchdog feeds on.
+//! - [`http`]: the local endpoint serving `/metrics` and `/health`.
+//! - [`collector`]: the `/metrics` gauges read from SQLite, sync state and the
+//!   certificate watch, registered on the in-memory [`crate::metrics::Metrics`] and
+//!   computed on the blocking pool, never on a runtime worker.
+//! - [`systemd`]: READY/STOPPING/WATCHDOG notifications.
+
+pub mod alerting;
+pub mod collector;
+pub mod health;
+pub mod http;
+pub mod pipeline;
+pub mod systemd;

@@ -1,0 +1,298 @@
+//! The decoding worker and the acker of an MQTT session (see [`super::session`] for
+//! the queues between them and the poll loop, and why none waits on itself).
+
+use super::{Decode, Rejection, SessionStats};
+use crate::backoff::Backoff;
+use crate::model::{Batch, Reading};
+use crate::ratelimit::{KeyedLogLimiter, LogLimiter};
+use crate::sources::SourceContext;
+use crate::store::StoreError;
+use chrono::{DateTime, Utc};
+use rumqttc::{AsyncClient, Publish, QoS};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// The most messages decoded into one batch.
+pub const MAX_MESSAGES_PER_BATCH: usize = 250;
+
+pub(super) struct Handoff {
+    pub(super) publish: Publish,
+    pub(super) received_at: DateTime<Utc>,
+    /// The connection that delivered it (see [`PubAckRef`]).
+    pub(super) connection: u64,
+}
+
+/// A PUBACK owed for a committed QoS 1 message. Packet ids belong to the connection
+/// that delivered the message: after a reconnect the broker redelivers everything not
+/// yet acknowledged, so an ack owed on an older connection is dropped (the redelivered
+/// copy is deduplicated by its uid and acknowledged in turn), as rumqttc itself does
+/// with the PUBACKs in its queue when a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct PubAckRef {
+    pub(super) connection: u64,
+    pub(super) pkid: u16,
+}
+
+/// A batch sent to the store whose commit the acker awaits.
+pub(super) struct Pending {
+    ack: oneshot::Receiver<Result<crate::model::Committed, StoreError>>,
+    /// PUBACKs to send after the commit (manual acks only).
+    acks: Vec<PubAckRef>,
+    /// A copy of the readings to resend if the commit fails (manual acks only).
+    retry: Option<Vec<Reading>>,
+    messages: usize,
+    min_mark: Option<DateTime<Utc>>,
+    max_mark: Option<DateTime<Utc>>,
+}
+
+pub(super) async fn worker(
+    mut rx: mpsc::Receiver<Handoff>,
+    mut decoder: impl Decode,
+    ctx: SourceContext,
+    source: String,
+    manual_acks: bool,
+    pending: mpsc::Sender<Pending>,
+    stats: Arc<SessionStats>,
+) {
+    let mut buf = Vec::with_capacity(MAX_MESSAGES_PER_BATCH);
+    let mut limiter = KeyedLogLimiter::new(Duration::from_secs(60));
+    while rx.recv_many(&mut buf, MAX_MESSAGES_PER_BATCH).await > 0 {
+        // G9: taking messages off the hand-off queue is progress (after the test-only hang).
+        crate::progress::fault::hold(crate::progress::fault::MQTT_WORKER_HANG).await;
+        ctx.stage(&source).progress();
+        let messages = buf.len();
+        let mut readings = Vec::with_capacity(messages * 4);
+        let mut acks = Vec::new();
+        let (mut min_mark, mut max_mark) = (None::<DateTime<Utc>>, None::<DateTime<Utc>>);
+        for item in buf.drain(..) {
+            match decoder.decode(&item.publish.topic, &item.publish.payload, item.received_at) {
+                Ok(decoded) => {
+                    readings.extend(decoded.readings);
+                    if let Some(m) = decoded.mark {
+                        min_mark = Some(min_mark.map_or(m, |x| x.min(m)));
+                        max_mark = Some(max_mark.map_or(m, |x| x.max(m)));
+                    }
+                }
+                Err(rejection) => reject(
+                    &ctx,
+                    &source,
+                    &stats,
+                    &mut limiter,
+                    &item.publish.topic,
+                    &item.publish.payload,
+                    &rejection,
+                ),
+            }
+            // Subscriptions are QoS 0 or 1, so a PUBACK is the whole acknowledgement.
+            if manual_acks && item.publish.qos != QoS::AtMostOnce {
+                acks.push(PubAckRef {
+                    connection: item.connection,
+                    pkid: item.publish.pkid,
+                });
+            }
+        }
+        stats.readings.fetch_add(readings.len() as u64, Relaxed);
+        ctx.metrics.received(&source, readings.len() as u64);
+        if readings.is_empty() && acks.is_empty() {
+            continue;
+        }
+        let retry = manual_acks.then(|| readings.clone());
+        let (batch, ack) = Batch::with_ack(readings);
+        if ctx.out.send(batch).await.is_err() {
+            break;
+        }
+        let item = Pending {
+            ack,
+            acks,
+            retry,
+            messages,
+            min_mark,
+            max_mark,
+        };
+        if pending.send(item).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Counts, logs (rate-limited) and keeps (bounded) a message that gave no readings.
+pub fn reject(
+    ctx: &SourceContext,
+    source: &str,
+    stats: &SessionStats,
+    limiter: &mut KeyedLogLimiter,
+    topic: &str,
+    payload: &[u8],
+    rejection: &Rejection,
+) {
+    if !rejection.record {
+        stats.ignored.fetch_add(1, Relaxed);
+        return;
+    }
+    stats.rejected.fetch_add(1, Relaxed);
+    ctx.metrics.rejected(source, rejection.reason);
+    if let Ok(mut by_reason) = stats.rejected_by_reason.lock() {
+        *by_reason.entry(rejection.reason).or_default() += 1;
+    }
+    let rejected = stats.rejected.load(Relaxed);
+    // Per reason, so the first message of every reason is logged with its hint.
+    if let Some(suppressed) = limiter.allow(rejection.reason) {
+        tracing::warn!(
+            source,
+            topic,
+            reason = rejection.reason,
+            detail = %rejection.detail,
+            hint = crate::sources::reasons::fix_for(rejection.reason),
+            rejected,
+            suppressed,
+            "A message was rejected (logged at most once a minute per reason; all are kept: `outpost rejected`)."
+        );
+    }
+    ctx.store.record_rejected_message(
+        source,
+        rejection.reason,
+        Some(topic),
+        &rejection.detail,
+        payload,
+    );
+}
+
+/// How the acker hands PUBACKs to the session without waiting for the event loop to
+/// be polled: a committed batch's acks go through `owed`, which the poll loop drains
+/// in every state (before each poll, while paused for room, while backing off, at
+/// shutdown) and writes in one flush; one ack also goes into rumqttc's request queue
+/// (never waiting), only to wake a poll loop that is idle in `poll()`.
+pub(super) struct AckRoute {
+    pub(super) client: AsyncClient,
+    pub(super) owed: mpsc::Sender<Vec<PubAckRef>>,
+    pub(super) live_connection: Arc<AtomicU64>,
+}
+
+impl AckRoute {
+    /// `false` once the session is gone.
+    async fn send(&self, mut acks: Vec<PubAckRef>) -> bool {
+        let live = self.live_connection.load(Relaxed);
+        acks.retain(|a| a.connection == live);
+        let Some(wake) = acks.pop() else {
+            return true;
+        };
+        if !acks.is_empty() && self.owed.send(acks).await.is_err() {
+            return false;
+        }
+        let mut probe = Publish::new("", QoS::AtLeastOnce, Vec::new());
+        probe.pkid = wake.pkid;
+        // A full request queue means the poll loop is busy with it and comes round to
+        // `owed` shortly.
+        self.client.try_ack(&probe).is_ok() || self.owed.send(vec![wake]).await.is_ok()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn acker(
+    mut rx: mpsc::Receiver<Pending>,
+    route: AckRoute,
+    out: mpsc::Sender<Batch>,
+    source: String,
+    stats: Arc<SessionStats>,
+    committed_mark: Option<watch::Sender<Option<DateTime<Utc>>>>,
+    gaps: Option<mpsc::Sender<DateTime<Utc>>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut limiter = LogLimiter::new(Duration::from_secs(60));
+    while let Some(mut item) = rx.recv().await {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
+            .with_floor(Duration::from_millis(200));
+        loop {
+            match (&mut item.ack).await {
+                Ok(Ok(_)) => {
+                    stats
+                        .committed_messages
+                        .fetch_add(item.messages as u64, Relaxed);
+                    if !item.acks.is_empty() && !route.send(std::mem::take(&mut item.acks)).await {
+                        return;
+                    }
+                    if let (Some(tx), Some(mark)) = (&committed_mark, item.max_mark) {
+                        tx.send_if_modified(|current| {
+                            if current.map_or(true, |c| c < mark) {
+                                *current = Some(mark);
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                    }
+                    break;
+                }
+                // The store is closing: unacknowledged messages are redelivered later.
+                Ok(Err(StoreError::Closed)) | Err(_) => return,
+                Ok(Err(error)) => {
+                    stats.commit_failures.fetch_add(1, Relaxed);
+                    if let Some(suppressed) = limiter.allow() {
+                        tracing::warn!(source = %source, error = %error, suppressed, "A batch was not stored.");
+                    }
+                    let Some(readings) = &item.retry else {
+                        if let (Some(gaps), Some(from)) = (&gaps, item.min_mark) {
+                            let _ = gaps.try_send(from);
+                        }
+                        break;
+                    };
+                    // Not acknowledged: try the same readings again after a pause.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                    let (batch, ack) = Batch::with_ack(readings.clone());
+                    if out.send(batch).await.is_err() {
+                        return;
+                    }
+                    item.ack = ack;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::session::ACK_PIPELINE_CAPACITY;
+    use super::*;
+    use rumqttc::MqttOptions;
+
+    /// The acker never waits for the event loop: acks owed on an older connection are
+    /// dropped, one ack per batch goes into rumqttc's queue (to wake `poll()`), the
+    /// rest into the owed queue, and a full rumqttc queue sends the wake-up ack there
+    /// too.
+    #[tokio::test]
+    async fn acks_are_handed_over_without_waiting_for_the_event_loop() {
+        let options = MqttOptions::new("outpost-test", "127.0.0.1", 1883);
+        // Never polled, as when the poll loop is paused or busy.
+        let (client, _eventloop) = AsyncClient::new(options, 1);
+        let (owed_tx, mut owed) = mpsc::channel(ACK_PIPELINE_CAPACITY);
+        let live = Arc::new(AtomicU64::new(2));
+        let route = AckRoute {
+            client,
+            owed: owed_tx,
+            live_connection: live.clone(),
+        };
+        let acks = |connection: u64, ids: &[u16]| -> Vec<PubAckRef> {
+            ids.iter()
+                .map(|&pkid| PubAckRef { connection, pkid })
+                .collect()
+        };
+        let mut batch = acks(1, &[1, 2]);
+        batch.extend(acks(2, &[3, 4, 5]));
+        assert!(route.send(batch).await);
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[3, 4])));
+        assert!(owed.try_recv().is_err(), "5 went to rumqttc's queue");
+        // rumqttc's queue (capacity 1) is full now.
+        assert!(route.send(acks(2, &[6, 7])).await);
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[6])));
+        assert_eq!(owed.try_recv().ok(), Some(acks(2, &[7])));
+        // Disconnected: nothing is owed to anyone.
+        live.store(0, Relaxed);
+        assert!(route.send(acks(2, &[8])).await);
+        assert!(owed.try_recv().is_err());
+    }
+}
