@@ -19,7 +19,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use outpost::pipeline::Pipeline;
+use outpost::run::pipeline::Pipeline;
 use outpost::store::StoreOptions;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;

@@ -11,7 +11,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 use outpost::config::{Config, HumanDuration, Secret};
-use outpost::pipeline::Pipeline;
+use outpost::run::pipeline::Pipeline;
 use outpost::sources::mqtt_client::BrokerConfig;
 use outpost::sources::ttn::{SimulatedUplinks, TtnConfig};
 use outpost::sources::ttn_backfill::BackfillConfig;

@@ -118,15 +118,6 @@ fn system_now() -> DateTime<Utc> {
     }
 }
 
-/// The system clock, as [`Clock::system`] reads it.
-///
-/// To be removed: use the injected [`Clock`]. It stays only for callers outside
-/// `clock`'s branch that no `Clock` reaches yet (sources, store, health, metrics,
-/// systemd, cli, pipeline).
-pub fn now() -> DateTime<Utc> {
-    system_now()
-}
-
 /// What the test file says: the offset and, if given, the synchronisation state;
 /// `None` without [`TEST_OFFSET_ENV`], and always `None` in release builds. Re-read at
 /// most once a second.
@@ -357,28 +348,6 @@ pub async fn watch_steps_on(
         store.save_step(&step).await;
         *LAST_STEP.lock().unwrap_or_else(|p| p.into_inner()) = Some(step);
     }
-}
-
-/// The last step recorded in the database, if it is still recent at `now` (for
-/// `outpost status`, which runs in its own process).
-///
-/// To be removed: the store reads its `source_state` row itself
-/// (`store::state::read_state(conn, STEP_STATE.0, STEP_STATE.1)`) and passes the value
-/// to [`ClockStep::recent_from_json`]. Kept so `store::read` compiles until then; it
-/// reads the row with the same query as `store::state::read_state`.
-pub fn recent_step_in_store(
-    conn: &rusqlite::Connection,
-    now: DateTime<Utc>,
-) -> rusqlite::Result<Option<ClockStep>> {
-    use rusqlite::OptionalExtension;
-    let stored: Option<String> = conn
-        .query_row(
-            "SELECT value FROM source_state WHERE source = ?1 AND key = ?2",
-            rusqlite::params![STEP_STATE.0, STEP_STATE.1],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(ClockStep::recent_from_json(stored.as_deref(), now))
 }
 
 /// The file systemd-timesyncd creates once the clock is synchronised.

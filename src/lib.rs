@@ -77,13 +77,3 @@ pub mod sources;
 pub mod store;
 pub mod sync;
 pub mod tls;
-
-// TRANSITIONAL (issue 14): the modules' old paths, for code of the branches that have
-// not moved yet and for tests and benches (`outpost::pipeline::Pipeline`,
-// `outpost::status::render`). `tests/layers.rs` resolves each alias to the module it
-// names, so an import through one counts as an import of that layer. The lead removes
-// them at merge.
-#[doc(hidden)]
-pub use cli::{demo, readings, rejected, status};
-#[doc(hidden)]
-pub use run::{health, http, pipeline, systemd};

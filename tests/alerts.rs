@@ -258,11 +258,11 @@ async fn a_400_fails_permanently_and_an_expired_ttl_is_reported() {
     let expired = states.iter().find(|s| s.0 == "expired").unwrap();
     assert!(expired.2.as_deref().unwrap().contains("503"));
 
-    let report = outpost::store::status_report(agent.db()).unwrap();
+    let report = outpost::cli::status::status_report(agent.db()).unwrap();
     assert_eq!(report.alerts.notifications_expired, 1);
     assert_eq!(report.alerts.notifications_failed, 1);
     assert_eq!(report.alerts.firing.len(), 1);
-    let text = outpost::status::render(&report, "db");
+    let text = outpost::cli::status::render(&report, "db");
     assert!(text.contains("Alerts: 1 FIRING"), "{text}");
     assert!(text.contains("1 expired, 1 failed permanently"), "{text}");
     assert!(
@@ -630,7 +630,7 @@ fn demo_fires_and_resolves_its_alert_visibly() {
         fired < resolved && resolved < Duration::from_secs(30),
         "{fired:?} {resolved:?}"
     );
-    let report = outpost::store::status_report(&dir.path().join("outpost.db")).unwrap();
+    let report = outpost::cli::status::status_report(&dir.path().join("outpost.db")).unwrap();
     assert!(report.alerts.firing.is_empty());
 }
 

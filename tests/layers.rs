@@ -39,88 +39,13 @@ const LAYERS: &[(u8, &[&str])] = &[
     (10, &["cli", "fuzzing"]),
 ];
 
-/// TRANSITIONAL (issue 14): old module paths that `src/lib.rs` re-exports while other
-/// branches move; an import through an alias counts as one of the module it names.
-const ALIASES: &[(&str, &str)] = &[
-    ("status", "cli"),
-    ("readings", "cli"),
-    ("rejected", "cli"),
-    ("demo", "cli"),
-    ("health", "run"),
-    ("http", "run"),
-    ("pipeline", "run"),
-    ("systemd", "run"),
-];
+/// Old module paths re-exported by `src/lib.rs` (none: every module is imported by
+/// its own path); an import through one would count as one of the module it names.
+const ALIASES: &[(&str, &str)] = &[];
 
-/// TRANSITIONAL (issue 14): known upward imports that the branches restructuring
-/// these modules remove. The lead empties this list at merge; an entry no longer
-/// needed is reported (not failed) so it can go.
-const ALLOWED: &[(&str, &str, &str)] = &[
-    // Branch clockwork: alerts and notify stop importing each other's and higher
-    // layers' items (the aggregate Config, `notify::` from the engine, the formatting
-    // now in `display`).
-    (
-        "alerts",
-        "config",
-        "alerts/engine.rs takes the aggregate Config",
-    ),
-    ("alerts", "notify", "alerts/engine.rs calls notify"),
-    (
-        "alerts",
-        "cli",
-        "alerts/state.rs: crate::status::{age, table} -> crate::display",
-    ),
-    (
-        "notify",
-        "config",
-        "notify/outbox.rs and notify/mod.rs take the aggregate Config",
-    ),
-    (
-        "clock",
-        "store",
-        "clock.rs persists steps through store/source_state",
-    ),
-    (
-        "sync",
-        "cli",
-        "sync/central.rs: crate::cli::EXIT_CONFIG -> crate::exit::CONFIG",
-    ),
-    (
-        "sync",
-        "config",
-        "sync/central.rs, sync/mod.rs, sync/worker.rs: the aggregate Config",
-    ),
-    (
-        "tls",
-        "run",
-        "tls.rs: health_check returns crate::health::Check",
-    ),
-    (
-        "tls",
-        "config",
-        "tls.rs unit tests build a Config (crate::config::Config)",
-    ),
-    // Branch sources.
-    (
-        "sources",
-        "cli",
-        "sources/rejects.rs: crate::status::{age, table} -> crate::display",
-    ),
-    // Branch core (this one), waiting for the other branches' interfaces:
-    // `Store::cert_recorder` stays until sources, notify and sync take a `CertWatch`
-    // (clockwork's `CertWatch::recorder`), and the tests' `outpost::store::
-    // status_report` path until the harness uses `outpost::cli::status::status_report`.
-    (
-        "store",
-        "tls",
-        "store/mod.rs: Store::certs, Store::cert_recorder",
-    ),
-    (
-        "store",
-        "cli",
-        "store/mod.rs: pub use crate::cli::status::status_report",
-    ),
-];
+/// Known upward imports, each with why it is allowed (none: an entry no longer needed
+/// is reported so it can go).
+const ALLOWED: &[(&str, &str, &str)] = &[];
 
 /// One import: which module, where.
 #[derive(Debug, Clone)]

@@ -236,7 +236,7 @@ async fn a_silent_slave_does_not_slow_the_others() {
     );
     assert_eq!(state(&agent, "bus", "slave.1").unwrap()["state"], "online");
     // `outpost status` names it.
-    let report = outpost::store::status_report(agent.db()).unwrap();
+    let report = outpost::cli::status::status_report(agent.db()).unwrap();
     assert!(
         report
             .source_notes

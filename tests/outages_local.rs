@@ -311,7 +311,7 @@ fn serial_unplug_and_replug_keep_every_reading_and_show_the_port_state() {
 }
 
 /// Readings, alert events and retention across a wall clock stepped back by an hour,
-/// then forward by a day, through the test offset file (`crate::clock::now`).
+/// then forward by a day, through the test offset file (`Clock::system`).
 #[test]
 fn clock_steps_lose_nothing_and_fire_or_prune_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -110,7 +110,7 @@ async fn duplicates_by_uid_are_stored_once() {
         .unwrap();
     assert_eq!((inside.inserted, inside.duplicates), (1, 1));
     assert_eq!(count(&cfg.path), 16);
-    let report = outpost::store::status_report(&cfg.path).unwrap();
+    let report = outpost::cli::status::status_report(&cfg.path).unwrap();
     let total: i64 = report.series.iter().map(|s| s.count).sum();
     assert_eq!(total, 16, "series counts only new rows");
     drop((store, ingest.sender));

@@ -378,14 +378,14 @@ async fn wrong_password_is_reported_with_the_keys_to_fix() {
     start_sync(&mut agent, sync);
     let path = agent.db().to_path_buf();
     wait_until_async("the error in the local status", DEADLINE, async || {
-        outpost::store::status_report(&path)
+        outpost::cli::status::status_report(&path)
             .ok()
             .and_then(|r| r.sync.last_error)
             .is_some_and(|e| e.contains("refused the password"))
     })
     .await;
-    let report = outpost::store::status_report(&path).unwrap();
-    let rendered = outpost::status::render(&report, "test.db");
+    let report = outpost::cli::status::status_report(&path).unwrap();
+    let rendered = outpost::cli::status::render(&report, "test.db");
     assert!(rendered.contains("Central sync is FAILING"), "{rendered}");
     agent.shutdown().await;
 }

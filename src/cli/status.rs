@@ -1,10 +1,9 @@
 //! `outpost status`: a human summary read straight from the database, so it works
 //! whether or not the service runs (WAL readers never block the writer).
 
+use crate::clock::STEP_STATE as STEP;
 use crate::display::DisplayConfig;
-/// TRANSITIONAL (issue 14): `alerts::state` and `sources::rejects` still import these
-/// as `crate::status::{age, table}`; their home is [`crate::display`].
-pub use crate::display::{age, table};
+use crate::display::{age, table};
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde::Serialize;
@@ -61,7 +60,10 @@ pub fn report(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<StatusR
         rejections: crate::sources::rejects::summary(conn)?,
         disk_free_bytes,
         disk_full: disk_free_bytes.is_some_and(|b| b < crate::store::DISK_FULL_BELOW),
-        clock_step: crate::clock::recent_step_in_store(conn, now)?,
+        clock_step: crate::clock::ClockStep::recent_from_json(
+            crate::store::state::read_state(conn, STEP.0, STEP.1)?.as_deref(),
+            now,
+        ),
     })
 }
 

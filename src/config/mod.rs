@@ -9,6 +9,8 @@
 pub mod http;
 mod load;
 mod tables;
+#[cfg(test)]
+mod tests;
 
 pub use crate::settings::types;
 pub use crate::settings::{check_identifier, quoted, ByteSize, HumanDuration, Problems, Secret};

@@ -79,11 +79,11 @@ impl Pipeline {
     ) -> anyhow::Result<Pipeline> {
         let clock = options.clock.get_or_insert_with(Clock::system).clone();
         let (store, ingest) = Store::open(&config.storage, options).context("opening the store")?;
-        // TRANSITIONAL (issue 14): the watch still lives in the store because sources,
-        // notifiers and sync record presented certificates through
-        // `Store::cert_recorder`. Once they take a `CertWatch` (SourceContext::certs,
-        // the notify/sync constructors), this becomes `CertWatch` created here.
-        let certs = store.certs().clone();
+        // One watch for the agent: every connecting component records what its server
+        // presents here, and it saves that for `outpost status`.
+        let certs = crate::tls::CertWatch::default()
+            .saving_to(store.clone())
+            .with_clock(clock.clone());
         let metrics = crate::run::collector::metrics(&store, &certs, &clock);
         let mut pipeline = Pipeline {
             store,
@@ -116,8 +116,8 @@ impl Pipeline {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             gateway_id: self.gateway_id.clone(),
-            clock: crate::clock::Clock::system(),
-            certs: self.store.certs().clone(),
+            clock: self.clock.clone(),
+            certs: self.certs.clone(),
         };
         let name = source.name().to_string();
         let task = tokio::spawn(supervise_source(source.clone(), ctx));
@@ -431,11 +431,18 @@ async fn start_sync(
     agent: crate::config::AgentConfig,
 ) {
     let sync = sync.filter(|s| s.enabled);
-    let store = pipeline.store.clone();
+    let context = crate::sync::SyncContext {
+        gateway: agent.into(),
+        store: pipeline.store.clone(),
+        certs: pipeline.certs.clone(),
+        clock: pipeline.clock.clone(),
+    };
     pipeline
         .replace_consumer(
             "sync",
-            sync.map(|sync| move |stop| crate::sync::run(sync, agent, store, stop)),
+            sync.map(|sync| {
+                move |stop| crate::sync::run_in(sync, context, stop, std::sync::Arc::new(|_| {}))
+            }),
         )
         .await;
 }

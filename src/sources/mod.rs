@@ -266,9 +266,7 @@ impl SourceContext {
     /// Records the certificate the TLS server `peer` presents for the endpoint `label`
     /// (`sources.NAME.broker`, `sources.NAME.backfill`).
     pub fn cert_recorder(&self, label: &str, peer: &str) -> crate::tls::CertRecorder {
-        // Until `CertWatch::recorder(label, peer)` (branch clockwork) lands, the store
-        // persists the records: `self.certs.recorder(label, peer)` after the merge.
-        self.store.cert_recorder(label, peer)
+        self.certs.recorder(label, peer)
     }
 
     /// The progress stage of the source `name` (G9): the store writer records its

@@ -262,7 +262,7 @@ pub fn render_summary(rows: &[RejectionSummary], now: chrono::DateTime<chrono::U
                 r.source.clone(),
                 r.reason.clone(),
                 r.count.to_string(),
-                format!("{} ago", crate::status::age(now, r.last_at)),
+                format!("{} ago", crate::display::age(now, r.last_at)),
                 if r.hint.is_empty() {
                     "see `outpost rejected`".to_string()
                 } else {
@@ -273,7 +273,7 @@ pub fn render_summary(rows: &[RejectionSummary], now: chrono::DateTime<chrono::U
         .collect();
     format!(
         "Rejected input (`outpost rejected` lists the messages):\n{}",
-        crate::status::table(&header, &body)
+        crate::display::table(&header, &body)
     )
 }
 

@@ -26,16 +26,12 @@
 //! the stages that wait for it: no cycle can form here. `record_rejected` uses
 //! `try_send` (a busy writer skips the diagnostic row) because the MQTT worker calls it.
 
+mod clock_steps;
 mod read;
 pub mod schema;
 pub mod state;
 mod writer;
 
-/// TRANSITIONAL (issue 14): the status summary is assembled by the command line
-/// (`crate::cli::status`), which can see every component; this re-export keeps the
-/// tests' `outpost::store::status_report` path until they use
-/// `outpost::cli::status::status_report`. The lead removes it at merge.
-pub use crate::cli::status::{status_report, StatusReport};
 pub use crate::model::StoreError;
 pub use read::{
     backlog, counter, database_disk_free, disk_free_bytes, reading_from_row, series,
@@ -235,9 +231,6 @@ pub struct Store {
     ops: mpsc::Sender<WriteOp>,
     committed: watch::Receiver<i64>,
     stats: Arc<StoreStats>,
-    /// The TLS certificates the agent is configured with or shown (kept here because
-    /// every connecting component holds the store, which also saves them).
-    certs: crate::tls::CertWatch,
     /// Set by the background integrity check when it finds damage.
     damaged: watch::Receiver<Option<String>>,
     /// Every stage's progress (G9), kept here because every component holds the store.
@@ -328,7 +321,6 @@ impl Store {
                 ops: op_tx,
                 committed: committed_rx,
                 stats,
-                certs: crate::tls::CertWatch::default(),
                 damaged: damaged_rx,
                 progress,
                 clock,
@@ -349,11 +341,6 @@ impl Store {
         &self.stats
     }
 
-    /// The certificates' expiry, for `/metrics`, `/health` and the log.
-    pub fn certs(&self) -> &crate::tls::CertWatch {
-        &self.certs
-    }
-
     /// The wall clock the store stamps with ([`StoreOptions::clock`]).
     pub fn clock(&self) -> &Clock {
         &self.clock
@@ -362,13 +349,6 @@ impl Store {
     /// The progress of every stage (G9): register a stage here, evaluate stalls here.
     pub fn progress(&self) -> &Arc<crate::progress::Registry> {
         &self.progress
-    }
-
-    /// Records (and saves) the certificate the server `peer` presents to the section
-    /// `label` (`sync`, `sources.NAME.broker`, `notifiers.NAME`).
-    pub fn cert_recorder(&self, label: &str, peer: &str) -> crate::tls::CertRecorder {
-        self.certs
-            .recorder_saving_to(label, peer, Some(self.clone()))
     }
 
     /// Resolves (with the reason) if the background integrity check of a large

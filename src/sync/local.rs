@@ -8,7 +8,7 @@
 use super::postgres::{RawJson, UuidBytes};
 use crate::model::{flags, from_micros, Uid};
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
 /// The `source_state.source` under which sync keeps its state. Source names cannot
 /// contain `@`, so it never collides with a configured source.
@@ -169,21 +169,6 @@ pub fn head(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| {
         r.get(0)
     })
-}
-
-/// Unsynced readings: how many, and when the oldest was received.
-pub fn backlog(conn: &Connection) -> rusqlite::Result<(i64, Option<DateTime<Utc>>)> {
-    let rows = conn.query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
-        r.get(0)
-    })?;
-    let oldest: Option<i64> = conn
-        .query_row(
-            "SELECT received_at FROM readings WHERE synced = 0 ORDER BY id LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok((rows, oldest.map(from_micros)))
 }
 
 /// Marks readings synced. Runs on the store writer, after the central commit.
@@ -365,7 +350,7 @@ mod tests {
         mark_readings_synced(&conn, &[3, 4]).unwrap();
         let oldest = select_readings(&conn, Window::OldestFirst { after: 0 }, 0, 3).unwrap();
         assert_eq!(oldest.ids, [1, 2, 5]);
-        assert_eq!(backlog(&conn).unwrap().0, 8);
+        assert_eq!(crate::store::backlog(&conn).unwrap().rows, 8);
         assert_eq!(head(&conn).unwrap(), 10);
     }
 

@@ -25,7 +25,6 @@
 //! (the `outpost.gateways` row).
 
 pub mod central;
-mod clock_hold;
 pub mod heartbeat;
 pub mod local;
 pub mod postgres;
@@ -426,35 +425,6 @@ mod tests {
             check(json!({"url": "postgres://u@h/d", "sslmode": "disable", "ca_file": garbage}));
         assert_eq!(keys(&problems), ["sync.ca_file"]);
         assert!(problems[0].1.contains("only used"), "{problems:?}");
-    }
-
-    #[test]
-    fn the_config_file_reports_sync_problems_with_lines_and_reads_password_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("db-password");
-        std::fs::write(&secret, "s3cret\n").unwrap();
-        let path = dir.path().join("outpost.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[agent]\ngateway_id = \"gw-1\"\n[sync]\nurl = \"postgres://outpost@db.example/fleet\"\n\
-                 password_file = \"{}\"\nsslmode = \"verify-maybe\"\n",
-                secret.display()
-            ),
-        )
-        .unwrap();
-        let errors = crate::config::Config::load(&path).unwrap_err().to_string();
-        assert!(errors.contains("outpost.toml:6: sync.sslmode"), "{errors}");
-
-        let text = std::fs::read_to_string(&path)
-            .unwrap()
-            .replace("verify-maybe", "disable");
-        std::fs::write(&path, text).unwrap();
-        let config = crate::config::Config::load(&path).unwrap();
-        let sync = config.sync.clone().expect("[sync] was given");
-        assert_eq!(sync.password.as_ref().map(|p| p.expose()), Some("s3cret"));
-        assert_eq!(sync.sslmode, SslMode::Disable);
-        assert!(!config.to_redacted_toml().contains("s3cret"));
     }
 
     #[test]

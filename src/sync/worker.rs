@@ -104,9 +104,8 @@ pub type SyncObserver = std::sync::Arc<dyn Fn(&SyncEvent) + Send + Sync>;
 /// Runs the sync worker until `shutdown` is cancelled. An upload in flight at shutdown
 /// is abandoned: it was not marked, so it is retried (and deduplicated) next time.
 ///
-/// Central's certificate is recorded in the store's certificate watch and the system
-/// clock is used: to be replaced by [`run_in`] once the caller has a `CertWatch` to
-/// pass (the store no longer carries one after the merge).
+/// Central's certificate is recorded in a watch of its own and the system clock is
+/// used (tests, benchmarks); the agent passes its own with [`run_in`].
 pub async fn run(
     config: SyncConfig,
     gateway: impl Into<Gateway>,
@@ -133,7 +132,7 @@ pub async fn run_observed(
 ) {
     let context = SyncContext {
         gateway: gateway.into(),
-        certs: store.certs().clone().saving_to(store.clone()),
+        certs: crate::tls::CertWatch::default().saving_to(store.clone()),
         store,
         clock: Clock::system(),
     };
@@ -364,7 +363,10 @@ impl Worker {
     }
 
     async fn heartbeat(&mut self) -> Result<(), SyncError> {
-        let (rows, oldest) = self.read(local::backlog).await?;
+        let crate::store::BacklogSummary {
+            rows,
+            oldest_received_at: oldest,
+        } = self.read(crate::store::backlog).await?;
         let hb = Heartbeat {
             gateway_id: self.gateway_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -28,7 +28,7 @@ pub use watch::{
 pub use x509::{inspect_file, parse_certificate, CertInfo, Expiry, ParsedCert, WARN_DAYS};
 
 #[cfg(test)]
-mod test_support {
+pub(crate) mod test_support {
     use chrono::{DateTime, Utc};
 
     /// A self-signed certificate for `cn` expiring at `not_after`.

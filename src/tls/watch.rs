@@ -115,22 +115,6 @@ impl CertWatch {
         }
     }
 
-    /// [`CertWatch::recorder`], saving to `store` whatever this watch does.
-    ///
-    /// To be removed with `Store::cert_recorder` (its only caller): components get a
-    /// [`CertWatch`] that saves, and ask it for recorders.
-    pub fn recorder_saving_to(
-        &self,
-        label: &str,
-        peer: &str,
-        store: Option<crate::store::Store>,
-    ) -> CertRecorder {
-        CertRecorder {
-            store,
-            ..self.recorder(label, peer)
-        }
-    }
-
     /// Every recorded certificate: configured files, then servers' chains.
     pub fn snapshot(&self) -> Vec<(String, CertInfo)> {
         let watched = self.lock();
@@ -595,7 +579,6 @@ mod tests {
     use super::super::config::webpki_verifier;
     use super::super::test_support::{at, cert_expiring};
     use super::*;
-    use crate::config::Config;
 
     #[test]
     fn a_rejected_server_chain_is_still_recorded_under_its_section() {
@@ -658,31 +641,6 @@ mod tests {
     }
 
     #[test]
-    fn every_section_that_connects_to_a_server_has_a_label() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("outpost.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[storage]\npath = \"{db}\"\n\
-                 [[sources]]\ntype = \"chirpstack\"\nname = \"cs\"\napplication_id = \"app\"\n\
-                 [sources.broker]\nhost = \"localhost\"\n\
-                 [sync]\nurl = \"postgres://outpost@central/fleet\"\n\
-                 [[notifiers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"https://h.example/x\"\n\
-                 [[notifiers]]\nname = \"journal\"\ntype = \"log\"\n",
-                db = dir.path().join("o.db").display()
-            ),
-        )
-        .unwrap();
-        let config = Config::load(&config).unwrap();
-        let labels: Vec<String> = server_labels(&config.tls_endpoints()).into_iter().collect();
-        assert_eq!(labels, ["notifiers.hook", "sources.cs.broker", "sync"]);
-        assert_eq!(url_peer("https://h.example/x"), "h.example:443");
-        assert_eq!(url_peer("http://10.0.0.2:8080/x"), "10.0.0.2:8080");
-        assert_eq!(url_peer("not a url"), "not a url");
-    }
-
-    #[test]
     fn a_file_reports_its_earliest_certificate() {
         let dir = tempfile::tempdir().unwrap();
         let (late, _) = cert_expiring(at("2040-01-01T00:00:00Z"), "late");
@@ -713,55 +671,6 @@ mod tests {
         // A reload without the key forgets it.
         watch.record_all(&[]);
         assert!(watch.snapshot().is_empty());
-    }
-
-    #[test]
-    fn configured_files_are_labelled_by_their_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let pem = dir.path().join("ca.pem");
-        let (cert, key) = cert_expiring(at("2040-01-01T00:00:00Z"), "ca");
-        std::fs::write(&pem, cert.pem()).unwrap();
-        let key_path = dir.path().join("key.pem");
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        let config = dir.path().join("outpost.toml");
-        let p = pem.display();
-        std::fs::write(
-            &config,
-            format!(
-                "[storage]\npath = \"{db}\"\n\
-                 [[sources]]\ntype = \"mqtt\"\nname = \"local\"\ntopics = [\"s/+/json\"]\n\
-                 device_segment = 1\n[sources.broker]\nhost = \"127.0.0.1\"\nca_file = \"{p}\"\n\
-                 client_cert_file = \"{p}\"\nclient_key_file = \"{k}\"\n\
-                 [sync]\nurl = \"postgres://u@h/d\"\nca_file = \"{p}\"\n",
-                db = dir.path().join("o.db").display(),
-                k = key_path.display(),
-            ),
-        )
-        .unwrap();
-        let config = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
-        let labels: Vec<String> = configured_cert_files(&config.tls_endpoints())
-            .into_iter()
-            .map(|(label, path)| {
-                assert_eq!(path, pem);
-                label
-            })
-            .collect();
-        assert_eq!(
-            labels,
-            [
-                "sources.local.broker.ca_file",
-                "sources.local.broker.client_cert_file",
-                "sync.ca_file"
-            ]
-        );
-        let status = status_of(&config.tls_endpoints(), at("2039-12-22T00:00:00Z"));
-        assert!(status.iter().all(|s| s.state == "expiring"), "{status:?}");
-        assert_eq!(status_lines(&status).len(), 3);
-        assert!(status_lines(&status_of(
-            &config.tls_endpoints(),
-            at("2030-01-01T00:00:00Z")
-        ))
-        .is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,13 +2,11 @@
 //! (G8): readings stamped while the clock was not synchronised move with each step and
 //! are marked corrected once it is, so sync sends them without waiting for
 //! `clock_hold_max`; the last step is kept in `source_state` for `outpost status`.
-//!
-//! It lives beside sync's clock hold because that is what it serves; its home is the
-//! store (local DDL and readings), where it can move without changing a caller.
+//! Sync's clock hold (`sync.clock_hold_max`) is what the marks serve.
 
+use super::Store;
 use crate::clock::{ClockStep, StepStore, StepWindow, STEP_STATE};
 use crate::model::flags::{CLOCK_CORRECTED, CLOCK_UNSYNCED};
-use crate::store::Store;
 
 impl StepStore for Store {
     fn newest_committed(&self) -> i64 {
