@@ -45,6 +45,26 @@ fn start(data: &Path, body: &str, clock: outpost::clock::Clock) -> InProcessAgen
     agent
 }
 
+/// [`start`], with the engine spawned apart so the test can abort it: a crash of the
+/// engine between two saves (its unsaved decisions are lost, the readings are not).
+fn start_abortable(data: &Path, body: &str) -> (InProcessAgent, tokio::task::JoinHandle<()>) {
+    let config = load(data, body);
+    let mut agent = InProcessAgent::open_in(tempfile::tempdir().unwrap(), &config.storage);
+    let alerting = outpost::run::alerting::spawn_tasks(
+        &config,
+        agent.store(),
+        outpost::tls::CertWatch::default().saving_to(agent.store().clone()),
+        agent.shutdown_token(),
+        outpost::clock::Clock::system(),
+    )
+    .unwrap();
+    if let Some(outbox) = alerting.outbox {
+        agent.spawn(outbox);
+    }
+    let engine = tokio::spawn(alerting.engine.expect("an engine"));
+    (agent, engine)
+}
+
 fn reading(value: f64, observed_at: DateTime<Utc>) -> Reading {
     Reading {
         uid: Uid::derive(&[
@@ -172,6 +192,51 @@ async fn a_cumulative_rule_keeps_its_tally_across_a_restart() {
     assert_eq!(
         ev[1].1,
         "above 8 °C for 30m in total within 1day (now 9m out of range, 23h 41m unknown)"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_saves_re_evaluates_from_the_saved_cursor() {
+    let data = tempfile::tempdir().unwrap();
+    let t0 = Utc::now() - chrono::Duration::hours(3);
+    let (agent, engine) = start_abortable(data.path(), TOTAL_30M);
+    agent
+        .wait_for("the engine's starting point", |a| {
+            a.count("SELECT COUNT(*) FROM source_state WHERE source = 'alerts'") == 1
+        })
+        .await;
+    for m in [0, 10, 20] {
+        agent.ingest(vec![reading(9.0, t0 + minutes(m))]).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        agent.count("SELECT COUNT(*) FROM alert_tallies"),
+        0,
+        "no transition yet: nothing saved before the crash"
+    );
+    engine.abort();
+    let _ = engine.await;
+    agent.shutdown().await;
+
+    // The next start evaluates the three readings again from the saved cursor, once.
+    let agent = start(data.path(), TOTAL_30M, outpost::clock::Clock::system());
+    agent.ingest(vec![reading(9.0, t0 + minutes(25))]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        events(&agent).is_empty(),
+        "25 minutes: {:?}",
+        events(&agent)
+    );
+    agent.ingest(vec![reading(9.0, t0 + minutes(30))]).await;
+    wait_events(&agent, 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        events(&agent),
+        vec![(
+            "firing".to_string(),
+            "above 8 °C for 30m in total within 1day (now 30m out of range)".to_string()
+        )]
     );
     agent.shutdown().await;
 }
