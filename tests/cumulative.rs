@@ -475,6 +475,36 @@ fn bad_cumulative_rules_and_presets_are_refused_with_clear_errors() {
             "[[alerts]]\npreset = \"food-freezer\"\nname = \"v\"\n\n[[alerts]]\nname = \"v:high\"\nkind = \"stale\"\nmetric = \"temperature\"\nafter = \"1h\"\n".into(),
             "the rule name \"v:high\" is also used by alerts[0]",
         ),
+        (rule("total = 5\nwithin = \"24h\""), "alerts[0].total:"),
+        (rule("count = \"three\"\nwithin = \"24h\""), "alerts[0].count:"),
+        (
+            rule("total = \"1h\"\nwithin = \"30s\""),
+            "alerts[0].within: must be between 1m and 31d, found 30s",
+        ),
+        (
+            rule("total = \"1h\"\nwithin = \"24h\"\nmax_gap = \"8d\""),
+            "alerts[0].max_gap: must be between 1s and 7d, found 8days",
+        ),
+        (
+            rule("total = \"0s\"\nwithin = \"24h\""),
+            "alerts[0].total: must be at least 1s",
+        ),
+        (
+            "[[alerts]]\npreset = 5\nname = \"v\"\n".into(),
+            "alerts[0].preset:",
+        ),
+        (
+            "[[alerts]]\npreset = \"vaccine-fridge\"\nname = \"'; DROP TABLE alert_spans; --\"\n".into(),
+            "alerts[0].name:",
+        ),
+        (
+            "[[alerts]]\npreset = \"vaccine-fridge\"\nname = \"v\"\nfor = \"-1m\"\n".into(),
+            "alerts[0].for:",
+        ),
+        (
+            "[[alerts]]\npreset = \"vaccine-fridge\"\nname = \"v\"\nbelow = 9.0\n".into(),
+            "alerts[0].below: the lower limit 9 is not below the upper limit 8",
+        ),
         (
             format!("[[alerts]]\npreset = \"{}\"\nname = \"v\"\n", "x".repeat(100_000)),
             "alerts[0].preset: unknown preset \"xxxxxxxx",

@@ -170,6 +170,16 @@ pub fn expand_table(table: Value, path: &str, problems: &mut Problems) -> Option
         );
         return None;
     }
+    let high = entry.above.unwrap_or(preset.high);
+    if let Some(low) = entry.below.or(preset.low) {
+        if low.is_finite() && high.is_finite() && low >= high {
+            problems.push(
+                format!("{path}.below"),
+                format!("the lower limit {low} is not below the upper limit {high}"),
+            );
+            return None;
+        }
+    }
     Some(expand(&entry, preset))
 }
 
