@@ -122,8 +122,16 @@ fn minutes(m: i64) -> chrono::Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cumulative_rule_keeps_its_tally_across_a_restart() {
     let data = tempfile::tempdir().unwrap();
+    // The events also go to a real webhook receiver: one firing, one resolved.
+    let receiver = support::HttpReceiver::start();
+    let config = format!(
+        "{TOTAL_30M}notifiers = [\"hook\"]\n\n[[notifiers]]\nname = \"hook\"\ntype = \"webhook\"\n\
+         url = \"{}/alerts\"\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n",
+        receiver.url()
+    );
+    let config = config.as_str();
     let t0 = Utc::now() - chrono::Duration::hours(3);
-    let agent = start(data.path(), TOTAL_30M, outpost::clock::Clock::system());
+    let agent = start(data.path(), config, outpost::clock::Clock::system());
     // 20 minutes out of range, then the agent stops.
     for m in [0, 10, 20] {
         agent.ingest(vec![reading(9.0, t0 + minutes(m))]).await;
@@ -138,7 +146,7 @@ async fn a_cumulative_rule_keeps_its_tally_across_a_restart() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     agent.shutdown().await;
 
-    let agent = start(data.path(), TOTAL_30M, outpost::clock::Clock::system());
+    let agent = start(data.path(), config, outpost::clock::Clock::system());
     assert_eq!(
         agent.count("SELECT COUNT(*) FROM alert_tallies"),
         1,
@@ -169,7 +177,7 @@ async fn a_cumulative_rule_keeps_its_tally_across_a_restart() {
     agent.ingest(vec![reading(5.0, t0 + minutes(40))]).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     agent.shutdown().await;
-    let agent = start(data.path(), TOTAL_30M, outpost::clock::Clock::system());
+    let agent = start(data.path(), config, outpost::clock::Clock::system());
     agent.ingest(vec![reading(5.0, t0 + minutes(50))]).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(
@@ -193,6 +201,20 @@ async fn a_cumulative_rule_keeps_its_tally_across_a_restart() {
         ev[1].1,
         "above 8 °C for 30m in total within 1day (now 9m out of range, 23h 41m unknown)"
     );
+    let requests = receiver
+        .wait_for_requests_async(2, std::time::Duration::from_secs(30))
+        .await;
+    let sent: Vec<(String, String)> = requests
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_str(&r.body_str()).unwrap();
+            (
+                body["kind"].as_str().unwrap().to_string(),
+                body["condition"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(sent, ev, "the webhook got each event once");
     agent.shutdown().await;
 }
 
