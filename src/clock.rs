@@ -92,6 +92,11 @@ impl Clock {
         }))
     }
 
+    /// Wall time from `now` (tests that step the clock of an in-process agent).
+    pub fn from_fn(now: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Clock {
+        Clock(std::sync::Arc::new(now))
+    }
+
     pub fn now(&self) -> DateTime<Utc> {
         (self.0)()
     }

@@ -14,15 +14,17 @@
 //! engine nor the feeder, and the feeder waits only for the engine, so no wait depends
 //! on itself.
 
+use super::cumulative::{self, Measure, Recorded, Tally, TallyRow, TallySave};
 use super::state::{self, Changes, NewEvent, Phase, SeenSeries, StateChange, StateRow};
 use super::{
-    AlertEvent, AlertRule, Clock, CompiledRule, Condition, Direction, EventKind, MAX_RATE_SAMPLES,
+    AlertEvent, AlertRule, Clock, CompiledRule, Condition, CumulativeLimit, Direction, EventKind,
+    MAX_RATE_SAMPLES,
 };
 use crate::model::{to_micros, Reading, Uid};
 use crate::ratelimit::LogLimiter;
 use crate::store::Store;
 use chrono::{DateTime, Utc};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -66,6 +68,10 @@ struct Series {
     /// Rate rules after a clock step: no decision before this agent time, while the
     /// window refills with readings stamped after the step.
     rate_hold_until: Option<DateTime<Utc>>,
+    /// Cumulative rules: the window's spans and excursions, and what it held at the
+    /// last reading (shown in the events).
+    tally: Option<Tally>,
+    measure: Option<Measure>,
 }
 
 impl Series {
@@ -80,6 +86,8 @@ impl Series {
             last_notified: None,
             window: VecDeque::new(),
             rate_hold_until: None,
+            tally: None,
+            measure: None,
         }
     }
 }
@@ -94,6 +102,12 @@ pub struct Engine {
     /// in their own uid, so two transitions of one series evaluated at the same `now`
     /// (a backlog caught up in one batch) stay two events.
     trigger: Option<Uid>,
+    /// Cumulative series whose tally changed since it was last taken for saving, and
+    /// tallies of removed or changed rules to delete.
+    dirty_tallies: BTreeSet<(usize, String)>,
+    tally_deletes: Vec<TallySave>,
+    /// A clock step moved tallies: save them without waiting for the cursor's turn.
+    tallies_urgent: bool,
 }
 
 fn elapsed(now: DateTime<Utc>, since: DateTime<Utc>) -> Duration {
@@ -108,6 +122,9 @@ impl Engine {
             context,
             changes: Changes::default(),
             trigger: None,
+            dirty_tallies: BTreeSet::new(),
+            tally_deletes: Vec::new(),
+            tallies_urgent: false,
         }
     }
 
@@ -182,6 +199,67 @@ impl Engine {
         }
     }
 
+    /// Takes back the saved tallies of cumulative rules; those of rules that no longer
+    /// exist (removed or changed) are deleted with the next save.
+    pub fn restore_tallies(&mut self, rows: Vec<TallyRow>, now: DateTime<Utc>) {
+        for row in rows {
+            let i = self.rules.iter().position(|r| {
+                r.key == row.rule_key && matches!(r.condition, Condition::Cumulative { .. })
+            });
+            let Some(i) = i else {
+                self.tally_deletes.push(TallySave {
+                    rule_key: row.rule_key,
+                    device: row.device,
+                    metric: row.metric,
+                    tally: None,
+                });
+                continue;
+            };
+            let s = self
+                .series
+                .entry((i, row.device))
+                .or_insert_with(|| Series::new(&row.metric, now));
+            s.tally = Some(row.tally);
+        }
+    }
+
+    /// The tallies to save with the cursor (changed ones and deletions); see
+    /// [`Engine::retry_tallies`] when the save fails.
+    pub fn take_tallies(&mut self) -> Vec<TallySave> {
+        self.tallies_urgent = false;
+        let mut out = std::mem::take(&mut self.tally_deletes);
+        for key in std::mem::take(&mut self.dirty_tallies) {
+            let (Some(s), Some(rule)) = (self.series.get(&key), self.rules.get(key.0)) else {
+                continue;
+            };
+            out.push(TallySave {
+                rule_key: rule.key.clone(),
+                device: key.1.clone(),
+                metric: s.metric.clone(),
+                tally: s.tally.clone(),
+            });
+        }
+        out
+    }
+
+    /// A save of `taken` failed: they are taken again (as they are then) next time.
+    pub fn retry_tallies(&mut self, taken: Vec<TallySave>) {
+        for t in taken {
+            match self.rules.iter().position(|r| r.key == t.rule_key) {
+                Some(i) if t.tally.is_some() => {
+                    self.dirty_tallies.insert((i, t.device));
+                }
+                _ => self.tally_deletes.push(t),
+            }
+        }
+        self.tallies_urgent = true;
+    }
+
+    /// Whether tallies must be saved now (after a clock step), not with the cursor.
+    pub fn tallies_urgent(&self) -> bool {
+        self.tallies_urgent
+    }
+
     /// The wall clock was stepped by `step` (positive: forward; see [`crate::clock`]).
     /// The agent times the timers count from (pending `for`, stale, reminders) move
     /// with it, so a step neither fires nor delays them: durations keep following the
@@ -200,6 +278,15 @@ impl Engine {
                 s.window.clear();
                 s.rate_hold_until =
                     Some(now + chrono::Duration::from_std(period).unwrap_or_default());
+            }
+            if let (Condition::Cumulative { max_gap, .. }, Some(tally)) =
+                (&self.rules[key.0].condition, s.tally.as_mut())
+            {
+                // Readings stamped after the step may follow it for one `max_gap`.
+                let until = now + chrono::Duration::from_std(*max_gap).unwrap_or_default();
+                tally.clock_stepped(step, until);
+                self.dirty_tallies.insert(key.clone());
+                self.tallies_urgent = true;
             }
             if s.phase.is_some() {
                 changed.push(key.clone());
@@ -269,6 +356,39 @@ impl Engine {
                     }
                     s.rate_hold_until = None;
                     self.evaluate(&key, direction, change, delta, clear, hold, r.value, now);
+                }
+                Condition::Cumulative {
+                    direction,
+                    level,
+                    clear,
+                    limit,
+                    within,
+                    max_gap,
+                } => {
+                    let tally = s.tally.get_or_insert_with(Tally::default);
+                    let out = direction.breaches(r.value, level);
+                    let ends = direction.clears(r.value, clear);
+                    if tally.record(r.observed_at, out, ends, within, max_gap, now)
+                        == Recorded::OutOfOrder
+                    {
+                        continue;
+                    }
+                    let m = tally.measure(within);
+                    let reached = match limit {
+                        CumulativeLimit::Total(total) => m.out >= total,
+                        CumulativeLimit::Count(n) => m.excursions >= n,
+                    };
+                    s.value = Some(r.value);
+                    s.measure = Some(m);
+                    self.dirty_tallies.insert(key.clone());
+                    match (s.phase, reached) {
+                        (None | Some(Phase::Pending), true) => {
+                            s.since = now;
+                            self.fire(&key, now);
+                        }
+                        (Some(Phase::Firing), false) => self.resolve(&key, now),
+                        _ => {}
+                    }
                 }
                 Condition::Stale { .. } => {
                     if s.phase == Some(Phase::Firing) {
@@ -438,6 +558,13 @@ impl Engine {
             &to_micros(now).to_string(),
             &trigger,
         ]);
+        let mut condition = rule.describe(
+            s.unit.as_deref(),
+            self.context.display.precision_of(&s.metric),
+        );
+        if let (Condition::Cumulative { limit, .. }, Some(m)) = (&rule.condition, s.measure) {
+            condition.push_str(&cumulative::describe_measure(*limit, m));
+        }
         let event = AlertEvent {
             uid: uid.to_hex(),
             kind,
@@ -450,10 +577,7 @@ impl Engine {
             value: s.value,
             unit: s.unit.clone(),
             threshold: rule.threshold(),
-            condition: rule.describe(
-                s.unit.as_deref(),
-                self.context.display.precision_of(&s.metric),
-            ),
+            condition,
             precision: self.context.display.precision_of(&s.metric),
             since: s.since,
             at: now,
@@ -564,6 +688,18 @@ async fn run_engine(
         }
     };
     engine.restore(loaded.states, loaded.seen, clock.now());
+    match read(&store, cumulative::load).await {
+        Ok(tallies) => engine.restore_tallies(tallies, clock.now()),
+        Err(e) => {
+            // Starting with empty tallies would forget excursion time: stop instead, as
+            // for the alert state above.
+            tracing::error!(
+                error = format!("{e:#}"),
+                "Cannot load the tallies of cumulative rules: ALERTS ARE NOT EVALUATED."
+            );
+            return;
+        }
+    }
     for (rule, device, metric, period) in engine.rate_series() {
         let since = clock.now() - chrono::Duration::from_std(period).unwrap_or_default();
         let (d, m) = (device.clone(), metric);
@@ -690,15 +826,23 @@ async fn run_engine(
         }
         let cursor_due = saved_cursor != Some(position)
             && (last_save.elapsed() >= CURSOR_SAVE_INTERVAL || !open);
-        if !unsaved.is_empty() || cursor_due {
+        if !unsaved.is_empty() || cursor_due || engine.tallies_urgent() {
             let changes = unsaved.clone();
             let (ttl, now) = (ttl.clone(), clock.now());
             let events = changes.events.len();
+            // Cumulative tallies as they are at `position`: saved with it, so a restart
+            // neither counts a reading twice nor loses one.
+            let tallies = Arc::new(engine.take_tallies());
+            let saving = tallies.clone();
             let result = store
                 .write(move |conn| {
-                    state::apply(conn, &changes, Some(position), &ttl, DEFAULT_TTL, now)
+                    state::apply(conn, &changes, Some(position), &ttl, DEFAULT_TTL, now)?;
+                    cumulative::save(conn, &saving, now)
                 })
                 .await;
+            if result.is_err() {
+                engine.retry_tallies(Arc::try_unwrap(tallies).unwrap_or_else(|t| (*t).clone()));
+            }
             match result {
                 Ok(()) => {
                     unsaved = Changes::default();

@@ -3,6 +3,9 @@
 //!
 //! - [`engine`]: the state machine (ok → pending → firing → resolved) per rule and
 //!   series, driven by committed readings and a periodic tick.
+//! - [`cumulative`]: the tally of cumulative rules (time out of range and excursions
+//!   within a sliding window), kept with the engine's cursor.
+//! - [`presets`]: `preset = "vaccine-fridge"` and the like, expanded to ordinary rules.
 //! - [`state`]: its persistence in SQLite: alert state, the engine's reading cursor,
 //!   events and their outbox rows, and the summary behind `outpost status`.
 //!
@@ -17,7 +20,9 @@
 //!   keyed by a hash of the rule's condition and scope ([`AlertRule::key`]), so editing
 //!   severity, notifiers or reminders does not reset an alert.
 
+pub mod cumulative;
 pub mod engine;
+pub mod presets;
 pub mod state;
 
 use crate::model::Uid;
@@ -36,8 +41,9 @@ pub struct AlertRule {
     /// A unique name, shown in notifications and `outpost status` (letters, digits,
     /// `.`, `_`, `-`, `:`).
     pub name: String,
-    /// `threshold` (with `above` or `below`), `stale` (with `after`) or `rate` (with
-    /// `delta` and `period`).
+    /// `threshold` (with `above` or `below`), `stale` (with `after`), `rate` (with
+    /// `delta` and `period`) or `cumulative` (with `above` or `below`, `total` or
+    /// `count`, and `within`).
     pub kind: RuleKind,
     /// Device ids this rule watches; globs like `coldroom-*` work. Default: all.
     #[serde(default = "default_devices")]
@@ -74,6 +80,20 @@ pub struct AlertRule {
     /// rate: the window the change is measured over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub period: Option<HumanDuration>,
+    /// cumulative: fire when the time out of range within `within` reaches this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<HumanDuration>,
+    /// cumulative: fire when the number of distinct excursions within `within` reaches
+    /// this (instead of `total`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// cumulative: the sliding window, ending at the series' newest reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within: Option<HumanDuration>,
+    /// cumulative: readings further apart than this leave the time between them
+    /// unknown (counted neither in nor out of range). Default: 1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_gap: Option<HumanDuration>,
     /// `critical`, `warning` or `info`; shown in notifications.
     #[serde(default)]
     pub severity: Severity,
@@ -96,6 +116,18 @@ pub enum RuleKind {
     Threshold,
     Stale,
     Rate,
+    Cumulative,
+}
+
+impl RuleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::Threshold => "threshold",
+            RuleKind::Stale => "stale",
+            RuleKind::Rate => "rate",
+            RuleKind::Cumulative => "cumulative",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -130,13 +162,24 @@ impl AlertRule {
     /// The hash that keys this rule's persisted state: everything that decides *whether*
     /// the alert holds (kind, scope, levels, durations), not who is told or how often.
     pub fn key(&self) -> String {
-        let identity = serde_json::json!({
+        let mut identity = serde_json::json!({
             "name": self.name, "kind": self.kind, "devices": self.devices, "tags": self.tags,
             "metric": self.metric, "above": self.above, "below": self.below, "clear": self.clear,
             "for": self.hold.map(|d| d.get().as_millis() as u64),
             "after": self.after.map(|d| d.get().as_millis() as u64),
             "delta": self.delta, "period": self.period.map(|d| d.get().as_millis() as u64),
         });
+        // Only when set, so the keys of the older kinds (and their saved state) stay.
+        for (key, value) in [
+            ("total", self.total.map(|d| d.get().as_millis() as u64)),
+            ("count", self.count.map(u64::from)),
+            ("within", self.within.map(|d| d.get().as_millis() as u64)),
+            ("max_gap", self.max_gap.map(|d| d.get().as_millis() as u64)),
+        ] {
+            if let (Some(v), Some(map)) = (value, identity.as_object_mut()) {
+                map.insert(key.into(), v.into());
+            }
+        }
         Uid::derive(&["alert-rule", &identity.to_string()]).to_hex()
     }
 
@@ -218,37 +261,30 @@ impl AlertRule {
                 );
             }
         };
+        if self.kind != RuleKind::Cumulative {
+            for (key, set) in [
+                ("total", self.total.is_some()),
+                ("count", self.count.is_some()),
+                ("within", self.within.is_some()),
+                ("max_gap", self.max_gap.is_some()),
+            ] {
+                not_for(key, set, self.kind.as_str());
+            }
+        }
         match self.kind {
+            RuleKind::Cumulative => {
+                not_for("after", self.after.is_some(), "cumulative");
+                not_for("delta", self.delta.is_some(), "cumulative");
+                not_for("period", self.period.is_some(), "cumulative");
+                not_for("for", self.hold.is_some(), "cumulative");
+                self.check_side(path, "cumulative", problems);
+                cumulative::validate(self, path, problems);
+            }
             RuleKind::Threshold => {
                 not_for("after", self.after.is_some(), "threshold");
                 not_for("delta", self.delta.is_some(), "threshold");
                 not_for("period", self.period.is_some(), "threshold");
-                match (self.above, self.below) {
-                    (None, None) => problems.push(
-                        format!("{path}.above"),
-                        "a threshold rule needs `above` or `below`",
-                    ),
-                    (Some(_), Some(_)) => problems.push(
-                        format!("{path}.below"),
-                        "set either `above` or `below`, not both (write two rules)",
-                    ),
-                    (Some(above), None) => {
-                        if let Some(clear) = self.clear.filter(|c| *c > above) {
-                            problems.push(
-                                format!("{path}.clear"),
-                                format!("clear level {clear} is above the alert level {above}: with `above`, the alert resolves at or below `clear`, so it must not be higher"),
-                            );
-                        }
-                    }
-                    (None, Some(below)) => {
-                        if let Some(clear) = self.clear.filter(|c| *c < below) {
-                            problems.push(
-                                format!("{path}.clear"),
-                                format!("clear level {clear} is below the alert level {below}: with `below`, the alert resolves at or above `clear`, so it must not be lower"),
-                            );
-                        }
-                    }
-                }
+                self.check_side(path, "threshold", problems);
             }
             RuleKind::Stale => {
                 for (key, set) in [
@@ -311,6 +347,38 @@ impl AlertRule {
     }
 }
 
+impl AlertRule {
+    /// `above` or `below` (one of them) and a `clear` on the right side of it.
+    fn check_side(&self, path: &str, kind: &str, problems: &mut Problems) {
+        match (self.above, self.below) {
+            (None, None) => problems.push(
+                format!("{path}.above"),
+                format!("a {kind} rule needs `above` or `below`"),
+            ),
+            (Some(_), Some(_)) => problems.push(
+                format!("{path}.below"),
+                "set either `above` or `below`, not both (write two rules)",
+            ),
+            (Some(above), None) => {
+                if let Some(clear) = self.clear.filter(|c| *c > above) {
+                    problems.push(
+                        format!("{path}.clear"),
+                        format!("clear level {clear} is above the alert level {above}: with `above`, the alert resolves at or below `clear`, so it must not be higher"),
+                    );
+                }
+            }
+            (None, Some(below)) => {
+                if let Some(clear) = self.clear.filter(|c| *c < below) {
+                    problems.push(
+                        format!("{path}.clear"),
+                        format!("clear level {clear} is below the alert level {below}: with `below`, the alert resolves at or above `clear`, so it must not be lower"),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Which side of a level is the alert side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -353,6 +421,24 @@ pub enum Condition {
         period: Duration,
         hold: Duration,
     },
+    /// Fires when the window's time out of range reaches `limit` (or its excursions
+    /// reach a count); resolves when it falls back under.
+    Cumulative {
+        direction: Direction,
+        level: f64,
+        /// Where an excursion ends (the alert level unless `clear` is set).
+        clear: f64,
+        limit: CumulativeLimit,
+        within: Duration,
+        max_gap: Duration,
+    },
+}
+
+/// What a cumulative rule counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CumulativeLimit {
+    Total(Duration),
+    Count(u32),
 }
 
 /// A rule compiled for evaluation: globs built, condition resolved, state key computed.
@@ -403,6 +489,41 @@ impl CompiledRule {
                     ))
                 }
             },
+            RuleKind::Cumulative => {
+                let (direction, level) = match (def.above, def.below) {
+                    (Some(level), None) => (Direction::Above, level),
+                    (None, Some(level)) => (Direction::Below, level),
+                    _ => {
+                        return Err(format!(
+                            "{}: set exactly one of `above` and `below`",
+                            def.name
+                        ))
+                    }
+                };
+                let limit = match (def.total, def.count) {
+                    (Some(total), None) => CumulativeLimit::Total(total.get()),
+                    (None, Some(count)) => CumulativeLimit::Count(count),
+                    _ => {
+                        return Err(format!(
+                            "{}: set exactly one of `total` and `count`",
+                            def.name
+                        ))
+                    }
+                };
+                Condition::Cumulative {
+                    direction,
+                    level,
+                    clear: def.clear.unwrap_or(level),
+                    limit,
+                    within: def
+                        .within
+                        .ok_or_else(|| format!("{}: `within` is missing", def.name))?
+                        .get(),
+                    max_gap: def
+                        .max_gap
+                        .map_or(cumulative::DEFAULT_MAX_GAP, HumanDuration::get),
+                }
+            }
             RuleKind::Stale => Condition::Stale {
                 after: def
                     .after
@@ -487,6 +608,31 @@ impl CompiledRule {
             Condition::Stale { after } => {
                 format!("no reading for {}", humantime::format_duration(*after))
             }
+            Condition::Cumulative {
+                direction,
+                level,
+                limit,
+                within,
+                ..
+            } => {
+                let side = if *direction == Direction::Above {
+                    "above"
+                } else {
+                    "below"
+                };
+                let within = humantime::format_duration(*within);
+                match limit {
+                    CumulativeLimit::Total(total) => format!(
+                        "{side} {} for {} in total within {within}",
+                        with_unit(*level),
+                        humantime::format_duration(*total)
+                    ),
+                    CumulativeLimit::Count(n) => format!(
+                        "{n} excursions {side} {} within {within}",
+                        with_unit(*level)
+                    ),
+                }
+            }
             Condition::Rate {
                 delta,
                 period,
@@ -507,7 +653,9 @@ impl CompiledRule {
     /// The alert level reported in events (the threshold, the change, none for stale).
     pub fn threshold(&self) -> Option<f64> {
         match &self.condition {
-            Condition::Threshold { level, .. } => Some(*level),
+            Condition::Threshold { level, .. } | Condition::Cumulative { level, .. } => {
+                Some(*level)
+            }
             Condition::Rate { delta, .. } => Some(*delta),
             Condition::Stale { .. } => None,
         }

@@ -213,8 +213,20 @@ impl Config {
             Some(Value::Array(list)) => {
                 for (i, v) in list.into_iter().enumerate() {
                     tables.declare_alert(&v);
-                    if let Some(a) = problems.deserialize(v, &format!("alerts[{i}]")) {
-                        alerts.push(a);
+                    let path = format!("alerts[{i}]");
+                    // A `preset` table expands to several ordinary rules.
+                    let from_preset = crate::alerts::presets::is_preset(&v);
+                    let rules = if from_preset {
+                        crate::alerts::presets::expand_table(v, &path, &mut problems)
+                    } else {
+                        problems.deserialize(v, &path).map(|a| vec![a])
+                    };
+                    if let Some(rules) = rules {
+                        for rule in rules {
+                            alerts.push(rule);
+                            tables.alert_rules_at.push(i);
+                            tables.alert_rules_from_preset.push(from_preset);
+                        }
                         if let Some(d) = tables.alerts.last_mut() {
                             d.valid = true;
                         }
@@ -320,10 +332,21 @@ impl Config {
         for (notifier, i) in self.notifiers.iter().zip(at) {
             notifier.validate(&format!("notifiers[{i}]"), problems);
         }
-        let at = Tables::positions(&tables.alerts);
-        for (rule, i) in self.alerts.iter().zip(at) {
+        // A preset table is several rules: each is checked at its table's position.
+        let at = if tables.alert_rules_at.len() == self.alerts.len() {
+            tables.alert_rules_at.clone()
+        } else {
+            Tables::positions(&tables.alerts)
+        };
+        for (rule, i) in self.alerts.iter().zip(&at) {
             rule.validate(&format!("alerts[{i}]"), problems);
         }
+        crate::alerts::presets::check_unique_names(
+            &self.alerts,
+            &at,
+            &tables.alert_rules_from_preset,
+            problems,
+        );
     }
 
     /// The effective configuration as TOML, secrets shown as `<redacted>`.

@@ -38,6 +38,10 @@ pub struct Tables {
     pub alerts: Vec<Declared>,
     /// The `notifiers = [...]` of each `[[alerts]]` table, as far as they are strings.
     pub alert_notifiers: Vec<Vec<(usize, String)>>,
+    /// For each parsed rule, the position of its `[[alerts]]` table, and whether that
+    /// table was a preset (one preset table expands to several rules).
+    pub alert_rules_at: Vec<usize>,
+    pub alert_rules_from_preset: Vec<bool>,
 }
 
 impl Tables {

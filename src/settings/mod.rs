@@ -182,6 +182,20 @@ fn closest_field(raw: &str) -> Option<String> {
         .map(|(_, field)| field.to_string())
 }
 
+/// The choice closest to `word`, when it is close enough to be a misspelling (for
+/// "did you mean" in messages about names that are not keys, e.g. a preset).
+pub fn closest_choice<'a>(word: &str, choices: &[&'a str]) -> Option<&'a str> {
+    if word.len() > 256 {
+        return None;
+    }
+    choices
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
+        .filter(|(d, c)| *d > 0 && *d <= 2.max(c.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
 /// Levenshtein distance (keys are short; quadratic is fine).
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();

@@ -139,6 +139,34 @@ const MIGRATIONS: &[&str] = &[
         SELECT source, reason, COUNT(*), MAX(received_at), NULL FROM rejected
         GROUP BY source, reason;
     "#,
+    // 5: cumulative alert rules (alerts::cumulative): per rule and series, the tally
+    // (the newest reading counted, a clock step not yet followed) and its spans out of
+    // range or unknown, plus excursion starts; saved with the engine's cursor, pruned
+    // beyond the rule's window. (Appended by the alarm-cumulative branch; number 5 in
+    // the merged order.)
+    r#"
+    CREATE TABLE alert_tallies (
+        rule_key     TEXT NOT NULL,
+        device       TEXT NOT NULL,
+        metric       TEXT NOT NULL,
+        last_at      INTEGER,                     -- µs: observed time of the newest reading counted
+        last_out     INTEGER NOT NULL DEFAULT 0,  -- 1 if that reading was out of range
+        in_excursion INTEGER NOT NULL DEFAULT 0,
+        shift        INTEGER,                     -- µs: a clock step not yet followed
+        shift_until  INTEGER,                     -- µs: agent time until it may be
+        updated_at   INTEGER NOT NULL,
+        PRIMARY KEY (rule_key, device, metric)
+    ) WITHOUT ROWID;
+    CREATE TABLE alert_spans (
+        rule_key TEXT NOT NULL,
+        device   TEXT NOT NULL,
+        metric   TEXT NOT NULL,
+        start_at INTEGER NOT NULL,                -- µs, observed time
+        end_at   INTEGER NOT NULL,                -- µs; = start_at for 'start'
+        kind     TEXT NOT NULL                    -- 'out', 'unknown', or 'start' (of an excursion)
+    );
+    CREATE INDEX alert_spans_series ON alert_spans(rule_key, device, metric);
+    "#,
 ];
 
 /// The schema version this build writes.
