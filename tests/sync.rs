@@ -119,6 +119,7 @@ impl Agent {
         let agent = AgentConfig {
             gateway_id: self.gateway.clone(),
             site: "test site".into(),
+            ..Default::default()
         };
         let store = self.store.clone().unwrap();
         self.worker = Some(tokio::spawn(outpost::sync::run(

@@ -38,6 +38,10 @@ pub struct Tables {
     pub alerts: Vec<Declared>,
     /// The `notifiers = [...]` of each `[[alerts]]` table, as far as they are strings.
     pub alert_notifiers: Vec<Vec<(usize, String)>>,
+    /// The list positions of the `[[devices]]` and `[[reports]]` tables that
+    /// deserialized, in order.
+    pub devices: Vec<usize>,
+    pub reports: Vec<usize>,
 }
 
 impl Tables {
