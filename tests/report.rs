@@ -486,3 +486,172 @@ fn a_demo_database_reports_without_a_configuration() {
     assert!(out.contains("(UTC, 24 h day), so far, until"), "{out}");
     assert!(out.contains("DEVICE"), "{out}");
 }
+
+/// The running agent keeps yesterday's summary in `daily_summaries`, emails it with
+/// its CSV once `at` has passed (real aiosmtpd), warns about calibration in the log,
+/// `/health`, `/metrics` and `outpost status`, notifies each threshold once, and sends
+/// nothing twice after a restart.
+#[test]
+fn the_agent_keeps_and_mails_the_daily_summary_and_warns_about_calibration() {
+    use support::agent::Agent;
+    use support::{free_port, SmtpOptions, SmtpServer};
+    let smtp = SmtpServer::start(SmtpOptions::new());
+    let dir = tempfile::tempdir().unwrap();
+    let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    let now = chrono::Utc::now();
+    let yesterday = (now.with_timezone(&tz).date_naive()).pred_opt().unwrap();
+    let bounds = outpost::report::summary::DayBounds::of(tz, yesterday).unwrap();
+    let start_us = bounds.start.timestamp_micros();
+    database(dir.path(), |conn| {
+        let mut n = 0;
+        let mut t = start_us;
+        while t < bounds.end.timestamp_micros() {
+            reading(
+                conn,
+                "fridge-1",
+                "temperature",
+                t,
+                if n == 3 { 9.0 } else { 5.0 },
+            );
+            t += 15 * MIN;
+            n += 1;
+        }
+    });
+    let today = now.with_timezone(&tz).date_naive();
+    let overdue = (today - chrono::Days::new(3)).to_string();
+    let soon = (today + chrono::Days::new(10)).to_string();
+    let port = free_port();
+    let extra = format!(
+        r#"
+[[devices]]
+id = "fridge-2"
+name = "Freezer"
+calibration_due = "{overdue}"
+
+[[devices]]
+id = "fridge-3"
+calibration_due = "{soon}"
+
+[[reports]]
+at = "00:00"
+notifiers = ["qa-mail"]
+
+[[notifiers]]
+name = "qa-mail"
+type = "email"
+server = "127.0.0.1"
+port = {}
+tls = "none"
+from = "outpost@example.com"
+to = ["qa@example.com"]
+timeout = "5s"
+
+[http]
+listen = "127.0.0.1:{port}"
+"#,
+        smtp.port()
+    );
+    let cfg = config(dir.path(), &extra);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mut agent = Agent::new(dir.path(), &text).start();
+
+    // The closed day is kept, complete, per device and metric.
+    let day = yesterday.to_string();
+    agent.wait_until("yesterday's summary", || {
+        agent.try_count(&format!(
+            "SELECT COUNT(*) FROM daily_summaries WHERE day = '{day}' AND device = 'fridge-1' AND complete = 1"
+        )) == Some(1)
+    });
+    let readings = agent.count(&format!(
+        "SELECT readings FROM daily_summaries WHERE day = '{day}' AND device = 'fridge-1'"
+    ));
+    assert_eq!(readings as f64, bounds.hours() * 4.0);
+    assert_eq!(
+        agent.count(&format!(
+            "SELECT out_of_range_seconds FROM daily_summaries WHERE day = '{day}' AND device = 'fridge-1'"
+        )),
+        900
+    );
+
+    // Two calibration notices (overdue, soon) and the report.
+    let mails = smtp.wait_for_messages(3, std::time::Duration::from_secs(30));
+    assert_eq!(mails.len(), 3);
+    let all: Vec<String> = mails.iter().map(|m| m.data_str()).collect();
+    let report = all
+        .iter()
+        .find(|m| m.contains(&format!("Daily summary {day}")))
+        .unwrap_or_else(|| panic!("no report in {all:#?}"));
+    assert!(report.contains("multipart/mixed"), "{report}");
+    assert!(
+        report.contains(&format!("filename=\"summary-{day}.csv\"")),
+        "{report}"
+    );
+    assert!(report.contains("text/csv"), "{report}");
+    assert!(
+        report.contains("fridge-warm above 8: 15m out of range, 1 excursion(s)"),
+        "{report}"
+    );
+    // The CSV part carries the header (base64 or quoted-printable: decode loosely).
+    assert!(
+        report.contains("day,timezone,hours,complete,device")
+            || report.contains(&base64_of("day,timezone,hours,complete,device")[..20]),
+        "{report}"
+    );
+    assert!(
+        all.iter()
+            .any(|m| m.contains("fridge-2 (Freezer): calibration due")
+                && m.contains("overdue by 3 days")),
+        "{all:#?}"
+    );
+    assert!(all
+        .iter()
+        .any(|m| m.contains("fridge-3: calibration due") && m.contains("in 10 days")));
+
+    // /health: informational, never failing; /metrics: days left per device.
+    let health = agent.wait_check("calibration", |c| c["ok"] == true);
+    let detail = health["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("overdue by 3 days") && detail.contains("in 10 days"),
+        "{detail}"
+    );
+    let metrics = agent.metrics();
+    assert!(
+        metrics.contains("outpost_device_calibration_due_days{device=\"fridge-2\"} -3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outpost_device_calibration_due_days{device=\"fridge-3\"} 10"));
+    let status = agent.status_text();
+    assert!(
+        status.contains("Calibration: fridge-2 (Freezer): calibration due"),
+        "{status}"
+    );
+    assert!(
+        !status.contains("Calibration: fridge-1"),
+        "not due for decades: {status}"
+    );
+    let json = agent.status_json();
+    assert_eq!(json["calibration"].as_array().unwrap().len(), 3);
+    assert!(agent.log().contains("calibration due"), "warned in the log");
+
+    // A restart sends nothing again: the report and each threshold are remembered.
+    agent.terminate();
+    agent.start_again();
+    agent.wait_check("calibration", |c| c["ok"] == true);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(smtp.messages().len(), 3, "sent again after a restart");
+}
+
+fn base64_of(text: &str) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = text.as_bytes();
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = (chunk[0] as u32) << 16
+            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+            | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}

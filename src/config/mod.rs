@@ -395,7 +395,18 @@ impl Config {
         for (i, report) in tables.reports.iter().copied().zip(&self.reports) {
             report.validate(&format!("reports[{i}]"), problems);
             for (j, name) in report.notifiers.iter().enumerate() {
-                if !notifier_names.contains(&name.as_str()) {
+                if let Some(n) = self.notifiers.iter().find(|n| n.name == *name) {
+                    if !crate::notify::DOCUMENT_TYPES.contains(&n.kind_name()) {
+                        problems.push(
+                            format!("reports[{i}].notifiers[{j}]"),
+                            format!(
+                                "{name:?} is a {} notifier; reports are sent by {} notifiers",
+                                n.kind_name(),
+                                quoted(crate::notify::DOCUMENT_TYPES)
+                            ),
+                        );
+                    }
+                } else if !notifier_names.contains(&name.as_str()) {
                     let shown: String = name.chars().take(64).collect();
                     problems.push(
                         format!("reports[{i}].notifiers[{j}]"),
