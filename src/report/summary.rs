@@ -4,12 +4,16 @@
 //!   the zone: 23 hours on the spring daylight-saving day, 25 on the autumn one. A day
 //!   whose midnight does not exist (a zone that changes at 00:00) starts at its first
 //!   local minute that does.
-//! - **A reading holds** until the next one, but at most for the gap threshold (the
-//!   device's `gap`, else twice the day's median interval, else 1 h): a longer pause is
-//!   a *gap*, whose time is unknown — neither in range nor out of range.
+//! - **A reading holds** until the next one, unless they are further apart than the gap
+//!   threshold (the device's `gap`, else twice the day's median interval, else 1 h):
+//!   such a pause is a *gap*, whose time is unknown — neither in range nor out of
+//!   range. The time from the day's start to its first reading, and from its last
+//!   reading to the day's end (or now, today), is a gap too when longer than that.
 //! - **Time out of range** is counted per rule with a level (`above` or `below`) whose
 //!   scope covers the series; an *excursion* is a run of consecutive readings beyond the
 //!   level (a gap ends it).
+//! - **Which series**: every device and metric with readings or alert events that day,
+//!   and every `[[devices]]` entry (with "no readings" if it sent none).
 //! - **Alarms** are the day's `alert_events` of the series, of every kind (firing,
 //!   reminder, resolved, acknowledged, …), with who and a note when the event has them.
 
@@ -212,7 +216,11 @@ pub fn compute(
         let config = ctx.devices.iter().find(|d| d.id == dev);
         let mut s = series_day(conn, &bounds, covered_end, &dev, &metric, config, &rules)?;
         s.alarms = alarms.remove(&(dev, metric)).unwrap_or_default();
-        series.push(s);
+        // A series no `[[devices]]` table lists appears on the days it has readings or
+        // alarms; a listed device appears every day, saying "no readings" if so.
+        if s.readings > 0 || !s.alarms.is_empty() || config.is_some() {
+            series.push(s);
+        }
     }
     Ok(DayReport {
         day,
@@ -334,7 +342,12 @@ fn series_day(
         let (mut us, mut excursions, mut inside) = (0i64, 0u64, false);
         for (i, &(t, v)) in points.iter().enumerate() {
             let next = points.get(i + 1).map_or(end_us, |p| p.0);
-            let held_until = next.min(t + threshold_us).min(end_us).max(t);
+            // Up to the next reading; nothing into a gap (its time is unknown).
+            let held_until = if next - t > threshold_us {
+                t
+            } else {
+                next.min(end_us).max(t)
+            };
             if breaches(v) {
                 us += held_until - t;
                 if !inside {
