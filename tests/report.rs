@@ -754,3 +754,53 @@ fn summaries_sync_to_central_through_pgbouncer() {
         "the other closed days of the 7-day retention say they had no readings"
     );
 }
+
+/// G8: the morning report follows the agent's wall clock; when that clock is stepped
+/// back (here: two days ahead, then corrected), no day is sent twice, before or after
+/// a restart.
+#[test]
+fn a_clock_stepped_back_never_sends_a_report_again() {
+    use support::agent::Agent;
+    use support::{SmtpOptions, SmtpServer};
+    let smtp = SmtpServer::start(SmtpOptions::new());
+    let dir = tempfile::tempdir().unwrap();
+    database(dir.path(), |_| {});
+    let offset = dir.path().join("clock-offset");
+    std::fs::write(&offset, "172800\n").unwrap();
+    let extra = format!(
+        "[[reports]]\nat = \"00:00\"\nnotifiers = [\"qa-mail\"]\n\n[[notifiers]]\nname = \"qa-mail\"\ntype = \"email\"\nserver = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"outpost@example.com\"\nto = [\"qa@example.com\"]\ntimeout = \"5s\"\n",
+        smtp.port()
+    );
+    let cfg = config(dir.path(), &extra);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mut agent = Agent::new(dir.path(), &text)
+        .env("OUTPOST_TEST_CLOCK_OFFSET_FILE", &offset)
+        .start();
+    let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    let stepped_yesterday = (chrono::Utc::now() + chrono::Duration::days(2))
+        .with_timezone(&tz)
+        .date_naive()
+        .pred_opt()
+        .unwrap();
+    let mails = smtp.wait_for_messages(1, std::time::Duration::from_secs(30));
+    assert!(
+        mails[0]
+            .data_str()
+            .contains(&format!("Daily summary {stepped_yesterday}")),
+        "{}",
+        mails[0].data_str()
+    );
+    // The clock is corrected: "yesterday" is two days earlier than the day sent.
+    std::fs::write(&offset, "0\n").unwrap();
+    agent.terminate();
+    agent.start_again();
+    agent.wait_until("the agent's first round", || {
+        agent.try_count("SELECT COUNT(*) FROM source_state WHERE source = 'reports'") == Some(1)
+    });
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(
+        smtp.messages().len(),
+        1,
+        "a day was sent again after the clock step"
+    );
+}

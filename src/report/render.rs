@@ -71,6 +71,14 @@ fn fmt_hours(h: f64) -> String {
     }
 }
 
+/// Text from the database or the configuration as a terminal or mail shows it safely:
+/// control characters (escape sequences, line breaks) become `?`.
+pub fn plain(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// The plain-text form: heading, a table, then gaps and alarms by series.
 pub fn text(report: &DayReport, display: &DisplayConfig) -> String {
     let tz = tz_of(report);
@@ -97,12 +105,12 @@ pub fn text(report: &DayReport, display: &DisplayConfig) -> String {
                 (None, None) => String::new(),
             };
             [
-                s.device.clone(),
-                who,
+                plain(&s.device),
+                plain(&who),
                 if s.metric.is_empty() {
                     "-".into()
                 } else {
-                    s.metric.clone()
+                    plain(&s.metric)
                 },
                 if s.readings == 0 {
                     "no readings".into()
@@ -140,7 +148,7 @@ pub fn text(report: &DayReport, display: &DisplayConfig) -> String {
         &rows,
     ));
     for s in &report.series {
-        let label = format!("{} {}", s.device, s.metric);
+        let label = plain(&format!("{} {}", s.device, s.metric));
         for o in s.out_of_range.iter().filter(|o| o.seconds > 0) {
             let _ = writeln!(
                 out,
@@ -164,12 +172,12 @@ pub fn text(report: &DayReport, display: &DisplayConfig) -> String {
             let mut line = format!(
                 "{label}: {} {} {} ({})",
                 local(tz, a.at),
-                a.kind,
-                a.rule,
-                a.severity
+                plain(&a.kind),
+                plain(&a.rule),
+                plain(&a.severity)
             );
             if let Some(by) = &a.by {
-                let _ = write!(line, " by {by}");
+                let _ = write!(line, " by {}", plain(by));
             }
             if let Some(note) = &a.note {
                 let _ = write!(line, ": {note:?}");
@@ -260,5 +268,6 @@ mod tests {
         assert_eq!(cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
         assert_eq!(cell("-5"), "'-5");
         assert_eq!(cell("line\nbreak"), "linebreak");
+        assert_eq!(plain("fridge\u{1b}[2J-1\nx"), "fridge?[2J-1?x");
     }
 }

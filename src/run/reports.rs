@@ -322,7 +322,12 @@ impl ReportTask {
             self.read(move |conn| crate::store::state::read_state(conn, STATE, &key))
                 .await?
         };
-        if sent.as_deref() == Some(yesterday.to_string().as_str()) {
+        // The newest day sent: a wall clock stepped back never sends a day again (G8).
+        if sent
+            .as_deref()
+            .and_then(|d| crate::report::parse_date(d).ok())
+            .is_some_and(|last| last >= yesterday)
+        {
             return Ok(());
         }
         let mut day = self.compute(yesterday).await?;
