@@ -582,6 +582,18 @@ listen = "127.0.0.1:{port}"
         900
     );
 
+    // `outpost report` reads the same while the service runs: the stored day, and
+    // today so far.
+    let (code, out, err) = report(&cfg, &["--day", "yesterday", "--format", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let stored: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stored["day"], day.as_str());
+    assert_eq!(stored["complete"], true);
+    assert_eq!(series(&stored, "fridge-1")["readings"], readings);
+    let (code, out, err) = report(&cfg, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("so far, until"), "{out}");
+
     // Two calibration notices (overdue, soon) and the report.
     let mails = smtp.wait_for_messages(3, std::time::Duration::from_secs(30));
     assert_eq!(mails.len(), 3);
