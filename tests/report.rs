@@ -679,7 +679,8 @@ fn base64_of(text: &str) -> String {
 
 /// Closed days' summaries reach `outpost.daily_summaries` (central schema version 3)
 /// through a real PgBouncer in transaction mode, one row per gateway, day, device and
-/// metric, and are marked synced locally.
+/// metric, are marked synced locally, and a day recomputed after a late reading
+/// replaces its central row.
 #[test]
 fn summaries_sync_to_central_through_pgbouncer() {
     use support::agent::Agent;
@@ -717,7 +718,9 @@ fn summaries_sync_to_central_through_pgbouncer() {
     );
     let cfg = config(dir.path(), &extra);
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let agent = Agent::new(dir.path(), &text).start();
+    let agent = Agent::new(dir.path(), &text)
+        .env("OUTPOST_TEST_REPORT_ROUND", "1")
+        .start();
     let day = yesterday.to_string();
     let query = format!(
         "SELECT gateway_id, day, device, metric, timezone, readings, min, max, \
@@ -749,6 +752,35 @@ fn summaries_sync_to_central_through_pgbouncer() {
     agent.wait_until("marked synced", || {
         agent.try_count("SELECT COUNT(*) FROM daily_summaries WHERE synced = 0") == Some(0)
     });
+    // A late reading of yesterday (e.g. a backfill): the day is recomputed and its
+    // central row replaced, not duplicated.
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        reading(
+            &conn,
+            "fridge-1",
+            "temperature",
+            bounds.start.timestamp_micros() + 6 * 60 * MIN,
+            3.0,
+        );
+    }
+    agent.wait_until("the recomputed day in central", || {
+        pg.psql(&format!(
+            "SELECT readings FROM outpost.daily_summaries WHERE device = 'fridge-1' AND day = '{day}'"
+        ))
+        .trim()
+            == "7"
+    });
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT min FROM outpost.daily_summaries WHERE device = 'fridge-1' AND day = '{day}'"
+        ))
+        .trim(),
+        "3"
+    );
+
     // One row per day and series: the retention's closed days (no readings: 0).
     assert_eq!(
         pg.psql(&format!(

@@ -81,6 +81,22 @@ pub fn calibration_check(all: &[calibration::Calibration]) -> Option<(bool, Stri
 
 /// How often the task looks at the clock and the database.
 pub const ROUND: Duration = Duration::from_secs(300);
+/// **Test only, debug builds only.** Seconds between rounds instead of [`ROUND`], so
+/// black-box tests see a recomputed day without waiting 5 minutes.
+pub const TEST_ROUND_ENV: &str = "OUTPOST_TEST_REPORT_ROUND";
+
+fn round_interval() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(secs) = std::env::var(TEST_ROUND_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+    {
+        return Duration::from_secs(secs);
+    }
+    ROUND
+}
+
 /// The `source_state` source of this task's memory.
 const STATE: &str = "reports";
 /// Most closed days computed at start (a long retention does not mean a long start).
@@ -127,7 +143,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(ROUND) => {}
+            _ = tokio::time::sleep(round_interval()) => {}
         }
     }
 }
