@@ -461,6 +461,16 @@ notifiers = []
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
+    let (code, out) = check(
+        dir.path(),
+        "",
+        "[[notifiers]]\ntype = \"webhook\"\nname = \"hook\"\nurl = \"https://example.com/h\"\n[[reports]]\nnotifiers = [\"hook\"]\n",
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("reports[0].notifiers[0]: \"hook\" is a webhook notifier; reports are sent by email or log notifiers"),
+        "{out}"
+    );
     let huge = "n".repeat(1 << 20);
     let (code, out) = check(
         dir.path(),

@@ -402,7 +402,7 @@ impl Config {
                             format!(
                                 "{name:?} is a {} notifier; reports are sent by {} notifiers",
                                 n.kind_name(),
-                                quoted(crate::notify::DOCUMENT_TYPES)
+                                crate::notify::DOCUMENT_TYPES.join(" or ")
                             ),
                         );
                     }
