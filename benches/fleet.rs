@@ -312,6 +312,7 @@ fn start_workers(
             let agent = AgentConfig {
                 gateway_id: gw.id.clone(),
                 site: "fleet".into(),
+                ..Default::default()
             };
             let delay = if spread.is_zero() {
                 Duration::ZERO

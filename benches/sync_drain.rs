@@ -179,6 +179,7 @@ fn main() {
     let agent = AgentConfig {
         gateway_id: "bench-gw".into(),
         site: String::new(),
+        ..Default::default()
     };
     let reader = rusqlite::Connection::open(&db).unwrap();
     let unsynced = || -> i64 {

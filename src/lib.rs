@@ -20,8 +20,9 @@
 //!    certificate watch fed with the endpoints components declare.
 //! 4. [`metrics`] — the in-memory counters components increment (no queries).
 //! 5. [`alerts`] — local alert rules, their persisted state machine and events (G3).
-//! 6. [`notify`] (notifiers and the durable outbox) and [`sync`] (replication to
-//!    central PostgreSQL through PgBouncer); neither imports the other.
+//! 6. [`notify`] (notifiers and the durable outbox), [`sync`] (replication to
+//!    central PostgreSQL through PgBouncer) and [`report`] (daily summaries — the
+//!    HACCP log — and calibration due dates of `[[devices]]`); none imports another.
 //! 7. [`sources`] — producers of readings, one file per kind, selected by a tagged
 //!    config enum.
 //! 8. [`config`] — the aggregate `Config`: the TOML file, drop-ins, environment
@@ -71,6 +72,7 @@ pub mod model;
 pub mod notify;
 pub mod progress;
 pub mod ratelimit;
+pub mod report;
 pub mod run;
 pub mod settings;
 pub mod sources;

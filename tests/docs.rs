@@ -209,6 +209,12 @@ INSERT INTO outpost.readings (gateway_id, uid, observed_at, received_at, source,
 SELECT 'site-03', md5('docs' || i)::uuid, now() - i * interval '1 minute', now(), 'ttn',
        'freezer-' || (i % 3), 'temperature', -18.5, '°C', 1
 FROM generate_series(1, 30) AS i;
+INSERT INTO outpost.daily_summaries (gateway_id, day, device, metric, timezone, day_start, day_end,
+    readings, min, max, mean, gaps, gap_seconds, out_of_range_seconds, excursions, alarms, detail, computed_at)
+VALUES ('site-03', current_date - 2, 'freezer-1', 'temperature', 'Europe/Berlin',
+        now() - interval '3 days', now() - interval '2 days', 96, -21.5, -12.0, -18.4, 1, 2700, 1800, 1, 2,
+        '{\"name\": \"Freezer 1\", \"alarms\": [{\"at\": \"2026-12-04T06:00:00Z\", \"kind\": \"firing\", \"rule\": \"freezer-warm\", \"severity\": \"critical\"}, {\"at\": \"2026-12-04T06:05:00Z\", \"kind\": \"acknowledged\", \"rule\": \"freezer-warm\", \"severity\": \"critical\", \"by\": \"Anna\", \"note\": \"door closed\"}]}',
+        now());
 ";
 
 fn check_operator_queries(partitioned: bool) {

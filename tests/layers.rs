@@ -30,7 +30,7 @@ const LAYERS: &[(u8, &[&str])] = &[
     (3, &["tls"]),
     (4, &["metrics"]),
     (5, &["alerts"]),
-    (6, &["notify", "sync"]),
+    (6, &["notify", "sync", "report"]),
     (7, &["sources"]),
     (8, &["config"]),
     (9, &["run"]),

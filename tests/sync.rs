@@ -73,6 +73,7 @@ fn start_sync(agent: &mut Agent, sync: SyncConfig) {
     let identity = AgentConfig {
         gateway_id: agent.gateway_id().into(),
         site: "test site".into(),
+        ..Default::default()
     };
     let worker = outpost::sync::run(
         sync,
@@ -406,7 +407,10 @@ async fn missing_or_mismatched_schema_says_what_to_run() {
     assert_eq!(c.check_schema().await.unwrap(), central::SCHEMA_VERSION);
     // Migrating again changes nothing.
     let again = central::migrate(&c, Layout::Plain).await.unwrap();
-    assert_eq!((again.from_version, again.to_version), (1, 1));
+    assert_eq!(
+        (again.from_version, again.to_version),
+        (central::SCHEMA_VERSION, central::SCHEMA_VERSION)
+    );
 
     pg.psql("INSERT INTO outpost.schema_version (version, description) VALUES (99, 'future')");
     let err = c.check_schema().await.expect_err("a newer schema");
@@ -780,7 +784,7 @@ fn central_commands_print_migrate_and_maintain() {
     pg.psql(&plain);
     assert_eq!(
         pg.psql("SELECT MAX(version) FROM outpost.schema_version"),
-        "1"
+        central::SCHEMA_VERSION.to_string()
     );
     pg.psql("DROP SCHEMA outpost CASCADE");
 
@@ -796,7 +800,10 @@ fn central_commands_print_migrate_and_maintain() {
     ]);
     assert!(ok, "{out}{err}");
     assert!(
-        out.contains("migrated from version 0 to 1") && out.contains("partitioned"),
+        out.contains(&format!(
+            "migrated from version 0 to {}",
+            central::SCHEMA_VERSION
+        )) && out.contains("partitioned"),
         "{out}"
     );
     let (ok, out, err) = outpost_without_config(&[

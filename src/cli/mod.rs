@@ -9,6 +9,7 @@ pub mod demo;
 pub mod notify_test;
 pub mod readings;
 pub mod rejected;
+pub mod report;
 pub mod run;
 pub mod status;
 
@@ -64,6 +65,9 @@ pub enum Command {
     /// List the rejected input the agent kept (newest first): payload excerpt, topic,
     /// reason, what was wrong and what to do. `outpost status` shows the counts.
     Rejected(rejected::Args),
+    /// The daily summary (HACCP log) of one local day in `agent.timezone`: per device
+    /// and metric min, max, mean, readings, gaps, time out of range, excursions, alarms.
+    Report(report::Args),
     /// Run simulated sensors into a local database and print readings as they commit.
     Demo(demo::Args),
     /// The central PostgreSQL schema: print it, apply it, maintain its partitions.
@@ -85,6 +89,7 @@ pub fn main() -> ExitCode {
         }
         Command::Readings(args) => readings::main(config_path, args),
         Command::Rejected(args) => rejected::main(config_path, args),
+        Command::Report(args) => report::main(config_path, args),
         Command::Central { command } => central::main(&config::resolve_path(config_path), command),
         Command::Demo(args) => demo::main(args),
     }

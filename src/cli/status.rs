@@ -227,6 +227,16 @@ pub struct Args {
 
 pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
     let Args { db, json } = args;
+    // `[[devices]] calibration_due` from the configuration, when it loads.
+    let calibrations = crate::config::Config::load(&crate::config::resolve_path(config_path))
+        .map(|c| {
+            let today = crate::report::summary::DayBounds::date_of(
+                c.agent.tz(),
+                crate::clock::Clock::system().now(),
+            );
+            crate::report::calibration::all(&c.devices, today)
+        })
+        .unwrap_or_default();
     // Without --db the configuration is at hand: its certificate files are checked too.
     let certificates = match db {
         None => crate::config::Config::load(&crate::config::resolve_path(config_path))
@@ -247,6 +257,7 @@ pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
         Ok(report) if json => match serde_json::to_value(&report).map(|mut v| {
             if let Some(map) = v.as_object_mut() {
                 map.insert("certificates".into(), serde_json::json!(certificates));
+                map.insert("calibration".into(), serde_json::json!(calibrations));
                 map.insert(
                     "stalled".into(),
                     serde_json::json!(stalls.as_ref().map(|s| &s.stalled).unwrap_or(&Vec::new())),
@@ -281,6 +292,12 @@ pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
             }
             for line in crate::tls::status_lines(&certificates) {
                 println!("{line}");
+            }
+            for c in calibrations
+                .iter()
+                .filter(|c| c.state != crate::report::calibration::Due::Ok)
+            {
+                println!("Calibration: {}.", c.describe());
             }
             if let Some(stalls) = &stalls {
                 for line in stall_lines(stalls, crate::clock::Clock::system().now()) {

@@ -41,6 +41,10 @@ pub struct Config {
     pub sync: Option<crate::sync::SyncConfig>,
     pub alerts: Vec<AlertRule>,
     pub notifiers: Vec<NotifierConfig>,
+    /// `[[devices]]`: names, locations and calibration due dates.
+    pub devices: Vec<crate::report::DeviceConfig>,
+    /// `[[reports]]`: the daily summary sent each morning.
+    pub reports: Vec<crate::report::ReportConfig>,
 }
 
 /// `[agent]`: who this gateway is.
@@ -54,6 +58,21 @@ pub struct AgentConfig {
     /// A human name for the site, used in notifications.
     #[serde(default)]
     pub site: String,
+    /// The IANA time zone of the site (e.g. `Europe/Berlin`): daily summaries cover
+    /// local days, `[[reports]] at` is local time.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+}
+
+fn default_timezone() -> String {
+    crate::report::DEFAULT_TIMEZONE.to_string()
+}
+
+impl AgentConfig {
+    /// The configured time zone (validated; UTC if it somehow is not).
+    pub fn tz(&self) -> crate::report::Tz {
+        crate::report::parse_timezone(&self.timezone).unwrap_or(chrono_tz::UTC)
+    }
 }
 
 impl Default for AgentConfig {
@@ -61,6 +80,7 @@ impl Default for AgentConfig {
         AgentConfig {
             gateway_id: default_gateway_id(),
             site: String::new(),
+            timezone: default_timezone(),
         }
     }
 }
@@ -119,6 +139,8 @@ const SECTIONS: &[&str] = &[
     "sync",
     "alerts",
     "notifiers",
+    "devices",
+    "reports",
 ];
 
 impl Config {
@@ -253,6 +275,37 @@ impl Config {
             Some(_) => problems.push("notifiers", "expected a list of `[[notifiers]]` tables"),
         }
 
+        let mut devices = Vec::new();
+        let mut device_at = Vec::new();
+        match root.remove("devices") {
+            None => {}
+            Some(Value::Array(list)) => {
+                for (i, v) in list.into_iter().enumerate() {
+                    if let Some(d) = problems.deserialize(v, &format!("devices[{i}]")) {
+                        devices.push(d);
+                        device_at.push(i);
+                    }
+                }
+            }
+            Some(_) => problems.push("devices", "expected a list of `[[devices]]` tables"),
+        }
+        let mut reports = Vec::new();
+        let mut report_at = Vec::new();
+        match root.remove("reports") {
+            None => {}
+            Some(Value::Array(list)) => {
+                for (i, v) in list.into_iter().enumerate() {
+                    if let Some(r) = problems.deserialize(v, &format!("reports[{i}]")) {
+                        reports.push(r);
+                        report_at.push(i);
+                    }
+                }
+            }
+            Some(_) => problems.push("reports", "expected a list of `[[reports]]` tables"),
+        }
+        tables.devices = device_at;
+        tables.reports = report_at;
+
         let config = Config {
             agent,
             storage,
@@ -263,6 +316,8 @@ impl Config {
             sync,
             alerts,
             notifiers,
+            devices,
+            reports,
         };
         tables.check(&mut problems);
         config.validate_each(&tables, &mut problems);
@@ -297,6 +352,8 @@ impl Config {
                 d.valid = true;
             }
         }
+        tables.devices = (0..self.devices.len()).collect();
+        tables.reports = (0..self.reports.len()).collect();
         tables.check(problems);
         self.validate_each(&tables, problems);
     }
@@ -312,6 +369,10 @@ impl Config {
         if self.agent.site.len() > 200 {
             problems.push("agent.site", "the site name is longer than 200 characters");
         }
+        problems.check(
+            "agent.timezone",
+            crate::report::parse_timezone(&self.agent.timezone).map(|_| ()),
+        );
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(
                 "log.level",
@@ -347,6 +408,43 @@ impl Config {
             &tables.alert_rules_from_preset,
             problems,
         );
+        let devices: Vec<(usize, &crate::report::DeviceConfig)> =
+            tables.devices.iter().copied().zip(&self.devices).collect();
+        for (i, device) in &devices {
+            device.validate(&format!("devices[{i}]"), problems);
+        }
+        crate::report::validate_devices(&devices, problems);
+        let notifier_names: Vec<&str> = self.notifiers.iter().map(|n| n.name.as_str()).collect();
+        for (i, report) in tables.reports.iter().copied().zip(&self.reports) {
+            report.validate(&format!("reports[{i}]"), problems);
+            for (j, name) in report.notifiers.iter().enumerate() {
+                if let Some(n) = self.notifiers.iter().find(|n| n.name == *name) {
+                    if !crate::notify::DOCUMENT_TYPES.contains(&n.kind_name()) {
+                        problems.push(
+                            format!("reports[{i}].notifiers[{j}]"),
+                            format!(
+                                "{name:?} is a {} notifier; reports are sent by {} notifiers",
+                                n.kind_name(),
+                                crate::notify::DOCUMENT_TYPES.join(" or ")
+                            ),
+                        );
+                    }
+                } else if !notifier_names.contains(&name.as_str()) {
+                    let shown: String = name.chars().take(64).collect();
+                    problems.push(
+                        format!("reports[{i}].notifiers[{j}]"),
+                        format!(
+                            "no `[[notifiers]]` table is named {shown:?}; known: {}",
+                            if notifier_names.is_empty() {
+                                "none".to_string()
+                            } else {
+                                quoted(&notifier_names)
+                            }
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     /// The effective configuration as TOML, secrets shown as `<redacted>`.

@@ -42,6 +42,10 @@ pub struct Tables {
     /// table was a preset (one preset table expands to several rules).
     pub alert_rules_at: Vec<usize>,
     pub alert_rules_from_preset: Vec<bool>,
+    /// The list positions of the `[[devices]]` and `[[reports]]` tables that
+    /// deserialized, in order.
+    pub devices: Vec<usize>,
+    pub reports: Vec<usize>,
 }
 
 impl Tables {

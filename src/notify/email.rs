@@ -323,6 +323,42 @@ impl Email {
     }
 }
 
+impl Email {
+    /// Sends a [`super::Document`]: its text as the plain-text part and its attachment,
+    /// if any, as a second part (`multipart/mixed`).
+    pub async fn send_document(&self, document: &super::Document) -> Outcome {
+        use lettre::message::{Attachment, MultiPart, SinglePart};
+        let mut builder = Message::builder()
+            .from(self.from.clone())
+            .subject(document.subject.replace(['\r', '\n'], " "))
+            .message_id(Some(self.message_id(&document.key)));
+        for to in &self.to {
+            builder = builder.to(to.clone());
+        }
+        let text = SinglePart::plain(document.text.clone());
+        let built = match &document.attachment {
+            None => builder.singlepart(text),
+            Some(a) => {
+                let content_type = match ContentType::parse(&a.content_type) {
+                    Ok(c) => c,
+                    Err(e) => return Outcome::Failed(format!("bad attachment type: {e}")),
+                };
+                let file = Attachment::new(a.filename.clone()).body(a.bytes.clone(), content_type);
+                builder.multipart(MultiPart::mixed().singlepart(text).singlepart(file))
+            }
+        };
+        let message = match built {
+            Ok(m) => m,
+            Err(e) => return Outcome::Failed(format!("cannot build the message: {e}")),
+        };
+        match self.transport().send(message).await {
+            Ok(_) => Outcome::Delivered,
+            Err(e) if e.is_permanent() => Outcome::Failed(format!("the SMTP server refused: {e}")),
+            Err(e) => Outcome::Retry(format!("SMTP: {}", error_chain(&e))),
+        }
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();

@@ -477,6 +477,59 @@ impl Notifier {
     }
 }
 
+/// A document for people rather than an alert event (the daily summary): a subject, a
+/// plain text and optionally one attachment. Email sends the text with the attachment;
+/// the log notifier logs the text; other kinds do not take documents.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub subject: String,
+    pub text: String,
+    pub attachment: Option<Attachment>,
+    /// The same on every attempt (email: the Message-ID).
+    pub key: String,
+}
+
+/// A file attached to a [`Document`].
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub filename: String,
+    /// e.g. `text/csv; charset=utf-8`.
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The notifier types that take [`Document`]s.
+pub const DOCUMENT_TYPES: &[&str] = &["email", "log"];
+
+impl Notifier {
+    /// One attempt to deliver `document`.
+    pub async fn deliver_document(&self, document: &Document) -> Outcome {
+        let attempt = async {
+            match &self.channel {
+                Channel::Email(email) => email.send_document(document).await,
+                Channel::Log(_) => {
+                    tracing::info!(
+                        notifier = %self.name,
+                        subject = %document.subject,
+                        "{}",
+                        document.text
+                    );
+                    Outcome::Delivered
+                }
+                _ => Outcome::Failed(format!(
+                    "a {} notifier does not take reports; use {}",
+                    self.kind,
+                    DOCUMENT_TYPES.join(" or ")
+                )),
+            }
+        };
+        match tokio::time::timeout(self.attempt_timeout, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Retry("the attempt timed out".into()),
+        }
+    }
+}
+
 /// Sends one test event through the notifier `name` of `notifiers` (for `outpost
 /// notify-test`), without the outbox; the event names `site` and `gateway_id`.
 pub async fn send_test_event(

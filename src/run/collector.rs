@@ -17,7 +17,12 @@ use prometheus_client::metrics::MetricType;
 
 /// The agent's metrics: the in-memory counters plus the database and certificate
 /// gauges of this module.
-pub fn metrics(store: &Store, certs: &CertWatch, clock: &Clock) -> Metrics {
+pub fn metrics(
+    store: &Store,
+    certs: &CertWatch,
+    clock: &Clock,
+    calibrations: &crate::run::reports::Calibrations,
+) -> Metrics {
     Metrics::with_collectors(
         store,
         vec![
@@ -27,6 +32,10 @@ pub fn metrics(store: &Store, certs: &CertWatch, clock: &Clock) -> Metrics {
             }),
             Box::new(CertCollector {
                 certs: certs.clone(),
+                clock: clock.clone(),
+            }),
+            Box::new(CalibrationCollector {
+                calibrations: calibrations.clone(),
                 clock: clock.clone(),
             }),
         ],
@@ -105,6 +114,34 @@ impl Collector for CertCollector {
         for (label, info) in certs {
             ConstGauge::new(info.days_left(now))
                 .encode(family.encode_family(&[("certificate", label.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `device_calibration_due_days{device="fridge-1"}`: days until each listed device's
+/// calibration is due (negative: overdue), in local days of `agent.timezone`.
+#[derive(Debug)]
+struct CalibrationCollector {
+    calibrations: crate::run::reports::Calibrations,
+    clock: Clock,
+}
+
+impl Collector for CalibrationCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all = self.calibrations.all(self.clock.now());
+        if all.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "device_calibration_due_days",
+            "Days until each device's calibration is due (negative: overdue), from [[devices]] calibration_due",
+            None,
+            MetricType::Gauge,
+        )?;
+        for c in all {
+            ConstGauge::new(c.days_left)
+                .encode(family.encode_family(&[("device", c.device.as_str())])?)?;
         }
         Ok(())
     }

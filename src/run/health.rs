@@ -189,6 +189,8 @@ pub struct HealthProbe {
     /// Central sync is configured and enabled (updated on reload): `/health` then has
     /// a `sync` check.
     pub sync_enabled: AtomicBool,
+    /// `[[devices]] calibration_due`: the informational `calibration` check.
+    pub calibrations: crate::run::reports::Calibrations,
 }
 
 /// What `/health` reads from the database besides the sources.
@@ -430,6 +432,15 @@ impl HealthProbe {
             crate::clock::is_synchronized(),
             crate::clock::last_step(),
         ));
+        if let Some((ok, detail)) =
+            crate::run::reports::calibration_check(&self.calibrations.all(now))
+        {
+            report.checks.push(Check {
+                name: "calibration".into(),
+                ok,
+                detail,
+            });
+        }
         if let Some(check) = certificates_check(&self.certs.snapshot(), now) {
             if !check.ok {
                 report.status = "unhealthy";

@@ -11,6 +11,7 @@
 //! - [`collector`]: the `/metrics` gauges read from SQLite, sync state and the
 //!   certificate watch, registered on the in-memory [`crate::metrics::Metrics`] and
 //!   computed on the blocking pool, never on a runtime worker.
+//! - [`reports`]: daily summaries kept and sent each morning, calibration reminders.
 //! - [`systemd`]: READY/STOPPING/WATCHDOG notifications.
 
 pub mod alerting;
@@ -18,4 +19,5 @@ pub mod collector;
 pub mod health;
 pub mod http;
 pub mod pipeline;
+pub mod reports;
 pub mod systemd;

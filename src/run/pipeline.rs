@@ -51,6 +51,8 @@ pub struct Pipeline {
     writer_close: CancellationToken,
     /// `agent.gateway_id`, for sources (default MQTT client ids).
     gateway_id: String,
+    /// `[[devices]] calibration_due`, for `/health` and `/metrics` (updated on reload).
+    pub calibrations: crate::run::reports::Calibrations,
 }
 
 /// How long consumers get to finish once the readings have stopped.
@@ -84,7 +86,9 @@ impl Pipeline {
         let certs = crate::tls::CertWatch::default()
             .saving_to(store.clone())
             .with_clock(clock.clone());
-        let metrics = crate::run::collector::metrics(&store, &certs, &clock);
+        let calibrations = crate::run::reports::Calibrations::default();
+        calibrations.set(config);
+        let metrics = crate::run::collector::metrics(&store, &certs, &clock, &calibrations);
         let mut pipeline = Pipeline {
             store,
             metrics,
@@ -98,6 +102,7 @@ impl Pipeline {
             writer_finished: ingest.finished,
             writer_close: ingest.close,
             gateway_id: config.agent.gateway_id.clone(),
+            calibrations,
         };
         for source in &config.sources {
             pipeline.start_source(source.clone());
@@ -338,6 +343,7 @@ pub async fn run(
         source_max_silence: config.http.source_max_silence.get(),
         stall_after: config.http.stall_after.get(),
         sync_enabled: sync_enabled(&config).into(),
+        calibrations: pipeline.calibrations.clone(),
     });
     if config.http.enabled {
         pipeline.spawn_consumer(crate::run::http::run(
@@ -355,6 +361,7 @@ pub async fn run(
     // Downstream consumers that a reload may restart are named.
     start_alerts(&mut pipeline, &config).await;
     start_sync(&mut pipeline, config.sync.clone(), config.agent.clone()).await;
+    start_reports(&mut pipeline, &config).await;
     crate::run::systemd::notify_ready();
     tracing::info!(
         gateway = %config.agent.gateway_id,
@@ -419,6 +426,21 @@ async fn start_alerts(pipeline: &mut Pipeline, config: &Config) {
                         )
                     }
                 }
+            }),
+        )
+        .await;
+}
+
+/// Starts or restarts the daily summaries, morning reports and calibration reminders.
+async fn start_reports(pipeline: &mut Pipeline, config: &Config) {
+    pipeline.calibrations.set(config);
+    let (config, store) = (config.clone(), pipeline.store.clone());
+    let (clock, certs) = (pipeline.clock.clone(), pipeline.certs.clone());
+    pipeline
+        .replace_consumer(
+            "reports",
+            Some(move |stop: CancellationToken| {
+                super::reports::run(config, store, clock, certs, stop)
             }),
         )
         .await;
@@ -495,6 +517,16 @@ async fn apply_reload(
         running.agent = current.agent.clone();
         start_alerts(pipeline, &running).await;
         tracing::info!("Alert rules and notifiers reloaded.");
+    }
+    if new.devices != current.devices
+        || new.reports != current.reports
+        || new.alerts != current.alerts
+        || new.notifiers != current.notifiers
+    {
+        let mut running = new.clone();
+        running.agent = current.agent.clone();
+        running.storage = current.storage.clone();
+        start_reports(pipeline, &running).await;
     }
     let endpoints = new.tls_endpoints();
     crate::tls::record_and_log(&pipeline.certs, &endpoints, pipeline.clock.now());

@@ -167,6 +167,34 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX alert_spans_series ON alert_spans(rule_key, device, metric);
     "#,
+    // 6: daily summaries (the HACCP log, `report::summary`): one row per local day,
+    // device and metric; `detail` is the whole summary as JSON, the other columns the
+    // figures central and SQL read. Kept until synced and older than the retention.
+    r#"
+    CREATE TABLE daily_summaries (
+        day                  TEXT NOT NULL,       -- local date YYYY-MM-DD in `timezone`
+        device               TEXT NOT NULL,
+        metric               TEXT NOT NULL,       -- '' for a listed device without readings
+        timezone             TEXT NOT NULL,       -- IANA name (agent.timezone)
+        day_start            INTEGER NOT NULL,    -- µs UTC: local midnight
+        day_end              INTEGER NOT NULL,    -- µs UTC: the next local midnight
+        complete             INTEGER NOT NULL,    -- 0 while the day is not over
+        readings             INTEGER NOT NULL,
+        min                  REAL,
+        max                  REAL,
+        mean                 REAL,
+        gaps                 INTEGER NOT NULL,
+        gap_seconds          INTEGER NOT NULL,
+        out_of_range_seconds INTEGER NOT NULL,
+        excursions           INTEGER NOT NULL,
+        alarms               INTEGER NOT NULL,
+        detail               TEXT NOT NULL,
+        computed_at          INTEGER NOT NULL,
+        synced               INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (day, device, metric)
+    ) WITHOUT ROWID;
+    CREATE INDEX daily_summaries_unsynced ON daily_summaries(day) WHERE synced = 0;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 
 /// The central schema version this agent writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Key of the transaction-scoped advisory lock that serialises migrations and
 /// partition maintenance (`pg_advisory_xact_lock`, released at commit).
@@ -39,11 +39,50 @@ struct Migration {
     sql: fn(Layout) -> String,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "gateways, readings, alert_events",
-    sql: migration_1,
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "gateways, readings, alert_events",
+        sql: migration_1,
+    },
+    // 3: daily summaries (the HACCP log). Version 2 is the alarm-acknowledgement branch's.
+    Migration {
+        version: 3,
+        description: "daily_summaries",
+        sql: migration_3,
+    },
+];
+
+/// `outpost.daily_summaries`: one row per gateway, local day, device and metric, as the
+/// gateway computed it (`outpost report`); a recomputed day (late readings) replaces it.
+fn migration_3(_: Layout) -> String {
+    "\
+CREATE TABLE IF NOT EXISTS outpost.daily_summaries (
+    gateway_id           text NOT NULL,
+    day                  date NOT NULL,               -- the local date in `timezone`
+    device               text NOT NULL,
+    metric               text NOT NULL,               -- '' for a listed device without readings
+    timezone             text NOT NULL,
+    day_start            timestamptz NOT NULL,        -- local midnight
+    day_end              timestamptz NOT NULL,        -- the next local midnight (23 to 25 h later)
+    readings             bigint NOT NULL,
+    min                  double precision,
+    max                  double precision,
+    mean                 double precision,
+    gaps                 integer NOT NULL,
+    gap_seconds          bigint NOT NULL,
+    out_of_range_seconds bigint NOT NULL,
+    excursions           bigint NOT NULL,
+    alarms               integer NOT NULL,
+    detail               jsonb NOT NULL,              -- the whole summary: gaps, rules, alarms
+    computed_at          timestamptz NOT NULL,
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (gateway_id, day, device, metric)
+);
+CREATE INDEX IF NOT EXISTS daily_summaries_day ON outpost.daily_summaries (day DESC, gateway_id);
+"
+    .to_string()
+}
 
 const PREAMBLE: &str = "\
 CREATE SCHEMA IF NOT EXISTS outpost;

@@ -257,6 +257,94 @@ pub fn mark_alert_events_synced(conn: &Connection, ids: &[i64]) -> rusqlite::Res
     Ok(n)
 }
 
+/// Daily summaries as columns (the local `daily_summaries` table, migration 6).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SummaryColumns {
+    /// `(day, device, metric, computed_at µs)`: what [`mark_summaries_synced`] matches.
+    pub keys: Vec<(String, String, String, i64)>,
+    pub day: Vec<String>,
+    pub device: Vec<String>,
+    pub metric: Vec<String>,
+    pub timezone: Vec<String>,
+    pub day_start: Vec<DateTime<Utc>>,
+    pub day_end: Vec<DateTime<Utc>>,
+    pub readings: Vec<i64>,
+    pub min: Vec<Option<f64>>,
+    pub max: Vec<Option<f64>>,
+    pub mean: Vec<Option<f64>>,
+    pub gaps: Vec<i32>,
+    pub gap_seconds: Vec<i64>,
+    pub out_of_range_seconds: Vec<i64>,
+    pub excursions: Vec<i64>,
+    pub alarms: Vec<i32>,
+    pub detail: Vec<RawJson>,
+    pub computed_at: Vec<DateTime<Utc>>,
+}
+
+impl SummaryColumns {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Up to `max` unsynced complete daily summaries, oldest day first.
+pub fn select_summaries(conn: &Connection, max: usize) -> rusqlite::Result<SummaryColumns> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT day, device, metric, timezone, day_start, day_end, readings, min, max, mean, \
+                gaps, gap_seconds, out_of_range_seconds, excursions, alarms, detail, computed_at \
+         FROM daily_summaries WHERE synced = 0 AND complete = 1 ORDER BY day, device, metric LIMIT ?1",
+    )?;
+    let mut rows = stmt.query([max as i64])?;
+    let mut out = SummaryColumns::default();
+    while let Some(row) = rows.next()? {
+        let (day, device, metric): (String, String, String) =
+            (row.get(0)?, row.get(1)?, row.get(2)?);
+        let computed_at: i64 = row.get(16)?;
+        out.keys
+            .push((day.clone(), device.clone(), metric.clone(), computed_at));
+        out.day.push(day);
+        out.device.push(clean_text(device));
+        out.metric.push(clean_text(metric));
+        out.timezone.push(clean_text(row.get(3)?));
+        out.day_start.push(central_time(row.get(4)?));
+        out.day_end.push(central_time(row.get(5)?));
+        out.readings.push(row.get(6)?);
+        out.min.push(row.get(7)?);
+        out.max.push(row.get(8)?);
+        out.mean.push(row.get(9)?);
+        out.gaps
+            .push(row.get::<_, i64>(10)?.clamp(0, i32::MAX as i64) as i32);
+        out.gap_seconds.push(row.get(11)?);
+        out.out_of_range_seconds.push(row.get(12)?);
+        out.excursions.push(row.get(13)?);
+        out.alarms
+            .push(row.get::<_, i64>(14)?.clamp(0, i32::MAX as i64) as i32);
+        out.detail.push(clean_json(row.get(15)?));
+        out.computed_at.push(central_time(computed_at));
+    }
+    Ok(out)
+}
+
+/// Marks summaries synced, unless recomputed since they were read. Runs on the store
+/// writer, after the central commit.
+pub fn mark_summaries_synced(
+    conn: &Connection,
+    keys: &[(String, String, String, i64)],
+) -> rusqlite::Result<usize> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE daily_summaries SET synced = 1 \
+         WHERE day = ?1 AND device = ?2 AND metric = ?3 AND computed_at = ?4",
+    )?;
+    let mut n = 0;
+    for (day, device, metric, at) in keys {
+        n += stmt.execute(rusqlite::params![day, device, metric, at])?;
+    }
+    Ok(n)
+}
+
 /// What `outpost status` shows about sync, kept in `source_state` under `@sync`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct SyncState {

@@ -632,6 +632,60 @@ impl Central {
     }
 }
 
+impl Central {
+    /// Uploads daily summaries in one transaction; a summary already there for the
+    /// same gateway, day, device and metric is replaced (the day was recomputed).
+    pub async fn upload_summaries(
+        &self,
+        gateway_id: &str,
+        rows: &super::local::SummaryColumns,
+    ) -> Result<u64, SyncError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        self.transaction(self.client.execute_typed(
+            "INSERT INTO outpost.daily_summaries \
+                   (gateway_id, day, device, metric, timezone, day_start, day_end, readings, min, max, \
+                    mean, gaps, gap_seconds, out_of_range_seconds, excursions, alarms, detail, computed_at) \
+                 SELECT $1, s.day::date, s.device, s.metric, s.timezone, s.day_start, s.day_end, s.readings, \
+                    s.min, s.max, s.mean, s.gaps, s.gap_seconds, s.oor, s.excursions, s.alarms, s.detail, s.computed_at \
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
+                   $7::timestamptz[], $8::int8[], $9::float8[], $10::float8[], $11::float8[], $12::int4[], \
+                   $13::int8[], $14::int8[], $15::int8[], $16::int4[], $17::jsonb[], $18::timestamptz[]) \
+                   AS s(day, device, metric, timezone, day_start, day_end, readings, min, max, mean, gaps, \
+                        gap_seconds, oor, excursions, alarms, detail, computed_at) \
+                 ON CONFLICT (gateway_id, day, device, metric) DO UPDATE SET \
+                   timezone = excluded.timezone, day_start = excluded.day_start, day_end = excluded.day_end, \
+                   readings = excluded.readings, min = excluded.min, max = excluded.max, mean = excluded.mean, \
+                   gaps = excluded.gaps, gap_seconds = excluded.gap_seconds, \
+                   out_of_range_seconds = excluded.out_of_range_seconds, excursions = excluded.excursions, \
+                   alarms = excluded.alarms, detail = excluded.detail, computed_at = excluded.computed_at, \
+                   updated_at = now()",
+            &[
+                (&gateway_id, Type::TEXT),
+                (&rows.day, Type::TEXT_ARRAY),
+                (&rows.device, Type::TEXT_ARRAY),
+                (&rows.metric, Type::TEXT_ARRAY),
+                (&rows.timezone, Type::TEXT_ARRAY),
+                (&rows.day_start, Type::TIMESTAMPTZ_ARRAY),
+                (&rows.day_end, Type::TIMESTAMPTZ_ARRAY),
+                (&rows.readings, Type::INT8_ARRAY),
+                (&rows.min, Type::FLOAT8_ARRAY),
+                (&rows.max, Type::FLOAT8_ARRAY),
+                (&rows.mean, Type::FLOAT8_ARRAY),
+                (&rows.gaps, Type::INT4_ARRAY),
+                (&rows.gap_seconds, Type::INT8_ARRAY),
+                (&rows.out_of_range_seconds, Type::INT8_ARRAY),
+                (&rows.excursions, Type::INT8_ARRAY),
+                (&rows.alarms, Type::INT4_ARRAY),
+                (&rows.detail, Type::JSONB_ARRAY),
+                (&rows.computed_at, Type::TIMESTAMPTZ_ARRAY),
+            ],
+        ))
+        .await
+    }
+}
+
 /// A 16-byte uid sent as a PostgreSQL `uuid` (binary format: the 16 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UuidBytes(pub [u8; 16]);

@@ -347,6 +347,7 @@ impl Worker {
         let release = self.hold.release_up_to(now);
         self.heartbeat().await?;
         self.sync_alert_events().await?;
+        self.sync_summaries().await?;
         let floor = self
             .live_floor
             .unwrap_or_else(|| head.saturating_sub(self.config.batch_size as i64));
@@ -412,6 +413,32 @@ impl Worker {
             let ids = events.ids;
             self.store
                 .write(move |c| local::mark_alert_events_synced(c, &ids))
+                .await
+                .map_err(|e| SyncError::Local(e.to_string()))?;
+            if count < max {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Daily summaries of closed days (few: one per device and metric a day).
+    async fn sync_summaries(&mut self) -> Result<(), SyncError> {
+        let max = self.config.batch_size;
+        loop {
+            let rows = self.read(move |c| local::select_summaries(c, max)).await?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let central = self.central.as_ref().ok_or_else(not_connected)?;
+            self.stage.set_waiting(0);
+            let uploaded = central.upload_summaries(&self.gateway_id, &rows).await;
+            self.stage.set_waiting(1);
+            self.stage.progress();
+            uploaded?;
+            let count = rows.len();
+            let keys = rows.keys;
+            self.store
+                .write(move |c| local::mark_summaries_synced(c, &keys))
                 .await
                 .map_err(|e| SyncError::Local(e.to_string()))?;
             if count < max {
