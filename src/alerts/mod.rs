@@ -17,7 +17,9 @@
 //!   keyed by a hash of the rule's condition and scope ([`AlertRule::key`]), so editing
 //!   severity, notifiers or reminders does not reset an alert.
 
+pub mod ack;
 pub mod engine;
+pub mod escalation;
 pub mod state;
 
 use crate::model::Uid;
@@ -84,6 +86,10 @@ pub struct AlertRule {
     /// While the alert keeps firing, notify again this often. Default: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder: Option<HumanDuration>,
+    /// Escalation steps (`[[alerts.escalation]]`), in order: each is sent once to its
+    /// notifiers if the alert is still firing and unacknowledged `after` its firing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escalation: Vec<escalation::EscalationStep>,
 }
 
 fn default_devices() -> Vec<String> {
@@ -192,6 +198,7 @@ impl AlertRule {
                 );
             }
         }
+        escalation::validate(&self.escalation, path, problems);
         if let Some(r) = self.reminder {
             if r.get() < MIN_REMINDER {
                 problems.push(
@@ -521,6 +528,11 @@ pub enum EventKind {
     Firing,
     Reminder,
     Resolved,
+    /// A person acknowledged the firing alert (`actor`, `note`, `channel` say who,
+    /// why and how); stored and synced, not sent to notifiers.
+    Acknowledged,
+    /// An escalation step was sent (to that step's notifiers).
+    Escalated,
     /// Sent by `outpost notify-test`; never stored.
     Test,
 }
@@ -531,6 +543,8 @@ impl EventKind {
             EventKind::Firing => "firing",
             EventKind::Reminder => "reminder",
             EventKind::Resolved => "resolved",
+            EventKind::Acknowledged => "acknowledged",
+            EventKind::Escalated => "escalated",
             EventKind::Test => "test",
         }
     }
@@ -564,9 +578,33 @@ pub struct AlertEvent {
     pub since: DateTime<Utc>,
     /// When this event happened.
     pub at: DateTime<Utc>,
+    /// Acknowledged events: who acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Acknowledged events: the note given with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Acknowledged events: `cli`, `console` or `central`; escalated events: the step
+    /// (`step 1`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 pub use crate::clock::Clock;
+
+/// Whether the next escalation step of `rule` (after `sent` steps) is due at `now` for
+/// an alert that fired at `fired_at`.
+pub fn escalation_due(
+    rule: &CompiledRule,
+    sent: u32,
+    fired_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> bool {
+    let (Some(step), Some(fired_at)) = (rule.def.escalation.get(sent as usize), fired_at) else {
+        return false;
+    };
+    (now - fired_at).to_std().unwrap_or_default() >= step.after.get()
+}
 
 #[cfg(test)]
 mod tests {

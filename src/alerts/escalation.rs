@@ -1,0 +1,177 @@
+//! Escalation: per rule, an ordered list of steps (`[[alerts.escalation]]`), each sent
+//! once to its own notifiers if the alert is still firing and unacknowledged `after`
+//! its firing.
+//!
+//! The delay counts from the firing on the agent's clock, which the engine moves with
+//! every wall-clock step it detects (as it does for `for`, stale and reminder timers), so
+//! it follows the monotonic clock while the agent runs; the firing time and the steps
+//! already sent are persisted in `alert_state`, so a restart neither forgets a step nor
+//! sends one again, and the time the agent was down counts as elapsed (the alarm was
+//! unacknowledged all that time). A step's event, its outbox rows and the state that
+//! records it as sent commit in one transaction: after a kill -9 the step is either
+//! sent (delivered by the outbox) or decided again, never both. Its event uid is derived
+//! from the rule, the series, the firing time and the step, so even a replay would be
+//! stored once.
+
+use crate::settings::{HumanDuration, Problems};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// One `[[alerts.escalation]]` step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationStep {
+    /// How long after the firing (if still unacknowledged) this step is sent, e.g.
+    /// `"15m"`. Each step's `after` must be larger than the previous step's.
+    pub after: HumanDuration,
+    /// Names of `[[notifiers]]` this step is sent to.
+    pub notifiers: Vec<String>,
+}
+
+/// The shortest `after`: less is not an escalation but a second firing notification.
+pub const MIN_AFTER: Duration = Duration::from_secs(60);
+/// The longest `after`: an alarm nobody acknowledged for a month is a configuration
+/// mistake, not a plan.
+pub const MAX_AFTER: Duration = Duration::from_secs(30 * 86400);
+/// Steps per rule.
+pub const MAX_STEPS: usize = 10;
+/// Notifiers per step.
+pub const MAX_NOTIFIERS: usize = 32;
+
+/// Checks the steps of one rule (`path` is the rule's, e.g. `alerts[0]`). Unknown
+/// notifier names are checked with the other tables by `config`.
+pub fn validate(steps: &[EscalationStep], path: &str, problems: &mut Problems) {
+    if steps.len() > MAX_STEPS {
+        problems.push(
+            format!("{path}.escalation"),
+            format!("at most {MAX_STEPS} steps, found {}", steps.len()),
+        );
+    }
+    let mut previous: Option<Duration> = None;
+    for (i, step) in steps.iter().enumerate() {
+        let at = format!("{path}.escalation[{i}]");
+        let after = step.after.get();
+        if after < MIN_AFTER || after > MAX_AFTER {
+            problems.push(
+                format!("{at}.after"),
+                format!("must be between 1m and 30d, found {}", step.after),
+            );
+        }
+        if let Some(prev) = previous {
+            if after <= prev {
+                problems.push(
+                    format!("{at}.after"),
+                    format!(
+                        "{} is not later than the previous step's {}; list steps in increasing `after`",
+                        step.after,
+                        HumanDuration(prev)
+                    ),
+                );
+            }
+        }
+        previous = Some(after);
+        if step.notifiers.is_empty() {
+            problems.push(
+                format!("{at}.notifiers"),
+                "list at least one notifier for this step",
+            );
+        }
+        if step.notifiers.len() > MAX_NOTIFIERS {
+            problems.push(
+                format!("{at}.notifiers"),
+                format!("at most {MAX_NOTIFIERS} notifiers"),
+            );
+        }
+    }
+}
+
+/// The notifiers of the first `sent` steps, without duplicates, in step order.
+pub fn notified_by_steps(steps: &[EscalationStep], sent: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for step in steps.iter().take(sent) {
+        for n in &step.notifiers {
+            if !out.contains(n) {
+                out.push(n.clone());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::AlertRule;
+
+    fn rule(extra: &str) -> Result<AlertRule, toml::de::Error> {
+        toml::from_str(&format!(
+            "name = \"hot\"\nkind = \"threshold\"\nmetric = \"t\"\nabove = 8.0\nnotifiers = [\"ops\"]\n{extra}"
+        ))
+    }
+
+    fn problems(r: &AlertRule) -> Vec<(String, String)> {
+        let mut p = Problems::default();
+        r.validate("alerts[0]", &mut p);
+        p.0
+    }
+
+    #[test]
+    fn good_steps_parse_and_validate() {
+        let r = rule("[[escalation]]\nafter = \"15m\"\nnotifiers = [\"night-phone\"]\n[[escalation]]\nafter = \"1h\"\nnotifiers = [\"manager\", \"night-phone\"]").unwrap();
+        assert_eq!(r.escalation.len(), 2);
+        assert!(problems(&r).is_empty(), "{:?}", problems(&r));
+        assert_eq!(
+            notified_by_steps(&r.escalation, 2),
+            vec!["night-phone".to_string(), "manager".to_string()]
+        );
+        assert!(notified_by_steps(&r.escalation, 0).is_empty());
+        // Escalation is about who is told: it does not change the rule's state key.
+        let plain = rule("").unwrap();
+        assert_eq!(plain.key(), r.key());
+    }
+
+    #[test]
+    fn wrong_values_are_reported_at_their_key() {
+        let r = rule("[[escalation]]\nafter = \"30m\"\nnotifiers = []\n[[escalation]]\nafter = \"15m\"\nnotifiers = [\"x\"]\n[[escalation]]\nafter = \"10s\"\nnotifiers = [\"x\"]\n[[escalation]]\nafter = \"400d\"\nnotifiers = [\"x\"]").unwrap();
+        let p = problems(&r);
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"alerts[0].escalation[0].notifiers"), "{p:?}");
+        assert!(keys.contains(&"alerts[0].escalation[1].after"), "{p:?}");
+        assert!(keys.contains(&"alerts[0].escalation[2].after"), "{p:?}");
+        assert!(keys.contains(&"alerts[0].escalation[3].after"), "{p:?}");
+        assert!(p.iter().any(|(_, m)| m.contains("not later than")), "{p:?}");
+        assert!(
+            p.iter().any(|(_, m)| m.contains("between 1m and 30d")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn hostile_and_missing_values_do_not_parse() {
+        assert!(
+            rule("[[escalation]]\nnotifiers = [\"x\"]").is_err(),
+            "after missing"
+        );
+        assert!(
+            rule("[[escalation]]\nafter = \"15m\"").is_err(),
+            "notifiers missing"
+        );
+        assert!(rule("[[escalation]]\nafter = \"soon\"\nnotifiers = [\"x\"]").is_err());
+        assert!(rule("[[escalation]]\nafter = -5\nnotifiers = [\"x\"]").is_err());
+        assert!(rule("[[escalation]]\nafter = \"15m\"\nnotifiers = \"x\"").is_err());
+        assert!(rule("[[escalation]]\nafter = \"15m\"\nnotifiers = [\"x\"]\nnotify = 1").is_err());
+        assert!(rule("escalation = \"15m\"").is_err());
+        let many: String = (0..11)
+            .map(|i| {
+                format!(
+                    "[[escalation]]\nafter = \"{}m\"\nnotifiers = [\"x\"]\n",
+                    i + 1
+                )
+            })
+            .collect();
+        let r = rule(&many).unwrap();
+        assert!(problems(&r)
+            .iter()
+            .any(|(k, m)| k == "alerts[0].escalation" && m.contains("at most")));
+    }
+}
