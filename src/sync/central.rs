@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 
 /// The central schema version this agent writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Key of the transaction-scoped advisory lock that serialises migrations and
 /// partition maintenance (`pg_advisory_xact_lock`, released at commit).
@@ -39,11 +39,19 @@ struct Migration {
     sql: fn(Layout) -> String,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "gateways, readings, alert_events",
-    sql: migration_1,
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "gateways, readings, alert_events",
+        sql: migration_1,
+    },
+    // 2: acknowledgements from central (issue 16, alarm-ack).
+    Migration {
+        version: 2,
+        description: "alert_acks, who acknowledged in alert_events",
+        sql: migration_2,
+    },
+];
 
 const PREAMBLE: &str = "\
 CREATE SCHEMA IF NOT EXISTS outpost;
@@ -127,6 +135,35 @@ CREATE INDEX IF NOT EXISTS alert_events_gateway_time ON outpost.alert_events (ga
 CREATE INDEX IF NOT EXISTS alert_events_device_time ON outpost.alert_events (device, occurred_at DESC);
 "
     )
+}
+
+/// Acknowledgements taken centrally (operators insert rows; each gateway picks up its
+/// own on its sync rounds, applies them and sets `applied_at` and `result`), and who
+/// acknowledged, with the note and channel, on `acknowledged` events. The new event
+/// columns are nullable, so inserts that do not name them keep working.
+fn migration_2(_: Layout) -> String {
+    "\
+-- Acknowledgements of firing alarms, inserted by operators; the gateway applies them.
+CREATE TABLE IF NOT EXISTS outpost.alert_acks (
+    id          bigserial PRIMARY KEY,
+    gateway_id  text NOT NULL,
+    rule        text NOT NULL,
+    device      text,                         -- NULL: every firing series of the rule
+    acked_by    text NOT NULL,
+    note        text,                         -- at most 1,000 characters
+    acked_at    timestamptz NOT NULL DEFAULT now(),   -- central's clock
+    applied_at  timestamptz,                  -- set by the gateway; NULL: pending
+    result      text                          -- applied, unknown alarm, already resolved,
+                                              -- already acknowledged, or invalid: <why>
+);
+CREATE INDEX IF NOT EXISTS alert_acks_pending ON outpost.alert_acks (gateway_id, id) WHERE applied_at IS NULL;
+
+-- Acknowledged events: who, their note, and the channel (cli, console or central).
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS actor text;
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS note text;
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS channel text;
+"
+    .to_string()
 }
 
 fn record_version(m: &Migration) -> String {

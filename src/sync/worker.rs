@@ -346,6 +346,7 @@ impl Worker {
         self.hold.observe(now, head);
         let release = self.hold.release_up_to(now);
         self.heartbeat().await?;
+        self.apply_central_acks().await?;
         self.sync_alert_events().await?;
         let floor = self
             .live_floor
@@ -387,6 +388,49 @@ impl Worker {
         self.stage.set_waiting(1);
         self.stage.progress();
         sent
+    }
+
+    /// Acknowledgements taken centrally for this gateway: each is checked, applied
+    /// locally (idempotent: keyed by its central id) and marked applied centrally with
+    /// its result; an unknown or resolved alarm is a result, not an error. The
+    /// `acknowledged` events this writes go up in the same round.
+    async fn apply_central_acks(&mut self) -> Result<(), SyncError> {
+        let central = self.central.as_ref().ok_or_else(not_connected)?;
+        self.stage.set_waiting(0);
+        let pending = central.pending_acks(&self.gateway_id, ACKS_PER_ROUND).await;
+        self.stage.set_waiting(1);
+        for ack in pending? {
+            let req = crate::alerts::ack::AckRequest {
+                rule: ack.rule,
+                device: ack.device,
+                by: ack.acked_by,
+                note: ack.note,
+                channel: crate::alerts::ack::Channel::Central,
+                site: self.site.clone(),
+                gateway_id: self.gateway_id.clone(),
+                idempotency_key: Some(format!("central:{}", ack.id)),
+            };
+            let problems = req.problems();
+            let result = if !problems.is_empty() {
+                let why: String = problems.join("; ").chars().take(500).collect();
+                format!("invalid: {why}")
+            } else {
+                crate::alerts::ack::acknowledge(&self.store, req, &self.clock)
+                    .await
+                    .map_err(|e| SyncError::Local(e.to_string()))?
+                    .result()
+                    .to_string()
+            };
+            tracing::info!(id = ack.id, %result, "Acknowledgement from central applied.");
+            let central = self.central.as_ref().ok_or_else(not_connected)?;
+            self.stage.set_waiting(0);
+            let marked = central
+                .mark_ack_applied(&self.gateway_id, ack.id, &result)
+                .await;
+            self.stage.set_waiting(1);
+            marked?;
+        }
+        Ok(())
     }
 
     /// Alert events, oldest first, every one of them each round (they are few).
@@ -531,6 +575,9 @@ impl Worker {
         }
     }
 }
+
+/// Acknowledgements from central applied per round, at most.
+const ACKS_PER_ROUND: i64 = 100;
 
 fn not_connected() -> SyncError {
     SyncError::Database("not connected".into())
