@@ -7,30 +7,33 @@ mod support;
 
 use hmac::{Hmac, Mac};
 use outpost::config::Config;
-use outpost::model::{Batch, Reading, Uid};
-use outpost::store::{Store, StoreOptions};
+use outpost::model::{Reading, Uid};
 use rusqlite::Connection;
 use sha2::Sha256;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::agent::{outpost, Agent, InProcessAgent};
+use support::util::wait_until_async;
 use support::{HttpReceiver, Reply, SmtpOptions, SmtpServer, TestCa};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 /// Generous: the test box is small and shared.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn write_config(dir: &Path, body: &str) -> PathBuf {
-    let path = dir.join("outpost.toml");
-    let text = format!(
+/// The configuration: an agent section, the database in `dir`, then `body`.
+fn config_text(dir: &Path, body: &str) -> String {
+    format!(
         "[agent]\ngateway_id = \"gw-test\"\nsite = \"Test site\"\n\n[storage]\npath = \"{}\"\nbatch_max_delay = \"10ms\"\n\n{body}",
         dir.join("outpost.db").display()
-    );
-    std::fs::write(&path, text).unwrap();
+    )
+}
+
+fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("outpost.toml");
+    std::fs::write(&path, config_text(dir, body)).unwrap();
     path
 }
 
@@ -39,92 +42,51 @@ fn load(dir: &Path, body: &str) -> Config {
     Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The store and the alert tasks in-process, with readings injected through the ingest
-/// channel exactly as a source would hand them over.
-struct Agent {
-    _dir: tempfile::TempDir,
-    db: PathBuf,
-    store: Option<Store>,
-    ingest: Option<mpsc::Sender<Batch>>,
-    token: CancellationToken,
-    tasks: tokio::task::JoinSet<()>,
-    finished: Option<tokio::sync::oneshot::Receiver<()>>,
+/// The store and the alert tasks in-process, with readings handed over through the
+/// ingest channel exactly as a source would hand them over.
+fn start_alerting(body: &str) -> InProcessAgent {
+    let dir = tempfile::tempdir().unwrap();
+    let config = load(dir.path(), body);
+    start_alerting_in(dir, config)
 }
 
-impl Agent {
-    fn start(body: &str) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let config = load(dir.path(), body);
-        Agent::start_with(dir, config)
+fn start_alerting_in(dir: tempfile::TempDir, config: Config) -> InProcessAgent {
+    let mut agent = InProcessAgent::open_in(dir, &config.storage);
+    let alerting = outpost::run::alerting::spawn_tasks(
+        &config,
+        agent.store(),
+        outpost::tls::CertWatch::default().saving_to(agent.store().clone()),
+        agent.shutdown_token(),
+        outpost::alerts::Clock::system(),
+    )
+    .unwrap();
+    for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
+        agent.spawn(task);
     }
-
-    fn start_with(dir: tempfile::TempDir, config: Config) -> Agent {
-        let (store, ingest) = Store::open(&config.storage, StoreOptions::default()).unwrap();
-        let token = CancellationToken::new();
-        let alerting = outpost::run::alerting::spawn_tasks(
-            &config,
-            &store,
-            outpost::tls::CertWatch::default().saving_to(store.clone()),
-            token.clone(),
-            outpost::alerts::Clock::system(),
-        )
-        .unwrap();
-        let mut tasks = tokio::task::JoinSet::new();
-        for t in [alerting.engine, alerting.outbox].into_iter().flatten() {
-            tasks.spawn(t);
-        }
-        Agent {
-            db: config.storage.path.clone(),
-            _dir: dir,
-            store: Some(store),
-            ingest: Some(ingest.sender),
-            token,
-            tasks,
-            finished: Some(ingest.finished),
-        }
-    }
-
-    async fn reading(&self, device: &str, value: f64) {
-        let now = chrono::Utc::now();
-        let r = Reading {
-            uid: Uid::derive(&[
-                "test",
-                device,
-                &now.timestamp_micros().to_string(),
-                &value.to_string(),
-            ]),
-            source: "test".into(),
-            device: device.into(),
-            metric: "temperature".into(),
-            value,
-            unit: Some("°C".into()),
-            observed_at: now,
-            received_at: now,
-            flags: 0,
-            meta: None,
-        };
-        let (batch, ack) = Batch::with_ack(vec![r]);
-        self.ingest.as_ref().unwrap().send(batch).await.unwrap();
-        ack.await.unwrap().unwrap();
-    }
-
-    fn conn(&self) -> Connection {
-        Connection::open_with_flags(&self.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
-    }
-
-    async fn stop(mut self) {
-        self.token.cancel();
-        self.ingest.take();
-        self.store.take();
-        while self.tasks.join_next().await.is_some() {}
-        if let Some(f) = self.finished.take() {
-            let _ = f.await;
-        }
-    }
+    agent
 }
 
-fn query_i64(conn: &Connection, sql: &str) -> i64 {
-    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+/// Stores a `temperature` reading of `device` now, and waits for its commit.
+async fn reading(agent: &InProcessAgent, device: &str, value: f64) {
+    let now = chrono::Utc::now();
+    let r = Reading {
+        uid: Uid::derive(&[
+            "test",
+            device,
+            &now.timestamp_micros().to_string(),
+            &value.to_string(),
+        ]),
+        source: "test".into(),
+        device: device.into(),
+        metric: "temperature".into(),
+        value,
+        unit: Some("°C".into()),
+        observed_at: now,
+        received_at: now,
+        flags: 0,
+        meta: None,
+    };
+    agent.ingest(vec![r]).await;
 }
 
 fn outbox_states(db: &Path) -> Vec<(String, i64, Option<String>)> {
@@ -138,14 +100,6 @@ fn outbox_states(db: &Path) -> Vec<(String, i64, Option<String>)> {
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     rows
-}
-
-async fn wait_until_async(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn verify_signature(secret: &str, body: &[u8], header: &str) -> bool {
@@ -182,10 +136,10 @@ fn webhook(url: &str, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_gets_signed_firing_and_resolved_events_with_idempotency_keys() {
     let receiver = HttpReceiver::start();
-    let agent = Agent::start(&format!("{RULE}{}", webhook(&receiver.url(), "")));
-    agent.reading("coldroom-1", 4.0).await;
-    agent.reading("freezer-1", 20.0).await; // out of scope
-    agent.reading("coldroom-1", 9.5).await;
+    let agent = start_alerting(&format!("{RULE}{}", webhook(&receiver.url(), "")));
+    reading(&agent, "coldroom-1", 4.0).await;
+    reading(&agent, "freezer-1", 20.0).await; // out of scope
+    reading(&agent, "coldroom-1", 9.5).await;
     let reqs = receiver.wait_for_requests_async(1, DEADLINE).await;
     let firing = &reqs[0];
     assert_eq!(firing.method, "POST");
@@ -218,26 +172,25 @@ async fn webhook_gets_signed_firing_and_resolved_events_with_idempotency_keys() 
         .starts_with("FIRING [critical] Test site / coldroom-1"));
 
     // Hysteresis: 7 is below the alert level but above the clear level.
-    agent.reading("coldroom-1", 7.0).await;
+    reading(&agent, "coldroom-1", 7.0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.requests().len(), 1);
-    agent.reading("coldroom-1", 5.0).await;
+    reading(&agent, "coldroom-1", 5.0).await;
     let reqs = receiver.wait_for_requests_async(2, DEADLINE).await;
     let resolved: serde_json::Value = serde_json::from_slice(&reqs[1].body).unwrap();
     assert_eq!(resolved["kind"], "resolved");
     assert_ne!(resolved["uid"], event["uid"]);
-    wait_until_async("both delivered", DEADLINE, || {
-        outbox_states(&agent.db)
+    wait_until_async("both delivered", DEADLINE, async || {
+        outbox_states(agent.db())
             .iter()
             .filter(|s| s.0 == "delivered")
             .count()
             == 2
     })
     .await;
-    let conn = agent.conn();
-    assert_eq!(query_i64(&conn, "SELECT COUNT(*) FROM alert_events"), 2);
-    assert_eq!(query_i64(&conn, "SELECT COUNT(*) FROM alert_state"), 0);
-    agent.stop().await;
+    assert_eq!(agent.count("SELECT COUNT(*) FROM alert_events"), 2);
+    assert_eq!(agent.count("SELECT COUNT(*) FROM alert_state"), 0);
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,11 +203,11 @@ async fn webhook_outage_500_then_timeouts_then_recovery_keeps_the_key() {
             3..=4 => Reply::ok().delay(Duration::from_secs(3)), // the notifier times out at 500ms
             _ => Reply::ok(),
         });
-    let agent = Agent::start(&format!("{RULE}{}", webhook(&receiver.url(), "")));
-    agent.reading("coldroom-1", 12.0).await;
+    let agent = start_alerting(&format!("{RULE}{}", webhook(&receiver.url(), "")));
+    reading(&agent, "coldroom-1", 12.0).await;
     let reqs = receiver.wait_for_requests_async(6, DEADLINE).await;
-    wait_until_async("delivery recorded", DEADLINE, || {
-        outbox_states(&agent.db)[0].0 == "delivered"
+    wait_until_async("delivery recorded", DEADLINE, async || {
+        outbox_states(agent.db())[0].0 == "delivered"
     })
     .await;
     let keys: std::collections::HashSet<_> = reqs
@@ -266,12 +219,12 @@ async fn webhook_outage_500_then_timeouts_then_recovery_keeps_the_key() {
         1,
         "the same idempotency key on every attempt: {keys:?}"
     );
-    let (state, attempts, _) = &outbox_states(&agent.db)[0];
+    let (state, attempts, _) = &outbox_states(agent.db())[0];
     assert_eq!(state, "delivered");
     assert_eq!(*attempts, 6, "three 500s, two timeouts, one success");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.requests().len(), 6, "nothing after delivery");
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,16 +240,16 @@ async fn a_400_fails_permanently_and_an_expired_ttl_is_reported() {
                  retry_initial = \"50ms\"\nretry_max = \"100ms\"\n",
         down.url()
     );
-    let agent = Agent::start(&body);
-    agent.reading("coldroom-1", 12.0).await;
-    wait_until_async("failed and expired", DEADLINE, || {
-        let s = outbox_states(&agent.db);
+    let agent = start_alerting(&body);
+    reading(&agent, "coldroom-1", 12.0).await;
+    wait_until_async("failed and expired", DEADLINE, async || {
+        let s = outbox_states(agent.db());
         s.len() == 2
             && s.iter()
                 .all(|(state, _, _)| state == "failed" || state == "expired")
     })
     .await;
-    let states = outbox_states(&agent.db);
+    let states = outbox_states(agent.db());
     let failed = states.iter().find(|s| s.0 == "failed").unwrap();
     assert_eq!(failed.1, 1, "a 400 is not retried");
     assert!(failed.2.as_deref().unwrap().contains("400"));
@@ -305,7 +258,7 @@ async fn a_400_fails_permanently_and_an_expired_ttl_is_reported() {
     let expired = states.iter().find(|s| s.0 == "expired").unwrap();
     assert!(expired.2.as_deref().unwrap().contains("503"));
 
-    let report = outpost::cli::status::status_report(&agent.db).unwrap();
+    let report = outpost::cli::status::status_report(agent.db()).unwrap();
     assert_eq!(report.alerts.notifications_expired, 1);
     assert_eq!(report.alerts.notifications_failed, 1);
     assert_eq!(report.alerts.firing.len(), 1);
@@ -316,15 +269,11 @@ async fn a_400_fails_permanently_and_an_expired_ttl_is_reported() {
         text.contains("EXPIRED") && text.contains("FAILED"),
         "{text}"
     );
-    let conn = agent.conn();
     assert_eq!(
-        query_i64(
-            &conn,
-            "SELECT value FROM counters WHERE name = 'notifications_expired'"
-        ),
+        agent.count("SELECT value FROM counters WHERE name = 'notifications_expired'"),
         1
     );
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,8 +293,8 @@ async fn email_with_auth_over_starttls_with_a_test_ca_and_smtp_outage() {
         smtp.port(),
         ca.ca_pem().display()
     );
-    let agent = Agent::start(&body);
-    agent.reading("coldroom-2", 10.25).await;
+    let agent = start_alerting(&body);
+    reading(&agent, "coldroom-2", 10.25).await;
     let mails = smtp.wait_for_messages_async(1, DEADLINE).await;
     let mail = &mails[0];
     assert_eq!(mail.auth_user.as_deref(), Some("alerts"));
@@ -373,19 +322,19 @@ async fn email_with_auth_over_starttls_with_a_test_ca_and_smtp_outage() {
 
     // The mail server goes away: the resolved mail waits and arrives after recovery.
     smtp.stop();
-    agent.reading("coldroom-2", 3.0).await;
-    wait_until_async("two failed attempts", DEADLINE, || {
-        outbox_states(&agent.db).get(1).is_some_and(|s| s.1 >= 2)
+    reading(&agent, "coldroom-2", 3.0).await;
+    wait_until_async("two failed attempts", DEADLINE, async || {
+        outbox_states(agent.db()).get(1).is_some_and(|s| s.1 >= 2)
     })
     .await;
     smtp.start_again();
     let mails = smtp.wait_for_messages_async(2, DEADLINE).await;
     assert!(mails[1].data_str().contains("Subject: RESOLVED [critical]"));
-    wait_until_async("delivered", DEADLINE, || {
-        outbox_states(&agent.db)[1].0 == "delivered"
+    wait_until_async("delivered", DEADLINE, async || {
+        outbox_states(agent.db())[1].0 == "delivered"
     })
     .await;
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,11 +396,11 @@ async fn exec_notifier_runs_a_script_with_the_event() {
         script.display()
     );
     let config = load(dir.path(), &body);
-    let agent = Agent::start_with(dir, config);
-    agent.reading("coldroom-1", 9.0).await;
+    let agent = start_alerting_in(dir, config);
+    reading(&agent, "coldroom-1", 9.0).await;
     let json_path = record.with_extension("json");
-    wait_until_async("the script ran", DEADLINE, || {
-        outbox_states(&agent.db)
+    wait_until_async("the script ran", DEADLINE, async || {
+        outbox_states(agent.db())
             .first()
             .is_some_and(|s| s.0 == "delivered")
     })
@@ -477,7 +426,7 @@ async fn exec_notifier_runs_a_script_with_the_event() {
             .trim(),
         "--on"
     );
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[test]
@@ -489,14 +438,8 @@ fn config_errors_name_file_line_and_key() {
          \n[[alerts]]\nname = \"b\"\nkind = \"stale\"\nmetric = \"t\"\nafter = \"often\"\n\
          \n[[notifiers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"ftp://x\"\n",
     );
-    let out = Command::new(BIN)
-        .arg("check")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, _, err) = outpost(["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("outpost.toml:14: alerts[0].clear: clear level 1 is below the alert level 2"),
         "{err}"
@@ -517,75 +460,27 @@ fn notify_test_command_reports_the_outcome() {
     let receiver = HttpReceiver::start();
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &webhook(&receiver.url(), ""));
-    let out = Command::new(BIN)
-        .args(["notify-test", "hook", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("hook: delivered"));
+    let notify_test =
+        |notifier: &str| outpost(["notify-test", notifier, "-c", path.to_str().unwrap()]);
+    let (code, stdout, stderr) = notify_test("hook");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("hook: delivered"));
     let req = &receiver.wait_for_requests(1, DEADLINE)[0];
     assert!(req.body_str().contains("\"kind\":\"test\""));
     receiver.set_handler(|_| Reply::status(401));
-    let out = Command::new(BIN)
-        .args(["notify-test", "hook", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("hook: NOT delivered (permanent failure): the webhook answered 401"));
-    let out = Command::new(BIN)
-        .args(["notify-test", "nope", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no notifier is called \"nope\""));
+    let (code, _, stderr) = notify_test("hook");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("hook: NOT delivered (permanent failure): the webhook answered 401"));
+    let (_, _, stderr) = notify_test("nope");
+    assert!(stderr.contains("no notifier is called \"nope\""));
 }
 
 // ---- The real binary, killed with SIGKILL --------------------------------------------
 
-struct RunningAgent {
-    child: Child,
-}
-
-impl RunningAgent {
-    fn start(config: &Path, log: &Path) -> RunningAgent {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        RunningAgent { child }
-    }
-
-    fn sigkill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for RunningAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn binary_config(dir: &Path, url: &str, hold: &str) -> PathBuf {
-    write_config(
+/// The real agent in `dir`: a simulated cold room that goes warm at once, and a rule
+/// that fires after `hold`, notifying the webhook at `url`.
+fn binary_agent(dir: &Path, url: &str, hold: &str) -> Agent {
+    let config = config_text(
         dir,
         &format!(
             "[[sources]]\ntype = \"simulated\"\nname = \"sim\"\ndevices = [\"coldroom-1\"]\nperiod = \"200ms\"\n\
@@ -595,7 +490,8 @@ fn binary_config(dir: &Path, url: &str, hold: &str) -> PathBuf {
              \n{}",
             webhook(url, "")
         ),
-    )
+    );
+    Agent::new(dir, &config).deadline(DEADLINE)
 }
 
 /// Reads `(state, since µs)` of the alert, if any, without disturbing the agent.
@@ -624,24 +520,19 @@ fn firing_events(db: &Path) -> Vec<(String, i64)> {
 fn sigkill_while_pending_keeps_the_timer_and_fires_once() {
     let receiver = HttpReceiver::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = binary_config(dir.path(), &receiver.url(), "6s");
-    let db = dir.path().join("outpost.db");
-    let log = dir.path().join("agent.log");
-    let agent = RunningAgent::start(&config, &log);
-    assert!(
-        support::wait_until(DEADLINE, || alert_state(&db)
-            .is_some_and(|s| s.0 == "pending")),
-        "the alert never went pending: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let mut agent = binary_agent(dir.path(), &receiver.url(), "6s").start();
+    let db = agent.db().to_path_buf();
+    agent.wait_until("the alert to go pending", || {
+        alert_state(&db).is_some_and(|s| s.0 == "pending")
+    });
     let (_, pending_since) = alert_state(&db).unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    agent.sigkill();
+    agent.kill();
     assert!(
         firing_events(&db).is_empty(),
         "killed before the 6 s passed"
     );
-    let _agent = RunningAgent::start(&config, &log);
+    agent.start_again();
     let reqs = receiver.wait_for_requests(1, DEADLINE);
     let firing = firing_events(&db);
     assert_eq!(firing.len(), 1, "exactly one firing event");
@@ -666,13 +557,11 @@ fn sigkill_while_firing_neither_refires_nor_loses_the_notification() {
     // notification undelivered.
     let receiver = HttpReceiver::start_with(|_| Reply::status(503));
     let dir = tempfile::tempdir().unwrap();
-    let config = binary_config(dir.path(), &receiver.url(), "0s");
-    let db = dir.path().join("outpost.db");
-    let log = dir.path().join("agent.log");
-    let agent = RunningAgent::start(&config, &log);
+    let mut agent = binary_agent(dir.path(), &receiver.url(), "0s").start();
+    let db = agent.db().to_path_buf();
     receiver.wait_for_requests(2, DEADLINE);
     assert_eq!(alert_state(&db).map(|s| s.0).as_deref(), Some("firing"));
-    agent.sigkill();
+    agent.kill();
     let failed_keys: Vec<String> = receiver
         .requests()
         .iter()
@@ -681,14 +570,12 @@ fn sigkill_while_firing_neither_refires_nor_loses_the_notification() {
 
     receiver.set_handler(|_| Reply::ok());
     let before = receiver.requests().len();
-    let _agent = RunningAgent::start(&config, &log);
-    assert!(
-        support::wait_until(DEADLINE, || outbox_states(&db)
+    agent.start_again();
+    agent.wait_until("delivery after the restart", || {
+        outbox_states(&db)
             .first()
-            .is_some_and(|s| s.0 == "delivered")),
-        "not delivered after the restart: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+            .is_some_and(|s| s.0 == "delivered")
+    });
     let after: Vec<_> = receiver.requests()[before..].to_vec();
     assert!(!after.is_empty());
     for r in &after {

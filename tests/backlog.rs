@@ -22,12 +22,11 @@ mod support;
 
 use serde_json::json;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::agent::{db_i64, AgentProcess};
+use support::agent::Agent;
 use support::Mosquitto;
 
 const APP: &str = "0b9c3a52-6f0e-4d1a-9c3e-5a7b8c9d0e1f";
@@ -125,71 +124,55 @@ impl Kind {
     }
 }
 
-/// A temporary directory with the agent's configuration and database.
-struct Site {
-    dir: tempfile::TempDir,
-}
-
-impl Site {
-    fn new(kind: Kind, broker: &Mosquitto) -> Site {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let config = format!(
+/// The agent with `kind`'s source on `broker`, in its own directory; not started yet.
+fn configure(kind: Kind, broker: &Mosquitto) -> Agent {
+    Agent::in_temp_dir(|dir| {
+        format!(
             "[agent]\ngateway_id = \"backlog-gw\"\n[storage]\npath = \"{}\"\n\
              [http]\nenabled = false\n{}",
-            dir.path().join("outpost.db").display(),
+            dir.join("outpost.db").display(),
             kind.source(broker.port())
-        );
-        std::fs::write(dir.path().join("outpost.toml"), config).expect("write the configuration");
-        Site { dir }
-    }
+        )
+    })
+}
 
-    fn start(&self) -> AgentProcess {
-        AgentProcess::run(&self.dir.path().join("outpost.toml"), &self.log())
-    }
+/// Distinct readings stored so far.
+fn stored(agent: &Agent) -> i64 {
+    agent
+        .try_count("SELECT COUNT(DISTINCT uid) FROM readings")
+        .unwrap_or(0)
+}
 
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("agent.log")
-    }
+/// Rows inserted so far (the newest row id; cheap to read every second).
+fn inserted(agent: &Agent) -> i64 {
+    agent
+        .try_count("SELECT COALESCE(MAX(id), 0) FROM readings")
+        .unwrap_or(0)
+}
 
-    fn db(&self) -> PathBuf {
-        self.dir.path().join("outpost.db")
-    }
-
-    fn stored(&self) -> i64 {
-        db_i64(&self.db(), "SELECT COUNT(DISTINCT uid) FROM readings").unwrap_or(0)
-    }
-
-    /// Rows inserted so far (the newest row id; cheap to read every second).
-    fn inserted(&self) -> i64 {
-        db_i64(&self.db(), "SELECT COALESCE(MAX(id), 0) FROM readings").unwrap_or(0)
-    }
-
-    fn rows(&self) -> i64 {
-        db_i64(&self.db(), "SELECT COUNT(*) FROM readings").unwrap_or(0)
-    }
-
-    fn agent_log(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
-    }
+fn rows(agent: &Agent) -> i64 {
+    agent
+        .try_count("SELECT COUNT(*) FROM readings")
+        .unwrap_or(0)
 }
 
 /// Starts the agent, waits until its session is subscribed (a probe uplink is
 /// stored), and stops it: the broker now queues for its persistent session.
-fn create_session(kind: Kind, broker: &Mosquitto, site: &Site) {
-    let mut agent = site.start();
+fn create_session(kind: Kind, broker: &Mosquitto, agent: &mut Agent) {
+    agent.start_again();
     // Far beyond any uplink number a run uses.
     let probe = 1_000_000_000;
     let subscribed = support::wait_until(Duration::from_secs(60), || {
         broker.publish_lines(&kind.topic(), 1, [kind.uplink(probe)]);
-        support::wait_until(Duration::from_millis(500), || site.stored() > 0)
+        support::wait_until(Duration::from_millis(500), || stored(agent) > 0)
     });
     assert!(
         subscribed,
         "the agent never stored the probe; log:\n{}",
-        site.agent_log()
+        agent.full_log()
     );
     assert!(
-        agent.terminate(Duration::from_secs(20)).is_some(),
+        agent.terminate().is_some(),
         "the agent did not stop on SIGTERM"
     );
 }
@@ -202,10 +185,10 @@ struct Drain {
 
 /// Waits until `want` distinct readings are stored, failing when nothing is committed
 /// for [`NO_PROGRESS_LIMIT`]; returns the time from `started` and the agent's peak RSS.
-fn wait_for_drain(site: &Site, agent: &AgentProcess, want: i64, started: Instant) -> Drain {
-    let mut last = (site.stored(), Instant::now());
+fn wait_for_drain(agent: &Agent, want: i64, started: Instant) -> Drain {
+    let mut last = (stored(agent), Instant::now());
     loop {
-        let stored = site.stored();
+        let stored = stored(agent);
         if stored >= want {
             break;
         }
@@ -215,12 +198,15 @@ fn wait_for_drain(site: &Site, agent: &AgentProcess, want: i64, started: Instant
         assert!(
             last.1.elapsed() < NO_PROGRESS_LIMIT,
             "no commit for {NO_PROGRESS_LIMIT:?} at {stored} of {want} readings (wedged); log:\n{}",
-            site.agent_log()
+            agent.full_log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     let seconds = started.elapsed().as_secs_f64();
-    let peak_rss_kib = agent.status_kib("VmHWM").expect("the agent is running");
+    let peak_rss_kib = agent
+        .process()
+        .status_kib("VmHWM")
+        .expect("the agent is running");
     Drain {
         seconds,
         peak_rss_kib,
@@ -229,9 +215,9 @@ fn wait_for_drain(site: &Site, agent: &AgentProcess, want: i64, started: Instant
 
 /// The agent's warnings and errors and the broker's view of its connections, for a
 /// failure message.
-fn diagnostics(site: &Site, broker: &Mosquitto, kind: Kind) -> String {
-    let agent: Vec<String> = site
-        .agent_log()
+fn diagnostics(agent: &Agent, broker: &Mosquitto, kind: Kind) -> String {
+    let warnings: Vec<String> = agent
+        .full_log()
         .lines()
         .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("Connected"))
         .map(str::to_string)
@@ -245,15 +231,15 @@ fn diagnostics(site: &Site, broker: &Mosquitto, kind: Kind) -> String {
         .collect();
     format!(
         "agent log (warnings, errors, connects):\n{}\nbroker log for {id}:\n{}",
-        agent.join("\n"),
+        warnings.join("\n"),
         broker.join("\n")
     )
 }
 
 /// Every reading stored once, no reading twice, and the broker never dropped the agent.
-fn assert_exactly_once_and_connected(site: &Site, broker: &Mosquitto, want: i64) {
-    assert_eq!(site.stored(), want, "distinct readings");
-    assert_eq!(site.rows(), want, "rows: a reading stored twice");
+fn assert_exactly_once_and_connected(agent: &Agent, broker: &Mosquitto, want: i64) {
+    assert_eq!(stored(agent), want, "distinct readings");
+    assert_eq!(rows(agent), want, "rows: a reading stored twice");
     let timeouts = broker.timeouts();
     assert!(
         timeouts.is_empty(),
@@ -268,19 +254,19 @@ fn backlog(kind: Kind, inflight: Option<u64>) {
         builder = builder.max_inflight_messages(window);
     }
     let broker = builder.start();
-    let site = Site::new(kind, &broker);
-    create_session(kind, &broker, &site);
-    let before = site.stored();
+    let mut agent = configure(kind, &broker);
+    create_session(kind, &broker, &mut agent);
+    let before = stored(&agent);
 
     let published = Instant::now();
     broker.publish_lines(&kind.topic(), 1, (0..n).map(|i| kind.uplink(i)));
     let publish_secs = published.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let mut agent = site.start();
+    agent.start_again();
     let want = before + READINGS_PER_UPLINK * n as i64;
-    let drain = wait_for_drain(&site, &agent, want, started);
-    agent.terminate(Duration::from_secs(20));
+    let drain = wait_for_drain(&agent, want, started);
+    agent.terminate();
     let window = match inflight {
         Some(0) => "no in-flight window".to_string(),
         Some(w) => format!("max_inflight_messages {w}"),
@@ -293,7 +279,7 @@ fn backlog(kind: Kind, inflight: Option<u64>) {
         n as f64 / drain.seconds,
         drain.peak_rss_kib / 1024
     );
-    assert_exactly_once_and_connected(&site, &broker, want);
+    assert_exactly_once_and_connected(&agent, &broker, want);
     assert!(
         drain.peak_rss_kib <= PEAK_RSS_LIMIT_KIB,
         "peak RSS {} KiB > {PEAK_RSS_LIMIT_KIB} KiB",
@@ -389,10 +375,10 @@ fn sustained_overload_keeps_committing_and_drains() {
     let kind = Kind::ChirpStack;
     let secs = env_u64("OUTPOST_OVERLOAD_SECS", 60);
     let broker = Mosquitto::builder().max_queued_messages(0).start();
-    let site = Site::new(kind, &broker);
-    create_session(kind, &broker, &site);
-    let before = site.inserted();
-    let mut agent = site.start();
+    let mut agent = configure(kind, &broker);
+    create_session(kind, &broker, &mut agent);
+    let before = inserted(&agent);
+    agent.start_again();
     let rate = Arc::new(AtomicU64::new(200));
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = paced_publisher(&broker, kind, rate.clone(), stop.clone());
@@ -401,13 +387,13 @@ fn sustained_overload_keeps_committing_and_drains() {
     // 200 uplinks/s, growing by at most half per second), so the agent stays behind and
     // the broker's queue grows. Readings stored are sampled every second.
     let started = Instant::now();
-    let mut samples: Vec<(Instant, i64)> = vec![(started, site.inserted())];
+    let mut samples: Vec<(Instant, i64)> = vec![(started, inserted(&agent))];
     let mut peak_rss_kib = 0;
     let mut tick = started;
     let sample = |samples: &mut Vec<(Instant, i64)>, tick: &mut Instant| {
         *tick = (*tick + Duration::from_secs(1)).max(Instant::now());
         std::thread::sleep(tick.saturating_duration_since(Instant::now()));
-        samples.push((Instant::now(), site.inserted()));
+        samples.push((Instant::now(), inserted(&agent)));
     };
     while started.elapsed() < Duration::from_secs(secs) {
         sample(&mut samples, &mut tick);
@@ -418,16 +404,16 @@ fn sustained_overload_keeps_committing_and_drains() {
         let previous = rate.load(Ordering::SeqCst) as f64;
         let next = (1.5 * per_sec).clamp(200.0, 1.5 * previous);
         rate.store(next as u64, Ordering::SeqCst);
-        peak_rss_kib = agent.status_kib("VmHWM").unwrap_or(peak_rss_kib);
+        peak_rss_kib = agent.process().status_kib("VmHWM").unwrap_or(peak_rss_kib);
     }
     stop.store(true, Ordering::SeqCst);
     let published = publisher.join().expect("publisher thread");
-    let behind_at_end = published as i64 - (site.inserted() - before) / READINGS_PER_UPLINK;
+    let behind_at_end = published as i64 - (inserted(&agent) - before) / READINGS_PER_UPLINK;
     let want = before + READINGS_PER_UPLINK * published as i64;
     // Draining: keep sampling until everything is stored.
     let drain_started = Instant::now();
-    let mut last_progress = (site.inserted(), Instant::now());
-    while site.inserted() < want {
+    let mut last_progress = (inserted(&agent), Instant::now());
+    while inserted(&agent) < want {
         sample(&mut samples, &mut tick);
         let stored = samples[samples.len() - 1].1;
         if stored > last_progress.0 {
@@ -436,12 +422,12 @@ fn sustained_overload_keeps_committing_and_drains() {
         assert!(
             last_progress.1.elapsed() < NO_PROGRESS_LIMIT,
             "no commit for {NO_PROGRESS_LIMIT:?} at {stored} of {want} readings (wedged)\n{}",
-            diagnostics(&site, &broker, kind)
+            diagnostics(&agent, &broker, kind)
         );
     }
     let drain_secs = drain_started.elapsed().as_secs_f64();
-    peak_rss_kib = agent.status_kib("VmHWM").unwrap_or(peak_rss_kib);
-    agent.terminate(Duration::from_secs(20));
+    peak_rss_kib = agent.process().status_kib("VmHWM").unwrap_or(peak_rss_kib);
+    agent.terminate();
 
     let lowest = lowest_ten_second_rate(&samples, before);
     let counts: Vec<i64> = samples.iter().map(|(_, n)| *n).collect();
@@ -458,9 +444,9 @@ fn sustained_overload_keeps_committing_and_drains() {
     assert!(
         lowest > 0.0,
         "a 10-second span without a commit: {counts:?}\n{}",
-        diagnostics(&site, &broker, kind)
+        diagnostics(&agent, &broker, kind)
     );
-    assert_exactly_once_and_connected(&site, &broker, want);
+    assert_exactly_once_and_connected(&agent, &broker, want);
     assert!(
         peak_rss_kib <= PEAK_RSS_LIMIT_KIB,
         "peak RSS {peak_rss_kib} KiB > {PEAK_RSS_LIMIT_KIB} KiB"

@@ -1,9 +1,12 @@
 //! The binary as a technician uses it: `demo`, `status`, `run` with SIGTERM, `--help`.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::agent::{demo_database, outpost, Agent};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 
@@ -35,73 +38,38 @@ fn demo_shows_committed_readings_within_5s_and_status_shows_them() {
     let _ = child.kill();
     let _ = child.wait();
 
-    let out = Command::new(BIN)
-        .args(["status", "--db"])
-        .arg(dir.path().join("outpost.db"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let db = dir.path().join("outpost.db");
+    let (code, text, err) = outpost(["status", "--db", db.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
     assert!(
         text.contains("coldroom-1") && text.contains("temperature"),
         "{text}"
     );
     assert!(text.contains("backlog:"), "{text}");
 
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--db"])
-        .arg(dir.path().join("outpost.db"))
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, json, _) = outpost(["status", "--json", "--db", db.to_str().unwrap()]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(json["total_readings"].as_i64().unwrap() >= 1);
 }
 
-fn write_config(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("outpost.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[agent]\ngateway_id = \"t\"\n[storage]\npath = \"{}\"\nbatch_max_delay = \"200ms\"\n\
-             [[sources]]\ntype = \"simulated\"\nname = \"fast\"\nperiod = \"10ms\"\n\
-             devices = [\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\", \"h\"]\n",
-            dir.join("outpost.db").display()
-        ),
+/// Eight devices every 10 ms, committed in batches of at most 200 ms.
+fn fast_config(dir: &Path) -> String {
+    format!(
+        "[agent]\ngateway_id = \"t\"\n[storage]\npath = \"{}\"\nbatch_max_delay = \"200ms\"\n\
+         [[sources]]\ntype = \"simulated\"\nname = \"fast\"\nperiod = \"10ms\"\n\
+         devices = [\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\", \"h\"]\n",
+        dir.join("outpost.db").display()
     )
-    .unwrap();
-    path
 }
 
 #[test]
 fn sigterm_commits_everything_and_exits_within_5s() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut agent = Agent::new(dir.path(), &fast_config(dir.path())).start();
     std::thread::sleep(Duration::from_secs(2));
-    let stopping = Instant::now();
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            stopping.elapsed() < Duration::from_secs(5),
-            "did not exit within 5 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = agent.terminate_within(Duration::from_secs(5));
     assert!(status.success(), "exit status {status:?}");
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let log = agent.log();
     assert!(log.contains("everything accepted is committed"), "{log}");
 
     let conn = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
@@ -123,18 +91,15 @@ fn sigterm_commits_everything_and_exits_within_5s() {
 
 #[test]
 fn status_without_a_database_says_so() {
-    let out = Command::new(BIN)
-        .args(["status", "--db", "/nonexistent/outpost.db"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no database at /nonexistent/outpost.db"));
+    let (code, _, err) = outpost(["status", "--db", "/nonexistent/outpost.db"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no database at /nonexistent/outpost.db"));
 }
 
 #[test]
 fn version_and_help() {
-    let out = Command::new(BIN).arg("--version").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("outpost "));
+    let (_, version, _) = outpost(["--version"]);
+    assert!(version.starts_with("outpost "));
     for cmd in [
         &["--help"][..],
         &["demo", "--help"],
@@ -142,38 +107,17 @@ fn version_and_help() {
         &["status", "--help"],
         &["run", "--help"],
     ] {
-        let out = Command::new(BIN).args(cmd).output().unwrap();
-        assert!(out.status.success(), "{cmd:?}");
-        assert!(!out.stdout.is_empty());
+        let (code, help, _) = outpost(cmd);
+        assert_eq!(code, Some(0), "{cmd:?}");
+        assert!(!help.is_empty());
     }
 }
 
 #[test]
 fn readings_queries_local_history_in_every_format() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["demo", "--duration", "3s", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-    let db = dir.path().join("outpost.db");
-    let run = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("readings")
-            .arg("--db")
-            .arg(&db)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let db = demo_database(dir.path(), "3s");
+    let run = |args: &[&str]| outpost([&["readings", "--db", db.to_str().unwrap()], args].concat());
     let (code, table, _) = run(&[
         "--device",
         "coldroom-2",
@@ -279,18 +223,9 @@ fn database_with_rejections(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// `outpost ARGS… --db DB`: (exit code, stdout, stderr).
 fn run_outpost(args: &[&str], db: &Path) -> (Option<i32>, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--db")
-        .arg(db)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    outpost([args, &["--db", db.to_str().unwrap()]].concat())
 }
 
 #[test]
@@ -448,32 +383,20 @@ fn rejected_refuses_bad_flags() {
 #[test]
 fn values_are_shown_with_the_configured_precision_everywhere() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["demo", "--duration", "3s", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-    let db = dir.path().join("outpost.db");
+    let db = demo_database(dir.path(), "3s");
     let config = dir.path().join("display.toml");
     std::fs::write(&config, "[display]\nprecision = { temperature = 3 }\n").unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .arg("--db")
-            .arg(&db)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let (code, stdout, stderr) = outpost(
+            [
+                &["--config", config.to_str().unwrap()],
+                args,
+                &["--db", db.to_str().unwrap()],
+            ]
+            .concat(),
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        assert_eq!(code, Some(0), "{stderr}");
+        stdout
     };
     let three_decimals = |cell: &str| {
         let number = cell.trim().trim_end_matches("°C").trim();

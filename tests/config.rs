@@ -7,6 +7,7 @@ use outpost::config::{Config, ConfigErrors};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use support::agent::outpost;
 
 fn example_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config/outpost.toml")
@@ -565,13 +566,8 @@ fn check_exits_2_with_all_errors_and_0_with_redacted_config() {
         "bad.toml",
         "[storage]\nbatch_max_rows = \"x\"\n[nope]\n",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["check", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, _, stderr) = outpost(["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains("bad.toml:2: storage.batch_max_rows"),
         "{stderr}"
@@ -582,17 +578,8 @@ fn check_exits_2_with_all_errors_and_0_with_redacted_config() {
     );
     assert!(stderr.contains("2 problem(s)"), "{stderr}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["check", "--config"])
-        .arg(example_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (code, stdout, stderr) = outpost(["check", "--config", example_path().to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("gateway_id = \"site-01\""), "{stdout}");
     // The printed configuration is itself valid TOML.
     let body: String = stdout
@@ -602,16 +589,8 @@ fn check_exits_2_with_all_errors_and_0_with_redacted_config() {
         .join("\n");
     toml::from_str::<toml::Value>(&body).unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["run", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "run refuses a bad configuration too"
-    );
+    let (code, _, _) = outpost(["run", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "run refuses a bad configuration too");
 }
 
 #[test]
@@ -789,13 +768,8 @@ fn three_mistakes_give_three_lines() {
     // And `outpost check` prints exactly those three lines and the count.
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "outpost.toml", &text);
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, _, stderr) = outpost(["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
     let located: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("outpost.toml:"))

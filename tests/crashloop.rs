@@ -28,32 +28,20 @@ use rumqttc::{AsyncClient, MqttOptions, QoS};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::agent::AgentProcess;
+use support::agent::Agent;
+use support::cold_room::{self, origin, EARLY_MS, EARLY_SHARE, FIELDS, RATE};
 use support::publisher::QosPublisher;
 use support::{HttpReceiver, Mosquitto, PgBouncer, Postgres, Reply};
 
 const APP: &str = "0b9c3a52-6f0e-4d1a-9c3e-5a7b8c9d0e1f";
 const GATEWAY: &str = "crash-gw";
 const CLIENT_ID: &str = "outpost-crashloop";
-/// Devices the publisher cycles through.
-const DEVICES: u64 = 4;
-/// Uplinks per second, all devices together.
-const RATE: u64 = 100;
-/// Each device's temperature is hot for this many uplinks, then cold as long: with
-/// [`RATE`] and [`DEVICES`] every device fires and resolves about once a second.
-const HALF_CYCLE: u64 = 25;
-/// Numeric fields per uplink (`temperature`, `battery`): readings per message.
-const FIELDS: [&str; 2] = ["temperature", "battery"];
 /// Random run time of an agent before its SIGKILL, and pause before the restart.
 const RUN_MS: std::ops::Range<u64> = 100..3000;
-/// One kill in [`EARLY_SHARE`] lands this early instead: while the agent opens and
-/// checks its database, loads alert state, connects and resumes its MQTT session.
-const EARLY_MS: std::ops::Range<u64> = 10..300;
-const EARLY_SHARE: f64 = 0.2;
 const PAUSE_MS: std::ops::Range<u64> = 0..500;
 /// Added to every upload statement in PostgreSQL (a slow link to central).
 const SYNC_DELAY: Duration = Duration::from_millis(25);
@@ -67,41 +55,19 @@ fn dedup_id(device: u64, f_cnt: u64) -> String {
     format!("crashloop-{device}-{f_cnt}")
 }
 
-/// Message `n`: (device index, fCnt). fCnt counts per device from 1.
-fn origin(n: u64) -> (u64, u64) {
-    (n % DEVICES, n / DEVICES + 1)
-}
-
-fn device_name(device: u64) -> String {
-    format!("dev-{device}")
+fn dev_eui(device: u64) -> String {
+    format!("70b3d57ed00000{device:02x}")
 }
 
 fn topic(device: u64) -> String {
-    format!("application/{APP}/device/70b3d57ed00000{device:02x}/event/up")
+    cold_room::topic(APP, &dev_eui(device))
 }
 
-/// The ChirpStack v4 JSON uplink event of message `n`.
+/// The ChirpStack v4 JSON uplink event of message `n`, its device tagged with its room.
 fn uplink(n: u64) -> Vec<u8> {
     let (device, f_cnt) = origin(n);
-    let hot = (f_cnt / HALF_CYCLE) % 2 == 1;
-    let temperature = if hot { 10.0 } else { 2.0 } + (f_cnt % 7) as f64 / 10.0;
-    let battery = 3.0 + (f_cnt % 50) as f64 / 100.0;
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let event = json!({
-        "deduplicationId": dedup_id(device, f_cnt),
-        "time": now,
-        "deviceInfo": {
-            "tenantId": "52f14cd4-c6f1-4fbd-8f87-4025e1d49242",
-            "applicationId": APP,
-            "deviceName": device_name(device),
-            "devEui": format!("70b3d57ed00000{device:02x}"),
-            "tags": { "room": "crash" }
-        },
-        "fCnt": f_cnt,
-        "fPort": 2,
-        "object": { "temperature": temperature, "battery": battery },
-        "rxInfo": [{ "gatewayId": "0016c001f153a14c", "rssi": -80, "snr": 7.5, "nsTime": now }]
-    });
+    let mut event = cold_room::uplink(APP, &dev_eui(device), n, &dedup_id(device, f_cnt));
+    event["deviceInfo"]["tags"] = json!({ "room": "crash" });
     serde_json::to_vec(&event).expect("serialise uplink")
 }
 
@@ -118,41 +84,14 @@ fn expected_uids(messages: u64) -> BTreeSet<String> {
 
 // ---- The agent ----------------------------------------------------------------------
 
-/// The real agent ([`AgentProcess`], SIGKILLed on drop); every start appends to one log
-/// file, under a marker line naming the start.
-struct Agent(AgentProcess);
-
-impl Agent {
-    fn start(config: &Path, log: &Path, generation: usize) -> Agent {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("open the agent log");
-        writeln!(file, "===== start {generation} =====").expect("write the agent log");
-        Agent(AgentProcess::run(config, log))
-    }
-
-    /// SIGKILL: no chance to commit, acknowledge, mark or flush anything.
-    fn kill(self) {
-        drop(self);
-    }
-
-    /// SIGTERM, and the exit status (SIGKILL after 20 s).
-    fn terminate(mut self) -> Option<std::process::ExitStatus> {
-        self.0.terminate(Duration::from_secs(20))
-    }
-}
-
 fn agent_config(
     dir: &Path,
     broker: &Mosquitto,
     bouncer: &PgBouncer,
     pg: &Postgres,
     hook: &str,
-) -> PathBuf {
-    let text = format!(
+) -> String {
+    format!(
         r#"
 [agent]
 gateway_id = "{GATEWAY}"
@@ -177,29 +116,8 @@ statement_timeout = "30s"
 backoff_initial = "100ms"
 backoff_max = "500ms"
 
-[[sources]]
-type = "chirpstack"
-name = "chirpstack"
-application_id = "{APP}"
-[sources.broker]
-host = "127.0.0.1"
-port = {mqtt_port}
-tls = false
-client_id = "{CLIENT_ID}"
-keep_alive = "5s"
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-
-[[alerts]]
-name = "crash-warm"
-kind = "threshold"
-devices = ["dev-*"]
-metric = "temperature"
-above = 8.0
-clear = 6.0
-severity = "critical"
-notifiers = ["hook"]
-
+{source}
+{rule}
 [[notifiers]]
 name = "hook"
 type = "webhook"
@@ -210,28 +128,14 @@ retry_initial = "100ms"
 retry_max = "500ms"
 ttl = "1h"
 "#,
-        db = db_path(dir).display(),
+        db = dir.join("outpost.db").display(),
         user = pg.user(),
         password = pg.password(),
         database = pg.database(),
         bouncer_port = bouncer.port(),
-        mqtt_port = broker.port(),
-    );
-    let path = dir.join("outpost.toml");
-    std::fs::write(&path, text).expect("write the configuration");
-    path
-}
-
-fn db_path(dir: &Path) -> PathBuf {
-    dir.join("outpost.db")
-}
-
-/// One integer from the local database (read-only, beside the running agent); `None`
-/// while the database or the table does not exist yet.
-fn local_i64(db: &Path, sql: &str) -> Option<i64> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-    conn.busy_timeout(Duration::from_secs(5)).ok()?;
-    conn.query_row(sql, [], |r| r.get(0)).ok()
+        source = cold_room::chirpstack_source(APP, broker.port(), CLIENT_ID),
+        rule = cold_room::alert_rule("crash-warm", "hook"),
+    )
 }
 
 // ---- Central --------------------------------------------------------------------------
@@ -390,19 +294,11 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
 
     let dir = tempfile::tempdir().expect("temp dir");
     let config = agent_config(dir.path(), &broker, &bouncer, &pg, &receiver.url());
-    let db = db_path(dir.path());
-    let log = dir.path().join("agent.log");
-    let agent_log = || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(80).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    };
 
     // 1. First start: the agent's persistent session and its subscription exist once a
     //    probe uplink (device "probe", outside the rule) is stored. Only then does the
     //    broker keep messages for the agent while it is down.
-    let mut generation = 0;
-    let mut agent = Agent::start(&config, &log, generation);
+    let mut agent = Agent::new(dir.path(), &config).start();
     let probe_ok = {
         let probe = {
             let mut e: Value = serde_json::from_slice(&uplink(0)).unwrap();
@@ -417,12 +313,16 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
         let ok = support::wait_until(Duration::from_secs(60), || {
             let _ = client.try_publish(topic(0), QoS::AtLeastOnce, false, probe.clone());
             std::thread::sleep(Duration::from_millis(300));
-            local_i64(&db, "SELECT COUNT(*) FROM readings WHERE device = 'probe'") == Some(2)
+            agent.try_count("SELECT COUNT(*) FROM readings WHERE device = 'probe'") == Some(2)
         });
         poll.abort();
         ok
     };
-    assert!(probe_ok, "the probe was never stored:\n{}", agent_log());
+    assert!(
+        probe_ok,
+        "the probe was never stored:\n{}",
+        agent.log_tail(80)
+    );
 
     // 2. Steady publishing; SIGKILL at random moments, restart after a random pause.
     let publisher = QosPublisher::start(
@@ -439,15 +339,15 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
         let pause = rng.gen_range(PAUSE_MS);
         std::thread::sleep(Duration::from_millis(run));
         // What is in flight right now (sampled just before the kill).
-        let stored = local_i64(
-            &db,
-            "SELECT COUNT(*) FROM readings WHERE device LIKE 'dev-%'",
-        )
-        .unwrap_or(0);
-        let unsynced =
-            local_i64(&db, "SELECT COUNT(*) FROM readings WHERE synced = 0").unwrap_or(0);
-        let pending =
-            local_i64(&db, "SELECT COUNT(*) FROM outbox WHERE state = 'pending'").unwrap_or(0);
+        let stored = agent
+            .try_count("SELECT COUNT(*) FROM readings WHERE device LIKE 'dev-%'")
+            .unwrap_or(0);
+        let unsynced = agent
+            .try_count("SELECT COUNT(*) FROM readings WHERE synced = 0")
+            .unwrap_or(0);
+        let pending = agent
+            .try_count("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")
+            .unwrap_or(0);
         let transactions = rt.block_on(central.open_transactions());
         let now = Instant::now();
         let slow = busy_replies
@@ -471,8 +371,7 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
              slow webhook replies {slow}"
         );
         std::thread::sleep(Duration::from_millis(pause));
-        generation += 1;
-        agent = Agent::start(&config, &log, generation);
+        agent.start_again();
     }
 
     // 3. The publisher stops; the broker took every message; the agent drains.
@@ -482,7 +381,7 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
     let drain_started = Instant::now();
     let mut last = String::new();
     let drained = support::wait_until(drain_deadline(loops), || {
-        let q = |sql| local_i64(&db, sql).unwrap_or(-1);
+        let q = |sql| agent.try_count(sql).unwrap_or(-1);
         let local = q("SELECT COUNT(*) FROM readings WHERE device LIKE 'dev-%'");
         let unsynced = q("SELECT COUNT(*) FROM readings WHERE synced = 0");
         let max_id = q("SELECT COALESCE(MAX(id), 0) FROM readings");
@@ -510,18 +409,18 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
         drained,
         "not drained after {:?}: {last}\nagent log (tail):\n{}",
         drain_deadline(loops),
-        agent_log()
+        agent.log_tail(80)
     );
     let drain = drain_started.elapsed();
     let status = agent.terminate();
     assert!(
         status.is_some_and(|s| s.success()),
         "the last agent did not stop cleanly on SIGTERM: {status:?}\n{}",
-        agent_log()
+        agent.log_tail(80)
     );
 
     // 4. Exactly once, locally and centrally; the database is intact.
-    let conn = Connection::open(&db).expect("open the database");
+    let conn = Connection::open(agent.db()).expect("open the database");
     let integrity: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("integrity_check");
@@ -758,7 +657,7 @@ fn sigkill_at_random_moments_loses_nothing_duplicates_nothing_and_notifies_every
 
     // 7. The broker kept the agent's session across every kill: only the very first
     //    connection found no session.
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let log_text = agent.full_log();
     let fresh = log_text.matches("session_present=false").count();
     let resumed = log_text.matches("session_present=true").count();
     assert_eq!(
@@ -808,19 +707,12 @@ fn a_sigkill_early_in_the_first_start_forgets_no_committed_reading() {
     let pg = Postgres::start();
     let bouncer = PgBouncer::start(&pg);
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = agent_config(dir.path(), &broker, &bouncer, &pg, &receiver.url());
     // Group commits at most every 300 ms: the engine's first save comes at least one
     // commit after the reading's, which leaves a wide window for the kill.
-    let text = std::fs::read_to_string(&config).expect("read the configuration");
-    std::fs::write(
-        &config,
-        text.replace("batch_max_delay = \"10ms\"", "batch_max_delay = \"300ms\""),
-    )
-    .expect("write the configuration");
+    let config = agent_config(dir.path(), &broker, &bouncer, &pg, &receiver.url())
+        .replace("batch_max_delay = \"10ms\"", "batch_max_delay = \"300ms\"");
     // Central is not needed here: no schema, the sync worker just retries.
-    let db = db_path(dir.path());
-    let log = dir.path().join("agent.log");
-    let agent = Agent::start(&config, &log, 0);
+    let mut agent = Agent::new(dir.path(), &config).start();
 
     let mut options = MqttOptions::new("crashloop-early", "127.0.0.1", broker.port());
     options.set_keep_alive(Duration::from_secs(5));
@@ -844,7 +736,7 @@ fn a_sigkill_early_in_the_first_start_forgets_no_committed_reading() {
         let deadline = Instant::now() + Duration::from_millis(100);
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
-            if local_i64(&db, "SELECT COUNT(*) FROM readings WHERE device = 'probe'") == Some(2) {
+            if agent.try_count("SELECT COUNT(*) FROM readings WHERE device = 'probe'") == Some(2) {
                 return true;
             }
         }
@@ -862,7 +754,8 @@ fn a_sigkill_early_in_the_first_start_forgets_no_committed_reading() {
     // Polled every millisecond on one connection.
     let committed = {
         let conn = loop {
-            if let Ok(c) = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY) {
+            if let Ok(c) = Connection::open_with_flags(agent.db(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+            {
                 break c;
             }
         };
@@ -884,23 +777,22 @@ fn a_sigkill_early_in_the_first_start_forgets_no_committed_reading() {
     assert!(committed, "the hot reading was never stored");
     agent.kill();
     let killed_after = started.elapsed();
-    let events_before = local_i64(&db, "SELECT COUNT(*) FROM alert_events").unwrap_or(0);
+    let events_before = agent
+        .try_count("SELECT COUNT(*) FROM alert_events")
+        .unwrap_or(0);
     eprintln!("killed {killed_after:?} after the probe started; {events_before} events saved");
 
     // Restart: the hot reading was committed (and acknowledged), so it is evaluated.
-    let agent = Agent::start(&config, &log, 1);
+    agent.start_again();
     let fired = support::wait_until(Duration::from_secs(30), || {
-        local_i64(
-            &db,
-            "SELECT COUNT(*) FROM alert_events WHERE kind = 'firing'",
-        ) == Some(1)
+        agent.try_count("SELECT COUNT(*) FROM alert_events WHERE kind = 'firing'") == Some(1)
     });
     poll.abort();
-    drop(agent);
+    agent.kill();
     assert!(
         fired,
         "the committed hot reading was never evaluated (the first start's cursor was \
          not saved); agent log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        agent.full_log()
     );
 }

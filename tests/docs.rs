@@ -135,22 +135,12 @@ fn without_comments(sql: &str) -> String {
         .join("\n")
 }
 
-fn outpost_cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// Runs one gateway (the real agent: simulated sensors, a threshold alert that fires,
 /// sync as the `outpost_gateway` role of operator.md) until central holds its
 /// heartbeat, readings and firing event.
 fn sync_one_gateway(pg: &support::postgres::Postgres, dir: &Path) {
-    let config = dir.join("outpost.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let config = format!(
+        r#"
 [agent]
 gateway_id = "site-01"
 site = "Docs test"
@@ -183,23 +173,13 @@ metric = "temperature"
 above = 8.0
 severity = "critical"
 "#,
-            db = dir.join("outpost.db").display(),
-            port = pg.port(),
-            database = pg.database(),
-        ),
-    )
-    .unwrap();
-    let log = dir.join("agent.log");
-    let mut agent = support::agent::AgentProcess(
-        std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+        db = dir.join("outpost.db").display(),
+        port = pg.port(),
+        database = pg.database(),
     );
+    let mut agent = support::agent::Agent::new(dir, &config).start();
     let synced = support::util::wait_until(std::time::Duration::from_secs(60), || {
-        if matches!(agent.0.try_wait(), Ok(Some(_))) {
+        if !agent.is_running() {
             return true; // exited: reported below
         }
         pg.try_psql(
@@ -209,11 +189,11 @@ severity = "critical"
         )
         .is_ok_and(|out| out == "t")
     });
-    let exited = matches!(agent.0.try_wait(), Ok(Some(_)));
+    let exited = !agent.is_running();
     assert!(
         synced && !exited,
         "the gateway did not sync within 60 s; agent log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        agent.log()
     );
 }
 
@@ -250,11 +230,11 @@ fn check_operator_queries(partitioned: bool) {
     if partitioned {
         full.push("--partitioned");
     }
-    let out = outpost_cli(&full);
-    assert!(
-        out.status.success(),
-        "outpost central migrate ({layout}): {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (code, _, stderr) = support::agent::outpost(&full);
+    assert_eq!(
+        code,
+        Some(0),
+        "outpost central migrate ({layout}): {stderr}"
     );
 
     let text = std::fs::read_to_string(repo_file("docs/operator.md")).unwrap();

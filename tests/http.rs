@@ -3,30 +3,17 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::agent::{http_get as get, wait_for_some as wait_for, AgentProcess as Agent};
+use support::agent::{health_check, http_get as get, wait_for_some as wait_for, Agent};
 use support::free_port;
 
 fn start(dir: &Path, port: u16, period: &str, silence: &str) -> Agent {
-    let config = dir.join("outpost.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\nsource_max_silence = \"{silence}\"\n\
-             [[sources]]\ntype = \"simulated\"\nname = \"sim\"\nperiod = \"{period}\"\n",
-            dir.join("outpost.db").display()
-        ),
-    )
-    .unwrap();
-    Agent(
-        Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    let config = format!(
+        "[storage]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\nsource_max_silence = \"{silence}\"\n\
+         [[sources]]\ntype = \"simulated\"\nname = \"sim\"\nperiod = \"{period}\"\n",
+        dir.join("outpost.db").display()
+    );
+    Agent::new(dir, &config).start()
 }
 
 /// Checks the Prometheus/OpenMetrics text format line by line.
@@ -123,24 +110,12 @@ fn health_is_503_when_a_source_is_silent_past_its_bound() {
     assert_eq!(status, 503);
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["status"], "unhealthy");
-    let check = health["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "source:sim")
-        .unwrap()
-        .clone();
+    let check = health_check(&health, "source:sim").unwrap();
     assert_eq!(check["ok"], false);
     assert!(
         check["detail"].as_str().unwrap().contains("silent for"),
         "{check}"
     );
-    let store = health["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "store")
-        .unwrap()
-        .clone();
+    let store = health_check(&health, "store").unwrap();
     assert_eq!(store["ok"], true, "{store}");
 }

@@ -5,13 +5,13 @@
 
 mod support;
 
-use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::agent::{outpost, Agent};
 use support::{wait_until, HttpReceiver, Mosquitto, Reply, TestCa};
 
 const APP: &str = "bistro-cold-chain";
@@ -27,91 +27,16 @@ fn fixture(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// The real agent, killed on drop.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path, config: &str) -> Agent {
-        let config_path = dir.join("outpost.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = unique(dir.join("agent"));
-        let child = Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .arg("--config")
-            .arg(&config_path)
-            .arg("run")
-            .env("RUST_LOG", "info,outpost=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start outpost");
-        Agent { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        // SIGKILL: no chance to commit or acknowledge anything.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn terminate(&mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn unique(path: PathBuf) -> PathBuf {
-    let mut n = 0;
-    loop {
-        let candidate = path.with_extension(format!("{n}.log"));
-        if !candidate.exists() {
-            return candidate;
-        }
-        n += 1;
-    }
-}
-
 fn db(dir: &Path) -> PathBuf {
     dir.join("outpost.db")
 }
 
-/// Runs a query returning one integer; 0 while the database or table does not exist.
-fn count(db: &Path, sql: &str) -> i64 {
-    let Ok(conn) = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return 0;
-    };
-    let _ = conn.busy_timeout(Duration::from_secs(5));
-    conn.query_row(sql, [], |r| r.get(0)).unwrap_or(0)
-}
-
-fn strings(db: &Path, sql: &str) -> Vec<String> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut stmt = conn.prepare(sql).unwrap();
-    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
-    rows.map(Result::unwrap).collect()
+/// The real agent on `config` in `dir`, with outpost's debug lines in its log.
+fn start_agent(dir: &Path, config: &str) -> Agent {
+    Agent::new(dir, config)
+        .log_filter("info,outpost=debug")
+        .deadline(DEADLINE)
+        .start()
 }
 
 fn publish(m: &Mosquitto, topic: &str, payload: &[u8], qos: u8) {
@@ -183,6 +108,12 @@ reconnect_max = "1s"
     )
 }
 
+/// The agent with a TTN source on `m` (plain MQTT) and this `[sources.backfill]`.
+fn start_ttn_agent(dir: &Path, m: &Mosquitto, backfill: &str) -> Agent {
+    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
+    start_agent(dir, &ttn_config(dir, &broker, backfill))
+}
+
 /// Publishes `payload` every 300ms until `cond` holds: the agent subscribes at some
 /// point after start, and QoS 0 messages before that are not delivered.
 fn publish_until(
@@ -221,11 +152,10 @@ fn ttn_uplinks_over_tls_with_password_auth() {
         m.tls_port(),
         ca.ca_pem().display()
     );
-    let agent = Agent::start(
+    let agent = start_agent(
         dir.path(),
         &ttn_config(dir.path(), &broker, "enabled = false"),
     );
-    let db = db(dir.path());
     let now = chrono::Utc::now();
 
     // Probe until subscribed; the fixture itself is the probe.
@@ -236,10 +166,8 @@ fn ttn_uplinks_over_tls_with_password_auth() {
         &fixture_bytes,
         &agent,
         || {
-            count(
-                &db,
-                "SELECT COUNT(*) FROM readings WHERE device = 'walkin-freezer-2'",
-            ) == 5
+            agent.try_count("SELECT COUNT(*) FROM readings WHERE device = 'walkin-freezer-2'")
+                == Some(5)
         },
     );
 
@@ -324,50 +252,38 @@ fn ttn_uplinks_over_tls_with_password_auth() {
     );
 
     assert!(
-        wait_until(DEADLINE, || count(
-            &db,
-            "SELECT COUNT(*) FROM readings WHERE device = 'last'"
-        ) == 1
-            && count(&db, "SELECT COUNT(*) FROM rejected") >= 2),
+        wait_until(DEADLINE, || agent
+            .count("SELECT COUNT(*) FROM readings WHERE device = 'last'")
+            == 1
+            && agent.count("SELECT COUNT(*) FROM rejected") >= 2),
         "agent log:\n{}",
         agent.log()
     );
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM readings WHERE device = 'walkin-freezer-2'"
-        ),
+        agent.count("SELECT COUNT(*) FROM readings WHERE device = 'walkin-freezer-2'"),
         5,
         "the probe was deduplicated"
     );
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM readings WHERE device = 'probe-3'"
-        ),
+        agent.count("SELECT COUNT(*) FROM readings WHERE device = 'probe-3'"),
         2
     );
-    let meta = strings(
-        &db,
-        "SELECT meta FROM readings WHERE device = 'probe-3' AND metric = 't'",
-    );
+    let meta = agent.strings("SELECT meta FROM readings WHERE device = 'probe-3' AND metric = 't'");
     let meta: Value = serde_json::from_str(&meta[0]).unwrap();
     assert_eq!(meta["f_cnt"], 0);
     assert_eq!(meta["f_port"], 0);
     assert_eq!(meta["snr"], 0.0);
     assert!(meta.get("dev_eui").is_none());
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM readings WHERE device IN ('sim-dev', 'joiner', 'bad', 'bad-type')"), 0);
-    let reasons = strings(&db, "SELECT reason FROM rejected ORDER BY id");
+    assert_eq!(agent.count("SELECT COUNT(*) FROM readings WHERE device IN ('sim-dev', 'joiner', 'bad', 'bad-type')"), 0);
+    let reasons = agent.strings("SELECT reason FROM rejected ORDER BY id");
     assert_eq!(
         reasons,
         vec!["invalid_json", "wrong_type"],
         "join/down/location are not even received"
     );
     // observed_at is the NS time of the fixture; the uid is stable.
-    let observed = count(
-        &db,
-        "SELECT observed_at FROM readings WHERE device = 'walkin-freezer-2' LIMIT 1",
-    );
+    let observed =
+        agent.count("SELECT observed_at FROM readings WHERE device = 'walkin-freezer-2' LIMIT 1");
     let ns_time = chrono::DateTime::parse_from_rfc3339("2026-11-26T03:14:07.705112233Z").unwrap();
     assert_eq!(
         observed,
@@ -375,10 +291,7 @@ fn ttn_uplinks_over_tls_with_password_auth() {
         "the NS received_at, not the AS one"
     );
     let fixture_meta: Value = serde_json::from_str(
-        &strings(
-            &db,
-            "SELECT meta FROM readings WHERE device = 'walkin-freezer-2' LIMIT 1",
-        )[0],
+        &agent.strings("SELECT meta FROM readings WHERE device = 'walkin-freezer-2' LIMIT 1")[0],
     )
     .unwrap();
     assert_eq!(fixture_meta["rssi"], -97.0);
@@ -391,11 +304,7 @@ fn ttn_uplinks_over_tls_with_password_auth() {
 fn ttn_wrong_api_key_is_reported_and_retried() {
     let m = Mosquitto::builder().password(USER, "the-right-key").start();
     let dir = tempfile::tempdir().unwrap();
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
-    let agent = Agent::start(
-        dir.path(),
-        &ttn_config(dir.path(), &broker, "enabled = false"),
-    );
+    let agent = start_ttn_agent(dir.path(), &m, "enabled = false");
     assert!(
         wait_until(DEADLINE, || agent
             .log()
@@ -447,7 +356,6 @@ reconnect_max = "1s"
             port = m.port()
         )
     };
-    let db = db(dir.path());
     let topic = format!("application/{app}/device/a84041c2a1b2c3d4/event/up");
     let event = |id: &str| {
         let mut e = fixture("chirpstack-up.json");
@@ -456,12 +364,12 @@ reconnect_max = "1s"
     };
 
     // 1. First run: establishes the persistent session and its subscription.
-    let mut agent = Agent::start(dir.path(), &config("50ms"));
+    let mut agent = start_agent(dir.path(), &config("50ms"));
     let probe = event("probe");
     let ok = wait_until(DEADLINE, || {
         publish(&m, &topic, &probe, 1);
         std::thread::sleep(Duration::from_millis(300));
-        count(&db, "SELECT COUNT(*) FROM readings") == 4
+        agent.try_count("SELECT COUNT(*) FROM readings") == Some(4)
     });
     assert!(ok, "probe never stored; agent log:\n{}", agent.log());
     agent.terminate();
@@ -473,7 +381,7 @@ reconnect_max = "1s"
     publish(&m, &topic, &event("queued-0"), 1); // a duplicate event from ChirpStack
 
     // 3. Start with a long commit window and kill it between receipt and commit.
-    let mut agent = Agent::start(dir.path(), &config("10s"));
+    let mut agent = start_agent(dir.path(), &config("10s"));
     let connects = |m: &Mosquitto| m.log().matches("as outpost-test-cs").count();
     assert!(
         wait_until(DEADLINE, || connects(&m) >= 2),
@@ -483,15 +391,15 @@ reconnect_max = "1s"
     std::thread::sleep(Duration::from_secs(2));
     agent.kill();
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM readings"),
+        agent.count("SELECT COUNT(*) FROM readings"),
         4,
         "nothing of the queued events was committed"
     );
 
     // 4. Restart: the broker redelivers the unacknowledged events; each is stored once.
-    let agent = Agent::start(dir.path(), &config("50ms"));
+    let agent = start_agent(dir.path(), &config("50ms"));
     assert!(
-        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM readings")
+        wait_until(DEADLINE, || agent.count("SELECT COUNT(*) FROM readings")
             >= 24),
         "agent log:\n{}\nbroker log:\n{}",
         agent.log(),
@@ -499,35 +407,34 @@ reconnect_max = "1s"
     );
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM readings"),
+        agent.count("SELECT COUNT(*) FROM readings"),
         24,
         "6 events × 4 fields, one duplicate"
     );
-    assert_eq!(count(&db, "SELECT COUNT(DISTINCT uid) FROM readings"), 24);
-    let devices = strings(&db, "SELECT DISTINCT device FROM readings");
+    assert_eq!(agent.count("SELECT COUNT(DISTINCT uid) FROM readings"), 24);
+    let devices = agent.strings("SELECT DISTINCT device FROM readings");
     assert_eq!(devices, vec!["walkin-freezer-2"]);
     let meta: Value =
-        serde_json::from_str(&strings(&db, "SELECT meta FROM readings LIMIT 1")[0]).unwrap();
+        serde_json::from_str(&agent.strings("SELECT meta FROM readings LIMIT 1")[0]).unwrap();
     assert_eq!(meta["tags"]["room"], "kitchen");
 
     // 5. Acknowledged now: a later restart gets nothing again.
     drop(agent);
-    let agent = Agent::start(dir.path(), &config("50ms"));
+    let agent = start_agent(dir.path(), &config("50ms"));
     assert!(wait_until(DEADLINE, || connects(&m) >= 4));
     // A Protobuf payload is reported with the hint and acknowledged (not redelivered).
     let mut pb = vec![0x0a, 36];
     pb.extend_from_slice(b"7c1d2a9e-5b0f-4f3e-9a61-0d8e2b4c6f10");
     publish(&m, &topic, &pb, 1);
     assert!(
-        wait_until(DEADLINE, || count(
-            &db,
-            "SELECT COUNT(*) FROM rejected WHERE reason = 'protobuf'"
-        ) == 1),
+        wait_until(DEADLINE, || agent
+            .count("SELECT COUNT(*) FROM rejected WHERE reason = 'protobuf'")
+            == 1),
         "agent log:\n{}",
         agent.log()
     );
     assert!(agent.log().contains("json = true"), "the hint is logged");
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM readings"), 24);
+    assert_eq!(agent.count("SELECT COUNT(*) FROM readings"), 24);
 }
 
 #[test]
@@ -557,26 +464,21 @@ humidity = {{ metric = "rh", unit = "%" }}
         db = db(dir.path()).display(),
         port = m.port()
     );
-    let agent = Agent::start(dir.path(), &config);
-    let db = db(dir.path());
+    let agent = start_agent(dir.path(), &config);
     let payload = br#"{"env": {"t": 4.5, "h": 40}, "ts": "2026-01-01T00:00:00Z", "name": "x"}"#;
     publish_until(&m, "sensors/fridge-1/json", payload, &agent, || {
-        count(&db, "SELECT COUNT(*) FROM readings") == 2
+        agent.try_count("SELECT COUNT(*) FROM readings") == Some(2)
     });
     publish(&m, "sensors/fridge-1/json", b"not json", 0);
-    assert!(wait_until(DEADLINE, || count(
-        &db,
-        "SELECT COUNT(*) FROM rejected"
-    ) == 1));
+    assert!(wait_until(DEADLINE, || agent
+        .count("SELECT COUNT(*) FROM rejected")
+        == 1));
     assert_eq!(
-        strings(&db, "SELECT metric || '|' || device || '|' || COALESCE(unit, '') FROM readings ORDER BY metric"),
+        agent.strings("SELECT metric || '|' || device || '|' || COALESCE(unit, '') FROM readings ORDER BY metric"),
         vec!["rh|fridge-1|%", "temperature|fridge-1|°C"]
     );
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM readings WHERE observed_at = 1767225600000000"
-        ),
+        agent.count("SELECT COUNT(*) FROM readings WHERE observed_at = 1767225600000000"),
         2
     );
 }
@@ -650,7 +552,6 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
     let h = HttpReceiver::start();
     let storage = StorageIntegration::install(&h);
     let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path());
     let round = |t: chrono::DateTime<chrono::Utc>| {
         chrono::DateTime::from_timestamp(t.timestamp(), 0).unwrap()
     };
@@ -661,13 +562,11 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
     let t3 = now - chrono::Duration::minutes(4);
     // Stored before the agent ever ran: fetched at start-up, once the errors are over.
     storage.add(ttn_uplink("dev-0", 10, t0, json!({"t": 0.5})));
-
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\noverlap = \"1m\"\npage_limit = 2\ntimeout = \"1s\"\nretry_min = \"1s\"\nretry_max = \"1s\"",
         h.url()
     );
-    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
 
     // Live uplink U1 (also kept by the Storage Integration: the overlap).
     let u1 = ttn_uplink("dev-1", 11, t1, json!({"t": 1.5}));
@@ -677,13 +576,12 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
         &ttn_topic("dev-1", "up"),
         &serde_json::to_vec(&u1).unwrap(),
         &agent,
-        || count(&db, "SELECT COUNT(*) FROM readings WHERE device = 'dev-1'") == 1,
+        || agent.try_count("SELECT COUNT(*) FROM readings WHERE device = 'dev-1'") == Some(1),
     );
     assert!(
-        wait_until(DEADLINE, || count(
-            &db,
-            "SELECT COUNT(*) FROM readings WHERE device = 'dev-0'"
-        ) == 1),
+        wait_until(DEADLINE, || agent
+            .count("SELECT COUNT(*) FROM readings WHERE device = 'dev-0'")
+            == 1),
         "start-up backfill after 401, 404 and a timeout; agent log:\n{}",
         agent.log()
     );
@@ -702,8 +600,7 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
     let before = storage.requests.load(Ordering::SeqCst);
     m.start_again();
     assert!(
-        wait_until(DEADLINE, || count(
-            &db,
+        wait_until(DEADLINE, || agent.count(
             "SELECT COUNT(*) FROM readings WHERE device IN ('dev-2', 'dev-3')"
         ) == 3),
         "backfill after reconnect; agent log:\n{}",
@@ -738,16 +635,15 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
 
     // Overlap deduplicated: U1 is stored once, as its live copy.
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM readings WHERE device = 'dev-1'"),
+        agent.count("SELECT COUNT(*) FROM readings WHERE device = 'dev-1'"),
         1
     );
     assert_eq!(
-        count(&db, "SELECT flags FROM readings WHERE device = 'dev-1'"),
+        agent.count("SELECT flags FROM readings WHERE device = 'dev-1'"),
         0
     );
     assert_eq!(
-        count(
-            &db,
+        agent.count(
             "SELECT MIN(flags & 4) FROM readings WHERE device IN ('dev-0', 'dev-2', 'dev-3')"
         ),
         4,
@@ -755,12 +651,8 @@ fn ttn_backfill_fills_gaps_dedupes_overlap_and_survives_errors() {
     );
     // The cursor is kept for the next start.
     let newest = vec![t3.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)];
-    let cursor = || {
-        strings(
-            &db,
-            "SELECT value FROM source_state WHERE key = 'ttn_backfill_cursor'",
-        )
-    };
+    let cursor =
+        || agent.strings("SELECT value FROM source_state WHERE key = 'ttn_backfill_cursor'");
     assert!(
         wait_until(DEADLINE, || cursor() == newest),
         "cursor saved: {:?}",
@@ -884,22 +776,6 @@ fn apply_field_mask(up: &Value, paths: &[String]) -> Value {
     out
 }
 
-/// `outpost status --json` of the agent's database.
-fn status_json(dir: &Path) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .arg("--config")
-        .arg(dir.join("outpost.toml"))
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// What the backfill of source `ttn` recovered for `reason`, as `outpost status` shows it.
 fn recovered(status: &Value, reason: &str) -> u64 {
     status["backfill_recovered"]
@@ -909,12 +785,26 @@ fn recovered(status: &Value, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Every uplink stored exactly once: one reading per (device, f_cnt), all present.
-fn assert_each_stored_once(db: &Path, expected: &[(String, u32)], agent: &Agent) {
-    let stored = strings(
-        db,
-        "SELECT device || '/' || json_extract(meta, '$.f_cnt') FROM readings ORDER BY 1",
+/// Publishes the uplink of device `probe` (also kept by the Storage Integration, through
+/// `keep`) until the agent stored it: the agent is subscribed from then on. Returns the
+/// (device, f_cnt) stored.
+fn probe_until_stored(m: &Mosquitto, agent: &Agent, keep: impl FnOnce(Value)) -> (String, u32) {
+    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
+    keep(probe.clone());
+    publish_until(
+        m,
+        &ttn_topic("probe", "up"),
+        &serde_json::to_vec(&probe).unwrap(),
+        agent,
+        || agent.try_count("SELECT COUNT(*) FROM readings") == Some(1),
     );
+    ("probe".to_string(), 1)
+}
+
+/// Every uplink stored exactly once: one reading per (device, f_cnt), all present.
+fn assert_each_stored_once(expected: &[(String, u32)], agent: &Agent) {
+    let stored = agent
+        .strings("SELECT device || '/' || json_extract(meta, '$.f_cnt') FROM readings ORDER BY 1");
     let mut wanted: Vec<String> = expected.iter().map(|(d, f)| format!("{d}/{f}")).collect();
     wanted.sort();
     assert_eq!(stored, wanted, "agent log:\n{}", agent.log());
@@ -930,25 +820,12 @@ fn ttn_backfill_refetches_the_gap_once_the_storage_integration_settles() {
     let h = HttpReceiver::start();
     let storage = DelayedStorage::install(&h, visibility);
     let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path());
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\noverlap = \"1m\"\nsettle = \"7s\"\nreconcile_every = \"0s\"\npage_limit = 4\nretry_min = \"1s\"\nretry_max = \"1s\"",
         h.url()
     );
-    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
-    let mut expected = Vec::new();
-
-    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
-    storage.add(probe.clone());
-    expected.push(("probe".to_string(), 1));
-    publish_until(
-        &m,
-        &ttn_topic("probe", "up"),
-        &serde_json::to_vec(&probe).unwrap(),
-        &agent,
-        || count(&db, "SELECT COUNT(*) FROM readings") == 1,
-    );
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
+    let mut expected = vec![probe_until_stored(&m, &agent, |up| storage.add(up))];
 
     // The broker goes away; what is sent meanwhile reaches only the Storage Integration,
     // the last of it just before the agent reconnects.
@@ -968,7 +845,7 @@ fn ttn_backfill_refetches_the_gap_once_the_storage_integration_settles() {
     m.start_again();
 
     assert!(
-        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM readings")
+        wait_until(DEADLINE, || agent.count("SELECT COUNT(*) FROM readings")
             == expected.len() as i64),
         "agent log:\n{}",
         agent.log()
@@ -977,18 +854,18 @@ fn ttn_backfill_refetches_the_gap_once_the_storage_integration_settles() {
         storage.hidden.load(Ordering::SeqCst) > hidden_before,
         "the reconnect fetch came after the uplinks became visible: the test did not exercise the edge"
     );
-    assert_each_stored_once(&db, &expected, &agent);
+    assert_each_stored_once(&expected, &agent);
     // The counts are saved right after each fetch, a moment after its readings.
     assert!(
         wait_until(Duration::from_secs(20), || recovered(
-            &status_json(dir.path()),
+            &agent.status_json(),
             "settle"
         ) > 0),
         "the settle re-fetch recovered the edge: {:#}\nagent log:\n{}",
-        status_json(dir.path())["backfill_recovered"],
+        agent.status_json()["backfill_recovered"],
         agent.log()
     );
-    assert_eq!(recovered(&status_json(dir.path()), "reconcile"), 0);
+    assert_eq!(recovered(&agent.status_json(), "reconcile"), 0);
 
     // reconcile_every = "0s": after the settle re-fetch nothing more is fetched.
     std::thread::sleep(Duration::from_secs(9));
@@ -1035,32 +912,19 @@ fn ttn_backfill_recovers_uplinks_dropped_while_connected_exactly_once() {
     let h = HttpReceiver::start();
     let storage = DelayedStorage::install(&h, visibility);
     let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path());
     let http_port = support::free_port();
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\noverlap = \"2s\"\nsettle = \"3s\"\nreconcile_every = \"4s\"\npage_limit = 7\nretry_min = \"1s\"\nretry_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"",
         h.url()
     );
-    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     println!("drop pattern seed: {seed}");
     let mut random = Lcg(seed);
-    let mut expected = Vec::new();
-
-    let probe = ttn_uplink("probe", 1, chrono::Utc::now(), json!({"t": 1}));
-    storage.add(probe.clone());
-    expected.push(("probe".to_string(), 1));
-    publish_until(
-        &m,
-        &ttn_topic("probe", "up"),
-        &serde_json::to_vec(&probe).unwrap(),
-        &agent,
-        || count(&db, "SELECT COUNT(*) FROM readings") == 1,
-    );
+    let mut expected = vec![probe_until_stored(&m, &agent, |up| storage.add(up))];
 
     let mut dropped_while_connected = 0;
     let total = 45u32;
@@ -1094,22 +958,22 @@ fn ttn_backfill_recovers_uplinks_dropped_while_connected_exactly_once() {
     println!("{dropped_while_connected} uplinks dropped while connected");
 
     assert!(
-        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM readings")
+        wait_until(DEADLINE, || agent.count("SELECT COUNT(*) FROM readings")
             >= expected.len() as i64),
         "{} of {} stored; agent log:\n{}",
-        count(&db, "SELECT COUNT(*) FROM readings"),
+        agent.count("SELECT COUNT(*) FROM readings"),
         expected.len(),
         agent.log()
     );
     // Another reconciliation or two: nothing is stored twice.
     std::thread::sleep(Duration::from_secs(5));
-    assert_each_stored_once(&db, &expected, &agent);
+    assert_each_stored_once(&expected, &agent);
     assert!(
         storage.hidden.load(Ordering::SeqCst) > 0,
         "some fetch came before uplinks were visible"
     );
 
-    let live = count(&db, "SELECT COUNT(*) FROM readings WHERE flags & 4 = 0") as u64;
+    let live = agent.count("SELECT COUNT(*) FROM readings WHERE flags & 4 = 0") as u64;
     let all_recovered = |status: &Value| -> u64 {
         ["reconnect", "gap", "settle", "reconcile"]
             .iter()
@@ -1118,14 +982,14 @@ fn ttn_backfill_recovers_uplinks_dropped_while_connected_exactly_once() {
     };
     // The counts are saved right after each fetch, a moment after its readings.
     assert!(
-        wait_until(Duration::from_secs(20), || all_recovered(&status_json(
-            dir.path()
-        )) + live
+        wait_until(Duration::from_secs(20), || all_recovered(
+            &agent.status_json()
+        ) + live
             >= expected.len() as u64),
         "{:#}",
-        status_json(dir.path())["backfill_recovered"]
+        agent.status_json()["backfill_recovered"]
     );
-    let status = status_json(dir.path());
+    let status = agent.status_json();
     assert_eq!(
         all_recovered(&status) + live,
         expected.len() as u64,
@@ -1153,13 +1017,7 @@ fn ttn_backfill_recovers_uplinks_dropped_while_connected_exactly_once() {
         by_reconcile,
         "/metrics and status agree (one run)"
     );
-    let text = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .arg("--config")
-        .arg(dir.path().join("outpost.toml"))
-        .arg("status")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = agent.status_text();
     assert!(
         text.contains("Source ttn: the Storage Integration backfill recovered")
             && text.contains(&format!("reconcile {by_reconcile}")),
@@ -1175,13 +1033,11 @@ fn ttn_reconciliation_asks_only_for_the_window_since_the_previous_one() {
     let h = HttpReceiver::start();
     let _storage = DelayedStorage::install(&h, Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path());
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\noverlap = \"2s\"\nsettle = \"1s\"\nreconcile_every = \"2s\"\nretry_min = \"1s\"\nretry_max = \"1s\"",
         h.url()
     );
-    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
     let round = |t: chrono::DateTime<chrono::Utc>| {
         chrono::DateTime::from_timestamp(t.timestamp(), 0).unwrap()
     };
@@ -1218,7 +1074,7 @@ fn ttn_reconciliation_asks_only_for_the_window_since_the_previous_one() {
         &ttn_topic("dev-1", "up"),
         &serde_json::to_vec(&l1).unwrap(),
         &agent,
-        || count(&db, "SELECT COUNT(*) FROM readings") == 1,
+        || agent.try_count("SELECT COUNT(*) FROM readings") == Some(1),
     );
     let first = wait_for_after(t1 - chrono::Duration::seconds(2));
 
@@ -1268,7 +1124,6 @@ fn ttn_backfill_refused_key_is_an_error_and_empty_records_are_rejected() {
     let m = Mosquitto::builder().password(USER, API_KEY).start();
     let h = HttpReceiver::start();
     let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path());
     let now = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
     let good = [
         ttn_uplink(
@@ -1305,21 +1160,21 @@ fn ttn_backfill_refused_key_is_an_error_and_empty_records_are_rejected() {
             .header("content-type", "text/event-stream")
             .ndjson_lines(&lines, Duration::ZERO)
     });
-    let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
     let backfill = format!(
         "url = \"{}\"\nsettle = \"1h\"\nreconcile_every = \"0s\"\nretry_min = \"1s\"\nretry_max = \"4s\"",
         h.url()
     );
-    let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+    let agent = start_ttn_agent(dir.path(), &m, &backfill);
     assert!(
-        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM readings")
-            == 2
-            && count(&db, "SELECT COUNT(*) FROM rejected") == 2),
+        wait_until(DEADLINE, || agent
+            .try_count("SELECT COUNT(*) FROM readings")
+            == Some(2)
+            && agent.try_count("SELECT COUNT(*) FROM rejected") == Some(2)),
         "agent log:\n{}",
         agent.log()
     );
     assert_eq!(
-        strings(&db, "SELECT reason FROM rejected ORDER BY id"),
+        agent.strings("SELECT reason FROM rejected ORDER BY id"),
         vec!["no_result", "no_result"]
     );
     let log = agent.log();
@@ -1396,19 +1251,16 @@ fn ttn_reconciliation_bytes_for_200_devices_with_and_without_field_mask() {
             }
         }
         let dir = tempfile::tempdir().unwrap();
-        let db = db(dir.path());
-        let broker = format!("host = \"127.0.0.1\"\nport = {}\ntls = false", m.port());
         let backfill = format!(
             "url = \"{}\"\nsettle = \"1h\"\nreconcile_every = \"0s\"\nfield_mask = {field_mask}",
             h.url()
         );
-        let agent = Agent::start(dir.path(), &ttn_config(dir.path(), &broker, &backfill));
+        let agent = start_ttn_agent(dir.path(), &m, &backfill);
         let uplinks = devices * minutes;
         assert!(
-            wait_until(DEADLINE, || count(
-                &db,
+            wait_until(DEADLINE, || agent.try_count(
                 "SELECT COUNT(DISTINCT device || json_extract(meta, '$.f_cnt')) FROM readings"
-            ) == uplinks),
+            ) == Some(uplinks)),
             "agent log:\n{}",
             agent.log()
         );
@@ -1426,7 +1278,7 @@ fn ttn_reconciliation_bytes_for_200_devices_with_and_without_field_mask() {
         sizes.push(bytes);
         // The readings are the same either way.
         assert_eq!(
-            count(&db, "SELECT COUNT(*) FROM readings"),
+            agent.count("SELECT COUNT(*) FROM readings"),
             uplinks * 5,
             "five numeric fields per uplink"
         );
@@ -1588,12 +1440,11 @@ tls = false
         db = db(dir.path()).display(),
         port = m.port()
     );
-    let agent = Agent::start(dir.path(), &config);
-    let db = db(dir.path());
+    let agent = start_agent(dir.path(), &config);
     let topic = format!("application/{app}/device/a84041c2a1b2c3d4/event/up");
     let probe = serde_json::to_vec(&fixture("chirpstack-up.json")).unwrap();
     publish_until(&m, &topic, &probe, &agent, || {
-        count(&db, "SELECT COUNT(*) FROM readings") > 0
+        agent.try_count("SELECT COUNT(*) FROM readings") > Some(0)
     });
 
     for i in 0..10 {
@@ -1604,16 +1455,13 @@ tls = false
     pb.extend_from_slice(b"7c1d2a9e-5b0f-4f3e-9a61-0d8e2b4c6f10");
     publish(&m, &topic, &pb, 0);
     assert!(
-        wait_until(DEADLINE, || count(&db, "SELECT COUNT(*) FROM rejected")
+        wait_until(DEADLINE, || agent.count("SELECT COUNT(*) FROM rejected")
             == 12),
         "agent log:\n{}",
         agent.log()
     );
     assert_eq!(
-        strings(
-            &db,
-            "SELECT reason || ' ' || count FROM rejected_reasons ORDER BY reason"
-        ),
+        agent.strings("SELECT reason || ' ' || count FROM rejected_reasons ORDER BY reason"),
         ["invalid_json 10", "protobuf 1", "wrong_type 1"],
         "plain text is invalid_json, not wrong_type"
     );
@@ -1644,18 +1492,10 @@ tls = false
     }
 
     let outpost = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(args)
-            .arg("--db")
-            .arg(&db)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (code, stdout, stderr) =
+            outpost([args, &["--db", agent.db().to_str().unwrap()]].concat());
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        stdout
     };
     let status = outpost(&["status"]);
     let row = status

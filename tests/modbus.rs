@@ -5,138 +5,43 @@
 
 mod support;
 
-use outpost::config::Problems;
 use outpost::sources::modbus_decode::crc16;
-use outpost::sources::{SourceConfig, SourceContext};
-use outpost::store::{StorageConfig, Store, StoreOptions};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
+use support::agent::InProcessAgent as Agent;
 use support::{ModbusSlave, SerialLink};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-struct Agent {
-    _dir: tempfile::TempDir,
-    store: Store,
-    sender: Option<tokio::sync::mpsc::Sender<outpost::model::Batch>>,
-    finished: Option<tokio::sync::oneshot::Receiver<()>>,
-    sources: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+/// The latest value of each metric of `device` (`series`).
+fn latest(agent: &Agent, device: &str) -> BTreeMap<String, f64> {
+    let conn = agent.conn();
+    let mut stmt = conn
+        .prepare("SELECT metric, value FROM series WHERE device = ?1")
+        .unwrap();
+    stmt.query_map([device], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
-impl Agent {
-    fn new() -> Agent {
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "outpost=info".into()))
-            .try_init();
-        let dir = tempfile::tempdir().unwrap();
-        let config = StorageConfig {
-            path: dir.path().join("outpost.db"),
-            batch_max_delay: outpost::config::HumanDuration::from_millis(10),
-            ..StorageConfig::default()
-        };
-        let (store, ingest) = Store::open(&config, StoreOptions::default()).unwrap();
-        Agent {
-            _dir: dir,
-            store,
-            sender: Some(ingest.sender),
-            finished: Some(ingest.finished),
-            sources: Vec::new(),
-        }
-    }
-
-    fn start(&mut self, toml_text: &str) {
-        let value: toml::Value = toml::from_str(toml_text).unwrap();
-        let mut problems = Problems::default();
-        let config = SourceConfig::from_json(
-            serde_json::to_value(value).unwrap(),
-            "sources[0]",
-            &mut problems,
-        );
-        if let Some(c) = &config {
-            c.validate("sources[0]", &mut problems);
-        }
-        assert!(problems.0.is_empty(), "config problems: {:?}", problems.0);
-        let token = CancellationToken::new();
-        let ctx = SourceContext {
-            out: self.sender.clone().unwrap(),
-            shutdown: token.clone(),
-            store: self.store.clone(),
-            metrics: outpost::metrics::Metrics::new(&self.store),
-            gateway_id: "test".into(),
-            clock: outpost::clock::Clock::system(),
-            certs: outpost::tls::CertWatch::default(),
-        };
-        self.sources
-            .push((token, tokio::spawn(config.unwrap().run(ctx))));
-    }
-
-    async fn shutdown(mut self) {
-        for (token, task) in self.sources.drain(..) {
-            token.cancel();
-            task.await.unwrap().unwrap();
-        }
-        // The writer finishes once every sender and every store handle is gone.
-        let finished = self.finished.take().unwrap();
-        drop(self);
-        finished.await.unwrap();
-    }
-
-    fn count(&self, sql: &str) -> i64 {
-        self.store
-            .reader()
-            .unwrap()
-            .query_row(sql, [], |r| r.get(0))
-            .unwrap()
-    }
-
-    fn latest(&self, device: &str) -> BTreeMap<String, f64> {
-        let conn = self.store.reader().unwrap();
-        let mut stmt = conn
-            .prepare("SELECT metric, value FROM series WHERE device = ?1")
-            .unwrap();
-        stmt.query_map([device], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
-
-    fn state(&self, source: &str, key: &str) -> Option<serde_json::Value> {
-        let conn = self.store.reader().unwrap();
-        conn.query_row(
-            "SELECT value FROM source_state WHERE source = ?1 AND key = ?2",
-            [source, key],
-            |r| r.get::<_, String>(0),
-        )
-        .ok()
+/// What the source saved under `key`, as JSON.
+fn state(agent: &Agent, source: &str, key: &str) -> Option<serde_json::Value> {
+    agent
+        .source_state(source, key)
         .and_then(|s| serde_json::from_str(&s).ok())
-    }
+}
 
-    fn rejected(&self, source: &str) -> Vec<(String, String)> {
-        let conn = self.store.reader().unwrap();
-        let mut stmt = conn
-            .prepare(
-                "SELECT reason, COALESCE(detail, '') FROM rejected WHERE source = ?1 ORDER BY id",
-            )
-            .unwrap();
-        stmt.query_map([source], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
-
-    async fn wait_for(&self, what: &str, mut cond: impl FnMut(&Agent) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !cond(self) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
+/// (reason, detail) of each message the source rejected, oldest first.
+fn rejected(agent: &Agent, source: &str) -> Vec<(String, String)> {
+    let conn = agent.conn();
+    let mut stmt = conn
+        .prepare("SELECT reason, COALESCE(detail, '') FROM rejected WHERE source = ?1 ORDER BY id")
+        .unwrap();
+    stmt.query_map([source], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 /// (metric, function, address, type, word order, byte order, value on the slave, count)
@@ -219,8 +124,8 @@ address = 1
 metric = "missing"
 address = 500
 "#;
-    let mut agent = Agent::new();
-    agent.start(&format!(
+    let mut agent = Agent::open();
+    agent.start_source(&format!(
         "type = \"modbus-rtu\"\nname = \"bus\"\npath = \"{}\"\n[port]\nbaud = 19200\nparity = \"none\"\n\
          [[slaves]]\nid = 1\ndevice = \"plc\"\ninterval = \"200ms\"\ntimeout = \"1s\"\n{registers}",
         link.device_path().display()
@@ -228,10 +133,10 @@ address = 500
     let expected_metrics = TYPED.len() + 2 + 3 + 1;
     agent
         .wait_for("every register", |a| {
-            a.latest("plc").len() == expected_metrics
+            latest(a, "plc").len() == expected_metrics
         })
         .await;
-    let got = agent.latest("plc");
+    let got = latest(&agent, "plc");
     for &(metric, _, _, _, _, _, value) in TYPED {
         let value = if metric == "in_i16" {
             value * 0.5 + 1.0
@@ -254,7 +159,7 @@ address = 500
     assert!(
         agent.count("SELECT COUNT(*) FROM readings WHERE metric = 'pair.0' AND unit = 'bar'") > 0
     );
-    let rejected = agent.rejected("bus");
+    let rejected = rejected(&agent, "bus");
     assert!(
         rejected.iter().any(|(r, d)| r == "modbus_exception"
             && d.contains("Illegal data address")
@@ -264,7 +169,7 @@ address = 500
     assert!(rejected
         .iter()
         .any(|(r, d)| r == "implausible_value" && d.contains("900")));
-    let state = agent.state("bus", "slave.1").expect("slave state row");
+    let state = state(&agent, "bus", "slave.1").expect("slave state row");
     assert_eq!(state["state"], "online", "{state}");
     agent.shutdown().await;
 }
@@ -280,7 +185,7 @@ async fn a_silent_slave_does_not_slow_the_others() {
             "2": {"holding": [{"address": 0, "value": 22}]},
         }),
     );
-    let mut agent = Agent::new();
+    let mut agent = Agent::open();
     let mut config = format!(
         "type = \"modbus-rtu\"\nname = \"bus\"\npath = \"{}\"\n[port]\nbaud = 38400\n",
         link.device_path().display()
@@ -292,11 +197,10 @@ async fn a_silent_slave_does_not_slow_the_others() {
              [[slaves.registers]]\nmetric = \"v\"\naddress = 0\n"
         );
     }
-    agent.start(&config);
+    agent.start_source(&config);
     agent
         .wait_for("slave 9 to be marked offline", |a| {
-            a.state("bus", "slave.9")
-                .is_some_and(|s| s["state"] == "offline")
+            state(a, "bus", "slave.9").is_some_and(|s| s["state"] == "offline")
         })
         .await;
     let marked_at = slave.requests().last().map(|r| r.0).unwrap_or(0.0);
@@ -319,7 +223,7 @@ async fn a_silent_slave_does_not_slow_the_others() {
         r1 >= 7.5 && r2 >= 7.5,
         "live slaves polled at {r1:.1}/s and {r2:.1}/s"
     );
-    let s9 = agent.state("bus", "slave.9").unwrap();
+    let s9 = state(&agent, "bus", "slave.9").unwrap();
     assert_eq!(s9["state"], "offline");
     assert!(
         s9["last_error"].as_str().unwrap().contains("no_answer"),
@@ -330,9 +234,9 @@ async fn a_silent_slave_does_not_slow_the_others() {
         probes <= 5,
         "the silent slave is probed with backoff, not every 100ms: {probes} polls"
     );
-    assert_eq!(agent.state("bus", "slave.1").unwrap()["state"], "online");
+    assert_eq!(state(&agent, "bus", "slave.1").unwrap()["state"], "online");
     // `outpost status` names it.
-    let report = outpost::cli::status::status_report(agent.store.path()).unwrap();
+    let report = outpost::cli::status::status_report(agent.db()).unwrap();
     assert!(
         report
             .source_notes
@@ -388,8 +292,8 @@ fn garbling_slave(link: &SerialLink) -> std::thread::JoinHandle<usize> {
 async fn garbled_answers_are_counted_by_reason() {
     let link = SerialLink::start();
     let _raw = garbling_slave(&link);
-    let mut agent = Agent::new();
-    agent.start(&format!(
+    let mut agent = Agent::open();
+    agent.start_source(&format!(
         r#"type = "modbus-rtu"
 name = "noisy"
 path = "{}"
@@ -427,7 +331,7 @@ address = 5
         .await;
     agent
         .wait_for("every kind of rejection", |a| {
-            let reasons: Vec<String> = a.rejected("noisy").into_iter().map(|r| r.0).collect();
+            let reasons: Vec<String> = rejected(a, "noisy").into_iter().map(|r| r.0).collect();
             [
                 "crc_error",
                 "truncated_frame",
@@ -438,7 +342,7 @@ address = 5
             .all(|r| reasons.iter().any(|x| x == r))
         })
         .await;
-    let rejected = agent.rejected("noisy");
+    let rejected = rejected(&agent, "noisy");
     assert!(rejected
         .iter()
         .any(|(r, d)| r == "modbus_exception" && d.contains("Illegal data address")));
@@ -453,7 +357,10 @@ address = 5
         0
     );
     // A garbling slave is alive: it stays online and keeps being polled.
-    assert_eq!(agent.state("noisy", "slave.3").unwrap()["state"], "online");
+    assert_eq!(
+        state(&agent, "noisy", "slave.3").unwrap()["state"],
+        "online"
+    );
     agent.shutdown().await;
 }
 
@@ -461,8 +368,8 @@ address = 5
 async fn the_adapter_is_reopened_after_an_unplug() {
     let mut link = SerialLink::start();
     let _raw = garbling_slave(&link);
-    let mut agent = Agent::new();
-    agent.start(&format!(
+    let mut agent = Agent::open();
+    agent.start_source(&format!(
         "type = \"modbus-rtu\"\nname = \"bus\"\npath = \"{}\"\nreopen_max_delay = \"500ms\"\n\
          [[slaves]]\nid = 4\ninterval = \"100ms\"\ntimeout = \"200ms\"\n\
          [[slaves.registers]]\nmetric = \"good\"\naddress = 0\n",
@@ -475,8 +382,7 @@ async fn the_adapter_is_reopened_after_an_unplug() {
     link.unplug();
     agent
         .wait_for("the unplug to be noticed", |a| {
-            a.state("bus", "state")
-                .is_some_and(|s| s["state"] == "waiting")
+            state(a, "bus", "state").is_some_and(|s| s["state"] == "waiting")
         })
         .await;
     link.replug();
@@ -485,6 +391,6 @@ async fn the_adapter_is_reopened_after_an_unplug() {
     agent
         .wait_for("polling to resume", |a| readings(a) >= before + 2)
         .await;
-    assert_eq!(agent.state("bus", "state").unwrap()["state"], "open");
+    assert_eq!(state(&agent, "bus", "state").unwrap()["state"], "open");
     agent.shutdown().await;
 }

@@ -10,151 +10,56 @@
 
 mod support;
 
+use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-use support::agent::{http_get, AgentProcess};
+use std::process::Command;
+use std::time::Duration;
+use support::agent::{health_check, Agent};
 use support::{free_port, SerialLink};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A running agent with its directory, HTTP port and log.
-struct Running {
-    agent: AgentProcess,
-    port: u16,
-    db: PathBuf,
-    log: PathBuf,
-    env: Vec<(String, String)>,
+/// Starts `outpost run` on `config` (the `[storage]` path and `[http]` are added), with
+/// `env` for the agent and its `outpost status`; returns once `/health` answers.
+fn start(dir: &Path, db: &Path, config: &str, env: &[(&str, &str)]) -> Agent {
+    let port = free_port();
+    let config = format!(
+        "[storage]\npath = \"{}\"\nbatch_max_delay = \"10ms\"\n{config}\n\
+         [http]\nlisten = \"127.0.0.1:{port}\"\nsource_max_silence = \"1h\"\n",
+        db.display()
+    );
+    let mut agent = Agent::new(dir, &config)
+        .log_filter("outpost=info")
+        .deadline(WAIT);
+    for (key, value) in env {
+        agent = agent.env(key, value);
+    }
+    let agent = agent.start();
+    agent.wait_for("/health to answer", || health(&agent));
+    agent
 }
 
-impl Running {
-    /// Starts `outpost run` on `config` (the `[storage]` path and `[http]` are added).
-    fn start(dir: &Path, db: &Path, config: &str, env: &[(&str, &str)]) -> Running {
-        let port = free_port();
-        let path = dir.join("outpost.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[storage]\npath = \"{}\"\nbatch_max_delay = \"10ms\"\n{config}\n\
-                 [http]\nlisten = \"127.0.0.1:{port}\"\nsource_max_silence = \"1h\"\n",
-                db.display()
-            ),
-        )
-        .unwrap();
-        let log = dir.join("agent.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outpost"));
-        cmd.args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "outpost=info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let agent = AgentProcess(cmd.spawn().unwrap());
-        let running = Running {
-            agent,
-            port,
-            db: db.to_path_buf(),
-            log,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        running.wait("/health to answer", || running.health().map(|_| ()));
-        running
-    }
+/// `/health` as JSON (200 or 503).
+fn health(agent: &Agent) -> Option<Value> {
+    let (status, health) = agent.health()?;
+    assert!(status == 200 || status == 503, "{status}: {health}");
+    Some(health)
+}
 
-    fn pid(&self) -> u32 {
-        self.agent.0.id()
-    }
+/// (ok, detail) of one `/health` check.
+fn check(agent: &Agent, name: &str) -> Option<(bool, String)> {
+    let health = health(agent)?;
+    let check = health_check(&health, name)?;
+    Some((
+        check["ok"].as_bool()?,
+        check["detail"].as_str()?.to_string(),
+    ))
+}
 
-    /// Panics (with the agent's log) unless the process still runs.
-    fn assert_alive(&mut self) {
-        if let Some(status) = self.agent.0.try_wait().unwrap() {
-            panic!("the agent exited ({status}); log:\n{}", self.log());
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            if start.elapsed() > WAIT {
-                panic!("timed out waiting for {what}; agent log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `/health` as JSON (200 or 503).
-    fn health(&self) -> Option<serde_json::Value> {
-        let (status, body) = http_get(self.port, "/health")?;
-        assert!(status == 200 || status == 503, "{status}: {body}");
-        serde_json::from_str(&body).ok()
-    }
-
-    /// The detail of one `/health` check.
-    fn check(&self, name: &str) -> Option<(bool, String)> {
-        let health = self.health()?;
-        let check = health["checks"]
-            .as_array()?
-            .iter()
-            .find(|c| c["name"] == name)?
-            .clone();
-        Some((
-            check["ok"].as_bool()?,
-            check["detail"].as_str()?.to_string(),
-        ))
-    }
-
-    fn metrics(&self) -> String {
-        http_get(self.port, "/metrics")
-            .map(|r| r.1)
-            .unwrap_or_default()
-    }
-
-    /// `outpost status --db` (text) and `--json`, run as separate processes.
-    fn status(&self) -> (String, serde_json::Value) {
-        let run = |json: bool| {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_outpost"));
-            cmd.args(["status", "--db"]).arg(&self.db);
-            if json {
-                cmd.arg("--json");
-            }
-            for (k, v) in &self.env {
-                cmd.env(k, v);
-            }
-            let out = cmd.output().unwrap();
-            assert!(
-                out.status.success(),
-                "outpost status failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        };
-        let text = run(false);
-        let json = serde_json::from_str(&run(true)).unwrap();
-        (text, json)
-    }
-
-    fn count(&self, sql: &str) -> i64 {
-        let conn = rusqlite::Connection::open_with_flags(
-            &self.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        conn.query_row(sql, [], |r| r.get(0)).unwrap()
-    }
+/// `outpost status` (text) and `--json`, each a separate process.
+fn status(agent: &Agent) -> (String, Value) {
+    (agent.status_text(), agent.status_json())
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -245,7 +150,7 @@ fn disk_full_refuses_nothing_it_accepted_and_recovers_in_place() {
         serde_json::json!({"1": {"holding": [{"address": 0, "value": 7}]}}),
     );
     let db = mnt.0.join("outpost.db");
-    let mut agent = Running::start(
+    let mut agent = start(
         dir.path(),
         &db,
         &format!(
@@ -260,32 +165,32 @@ fn disk_full_refuses_nothing_it_accepted_and_recovers_in_place() {
         &[],
     );
     let pid = agent.pid();
-    agent.wait("the port and readings", || {
-        (agent.check("source:ser")?.1 == "connected"
+    agent.wait_for("the port and readings", || {
+        (check(&agent, "source:ser")?.1 == "connected"
             && agent.count("SELECT COUNT(*) FROM readings WHERE source = 'sim'") >= 10
             && agent.count("SELECT COUNT(*) FROM readings WHERE source = 'bus'") >= 5)
             .then_some(())
     });
     write_lines(&link, 0, 20);
-    agent.wait("20 serial readings", || {
+    agent.wait_for("20 serial readings", || {
         (agent.count("SELECT COUNT(*) FROM readings WHERE source = 'ser'") == 20).then_some(())
     });
 
     // The disk fills up.
     let filler = mnt.0.join("filler");
     fill(&filler);
-    let (ok, detail) = agent.wait("/health to report the full disk", || {
-        agent.check("store").filter(|(ok, _)| !ok)
+    let (ok, detail) = agent.wait_for("/health to report the full disk", || {
+        check(&agent, "store").filter(|(ok, _)| !ok)
     });
     assert!(!ok && detail.contains("disk is full"), "{detail}");
     let stored_when_full = agent.count("SELECT COUNT(*) FROM readings");
     // Serial lines keep coming while the disk is full.
     write_lines(&link, 20, 40);
-    let (text, json) = agent.status();
+    let (text, json) = status(&agent);
     assert!(text.contains("Disk FULL"), "{text}");
     assert_eq!(json["disk_full"], true, "{json:#}");
     assert_eq!(
-        agent.health().unwrap()["status"],
+        health(&agent).unwrap()["status"],
         "unhealthy",
         "/health is 503 while the disk is full"
     );
@@ -297,17 +202,17 @@ fn disk_full_refuses_nothing_it_accepted_and_recovers_in_place() {
     );
     let refused = metric(&agent.metrics(), "outpost_store_refused_full_total");
     assert!(refused >= 1.0, "the store refused readings while full");
-    agent.assert_alive();
+    agent.assert_running();
 
     // Space returns.
     std::fs::remove_file(&filler).unwrap();
-    agent.wait("/health to report the store writable", || {
-        agent.check("store").filter(|(ok, _)| *ok)
+    agent.wait_for("/health to report the store writable", || {
+        check(&agent, "store").filter(|(ok, _)| *ok)
     });
-    let (text, json) = agent.status();
+    let (text, json) = status(&agent);
     assert!(!text.contains("Disk FULL"), "{text}");
     assert_eq!(json["disk_full"], false, "{json:#}");
-    agent.wait("all 40 serial readings", || {
+    agent.wait_for("all 40 serial readings", || {
         (agent.count("SELECT COUNT(*) FROM readings WHERE source = 'ser'") == 40).then_some(())
     });
     let values = agent.count(
@@ -336,9 +241,9 @@ fn disk_full_refuses_nothing_it_accepted_and_recovers_in_place() {
             - agent.count("SELECT COUNT(DISTINCT uid) FROM readings"),
         0
     );
-    agent.assert_alive();
+    agent.assert_running();
     assert_eq!(agent.pid(), pid, "recovered without a restart");
-    assert_eq!(agent.health().unwrap()["status"], "ok");
+    assert_eq!(health(&agent).unwrap()["status"], "ok");
     eprintln!(
         "disk full: refused {refused} readings while full; serial 40/40 stored; (source, stored, received): {counts:?}"
     );
@@ -351,24 +256,22 @@ fn serial_unplug_and_replug_keep_every_reading_and_show_the_port_state() {
     let dir = tempfile::tempdir().unwrap();
     let mut link = SerialLink::start();
     let db = dir.path().join("outpost.db");
-    let mut agent = Running::start(dir.path(), &db, &serial_source(&link), &[]);
+    let mut agent = start(dir.path(), &db, &serial_source(&link), &[]);
     let pid = agent.pid();
-    agent.wait("the port to open", || {
-        (agent.check("source:ser")?.1 == "connected").then_some(())
+    agent.wait_for("the port to open", || {
+        (check(&agent, "source:ser")?.1 == "connected").then_some(())
     });
     write_lines(&link, 0, 25);
-    agent.wait("25 readings", || {
+    agent.wait_for("25 readings", || {
         (agent.count("SELECT COUNT(*) FROM readings") == 25).then_some(())
     });
 
     link.unplug();
-    let (ok, detail) = agent.wait("/health to show the port disconnected", || {
-        agent
-            .check("source:ser")
-            .filter(|(_, d)| d.contains("disconnected"))
+    let (ok, detail) = agent.wait_for("/health to show the port disconnected", || {
+        check(&agent, "source:ser").filter(|(_, d)| d.contains("disconnected"))
     });
-    let (text, json) = agent.wait("status to show the port missing", || {
-        let (text, json) = agent.status();
+    let (text, json) = agent.wait_for("status to show the port missing", || {
+        let (text, json) = status(&agent);
         text.contains("Source ser: port").then_some((text, json))
     });
     assert!(text.contains("not available since"), "{text}");
@@ -382,11 +285,11 @@ fn serial_unplug_and_replug_keep_every_reading_and_show_the_port_state() {
     eprintln!("while unplugged: /health source:ser ok={ok} {detail:?}; status: {notes:?}");
 
     link.replug();
-    agent.wait("/health to show the port connected again", || {
-        (agent.check("source:ser")?.1 == "connected").then_some(())
+    agent.wait_for("/health to show the port connected again", || {
+        (check(&agent, "source:ser")?.1 == "connected").then_some(())
     });
-    agent.wait("status to clear the port note", || {
-        let (text, json) = agent.status();
+    agent.wait_for("status to clear the port note", || {
+        let (text, json) = status(&agent);
         (!text.contains("Source ser: port")
             && json["source_notes"]
                 .as_array()
@@ -394,7 +297,7 @@ fn serial_unplug_and_replug_keep_every_reading_and_show_the_port_state() {
         .then_some(())
     });
     write_lines(&link, 25, 50);
-    agent.wait("50 readings", || {
+    agent.wait_for("50 readings", || {
         (agent.count("SELECT COUNT(*) FROM readings") == 50).then_some(())
     });
     assert_eq!(
@@ -403,7 +306,7 @@ fn serial_unplug_and_replug_keep_every_reading_and_show_the_port_state() {
         "every line before and after stored once"
     );
     assert_eq!(agent.count("SELECT COUNT(DISTINCT uid) FROM readings"), 50);
-    agent.assert_alive();
+    agent.assert_running();
     assert_eq!(agent.pid(), pid);
 }
 
@@ -436,21 +339,21 @@ fn clock_steps_lose_nothing_and_fire_or_prune_nothing() {
          notifiers = [\"journal\"]\n",
         serial_source(&link)
     );
-    let mut agent = Running::start(dir.path(), &db, &config, &env);
+    let mut agent = start(dir.path(), &db, &config, &env);
     let pid = agent.pid();
     let mut lines = 0;
-    let step = |agent: &Running, lines: &mut usize, seconds: i64, words: &str| {
-        agent.wait("the port to open", || {
-            (agent.check("source:ser")?.1 == "connected").then_some(())
+    let step = |agent: &Agent, lines: &mut usize, seconds: i64, words: &str| {
+        agent.wait_for("the port to open", || {
+            (check(agent, "source:ser")?.1 == "connected").then_some(())
         });
         write_lines(&link, *lines, *lines + 10);
         *lines += 10;
         let n = *lines as i64;
-        agent.wait("serial readings", || {
+        agent.wait_for("serial readings", || {
             (agent.count("SELECT COUNT(*) FROM readings WHERE source = 'ser'") == n).then_some(())
         });
         // Everything so far has reached central (as far as retention can tell).
-        let conn = rusqlite::Connection::open(&agent.db).unwrap();
+        let conn = rusqlite::Connection::open(agent.db()).unwrap();
         conn.busy_timeout(Duration::from_secs(5)).unwrap();
         conn.execute("UPDATE readings SET synced = 1 WHERE synced = 0", [])
             .unwrap();
@@ -458,10 +361,10 @@ fn clock_steps_lose_nothing_and_fire_or_prune_nothing() {
         let old = std::fs::read_to_string(&offset).unwrap();
         let new = old.trim().parse::<i64>().unwrap() + seconds;
         std::fs::write(&offset, new.to_string()).unwrap();
-        let (_, detail) = agent.wait("/health to show the step", || {
-            agent.check("clock").filter(|(_, d)| d.contains(words))
+        let (_, detail) = agent.wait_for("/health to show the step", || {
+            check(agent, "clock").filter(|(_, d)| d.contains(words))
         });
-        let (text, json) = agent.status();
+        let (text, json) = status(agent);
         let status_words = format!("Clock: {}", words.trim_start_matches("clock "));
         assert!(text.contains(&status_words), "{text}");
         let stepped = json["clock_step"]["seconds"].as_f64().unwrap();
@@ -469,14 +372,14 @@ fn clock_steps_lose_nothing_and_fire_or_prune_nothing() {
         write_lines(&link, *lines, *lines + 10);
         *lines += 10;
         let n = *lines as i64;
-        agent.wait("serial readings after the step", || {
+        agent.wait_for("serial readings after the step", || {
             (agent.count("SELECT COUNT(*) FROM readings WHERE source = 'ser'") == n).then_some(())
         });
         // Retention runs every second; give it a few chances.
         std::thread::sleep(Duration::from_secs(3));
-        agent.wait("the step notice to clear", || {
-            let (_, d) = agent.check("clock")?;
-            let (text, json) = agent.status();
+        agent.wait_for("the step notice to clear", || {
+            let (_, d) = check(agent, "clock")?;
+            let (text, json) = status(agent);
             (!d.contains("stepped") && !text.contains("Clock:") && json["clock_step"].is_null())
                 .then_some(())
         });
@@ -504,7 +407,7 @@ fn clock_steps_lose_nothing_and_fire_or_prune_nothing() {
         "retention pruned nothing although the clock jumped a day ahead"
     );
     // The only alert event: the first firing of "firing-reminder".
-    let conn = rusqlite::Connection::open(&agent.db).unwrap();
+    let conn = rusqlite::Connection::open(agent.db()).unwrap();
     let mut stmt = conn
         .prepare("SELECT rule || ':' || kind FROM alert_events ORDER BY id")
         .unwrap();
@@ -518,7 +421,7 @@ fn clock_steps_lose_nothing_and_fire_or_prune_nothing() {
         vec!["firing-reminder:firing".to_string()],
         "no alert fired, reminded or resolved because of a step"
     );
-    agent.assert_alive();
+    agent.assert_running();
     assert_eq!(agent.pid(), pid);
     eprintln!(
         "clock steps: {lines} serial readings and {sim_stored} simulated stored, 0 duplicates, 0 pruned, events {events:?}"
@@ -536,30 +439,30 @@ fn clock_synchronisation_corrects_readings_stamped_before() {
     let offset = dir.path().join("clock-offset");
     std::fs::write(&offset, "0 unsynchronized").unwrap();
     let env = [("OUTPOST_TEST_CLOCK_OFFSET_FILE", offset.to_str().unwrap())];
-    let agent = Running::start(dir.path(), &db, &serial_source(&link), &env);
-    agent.wait("the port to open", || {
-        (agent.check("source:ser")?.1 == "connected").then_some(())
+    let agent = start(dir.path(), &db, &serial_source(&link), &env);
+    agent.wait_for("the port to open", || {
+        (check(&agent, "source:ser")?.1 == "connected").then_some(())
     });
     write_lines(&link, 0, 10);
-    agent.wait("10 readings flagged CLOCK_UNSYNCED", || {
+    agent.wait_for("10 readings flagged CLOCK_UNSYNCED", || {
         (agent.count("SELECT COUNT(*) FROM readings WHERE flags = 1") == 10).then_some(())
     });
     let before = agent.count("SELECT MAX(observed_at) FROM readings");
     // The clock was a day behind; synchronisation steps it forward.
     std::fs::write(&offset, "86400 synchronized").unwrap();
-    agent.wait("the readings to be corrected", || {
+    agent.wait_for("the readings to be corrected", || {
         (agent.count("SELECT COUNT(*) FROM readings WHERE flags = 1 | 8") == 10).then_some(())
     });
     let after = agent.count("SELECT MAX(observed_at) FROM readings");
     let moved = (after - before) as f64 / 1e6;
     assert!((moved - 86400.0).abs() < 2.5, "moved by {moved} s");
-    let (_, detail) = agent.check("clock").unwrap();
+    let (_, detail) = check(&agent, "clock").unwrap();
     assert!(
         detail.starts_with("synchronised; clock stepped forward by 1day"),
         "{detail}"
     );
     write_lines(&link, 10, 20);
-    agent.wait("10 more readings without flags", || {
+    agent.wait_for("10 more readings without flags", || {
         (agent.count("SELECT COUNT(*) FROM readings WHERE flags = 0") == 10).then_some(())
     });
     let newest = agent.count("SELECT MAX(observed_at) FROM readings");

@@ -23,17 +23,16 @@ mod support;
 
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::agent::{http_get, AgentProcess};
+use support::agent::{health_check, outpost, Agent};
 use support::{
     free_port, HttpReceiver, Mosquitto, PgBouncer, Postgres, Reply, SmtpOptions, SmtpServer,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 /// How long any single condition may take to show or clear.
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -92,223 +91,83 @@ impl Central {
 
 // ---- The agent ------------------------------------------------------------------------
 
-struct Agent {
-    _dir: tempfile::TempDir,
-    gateway: String,
-    config: PathBuf,
-    db: PathBuf,
-    log: PathBuf,
-    port: u16,
-    process: AgentProcess,
-    pid: u32,
+/// The configuration of gateway `gateway`: its database in `dir`, `/health` on `port`,
+/// then `body`.
+fn config_text(dir: &Path, gateway: &str, port: u16, body: &str) -> String {
+    format!(
+        "[agent]\ngateway_id = \"{gateway}\"\nsite = \"Outage site\"\n\
+         [storage]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{body}",
+        dir.join("outpost.db").display()
+    )
 }
 
-impl Agent {
-    fn config_text(dir: &Path, gateway: &str, port: u16, body: &str) -> String {
-        format!(
-            "[agent]\ngateway_id = \"{gateway}\"\nsite = \"Outage site\"\n\
-             [storage]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{body}",
-            dir.join("outpost.db").display()
-        )
-    }
-
-    fn start(gateway: &str, body: &str) -> Agent {
-        Agent::start_wrapped(gateway, body, |config| {
-            let mut cmd = Command::new(BIN);
-            cmd.args(["run", "--config"]).arg(config);
-            cmd
-        })
-    }
-
-    /// Starts `outpost run` through `command(config path)` (e.g. inside `unshare`).
-    fn start_wrapped(gateway: &str, body: &str, command: impl FnOnce(&Path) -> Command) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = dir.path().join("outpost.toml");
-        std::fs::write(&config, Agent::config_text(dir.path(), gateway, port, body)).unwrap();
-        let log = dir.path().join("agent.log");
-        let child = command(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let agent = Agent {
-            db: dir.path().join("outpost.db"),
-            _dir: dir,
-            gateway: gateway.to_string(),
-            config,
-            log,
-            port,
-            process: AgentProcess(child),
-            pid,
-        };
-        agent.wait_health("the agent to answer /health", |h| h["status"] == "ok");
-        agent
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `outpost central migrate` through the `[sync]` of `body` (PgBouncer).
-    fn migrate_central(gateway: &str, body: &str) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("outpost.toml");
-        std::fs::write(&path, Agent::config_text(dir.path(), gateway, 1, body)).unwrap();
-        let out = Command::new(BIN)
-            .args(["central", "migrate", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "central migrate: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn health(&self) -> Option<(u16, Value)> {
-        let (status, body) = http_get(self.port, "/health")?;
-        Some((status, serde_json::from_str(&body).ok()?))
-    }
-
-    /// Polls `/health` until `pred` holds; returns the document.
-    fn wait_health(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let start = Instant::now();
-        let mut last = None;
-        loop {
-            if let Some((status, h)) = self.health() {
-                assert_eq!(
-                    status == 200,
-                    h["status"] == "ok",
-                    "HTTP status and body agree: {h}"
-                );
-                if pred(&h) {
-                    return h;
-                }
-                last = Some(h);
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "timed out waiting for {what}; last /health: {last:?}\nagent log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Polls until the check `name` satisfies `pred`; returns it.
-    fn wait_check(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let h = self.wait_health(&format!("check {name}"), |h| {
-            check(h, name).is_some_and(|c| pred(&c))
-        });
-        check(&h, name).unwrap()
-    }
-
-    fn status_json(&self) -> Value {
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--config"])
-            .arg(&self.config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "outpost status --json: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn status_text(&self) -> String {
-        let out = Command::new(BIN)
-            .args(["status", "--config"])
-            .arg(&self.config)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn conn(&self) -> rusqlite::Connection {
-        let conn = rusqlite::Connection::open_with_flags(
-            &self.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        conn
-    }
-
-    fn count(&self, sql: &str) -> i64 {
-        self.conn().query_row(sql, [], |r| r.get(0)).unwrap()
-    }
-
-    fn uids(&self, sql: &str) -> BTreeSet<String> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(sql).unwrap();
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
-        rows.map(|r| r.unwrap().to_lowercase()).collect()
-    }
-
-    /// The same process is still running, and it started once.
-    fn assert_not_restarted(&mut self) {
-        assert_eq!(self.process.0.id(), self.pid);
-        assert!(
-            self.process.0.try_wait().unwrap().is_none(),
-            "the agent exited:\n{}",
-            self.log_text()
-        );
-        assert_eq!(
-            self.log_text().matches("Outpost is running.").count(),
-            1,
-            "started once"
-        );
-    }
-
-    /// Everything stored locally up to now reaches central exactly once. Returns
-    /// (local rows, central rows) at the end and how long the drain took.
-    fn assert_all_in_central_once(&self, central: &Central) -> (usize, usize, Duration) {
-        let start = Instant::now();
-        let upto = self.count("SELECT COALESCE(MAX(id), 0) FROM readings");
-        while self.count(&format!(
-            "SELECT COUNT(*) FROM readings WHERE id <= {upto} AND synced = 0"
-        )) > 0
-        {
-            assert!(
-                start.elapsed() < DEADLINE * 2,
-                "the backlog did not drain:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let drained = start.elapsed();
-        // Marks move only after the central commit: what is marked now is in central.
-        let marked = self.uids("SELECT hex(uid) FROM readings WHERE synced = 1");
-        let rows = central.rows(&self.gateway);
-        let all = self.uids("SELECT hex(uid) FROM readings");
-        let central_uids: BTreeSet<String> = rows.iter().map(|r| r.0.clone()).collect();
-        assert_eq!(central_uids.len(), rows.len(), "duplicates in central");
-        let missing: Vec<_> = marked.difference(&central_uids).take(5).collect();
-        assert!(
-            missing.is_empty(),
-            "marked synced but not in central: {missing:?}"
-        );
-        let foreign: Vec<_> = central_uids.difference(&all).take(5).collect();
-        assert!(foreign.is_empty(), "in central but not local: {foreign:?}");
-        let upto_uids = self.uids(&format!("SELECT hex(uid) FROM readings WHERE id <= {upto}"));
-        assert!(upto_uids.is_subset(&central_uids));
-        (all.len(), rows.len(), drained)
-    }
+/// The agent of gateway `gateway` in its own directory, not started yet.
+fn agent(gateway: &str, body: &str) -> Agent {
+    let port = free_port();
+    Agent::in_temp_dir(|dir| config_text(dir, gateway, port, body)).deadline(DEADLINE)
 }
 
-fn check(health: &Value, name: &str) -> Option<Value> {
-    health["checks"]
-        .as_array()?
-        .iter()
-        .find(|c| c["name"] == name)
-        .cloned()
+/// Starts `agent`; returns once `/health` says ok.
+fn start(agent: Agent) -> Agent {
+    let agent = agent.start();
+    agent.wait_health("the agent to answer /health", |_, h| h["status"] == "ok");
+    agent
+}
+
+/// `outpost central migrate` through the `[sync]` of `body` (PgBouncer).
+fn migrate_central(gateway: &str, body: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, config_text(dir.path(), gateway, 1, body)).unwrap();
+    let (code, _, stderr) = outpost(["central", "migrate", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "central migrate: {stderr}");
+}
+
+/// The uids `sql` returns, in lower-case hex.
+fn uids(agent: &Agent, sql: &str) -> BTreeSet<String> {
+    agent
+        .strings(sql)
+        .into_iter()
+        .map(|uid| uid.to_lowercase())
+        .collect()
+}
+
+/// Everything stored locally up to now reaches central exactly once. Returns
+/// (local rows, central rows) at the end and how long the drain took.
+fn assert_all_in_central_once(agent: &Agent, central: &Central) -> (usize, usize, Duration) {
+    let start = Instant::now();
+    let upto = agent.count("SELECT COALESCE(MAX(id), 0) FROM readings");
+    while agent.count(&format!(
+        "SELECT COUNT(*) FROM readings WHERE id <= {upto} AND synced = 0"
+    )) > 0
+    {
+        assert!(
+            start.elapsed() < DEADLINE * 2,
+            "the backlog did not drain:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let drained = start.elapsed();
+    // Marks move only after the central commit: what is marked now is in central.
+    let marked = uids(agent, "SELECT hex(uid) FROM readings WHERE synced = 1");
+    let rows = central.rows(agent.gateway_id());
+    let all = uids(agent, "SELECT hex(uid) FROM readings");
+    let central_uids: BTreeSet<String> = rows.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(central_uids.len(), rows.len(), "duplicates in central");
+    let missing: Vec<_> = marked.difference(&central_uids).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "marked synced but not in central: {missing:?}"
+    );
+    let foreign: Vec<_> = central_uids.difference(&all).take(5).collect();
+    assert!(foreign.is_empty(), "in central but not local: {foreign:?}");
+    let upto_uids = uids(
+        agent,
+        &format!("SELECT hex(uid) FROM readings WHERE id <= {upto}"),
+    );
+    assert!(upto_uids.is_subset(&central_uids));
+    (all.len(), rows.len(), drained)
 }
 
 fn detail(check: &Value) -> String {
@@ -450,9 +309,9 @@ fn assert_published_stored_once(
         local.keys().all(|&s| s < attempted),
         "only what was published is stored"
     );
-    agent.assert_all_in_central_once(central);
+    assert_all_in_central_once(agent, central);
     let mut in_central: BTreeMap<u64, u32> = BTreeMap::new();
-    for (_, value, source) in central.rows(&agent.gateway) {
+    for (_, value, source) in central.rows(agent.gateway_id()) {
         if source == "mq" {
             *in_central.entry(value as u64).or_default() += 1;
         }
@@ -481,8 +340,8 @@ fn agent_body(central: &Central, central_host: &str, extra: &str) -> String {
 
 fn start_synced_agent(gateway: &str, central: &Central, host: &str, extra: &str) -> Agent {
     let body = agent_body(central, host, extra);
-    Agent::migrate_central(gateway, &body);
-    Agent::start(gateway, &body)
+    migrate_central(gateway, &body);
+    start(agent(gateway, &body))
 }
 
 fn readings_between(
@@ -542,9 +401,9 @@ fn broker_restarts_while_a_qos1_publisher_sends() {
     let acked = publisher.finish();
     let (acked, local, in_central) =
         assert_published_stored_once(&agent, &central, &acked, attempted);
-    let (rows, central_rows, drained) = agent.assert_all_in_central_once(&central);
-    agent.wait_health("all clear", |h| h["status"] == "ok");
-    agent.assert_not_restarted();
+    let (rows, central_rows, drained) = assert_all_in_central_once(&agent, &central);
+    agent.wait_health("all clear", |_, h| h["status"] == "ok");
+    agent.assert_started_once();
     println!(
         "OUTAGE broker-restart: 3 restarts; published+acked {acked}, stored {local}, in central {in_central} \
          (all readings: {rows} local, {central_rows} central, 0 duplicates); reconnected after {} s; drained {}",
@@ -593,7 +452,7 @@ fn broker_unreachable_for_minutes() {
     let back_at = chrono::Utc::now();
     agent.wait_check("source:mq", |c| detail(c) == "connected");
     let reconnected = back.elapsed();
-    agent.wait_health("all clear", |h| h["status"] == "ok");
+    agent.wait_health("all clear", |_, h| h["status"] == "ok");
     assert_eq!(source_note(&agent.status_json(), "mq"), None);
     std::thread::sleep(Duration::from_secs(2));
     let during = readings_between(&agent, down_at, back_at);
@@ -601,8 +460,8 @@ fn broker_unreachable_for_minutes() {
     let acked = publisher.finish();
     let (acked, local, in_central) =
         assert_published_stored_once(&agent, &central, &acked, attempted);
-    let (rows, central_rows, drained) = agent.assert_all_in_central_once(&central);
-    agent.assert_not_restarted();
+    let (rows, central_rows, drained) = assert_all_in_central_once(&agent, &central);
+    agent.assert_started_once();
     println!(
         "OUTAGE broker-down {}: published+acked {acked}, stored {local}, in central {in_central}; \
          {during} simulated readings stored during the outage; all readings {rows} local, {central_rows} central; \
@@ -646,9 +505,9 @@ fn pgbouncer_restarts_during_sync() {
     let s = agent.status_json();
     assert_eq!(s["sync"]["failing"], false);
     assert!(!agent.status_text().contains("FAILING"));
-    let (rows, central_rows, drained) = agent.assert_all_in_central_once(&central);
-    agent.wait_health("all clear", |h| h["status"] == "ok");
-    agent.assert_not_restarted();
+    let (rows, central_rows, drained) = assert_all_in_central_once(&agent, &central);
+    agent.wait_health("all clear", |_, h| h["status"] == "ok");
+    agent.assert_started_once();
     assert!(!central
         .pg
         .log()
@@ -689,7 +548,9 @@ fn postgres_down_for_minutes_behind_pgbouncer() {
     );
     let text = agent.status_text();
     assert!(text.contains("Central sync is FAILING since"), "{text}");
-    let c = check(&agent.health().unwrap().1, "sync").unwrap();
+    let c = health_check(&agent.health().unwrap().1, "sync")
+        .unwrap()
+        .clone();
     assert!(
         !c["ok"].as_bool().unwrap() && detail(&c).contains("backlog"),
         "{c}"
@@ -701,10 +562,10 @@ fn postgres_down_for_minutes_behind_pgbouncer() {
     agent.wait_check("sync", |c| c["ok"] == true);
     let recovered = back.elapsed();
     let during = readings_between(&agent, down_at, back_at);
-    let (rows, central_rows, drained) = agent.assert_all_in_central_once(&central);
-    agent.wait_health("all clear", |h| h["status"] == "ok");
+    let (rows, central_rows, drained) = assert_all_in_central_once(&agent, &central);
+    agent.wait_health("all clear", |_, h| h["status"] == "ok");
     assert_eq!(agent.status_json()["sync"]["failing"], false);
-    agent.assert_not_restarted();
+    agent.assert_started_once();
     println!(
         "OUTAGE postgres-down {}: {during} readings stored during the outage, backlog peaked at >= {backlog}; \
          {rows} local, {central_rows} in central, 0 duplicates; sync ok {} after PostgreSQL returned, \
@@ -795,9 +656,9 @@ fn smtp_down_while_an_alert_fires_delivers_after_it_returns() {
         agent.count("SELECT COUNT(*) FROM outbox WHERE state = 'delivered'"),
         2
     );
-    let (rows, central_rows, _) = agent.assert_all_in_central_once(&central);
-    agent.wait_health("all clear", |h| h["status"] == "ok");
-    agent.assert_not_restarted();
+    let (rows, central_rows, _) = assert_all_in_central_once(&agent, &central);
+    agent.wait_health("all clear", |_, h| h["status"] == "ok");
+    agent.assert_started_once();
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(smtp.messages().len(), 2, "each mail once");
     println!(
@@ -872,9 +733,9 @@ fn webhook_500_then_timeouts_then_recovery() {
         1
     );
     assert!(agent.status_text().contains("Notifications: none pending"));
-    let (rows, central_rows, _) = agent.assert_all_in_central_once(&central);
-    agent.wait_health("all clear", |h| h["status"] == "ok");
-    agent.assert_not_restarted();
+    let (rows, central_rows, _) = assert_all_in_central_once(&agent, &central);
+    agent.wait_health("all clear", |_, h| h["status"] == "ok");
+    agent.assert_started_once();
     println!(
         "OUTAGE webhook {}: 500s for {}, then timeouts for {}; delivered on attempt {attempts} ({} requests, one key), \
          health clear {} after the webhook recovered; {rows} readings local, {central_rows} central",
@@ -944,18 +805,21 @@ fn dns_failure_for_a_while_then_recovery() {
         &mqtt_source("outpost-broker.test", broker.port(), "gw-dns"),
     );
     // The schema goes in by address, from outside the namespace.
-    Agent::migrate_central("gw-dns", &agent_body(&central, "127.0.0.1", ""));
-    let mut agent = Agent::start_wrapped("gw-dns", &body, |config| {
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--", "sh", "-c"])
-            .arg(
-                "mount --bind \"$1\" /etc/hosts && mount --bind \"$2\" /etc/nsswitch.conf \
-                 && exec \"$3\" run --config \"$4\"",
-            )
-            .arg("sh")
-            .args([&hosts, &nsswitch, Path::new(BIN), config]);
-        cmd
-    });
+    migrate_central("gw-dns", &agent_body(&central, "127.0.0.1", ""));
+    let in_namespace: Vec<&std::ffi::OsStr> = vec![
+        "unshare".as_ref(),
+        "--mount".as_ref(),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        "mount --bind \"$1\" /etc/hosts && mount --bind \"$2\" /etc/nsswitch.conf \
+         && shift 2 && exec \"$@\""
+            .as_ref(),
+        "sh".as_ref(),
+        hosts.as_os_str(),
+        nsswitch.as_os_str(),
+    ];
+    let mut agent = start(agent("gw-dns", &body).through(&in_namespace));
     agent.wait_check("source:mq", |c| detail(c) == "connected");
     agent.wait_check("sync", |c| detail(c).starts_with("last completed round"));
     let publisher = Publisher::start(broker.port(), "room-7", Duration::from_millis(50));
@@ -990,7 +854,7 @@ fn dns_failure_for_a_while_then_recovery() {
     let mqtt_back = back.elapsed();
     agent.wait_check("sync", |c| c["ok"] == true);
     let sync_back = back.elapsed();
-    agent.wait_health("all clear", |h| h["status"] == "ok");
+    agent.wait_health("all clear", |_, h| h["status"] == "ok");
     let s = agent.status_json();
     assert_eq!(s["sync"]["failing"], false);
     assert_eq!(source_note(&s, "mq"), None);
@@ -1000,8 +864,8 @@ fn dns_failure_for_a_while_then_recovery() {
     let acked = publisher.finish();
     let (acked, local, in_central) =
         assert_published_stored_once(&agent, &central, &acked, attempted);
-    let (rows, central_rows, drained) = agent.assert_all_in_central_once(&central);
-    agent.assert_not_restarted();
+    let (rows, central_rows, drained) = assert_all_in_central_once(&agent, &central);
+    agent.assert_started_once();
     println!(
         "OUTAGE dns {}: published+acked {acked}, stored {local}, in central {in_central}; {during} readings stored \
          during the outage; {rows} local, {central_rows} central; MQTT back {} and sync ok {} after the names \

@@ -39,31 +39,22 @@ mod support;
 use outpost::model::Uid;
 use rand::{Rng, SeedableRng};
 use rusqlite::Connection;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
-use support::agent::AgentProcess;
+use support::agent::Agent;
+use support::cold_room::{self, origin, EARLY_MS, EARLY_SHARE, FIELDS, RATE};
 use support::lazyfs::{LazyFs, Timing};
 use support::mqtt_proxy::MqttProxy;
 use support::publisher::QosPublisher;
 use support::{HttpReceiver, Mosquitto};
 
 const APP: &str = "4d0c2b1a-7e6f-4a5b-9c8d-1e2f3a4b5c6d";
-const DEVICES: u64 = 4;
-/// Uplinks per second, all devices together.
-const RATE: u64 = 100;
-/// Hot for this many uplinks per device, then cold as long: every device fires and
-/// resolves about once a second.
-const HALF_CYCLE: u64 = 25;
-const FIELDS: [&str; 2] = ["temperature", "battery"];
-/// Random cuts land this long after the agent started…
-const RUN_MS: std::ops::Range<u64> = 300..2500;
-/// …or, for one in [`EARLY_SHARE`], during start-up (opening and recovering the
+/// Random cuts land this long after the agent started, or, for one in
+/// [`EARLY_SHARE`], within [`EARLY_MS`] (during start-up: opening and recovering the
 /// database, resuming the session).
-const EARLY_MS: std::ops::Range<u64> = 10..300;
-const EARLY_SHARE: f64 = 0.2;
+const RUN_MS: std::ops::Range<u64> = 300..2500;
 /// A crash fault is armed this long after the agent started.
 const ARM_MS: std::ops::Range<u64> = 100..1500;
 /// How long an armed fault may wait for its operation before the cycle falls back to
@@ -151,33 +142,12 @@ fn dedup_id(prefix: &str, n: u64) -> String {
     format!("{prefix}-{n}")
 }
 
-fn device(n: u64) -> u64 {
-    n % DEVICES
-}
-
-/// The ChirpStack v4 JSON uplink of message `n`.
+/// The ChirpStack v4 JSON uplink of message `n`: its topic and payload.
 fn uplink(prefix: &str, n: u64) -> (String, Vec<u8>) {
-    let dev = device(n);
-    let f_cnt = n / DEVICES + 1;
-    let hot = (f_cnt / HALF_CYCLE) % 2 == 1;
-    let temperature = if hot { 10.0 } else { 2.0 } + (f_cnt % 7) as f64 / 10.0;
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let event = json!({
-        "deduplicationId": dedup_id(prefix, n),
-        "time": now,
-        "deviceInfo": {
-            "tenantId": "52f14cd4-c6f1-4fbd-8f87-4025e1d49242",
-            "applicationId": APP,
-            "deviceName": format!("dev-{dev}"),
-            "devEui": format!("70b3d57ed00001{dev:02x}"),
-        },
-        "fCnt": f_cnt,
-        "fPort": 2,
-        "object": { "temperature": temperature, "battery": 3.0 + (f_cnt % 50) as f64 / 100.0 },
-        "rxInfo": [{ "gatewayId": "0016c001f153a14c", "rssi": -80, "snr": 7.5, "nsTime": now }]
-    });
-    let topic = format!("application/{APP}/device/70b3d57ed00001{dev:02x}/event/up");
-    (topic, serde_json::to_vec(&event).expect("serialise uplink"))
+    let dev_eui = format!("70b3d57ed00001{:02x}", origin(n).0);
+    let event = cold_room::uplink(APP, &dev_eui, n, &dedup_id(prefix, n));
+    let payload = serde_json::to_vec(&event).expect("serialise uplink");
+    (cold_room::topic(APP, &dev_eui), payload)
 }
 
 /// The reading uids of the message with this deduplicationId, as the agent derives
@@ -288,15 +258,13 @@ fn survey(
 /// One agent, its database on LazyFS, its broker (behind the proxy) and its webhook.
 struct Harness {
     prefix: &'static str,
-    dir: tempfile::TempDir,
     fs: LazyFs,
     broker: Mosquitto,
     proxy: MqttProxy,
     receiver: HttpReceiver,
-    agent: Option<AgentProcess>,
-    starts: usize,
-    /// The next starts run under eatmydata (only ever in [`Mode::Control`]).
-    fsync_off: bool,
+    /// Not running until [`Agent::start_again`]; under eatmydata once told to run
+    /// through it (only ever in [`Mode::Control`]).
+    agent: Agent,
 }
 
 impl Harness {
@@ -311,7 +279,6 @@ impl Harness {
         let proxy = MqttProxy::start(broker.port());
         let receiver = HttpReceiver::start();
         let fs = LazyFs::mount(lazyfs);
-        let dir = tempfile::tempdir().expect("temp dir");
         let config = format!(
             r#"
 [agent]
@@ -324,29 +291,8 @@ batch_max_delay = "10ms"
 [http]
 enabled = false
 
-[[sources]]
-type = "chirpstack"
-name = "chirpstack"
-application_id = "{APP}"
-[sources.broker]
-host = "127.0.0.1"
-port = {port}
-tls = false
-client_id = "outpost-{prefix}"
-keep_alive = "5s"
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-
-[[alerts]]
-name = "warm"
-kind = "threshold"
-devices = ["dev-*"]
-metric = "temperature"
-above = 8.0
-clear = 6.0
-severity = "critical"
-notifiers = ["hook"]
-
+{source}
+{rule}
 [[notifiers]]
 name = "hook"
 type = "webhook"
@@ -357,85 +303,22 @@ retry_max = "500ms"
 ttl = "1h"
 "#,
             db = fs.path().join("outpost.db").display(),
-            port = proxy.port(),
+            source = cold_room::chirpstack_source(APP, proxy.port(), &format!("outpost-{prefix}")),
             hook = receiver.url(),
+            rule = cold_room::alert_rule("warm", "hook"),
         );
-        std::fs::write(dir.path().join("outpost.toml"), config).expect("write the config");
         Harness {
             prefix,
-            dir,
             fs,
             broker,
             proxy,
             receiver,
-            agent: None,
-            starts: 0,
-            fsync_off: false,
+            agent: Agent::in_temp_dir(|_| config),
         }
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("agent.log")
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-
-    /// Starts the agent (under eatmydata in [`Mode::Control`], once `self.fsync_off`).
-    fn start_agent(&mut self) {
-        use std::io::Write;
-        self.starts += 1;
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("open the agent log");
-        writeln!(log, "===== start {} =====", self.starts).expect("write the agent log");
-        let program = env!("CARGO_BIN_EXE_outpost");
-        let mut cmd = if self.fsync_off {
-            let mut c = Command::new("eatmydata");
-            c.arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
-        cmd.arg("--config")
-            .arg(self.dir.path().join("outpost.toml"))
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.agent = Some(AgentProcess(cmd.spawn().expect("start outpost")));
-    }
-
-    fn pid(&self) -> Option<i32> {
-        self.agent.as_ref().map(|a| a.0.id() as i32)
-    }
-
-    /// SIGKILL and reap.
-    fn kill_agent(&mut self) {
-        self.agent = None;
-    }
-
-    /// Whether the agent process has exited.
-    fn agent_exited(&mut self) -> bool {
-        match self.agent.as_mut() {
-            Some(a) => !matches!(a.0.try_wait(), Ok(None)),
-            None => true,
-        }
-    }
-
-    fn terminate_agent(&mut self) {
-        if let Some(pid) = self.pid() {
-            // SAFETY: kill(2) on our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
+        self.agent.log_tail(60)
     }
 
     /// The deduplicationIds of every message the agent acknowledged so far.
@@ -480,7 +363,7 @@ ttl = "1h"
         match cut {
             Cut::Random { after } => {
                 std::thread::sleep(after);
-                self.kill_agent();
+                self.agent.kill();
                 self.fs.power_cut();
                 Outcome::Cut
             }
@@ -488,7 +371,7 @@ ttl = "1h"
                 std::thread::sleep(after);
                 self.fs.crash_on(timing, op, r"outpost\.db-wal$");
                 let fired = support::wait_until(FAULT_DEADLINE, || !self.fs.is_running());
-                self.kill_agent();
+                self.agent.kill();
                 self.fs.power_cut();
                 if fired {
                     Outcome::Cut
@@ -503,12 +386,12 @@ ttl = "1h"
                 support::wait_until(FAULT_DEADLINE, || self.proxy.acked_count() > before);
                 std::thread::sleep(after);
                 self.fs.crash_on(timing, op, r"outpost\.db$");
-                self.terminate_agent();
+                self.agent.signal(libc::SIGTERM);
                 support::wait_until(FAULT_DEADLINE, || {
-                    !self.fs.is_running() || self.agent_exited()
+                    !self.fs.is_running() || !self.agent.is_running()
                 });
                 if !self.fs.is_running() {
-                    self.kill_agent();
+                    self.agent.kill();
                     self.fs.power_cut();
                     return Outcome::Cut;
                 }
@@ -516,7 +399,7 @@ ttl = "1h"
                 // last connection closes, and that was one of its read-only ones): the
                 // WAL it left is checkpointed from here, through the mount, as the next
                 // start would on reaching the WAL limit.
-                self.kill_agent();
+                self.agent.kill();
                 let checkpoint = Connection::open(self.fs.path().join("outpost.db"))
                     .and_then(|c| c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())));
                 let fired = support::wait_until(Duration::from_secs(5), || !self.fs.is_running());
@@ -601,7 +484,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
 
     // ---- The agent as shipped ----------------------------------------------------------
     let mut h = Harness::new(Mode::Durable, &lazyfs);
-    h.start_agent();
+    h.agent.start_again();
     h.wait_subscribed(Duration::from_secs(60));
     let prefix = h.prefix;
     let publisher = QosPublisher::start(
@@ -674,7 +557,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
             h.fs.log()
         );
         h.fs.remount();
-        h.start_agent();
+        h.agent.start_again();
         publisher.resume();
     }
 
@@ -690,10 +573,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         all.len(),
         h.log_tail()
     );
-    h.terminate_agent();
-    let stopped = support::wait_until(Duration::from_secs(30), || h.agent_exited());
-    assert!(stopped, "the last agent did not stop on SIGTERM");
-    h.kill_agent();
+    h.agent.terminate_within(Duration::from_secs(30));
     h.fs.power_cut();
     let s = survey(h.fs.root(), &all, &h.notified(), &mut memo);
     assert!(
@@ -715,7 +595,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         s.events_missing,
         s.moved_aside
     );
-    let log = std::fs::read_to_string(h.log_path()).unwrap_or_default();
+    let log = h.agent.full_log();
     assert!(
         !log.contains("moved aside"),
         "the agent moved its database aside:\n{}",
@@ -746,7 +626,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
     // lose acknowledged messages, and only messages acknowledged under eatmydata.
     let control_started = Instant::now();
     let mut c = Harness::new(Mode::Control, &lazyfs);
-    c.start_agent();
+    c.agent.start_again();
     c.wait_subscribed(Duration::from_secs(60));
     let control_publisher = QosPublisher::start(
         &rt,
@@ -774,12 +654,12 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
         baseline.integrity
     );
     c.fs.remount();
-    c.fsync_off = true;
+    c.agent.run_through(&["eatmydata"]);
     let eatmydata_since = Instant::now();
-    c.start_agent();
+    c.agent.start_again();
     let preloaded = support::wait_until(Duration::from_secs(10), || {
-        c.pid()
-            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/maps")).ok())
+        std::fs::read_to_string(format!("/proc/{}/maps", c.agent.pid()))
+            .ok()
             .is_some_and(|maps| maps.contains("libeatmydata"))
     });
     assert!(preloaded, "the control agent does not run under eatmydata");
@@ -807,7 +687,7 @@ fn power_cuts_lose_nothing_acknowledged_and_eatmydata_is_caught() {
             break;
         }
         c.fs.remount();
-        c.start_agent();
+        c.agent.start_again();
     }
     control_publisher.finish(&rt);
     let (control_cuts, control) = control.expect("at least one control cut");

@@ -4,9 +4,8 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-use support::agent::AgentProcess as Agent;
+use std::time::Duration;
+use support::agent::Agent;
 
 fn config(db: &Path, sources: &[(&str, &str)], extra: &str) -> String {
     let mut text = format!(
@@ -23,53 +22,33 @@ fn config(db: &Path, sources: &[(&str, &str)], extra: &str) -> String {
 
 /// Readings of `source`; 0 while the agent has not created its tables yet (the
 /// database file exists a moment before its schema).
-fn count(db: &Path, source: &str) -> i64 {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.query_row(
-        "SELECT COUNT(*) FROM readings WHERE source = ?1",
-        [source],
-        |r| r.get(0),
-    )
-    .unwrap_or(0)
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn readings(agent: &Agent, source: &str) -> i64 {
+    agent
+        .try_count(&format!(
+            "SELECT COUNT(*) FROM readings WHERE source = '{source}'"
+        ))
+        .unwrap_or(0)
 }
 
 fn hup(agent: &Agent) {
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGHUP) };
+    agent.signal(libc::SIGHUP);
 }
 
 #[test]
 fn sighup_applies_valid_changes_and_refuses_invalid_ones() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("outpost.db");
-    let path = dir.path().join("outpost.toml");
-    let log = dir.path().join("agent.log");
-    std::fs::write(&path, config(&db, &[("a", "50ms")], "")).unwrap();
-    let agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(Duration::from_secs(20), || {
-        db.exists() && count(&db, "a") >= 5
-    });
+    let mut agent = Agent::new(dir.path(), &config(&db, &[("a", "50ms")], ""))
+        .deadline(Duration::from_secs(20))
+        .start();
+    let path = agent.config_path().to_path_buf();
+    agent.wait_until("readings of a", || readings(&agent, "a") >= 5);
 
     // A valid change: a new source appears; `a` is unchanged and keeps running.
     std::fs::write(&path, config(&db, &[("a", "50ms"), ("b", "50ms")], "")).unwrap();
     hup(&agent);
-    wait_until(Duration::from_secs(20), || count(&db, "b") >= 5);
-    let log_text = std::fs::read_to_string(&log).unwrap();
+    agent.wait_until("readings of b", || readings(&agent, "b") >= 5);
+    let log_text = agent.log();
     assert!(log_text.contains("Configuration reloaded"), "{log_text}");
     assert!(log_text.contains("started=[\"b\"]"), "{log_text}");
     assert!(
@@ -84,12 +63,10 @@ fn sighup_applies_valid_changes_and_refuses_invalid_ones() {
     )
     .unwrap();
     hup(&agent);
-    wait_until(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("the running one stays in effect")
+    agent.wait_until("the refusal", || {
+        agent.log().contains("the running one stays in effect")
     });
-    let log_text = std::fs::read_to_string(&log).unwrap();
+    let log_text = agent.log();
     assert!(
         log_text.contains("storage.batch_max_rows: expected a whole number"),
         "{log_text}"
@@ -98,27 +75,26 @@ fn sighup_applies_valid_changes_and_refuses_invalid_ones() {
         log_text.contains("sources[0].name: the required key `name` is missing"),
         "{log_text}"
     );
-    let (a, b) = (count(&db, "a"), count(&db, "b"));
-    wait_until(Duration::from_secs(20), || {
-        count(&db, "a") > a + 3 && count(&db, "b") > b + 3
+    let (a, b) = (readings(&agent, "a"), readings(&agent, "b"));
+    agent.wait_until("both sources to go on", || {
+        readings(&agent, "a") > a + 3 && readings(&agent, "b") > b + 3
     });
 
     // Remove `b` and change `a`: `b` stops, `a` restarts with its new period.
     std::fs::write(&path, config(&db, &[("a", "20ms")], "")).unwrap();
     hup(&agent);
-    wait_until(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("stopped=[\"b\"]")
-    });
-    let log_text = std::fs::read_to_string(&log).unwrap();
+    agent.wait_until("b to stop", || agent.log().contains("stopped=[\"b\"]"));
+    let log_text = agent.log();
     assert!(log_text.contains("restarted=[\"a\"]"), "{log_text}");
     std::thread::sleep(Duration::from_millis(500));
-    let b_after = count(&db, "b");
-    let a_after = count(&db, "a");
+    let b_after = readings(&agent, "b");
+    let a_after = readings(&agent, "a");
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(count(&db, "b"), b_after, "a removed source stops");
-    assert!(count(&db, "a") > a_after, "the changed source runs again");
+    assert_eq!(readings(&agent, "b"), b_after, "a removed source stops");
+    assert!(
+        readings(&agent, "a") > a_after,
+        "the changed source runs again"
+    );
 
     // Alert rules and notifiers reload live: a new rule that holds at once fires.
     let rules = "[[notifiers]]\nname = \"journal\"\ntype = \"log\"\n\
@@ -126,36 +102,17 @@ fn sighup_applies_valid_changes_and_refuses_invalid_ones() {
                  above = -100.0\nnotifiers = [\"journal\"]\n";
     std::fs::write(&path, config(&db, &[("a", "20ms")], rules)).unwrap();
     hup(&agent);
-    wait_until(Duration::from_secs(20), || {
-        let conn = rusqlite::Connection::open(&db).unwrap();
-        conn.query_row(
-            "SELECT COUNT(*) FROM alert_events WHERE kind = 'firing'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .unwrap_or(0)
-            > 0
+    agent.wait_until("the new rule to fire", || {
+        agent.try_count("SELECT COUNT(*) FROM alert_events WHERE kind = 'firing'") > Some(0)
     });
-    let log_text = std::fs::read_to_string(&log).unwrap();
+    let log_text = agent.log();
     assert!(
         log_text.contains("Alert rules and notifiers reloaded"),
         "{log_text}"
     );
 
     // Shut down: everything accepted is committed and consistent.
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
-    let mut agent = agent;
-    let stopping = Instant::now();
-    let status = loop {
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            stopping.elapsed() < Duration::from_secs(5),
-            "did not exit within 5 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = agent.terminate_within(Duration::from_secs(5));
     assert!(status.success());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let total: i64 = conn

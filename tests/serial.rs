@@ -4,130 +4,12 @@
 
 mod support;
 
-use outpost::config::Problems;
-use outpost::sources::{SourceConfig, SourceContext};
-use outpost::store::{StorageConfig, Store, StoreOptions};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
+use support::agent::InProcessAgent as Agent;
 use support::SerialLink;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-/// A store and running sources, like `outpost run` without the rest.
-struct Agent {
-    _dir: tempfile::TempDir,
-    store: Store,
-    sender: Option<tokio::sync::mpsc::Sender<outpost::model::Batch>>,
-    finished: Option<tokio::sync::oneshot::Receiver<()>>,
-    sources: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
-}
-
-impl Agent {
-    fn new() -> Agent {
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "outpost=info".into()))
-            .try_init();
-        let dir = tempfile::tempdir().unwrap();
-        let config = StorageConfig {
-            path: dir.path().join("outpost.db"),
-            batch_max_delay: outpost::config::HumanDuration::from_millis(10),
-            ..StorageConfig::default()
-        };
-        let (store, ingest) = Store::open(&config, StoreOptions::default()).unwrap();
-        Agent {
-            _dir: dir,
-            store,
-            sender: Some(ingest.sender),
-            finished: Some(ingest.finished),
-            sources: Vec::new(),
-        }
-    }
-
-    fn start(&mut self, toml_text: &str) {
-        let config = source_config(toml_text);
-        let token = CancellationToken::new();
-        let ctx = SourceContext {
-            out: self.sender.clone().unwrap(),
-            shutdown: token.clone(),
-            store: self.store.clone(),
-            metrics: outpost::metrics::Metrics::new(&self.store),
-            gateway_id: "test".into(),
-            clock: outpost::clock::Clock::system(),
-            certs: outpost::tls::CertWatch::default(),
-        };
-        self.sources.push((token, tokio::spawn(config.run(ctx))));
-    }
-
-    /// Stops the sources (they flush and publish their state), keeping the store.
-    async fn stop_sources(&mut self) {
-        for (token, task) in self.sources.drain(..) {
-            token.cancel();
-            task.await.unwrap().unwrap();
-        }
-    }
-
-    async fn shutdown(mut self) {
-        self.stop_sources().await;
-        // The writer finishes once every sender and every store handle is gone.
-        let finished = self.finished.take().unwrap();
-        drop(self);
-        finished.await.unwrap();
-    }
-
-    fn query<T: rusqlite::types::FromSql>(&self, sql: &str) -> Vec<Vec<T>> {
-        let conn = self.store.reader().unwrap();
-        let mut stmt = conn.prepare(sql).unwrap();
-        let n = stmt.column_count();
-        stmt.query_map([], |r| (0..n).map(|i| r.get::<_, T>(i)).collect())
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
-
-    fn count(&self, sql: &str) -> i64 {
-        self.store
-            .reader()
-            .unwrap()
-            .query_row(sql, [], |r| r.get(0))
-            .unwrap()
-    }
-
-    fn state(&self, source: &str, key: &str) -> Option<String> {
-        let conn = self.store.reader().unwrap();
-        conn.query_row(
-            "SELECT value FROM source_state WHERE source = ?1 AND key = ?2",
-            [source, key],
-            |r| r.get(0),
-        )
-        .ok()
-    }
-
-    async fn wait_for(&self, what: &str, mut cond: impl FnMut(&Agent) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !cond(self) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-fn source_config(toml_text: &str) -> SourceConfig {
-    let value: toml::Value = toml::from_str(toml_text).unwrap();
-    let json = serde_json::to_value(value).unwrap();
-    let mut problems = Problems::default();
-    let config = SourceConfig::from_json(json, "sources[0]", &mut problems);
-    if let Some(c) = &config {
-        c.validate("sources[0]", &mut problems);
-    }
-    assert!(problems.0.is_empty(), "config problems: {:?}", problems.0);
-    config.unwrap()
-}
 
 fn write_peer(link: &SerialLink, chunks: &[&[u8]]) {
     let mut f = std::fs::OpenOptions::new()
@@ -178,9 +60,9 @@ fn unsynced() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_format_with_garbage_overlong_lines_and_crlf() {
     let links: Vec<SerialLink> = (0..5).map(|_| SerialLink::start()).collect();
-    let mut agent = Agent::new();
+    let mut agent = Agent::open();
     let overlong = format!("{{\"id\":\"ws-1\",\"t\":{}}}\n", "1".repeat(400));
-    agent.start(&port_config(
+    agent.start_source(&port_config(
         "json",
         links[0].device_path(),
         r#"format = "json"
@@ -195,7 +77,7 @@ min = -50
 max = 100
 "#,
     ));
-    agent.start(&port_config(
+    agent.start_source(&port_config(
         "csvh",
         links[1].device_path(),
         r#"format = "csv"
@@ -203,7 +85,7 @@ max = 100
 device_field = "device"
 "#,
     ));
-    agent.start(&port_config(
+    agent.start_source(&port_config(
         "csvc",
         links[2].device_path(),
         r#"format = "csv"
@@ -214,7 +96,7 @@ columns = ["device", "temp", ""]
 device_field = "device"
 "#,
     ));
-    agent.start(&port_config(
+    agent.start_source(&port_config(
         "kv",
         links[3].device_path(),
         r#"format = "key-value"
@@ -229,7 +111,7 @@ unit = "°C"
 scale = 0.1
 "#,
     ));
-    agent.start(&port_config(
+    agent.start_source(&port_config(
         "re",
         links[4].device_path(),
         r#"format = "regex"
@@ -243,7 +125,7 @@ unit_field = "unit"
     for name in ["json", "csvh", "csvc", "kv", "re"] {
         agent
             .wait_for("the ports to open", |a| {
-                a.state(name, "state")
+                a.source_state(name, "state")
                     .is_some_and(|s| s.contains("\"open\""))
             })
             .await;
@@ -388,14 +270,14 @@ unit_field = "unit"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unplug_and_replug_lose_and_duplicate_nothing() {
     let mut link = SerialLink::start();
-    let mut agent = Agent::new();
-    agent.start(&port_config(
+    let mut agent = Agent::open();
+    agent.start_source(&port_config(
         "probe",
         link.device_path(),
         "format = \"key-value\"\nreopen_max_delay = \"500ms\"\n[fields]\ndevice = \"p1\"\n",
     ));
     let open = |a: &Agent| {
-        a.state("probe", "state")
+        a.source_state("probe", "state")
             .is_some_and(|s| s.contains("\"open\""))
     };
     agent.wait_for("the port to open", open).await;
@@ -412,7 +294,7 @@ async fn unplug_and_replug_lose_and_duplicate_nothing() {
     link.unplug();
     agent
         .wait_for("the unplug to be noticed", |a| {
-            a.state("probe", "state")
+            a.source_state("probe", "state")
                 .is_some_and(|s| s.contains("\"waiting\""))
         })
         .await;
@@ -431,7 +313,7 @@ async fn unplug_and_replug_lose_and_duplicate_nothing() {
     link.unplug();
     agent
         .wait_for("the second unplug", |a| {
-            a.state("probe", "state")
+            a.source_state("probe", "state")
                 .is_some_and(|s| s.contains("\"waiting\""))
         })
         .await;
@@ -466,22 +348,22 @@ async fn unplug_and_replug_lose_and_duplicate_nothing() {
 async fn a_port_missing_at_start_is_waited_for() {
     let mut link = SerialLink::start();
     link.unplug();
-    let mut agent = Agent::new();
-    agent.start(&port_config(
+    let mut agent = Agent::open();
+    agent.start_source(&port_config(
         "late",
         link.device_path(),
         "format = \"json\"\nreopen_max_delay = \"500ms\"\n",
     ));
     agent
         .wait_for("the missing port to be reported", |a| {
-            a.state("late", "state")
+            a.source_state("late", "state")
                 .is_some_and(|s| s.contains("\"waiting\""))
         })
         .await;
     link.replug();
     agent
         .wait_for("the port to open", |a| {
-            a.state("late", "state")
+            a.source_state("late", "state")
                 .is_some_and(|s| s.contains("\"open\""))
         })
         .await;
@@ -497,14 +379,14 @@ async fn a_port_missing_at_start_is_waited_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sequence_continues_after_a_restart() {
     let link = SerialLink::start();
-    let mut agent = Agent::new();
+    let mut agent = Agent::open();
     let config = port_config("seq", link.device_path(), "format = \"key-value\"\n");
     let open = |a: &Agent| {
-        a.state("seq", "state")
+        a.source_state("seq", "state")
             .is_some_and(|s| s.contains("\"open\""))
     };
     for round in 0..3 {
-        agent.start(&config);
+        agent.start_source(&config);
         agent.wait_for("the port to open", open).await;
         // The same line every round: only the sequence tells them apart.
         write_peer(&link, &[b"x=1\n"]);

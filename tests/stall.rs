@@ -17,136 +17,26 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::agent::{http_get, AgentProcess};
+use support::agent::{health_check, Agent};
 use support::{free_port, Mosquitto, PgBouncer, Postgres, SerialLink};
 
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 const STALL_AFTER_S: u64 = 3;
 /// systemd's `WatchdogSec` as the agent sees it: it feeds every half of it (1 s).
 const WATCHDOG_USEC: u64 = 2_000_000;
 /// How long any condition may take to show or clear.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-struct Agent {
-    dir: tempfile::TempDir,
-    port: u16,
-    log: PathBuf,
-    db: PathBuf,
-    notify: UnixDatagram,
-    _process: AgentProcess,
-}
+/// The socket systemd gives a service for `sd_notify` (`NOTIFY_SOCKET`): here, to count
+/// the agent's watchdog pings.
+struct NotifySocket(UnixDatagram);
 
-impl Agent {
-    /// Starts `outpost run` with `body` after the common sections, the fault `fault`
-    /// armed (it holds once [`Agent::hang`] creates its file) and systemd's watchdog
-    /// variables set, `WATCHDOG_PID` being the agent's own pid (set by the shell that
-    /// `exec`s it).
-    fn start(fault: &str, body: &str) -> Agent {
-        Agent::start_with_db(fault, body, None)
-    }
-
-    /// [`Agent::start`] with the database at `db` (default: in the agent's directory).
-    fn start_with_db(fault: &str, body: &str, db: Option<PathBuf>) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let db = db.unwrap_or_else(|| dir.path().join("outpost.db"));
-        let config = dir.path().join("outpost.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[agent]\ngateway_id = \"stall-gw\"\n[storage]\npath = \"{}\"\n\
-                 [http]\nlisten = \"127.0.0.1:{port}\"\nstall_after = \"{STALL_AFTER_S}s\"\n{body}",
-                db.display()
-            ),
-        )
-        .unwrap();
-        let socket_path = dir.path().join("notify.sock");
-        let notify = UnixDatagram::bind(&socket_path).unwrap();
-        notify
+impl NotifySocket {
+    fn bind(path: &Path) -> NotifySocket {
+        let socket = UnixDatagram::bind(path).unwrap();
+        socket
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        let log = dir.path().join("agent.log");
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg("WATCHDOG_PID=$$; export WATCHDOG_PID; exec \"$0\" \"$@\"")
-            .arg(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .env("NOTIFY_SOCKET", &socket_path)
-            .env("WATCHDOG_USEC", WATCHDOG_USEC.to_string())
-            .env("OUTPOST_TEST_FAULT", fault)
-            .env("OUTPOST_TEST_FAULT_FILE", dir.path().join("hang"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
-        let agent = Agent {
-            dir,
-            port,
-            log,
-            db,
-            notify,
-            _process: AgentProcess(child),
-        };
-        agent.wait_health("the agent to be healthy", |status, _| status == 200);
-        agent
-    }
-
-    fn hang(&self) {
-        std::fs::write(self.dir.path().join("hang"), "").unwrap();
-    }
-
-    fn release(&self) {
-        std::fs::remove_file(self.dir.path().join("hang")).unwrap();
-    }
-
-    fn health(&self) -> Option<(u16, Value)> {
-        let (status, body) = http_get(self.port, "/health")?;
-        Some((status, serde_json::from_str(&body).ok()?))
-    }
-
-    fn wait_health(&self, what: &str, ok: impl Fn(u16, &Value) -> bool) -> Value {
-        let start = Instant::now();
-        let mut last = None;
-        while start.elapsed() < DEADLINE {
-            if let Some((status, health)) = self.health() {
-                if ok(status, &health) {
-                    return health;
-                }
-                last = Some((status, health));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out waiting for {what}; last /health: {last:?}\nlog:\n{}",
-            self.log_text()
-        );
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn metrics(&self) -> String {
-        http_get(self.port, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
-    }
-
-    fn status(&self, json: bool) -> String {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["status", "--db"]).arg(&self.db);
-        if json {
-            cmd.arg("--json");
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        NotifySocket(socket)
     }
 
     /// The `WATCHDOG=1` datagrams received within `window`.
@@ -155,7 +45,7 @@ impl Agent {
         let mut pings = 0;
         let mut buf = [0u8; 512];
         while start.elapsed() < window {
-            if let Ok(n) = self.notify.recv(&mut buf) {
+            if let Ok(n) = self.0.recv(&mut buf) {
                 let text = String::from_utf8_lossy(&buf[..n]);
                 pings += text.lines().filter(|l| *l == "WATCHDOG=1").count();
             }
@@ -164,19 +54,71 @@ impl Agent {
     }
 
     /// Throws away the notifications received so far.
-    fn drain_notifications(&self) {
-        self.notify.set_nonblocking(true).unwrap();
+    fn drain(&self) {
+        self.0.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 512];
-        while self.notify.recv(&mut buf).is_ok() {}
-        self.notify.set_nonblocking(false).unwrap();
+        while self.0.recv(&mut buf).is_ok() {}
+        self.0.set_nonblocking(false).unwrap();
     }
 }
 
+/// Starts `outpost run` with `body` after the common sections, the fault `fault` armed
+/// (it holds once [`hang`] creates its file) and systemd's watchdog variables set,
+/// `WATCHDOG_PID` being the agent's own pid (set by the shell that `exec`s it); returns
+/// once it is healthy.
+fn start(fault: &str, body: &str) -> (Agent, NotifySocket) {
+    start_with_db(fault, body, None)
+}
+
+/// [`start`] with the database at `db` (default: in the agent's directory).
+fn start_with_db(fault: &str, body: &str, db: Option<PathBuf>) -> (Agent, NotifySocket) {
+    let port = free_port();
+    let agent = Agent::in_temp_dir(|dir| {
+        format!(
+            "[agent]\ngateway_id = \"stall-gw\"\n[storage]\npath = \"{}\"\n\
+             [http]\nlisten = \"127.0.0.1:{port}\"\nstall_after = \"{STALL_AFTER_S}s\"\n{body}",
+            db.unwrap_or_else(|| dir.join("outpost.db")).display()
+        )
+    })
+    .deadline(DEADLINE);
+    let socket_path = agent.dir().join("notify.sock");
+    let systemd = NotifySocket::bind(&socket_path);
+    let as_systemd_starts_it: Vec<std::ffi::OsString> = vec![
+        "env".into(),
+        with_value("NOTIFY_SOCKET=", socket_path.as_os_str()),
+        format!("WATCHDOG_USEC={WATCHDOG_USEC}").into(),
+        format!("OUTPOST_TEST_FAULT={fault}").into(),
+        with_value(
+            "OUTPOST_TEST_FAULT_FILE=",
+            agent.dir().join("hang").as_os_str(),
+        ),
+        "sh".into(),
+        "-c".into(),
+        "WATCHDOG_PID=$$; export WATCHDOG_PID; exec \"$0\" \"$@\"".into(),
+    ];
+    let agent = agent.through(&as_systemd_starts_it).start();
+    agent.wait_health("the agent to be healthy", |status, _| status == 200);
+    (agent, systemd)
+}
+
+/// `NAME=value` for `env`.
+fn with_value(name: &str, value: &std::ffi::OsStr) -> std::ffi::OsString {
+    let mut assignment = std::ffi::OsString::from(name);
+    assignment.push(value);
+    assignment
+}
+
+/// The armed fault holds from now on.
+fn hang(agent: &Agent) {
+    std::fs::write(agent.dir().join("hang"), "").unwrap();
+}
+
+fn release(agent: &Agent) {
+    std::fs::remove_file(agent.dir().join("hang")).unwrap();
+}
+
 fn check<'a>(health: &'a Value, name: &str) -> &'a Value {
-    health["checks"]
-        .as_array()
-        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
-        .unwrap_or_else(|| panic!("no {name} check in {health}"))
+    health_check(health, name).unwrap_or_else(|| panic!("no {name} check in {health}"))
 }
 
 fn gauge(metrics: &str, name: &str, stage: &str) -> Option<f64> {
@@ -197,26 +139,31 @@ fn gauge_total(metrics: &str, series: &str) -> f64 {
 
 /// Runs the agent healthy, makes `stage` hang, checks every signal of the stall, lets
 /// it go and checks that every signal clears.
-fn assert_stall_is_reported(agent: &Agent, stage: &str) {
-    assert_stall_is_reported_with(agent, stage, || {});
+fn assert_stall_is_reported(agent: &Agent, systemd: &NotifySocket, stage: &str) {
+    assert_stall_is_reported_with(agent, systemd, stage, || {});
 }
 
 /// [`assert_stall_is_reported`], calling `give_work` once the hang holds.
-fn assert_stall_is_reported_with(agent: &Agent, stage: &str, give_work: impl FnOnce()) {
+fn assert_stall_is_reported_with(
+    agent: &Agent,
+    systemd: &NotifySocket,
+    stage: &str,
+    give_work: impl FnOnce(),
+) {
     // Healthy: the watchdog is fed and the stage is not stalled.
     assert!(
-        agent.watchdog_pings(Duration::from_millis(2500)) >= 1,
+        systemd.watchdog_pings(Duration::from_millis(2500)) >= 1,
         "the watchdog is fed while healthy\n{}",
-        agent.log_text()
+        agent.log()
     );
     assert_eq!(
         check(&agent.health().unwrap().1, "progress")["ok"],
         true,
         "{}",
-        agent.log_text()
+        agent.log()
     );
 
-    agent.hang();
+    hang(agent);
     give_work();
     let hung = Instant::now();
     let health = agent.wait_health(&format!("/health to name {stage} stalled"), |status, h| {
@@ -256,23 +203,23 @@ fn assert_stall_is_reported_with(agent: &Agent, stage: &str, give_work: impl FnO
 
     // The watchdog is no longer fed. Pings already in flight are drained first.
     std::thread::sleep(Duration::from_millis(1200));
-    agent.drain_notifications();
+    systemd.drain();
     assert_eq!(
-        agent.watchdog_pings(Duration::from_secs(3)),
+        systemd.watchdog_pings(Duration::from_secs(3)),
         0,
         "the watchdog must not be fed while {stage} is stalled\n{}",
-        agent.log_text()
+        agent.log()
     );
 
     // `outpost status`, text and JSON, from the state the agent saved.
-    let text = agent.status(false);
+    let text = agent.status_text();
     assert!(
         text.lines()
             .any(|l| l.starts_with(&format!("STALLED: {stage}: ")) && l.contains("waiting")),
         "{text}"
     );
     assert!(text.contains("watchdog"), "{text}");
-    let json: Value = serde_json::from_str(&agent.status(true)).unwrap();
+    let json: Value = agent.status_json();
     let stalled = json["stalled"].as_array().unwrap();
     assert_eq!(stalled.len(), 1, "{json:#}");
     assert_eq!(stalled[0]["stage"], stage);
@@ -280,7 +227,7 @@ fn assert_stall_is_reported_with(agent: &Agent, stage: &str, give_work: impl FnO
     assert!(stalled[0]["waiting"].as_u64().unwrap() >= 1);
 
     // One ERROR line, naming the stage and what waits.
-    let log = agent.log_text();
+    let log = agent.log();
     let errors: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("ERROR") && l.contains(&format!("Stage {stage} is STALLED")))
@@ -289,22 +236,22 @@ fn assert_stall_is_reported_with(agent: &Agent, stage: &str, give_work: impl FnO
     assert!(errors[0].contains(" waiting, no progress for "), "{log}");
 
     // It moves again: everything clears.
-    agent.release();
+    release(agent);
     agent.wait_health(&format!("{stage} to recover"), |status, h| {
         status == 200 && check(h, "progress")["ok"] == true
     });
     assert!(
-        agent.watchdog_pings(Duration::from_millis(2500)) >= 1,
+        systemd.watchdog_pings(Duration::from_millis(2500)) >= 1,
         "the watchdog is fed again"
     );
     assert_eq!(
         gauge(&agent.metrics(), "outpost_stage_stalled", stage),
         Some(0.0)
     );
-    let json: Value = serde_json::from_str(&agent.status(true)).unwrap();
+    let json: Value = agent.status_json();
     assert_eq!(json["stalled"], serde_json::json!([]), "{json:#}");
-    assert!(!agent.status(false).contains("STALLED"));
-    let log = agent.log_text();
+    assert!(!agent.status_text().contains("STALLED"));
+    let log = agent.log();
     assert!(
         log.lines()
             .any(|l| l.contains("WARN")
@@ -323,16 +270,16 @@ const SIMULATED: &str =
 
 #[test]
 fn a_hung_store_writer_is_reported_and_the_watchdog_starves() {
-    let agent = Agent::start("store_writer_hang", SIMULATED);
-    assert_stall_is_reported(&agent, "store");
+    let (agent, systemd) = start("store_writer_hang", SIMULATED);
+    assert_stall_is_reported(&agent, &systemd, "store");
     // The source waited for the store; it was not blamed.
-    assert!(!agent.log_text().contains("Stage source:sim is STALLED"));
+    assert!(!agent.log().contains("Stage source:sim is STALLED"));
 }
 
 #[test]
 fn a_hung_source_is_reported() {
-    let agent = Agent::start("source_hang", SIMULATED);
-    assert_stall_is_reported(&agent, "source:sim");
+    let (agent, systemd) = start("source_hang", SIMULATED);
+    assert_stall_is_reported(&agent, &systemd, "source:sim");
 }
 
 fn mqtt_source(broker: &Mosquitto) -> String {
@@ -394,12 +341,12 @@ impl Drop for Publisher {
 #[test]
 fn a_wedged_mqtt_session_is_reported() {
     let broker = Mosquitto::start();
-    let agent = Agent::start("mqtt_worker_hang", &mqtt_source(&broker));
+    let (agent, systemd) = start("mqtt_worker_hang", &mqtt_source(&broker));
     let _publisher = Publisher::start(broker.port());
     agent.wait_health("readings from the broker", |_, h| {
         check(h, "source:mq")["detail"] == "connected"
     });
-    assert_stall_is_reported(&agent, "source:mq");
+    assert_stall_is_reported(&agent, &systemd, "source:mq");
 }
 
 /// A rule that fires on every reading of the simulated source, and a notifier.
@@ -410,8 +357,8 @@ const ALERTING: &str =
 
 #[test]
 fn a_hung_alert_engine_is_reported() {
-    let agent = Agent::start("alerts_hang", &format!("{SIMULATED}{ALERTING}"));
-    assert_stall_is_reported(&agent, "alerts");
+    let (agent, systemd) = start("alerts_hang", &format!("{SIMULATED}{ALERTING}"));
+    assert_stall_is_reported(&agent, &systemd, "alerts");
 }
 
 #[test]
@@ -421,11 +368,11 @@ fn a_hung_notification_delivery_is_reported() {
     let alerting = ALERTING
         .replace("above = -1000.0", "above = 50.0")
         .replace("metric = \"temperature\"", "metric = \"value\"");
-    let agent = Agent::start(
+    let (agent, systemd) = start(
         "outbox_hang",
         &format!("{}{alerting}", mqtt_source(&broker)),
     );
-    assert_stall_is_reported_with(&agent, "outbox", || {
+    assert_stall_is_reported_with(&agent, &systemd, "outbox", || {
         let published = Command::new("mosquitto_pub")
             .args([
                 "-h",
@@ -457,7 +404,7 @@ fn a_hung_sync_round_is_reported() {
     let pg = Postgres::start();
     pg.outpost_central_migrate();
     let bouncer = PgBouncer::start(&pg);
-    let agent = Agent::start(
+    let (agent, systemd) = start(
         "sync_hang",
         &format!("{SIMULATED}{}", sync_section(&bouncer, &pg)),
     );
@@ -466,7 +413,7 @@ fn a_hung_sync_round_is_reported() {
             .as_str()
             .is_some_and(|d| d.starts_with("last completed round"))
     });
-    assert_stall_is_reported(&agent, "sync");
+    assert_stall_is_reported(&agent, &systemd, "sync");
 }
 
 /// A broker that is down, an unplugged serial port, a PostgreSQL that is down and a mail
@@ -493,7 +440,7 @@ fn peers_that_are_down_are_not_stalls() {
         link.device_path().display(),
         sync_section(&bouncer, &pg),
     );
-    let agent = Agent::start("", &body);
+    let (agent, systemd) = start("", &body);
     agent.wait_health("sync and the sources to be up", |_, h| {
         check(h, "sync")["detail"]
             .as_str()
@@ -531,19 +478,19 @@ fn peers_that_are_down_are_not_stalls() {
         "{health}"
     );
     // …and never stalled, for well over stall_after.
-    agent.drain_notifications();
+    systemd.drain();
     let watch = Instant::now();
     let mut pings = 0;
     while watch.elapsed() < Duration::from_secs(3 * STALL_AFTER_S) {
         let (_, health) = agent.health().unwrap();
         let progress = check(&health, "progress");
-        assert_eq!(progress["ok"], true, "{health}\n{}", agent.log_text());
-        pings += agent.watchdog_pings(Duration::from_millis(500));
+        assert_eq!(progress["ok"], true, "{health}\n{}", agent.log());
+        pings += systemd.watchdog_pings(Duration::from_millis(500));
     }
     assert!(
         pings >= 5,
         "the watchdog stays fed ({pings} pings)\n{}",
-        agent.log_text()
+        agent.log()
     );
     let metrics = agent.metrics();
     for stage in ["source:mq", "source:ser", "sync", "outbox", "store"] {
@@ -553,8 +500,8 @@ fn peers_that_are_down_are_not_stalls() {
             "{stage}: {metrics}"
         );
     }
-    assert!(!agent.log_text().contains("STALLED"));
-    let json: Value = serde_json::from_str(&agent.status(true)).unwrap();
+    assert!(!agent.log().contains("STALLED"));
+    let json: Value = agent.status_json();
     assert_eq!(json["stalled"], serde_json::json!([]));
     drop(bouncer);
 }
@@ -586,7 +533,7 @@ fn a_full_disk_is_not_a_stall() {
         }
     }
     let _unmount = Unmount(mnt.clone());
-    let agent = Agent::start_with_db(
+    let (agent, _systemd) = start_with_db(
         "",
         &format!("{SIMULATED}{ALERTING}"),
         Some(mnt.join("outpost.db")),
@@ -616,12 +563,8 @@ fn a_full_disk_is_not_a_stall() {
             "{stage}: {metrics}"
         );
     }
-    assert!(
-        !agent.log_text().contains("STALLED"),
-        "{}",
-        agent.log_text()
-    );
-    assert!(agent.status(false).contains("Disk FULL"));
+    assert!(!agent.log().contains("STALLED"), "{}", agent.log());
+    assert!(agent.status_text().contains("Disk FULL"));
     // Space returns: healthy again, without a restart.
     drop(filler);
     std::fs::remove_file(mnt.join("filler")).unwrap();
@@ -642,23 +585,11 @@ fn a_stale_saved_stall_is_cleared_at_start() {
     )
     .unwrap();
     let port = free_port();
-    let config = dir.path().join("outpost.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{SIMULATED}",
-            db.display()
-        ),
-    )
-    .unwrap();
-    let _agent = AgentProcess(
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let config = format!(
+        "[storage]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{SIMULATED}",
+        db.display()
     );
+    let _agent = Agent::new(dir.path(), &config).start();
     assert!(
         support::wait_until(DEADLINE, || !saved.exists()),
         "the agent removes the file of a previous run"

@@ -7,18 +7,17 @@
 mod support;
 
 use outpost::config::{AgentConfig, HumanDuration, Secret};
-use outpost::model::{flags, Batch, Reading, Uid};
-use outpost::store::{StorageConfig, Store, StoreOptions};
+use outpost::model::{flags, Reading, Uid};
 use outpost::sync::central::{self, Layout};
 use outpost::sync::postgres::{connect, ConnectOptions};
 use outpost::sync::{SslMode, SyncConfig, SyncError};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
+use support::agent::InProcessAgent as Agent;
+use support::util::wait_until_async;
 use support::{PgBouncer, Postgres, TestCa};
-use tokio::sync::mpsc;
 use tokio_postgres::types::Type;
-use tokio_util::sync::CancellationToken;
 
 /// Generous: this box is small and shared.
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -55,29 +54,6 @@ async fn pg_i64(pg_url: &str, sql: &str) -> Option<i64> {
     rows.first().map(|r| r.get::<_, i64>(0))
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
-}
-
-/// One gateway: a store in a temporary directory and its sync worker.
-struct Agent {
-    gateway: String,
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    store: Option<Store>,
-    sender: Option<mpsc::Sender<Batch>>,
-    finished: Option<tokio::sync::oneshot::Receiver<()>>,
-    token: CancellationToken,
-    worker: Option<tokio::task::JoinHandle<()>>,
-}
-
 fn fast_sync(url: &str) -> SyncConfig {
     let mut sync = SyncConfig::with_url(url);
     sync.sslmode = SslMode::Disable;
@@ -92,104 +68,48 @@ fn fast_sync(url: &str) -> SyncConfig {
     sync
 }
 
-impl Agent {
-    /// Opens the store; the backlog can be filled before [`Agent::start_sync`].
-    fn open(gateway: &str) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("outpost.db");
-        let storage = StorageConfig {
-            path: path.clone(),
-            batch_max_delay: HumanDuration::from_millis(10),
-            ..StorageConfig::default()
-        };
-        let (store, ingest) = Store::open(&storage, StoreOptions::default()).unwrap();
-        Agent {
-            gateway: gateway.into(),
-            _dir: dir,
-            path,
-            store: Some(store),
-            sender: Some(ingest.sender),
-            finished: Some(ingest.finished),
-            token: CancellationToken::new(),
-            worker: None,
-        }
-    }
-
-    fn start_sync(&mut self, sync: SyncConfig) {
-        let agent = AgentConfig {
-            gateway_id: self.gateway.clone(),
-            site: "test site".into(),
-        };
-        let store = self.store.clone().unwrap();
-        self.worker = Some(tokio::spawn(outpost::sync::run(
-            sync,
-            agent,
-            store,
-            self.token.clone(),
-        )));
-    }
-
-    /// Writes `n` unsynced readings straight into SQLite, observed from `start` on,
-    /// one per millisecond.
-    fn bulk_insert(&self, n: usize, start: chrono::DateTime<chrono::Utc>, flags: u32) {
-        bulk_insert(&self.path, &self.gateway, n, start, flags);
-    }
-
-    /// Sends one reading through the store writer (as a source does) and waits for its
-    /// commit.
-    async fn ingest(&self, reading: Reading) {
-        let (batch, ack) = Batch::with_ack(vec![reading]);
-        self.sender.as_ref().unwrap().send(batch).await.unwrap();
-        ack.await.unwrap().unwrap();
-    }
-
-    fn local(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(&self.path).unwrap()
-    }
-
-    fn unsynced(&self) -> i64 {
-        self.local()
-            .query_row("SELECT COUNT(*) FROM readings WHERE synced = 0", [], |r| {
-                r.get(0)
-            })
-            .unwrap()
-    }
-
-    fn local_uids(&self, synced: bool) -> BTreeSet<String> {
-        let conn = self.local();
-        let mut stmt = conn
-            .prepare("SELECT hex(uid) FROM readings WHERE synced = ?1")
-            .unwrap();
-        let rows = stmt
-            .query_map([synced as i64], |r| r.get::<_, String>(0))
-            .unwrap();
-        rows.map(|r| r.unwrap().to_lowercase()).collect()
-    }
-
-    async fn stop(mut self) {
-        self.token.cancel();
-        if let Some(w) = self.worker.take() {
-            tokio::time::timeout(Duration::from_secs(30), w)
-                .await
-                .expect("the sync worker stops on shutdown")
-                .unwrap();
-        }
-        self.sender.take();
-        self.store.take();
-        if let Some(f) = self.finished.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), f).await;
-        }
-    }
+/// Starts the sync worker of `agent`'s gateway (it stops on [`Agent::shutdown`]).
+fn start_sync(agent: &mut Agent, sync: SyncConfig) {
+    let identity = AgentConfig {
+        gateway_id: agent.gateway_id().into(),
+        site: "test site".into(),
+    };
+    let worker = outpost::sync::run(
+        sync,
+        identity,
+        agent.store().clone(),
+        agent.shutdown_token(),
+    );
+    agent.spawn(worker);
 }
 
-fn bulk_insert(
-    path: &Path,
-    gateway: &str,
-    n: usize,
-    start: chrono::DateTime<chrono::Utc>,
-    flags: u32,
-) {
-    let mut conn = rusqlite::Connection::open(path).unwrap();
+/// Rows not yet marked synced.
+fn unsynced(agent: &Agent) -> i64 {
+    agent.count("SELECT COUNT(*) FROM readings WHERE synced = 0")
+}
+
+/// The uids (lower-case hex) of the rows marked synced, or not.
+fn local_uids(agent: &Agent, synced: bool) -> BTreeSet<String> {
+    let conn = agent.conn();
+    let mut stmt = conn
+        .prepare("SELECT hex(uid) FROM readings WHERE synced = ?1")
+        .unwrap();
+    let rows = stmt
+        .query_map([synced as i64], |r| r.get::<_, String>(0))
+        .unwrap();
+    rows.map(|r| r.unwrap().to_lowercase()).collect()
+}
+
+/// A read-write connection beside the agent, for what the test writes itself.
+fn writable(agent: &Agent) -> rusqlite::Connection {
+    rusqlite::Connection::open(agent.db()).unwrap()
+}
+
+/// Writes `n` unsynced readings straight into SQLite, observed from `start` on, one per
+/// millisecond.
+fn bulk_insert(agent: &Agent, n: usize, start: chrono::DateTime<chrono::Utc>, flags: u32) {
+    let gateway = agent.gateway_id();
+    let mut conn = writable(agent);
     conn.busy_timeout(Duration::from_secs(30)).unwrap();
     let tx = conn.transaction().unwrap();
     {
@@ -256,34 +176,39 @@ async fn central_uids(pg_url: &str, gateway: &str) -> Vec<String> {
 
 /// Every local row is in central exactly once, and marked synced locally.
 async fn assert_exactly_once(pg_url: &str, agent: &Agent, expected: usize) {
-    let central = central_uids(pg_url, &agent.gateway).await;
+    let central = central_uids(pg_url, agent.gateway_id()).await;
     let distinct: BTreeSet<String> = central.iter().cloned().collect();
     assert_eq!(
         central.len(),
         distinct.len(),
         "{}: duplicates in central",
-        agent.gateway
+        agent.gateway_id()
     );
     assert_eq!(
         central.len(),
         expected,
         "{}: rows in central",
-        agent.gateway
+        agent.gateway_id()
     );
-    assert_eq!(agent.unsynced(), 0, "{}: unsynced rows left", agent.gateway);
     assert_eq!(
-        agent.local_uids(true),
+        unsynced(agent),
+        0,
+        "{}: unsynced rows left",
+        agent.gateway_id()
+    );
+    assert_eq!(
+        local_uids(agent, true),
         distinct,
         "{}: local marks and central differ",
-        agent.gateway
+        agent.gateway_id()
     );
 }
 
 async fn wait_drained(pg_url: &str, agent: &Agent, expected: usize) {
-    let gw = agent.gateway.clone();
+    let gw = agent.gateway_id().to_string();
     let sql = format!("SELECT COUNT(*) FROM outpost.readings WHERE gateway_id = '{gw}'");
-    wait_for(&format!("{gw} to drain"), DEADLINE, async || {
-        agent.unsynced() == 0 && pg_i64(pg_url, &sql).await == Some(expected as i64)
+    wait_until_async(&format!("{gw} to drain"), DEADLINE, async || {
+        unsynced(agent) == 0 && pg_i64(pg_url, &sql).await == Some(expected as i64)
     })
     .await;
 }
@@ -302,21 +227,22 @@ async fn three_agents_through_a_pool_of_two(layout: Layout) {
     let pg_url = pg.url();
     let mut agents: Vec<Agent> = ["gw-a", "gw-b", "gw-c"]
         .iter()
-        .map(|g| Agent::open(g))
+        .map(|g| Agent::open_as(g))
         .collect();
     let start = chrono::Utc::now() - chrono::Duration::hours(2);
     for a in &agents {
-        a.bulk_insert(12_000, start, 0);
+        bulk_insert(a, 12_000, start, 0);
     }
     for a in &mut agents {
         let mut sync = fast_sync(&bouncer.url());
         sync.batch_size = 1500;
-        a.start_sync(sync);
+        start_sync(a, sync);
     }
     // Live readings arrive while the backlogs drain.
     for i in 0..20 {
         for a in &agents {
-            a.ingest(fresh_reading(&a.gateway, &i.to_string())).await;
+            a.ingest(vec![fresh_reading(a.gateway_id(), &i.to_string())])
+                .await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -327,7 +253,7 @@ async fn three_agents_through_a_pool_of_two(layout: Layout) {
         assert_exactly_once(&pg_url, a, 12_020).await;
     }
     // Heartbeats: one row per gateway, with a boot id and the backlog.
-    wait_for("heartbeats with an empty backlog", DEADLINE, async || {
+    wait_until_async("heartbeats with an empty backlog", DEADLINE, async || {
         pg_i64(
             &pg_url,
             "SELECT COUNT(*) FROM outpost.gateways WHERE backlog_rows = 0 AND length(boot_id) = 36",
@@ -342,7 +268,7 @@ async fn three_agents_through_a_pool_of_two(layout: Layout) {
     );
     assert_no_prepared_statement_errors(&pg, &bouncer);
     for a in agents {
-        a.stop().await;
+        a.shutdown().await;
     }
 }
 
@@ -366,14 +292,19 @@ enum Outage {
 async fn interrupted_mid_sync(layout: Layout, outage: Outage) {
     let (mut pg, mut bouncer) = central(layout).await;
     let pg_url = pg.url();
-    let mut agent = Agent::open("gw-crash");
+    let mut agent = Agent::open_as("gw-crash");
     let total = 60_000;
-    agent.bulk_insert(total, chrono::Utc::now() - chrono::Duration::hours(3), 0);
+    bulk_insert(
+        &agent,
+        total,
+        chrono::Utc::now() - chrono::Duration::hours(3),
+        0,
+    );
     let mut sync = fast_sync(&bouncer.url());
     sync.batch_size = 5000;
-    agent.start_sync(sync);
+    start_sync(&mut agent, sync);
     let sql = "SELECT COUNT(*) FROM outpost.readings";
-    wait_for("the first batches", DEADLINE, async || {
+    wait_until_async("the first batches", DEADLINE, async || {
         pg_i64(&pg_url, sql).await.unwrap_or(0) >= 5000
     })
     .await;
@@ -397,7 +328,7 @@ async fn interrupted_mid_sync(layout: Layout, outage: Outage) {
     wait_drained(&pg_url, &agent, total).await;
     assert_exactly_once(&pg_url, &agent, total).await;
     assert_no_prepared_statement_errors(&pg, &bouncer);
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,12 +372,12 @@ async fn wrong_password_is_reported_with_the_keys_to_fix() {
     assert!(!text.contains("not-the-password"), "{text}");
 
     // The worker reports it in `outpost status` and keeps retrying.
-    let mut agent = Agent::open("gw-pass");
+    let mut agent = Agent::open_as("gw-pass");
     let mut sync = fast_sync(&url);
     sync.password = Some(Secret::new("not-the-password"));
-    agent.start_sync(sync);
-    let path = agent.path.clone();
-    wait_for("the error in the local status", DEADLINE, async || {
+    start_sync(&mut agent, sync);
+    let path = agent.db().to_path_buf();
+    wait_until_async("the error in the local status", DEADLINE, async || {
         outpost::cli::status::status_report(&path)
             .ok()
             .and_then(|r| r.sync.last_error)
@@ -456,7 +387,7 @@ async fn wrong_password_is_reported_with_the_keys_to_fix() {
     let report = outpost::cli::status::status_report(&path).unwrap();
     let rendered = outpost::cli::status::render(&report, "test.db");
     assert!(rendered.contains("Central sync is FAILING"), "{rendered}");
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,7 +529,7 @@ async fn partitioned_rows_land_in_their_month_and_maintain_is_idempotent() {
     let now = chrono::Utc::now();
     let this_month = central::partition_name(now.date_naive());
 
-    let mut agent = Agent::open("gw-part");
+    let mut agent = Agent::open_as("gw-part");
     let next_month = now + chrono::Duration::days(32);
     let long_ago = chrono::DateTime::parse_from_rfc3339("2001-05-17T10:00:00Z")
         .unwrap()
@@ -614,9 +545,9 @@ async fn partitioned_rows_land_in_their_month_and_maintain_is_idempotent() {
     ] {
         let mut r = fresh_reading("gw-part", tag);
         r.observed_at = at;
-        agent.ingest(r).await;
+        agent.ingest(vec![r]).await;
     }
-    agent.start_sync(fast_sync(&bouncer.url()));
+    start_sync(&mut agent, fast_sync(&bouncer.url()));
     wait_drained(&pg.url(), &agent, 4).await;
     let client = pg_client(&pg.url()).await.unwrap();
     let uid = |tag: &str| Uid::derive(&["gw-part", "live", tag]).to_hex();
@@ -659,41 +590,45 @@ async fn partitioned_rows_land_in_their_month_and_maintain_is_idempotent() {
         Vec::<String>::new()
     );
     // The moved row keeps its uniqueness: re-sending it changes nothing.
-    agent
-        .local()
+    writable(&agent)
         .execute("UPDATE readings SET synced = 0", [])
         .unwrap();
     wait_drained(&pg.url(), &agent, 4).await;
     assert_eq!(central_uids(&pg.url(), "gw-part").await.len(), 4);
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_reading_reaches_central_within_one_interval_despite_a_200k_backlog() {
     let (pg, bouncer) = central(Layout::Plain).await;
     let pg_url = pg.url();
-    let mut agent = Agent::open("gw-live");
+    let mut agent = Agent::open_as("gw-live");
     let backlog = 200_000;
-    agent.bulk_insert(backlog, chrono::Utc::now() - chrono::Duration::days(1), 0);
+    bulk_insert(
+        &agent,
+        backlog,
+        chrono::Utc::now() - chrono::Duration::days(1),
+        0,
+    );
     let interval = Duration::from_secs(2);
     let mut sync = fast_sync(&bouncer.url());
     sync.interval = HumanDuration(interval);
     sync.batch_size = 5000;
     sync.backlog_rows_per_second = 20_000;
-    agent.start_sync(sync);
+    start_sync(&mut agent, sync);
     let count = "SELECT COUNT(*) FROM outpost.readings";
-    wait_for("the backlog to start draining", DEADLINE, async || {
+    wait_until_async("the backlog to start draining", DEADLINE, async || {
         pg_i64(&pg_url, count).await.unwrap_or(0) > 0
     })
     .await;
 
-    agent.ingest(fresh_reading("gw-live", "now")).await;
+    agent.ingest(vec![fresh_reading("gw-live", "now")]).await;
     let committed = Instant::now();
     let uid = Uid::derive(&["gw-live", "live", "now"]).to_hex();
     let probe = format!(
         "SELECT COUNT(*) FROM outpost.readings WHERE replace(uid::text, '-', '') = '{uid}'"
     );
-    wait_for("the fresh reading in central", DEADLINE, async || {
+    wait_until_async("the fresh reading in central", DEADLINE, async || {
         pg_i64(&pg_url, &probe).await == Some(1)
     })
     .await;
@@ -710,20 +645,19 @@ async fn live_reading_reaches_central_within_one_interval_despite_a_200k_backlog
         drained < backlog as i64,
         "the backlog was not still draining ({drained} rows)"
     );
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsynchronised_clock_readings_are_held_then_sent_flagged() {
     let (pg, bouncer) = central(Layout::Plain).await;
     let pg_url = pg.url();
-    let mut agent = Agent::open("gw-clock");
+    let mut agent = Agent::open_as("gw-clock");
     let start = chrono::Utc::now() - chrono::Duration::minutes(10);
-    agent.bulk_insert(100, start, 0);
-    agent.bulk_insert(50, start, flags::CLOCK_UNSYNCED);
+    bulk_insert(&agent, 100, start, 0);
+    bulk_insert(&agent, 50, start, flags::CLOCK_UNSYNCED);
     // One corrected reading goes at once.
-    agent
-        .local()
+    writable(&agent)
         .execute(
             &format!(
                 "UPDATE readings SET flags = {} WHERE id = (SELECT MAX(id) FROM readings)",
@@ -734,10 +668,10 @@ async fn unsynchronised_clock_readings_are_held_then_sent_flagged() {
         .unwrap();
     let mut sync = fast_sync(&bouncer.url());
     sync.clock_hold_max = HumanDuration::from_secs(4);
-    agent.start_sync(sync);
+    start_sync(&mut agent, sync);
     let held = Instant::now();
     let total = "SELECT COUNT(*) FROM outpost.readings";
-    wait_for("the synchronised readings", DEADLINE, async || {
+    wait_until_async("the synchronised readings", DEADLINE, async || {
         pg_i64(&pg_url, total).await == Some(101)
     })
     .await;
@@ -763,7 +697,7 @@ async fn unsynchronised_clock_readings_are_held_then_sent_flagged() {
         Some(49),
         "sent with their flag"
     );
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -771,9 +705,8 @@ async fn alert_events_sync_from_a_local_table() {
     // The alerts engine owns the local `alert_events` table; this fixture has the columns
     // sync reads.
     let (pg, bouncer) = central(Layout::Plain).await;
-    let mut agent = Agent::open("gw-alerts");
-    agent
-        .local()
+    let mut agent = Agent::open_as("gw-alerts");
+    writable(&agent)
         .execute_batch(
             "CREATE TABLE IF NOT EXISTS alert_events (id INTEGER PRIMARY KEY, uid BLOB NOT NULL UNIQUE, rule TEXT NOT NULL, \
                device TEXT, metric TEXT, kind TEXT NOT NULL, severity TEXT, value REAL, threshold REAL, \
@@ -781,7 +714,7 @@ async fn alert_events_sync_from_a_local_table() {
         )
         .unwrap();
     {
-        let conn = agent.local();
+        let conn = writable(&agent);
         for (i, kind) in ["firing", "reminder", "resolved"].iter().enumerate() {
             conn.execute(
                 "INSERT INTO alert_events (uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message) \
@@ -797,9 +730,9 @@ async fn alert_events_sync_from_a_local_table() {
             .unwrap();
         }
     }
-    agent.start_sync(fast_sync(&bouncer.url()));
-    let path = agent.path.clone();
-    wait_for("the events in central and marked", DEADLINE, async || {
+    start_sync(&mut agent, fast_sync(&bouncer.url()));
+    let path = agent.db().to_path_buf();
+    wait_until_async("the events in central and marked", DEADLINE, async || {
         let marked: i64 = rusqlite::Connection::open(&path)
             .unwrap()
             .query_row(
@@ -821,26 +754,19 @@ async fn alert_events_sync_from_a_local_table() {
         .await,
         Some(3)
     );
-    agent.stop().await;
+    agent.shutdown().await;
 }
 
-fn outpost(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["--config", "/nonexistent/outpost.toml"])
-        .args(args)
-        .env_remove("OUTPOST_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `outpost ARGS…` without a configuration file: (success, stdout, stderr).
+fn outpost_without_config(args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) =
+        support::agent::outpost([&["--config", "/nonexistent/outpost.toml"], args].concat());
+    (code == Some(0), stdout, stderr)
 }
 
 #[test]
 fn central_commands_print_migrate_and_maintain() {
-    let (ok, sql, _) = outpost(&["central", "schema", "--partitioned"]);
+    let (ok, sql, _) = outpost_without_config(&["central", "schema", "--partitioned"]);
     assert!(
         ok && sql.contains("PARTITION BY RANGE (observed_at)"),
         "{sql}"
@@ -849,7 +775,7 @@ fn central_commands_print_migrate_and_maintain() {
     let pg = Postgres::start();
     let bouncer = PgBouncer::start(&pg);
     // The printed SQL applies as it is, twice.
-    let plain = outpost(&["central", "schema"]).1;
+    let plain = outpost_without_config(&["central", "schema"]).1;
     pg.psql(&plain);
     pg.psql(&plain);
     assert_eq!(
@@ -859,7 +785,7 @@ fn central_commands_print_migrate_and_maintain() {
     pg.psql("DROP SCHEMA outpost CASCADE");
 
     let url = bouncer.url();
-    let (ok, out, err) = outpost(&[
+    let (ok, out, err) = outpost_without_config(&[
         "central",
         "migrate",
         "--url",
@@ -873,7 +799,7 @@ fn central_commands_print_migrate_and_maintain() {
         out.contains("migrated from version 0 to 1") && out.contains("partitioned"),
         "{out}"
     );
-    let (ok, out, err) = outpost(&[
+    let (ok, out, err) = outpost_without_config(&[
         "central",
         "migrate",
         "--url",
@@ -883,12 +809,13 @@ fn central_commands_print_migrate_and_maintain() {
         "--partitioned",
     ]);
     assert!(ok && out.contains("up to date"), "{out}{err}");
-    let (ok, out, err) = outpost(&["central", "maintain", "--url", &url, "--sslmode", "disable"]);
+    let (ok, out, err) =
+        outpost_without_config(&["central", "maintain", "--url", &url, "--sslmode", "disable"]);
     assert!(
         ok && out.contains("Every partition exists already"),
         "{out}{err}"
     );
-    let (ok, out, err) = outpost(&[
+    let (ok, out, err) = outpost_without_config(&[
         "central",
         "maintain",
         "--url",
@@ -900,9 +827,9 @@ fn central_commands_print_migrate_and_maintain() {
     ]);
     assert!(ok && out.contains("Created partitions"), "{out}{err}");
 
-    let (ok, _, err) = outpost(&["central", "migrate"]);
+    let (ok, _, err) = outpost_without_config(&["central", "migrate"]);
     assert!(!ok && err.contains("pass --url"), "{err}");
-    let (ok, _, err) = outpost(&[
+    let (ok, _, err) = outpost_without_config(&[
         "central",
         "migrate",
         "--url",

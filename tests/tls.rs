@@ -4,9 +4,8 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use support::agent::{http_get as get, wait_for_some as wait_for, AgentProcess as Agent};
+use support::agent::{health_check, http_get as get, wait_for_some as wait_for, Agent};
 use support::{free_port, Mosquitto, Postgres, SmtpOptions, SmtpServer, TestCa};
 
 /// A self-signed certificate expiring `seconds` from now (negative: in the past).
@@ -34,36 +33,10 @@ fn gauge(text: &str, series: &str) -> Option<f64> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
-/// `outpost status --config CONFIG` (text), which must succeed.
-fn status_text(config: &Path) -> String {
-    run_status(&["status", "--config"], config)
-}
-
-/// `outpost status --json --config CONFIG`.
-fn status_json(config: &Path) -> String {
-    run_status(&["status", "--json", "--config"], config)
-}
-
-fn run_status(args: &[&str], config: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(args)
-        .arg(config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    text
-}
-
 /// The HTTP status of `/health` and its `certificates` check.
-fn certificates_check(port: u16) -> (u16, serde_json::Value) {
-    let (status, health) = get(port, "/health").unwrap();
-    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
-    let check = health["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "certificates")
+fn certificates_check(agent: &Agent) -> (u16, serde_json::Value) {
+    let (status, health) = agent.health().unwrap();
+    let check = health_check(&health, "certificates")
         .unwrap_or_else(|| panic!("{health}"))
         .clone();
     (status, check)
@@ -76,10 +49,7 @@ fn certificate_expiry_is_in_metrics_health_and_status() {
     write_cert(&central, "central-ca", 10 * 86_400 + 3600);
     write_cert(&hooks, "hooks-ca", -3 * 86_400 - 3600);
     let port = free_port();
-    let config = dir.path().join("outpost.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = format!(
             "[storage]\npath = \"{db}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
              [[sources]]\ntype = \"simulated\"\nname = \"sim\"\nperiod = \"100ms\"\n\
              [sync]\nenabled = false\nurl = \"postgres://outpost@central.invalid:6432/fleet\"\n\
@@ -89,17 +59,8 @@ fn certificate_expiry_is_in_metrics_health_and_status() {
             db = dir.path().join("outpost.db").display(),
             central = central.display(),
             hooks = hooks.display(),
-        ),
-    )
-    .unwrap();
-    let agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+        );
+    let mut agent = Agent::new(dir.path(), &config).start();
 
     let metrics = wait_for(Duration::from_secs(30), || {
         let (status, body) = get(port, "/metrics")?;
@@ -120,7 +81,7 @@ fn certificate_expiry_is_in_metrics_health_and_status() {
 
     // The expired certificate makes the gateway unhealthy; the one expiring in 10
     // days is named in the detail.
-    let (status, check) = certificates_check(port);
+    let (status, check) = certificates_check(&agent);
     assert_eq!(status, 503, "{check}");
     assert_eq!(check["ok"], false, "{check}");
     let detail = check["detail"].as_str().unwrap();
@@ -132,10 +93,10 @@ fn certificate_expiry_is_in_metrics_health_and_status() {
         detail.contains("notifiers.hook.ca_file") && detail.contains("EXPIRED 3 days ago"),
         "{detail}"
     );
-    drop(agent);
+    agent.kill();
 
     // `outpost status` reads the same files through the configuration.
-    let text = status_text(&config);
+    let text = agent.status_text();
     assert!(
         text.contains("WARNING: certificate sync.ca_file:")
             && text.contains("central-ca) expires in 10 days"),
@@ -145,7 +106,7 @@ fn certificate_expiry_is_in_metrics_health_and_status() {
         text.contains("CERTIFICATE EXPIRED: notifiers.hook.ca_file:"),
         "{text}"
     );
-    let json: serde_json::Value = serde_json::from_str(&status_json(&config)).unwrap();
+    let json = agent.status_json();
     let certs = json["certificates"].as_array().unwrap();
     assert_eq!(certs.len(), 2, "{json}");
     assert_eq!(certs[0]["certificate"], "sync.ca_file");
@@ -249,12 +210,9 @@ fn certificates_presented_by_servers_are_recorded_and_saved_for_status() {
     let hook = HttpsReceiver::start(&hook_cert, &hook_key);
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = dir.path().join("outpost.toml");
     let ca_file = ca.ca_pem().display();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let config = format!(
+        r#"
 [agent]
 gateway_id = "tls-gw"
 [storage]
@@ -305,24 +263,14 @@ ca_file = "{ca_file}"
 from = "outpost@example.com"
 to = ["ops@example.com"]
 "#,
-            db = dir.path().join("outpost.db").display(),
-            mqtt = broker.tls_port(),
-            pg_port = pg.port(),
-            pg_password = pg.password(),
-            hook = hook.port,
-            smtp = smtp.port(),
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("agent.log");
-    let mut agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+        db = dir.path().join("outpost.db").display(),
+        mqtt = broker.tls_port(),
+        pg_port = pg.port(),
+        pg_password = pg.password(),
+        hook = hook.port,
+        smtp = smtp.port(),
     );
+    let mut agent = Agent::new(dir.path(), &config).start();
 
     // Each connecting section appears once its server showed its certificate: the
     // broker and PostgreSQL at connect, the mail server through the probe at start,
@@ -345,9 +293,9 @@ to = ["ops@example.com"]
             break body;
         }
         assert!(
-            std::time::Instant::now() < deadline && matches!(agent.0.try_wait(), Ok(None)),
+            std::time::Instant::now() < deadline && agent.is_running(),
             "not every server certificate was recorded:\n{body}\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            agent.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -365,7 +313,7 @@ to = ["ops@example.com"]
     }
 
     // /health names the server whose certificate expires soon (ok: not expired yet).
-    let (_, check) = certificates_check(port);
+    let (_, check) = certificates_check(&agent);
     assert_eq!(check["ok"], true, "{check}");
     let detail = check["detail"].as_str().unwrap();
     assert!(
@@ -377,13 +325,13 @@ to = ["ops@example.com"]
     );
 
     // `outpost status` (another process) reads what the agent saved, while it runs.
-    let text = status_text(&config);
+    let text = agent.status_text();
     assert!(
         text.contains("WARNING: certificate notifiers.hook: server 127.0.0.1:")
             && text.contains("expires in 10 days"),
         "{text}"
     );
-    let json: serde_json::Value = serde_json::from_str(&status_json(&config)).unwrap();
+    let json = agent.status_json();
     let certs = json["certificates"].as_array().unwrap();
     for label in labels {
         let cert = certs
@@ -404,5 +352,5 @@ to = ["ops@example.com"]
             .any(|c| c["certificate"] == "sync.ca_file" && c.get("path").is_some()),
         "{json:#}"
     );
-    drop(agent);
+    agent.kill();
 }

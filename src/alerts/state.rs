@@ -3,7 +3,8 @@
 //! `outpost status` prints.
 //!
 //! An alert in the ok state has no row: the table holds only pending and firing alerts,
-//! so it stays small whatever the number of series.
+//! so it stays small whatever the number of series. The tables themselves are created
+//! by the store's migrations (`store/schema.rs`, migration 2).
 
 use super::{AlertEvent, EventKind, Severity};
 use crate::model::{from_micros, to_micros, Uid};
@@ -12,62 +13,6 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Duration;
-
-/// The tables of alerting and notification, appended to the store's migrations.
-pub const MIGRATION: &str = r#"
-    -- Alerts that are pending or firing (ok = no row), keyed by the rule's definition
-    -- hash so a changed rule starts afresh and an unchanged one keeps its state.
-    CREATE TABLE alert_state (
-        rule_key      TEXT NOT NULL,
-        device        TEXT NOT NULL,
-        metric        TEXT NOT NULL,
-        rule          TEXT NOT NULL,
-        severity      TEXT NOT NULL,
-        state         TEXT NOT NULL,              -- 'pending' or 'firing'
-        since         INTEGER NOT NULL,           -- µs: pending since, or firing since
-        value         REAL,
-        unit          TEXT,
-        last_notified INTEGER,                    -- µs of the firing event or last reminder
-        updated_at    INTEGER NOT NULL,
-        PRIMARY KEY (rule_key, device, metric)
-    ) WITHOUT ROWID;
-
-    -- Firing, reminder and resolved events, with stable uids (G2). Never pruned to make
-    -- room (G4); `synced` is for replication to central.
-    CREATE TABLE alert_events (
-        id       INTEGER PRIMARY KEY,
-        uid      BLOB NOT NULL UNIQUE,
-        kind     TEXT NOT NULL,
-        rule     TEXT NOT NULL,
-        severity TEXT NOT NULL,
-        device   TEXT NOT NULL,
-        metric   TEXT NOT NULL,
-        value       REAL,
-        unit        TEXT,
-        threshold   REAL,
-        since       INTEGER,                      -- µs: when the condition began
-        occurred_at INTEGER NOT NULL,             -- µs: when this event happened
-        message     TEXT NOT NULL,                -- the event as JSON, as notifiers get it
-        synced      INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX alert_events_unsynced ON alert_events(id) WHERE synced = 0;
-
-    -- One row per (event, notifier): the durable outbox, delivered at least once.
-    CREATE TABLE outbox (
-        id              INTEGER PRIMARY KEY,
-        event_uid       BLOB NOT NULL,
-        notifier        TEXT NOT NULL,
-        state           TEXT NOT NULL DEFAULT 'pending',  -- pending, delivered, failed, expired
-        attempts        INTEGER NOT NULL DEFAULT 0,
-        created_at      INTEGER NOT NULL,
-        next_attempt_at INTEGER NOT NULL,
-        expires_at      INTEGER NOT NULL,
-        last_error      TEXT,
-        done_at         INTEGER,
-        UNIQUE (event_uid, notifier)
-    );
-    CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'pending';
-"#;
 
 /// Where the engine keeps its cursor in `source_state`.
 const CURSOR_SOURCE: &str = "alerts";

@@ -1,11 +1,14 @@
 //! Test peers for Outpost integration tests: `mod support;` then e.g.
 //! `let broker = support::Mosquitto::start();`. Every peer runs on a free
 //! 127.0.0.1 port inside its own temporary directory and is stopped (process
-//! killed, directory removed) on drop. See README.md in this directory.
+//! killed, directory removed) on drop. The agent under test is `agent::Agent` (the
+//! real binary) or `agent::InProcessAgent` (the library's store and tasks); the crash
+//! tests' message stream is `cold_room`. See README.md in this directory.
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
 pub mod ca;
+pub mod cold_room;
 pub mod config_keys;
 pub mod http;
 pub mod lazyfs;

@@ -19,6 +19,7 @@ pub use worker::{reject, MAX_MESSAGES_PER_BATCH};
 
 // The generic MQTT kind under its path from before this folder (tests/properties.rs,
 // `crate::fuzzing`); the kind itself is `sources::mqtt_json`.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use super::mqtt_json::JsonDecoder;
 pub use super::mqtt_json::{decode_json, MqttJsonConfig};
 
