@@ -28,8 +28,9 @@ pub struct EscalationStep {
     pub notifiers: Vec<String>,
 }
 
-/// The shortest `after`: less is not an escalation but a second firing notification.
-pub const MIN_AFTER: Duration = Duration::from_secs(60);
+/// The shortest `after`. Each step is sent once, so a short one cannot flood anyone;
+/// zero would only be a second firing notification (list those notifiers on the rule).
+pub const MIN_AFTER: Duration = Duration::from_secs(1);
 /// The longest `after`: an alarm nobody acknowledged for a month is a configuration
 /// mistake, not a plan.
 pub const MAX_AFTER: Duration = Duration::from_secs(30 * 86400);
@@ -54,7 +55,7 @@ pub fn validate(steps: &[EscalationStep], path: &str, problems: &mut Problems) {
         if after < MIN_AFTER || after > MAX_AFTER {
             problems.push(
                 format!("{at}.after"),
-                format!("must be between 1m and 30d, found {}", step.after),
+                format!("must be between 1s and 30d, found {}", step.after),
             );
         }
         if let Some(prev) = previous {
@@ -132,7 +133,7 @@ mod tests {
 
     #[test]
     fn wrong_values_are_reported_at_their_key() {
-        let r = rule("[[escalation]]\nafter = \"30m\"\nnotifiers = []\n[[escalation]]\nafter = \"15m\"\nnotifiers = [\"x\"]\n[[escalation]]\nafter = \"10s\"\nnotifiers = [\"x\"]\n[[escalation]]\nafter = \"400d\"\nnotifiers = [\"x\"]").unwrap();
+        let r = rule("[[escalation]]\nafter = \"30m\"\nnotifiers = []\n[[escalation]]\nafter = \"15m\"\nnotifiers = [\"x\"]\n[[escalation]]\nafter = \"0s\"\nnotifiers = [\"x\"]\n[[escalation]]\nafter = \"400d\"\nnotifiers = [\"x\"]").unwrap();
         let p = problems(&r);
         let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
         assert!(keys.contains(&"alerts[0].escalation[0].notifiers"), "{p:?}");
@@ -141,7 +142,7 @@ mod tests {
         assert!(keys.contains(&"alerts[0].escalation[3].after"), "{p:?}");
         assert!(p.iter().any(|(_, m)| m.contains("not later than")), "{p:?}");
         assert!(
-            p.iter().any(|(_, m)| m.contains("between 1m and 30d")),
+            p.iter().any(|(_, m)| m.contains("between 1s and 30d")),
             "{p:?}"
         );
     }

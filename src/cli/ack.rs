@@ -69,16 +69,103 @@ fn read_note(path: &Path) -> Result<String, String> {
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
-pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
-    let config = match config::Config::load(&config::resolve_path(config_path)) {
-        Ok(c) => c,
+/// What the command needs from the configuration.
+struct Setup {
+    rules: Vec<String>,
+    db: PathBuf,
+    busy_timeout: std::time::Duration,
+    site: String,
+    gateway_id: String,
+}
+
+/// The configuration's rules and database; with `--db` and no valid configuration (a
+/// database copied from a gateway, the demo's), the rules and the gateway the database
+/// itself knows.
+fn setup(config_path: Option<&Path>, db: Option<&Path>) -> Result<Setup, ExitCode> {
+    match config::Config::load(&config::resolve_path(config_path)) {
+        Ok(c) => Ok(Setup {
+            rules: c.alerts.iter().map(|r| r.name.clone()).collect(),
+            db: db.map_or_else(|| c.storage.path.clone(), Path::to_path_buf),
+            busy_timeout: c.storage.busy_timeout.get(),
+            site: c.agent.site.clone(),
+            gateway_id: c.agent.gateway_id.clone(),
+        }),
         Err(errors) => {
-            eprintln!("{errors}");
-            return bad(format!(
-                "the configuration has {} problem(s); fix them first (`outpost check`)",
-                errors.0.len()
-            ));
+            let Some(db) = db else {
+                eprintln!("{errors}");
+                return Err(bad(format!(
+                    "the configuration has {} problem(s); fix them first (`outpost check`), or name the database with --db",
+                    errors.0.len()
+                )));
+            };
+            if !db.exists() {
+                eprintln!("outpost ack: no database at {}", db.display());
+                return Err(ExitCode::FAILURE);
+            }
+            let known = crate::store::open_reader(db, std::time::Duration::from_secs(5))
+                .and_then(|conn| known_to_database(&conn))
+                .map_err(|e| {
+                    eprintln!("outpost ack: cannot read {}: {e}", db.display());
+                    ExitCode::FAILURE
+                })?;
+            eprintln!(
+                "outpost ack: no valid configuration; using the rules the database {} knows",
+                db.display()
+            );
+            let mut rules = known.0;
+            if known.2 == "demo" || rules.is_empty() {
+                // `outpost demo`'s database: its rules are those of its built-in
+                // configuration, fired or not.
+                for rule in super::demo::demo_config(db.parent().unwrap_or(db)).alerts {
+                    if !rules.contains(&rule.name) {
+                        rules.push(rule.name);
+                    }
+                }
+            }
+            Ok(Setup {
+                rules,
+                db: db.to_path_buf(),
+                busy_timeout: std::time::Duration::from_secs(5),
+                site: known.1,
+                gateway_id: known.2,
+            })
         }
+    }
+}
+
+/// The rule names in the database, and the site and gateway of its newest event.
+fn known_to_database(
+    conn: &rusqlite::Connection,
+) -> rusqlite::Result<(Vec<String>, String, String)> {
+    let mut stmt = conn.prepare(
+        "SELECT rule FROM alert_state UNION SELECT rule FROM alert_events ORDER BY 1 LIMIT 1000",
+    )?;
+    let rules = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let message: Option<String> = conn
+        .query_row(
+            "SELECT message FROM alert_events ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    let json: serde_json::Value = message
+        .and_then(|m| serde_json::from_str(&m).ok())
+        .unwrap_or_default();
+    let text = |k: &str| {
+        json.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    Ok((rules, text("site"), text("gateway_id")))
+}
+
+pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
+    let config = match setup(config_path, args.db.as_deref()) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let note = match (&args.note, &args.note_file) {
         (Some(n), _) => Some(n.clone()),
@@ -94,8 +181,8 @@ pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
         by: args.by.clone(),
         note,
         channel: Channel::Cli,
-        site: config.agent.site.clone(),
-        gateway_id: config.agent.gateway_id.clone(),
+        site: config.site.clone(),
+        gateway_id: config.gateway_id.clone(),
         idempotency_key: None,
     };
     let problems = req.problems();
@@ -105,8 +192,8 @@ pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
         }
         return bad("nothing was written");
     }
-    if !config.alerts.iter().any(|r| r.name == req.rule) {
-        let names: Vec<&str> = config.alerts.iter().map(|r| r.name.as_str()).collect();
+    if !config.rules.contains(&req.rule) {
+        let names: Vec<&str> = config.rules.iter().map(String::as_str).collect();
         return bad(if names.is_empty() {
             format!(
                 "unknown rule {:?}: no [[alerts]] rules are configured",
@@ -120,10 +207,7 @@ pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
             )
         });
     }
-    let db = args
-        .db
-        .clone()
-        .unwrap_or_else(|| config.storage.path.clone());
+    let db = config.db.clone();
     if !db.exists() {
         eprintln!(
             "outpost ack: no database at {} (has the agent run yet?)",
@@ -132,7 +216,7 @@ pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let now = crate::clock::Clock::system().now();
-    let outcome = match ack::acknowledge_file(&db, config.storage.busy_timeout.get(), &req, now) {
+    let outcome = match ack::acknowledge_file(&db, config.busy_timeout, &req, now) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("outpost ack: {e}");
