@@ -799,7 +799,10 @@ fn central_commands_print_migrate_and_maintain() {
     ]);
     assert!(ok, "{out}{err}");
     assert!(
-        out.contains("migrated from version 0 to 1") && out.contains("partitioned"),
+        out.contains(&format!(
+            "migrated from version 0 to {}",
+            outpost::sync::central::SCHEMA_VERSION
+        )) && out.contains("partitioned"),
         "{out}"
     );
     let (ok, out, err) = outpost_without_config(&[
