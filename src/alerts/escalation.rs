@@ -147,6 +147,143 @@ mod tests {
         );
     }
 
+    mod engine {
+        use crate::alerts::engine::{Engine, EventContext};
+        use crate::alerts::state::{StateChange, StateRow};
+        use crate::alerts::{AlertRule, EventKind};
+        use chrono::{DateTime, Utc};
+
+        const RULE: &str = "name = \"hot\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nnotifiers = [\"ops\"]\n\
+            [[escalation]]\nafter = \"5m\"\nnotifiers = [\"night\"]\n[[escalation]]\nafter = \"1h\"\nnotifiers = [\"boss\"]";
+
+        fn at(secs: i64) -> DateTime<Utc> {
+            DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+        }
+
+        fn engine() -> Engine {
+            let rule: AlertRule = toml::from_str(RULE).unwrap();
+            Engine::from_config(&[rule], EventContext::default()).unwrap()
+        }
+
+        fn hot(t: DateTime<Utc>) -> crate::model::Reading {
+            crate::model::Reading {
+                uid: crate::model::Uid::derive(&["a", &t.to_rfc3339()]),
+                source: "sim".into(),
+                device: "a".into(),
+                metric: "temperature".into(),
+                value: 9.0,
+                unit: None,
+                observed_at: t,
+                received_at: t,
+                flags: 0,
+                meta: None,
+            }
+        }
+
+        fn escalations(e: &mut Engine) -> Vec<(String, Vec<String>)> {
+            e.take_changes()
+                .events
+                .into_iter()
+                .filter(|n| n.event.kind == EventKind::Escalated)
+                .map(|n| (n.event.uid, n.notifiers))
+                .collect()
+        }
+
+        fn saved(e: &mut Engine) -> Vec<StateRow> {
+            e.take_changes()
+                .states
+                .into_iter()
+                .filter_map(|c| match c {
+                    StateChange::Upsert(s) => Some(s),
+                    _ => None,
+                })
+                .last()
+                .into_iter()
+                .collect()
+        }
+
+        #[test]
+        fn steps_follow_the_monotonic_clock_across_clock_steps() {
+            let mut e = engine();
+            e.on_reading(&hot(at(0)), at(0));
+            e.take_changes();
+            let day = chrono::Duration::days(1);
+            // Forward by a day at 60 s: not escalated early.
+            e.clock_stepped(day, at(60) + day);
+            e.tick(at(299) + day);
+            assert!(escalations(&mut e).is_empty());
+            e.tick(at(300) + day);
+            assert_eq!(escalations(&mut e).len(), 1);
+            // Back by an hour: the second step is not delayed by it.
+            let hour = chrono::Duration::hours(1);
+            e.clock_stepped(-hour, at(400) + day - hour);
+            e.tick(at(3599) + day - hour);
+            assert!(escalations(&mut e).is_empty());
+            e.tick(at(3600) + day - hour);
+            let sent = escalations(&mut e);
+            assert_eq!(sent.len(), 1);
+            assert_eq!(sent[0].1, vec!["boss".to_string()]);
+        }
+
+        #[test]
+        fn steps_due_while_the_agent_was_down_go_once_each_after_the_restart() {
+            let mut e = engine();
+            e.on_reading(&hot(at(0)), at(0));
+            let rows = saved(&mut e);
+            assert_eq!(rows[0].fired_at, Some(at(0)));
+            // Down for two hours: both steps are due at the restart, each sent once.
+            let mut after = engine();
+            after.restore(rows, Vec::new(), at(7200));
+            after.tick(at(7200));
+            let changes = after.take_changes();
+            let sent: Vec<_> = changes
+                .events
+                .iter()
+                .filter(|n| n.event.kind == EventKind::Escalated)
+                .collect();
+            assert_eq!(sent.len(), 2);
+            assert_ne!(sent[0].event.uid, sent[1].event.uid);
+            let row = changes
+                .states
+                .iter()
+                .rev()
+                .find_map(|c| match c {
+                    StateChange::Upsert(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(row.escalations_sent, 2);
+            assert_eq!(
+                row.escalated_to,
+                vec!["night".to_string(), "boss".to_string()]
+            );
+            after.tick(at(7300));
+            assert!(escalations(&mut after).is_empty(), "sent once");
+            // Restarted again with the saved state: nothing is sent twice.
+            let mut again = engine();
+            again.restore(vec![row], Vec::new(), at(7400));
+            again.tick(at(7400));
+            assert!(escalations(&mut again).is_empty());
+        }
+
+        #[test]
+        fn a_step_decided_again_after_a_lost_write_has_the_same_uid() {
+            // kill -9 after deciding, before the write committed: the next start
+            // decides the step again, with the same uid (stored once either way).
+            let mut e = engine();
+            e.on_reading(&hot(at(0)), at(0));
+            let rows = saved(&mut e);
+            e.tick(at(300));
+            let first = escalations(&mut e);
+            let mut after = engine();
+            after.restore(rows, Vec::new(), at(310));
+            after.tick(at(310));
+            let second = escalations(&mut after);
+            assert_eq!(first.len(), 1);
+            assert_eq!(first, second);
+        }
+    }
+
     #[test]
     fn hostile_and_missing_values_do_not_parse() {
         assert!(
