@@ -281,7 +281,7 @@ fn central_acks_through_pgbouncer_are_applied_and_reported_back() {
         hot_source("sim", "coldroom-1", "0s", "15s"),
         webhook("hook", &hook.url(), "alerts"),
     );
-    let agent = Agent::new(dir.path(), &config).deadline(DEADLINE).start();
+    let mut agent = Agent::new(dir.path(), &config).deadline(DEADLINE).start();
     let synced = support::util::wait_until(DEADLINE, || {
         pg.try_psql("SELECT COUNT(*) FROM outpost.alert_events WHERE gateway_id = 'gw-central' AND kind = 'firing'")
             .is_ok_and(|o| o == "1")
@@ -330,6 +330,21 @@ fn central_acks_through_pgbouncer_are_applied_and_reported_back() {
         .is_ok_and(|o| o == "Ops Centre|central")
     });
     assert!(back, "acknowledged event not synced; log:\n{}", agent.log());
+
+    // The acknowledgement survives a restart (G3): still firing, still acknowledged,
+    // no second acknowledged event.
+    agent.terminate();
+    agent.start_again();
+    let text = agent.status_text();
+    assert!(
+        text.contains("warm / coldroom-1: acknowledged by Ops Centre at ")
+            && text.contains("(central): called the site, door closed"),
+        "{text}"
+    );
+    assert_eq!(
+        agent.count("SELECT COUNT(*) FROM alert_events WHERE kind IN ('acknowledged', 'firing')"),
+        2
+    );
 
     // After the excursion the alarm resolves; an ack then is reported back as such,
     // and the acknowledged alarm never escalated.
