@@ -7,7 +7,7 @@ use crate::display::format_value;
 
 /// The fields a template may use.
 pub const FIELDS: &[&str] = &[
-    "kind",      // FIRING, REMINDER, RESOLVED or TEST
+    "kind",      // FIRING, REMINDER, ESCALATED, RESOLVED or TEST
     "severity",  // critical, warning, info
     "rule",      // the rule's name
     "site",      // agent.site (or the gateway id when unset)
