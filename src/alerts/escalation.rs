@@ -197,7 +197,7 @@ mod tests {
                     StateChange::Upsert(s) => Some(s),
                     _ => None,
                 })
-                .last()
+                .next_back()
                 .into_iter()
                 .collect()
         }
