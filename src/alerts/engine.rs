@@ -560,7 +560,7 @@ impl Engine {
         let trigger = self
             .trigger
             .map_or_else(|| "timer".to_string(), |uid| uid.to_hex());
-        let (uid, channel) = match escalation {
+        let (uid, note) = match escalation {
             Some((uid, label)) => (uid, Some(label)),
             None => (
                 Uid::derive(&[
@@ -595,8 +595,8 @@ impl Engine {
             since: s.since,
             at: now,
             actor: None,
-            note: None,
-            channel,
+            note,
+            channel: None,
         };
         self.changes.events.push(NewEvent { event, notifiers });
     }

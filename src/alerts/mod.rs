@@ -581,11 +581,11 @@ pub struct AlertEvent {
     /// Acknowledged events: who acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
-    /// Acknowledged events: the note given with it.
+    /// Acknowledged events: the note given with it; escalated events: which step
+    /// ("escalation step 1 of 2").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// Acknowledged events: `cli`, `console` or `central`; escalated events: the step
-    /// (`step 1`, ...).
+    /// Acknowledged events: `cli`, `console` or `central`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
 }

@@ -158,7 +158,8 @@ CREATE TABLE IF NOT EXISTS outpost.alert_acks (
 );
 CREATE INDEX IF NOT EXISTS alert_acks_pending ON outpost.alert_acks (gateway_id, id) WHERE applied_at IS NULL;
 
--- Acknowledged events: who, their note, and the channel (cli, console or central).
+-- Acknowledged events: who, their note, and the channel (cli, console or central);
+-- escalated events name their step in `note`.
 ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS actor text;
 ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS note text;
 ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS channel text;
