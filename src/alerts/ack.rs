@@ -642,6 +642,17 @@ mod tests {
             ),
             0
         );
+        assert_eq!(
+            count(&conn, "SELECT COUNT(*) FROM alert_state WHERE escalations_sent = 0 AND escalated_to IS NULL"),
+            1,
+            "the dropped step is not recorded as sent"
+        );
+        // The engine learns it too: the resolution goes to the rule's notifiers only.
+        e.apply_acks(&state::acknowledged(&conn).unwrap());
+        e.on_reading(&reading("a", 5.0, at(400)), at(400));
+        let c = e.take_changes();
+        assert_eq!(kinds(&c), vec![EventKind::Resolved]);
+        assert_eq!(c.events[0].notifiers, vec!["ops".to_string()]);
     }
 
     #[test]

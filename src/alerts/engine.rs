@@ -522,17 +522,22 @@ impl Engine {
     /// Takes the acknowledgements written to the store by [`super::ack`] (polled by the
     /// engine task): `(rule_key, device, metric, fired_at µs)` of acknowledged firings.
     /// One for an earlier firing of the same series (it resolved since) is ignored.
-    pub fn apply_acks(&mut self, acks: &[(String, String, String, i64)]) {
-        for (rule_key, device, metric, fired_at) in acks {
-            let Some(i) = self.rules.iter().position(|r| &r.key == rule_key) else {
+    /// The steps recorded as sent with it replace the engine's (a step decided after
+    /// the acknowledgement was dropped when written, and its notifiers get no
+    /// resolution).
+    pub fn apply_acks(&mut self, acks: &[state::AckedFiring]) {
+        for ack in acks {
+            let Some(i) = self.rules.iter().position(|r| r.key == ack.rule_key) else {
                 continue;
             };
-            if let Some(s) = self.series.get_mut(&(i, device.clone())) {
+            if let Some(s) = self.series.get_mut(&(i, ack.device.clone())) {
                 if s.phase == Some(Phase::Firing)
-                    && &s.metric == metric
-                    && s.fired_at.map(to_micros) == Some(*fired_at)
+                    && s.metric == ack.metric
+                    && s.fired_at.map(to_micros) == Some(ack.fired_at)
                 {
                     s.acked = true;
+                    s.escalations_sent = ack.escalations_sent;
+                    s.escalated_to.clone_from(&ack.escalated_to);
                 }
             }
         }
@@ -882,7 +887,7 @@ async fn run_engine(
 async fn poll_acks(
     store: &Store,
     reader: &mut Option<rusqlite::Connection>,
-) -> Option<Vec<(String, String, String, i64)>> {
+) -> Option<Vec<state::AckedFiring>> {
     let conn = reader.take();
     let store = store.clone();
     let joined = tokio::task::spawn_blocking(move || {

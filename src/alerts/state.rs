@@ -272,8 +272,14 @@ pub fn apply(
                      ON CONFLICT(rule_key, device, metric) DO UPDATE SET rule = excluded.rule, severity = excluded.severity, \
                      state = excluded.state, since = excluded.since, value = excluded.value, unit = excluded.unit, \
                      last_notified = excluded.last_notified, updated_at = excluded.updated_at, \
-                     fired_at = excluded.fired_at, escalations_sent = excluded.escalations_sent, \
-                     escalated_to = excluded.escalated_to",
+                     fired_at = excluded.fired_at, \
+                     escalations_sent = CASE WHEN alert_state.acked_at IS NOT NULL AND alert_state.fired_at IS excluded.fired_at \
+                       THEN alert_state.escalations_sent ELSE excluded.escalations_sent END, \
+                     escalated_to = CASE WHEN alert_state.acked_at IS NOT NULL AND alert_state.fired_at IS excluded.fired_at \
+                       THEN alert_state.escalated_to ELSE excluded.escalated_to END",
+                     // (An acknowledged firing escalates no further: a step the engine
+                     // decided before it saw the acknowledgement is dropped below, and
+                     // not counted as sent here.)
                 )?
                 .execute(params![
                     s.rule_key,
@@ -378,15 +384,40 @@ pub fn is_acknowledged(
     .query_row(params![rule, device, metric], |r| r.get(0))
 }
 
+/// An acknowledged firing, as the engine picks it up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckedFiring {
+    pub rule_key: String,
+    pub device: String,
+    pub metric: String,
+    /// µs; identifies the firing (an earlier one of the series does not count).
+    pub fired_at: i64,
+    /// The escalation steps really sent (one decided after the acknowledgement is not).
+    pub escalations_sent: u32,
+    pub escalated_to: Vec<String>,
+}
+
 /// The acknowledgements of firing alerts, for the engine to pick up (it polls them on
-/// its tick): `(rule_key, device, metric, fired_at)` of each acknowledged firing.
-pub fn acknowledged(conn: &Connection) -> rusqlite::Result<Vec<(String, String, String, i64)>> {
+/// its tick).
+pub fn acknowledged(conn: &Connection) -> rusqlite::Result<Vec<AckedFiring>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT rule_key, device, metric, COALESCE(fired_at, since) FROM alert_state \
-         WHERE state = 'firing' AND acked_at IS NOT NULL",
+        "SELECT rule_key, device, metric, COALESCE(fired_at, since), escalations_sent, escalated_to \
+         FROM alert_state WHERE state = 'firing' AND acked_at IS NOT NULL",
     )?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([], |r| {
+            let escalated_to: Option<String> = r.get(5)?;
+            Ok(AckedFiring {
+                rule_key: r.get(0)?,
+                device: r.get(1)?,
+                metric: r.get(2)?,
+                fired_at: r.get(3)?,
+                escalations_sent: r.get::<_, i64>(4)?.clamp(0, u32::MAX as i64) as u32,
+                escalated_to: escalated_to
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
+            })
+        })?
         .collect();
     rows
 }
