@@ -465,3 +465,57 @@ fn escalation_is_sent_exactly_once_across_kill_9_and_resolution_reaches_everyone
         "steps go to their own notifiers only"
     );
 }
+
+#[test]
+fn a_gateway_role_without_the_ack_grant_still_syncs_and_applies_acks_once_granted() {
+    let pg = Postgres::start();
+    migrate_central(&pg);
+    // The role of operator.md as it was before schema 2 (connecting directly: the
+    // test PgBouncer knows only the test's own user): no grant on alert_acks.
+    pg.psql_superuser(
+        "CREATE ROLE old_gateway LOGIN PASSWORD 'old-pass';
+         GRANT USAGE ON SCHEMA outpost TO old_gateway;
+         GRANT SELECT ON outpost.schema_version TO old_gateway;
+         GRANT INSERT ON outpost.readings, outpost.alert_events TO old_gateway;
+         GRANT SELECT, INSERT, UPDATE ON outpost.gateways TO old_gateway;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sync = format!(
+        "[sync]\nurl = \"postgres://old_gateway@127.0.0.1:{port}/{db}\"\npassword = \"old-pass\"\nsslmode = \"disable\"\n\
+         interval = \"1s\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\n\n",
+        port = pg.port(),
+        db = pg.database(),
+    );
+    let config = format!(
+        "{}{}{}\
+         [[alerts]]\nname = \"warm\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\n",
+        head(dir.path(), "gw-grant"),
+        sync,
+        hot_source("sim", "coldroom-1", "0s", "1h"),
+    );
+    let agent = Agent::new(dir.path(), &config).deadline(DEADLINE).start();
+    let synced = support::util::wait_until(DEADLINE, || {
+        pg.try_psql(
+            "SELECT (SELECT COUNT(*) FROM outpost.readings WHERE gateway_id = 'gw-grant') > 0 \
+             AND (SELECT COUNT(*) FROM outpost.alert_events WHERE gateway_id = 'gw-grant' AND kind = 'firing') = 1",
+        )
+        .is_ok_and(|o| o == "t")
+    });
+    assert!(
+        synced,
+        "readings and events must sync without the grant; log:\n{}",
+        agent.log()
+    );
+    agent.wait_until("the grant warning", || {
+        agent
+            .log()
+            .contains("grant the gateways' role SELECT, UPDATE on outpost.alert_acks")
+    });
+    pg.psql("INSERT INTO outpost.alert_acks (gateway_id, rule, acked_by) VALUES ('gw-grant', 'warm', 'Ops Centre')");
+    pg.psql_superuser("GRANT SELECT, UPDATE ON outpost.alert_acks TO old_gateway;");
+    let applied = support::util::wait_until(DEADLINE, || {
+        pg.try_psql("SELECT result FROM outpost.alert_acks WHERE gateway_id = 'gw-grant'")
+            .is_ok_and(|o| o == "applied")
+    });
+    assert!(applied, "log:\n{}", agent.log());
+}

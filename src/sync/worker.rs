@@ -214,6 +214,8 @@ struct Worker {
     last_sync_at: Option<DateTime<Utc>>,
     last_error: Option<(String, DateTime<Utc>)>,
     failure_log: LogLimiter,
+    /// Acknowledgements from central that cannot be read or marked for lack of grants.
+    ack_grant_log: LogLimiter,
     /// G9: a round under way is work waiting for this worker, except while it waits
     /// for central (bounded by the connect and statement timeouts; a failure is
     /// reported by the `sync` check, not as a stall).
@@ -257,6 +259,7 @@ impl Worker {
             last_sync_at: None,
             last_error: None,
             failure_log: LogLimiter::new(Duration::from_secs(300)),
+            ack_grant_log: LogLimiter::new(Duration::from_secs(3600)),
             stage,
         }
     }
@@ -399,7 +402,18 @@ impl Worker {
         self.stage.set_waiting(0);
         let pending = central.pending_acks(&self.gateway_id, ACKS_PER_ROUND).await;
         self.stage.set_waiting(1);
-        for ack in pending? {
+        let pending = match pending {
+            Err(e) if is_missing_grant(&e) => {
+                // A role without the schema-2 grant must not stop readings from
+                // syncing: acknowledgements from central wait, the rest goes on.
+                if let Some(suppressed) = self.ack_grant_log.allow() {
+                    tracing::warn!(error = %e, suppressed, "Cannot read acknowledgements from central: grant the gateways' role SELECT, UPDATE on outpost.alert_acks (docs/operator.md); readings and events still sync.");
+                }
+                return Ok(());
+            }
+            other => other?,
+        };
+        for ack in pending {
             let req = crate::alerts::ack::AckRequest {
                 rule: ack.rule,
                 device: ack.device,
@@ -428,7 +442,19 @@ impl Worker {
                 .mark_ack_applied(&self.gateway_id, ack.id, &result)
                 .await;
             self.stage.set_waiting(1);
-            marked?;
+            match marked {
+                Err(e) if is_missing_grant(&e) => {
+                    // Applied locally (and remembered by its id): marked at a later
+                    // round once the grant is there, with the same result.
+                    if let Some(suppressed) = self.ack_grant_log.allow() {
+                        tracing::warn!(error = %e, suppressed, "Cannot mark acknowledgements applied in central: grant the gateways' role UPDATE on outpost.alert_acks (docs/operator.md).");
+                    }
+                    return Ok(());
+                }
+                other => {
+                    other?;
+                }
+            }
         }
         Ok(())
     }
@@ -574,6 +600,12 @@ impl Worker {
             }
         }
     }
+}
+
+/// A statement refused for lack of privileges (SQLSTATE 42501); the connection is
+/// still usable (the failed transaction was rolled back).
+fn is_missing_grant(e: &SyncError) -> bool {
+    matches!(e, SyncError::Database(text) if text.contains("SQLSTATE 42501"))
 }
 
 /// Acknowledgements from central applied per round, at most.
