@@ -217,6 +217,17 @@ VALUES ('site-03', current_date - 2, 'freezer-1', 'temperature', 'Europe/Berlin'
         now());
 ";
 
+/// An alarm another gateway had acknowledged (central schema 2), for the audit-trail
+/// query.
+const ACKNOWLEDGED_ELSEWHERE: &str = "
+INSERT INTO outpost.alert_events (gateway_id, uid, rule, device, metric, kind, severity, occurred_at,
+    message, actor, note, channel)
+VALUES ('site-03', md5('docs-ack')::uuid, 'freezer-warm', 'freezer-1', 'temperature', 'acknowledged',
+        'critical', now() - interval '5 minutes',
+        jsonb_build_object('since', now() - interval '20 minutes'), 'J. Smith',
+        'compressor restarted', 'central');
+";
+
 fn check_operator_queries(partitioned: bool) {
     let layout = if partitioned { "partitioned" } else { "plain" };
     let pg = support::postgres::Postgres::start();
@@ -254,6 +265,7 @@ fn check_operator_queries(partitioned: bool) {
     println!("{layout}: docs/operator.md:{role_line}: role created");
     sync_one_gateway(&pg, dir.path());
     pg.psql(OTHER_GATEWAYS);
+    pg.psql(ACKNOWLEDGED_ELSEWHERE);
     if partitioned {
         // A reading from a gateway whose clock was years off lands in the default partition.
         pg.psql(

@@ -72,6 +72,13 @@ struct Series {
     /// last reading (shown in the events).
     tally: Option<Tally>,
     measure: Option<Measure>,
+    /// When the alert fired (escalation delays count from it).
+    fired_at: Option<DateTime<Utc>>,
+    /// Escalation steps sent for this firing, and the notifiers they reached.
+    escalations_sent: u32,
+    escalated_to: Vec<String>,
+    /// This firing was acknowledged: no more reminders or escalation.
+    acked: bool,
 }
 
 impl Series {
@@ -88,6 +95,10 @@ impl Series {
             rate_hold_until: None,
             tally: None,
             measure: None,
+            fired_at: None,
+            escalations_sent: 0,
+            escalated_to: Vec::new(),
+            acked: false,
         }
     }
 }
@@ -164,6 +175,12 @@ impl Engine {
             s.value = row.value;
             s.unit = row.unit;
             s.last_notified = row.last_notified;
+            if row.phase == Phase::Firing {
+                s.fired_at = Some(row.fired_at.unwrap_or(row.since));
+                s.escalations_sent = row.escalations_sent;
+                s.escalated_to = row.escalated_to;
+                s.acked = row.ack.is_some();
+            }
             self.series.insert((i, row.device), s);
         }
         for seen in seen {
@@ -272,6 +289,9 @@ impl Engine {
             s.since += step;
             s.last_seen += step;
             if let Some(t) = s.last_notified.as_mut() {
+                *t += step;
+            }
+            if let Some(t) = s.fired_at.as_mut() {
                 *t += step;
             }
             if let Condition::Rate { period, .. } = self.rules[key.0].condition {
@@ -471,11 +491,14 @@ impl Engine {
                 ) if elapsed(now, s.since) >= *hold => {
                     due.push((key.clone(), EventKind::Firing));
                 }
-                (_, Some(Phase::Firing)) => {
+                (_, Some(Phase::Firing)) if !s.acked => {
                     if let (Some(every), Some(last)) = (rule.def.reminder, s.last_notified) {
                         if elapsed(now, last) >= every.get() {
                             due.push((key.clone(), EventKind::Reminder));
                         }
+                    }
+                    if super::escalation_due(rule, s.escalations_sent, s.fired_at, now) {
+                        due.push((key.clone(), EventKind::Escalated));
                     }
                 }
                 _ => {}
@@ -493,6 +516,7 @@ impl Engine {
                     }
                     self.fire(&key, now);
                 }
+                EventKind::Escalated => self.escalate(&key, now),
                 _ => self.remind(&key, now),
             }
         }
@@ -519,29 +543,141 @@ impl Engine {
         if let Some(s) = self.series.get_mut(key) {
             s.phase = Some(Phase::Firing);
             s.last_notified = Some(now);
+            s.fired_at = Some(now);
+            s.escalations_sent = 0;
+            s.escalated_to.clear();
+            s.acked = false;
         }
-        self.emit(key, EventKind::Firing, now);
+        let notifiers = self.rules[key.0].def.notifiers.clone();
+        self.emit(key, EventKind::Firing, now, notifiers, None);
         self.persist(key);
     }
 
+    /// The rule's notifiers and those the sent escalation steps reached.
+    fn everyone_notified(&self, key: &(usize, String)) -> Vec<String> {
+        let mut out = self.rules[key.0].def.notifiers.clone();
+        if let Some(s) = self.series.get(key) {
+            for n in &s.escalated_to {
+                if !out.contains(n) {
+                    out.push(n.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Reminders go to everyone notified so far (escalated notifiers included).
     fn remind(&mut self, key: &(usize, String), now: DateTime<Utc>) {
         if let Some(s) = self.series.get_mut(key) {
             s.last_notified = Some(now);
         }
-        self.emit(key, EventKind::Reminder, now);
+        let notifiers = self.everyone_notified(key);
+        self.emit(key, EventKind::Reminder, now, notifiers, None);
         self.persist(key);
     }
 
-    fn resolve(&mut self, key: &(usize, String), now: DateTime<Utc>) {
-        self.emit(key, EventKind::Resolved, now);
-        if let Some(s) = self.series.get_mut(key) {
-            s.phase = None;
-            s.last_notified = None;
+    /// Sends every escalation step that is due at `now` (several after a long
+    /// downtime), each once: its uid derives from the firing and the step.
+    fn escalate(&mut self, key: &(usize, String), now: DateTime<Utc>) {
+        loop {
+            let rule = &self.rules[key.0];
+            let Some(s) = self.series.get(key) else {
+                return;
+            };
+            if s.acked || !super::escalation_due(rule, s.escalations_sent, s.fired_at, now) {
+                break;
+            }
+            let index = s.escalations_sent as usize;
+            let Some(step) = rule.def.escalation.get(index) else {
+                break;
+            };
+            let notifiers = step.notifiers.clone();
+            let uid = Uid::derive(&[
+                "alert-escalation",
+                &rule.key,
+                &key.1,
+                &s.metric,
+                &s.fired_at.map(to_micros).unwrap_or_default().to_string(),
+                &index.to_string(),
+            ]);
+            let label = format!(
+                "escalation step {} of {}",
+                index + 1,
+                rule.def.escalation.len()
+            );
+            if let Some(s) = self.series.get_mut(key) {
+                s.escalations_sent += 1;
+                for n in &notifiers {
+                    if !s.escalated_to.contains(n) {
+                        s.escalated_to.push(n.clone());
+                    }
+                }
+            }
+            self.emit(
+                key,
+                EventKind::Escalated,
+                now,
+                notifiers,
+                Some((uid, label)),
+            );
         }
         self.persist(key);
     }
 
-    fn emit(&mut self, key: &(usize, String), kind: EventKind, now: DateTime<Utc>) {
+    /// Resolution goes to everyone who was notified of this firing.
+    fn resolve(&mut self, key: &(usize, String), now: DateTime<Utc>) {
+        let notifiers = self.everyone_notified(key);
+        self.emit(key, EventKind::Resolved, now, notifiers, None);
+        if let Some(s) = self.series.get_mut(key) {
+            s.phase = None;
+            s.last_notified = None;
+            s.fired_at = None;
+            s.escalations_sent = 0;
+            s.escalated_to.clear();
+            s.acked = false;
+        }
+        self.persist(key);
+    }
+
+    /// Takes the acknowledgements written to the store by [`super::ack`] (polled by the
+    /// engine task): `(rule_key, device, metric, fired_at µs)` of acknowledged firings.
+    /// One for an earlier firing of the same series (it resolved since) is ignored.
+    /// The steps recorded as sent with it replace the engine's (a step decided after
+    /// the acknowledgement was dropped when written, and its notifiers get no
+    /// resolution).
+    pub fn apply_acks(&mut self, acks: &[state::AckedFiring]) {
+        for ack in acks {
+            let Some(i) = self.rules.iter().position(|r| r.key == ack.rule_key) else {
+                continue;
+            };
+            if let Some(s) = self.series.get_mut(&(i, ack.device.clone())) {
+                if s.phase == Some(Phase::Firing)
+                    && s.metric == ack.metric
+                    && s.fired_at.map(to_micros) == Some(ack.fired_at)
+                {
+                    s.acked = true;
+                    s.escalations_sent = ack.escalations_sent;
+                    s.escalated_to.clone_from(&ack.escalated_to);
+                }
+            }
+        }
+    }
+
+    /// Whether the firing alert of `rule` on `device` is acknowledged (tests).
+    pub fn is_acked(&self, rule: &str, device: &str) -> bool {
+        self.series
+            .iter()
+            .any(|((i, d), s)| d == device && self.rules[*i].def.name == rule && s.acked)
+    }
+
+    fn emit(
+        &mut self,
+        key: &(usize, String),
+        kind: EventKind,
+        now: DateTime<Utc>,
+        notifiers: Vec<String>,
+        escalation: Option<(Uid, String)>,
+    ) {
         let (Some(s), Some(rule)) = (self.series.get(key), self.rules.get(key.0)) else {
             return;
         };
@@ -549,15 +685,21 @@ impl Engine {
         let trigger = self
             .trigger
             .map_or_else(|| "timer".to_string(), |uid| uid.to_hex());
-        let uid = Uid::derive(&[
-            "alert-event",
-            &rule.key,
-            device,
-            &s.metric,
-            kind.as_str(),
-            &to_micros(now).to_string(),
-            &trigger,
-        ]);
+        let (uid, note) = match escalation {
+            Some((uid, label)) => (uid, Some(label)),
+            None => (
+                Uid::derive(&[
+                    "alert-event",
+                    &rule.key,
+                    device,
+                    &s.metric,
+                    kind.as_str(),
+                    &to_micros(now).to_string(),
+                    &trigger,
+                ]),
+                None,
+            ),
+        };
         let mut condition = rule.describe(
             s.unit.as_deref(),
             self.context.display.precision_of(&s.metric),
@@ -581,11 +723,11 @@ impl Engine {
             precision: self.context.display.precision_of(&s.metric),
             since: s.since,
             at: now,
+            actor: None,
+            note,
+            channel: None,
         };
-        self.changes.events.push(NewEvent {
-            event,
-            notifiers: rule.def.notifiers.clone(),
-        });
+        self.changes.events.push(NewEvent { event, notifiers });
     }
 
     fn persist(&mut self, key: &(usize, String)) {
@@ -609,6 +751,10 @@ impl Engine {
                 value: s.value,
                 unit: s.unit.clone(),
                 last_notified: s.last_notified,
+                fired_at: s.fired_at,
+                escalations_sent: s.escalations_sent,
+                escalated_to: s.escalated_to.clone(),
+                ack: None,
             }),
         };
         self.changes.states.push(change);
@@ -769,6 +915,7 @@ async fn run_engine(
         Some((*committed.borrow()).saturating_sub(seen).max(0) as u64)
     }));
     let mut unsaved = engine.take_changes();
+    let mut ack_reader: Option<rusqlite::Connection> = None;
     let mut last_save = tokio::time::Instant::now();
     let mut save_failures = LogLimiter::default();
     // Wall-clock steps, seen against tokio's monotonic clock (paused in tests).
@@ -799,6 +946,12 @@ async fn run_engine(
                 None => false,
             },
             _ = ticker.tick() => {
+                // Acknowledgements are written by other connections (the CLI, the
+                // sync worker, the console): pick them up before deciding reminders
+                // and escalations (`state::apply` also drops any decided meanwhile).
+                if let Some(acks) = poll_acks(&store, &mut ack_reader).await {
+                    engine.apply_acks(&acks);
+                }
                 let now = now_after_steps(&mut engine, &mut stepped);
                 engine.tick(now);
                 true
@@ -871,6 +1024,36 @@ async fn run_engine(
     }
     feeder.abort();
     tracing::info!(cursor = position, "Alert engine stopped.");
+}
+
+/// The acknowledged firings ([`state::acknowledged`]) on the engine's own read
+/// connection, kept between ticks; `None` (logged at debug) when the read failed.
+async fn poll_acks(
+    store: &Store,
+    reader: &mut Option<rusqlite::Connection>,
+) -> Option<Vec<state::AckedFiring>> {
+    let conn = reader.take();
+    let store = store.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let conn = match conn {
+            Some(c) => c,
+            None => store.reader()?,
+        };
+        let acks = state::acknowledged(&conn);
+        acks.map(|a| (conn, a))
+    })
+    .await;
+    match joined {
+        Ok(Ok((conn, acks))) => {
+            *reader = Some(conn);
+            Some(acks)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "Cannot read acknowledgements; retrying at the next tick.");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// TTL for a notifier missing from the map (cannot happen with a validated config).

@@ -20,8 +20,10 @@
 //!   keyed by a hash of the rule's condition and scope ([`AlertRule::key`]), so editing
 //!   severity, notifiers or reminders does not reset an alert.
 
+pub mod ack;
 pub mod cumulative;
 pub mod engine;
+pub mod escalation;
 pub mod presets;
 pub mod state;
 
@@ -104,6 +106,10 @@ pub struct AlertRule {
     /// While the alert keeps firing, notify again this often. Default: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder: Option<HumanDuration>,
+    /// Escalation steps (`[[alerts.escalation]]`), in order: each is sent once to its
+    /// notifiers if the alert is still firing and unacknowledged `after` its firing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escalation: Vec<escalation::EscalationStep>,
 }
 
 fn default_devices() -> Vec<String> {
@@ -235,6 +241,7 @@ impl AlertRule {
                 );
             }
         }
+        escalation::validate(&self.escalation, path, problems);
         if let Some(r) = self.reminder {
             if r.get() < MIN_REMINDER {
                 problems.push(
@@ -669,6 +676,11 @@ pub enum EventKind {
     Firing,
     Reminder,
     Resolved,
+    /// A person acknowledged the firing alert (`actor`, `note`, `channel` say who,
+    /// why and how); stored and synced, not sent to notifiers.
+    Acknowledged,
+    /// An escalation step was sent (to that step's notifiers).
+    Escalated,
     /// Sent by `outpost notify-test`; never stored.
     Test,
 }
@@ -679,6 +691,8 @@ impl EventKind {
             EventKind::Firing => "firing",
             EventKind::Reminder => "reminder",
             EventKind::Resolved => "resolved",
+            EventKind::Acknowledged => "acknowledged",
+            EventKind::Escalated => "escalated",
             EventKind::Test => "test",
         }
     }
@@ -712,9 +726,33 @@ pub struct AlertEvent {
     pub since: DateTime<Utc>,
     /// When this event happened.
     pub at: DateTime<Utc>,
+    /// Acknowledged events: who acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Acknowledged events: the note given with it; escalated events: which step
+    /// ("escalation step 1 of 2").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Acknowledged events: `cli`, `console` or `central`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 pub use crate::clock::Clock;
+
+/// Whether the next escalation step of `rule` (after `sent` steps) is due at `now` for
+/// an alert that fired at `fired_at`.
+pub fn escalation_due(
+    rule: &CompiledRule,
+    sent: u32,
+    fired_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> bool {
+    let (Some(step), Some(fired_at)) = (rule.def.escalation.get(sent as usize), fired_at) else {
+        return false;
+    };
+    (now - fired_at).to_std().unwrap_or_default() >= step.after.get()
+}
 
 #[cfg(test)]
 mod tests {

@@ -108,6 +108,9 @@ pub struct PresetEntry {
     pub notifiers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder: Option<HumanDuration>,
+    /// Escalation steps given to every rule of the preset (`[[alerts.escalation]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escalation: Vec<super::escalation::EscalationStep>,
     /// Override: the upper limit (the high rule and the cumulative rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub above: Option<f64>,
@@ -206,6 +209,7 @@ pub fn expand(entry: &PresetEntry, preset: &Preset) -> Vec<AlertRule> {
         severity: Severity::Critical,
         notifiers: entry.notifiers.clone(),
         reminder: entry.reminder,
+        escalation: entry.escalation.clone(),
     };
     let mut rules = Vec::new();
     rules.push(AlertRule {

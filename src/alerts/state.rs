@@ -6,7 +6,7 @@
 //! so it stays small whatever the number of series. The tables themselves are created
 //! by the store's migrations (`store/schema.rs`, migration 2).
 
-use super::{AlertEvent, Severity};
+use super::{AlertEvent, EventKind, Severity};
 use crate::model::{from_micros, to_micros, Uid};
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -47,8 +47,29 @@ pub struct StateRow {
     pub value: Option<f64>,
     pub unit: Option<String>,
     pub last_notified: Option<DateTime<Utc>>,
+    /// When it fired (escalation delays count from it); none while pending.
+    pub fired_at: Option<DateTime<Utc>>,
+    /// Escalation steps sent for this firing.
+    pub escalations_sent: u32,
+    /// The notifiers those steps reached (the resolution goes to them too).
+    pub escalated_to: Vec<String>,
+    /// The acknowledgement of this firing. The engine never writes it (its upserts
+    /// leave the columns alone); [`super::ack`] does, and a new firing row starts
+    /// without one.
+    pub ack: Option<Ack>,
 }
 
+/// Who acknowledged a firing alert, when, why and through which channel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ack {
+    pub by: String,
+    pub at: DateTime<Utc>,
+    pub note: Option<String>,
+    pub channel: String,
+}
+
+// Few changes are in flight at once (one engine step's); boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum StateChange {
     Upsert(StateRow),
@@ -103,6 +124,21 @@ pub struct Loaded {
     pub seen: Vec<SeenSeries>,
 }
 
+/// The acknowledgement in columns `at..at + 3` (acked_at, acked_by, ack_note,
+/// ack_channel) of a row.
+fn ack_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<Ack>> {
+    let acked_at: Option<i64> = r.get(at)?;
+    Ok(match acked_at {
+        Some(t) => Some(Ack {
+            at: from_micros(t),
+            by: r.get::<_, Option<String>>(at + 1)?.unwrap_or_default(),
+            note: r.get(at + 2)?,
+            channel: r.get::<_, Option<String>>(at + 3)?.unwrap_or_default(),
+        }),
+        None => None,
+    })
+}
+
 fn severity_from(s: &str) -> Severity {
     match s {
         "critical" => Severity::Critical,
@@ -124,12 +160,20 @@ pub fn load(conn: &Connection, with_meta: bool) -> rusqlite::Result<Loaded> {
         r.get(0)
     })?;
     let mut stmt = conn.prepare(
-        "SELECT rule_key, device, metric, rule, severity, state, since, value, unit, last_notified FROM alert_state",
+        "SELECT rule_key, device, metric, rule, severity, state, since, value, unit, last_notified, \
+         fired_at, escalations_sent, escalated_to, acked_at, acked_by, ack_note, ack_channel FROM alert_state",
     )?;
     let states = stmt
         .query_map([], |r| {
             let state: String = r.get(5)?;
+            let escalated_to: Option<String> = r.get(12)?;
             Ok(StateRow {
+                fired_at: r.get::<_, Option<i64>>(10)?.map(from_micros),
+                escalations_sent: r.get::<_, i64>(11)?.clamp(0, u32::MAX as i64) as u32,
+                escalated_to: escalated_to
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
+                ack: ack_from(r, 13)?,
                 rule_key: r.get(0)?,
                 device: r.get(1)?,
                 metric: r.get(2)?,
@@ -222,11 +266,20 @@ pub fn apply(
         match change {
             StateChange::Upsert(s) => {
                 conn.prepare_cached(
-                    "INSERT INTO alert_state (rule_key, device, metric, rule, severity, state, since, value, unit, last_notified, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                    "INSERT INTO alert_state (rule_key, device, metric, rule, severity, state, since, value, unit, last_notified, updated_at, \
+                     fired_at, escalations_sent, escalated_to) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
                      ON CONFLICT(rule_key, device, metric) DO UPDATE SET rule = excluded.rule, severity = excluded.severity, \
                      state = excluded.state, since = excluded.since, value = excluded.value, unit = excluded.unit, \
-                     last_notified = excluded.last_notified, updated_at = excluded.updated_at",
+                     last_notified = excluded.last_notified, updated_at = excluded.updated_at, \
+                     fired_at = excluded.fired_at, \
+                     escalations_sent = CASE WHEN alert_state.acked_at IS NOT NULL AND alert_state.fired_at IS excluded.fired_at \
+                       THEN alert_state.escalations_sent ELSE excluded.escalations_sent END, \
+                     escalated_to = CASE WHEN alert_state.acked_at IS NOT NULL AND alert_state.fired_at IS excluded.fired_at \
+                       THEN alert_state.escalated_to ELSE excluded.escalated_to END",
+                     // (An acknowledged firing escalates no further: a step the engine
+                     // decided before it saw the acknowledgement is dropped below, and
+                     // not counted as sent here.)
                 )?
                 .execute(params![
                     s.rule_key,
@@ -239,7 +292,11 @@ pub fn apply(
                     s.value,
                     s.unit,
                     s.last_notified.map(to_micros),
-                    now_us
+                    now_us,
+                    s.fired_at.map(to_micros),
+                    s.escalations_sent,
+                    (!s.escalated_to.is_empty())
+                        .then(|| serde_json::to_string(&s.escalated_to).unwrap_or_default()),
                 ])?;
             }
             StateChange::Delete {
@@ -255,13 +312,21 @@ pub fn apply(
         }
     }
     for NewEvent { event, notifiers } in &changes.events {
+        if matches!(event.kind, EventKind::Reminder | EventKind::Escalated)
+            && is_acknowledged(conn, &event.rule, &event.device, &event.metric)?
+        {
+            // Acknowledged after the engine last looked: the acknowledgement, written
+            // by another connection, wins (no reminder or escalation after it).
+            continue;
+        }
         let uid = event_uid_bytes(&event.uid);
         let body = serde_json::to_string(event)
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let inserted = conn
             .prepare_cached(
-                "INSERT INTO alert_events (uid, kind, rule, severity, device, metric, value, unit, threshold, since, occurred_at, message) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT(uid) DO NOTHING",
+                "INSERT INTO alert_events (uid, kind, rule, severity, device, metric, value, unit, threshold, since, occurred_at, message, \
+                 actor, note, channel) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) ON CONFLICT(uid) DO NOTHING",
             )?
             .execute(params![
                 uid,
@@ -275,7 +340,10 @@ pub fn apply(
                 event.threshold,
                 to_micros(event.since),
                 to_micros(event.at),
-                body
+                body,
+                event.actor,
+                event.note,
+                event.channel,
             ])?;
         if inserted == 0 {
             continue; // already stored (a replay): its outbox rows exist too
@@ -300,6 +368,58 @@ pub fn apply(
         .execute(params![CURSOR_SOURCE, CURSOR_KEY, cursor.to_string()])?;
     }
     Ok(())
+}
+
+/// Whether the firing alert of `rule` (by name) on `device`/`metric` is acknowledged.
+pub fn is_acknowledged(
+    conn: &Connection,
+    rule: &str,
+    device: &str,
+    metric: &str,
+) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM alert_state WHERE rule = ?1 AND device = ?2 AND metric = ?3 \
+         AND state = 'firing' AND acked_at IS NOT NULL)",
+    )?
+    .query_row(params![rule, device, metric], |r| r.get(0))
+}
+
+/// An acknowledged firing, as the engine picks it up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckedFiring {
+    pub rule_key: String,
+    pub device: String,
+    pub metric: String,
+    /// µs; identifies the firing (an earlier one of the series does not count).
+    pub fired_at: i64,
+    /// The escalation steps really sent (one decided after the acknowledgement is not).
+    pub escalations_sent: u32,
+    pub escalated_to: Vec<String>,
+}
+
+/// The acknowledgements of firing alerts, for the engine to pick up (it polls them on
+/// its tick).
+pub fn acknowledged(conn: &Connection) -> rusqlite::Result<Vec<AckedFiring>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT rule_key, device, metric, COALESCE(fired_at, since), escalations_sent, escalated_to \
+         FROM alert_state WHERE state = 'firing' AND acked_at IS NOT NULL",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            let escalated_to: Option<String> = r.get(5)?;
+            Ok(AckedFiring {
+                rule_key: r.get(0)?,
+                device: r.get(1)?,
+                metric: r.get(2)?,
+                fired_at: r.get(3)?,
+                escalations_sent: r.get::<_, i64>(4)?.clamp(0, u32::MAX as i64) as u32,
+                escalated_to: escalated_to
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
+            })
+        })?
+        .collect();
+    rows
 }
 
 /// Records `start` as the engine's cursor unless one is saved, and returns the saved
@@ -355,6 +475,10 @@ pub struct FiringAlert {
     pub value: Option<f64>,
     pub unit: Option<String>,
     pub since: DateTime<Utc>,
+    /// Who acknowledged this firing, if anyone.
+    pub acknowledged: Option<Ack>,
+    /// Escalation steps sent so far.
+    pub escalations_sent: u32,
 }
 
 /// A notification that is waiting, or that gave up.
@@ -394,12 +518,14 @@ pub fn summary(conn: &Connection) -> rusqlite::Result<AlertsSummary> {
         return Ok(AlertsSummary::default());
     }
     let mut stmt = conn.prepare(
-        "SELECT rule, severity, device, metric, value, unit, since FROM alert_state WHERE state = 'firing' \
-         ORDER BY since LIMIT 100",
+        "SELECT rule, severity, device, metric, value, unit, since, escalations_sent, acked_at, acked_by, ack_note, ack_channel \
+         FROM alert_state WHERE state = 'firing' ORDER BY since LIMIT 100",
     )?;
     let firing = stmt
         .query_map([], |r| {
             Ok(FiringAlert {
+                escalations_sent: r.get::<_, i64>(7)?.clamp(0, u32::MAX as i64) as u32,
+                acknowledged: ack_from(r, 8)?,
                 rule: r.get(0)?,
                 severity: severity_from(&r.get::<_, String>(1)?),
                 device: r.get(2)?,
@@ -502,6 +628,21 @@ pub fn render(
             &["RULE", "SEVERITY", "DEVICE", "VALUE", "SINCE"],
             &rows,
         ));
+        for a in &summary.firing {
+            match &a.acknowledged {
+                Some(ack) => {
+                    let _ = writeln!(out, "  {} / {}: {}", a.rule, a.device, describe_ack(ack));
+                }
+                None if a.escalations_sent > 0 => {
+                    let _ = writeln!(
+                        out,
+                        "  {} / {}: NOT acknowledged, escalated {} step(s)",
+                        a.rule, a.device, a.escalations_sent
+                    );
+                }
+                None => {}
+            }
+        }
     }
     let pending = match summary.oldest_pending_notification {
         Some(oldest) => format!(
@@ -539,6 +680,35 @@ pub fn render(
             &["STATE", "NOTIFIER", "EVENT", "ATTEMPTS", "LAST ERROR"],
             &rows,
         ));
+    }
+    out
+}
+
+/// "acknowledged by Maria at 2026-12-05 03:12:00 UTC (cli): door left open" — how
+/// `outpost status` shows an acknowledgement. The note is shown on one line, without
+/// control characters, at most 200 characters.
+pub fn describe_ack(ack: &Ack) -> String {
+    let mut text = format!(
+        "acknowledged by {} at {} ({})",
+        clean_line(&ack.by, 100),
+        ack.at.format("%Y-%m-%d %H:%M:%S UTC"),
+        ack.channel
+    );
+    if let Some(note) = ack.note.as_deref().filter(|n| !n.is_empty()) {
+        text.push_str(": ");
+        text.push_str(&clean_line(note, 200));
+    }
+    text
+}
+
+fn clean_line(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if text.chars().count() > max {
+        out.push('…');
     }
     out
 }

@@ -120,6 +120,7 @@ pub fn demo_config(dir: &Path) -> Config {
         severity: Severity::Critical,
         notifiers: vec!["console".into()],
         reminder: None,
+        escalation: Vec::new(),
     });
     config
 }

@@ -3,6 +3,7 @@
 //! or-exit, one database lookup) and calls the library. Signal handling lives here
 //! ([`run`]), not in components.
 
+pub mod ack;
 pub mod central;
 pub mod check;
 pub mod demo;
@@ -54,6 +55,9 @@ pub enum Command {
     Check,
     /// Summarise the local database: last reading per device, backlog, problems.
     Status(status::Args),
+    /// Acknowledge a firing alarm (stops its reminders and escalation; exit 1 if no
+    /// such alarm is firing, 2 for bad arguments).
+    Ack(ack::Args),
     /// Send a test notification through one configured notifier and print the outcome
     /// (exit 1 if it was not delivered).
     NotifyTest {
@@ -84,6 +88,7 @@ pub fn main() -> ExitCode {
         Command::Check => check::main(&config::resolve_path(config_path)),
         Command::Run => run::main(&config::resolve_path(config_path)),
         Command::Status(args) => status::main(config_path, args),
+        Command::Ack(args) => ack::main(config_path, args),
         Command::NotifyTest { name } => {
             notify_test::main(&config::resolve_path(config_path), &name)
         }

@@ -347,6 +347,7 @@ impl Config {
             tables.declare_alert(&serde_json::json!({
                 "name": rule.name,
                 "notifiers": rule.notifiers,
+                "escalation": rule.escalation,
             }));
             if let Some(d) = tables.alerts.last_mut() {
                 d.valid = true;

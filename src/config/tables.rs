@@ -36,8 +36,10 @@ pub struct Tables {
     pub sources: Vec<Declared>,
     pub notifiers: Vec<Declared>,
     pub alerts: Vec<Declared>,
-    /// The `notifiers = [...]` of each `[[alerts]]` table, as far as they are strings.
-    pub alert_notifiers: Vec<Vec<(usize, String)>>,
+    /// The notifiers each `[[alerts]]` table names (`notifiers = [...]` and those of
+    /// its `[[alerts.escalation]]` steps), as far as they are strings: (key below the
+    /// rule, e.g. `notifiers[0]` or `escalation[1].notifiers[0]`, name).
+    pub alert_notifiers: Vec<Vec<(String, String)>>,
     /// For each parsed rule, the position of its `[[alerts]]` table, and whether that
     /// table was a preset (one preset table expands to several rules).
     pub alert_rules_at: Vec<usize>,
@@ -52,16 +54,26 @@ impl Tables {
     /// Records one `[[alerts]]` table's name and the notifiers it names.
     pub fn declare_alert(&mut self, value: &Value) {
         self.alerts.push(Declared::of(value));
-        let names = value
-            .get("notifiers")
-            .and_then(Value::as_array)
-            .map(|list| {
-                list.iter()
-                    .enumerate()
-                    .filter_map(|(i, v)| Some((i, v.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let names_at = |value: &Value, prefix: &str| -> Vec<(String, String)> {
+            value
+                .get("notifiers")
+                .and_then(Value::as_array)
+                .map(|list| {
+                    list.iter()
+                        .enumerate()
+                        .filter_map(|(i, v)| {
+                            Some((format!("{prefix}notifiers[{i}]"), v.as_str()?.to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut names = names_at(value, "");
+        if let Some(steps) = value.get("escalation").and_then(Value::as_array) {
+            for (i, step) in steps.iter().enumerate() {
+                names.extend(names_at(step, &format!("escalation[{i}].")));
+            }
+        }
         self.alert_notifiers.push(names);
     }
 
@@ -92,8 +104,8 @@ impl Tables {
         let mut known: Vec<String> = notifiers.keys().map(|n| format!("{n:?}")).collect();
         known.sort();
         for (rule, names) in self.alert_notifiers.iter().enumerate() {
-            for (i, name) in names {
-                let path = format!("alerts[{rule}].notifiers[{i}]");
+            for (at, name) in names {
+                let path = format!("alerts[{rule}].{at}");
                 match notifiers.get(name.as_str()) {
                     Some((_, true)) => {}
                     Some((at, false)) => problems.push(

@@ -111,3 +111,31 @@ fn the_config_file_reports_sync_problems_with_lines_and_reads_password_files() {
     assert_eq!(sync.sslmode, crate::sync::SslMode::Disable);
     assert!(!config.to_redacted_toml().contains("s3cret"));
 }
+
+#[test]
+fn escalation_steps_name_known_notifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("outpost.toml");
+    let text = |night: &str| {
+        format!(
+            "[storage]\npath = \"{db}\"\n\
+             [[notifiers]]\nname = \"ops\"\ntype = \"log\"\n\
+             [[notifiers]]\nname = \"night-phone\"\ntype = \"log\"\n\
+             [[alerts]]\nname = \"hot\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nnotifiers = [\"ops\"]\n\
+             [[alerts.escalation]]\nafter = \"15m\"\nnotifiers = [\"{night}\"]\n\
+             [[alerts.escalation]]\nafter = \"1h\"\nnotifiers = [\"ops\", \"{night}\"]\n",
+            db = dir.path().join("o.db").display()
+        )
+    };
+    std::fs::write(&config, text("night-phone")).unwrap();
+    let loaded = Config::load(&config).unwrap();
+    assert_eq!(loaded.alerts[0].escalation.len(), 2);
+    std::fs::write(&config, text("nite-phone")).unwrap();
+    let errors = Config::load(&config).unwrap_err().to_string();
+    assert!(
+        errors.contains("alerts[0].escalation[0].notifiers[0]")
+            && errors.contains("alerts[0].escalation[1].notifiers[1]")
+            && errors.contains("unknown notifier \"nite-phone\""),
+        "{errors}"
+    );
+}

@@ -38,7 +38,7 @@ impl Sender for Log {
     async fn deliver(&self, message: &Message<'_>) -> Outcome {
         let (name, uid, subject) = (message.notifier, &message.event.uid, &message.subject);
         match message.event.kind {
-            EventKind::Firing | EventKind::Reminder => {
+            EventKind::Firing | EventKind::Reminder | EventKind::Escalated => {
                 tracing::warn!(notifier = %name, event = %uid, "{subject}")
             }
             _ => tracing::info!(notifier = %name, event = %uid, "{subject}"),

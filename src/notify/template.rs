@@ -7,7 +7,7 @@ use crate::display::format_value;
 
 /// The fields a template may use.
 pub const FIELDS: &[&str] = &[
-    "kind",      // FIRING, REMINDER, RESOLVED or TEST
+    "kind",      // FIRING, REMINDER, ESCALATED, RESOLVED or TEST
     "severity",  // critical, warning, info
     "rule",      // the rule's name
     "site",      // agent.site (or the gateway id when unset)
@@ -108,6 +108,8 @@ pub fn field_value(event: &AlertEvent, field: &str) -> String {
             EventKind::Firing => "FIRING",
             EventKind::Reminder => "REMINDER",
             EventKind::Resolved => "RESOLVED",
+            EventKind::Acknowledged => "ACKNOWLEDGED",
+            EventKind::Escalated => "ESCALATED",
             EventKind::Test => "TEST",
         }
         .to_string(),
@@ -157,6 +159,9 @@ pub fn test_event(site: &str, gateway_id: &str, now: chrono::DateTime<chrono::Ut
         precision: None,
         since: now,
         at: now,
+        actor: None,
+        note: None,
+        channel: None,
     }
 }
 

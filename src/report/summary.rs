@@ -261,7 +261,7 @@ fn day_alarms(conn: &Connection, b: &DayBounds, device: Option<&str>) -> rusqlit
                 rule: r.get(3)?,
                 severity: r.get(4)?,
                 value: r.get(5)?,
-                by: text(&["by", "acknowledged_by"]),
+                by: text(&["actor", "by", "acknowledged_by"]),
                 note: text(&["note"]),
             },
         ))

@@ -139,11 +139,25 @@ const MIGRATIONS: &[&str] = &[
         SELECT source, reason, COUNT(*), MAX(received_at), NULL FROM rejected
         GROUP BY source, reason;
     "#,
+    // 4: acknowledgement and escalation of firing alerts (issue 16): who acknowledged
+    // the current firing of an alert, when it fired, which escalation steps went out to
+    // whom; who/note/channel of `acknowledged` events.
+    r#"
+    ALTER TABLE alert_state ADD COLUMN fired_at INTEGER;        -- µs: when it fired (escalation counts from it)
+    ALTER TABLE alert_state ADD COLUMN escalations_sent INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE alert_state ADD COLUMN escalated_to TEXT;       -- JSON list of notifiers the sent steps reached
+    ALTER TABLE alert_state ADD COLUMN acked_at INTEGER;        -- µs; NULL: not acknowledged
+    ALTER TABLE alert_state ADD COLUMN acked_by TEXT;
+    ALTER TABLE alert_state ADD COLUMN ack_note TEXT;
+    ALTER TABLE alert_state ADD COLUMN ack_channel TEXT;        -- cli, console or central
+    ALTER TABLE alert_events ADD COLUMN actor TEXT;
+    ALTER TABLE alert_events ADD COLUMN note TEXT;
+    ALTER TABLE alert_events ADD COLUMN channel TEXT;
+    "#,
     // 5: cumulative alert rules (alerts::cumulative): per rule and series, the tally
     // (the newest reading counted, a clock step not yet followed) and its spans out of
     // range or unknown, plus excursion starts; saved with the engine's cursor, pruned
-    // beyond the rule's window. (Appended by the alarm-cumulative branch; number 5 in
-    // the merged order.)
+    // beyond the rule's window.
     r#"
     CREATE TABLE alert_tallies (
         rule_key     TEXT NOT NULL,

@@ -45,7 +45,13 @@ const MIGRATIONS: &[Migration] = &[
         description: "gateways, readings, alert_events",
         sql: migration_1,
     },
-    // 3: daily summaries (the HACCP log). Version 2 is the alarm-acknowledgement branch's.
+    // 2: acknowledgements from central (issue 16, alarm-ack).
+    Migration {
+        version: 2,
+        description: "alert_acks, who acknowledged in alert_events",
+        sql: migration_2,
+    },
+    // 3: daily summaries (the HACCP log).
     Migration {
         version: 3,
         description: "daily_summaries",
@@ -166,6 +172,36 @@ CREATE INDEX IF NOT EXISTS alert_events_gateway_time ON outpost.alert_events (ga
 CREATE INDEX IF NOT EXISTS alert_events_device_time ON outpost.alert_events (device, occurred_at DESC);
 "
     )
+}
+
+/// Acknowledgements taken centrally (operators insert rows; each gateway picks up its
+/// own on its sync rounds, applies them and sets `applied_at` and `result`), and who
+/// acknowledged, with the note and channel, on `acknowledged` events. The new event
+/// columns are nullable, so inserts that do not name them keep working.
+fn migration_2(_: Layout) -> String {
+    "\
+-- Acknowledgements of firing alarms, inserted by operators; the gateway applies them.
+CREATE TABLE IF NOT EXISTS outpost.alert_acks (
+    id          bigserial PRIMARY KEY,
+    gateway_id  text NOT NULL,
+    rule        text NOT NULL,
+    device      text,                         -- NULL: every firing series of the rule
+    acked_by    text NOT NULL,
+    note        text,                         -- at most 1,000 characters
+    acked_at    timestamptz NOT NULL DEFAULT now(),   -- central's clock
+    applied_at  timestamptz,                  -- set by the gateway; NULL: pending
+    result      text                          -- applied, unknown alarm, already resolved,
+                                              -- already acknowledged, or invalid: <why>
+);
+CREATE INDEX IF NOT EXISTS alert_acks_pending ON outpost.alert_acks (gateway_id, id) WHERE applied_at IS NULL;
+
+-- Acknowledged events: who, their note, and the channel (cli, console or central);
+-- escalated events name their step in `note`.
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS actor text;
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS note text;
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS channel text;
+"
+    .to_string()
 }
 
 fn record_version(m: &Migration) -> String {

@@ -198,6 +198,10 @@ pub struct AlertEventColumns {
     pub threshold: Vec<Option<f64>>,
     pub occurred_at: Vec<DateTime<Utc>>,
     pub message: Vec<Option<RawJson>>,
+    /// Acknowledged events: who, the note and the channel.
+    pub actor: Vec<Option<String>>,
+    pub note: Vec<Option<String>>,
+    pub channel: Vec<Option<String>>,
 }
 
 impl AlertEventColumns {
@@ -221,8 +225,8 @@ pub fn has_alert_events(conn: &Connection) -> rusqlite::Result<bool> {
 /// Up to `max` unsynced alert events, oldest first.
 pub fn select_alert_events(conn: &Connection, max: usize) -> rusqlite::Result<AlertEventColumns> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message \
-         FROM alert_events WHERE synced = 0 ORDER BY id LIMIT ?1",
+        "SELECT id, uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message, \
+         actor, note, channel FROM alert_events WHERE synced = 0 ORDER BY id LIMIT ?1",
     )?;
     let mut rows = stmt.query([max as i64])?;
     let mut out = AlertEventColumns::default();
@@ -243,6 +247,12 @@ pub fn select_alert_events(conn: &Connection, max: usize) -> rusqlite::Result<Al
         out.occurred_at.push(central_time(row.get(9)?));
         out.message
             .push(row.get::<_, Option<String>>(10)?.map(clean_json));
+        out.actor
+            .push(row.get::<_, Option<String>>(11)?.map(clean_text));
+        out.note
+            .push(row.get::<_, Option<String>>(12)?.map(clean_text));
+        out.channel
+            .push(row.get::<_, Option<String>>(13)?.map(clean_text));
     }
     Ok(out)
 }

@@ -609,10 +609,13 @@ impl Central {
         }
         self.transaction(self.client.execute_typed(
             "INSERT INTO outpost.alert_events \
-                   (gateway_id, uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message) \
+                   (gateway_id, uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message, \
+                    actor, note, channel) \
                  SELECT $1, e.* FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                   $7::text[], $8::float8[], $9::float8[], $10::timestamptz[], $11::jsonb[]) \
-                   AS e(uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message) \
+                   $7::text[], $8::float8[], $9::float8[], $10::timestamptz[], $11::jsonb[], \
+                   $12::text[], $13::text[], $14::text[]) \
+                   AS e(uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message, \
+                   actor, note, channel) \
                  ON CONFLICT DO NOTHING",
             &[
                 (&gateway_id, Type::TEXT),
@@ -626,10 +629,70 @@ impl Central {
                 (&rows.threshold, Type::FLOAT8_ARRAY),
                 (&rows.occurred_at, Type::TIMESTAMPTZ_ARRAY),
                 (&rows.message, Type::JSONB_ARRAY),
+                (&rows.actor, Type::TEXT_ARRAY),
+                (&rows.note, Type::TEXT_ARRAY),
+                (&rows.channel, Type::TEXT_ARRAY),
             ],
         ))
         .await
     }
+
+    /// Up to `limit` acknowledgements for `gateway_id` not applied yet, oldest first.
+    pub async fn pending_acks(
+        &self,
+        gateway_id: &str,
+        limit: i64,
+    ) -> Result<Vec<CentralAck>, SyncError> {
+        let rows = self
+            .transaction(self.client.query_typed(
+                "SELECT id, rule, device, acked_by, note FROM outpost.alert_acks \
+                 WHERE gateway_id = $1 AND applied_at IS NULL ORDER BY id LIMIT $2",
+                &[(&gateway_id, Type::TEXT), (&limit, Type::INT8)],
+            ))
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(CentralAck {
+                    id: r.try_get(0).ok()?,
+                    rule: r.try_get(1).ok()?,
+                    device: r.try_get(2).ok()?,
+                    acked_by: r.try_get(3).ok()?,
+                    note: r.try_get(4).ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// Marks one acknowledgement applied with its `result`.
+    pub async fn mark_ack_applied(
+        &self,
+        gateway_id: &str,
+        id: i64,
+        result: &str,
+    ) -> Result<u64, SyncError> {
+        self.transaction(self.client.execute_typed(
+            "UPDATE outpost.alert_acks SET applied_at = now(), result = $3 \
+             WHERE id = $1 AND gateway_id = $2 AND applied_at IS NULL",
+            &[
+                (&id, Type::INT8),
+                (&gateway_id, Type::TEXT),
+                (&result, Type::TEXT),
+            ],
+        ))
+        .await
+    }
+}
+
+/// A row of `outpost.alert_acks` waiting for its gateway (text as inserted: checked by
+/// the gateway before use).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CentralAck {
+    pub id: i64,
+    pub rule: String,
+    pub device: Option<String>,
+    pub acked_by: String,
+    pub note: Option<String>,
 }
 
 impl Central {

@@ -214,6 +214,8 @@ struct Worker {
     last_sync_at: Option<DateTime<Utc>>,
     last_error: Option<(String, DateTime<Utc>)>,
     failure_log: LogLimiter,
+    /// Acknowledgements from central that cannot be read or marked for lack of grants.
+    ack_grant_log: LogLimiter,
     /// G9: a round under way is work waiting for this worker, except while it waits
     /// for central (bounded by the connect and statement timeouts; a failure is
     /// reported by the `sync` check, not as a stall).
@@ -257,6 +259,7 @@ impl Worker {
             last_sync_at: None,
             last_error: None,
             failure_log: LogLimiter::new(Duration::from_secs(300)),
+            ack_grant_log: LogLimiter::new(Duration::from_secs(3600)),
             stage,
         }
     }
@@ -346,6 +349,7 @@ impl Worker {
         self.hold.observe(now, head);
         let release = self.hold.release_up_to(now);
         self.heartbeat().await?;
+        self.apply_central_acks().await?;
         self.sync_alert_events().await?;
         self.sync_summaries().await?;
         let floor = self
@@ -388,6 +392,72 @@ impl Worker {
         self.stage.set_waiting(1);
         self.stage.progress();
         sent
+    }
+
+    /// Acknowledgements taken centrally for this gateway: each is checked, applied
+    /// locally (idempotent: keyed by its central id) and marked applied centrally with
+    /// its result; an unknown or resolved alarm is a result, not an error. The
+    /// `acknowledged` events this writes go up in the same round.
+    async fn apply_central_acks(&mut self) -> Result<(), SyncError> {
+        let central = self.central.as_ref().ok_or_else(not_connected)?;
+        self.stage.set_waiting(0);
+        let pending = central.pending_acks(&self.gateway_id, ACKS_PER_ROUND).await;
+        self.stage.set_waiting(1);
+        let pending = match pending {
+            Err(e) if is_missing_grant(&e) => {
+                // A role without the schema-2 grant must not stop readings from
+                // syncing: acknowledgements from central wait, the rest goes on.
+                if let Some(suppressed) = self.ack_grant_log.allow() {
+                    tracing::warn!(error = %e, suppressed, "Cannot read acknowledgements from central: grant the gateways' role SELECT, UPDATE on outpost.alert_acks (docs/operator.md); readings and events still sync.");
+                }
+                return Ok(());
+            }
+            other => other?,
+        };
+        for ack in pending {
+            let req = crate::alerts::ack::AckRequest {
+                rule: ack.rule,
+                device: ack.device,
+                by: ack.acked_by,
+                note: ack.note,
+                channel: crate::alerts::ack::Channel::Central,
+                site: self.site.clone(),
+                gateway_id: self.gateway_id.clone(),
+                idempotency_key: Some(format!("central:{}", ack.id)),
+            };
+            let problems = req.problems();
+            let result = if !problems.is_empty() {
+                let why: String = problems.join("; ").chars().take(500).collect();
+                format!("invalid: {why}")
+            } else {
+                crate::alerts::ack::acknowledge(&self.store, req, &self.clock)
+                    .await
+                    .map_err(|e| SyncError::Local(e.to_string()))?
+                    .result()
+                    .to_string()
+            };
+            tracing::info!(id = ack.id, %result, "Acknowledgement from central applied.");
+            let central = self.central.as_ref().ok_or_else(not_connected)?;
+            self.stage.set_waiting(0);
+            let marked = central
+                .mark_ack_applied(&self.gateway_id, ack.id, &result)
+                .await;
+            self.stage.set_waiting(1);
+            match marked {
+                Err(e) if is_missing_grant(&e) => {
+                    // Applied locally (and remembered by its id): marked at a later
+                    // round once the grant is there, with the same result.
+                    if let Some(suppressed) = self.ack_grant_log.allow() {
+                        tracing::warn!(error = %e, suppressed, "Cannot mark acknowledgements applied in central: grant the gateways' role UPDATE on outpost.alert_acks (docs/operator.md).");
+                    }
+                    return Ok(());
+                }
+                other => {
+                    other?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Alert events, oldest first, every one of them each round (they are few).
@@ -558,6 +628,15 @@ impl Worker {
         }
     }
 }
+
+/// A statement refused for lack of privileges (SQLSTATE 42501); the connection is
+/// still usable (the failed transaction was rolled back).
+fn is_missing_grant(e: &SyncError) -> bool {
+    matches!(e, SyncError::Database(text) if text.contains("SQLSTATE 42501"))
+}
+
+/// Acknowledgements from central applied per round, at most.
+const ACKS_PER_ROUND: i64 = 100;
 
 fn not_connected() -> SyncError {
     SyncError::Database("not connected".into())
