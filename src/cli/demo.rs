@@ -48,8 +48,10 @@ pub fn main(args: Args) -> ExitCode {
     })
 }
 
-/// The demo's configuration: two cold rooms; the first one's door is left open for a
-/// while, which warms it up by 8 °C.
+/// The demo's configuration: two cold rooms and a freezer. The first cold room's door
+/// is left open for a while, which warms it up by 8 °C (an alert fires and resolves);
+/// from 25 s on the freezer's door stays open, so its alert is still firing when the
+/// demo ends — acknowledge it with `outpost ack freezer-warm --by NAME --db …`.
 pub fn demo_config(dir: &Path) -> Config {
     let mut config = Config::default();
     config.agent.gateway_id = "demo".into();
@@ -91,6 +93,31 @@ pub fn demo_config(dir: &Path) -> Config {
         }));
     // The excursion takes coldroom-1 from about 3.5 °C to 11.5 °C for 12 s: the alert
     // goes pending, fires after 3 s above 8 °C, and resolves once back at 6 °C or below.
+    config
+        .sources
+        .push(SourceConfig::Simulated(SimulatedConfig {
+            name: "demo-freezer".into(),
+            devices: vec!["freezer-1".into()],
+            metrics: vec![SimulatedMetric {
+                name: "temperature".into(),
+                unit: Some("°C".into()),
+                base: -20.0,
+                amplitude: 0.5,
+                cycle: HumanDuration::from_secs(120),
+                noise: 0.1,
+            }],
+            period: HumanDuration::from_secs(1),
+            seed: 7,
+            excursion: Some(Excursion {
+                device: "freezer-1".into(),
+                metric: "temperature".into(),
+                after: HumanDuration::from_secs(25),
+                duration: HumanDuration::from_secs(24 * 3600),
+                offset: 16.0,
+            }),
+        }));
+    // The freezer's door stays open from 25 s: about −4 °C, above −15 °C, so its alert
+    // fires after 3 s and stays firing until someone acknowledges (and closes the door).
     config.notifiers.push(NotifierConfig {
         name: "console".into(),
         ttl: HumanDuration::from_secs(3600),
@@ -109,6 +136,28 @@ pub fn demo_config(dir: &Path) -> Config {
         above: Some(8.0),
         below: None,
         clear: Some(6.0),
+        hold: Some(HumanDuration::from_secs(3)),
+        after: None,
+        delta: None,
+        period: None,
+        total: None,
+        count: None,
+        within: None,
+        max_gap: None,
+        severity: Severity::Critical,
+        notifiers: vec!["console".into()],
+        reminder: None,
+        escalation: Vec::new(),
+    });
+    config.alerts.push(AlertRule {
+        name: "freezer-warm".into(),
+        kind: RuleKind::Threshold,
+        devices: vec!["freezer-*".into()],
+        tags: Vec::new(),
+        metric: "temperature".into(),
+        above: Some(-15.0),
+        below: None,
+        clear: Some(-17.0),
         hold: Some(HumanDuration::from_secs(3)),
         after: None,
         delta: None,
