@@ -315,6 +315,20 @@ mod tests {
     }
 
     #[test]
+    fn escalation_steps_go_to_every_expanded_rule() {
+        let rules = expand_toml(
+            "preset = \"vaccine-fridge\"\nname = \"f\"\nnotifiers = [\"mail\"]\n\
+             [[escalation]]\nafter = \"15m\"\nnotifiers = [\"night-phone\"]",
+        )
+        .unwrap_or_else(|p| panic!("{p:?}"));
+        assert!(!rules.is_empty());
+        for r in &rules {
+            assert_eq!(r.escalation.len(), 1, "{}", r.name);
+            assert_eq!(r.escalation[0].notifiers, ["night-phone"]);
+        }
+    }
+
+    #[test]
     fn vaccine_fridge_numbers_and_overrides() {
         let rules = expand_toml(
             "preset = \"vaccine-fridge\"\nname = \"f\"\ndevices = [\"fridge-*\"]\nnotifiers = [\"ops\"]",
