@@ -453,20 +453,7 @@ mod tests {
 
     const HOT: &str = "name = \"hot\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nclear = 6.0\nnotifiers = [\"ops\"]\nreminder = \"1m\"\n[[escalation]]\nafter = \"5m\"\nnotifiers = [\"night\"]";
 
-    fn reading(device: &str, value: f64, t: DateTime<Utc>) -> crate::model::Reading {
-        crate::model::Reading {
-            uid: Uid::derive(&[device, &t.to_rfc3339(), &value.to_string()]),
-            source: "sim".into(),
-            device: device.into(),
-            metric: "temperature".into(),
-            value,
-            unit: Some("°C".into()),
-            observed_at: t,
-            received_at: t,
-            flags: 0,
-            meta: None,
-        }
-    }
+    use crate::alerts::test_reading as reading;
 
     fn save(conn: &Connection, c: &Changes, now: DateTime<Utc>) {
         state::apply(

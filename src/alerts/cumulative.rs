@@ -687,21 +687,11 @@ mod tests {
 
     use crate::alerts::engine::{Engine, EventContext};
     use crate::alerts::EventKind;
-    use crate::model::{Reading, Uid};
+    use crate::model::Reading;
 
+    /// A reading of the one series these tests watch.
     fn reading(value: f64, t: DateTime<Utc>) -> Reading {
-        Reading {
-            uid: Uid::derive(&["a", &t.to_rfc3339(), &value.to_string()]),
-            source: "sim".into(),
-            device: "fridge-1".into(),
-            metric: "temperature".into(),
-            value,
-            unit: Some("°C".into()),
-            observed_at: t,
-            received_at: t,
-            flags: 0,
-            meta: None,
-        }
+        crate::alerts::test_reading("fridge-1", value, t)
     }
 
     fn engine(rule: &str) -> Engine {

@@ -1062,26 +1062,12 @@ const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Uid;
 
     fn at(secs: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
     }
 
-    fn reading(device: &str, value: f64, t: DateTime<Utc>) -> Reading {
-        Reading {
-            uid: Uid::derive(&[device, &t.to_rfc3339(), &value.to_string()]),
-            source: "sim".into(),
-            device: device.into(),
-            metric: "temperature".into(),
-            value,
-            unit: Some("°C".into()),
-            observed_at: t,
-            received_at: t,
-            flags: 0,
-            meta: None,
-        }
-    }
+    use crate::alerts::test_reading as reading;
 
     fn engine(rule_toml: &str) -> Engine {
         let rule: AlertRule = toml::from_str(rule_toml).unwrap();

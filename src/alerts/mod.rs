@@ -754,6 +754,24 @@ pub fn escalation_due(
     (now - fired_at).to_std().unwrap_or_default() >= step.after.get()
 }
 
+/// A temperature reading of `device` at `t` for the alerting unit tests (engine,
+/// acknowledgement, cumulative rules).
+#[cfg(test)]
+pub(crate) fn test_reading(device: &str, value: f64, t: DateTime<Utc>) -> crate::model::Reading {
+    crate::model::Reading {
+        uid: Uid::derive(&[device, &t.to_rfc3339(), &value.to_string()]),
+        source: "sim".into(),
+        device: device.into(),
+        metric: "temperature".into(),
+        value,
+        unit: Some("°C".into()),
+        observed_at: t,
+        received_at: t,
+        flags: 0,
+        meta: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
