@@ -127,51 +127,40 @@ pub fn demo_config(dir: &Path) -> Config {
         body: None,
         kind: NotifierKind::Log(Default::default()),
     });
-    config.alerts.push(AlertRule {
-        name: "coldroom-warm".into(),
-        kind: RuleKind::Threshold,
-        devices: vec!["coldroom-*".into()],
-        tags: Vec::new(),
-        metric: "temperature".into(),
-        above: Some(8.0),
-        below: None,
-        clear: Some(6.0),
-        hold: Some(HumanDuration::from_secs(3)),
-        after: None,
-        delta: None,
-        period: None,
-        total: None,
-        count: None,
-        within: None,
-        max_gap: None,
-        severity: Severity::Critical,
-        notifiers: vec!["console".into()],
-        reminder: None,
-        escalation: Vec::new(),
-    });
-    config.alerts.push(AlertRule {
-        name: "freezer-warm".into(),
-        kind: RuleKind::Threshold,
-        devices: vec!["freezer-*".into()],
-        tags: Vec::new(),
-        metric: "temperature".into(),
-        above: Some(-15.0),
-        below: None,
-        clear: Some(-17.0),
-        hold: Some(HumanDuration::from_secs(3)),
-        after: None,
-        delta: None,
-        period: None,
-        total: None,
-        count: None,
-        within: None,
-        max_gap: None,
-        severity: Severity::Critical,
-        notifiers: vec!["console".into()],
-        reminder: None,
-        escalation: Vec::new(),
-    });
     config
+        .alerts
+        .push(warm_rule("coldroom-warm", "coldroom-*", 8.0, 6.0));
+    config
+        .alerts
+        .push(warm_rule("freezer-warm", "freezer-*", -15.0, -17.0));
+    config
+}
+
+/// A critical rule of the demo: temperature above `above` for 3 s on `devices`,
+/// resolved at or below `clear`, logged by the console notifier.
+fn warm_rule(name: &str, devices: &str, above: f64, clear: f64) -> AlertRule {
+    AlertRule {
+        name: name.into(),
+        kind: RuleKind::Threshold,
+        devices: vec![devices.into()],
+        tags: Vec::new(),
+        metric: "temperature".into(),
+        above: Some(above),
+        below: None,
+        clear: Some(clear),
+        hold: Some(HumanDuration::from_secs(3)),
+        after: None,
+        delta: None,
+        period: None,
+        total: None,
+        count: None,
+        within: None,
+        max_gap: None,
+        severity: Severity::Critical,
+        notifiers: vec!["console".into()],
+        reminder: None,
+        escalation: Vec::new(),
+    }
 }
 
 /// Runs the demo until `shutdown`, printing each committed reading and each alert event
