@@ -4,6 +4,7 @@
 //! ([`run`]), not in components.
 
 pub mod ack;
+pub mod audit;
 pub mod central;
 pub mod check;
 pub mod demo;
@@ -58,6 +59,9 @@ pub enum Command {
     /// Acknowledge a firing alarm (stops its reminders and escalation; exit 1 if no
     /// such alarm is firing, 2 for bad arguments).
     Ack(ack::Args),
+    /// The audit log (oldest first): configuration loads and reloads, version changes,
+    /// acknowledgements, console logins, clock steps, pruning, commands that wrote.
+    Audit(audit::Args),
     /// Send a test notification through one configured notifier and print the outcome
     /// (exit 1 if it was not delivered).
     NotifyTest {
@@ -89,6 +93,7 @@ pub fn main() -> ExitCode {
         Command::Run => run::main(&config::resolve_path(config_path)),
         Command::Status(args) => status::main(config_path, args),
         Command::Ack(args) => ack::main(config_path, args),
+        Command::Audit(args) => audit::main(config_path, args),
         Command::NotifyTest { name } => {
             notify_test::main(&config::resolve_path(config_path), &name)
         }

@@ -26,6 +26,7 @@
 //! the stages that wait for it: no cycle can form here. `record_rejected` uses
 //! `try_send` (a busy writer skips the diagnostic row) because the MQTT worker calls it.
 
+pub mod audit;
 mod clock_steps;
 mod read;
 pub mod schema;

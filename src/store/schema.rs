@@ -209,6 +209,30 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX daily_summaries_unsynced ON daily_summaries(day) WHERE synced = 0;
     "#,
+    // 7: the audit log (G10, `store::audit`): append-only; the triggers refuse any
+    // change but the `synced` mark, and any delete, so a mistake in the agent cannot
+    // rewrite history (someone with the file can still drop them: the hash chain is
+    // what detects that).
+    r#"
+    CREATE TABLE audit_log (
+        id         INTEGER PRIMARY KEY,
+        at         INTEGER NOT NULL,              -- µs since the epoch, UTC (wall clock)
+        boot_id    TEXT NOT NULL,                 -- the kernel's boot id ('' if unknown)
+        since_boot INTEGER NOT NULL,              -- µs since that boot (CLOCK_BOOTTIME)
+        kind       TEXT NOT NULL,                 -- AuditKind::as_str
+        actor      TEXT NOT NULL,                 -- process:<user>, console:<name>, central
+        details    TEXT NOT NULL,                 -- JSON object
+        synced     INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX audit_log_unsynced ON audit_log(id) WHERE synced = 0;
+    CREATE TRIGGER audit_log_append_only_update BEFORE UPDATE ON audit_log
+    WHEN NEW.id IS NOT OLD.id OR NEW.at IS NOT OLD.at OR NEW.boot_id IS NOT OLD.boot_id
+      OR NEW.since_boot IS NOT OLD.since_boot OR NEW.kind IS NOT OLD.kind
+      OR NEW.actor IS NOT OLD.actor OR NEW.details IS NOT OLD.details
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_log_append_only_delete BEFORE DELETE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    "#,
 ];
 
 /// The schema version this build writes.

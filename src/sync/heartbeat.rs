@@ -26,12 +26,7 @@ pub struct Heartbeat {
 }
 
 /// The kernel's id of the current boot (changes at every reboot).
-pub fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && s.len() <= 64)
-}
+pub use crate::store::audit::boot_id;
 
 /// Whether the local clock is synchronised: the same answer the readings' flags and
 /// `/health` get ([`crate::clock::is_synchronized`]), so the central row never
