@@ -27,6 +27,7 @@
 //! `try_send` (a busy writer skips the diagnostic row) because the MQTT worker calls it.
 
 pub mod audit;
+pub mod chain;
 mod clock_steps;
 mod read;
 pub mod schema;
