@@ -232,7 +232,58 @@ const MIGRATIONS: &[&str] = &[
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE TRIGGER audit_log_append_only_delete BEFORE DELETE ON audit_log
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    "#,
+    "#, // 8: the hash chain (G10, `store::chain`): links sealed by the writer in each group
+    // commit, per-table tips (rows up to `start_id` predate the chain: an upgrade),
+    // signed heads and pruning checkpoints.
+    r#"
+    CREATE TABLE chain_links (
+        seq       INTEGER PRIMARY KEY,           -- 1, 2, ... in commit order
+        tbl       TEXT NOT NULL,                 -- readings | alert_events | audit_log
+        first_id  INTEGER NOT NULL,
+        last_id   INTEGER NOT NULL,
+        rows      INTEGER NOT NULL,
+        digest    BLOB NOT NULL,                 -- SHA-256 over the rows' encodings
+        head      BLOB NOT NULL,                 -- SHA-256 chaining the previous head
+        sealed_at INTEGER NOT NULL,              -- µs since the epoch
+        synced    INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX chain_links_unsynced ON chain_links(seq) WHERE synced = 0;
+    -- Per table: where its chain begins (rows up to start_id predate it) and the last
+    -- id sealed (the writer's cursor; the verifier trusts only the links).
+    CREATE TABLE chain_tips (
+        tbl      TEXT PRIMARY KEY,
+        start_id INTEGER NOT NULL,
+        last_id  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO chain_tips SELECT 'readings', COALESCE(MAX(id), 0), COALESCE(MAX(id), 0) FROM readings;
+    INSERT INTO chain_tips SELECT 'alert_events', COALESCE(MAX(id), 0), COALESCE(MAX(id), 0) FROM alert_events;
+    INSERT INTO chain_tips SELECT 'audit_log', COALESCE(MAX(id), 0), COALESCE(MAX(id), 0) FROM audit_log;
+    -- Signed heads: the head of link `seq` signed with the gateway's Ed25519 key.
+    CREATE TABLE chain_signatures (
+        id         INTEGER PRIMARY KEY,
+        seq        INTEGER NOT NULL,
+        head       BLOB NOT NULL,
+        signature  BLOB NOT NULL,                -- 64 bytes
+        public_key BLOB NOT NULL,                -- 32 bytes
+        signed_at  INTEGER NOT NULL,             -- µs since the epoch
+        synced     INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX chain_signatures_unsynced ON chain_signatures(id) WHERE synced = 0;
+    -- Pruning boundaries: rows of `tbl` up to `pruned_up_to` may be gone (retention,
+    -- size cap); the chain's seq and head at that moment; signed by the next signing.
+    CREATE TABLE chain_checkpoints (
+        id           INTEGER PRIMARY KEY,
+        tbl          TEXT NOT NULL,
+        pruned_up_to INTEGER NOT NULL,
+        seq          INTEGER NOT NULL,
+        head         BLOB NOT NULL,
+        reason       TEXT NOT NULL,              -- retention | size_cap
+        at           INTEGER NOT NULL,           -- µs since the epoch
+        signature    BLOB,
+        public_key   BLOB,
+        synced       INTEGER NOT NULL DEFAULT 0
+    );
+"#,
 ];
 
 /// The schema version this build writes.
