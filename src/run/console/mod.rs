@@ -26,6 +26,7 @@ pub mod login;
 pub mod overview;
 pub mod server;
 pub mod session;
+pub mod words;
 
 pub use context::{Ctx, Method, Reply, Req};
 pub use server::Console;
