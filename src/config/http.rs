@@ -195,6 +195,15 @@ impl HttpConfig {
             .is_ok_and(|a| a.ip().is_loopback())
     }
 
+    /// The HTTPS certificate for the certificate watch (expiry in the log, `/health`,
+    /// `/metrics` and `outpost status`).
+    pub fn tls_endpoint(&self) -> Option<crate::tls::Endpoint> {
+        self.tls_cert_file.as_ref().map(|cert| {
+            crate::tls::Endpoint::new("http")
+                .with_file("http.tls_cert_file".to_string(), Some(cert))
+        })
+    }
+
     /// The user named `name`, if configured.
     pub fn user(&self, name: &str) -> Option<&ConsoleUser> {
         self.users.iter().find(|u| u.name == name)
