@@ -56,13 +56,9 @@ impl Resp {
     }
 }
 
-/// Sends `target` (raw bytes: it may be invalid UTF-8) with `method`, an optional
-/// session cookie and an optional form body.
-fn send(port: u16, method: &str, target: &[u8], cookie: Option<&str>, form: Option<&str>) -> Resp {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+/// The bytes of a request for `target` (raw bytes: it may be invalid UTF-8) with
+/// `method`, an optional session cookie and an optional form body.
+fn request(method: &str, target: &[u8], cookie: Option<&str>, form: Option<&str>) -> Vec<u8> {
     let mut request = Vec::new();
     request.extend_from_slice(method.as_bytes());
     request.push(b' ');
@@ -82,8 +78,14 @@ fn send(port: u16, method: &str, target: &[u8], cookie: Option<&str>, form: Opti
     } else {
         request.extend_from_slice(b"\r\n");
     }
-    stream.write_all(&request).expect("send");
+    request
+}
+
+/// Writes `request` to `stream` and reads the answer until the server closes.
+fn exchange(mut stream: impl Read + Write, request: &[u8]) -> Resp {
+    stream.write_all(request).expect("send");
     let mut raw = Vec::new();
+    // A TLS peer may close without close_notify: what arrived counts.
     let _ = stream.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
@@ -102,6 +104,46 @@ fn send(port: u16, method: &str, target: &[u8], cookie: Option<&str>, form: Opti
         headers,
         body: body.to_string(),
     }
+}
+
+fn connect(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+}
+
+/// Plain HTTP.
+fn send(port: u16, method: &str, target: &[u8], cookie: Option<&str>, form: Option<&str>) -> Resp {
+    exchange(connect(port), &request(method, target, cookie, form))
+}
+
+/// HTTPS, trusting only `ca` (PEM), to the name `localhost`.
+fn send_tls(
+    port: u16,
+    ca: &Path,
+    method: &str,
+    target: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+) -> Resp {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let stream = rustls::StreamOwned::new(conn, connect(port));
+    exchange(stream, &request(method, target.as_bytes(), cookie, form))
 }
 
 fn get(port: u16, path: &str, cookie: Option<&str>) -> Resp {
@@ -631,4 +673,65 @@ fn lan_console_needs_a_login_and_refuses_what_it_should() {
     assert_eq!(r.status, 429, "even the right password, while blocked");
     assert!(r.header("retry-after").is_some());
     assert!(r.session().is_none());
+}
+
+#[test]
+fn https_serves_the_console_metrics_and_health_with_secure_cookies() {
+    let ca = support::TestCa::new();
+    let (_, anna, _) = passwd(&["anna"], "anna-secret-1");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let http = format!(
+        "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\n{anna}\n",
+        ca.server_cert().display(),
+        ca.server_key().display()
+    );
+    let agent = Agent::new(
+        dir.path(),
+        &config(dir.path(), &format!("0.0.0.0:{port}"), &http),
+    )
+    .start();
+    agent.wait_until("readings", || {
+        agent
+            .try_count("SELECT COUNT(*) FROM readings")
+            .unwrap_or(0)
+            > 0
+    });
+    let pem = ca.ca_pem();
+    let health = send_tls(port, pem, "GET", "/health", None, None);
+    assert_eq!(health.status, 200, "{health:?}");
+    let metrics = send_tls(port, pem, "GET", "/metrics", None, None);
+    // The certificate joins the certificate watch.
+    assert!(
+        metrics.body.contains("certificate=\"http.tls_cert_file\""),
+        "{}",
+        metrics.body
+    );
+    let login = send_tls(port, pem, "GET", "/login", None, None);
+    assert_eq!(login.status, 200);
+    assert!(login.header("set-cookie").unwrap().ends_with("; Secure"));
+    let (anon, csrf) = (login.session().unwrap(), login.csrf());
+    let ok = send_tls(
+        port,
+        pem,
+        "POST",
+        "/login",
+        Some(&anon),
+        Some(&format!("csrf={csrf}&name=anna&password=anna-secret-1")),
+    );
+    assert_eq!(ok.status, 303, "{ok:?}");
+    assert!(ok
+        .header("set-cookie")
+        .unwrap()
+        .contains("HttpOnly; SameSite=Strict; Secure"));
+    let overview = send_tls(port, pem, "GET", "/", ok.session().as_deref(), None);
+    assert!(overview.body.contains("hot-freezer"), "{}", overview.body);
+    // Plain HTTP on the HTTPS port gets no answer.
+    let mut plain = connect(port);
+    plain
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = plain.read_to_end(&mut raw);
+    assert!(!String::from_utf8_lossy(&raw).contains("HTTP/1.1 200"));
 }
