@@ -1,11 +1,11 @@
 //! The web console over HTTP (issue 18), against the real binary with raw requests:
 //! the loopback console names the devices and takes an acknowledgement (then visible
-//! on the alarm page and in `outpost status`); a LAN console without users shows only
-//! how to add one; a LAN console with users needs a login, refuses wrong passwords,
-//! forms without the session's CSRF token, a viewer's acknowledgement, expired
-//! sessions and too many failed logins, and writes logins to the audit log; hostile
-//! paths, query strings, methods and oversized forms get clear refusals and write
-//! nothing. The real-browser tests are elsewhere (console-pages).
+//! on the alarm page, in `outpost status` and in the audit log); a LAN console without
+//! users shows only how to add one; a LAN console with users needs a login, refuses
+//! wrong passwords, forms without the session's CSRF token, a viewer's
+//! acknowledgement, expired sessions and too many failed logins, and writes logins to
+//! the audit log; hostile paths, query strings, methods and oversized forms get clear
+//! refusals and write nothing; HTTPS. The real-browser tests are elsewhere.
 
 mod support;
 
@@ -392,6 +392,23 @@ fn loopback_console_shows_devices_and_takes_an_acknowledgement() {
         agent.count("SELECT COUNT(*) FROM alert_events WHERE kind = 'acknowledged' AND actor = 'Ann' AND channel = 'console'"),
         1
     );
+    // In the audit log, as `outpost audit` shows it.
+    assert_eq!(
+        agent.strings("SELECT actor FROM audit_log WHERE kind = 'alarm.acknowledged'"),
+        ["console:Ann"]
+    );
+    let (code, audit, err) = support::agent::outpost([
+        "--config",
+        agent.config_path().to_str().unwrap(),
+        "audit",
+        "--kind",
+        "alarm.acknowledged",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        audit.contains("console:Ann") && audit.contains("door left open"),
+        "{audit}"
+    );
     // Once more: already acknowledged, nothing new.
     let again = post(
         port,
@@ -617,6 +634,10 @@ fn lan_console_needs_a_login_and_refuses_what_it_should() {
         ["anna"]
     );
     assert!(agent.status_text().contains("acknowledged by anna"));
+    assert_eq!(
+        agent.strings("SELECT actor FROM audit_log WHERE kind = 'alarm.acknowledged'"),
+        ["console:anna"]
+    );
 
     // Idle past session_idle: the session is gone, and so is its form token.
     std::thread::sleep(Duration::from_millis(3500));
