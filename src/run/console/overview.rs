@@ -23,6 +23,8 @@ pub struct Facts {
     pub series: Vec<SeriesSummary>,
     pub alarms: Vec<Alarm>,
     pub backlog: BacklogSummary,
+    /// `backlog.rows` is a count, not the bound from the index.
+    pub backlog_exact: bool,
     pub sync: crate::sync::local::SyncState,
     pub storage: Storage,
 }
@@ -92,21 +94,113 @@ pub fn storage(conn: &Connection) -> rusqlite::Result<Storage> {
     })
 }
 
-pub fn read_facts(conn: &Connection) -> rusqlite::Result<Facts> {
-    Ok(Facts {
-        series: crate::store::series(conn)?,
-        alarms: alarms::current(conn)?,
-        backlog: crate::store::backlog(conn)?,
-        sync: crate::sync::local::read_state(conn)?,
-        storage: storage(conn)?,
+/// Everything but the exact backlog count, which counts every waiting row (seconds on
+/// a store with millions waiting): the page takes it from [`BacklogCache`].
+pub fn read_facts(conn: &Connection) -> rusqlite::Result<(Facts, QuickBacklog)> {
+    let quick = quick_backlog(conn)?;
+    Ok((
+        Facts {
+            series: crate::store::series(conn)?,
+            alarms: alarms::current(conn)?,
+            backlog: BacklogSummary {
+                rows: quick.upper_bound(),
+                oldest_received_at: quick.oldest,
+            },
+            backlog_exact: quick.first.is_none(),
+            sync: crate::sync::local::read_state(conn)?,
+            storage: storage(conn)?,
+        },
+        quick,
+    ))
+}
+
+/// What the unsynced-readings index tells at once: the lowest and highest waiting id
+/// and the oldest waiting reading's arrival.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuickBacklog {
+    pub first: Option<i64>,
+    pub last: Option<i64>,
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+impl QuickBacklog {
+    /// At most this many wait (every id between the first and the last waiting one).
+    pub fn upper_bound(&self) -> i64 {
+        match (self.first, self.last) {
+            (Some(a), Some(b)) => b - a + 1,
+            _ => 0,
+        }
+    }
+}
+
+fn quick_backlog(conn: &Connection) -> rusqlite::Result<QuickBacklog> {
+    use rusqlite::OptionalExtension;
+    let end = |order: &str| {
+        conn.query_row(
+            &format!(
+                "SELECT id, received_at FROM readings WHERE synced = 0 ORDER BY id {order} LIMIT 1"
+            ),
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .optional()
+    };
+    let (first, last) = (end("ASC")?, end("DESC")?);
+    Ok(QuickBacklog {
+        first: first.map(|f| f.0),
+        last: last.map(|l| l.0),
+        oldest: first.map(|f| crate::model::from_micros(f.1)),
     })
 }
 
+/// The exact number of waiting readings, counted on the blocking pool at most every
+/// [`BACKLOG_MAX_AGE`] and never while a page waits: a page shows the last count (or,
+/// before the first, the bound from the index, as "about").
+#[derive(Debug, Default)]
+pub struct BacklogCache {
+    counted: Option<(std::time::Instant, i64)>,
+    counting: bool,
+}
+
+/// How old a backlog count may be before the next page asks for a new one.
+pub const BACKLOG_MAX_AGE: Duration = Duration::from_secs(15);
+
+/// Fills in `facts.backlog.rows` from the cache, starting a recount if it is old.
+fn apply_backlog(ctx: &Ctx, facts: &mut Facts, quick: &QuickBacklog) {
+    if quick.first.is_none() {
+        return; // Nothing waits: 0 is exact.
+    }
+    let mut cache = ctx.console.backlog();
+    let fresh = cache
+        .counted
+        .is_some_and(|(at, _)| at.elapsed() < BACKLOG_MAX_AGE);
+    if let Some((_, rows)) = cache.counted {
+        facts.backlog.rows = rows;
+        facts.backlog_exact = true;
+    }
+    if !fresh && !cache.counting {
+        cache.counting = true;
+        let (store, console) = (ctx.store.clone(), ctx.console.clone());
+        tokio::task::spawn_blocking(move || {
+            let rows = store
+                .reader()
+                .and_then(|conn| crate::store::backlog(&conn))
+                .map(|b| b.rows);
+            let mut cache = console.backlog();
+            cache.counting = false;
+            if let Ok(rows) = rows {
+                cache.counted = Some((std::time::Instant::now(), rows));
+            }
+        });
+    }
+}
+
 pub async fn get(ctx: &Ctx, req: &Req) -> Reply {
-    let facts = match ctx.read(read_facts).await {
+    let (mut facts, quick) = match ctx.read(read_facts).await {
         Ok(f) => f,
         Err(reply) => return reply,
     };
+    apply_backlog(ctx, &mut facts, &quick);
     let inner = render(ctx, &facts);
     if req.wants_live() {
         return html(StatusCode::OK, inner);
@@ -164,6 +258,7 @@ pub fn banner(ctx: &Ctx, alarms: &[Alarm]) -> String {
 /// Sync and storage in plain words.
 pub fn site_state(ctx: &Ctx, facts: &Facts) -> String {
     let waiting = facts.backlog.rows;
+    let about = if facts.backlog_exact { "" } else { "up to " };
     let capacity = facts
         .storage
         .offline_capacity(ctx.config.storage.max_size.0, waiting)
@@ -192,7 +287,7 @@ pub fn site_state(ctx: &Ctx, facts: &Facts) -> String {
                     (
                         "bad",
                         format!(
-                            "Central offline{how_long}, {} readings waiting{capacity}.{error}",
+                            "Central offline{how_long}, {about}{} readings waiting{capacity}.{error}",
                             thousands(waiting)
                         ),
                     )

@@ -42,6 +42,9 @@ pub struct Console {
     /// One password check at a time: each takes Argon2id's 19 MiB and a good part of
     /// a core, so concurrent login attempts queue instead of exhausting memory.
     pub(crate) password_checks: tokio::sync::Semaphore,
+    /// The last exact count of readings waiting for central (see
+    /// [`super::overview::BacklogCache`]).
+    pub(crate) backlog: Mutex<super::overview::BacklogCache>,
 }
 
 impl Console {
@@ -58,6 +61,7 @@ impl Console {
             )),
             limiter: Mutex::new(LoginLimiter::default()),
             password_checks: tokio::sync::Semaphore::new(1),
+            backlog: Mutex::new(Default::default()),
             config: RwLock::new(Arc::new(config.clone())),
         }
     }
@@ -88,6 +92,10 @@ impl Console {
 
     pub(crate) fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn backlog(&self) -> std::sync::MutexGuard<'_, super::overview::BacklogCache> {
+        self.backlog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn limiter(&self) -> std::sync::MutexGuard<'_, LoginLimiter> {
