@@ -215,7 +215,7 @@ pub async fn get(ctx: &Ctx, req: &Req) -> Reply {
 pub fn render(ctx: &Ctx, facts: &Facts) -> String {
     let mut out = String::new();
     out.push_str(&banner(ctx, &facts.alarms));
-    out.push_str(&site_state(ctx, facts));
+    out.push_str(&site_state(&ctx.config, ctx.now, facts));
     out.push_str(&devices(ctx, facts));
     out
 }
@@ -256,15 +256,15 @@ pub fn banner(ctx: &Ctx, alarms: &[Alarm]) -> String {
 }
 
 /// Sync and storage in plain words.
-pub fn site_state(ctx: &Ctx, facts: &Facts) -> String {
+pub fn site_state(config: &crate::config::Config, now: DateTime<Utc>, facts: &Facts) -> String {
     let waiting = facts.backlog.rows;
     let about = if facts.backlog_exact { "" } else { "up to " };
     let capacity = facts
         .storage
-        .offline_capacity(ctx.config.storage.max_size.0, waiting)
+        .offline_capacity(config.storage.max_size.0, waiting)
         .map(|d| format!("; room for about {} more", span_days(d)))
         .unwrap_or_default();
-    let (class, sync) = match &ctx.config.sync {
+    let (class, sync) = match &config.sync {
         Some(s) if s.enabled => {
             let offline_since = if facts.sync.failing || waiting > 0 {
                 facts.sync.last_sync_at.or(facts.backlog.oldest_received_at)
@@ -274,9 +274,7 @@ pub fn site_state(ctx: &Ctx, facts: &Facts) -> String {
             match (facts.sync.failing, offline_since) {
                 (true, since) => {
                     let how_long = since
-                        .map(|t| {
-                            format!(" for {}", span((ctx.now - t).to_std().unwrap_or_default()))
-                        })
+                        .map(|t| format!(" for {}", span((now - t).to_std().unwrap_or_default())))
                         .unwrap_or_default();
                     let error = facts
                         .sync
@@ -296,7 +294,7 @@ pub fn site_state(ctx: &Ctx, facts: &Facts) -> String {
                     let last = facts
                         .sync
                         .last_sync_at
-                        .map(|t| format!(" (last sync {} ago)", crate::display::age(ctx.now, t)))
+                        .map(|t| format!(" (last sync {} ago)", crate::display::age(now, t)))
                         .unwrap_or_else(|| " (no sync round finished yet)".into());
                     let class = if facts.sync.last_sync_at.is_some() {
                         ""
@@ -333,7 +331,7 @@ pub fn site_state(ctx: &Ctx, facts: &Facts) -> String {
     format!(
         "<div class=\"state {class}\">{sync}</div><p class=\"muted\">Store: {} of {} ({} readings{per_reading}{per_day}{free}).</p>",
         bytes(s.bytes),
-        bytes(ctx.config.storage.max_size.0),
+        bytes(config.storage.max_size.0),
         thousands(s.readings),
     )
 }
@@ -487,5 +485,51 @@ mod tests {
         assert_eq!(Storage::default().offline_capacity(1 << 30, 0), None);
         assert_eq!(span_days(Duration::from_secs(9 * 86400 + 5)), "9 days");
         assert_eq!(span_days(Duration::from_secs(20 * 3600)), "20 hours");
+    }
+
+    #[test]
+    fn sync_and_storage_in_plain_words() {
+        let now: DateTime<Utc> = "2026-12-05T12:00:00Z".parse().unwrap();
+        let mut config = crate::config::Config::default();
+        config.sync = Some(
+            serde_json::from_value(serde_json::json!({"url": "postgres://gw@central/db"})).unwrap(),
+        );
+        let storage = Storage {
+            bytes: 100 << 20,
+            readings: 1_000_000,
+            per_day: Some(1_100_000.0),
+            disk_free: None,
+        };
+        let mut facts = Facts {
+            series: Vec::new(),
+            alarms: Vec::new(),
+            backlog: BacklogSummary::default(),
+            backlog_exact: true,
+            sync: crate::sync::local::SyncState {
+                last_sync_at: Some(now - chrono::Duration::seconds(12)),
+                ..Default::default()
+            },
+            storage,
+        };
+        let text = site_state(&config, now, &facts);
+        assert!(
+            text.contains("Central reachable, 0 waiting (last sync 12s ago)."),
+            "{text}"
+        );
+        facts.sync.failing = true;
+        facts.sync.last_sync_at = Some(now - chrono::Duration::minutes(3 * 60 + 12));
+        facts.sync.last_error = Some("connection refused <b>".into());
+        facts.backlog.rows = 41_200;
+        let text = site_state(&config, now, &facts);
+        assert!(
+            text.contains("Central offline for 3 h 12 min, 41,200 readings waiting; room for about 9 days more."),
+            "{text}"
+        );
+        assert!(text.contains("connection refused &lt;b&gt;"), "{text}");
+        facts.backlog_exact = false;
+        assert!(site_state(&config, now, &facts).contains("up to 41,200 readings waiting"));
+        config.sync = None;
+        let text = site_state(&config, now, &facts);
+        assert!(text.contains("Central sync is not configured"), "{text}");
     }
 }
