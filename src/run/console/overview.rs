@@ -490,10 +490,13 @@ mod tests {
     #[test]
     fn sync_and_storage_in_plain_words() {
         let now: DateTime<Utc> = "2026-12-05T12:00:00Z".parse().unwrap();
-        let mut config = crate::config::Config::default();
-        config.sync = Some(
-            serde_json::from_value(serde_json::json!({"url": "postgres://gw@central/db"})).unwrap(),
-        );
+        let mut config = crate::config::Config {
+            sync: Some(
+                serde_json::from_value(serde_json::json!({"url": "postgres://gw@central/db"}))
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
         let storage = Storage {
             bytes: 100 << 20,
             readings: 1_000_000,
