@@ -153,6 +153,7 @@ impl Config {
             .collect();
         endpoints.extend(self.sync.iter().map(|s| s.tls_endpoint()));
         endpoints.extend(self.notifiers.iter().flat_map(|n| n.tls_endpoints()));
+        endpoints.extend(self.http.tls_endpoint());
         endpoints
     }
 

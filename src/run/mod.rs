@@ -9,7 +9,8 @@
 //!   reloaded or refused; version changed).
 //! - [`alerting`]: the alert engine and the notification outbox, started together.
 //! - [`health`]: `/health` and the store-probing liveness the watchdog feeds on.
-//! - [`http`]: the local endpoint serving `/metrics` and `/health`.
+//! - [`http`]: the local endpoint serving `/metrics`, `/health` and the [`console`].
+//! - [`console`]: the local web console (pages, login, sessions).
 //! - [`collector`]: the `/metrics` gauges read from SQLite, sync state and the
 //!   certificate watch, registered on the in-memory [`crate::metrics::Metrics`] and
 //!   computed on the blocking pool, never on a runtime worker.
@@ -19,6 +20,7 @@
 pub mod alerting;
 pub mod audit;
 pub mod collector;
+pub mod console;
 pub mod health;
 pub mod http;
 pub mod pipeline;
