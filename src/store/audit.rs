@@ -134,14 +134,16 @@ impl AuditEntry {
 pub fn process_actor() -> String {
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
-    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|text| {
-        text.lines().find_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            let id = fields.nth(1)?;
-            (id.parse::<u32>().ok()? == uid).then(|| name.to_string())
-        })
-    });
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let id = fields.nth(1)?;
+                (id.parse::<u32>().ok()? == uid).then(|| name.to_string())
+            })
+        });
     match name {
         Some(name) => format!("process:{name}"),
         None => format!("process:uid {uid}"),
@@ -159,7 +161,10 @@ pub fn boottime_micros() -> i64 {
     if rc != 0 {
         return 0;
     }
-    ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000
+    // The casts are needed where `time_t` and `c_long` are 32 bits (armhf).
+    #[allow(clippy::unnecessary_cast)]
+    let micros = ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000;
+    micros
 }
 
 /// The kernel's id of the current boot (changes at every reboot).
