@@ -892,8 +892,10 @@ pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// rules). It follows the store's committed readings until that stream ends (after the
 /// sources stopped), writes each decision with its outbox rows, and notifies `wake`
 /// (the notification worker's, see `notify::outbox_task`) when it wrote some.
-/// `notifier_ttls` gives each notifier's `ttl` (the outbox rows' expiry). Fails on a
-/// rule that cannot be compiled.
+/// `notifier_ttls` gives each notifier's `ttl` (the outbox rows' expiry). `urgency`, if
+/// given, is installed in the store writer ([`Store::set_urgency`]) once the engine
+/// knows where it starts, until it stops. Fails on a rule that cannot be compiled.
+#[allow(clippy::too_many_arguments)]
 pub fn engine_task(
     rules: &[AlertRule],
     context: EventContext,
@@ -902,14 +904,23 @@ pub fn engine_task(
     clock: Clock,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    urgency: Option<Urgency>,
 ) -> anyhow::Result<Option<Task>> {
     if rules.is_empty() {
         return Ok(None);
     }
     let engine = Engine::from_config(rules, context)?;
     Ok(Some(Box::pin(
-        run_engine(engine, store.clone(), clock, wake, notifier_ttls, shutdown)
-            .instrument(tracing::info_span!("alerts")),
+        run_engine(
+            engine,
+            store.clone(),
+            clock,
+            wake,
+            notifier_ttls,
+            shutdown,
+            urgency,
+        )
+        .instrument(tracing::info_span!("alerts")),
     )))
 }
 
@@ -934,6 +945,7 @@ async fn run_engine(
     wake: Arc<Notify>,
     ttl: HashMap<String, Duration>,
     stop: CancellationToken,
+    urgency: Option<Urgency>,
 ) {
     let with_meta = engine.needs_meta();
     let mut attempt = 0u32;
@@ -1002,6 +1014,9 @@ async fn run_engine(
         }
     };
     tracing::info!(cursor = start, "Alert engine started.");
+    // Only now: readings committed sooner for it before the starting point was fixed
+    // would be passed over on a first start.
+    let _urgency = urgency.map(|mut u| store.set_urgency(Box::new(move |r| u.check(r))));
 
     // The committed-readings stream is read by its own task: its `next_batch` is not
     // safe to cancel, and the select below must also serve the tick. Two batches in

@@ -46,16 +46,17 @@ pub fn spawn_tasks(
         .map(|n| (n.name.clone(), n.ttl.get()))
         .collect();
     // The writer commits readings that may change an alert at once (the engine's
-    // event then follows in the next commit); the test goes when the engine stops.
-    let urgency = Urgency::from_config(&config.alerts)?
-        .map(|mut u| store.set_urgency(Box::new(move |r| u.check(r))));
-    let engine = engine_task(&config.alerts, context, ttls, store, clock, wake, shutdown)?.map(
-        |task| -> Task {
-            Box::pin(async move {
-                task.await;
-                drop(urgency);
-            })
-        },
-    );
+    // event then follows in the next commit), while the engine runs.
+    let urgency = Urgency::from_config(&config.alerts)?;
+    let engine = engine_task(
+        &config.alerts,
+        context,
+        ttls,
+        store,
+        clock,
+        wake,
+        shutdown,
+        urgency,
+    )?;
     Ok(AlertTasks { engine, outbox })
 }
