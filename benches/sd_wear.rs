@@ -3,6 +3,7 @@
 //!     cargo bench --bench sd_wear                              # 10 min at the real rate
 //!     WEAR_SPEED=10 WEAR_SECS=300 cargo bench --bench sd_wear  # 10x rate for 5 min
 //!     WEAR_STORAGE='batch_max_delay = "1s"' cargo bench --bench sd_wear
+//!     WEAR_STORAGE='ttn_commit_delay = "0s"' cargo bench --bench sd_wear  # as before it
 //!
 //! 200 LoRaWAN sensors (`WEAR_SENSORS`) each report once a minute (`WEAR_PERIOD_S`)
 //! through The Things Stack's MQTT API (mosquitto here) to the release `outpost run`,
@@ -18,7 +19,9 @@
 //! file and the mmapped `-shm` index), then again after `WEAR_SECS`, and reports bytes
 //! per reading, bytes per second and write syscalls. A second connection polls the
 //! newest reading id every 5 ms to time each uplink from publish to commit.
-//! `WEAR_STORAGE` is added to `[storage]` (e.g. to compare `batch_max_delay`).
+//! `WEAR_STORAGE` is added to `[storage]` (e.g. to compare `batch_max_delay`, or
+//! `ttn_commit_delay = "0s"`, which commits TTN readings as every other source's: the
+//! behaviour before that setting, the same-build baseline).
 
 #[path = "../tests/support/mod.rs"]
 mod support;

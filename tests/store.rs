@@ -460,3 +460,61 @@ async fn close_ends_the_writer_even_while_a_handle_is_held() {
     assert_eq!(stray.write(|_| Ok(())).await, Err(StoreError::Closed));
     assert_eq!(count(&cfg.path), 1);
 }
+
+/// A source with a commit delay (`storage.ttn_commit_delay`) lets its batches wait in
+/// the writer; a write operation, a reading the urgency test marks, and closing the
+/// store each commit them at once, and only then are they acknowledged (G1).
+#[tokio::test]
+async fn a_delayed_source_is_committed_with_the_next_operation_an_urgent_reading_or_close() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    store.set_commit_delay("test", Some(Duration::from_secs(3600)));
+    let _urgency = store.set_urgency(Box::new(|r: &Reading| r.value >= 100.0));
+
+    // Held: not committed, not acknowledged; a write operation commits it.
+    let (batch, mut ack) = Batch::with_ack(vec![reading(1)]);
+    ingest.sender.send(batch).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        ack.try_recv().is_err(),
+        "not acknowledged before its commit"
+    );
+    assert_eq!(count(&cfg.path), 0);
+    store.write(|_| Ok(())).await.unwrap();
+    assert_eq!(ack.await.unwrap().map(|c| c.inserted), Ok(1));
+    assert_eq!(count(&cfg.path), 1);
+
+    // A held batch goes with the next reading that may change an alert.
+    let (batch, held) = Batch::with_ack(vec![reading(2)]);
+    ingest.sender.send(batch).await.unwrap();
+    let urgent = tokio::time::timeout(
+        Duration::from_secs(60),
+        send(&ingest.sender, vec![reading(100)]),
+    )
+    .await
+    .expect("an urgent reading does not wait for the source's delay");
+    assert_eq!(urgent.map(|c| c.inserted), Ok(1));
+    assert_eq!(held.await.unwrap().map(|c| c.inserted), Ok(1));
+
+    // Another source keeps the default spacing.
+    let mut other = reading(3);
+    other.source = "other".into();
+    let stored = tokio::time::timeout(Duration::from_secs(60), send(&ingest.sender, vec![other]))
+        .await
+        .expect("a source without a delay is committed after the spacing");
+    assert_eq!(stored.map(|c| c.inserted), Ok(1));
+
+    // Closing commits what is held.
+    let (batch, last) = Batch::with_ack(vec![reading(4)]);
+    ingest.sender.send(batch).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(ingest.sender);
+    ingest.close.cancel();
+    let done = tokio::time::timeout(Duration::from_secs(60), last)
+        .await
+        .expect("closing does not wait for the delay");
+    assert_eq!(done.unwrap().map(|c| c.inserted), Ok(1));
+    assert_eq!(count(&cfg.path), 5);
+}

@@ -761,6 +761,130 @@ impl Engine {
     }
 }
 
+/// Which readings may change an alert's state at once, judged as they enter the store
+/// writer (before their commit), so that the writer commits them without delay
+/// ([`Store::set_urgency`]): the event they cause is written in the commit after, and an
+/// alert does not wait for a group's spacing or a source's commit delay. Each rule's
+/// readings are sorted into zones — past the alert level, back at the clear level, in
+/// between (for rate rules, of the change over the window as the engine computes it) —
+/// and a reading is urgent when its zone differs from the series' previous one, and
+/// for stale rules when the series was silent for `after`. A misjudgement costs only
+/// latency or a commit more: the engine still decides on committed readings alone.
+pub struct Urgency {
+    rules: Vec<CompiledRule>,
+    series: HashMap<(usize, String), Mark>,
+}
+
+#[derive(Default)]
+struct Mark {
+    zone: u8,
+    seen: Option<std::time::Instant>,
+    window: VecDeque<(DateTime<Utc>, f64)>,
+}
+
+/// 0: cleared, 1: in between, 2: past the alert level.
+fn zone(direction: Direction, x: f64, level: f64, clear: f64) -> u8 {
+    if direction.breaches(x, level) {
+        2
+    } else if direction.clears(x, clear) {
+        0
+    } else {
+        1
+    }
+}
+
+impl Urgency {
+    /// For the configured rules (already validated); `None` without rules.
+    pub fn from_config(rules: &[AlertRule]) -> anyhow::Result<Option<Urgency>> {
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let rules = rules
+            .iter()
+            .map(CompiledRule::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("invalid alert rule {e}"))?;
+        Ok(Some(Urgency {
+            rules,
+            series: HashMap::new(),
+        }))
+    }
+
+    /// Whether `r` may change an alert at once; follows each series.
+    pub fn check(&mut self, r: &Reading) -> bool {
+        if !r.value.is_finite() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let mut urgent = false;
+        for (i, rule) in self.rules.iter().enumerate() {
+            if !rule.matches(&r.device, &r.metric, r.meta.as_ref()) {
+                continue;
+            }
+            let key = (i, r.device.clone());
+            let mark = self.series.entry(key).or_default();
+            let first = mark.seen.is_none();
+            let zone = match rule.condition {
+                Condition::Threshold {
+                    direction,
+                    level,
+                    clear,
+                    ..
+                } => zone(direction, r.value, level, clear),
+                Condition::Cumulative {
+                    direction,
+                    level,
+                    clear,
+                    ..
+                } => {
+                    // Every reading out of range may reach the limit.
+                    let z = zone(direction, r.value, level, clear);
+                    urgent |= z != 0;
+                    z
+                }
+                Condition::Rate {
+                    direction,
+                    delta,
+                    clear,
+                    period,
+                    ..
+                } => {
+                    let window = &mut mark.window;
+                    if window.back().map_or(true, |(t, _)| r.observed_at >= *t) {
+                        window.push_back((r.observed_at, r.value));
+                    }
+                    let horizon = r.observed_at
+                        - chrono::Duration::from_std(period).unwrap_or(chrono::Duration::MAX);
+                    while window.front().is_some_and(|(t, _)| *t < horizon)
+                        || window.len() > MAX_RATE_SAMPLES
+                    {
+                        window.pop_front();
+                    }
+                    let values = window.iter().map(|(_, v)| *v);
+                    let change = match direction {
+                        Direction::Above => r.value - values.fold(f64::INFINITY, f64::min),
+                        Direction::Below => r.value - values.fold(f64::NEG_INFINITY, f64::max),
+                    };
+                    let change = if change.is_finite() { change } else { 0.0 };
+                    zone(direction, change, delta, clear)
+                }
+                Condition::Stale { after } => {
+                    // A reading after the silence resolves a stale alert (after a
+                    // restart the silence is unknown: the first reading counts).
+                    urgent |= mark
+                        .seen
+                        .map_or(true, |seen| now.duration_since(seen) >= after);
+                    0
+                }
+            };
+            urgent |= if first { zone != 0 } else { zone != mark.zone };
+            mark.zone = zone;
+            mark.seen = Some(now);
+        }
+        urgent
+    }
+}
+
 /// A future the caller spawns (as a pipeline consumer).
 pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -768,8 +892,10 @@ pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// rules). It follows the store's committed readings until that stream ends (after the
 /// sources stopped), writes each decision with its outbox rows, and notifies `wake`
 /// (the notification worker's, see `notify::outbox_task`) when it wrote some.
-/// `notifier_ttls` gives each notifier's `ttl` (the outbox rows' expiry). Fails on a
-/// rule that cannot be compiled.
+/// `notifier_ttls` gives each notifier's `ttl` (the outbox rows' expiry). `urgency`, if
+/// given, is installed in the store writer ([`Store::set_urgency`]) once the engine
+/// knows where it starts, until it stops. Fails on a rule that cannot be compiled.
+#[allow(clippy::too_many_arguments)]
 pub fn engine_task(
     rules: &[AlertRule],
     context: EventContext,
@@ -778,14 +904,23 @@ pub fn engine_task(
     clock: Clock,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    urgency: Option<Urgency>,
 ) -> anyhow::Result<Option<Task>> {
     if rules.is_empty() {
         return Ok(None);
     }
     let engine = Engine::from_config(rules, context)?;
     Ok(Some(Box::pin(
-        run_engine(engine, store.clone(), clock, wake, notifier_ttls, shutdown)
-            .instrument(tracing::info_span!("alerts")),
+        run_engine(
+            engine,
+            store.clone(),
+            clock,
+            wake,
+            notifier_ttls,
+            shutdown,
+            urgency,
+        )
+        .instrument(tracing::info_span!("alerts")),
     )))
 }
 
@@ -810,6 +945,7 @@ async fn run_engine(
     wake: Arc<Notify>,
     ttl: HashMap<String, Duration>,
     stop: CancellationToken,
+    urgency: Option<Urgency>,
 ) {
     let with_meta = engine.needs_meta();
     let mut attempt = 0u32;
@@ -878,6 +1014,9 @@ async fn run_engine(
         }
     };
     tracing::info!(cursor = start, "Alert engine started.");
+    // Only now: readings committed sooner for it before the starting point was fixed
+    // would be passed over on a first start.
+    let _urgency = urgency.map(|mut u| store.set_urgency(Box::new(move |r| u.check(r))));
 
     // The committed-readings stream is read by its own task: its `next_batch` is not
     // safe to cancel, and the select below must also serve the tick. Two batches in
@@ -1132,6 +1271,44 @@ mod tests {
                 "RESOLVED temperature 4.0 °C (above 8.0 °C)"
             ]
         );
+    }
+
+    /// Readings are urgent when they may change an alert: a crossing of the alert or
+    /// the clear level (either way), the first reading past a level, a reading after a
+    /// stale rule's silence; steady readings on either side are not.
+    #[test]
+    fn urgency_marks_crossings_not_steady_readings() {
+        let rules: Vec<AlertRule> = [
+            "name = \"warm\"\nkind = \"threshold\"\nmetric = \"temperature\"\nabove = 8.0\nclear = 6.0\nfor = \"5m\"",
+            "name = \"rise\"\nkind = \"rate\"\nmetric = \"temperature\"\ndelta = 3.0\nperiod = \"10m\"",
+        ]
+        .iter()
+        .map(|t| toml::from_str(t).unwrap())
+        .collect();
+        let mut u = Urgency::from_config(&rules).unwrap().unwrap();
+        let mut check = |secs: i64, value: f64| u.check(&reading("fridge", value, at(secs)));
+        assert!(!check(0, 4.0), "a first reading in range");
+        assert!(!check(60, 4.5));
+        assert!(check(120, 9.0), "past the alert level (and a rise of 4.5)");
+        assert!(!check(180, 9.5), "still past it, no new rise");
+        assert!(check(240, 7.0), "back between the levels");
+        assert!(check(300, 5.0), "back at the clear level");
+        assert!(!check(360, 5.5));
+        assert!(!Urgency::from_config(&rules)
+            .unwrap()
+            .unwrap()
+            .check(&reading("fridge", f64::NAN, at(0))));
+        let stale: AlertRule = toml::from_str(
+            "name = \"silent\"\nkind = \"stale\"\nmetric = \"temperature\"\nafter = \"15m\"",
+        )
+        .unwrap();
+        let mut u = Urgency::from_config(&[stale]).unwrap().unwrap();
+        assert!(
+            u.check(&reading("fridge", 4.0, at(0))),
+            "the first after a start"
+        );
+        assert!(!u.check(&reading("fridge", 4.0, at(60))));
+        assert!(Urgency::from_config(&[]).unwrap().is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! sharing one wake-up (the engine wakes the outbox when it queued a notification).
 //! Wired here, above `alerts` and `notify`, so neither imports the other.
 
-use crate::alerts::engine::{engine_task, EventContext, Task};
+use crate::alerts::engine::{engine_task, EventContext, Task, Urgency};
 use crate::clock::Clock;
 use crate::store::Store;
 use std::sync::Arc;
@@ -45,6 +45,18 @@ pub fn spawn_tasks(
         .iter()
         .map(|n| (n.name.clone(), n.ttl.get()))
         .collect();
-    let engine = engine_task(&config.alerts, context, ttls, store, clock, wake, shutdown)?;
+    // The writer commits readings that may change an alert at once (the engine's
+    // event then follows in the next commit), while the engine runs.
+    let urgency = Urgency::from_config(&config.alerts)?;
+    let engine = engine_task(
+        &config.alerts,
+        context,
+        ttls,
+        store,
+        clock,
+        wake,
+        shutdown,
+        urgency,
+    )?;
     Ok(AlertTasks { engine, outbox })
 }

@@ -130,6 +130,9 @@ impl Pipeline {
             certs: self.certs.clone(),
         };
         let name = source.name().to_string();
+        // Nobody waits for a TTN reading's commit: it may wait `storage.ttn_commit_delay`.
+        let lazy = matches!(source, SourceConfig::Ttn(_)).then(|| self.store.ttn_commit_delay());
+        self.store.set_commit_delay(&name, lazy);
         let task = tokio::spawn(supervise_source(source.clone(), ctx));
         self.sources.insert(
             name,

@@ -41,7 +41,7 @@ pub use read::{
     BacklogSummary, CommittedReadings, SeriesSummary, StoredReading, DISK_FULL_BELOW,
     SELECT_READING,
 };
-pub use writer::{StoreStats, WriteOp};
+pub use writer::{StoreStats, Urgency, WriteOp};
 
 use crate::clock::Clock;
 use crate::model::Batch;
@@ -70,6 +70,15 @@ pub struct StorageConfig {
     /// at the price of up to a second per commit (docs/reliability.md, "SD-card wear").
     #[serde(default = "default_batch_max_delay")]
     pub batch_max_delay: HumanDuration,
+    /// How long readings of The Things Stack sources may wait for their commit (at
+    /// most 60s). Nobody waits for their acknowledgement (TTN publishes at QoS 0 and the
+    /// Storage Integration backfill heals a gap), so one commit can carry many of them:
+    /// fewer, larger commits write far fewer bytes per reading to the SD card. A
+    /// reading that may change an alert is committed at once all the same; other
+    /// readings reach `outpost status`, central and rate rules up to this much later
+    /// (docs/reliability.md, "SD-card wear").
+    #[serde(default = "default_ttn_commit_delay")]
+    pub ttn_commit_delay: HumanDuration,
     /// Batches waiting for the writer; sources wait when it is full (1 to 65536).
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
@@ -93,6 +102,7 @@ impl Default for StorageConfig {
             path: default_path(),
             batch_max_rows: default_batch_max_rows(),
             batch_max_delay: default_batch_max_delay(),
+            ttn_commit_delay: default_ttn_commit_delay(),
             channel_capacity: default_channel_capacity(),
             retention: default_retention(),
             max_size: default_max_size(),
@@ -110,6 +120,9 @@ fn default_batch_max_rows() -> usize {
 }
 fn default_batch_max_delay() -> HumanDuration {
     HumanDuration::from_millis(20)
+}
+fn default_ttn_commit_delay() -> HumanDuration {
+    HumanDuration::from_secs(5)
 }
 fn default_channel_capacity() -> usize {
     1024
@@ -149,6 +162,12 @@ impl StorageConfig {
                     "must be more than 0 and at most 10s, found {}",
                     self.batch_max_delay
                 ),
+            );
+        }
+        if self.ttn_commit_delay.get() > std::time::Duration::from_secs(60) {
+            problems.push(
+                format!("{path}.ttn_commit_delay"),
+                format!("must be at most 60s, found {}", self.ttn_commit_delay),
             );
         }
         if !(1..=65_536).contains(&self.channel_capacity) {
@@ -242,6 +261,24 @@ pub struct Store {
     clock: Clock,
     /// The gateway's signing key (G10, [`signing`]); `None` if it cannot be read.
     key: Option<signing::GatewayKey>,
+    /// How long batches may wait for their commit (shared with the writer).
+    policy: Arc<writer::CommitPolicy>,
+    /// `storage.ttn_commit_delay`.
+    ttn_commit_delay: std::time::Duration,
+}
+
+/// Keeps a test of [`Store::set_urgency`] installed; dropping it removes the test
+/// (unless a newer one replaced it already).
+#[must_use = "the test is removed when the guard is dropped"]
+pub struct UrgencyGuard {
+    policy: Arc<writer::CommitPolicy>,
+    generation: u64,
+}
+
+impl Drop for UrgencyGuard {
+    fn drop(&mut self) {
+        self.policy.clear_urgency(self.generation);
+    }
 }
 
 /// What [`Store::open`] returns besides the handle: the ingest side of the pipeline and
@@ -290,6 +327,7 @@ impl Store {
             .map_err(|e| StoreError::from_sqlite(&e))?;
         let (committed_tx, committed_rx) = watch::channel(last_id);
         let stats = Arc::new(StoreStats::default());
+        let policy = Arc::new(writer::CommitPolicy::default());
         let (finished_tx, finished_rx) = oneshot::channel();
         let close = tokio_util::sync::CancellationToken::new();
         let progress = Arc::new(crate::progress::Registry::default());
@@ -321,6 +359,7 @@ impl Store {
             op_rx,
             committed_tx,
             stats.clone(),
+            policy.clone(),
             finished_tx,
             close.clone(),
             (stage, progress.clone()),
@@ -337,6 +376,8 @@ impl Store {
                 progress,
                 clock,
                 key,
+                policy,
+                ttn_commit_delay: config.ttn_commit_delay.get(),
             },
             Ingest {
                 sender: batch_tx,
@@ -377,6 +418,33 @@ impl Store {
                 // The check passed (or never ran): nothing will ever be reported.
                 std::future::pending::<()>().await;
             }
+        }
+    }
+
+    /// Lets readings of `source` wait up to `delay` for their commit (when longer than
+    /// `storage.batch_max_delay`); `None` restores the default. For sources whose
+    /// readings nobody acknowledges (see [`Store::ttn_commit_delay`]).
+    pub fn set_commit_delay(&self, source: &str, delay: Option<std::time::Duration>) {
+        self.policy.set_delay(source, delay);
+    }
+
+    /// `storage.ttn_commit_delay`: how long readings of The Things Stack sources may
+    /// wait for their commit.
+    pub fn ttn_commit_delay(&self) -> std::time::Duration {
+        self.ttn_commit_delay
+    }
+
+    /// Installs the alert engine's test of readings that may change an alert: the
+    /// writer commits a batch holding one at once instead of letting it wait (the
+    /// spacing, a source's commit delay), so the alert's event, written in the next
+    /// commit, is not delayed by them. It is called on the writer thread for every
+    /// reading taken, in order, and must be quick. It changes only when a batch is
+    /// committed, never whether or what (G1, G3). Replaces any earlier test; the test
+    /// stays until the guard is dropped.
+    pub fn set_urgency(&self, urgency: Urgency) -> UrgencyGuard {
+        UrgencyGuard {
+            policy: self.policy.clone(),
+            generation: self.policy.set_urgency(urgency),
         }
     }
 

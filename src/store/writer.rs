@@ -44,6 +44,79 @@ impl WriteOp {
     }
 }
 
+/// Tells whether a reading may change an alert at once (see [`Store::set_urgency`]).
+///
+/// [`Store::set_urgency`]: super::Store::set_urgency
+pub type Urgency = Box<dyn FnMut(&Reading) -> bool + Send>;
+
+/// How long each batch may wait for its commit, shared by the store handles (which set
+/// it) and the writer (which reads it as batches arrive). Only latency and the bytes
+/// written per reading depend on it: a batch is still acknowledged only after its
+/// commit (G1), whenever that is.
+#[derive(Default)]
+pub(super) struct CommitPolicy {
+    /// Per source name: how long its readings may wait for their commit, when that is
+    /// longer than `batch_max_delay` (sources that acknowledge nothing).
+    lazy: std::sync::RwLock<HashMap<String, Duration>>,
+    /// The alert engine's test of readings that must not wait (with its generation).
+    urgency: std::sync::Mutex<Option<(u64, Urgency)>>,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for CommitPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitPolicy").finish_non_exhaustive()
+    }
+}
+
+impl CommitPolicy {
+    pub(super) fn set_delay(&self, source: &str, delay: Option<Duration>) {
+        if let Ok(mut lazy) = self.lazy.write() {
+            match delay {
+                Some(d) => lazy.insert(source.to_string(), d),
+                None => lazy.remove(source),
+            };
+        }
+    }
+
+    /// Installs `urgency`; returns its generation for [`CommitPolicy::clear_urgency`].
+    pub(super) fn set_urgency(&self, urgency: Urgency) -> u64 {
+        let generation = self.generation.fetch_add(1, Relaxed) + 1;
+        if let Ok(mut slot) = self.urgency.lock() {
+            *slot = Some((generation, urgency));
+        }
+        generation
+    }
+
+    /// Removes the test of `generation`, unless a newer one replaced it already.
+    pub(super) fn clear_urgency(&self, generation: u64) {
+        if let Ok(mut slot) = self.urgency.lock() {
+            if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// How long `batch` may wait after it was taken: `None` for at once (a reading
+    /// that may change an alert), else its source's delay if it has one.
+    fn wait_of(&self, batch: &Batch) -> Option<Option<Duration>> {
+        let mut urgent = false;
+        if let Ok(mut slot) = self.urgency.lock() {
+            if let Some((_, test)) = slot.as_mut() {
+                // Every reading is shown (no short cut): the test follows each series.
+                for r in &batch.readings {
+                    urgent |= test(r);
+                }
+            }
+        }
+        if urgent {
+            return None;
+        }
+        let source = batch.readings.first().map(|r| r.source.as_str());
+        Some(source.and_then(|s| self.lazy.read().ok().and_then(|l| l.get(s).copied())))
+    }
+}
+
 /// Counters the writer keeps for status, health and metrics.
 #[derive(Debug)]
 pub struct StoreStats {
@@ -114,6 +187,7 @@ pub(super) fn spawn(
     ops: mpsc::Receiver<WriteOp>,
     committed: watch::Sender<i64>,
     stats: Arc<StoreStats>,
+    policy: Arc<CommitPolicy>,
     finished: oneshot::Sender<()>,
     close: CancellationToken,
     (stage, progress): (crate::progress::Stage, Arc<crate::progress::Registry>),
@@ -127,6 +201,7 @@ pub(super) fn spawn(
         config,
         stats,
         committed: Some(committed),
+        policy,
         last_full_log: None,
         retention_clock: None,
         scan: RetentionScan::default(),
@@ -157,6 +232,8 @@ struct Writer {
     /// Dropped once the readings channel is closed and drained, which ends every
     /// [`super::CommittedReadings`] stream.
     committed: Option<watch::Sender<i64>>,
+    /// How long batches may wait for their commit.
+    policy: Arc<CommitPolicy>,
     last_full_log: Option<Instant>,
     /// The time retention last pruned at, and when (monotonic): see `retention_now`.
     retention_clock: Option<(chrono::DateTime<chrono::Utc>, Instant)>,
@@ -175,15 +252,39 @@ struct Group {
     batches: Vec<Batch>,
     ops: Vec<WriteOp>,
     rows: usize,
+    /// When the group must be committed at the latest (if nothing fills it sooner):
+    /// the earliest of what its members may wait.
+    due: Option<tokio::time::Instant>,
 }
 
 impl Group {
-    fn push_batch(&mut self, batch: Batch) {
-        self.rows += batch.readings.len();
-        self.batches.push(batch);
-    }
     fn is_empty(&self) -> bool {
         self.batches.is_empty() && self.ops.is_empty()
+    }
+
+    fn due_by(&mut self, at: tokio::time::Instant) {
+        self.due = Some(self.due.map_or(at, |d| d.min(at)));
+    }
+
+    /// A write operation is committed at once: its caller waits for it, and an alert
+    /// event must be durable before it is sent (G3).
+    fn push_op(&mut self, op: WriteOp) {
+        self.ops.push(op);
+        self.due_by(tokio::time::Instant::now());
+    }
+
+    /// A batch waits for the spacing after the previous commit (`spacing`), or longer
+    /// if its source may (`CommitPolicy`), or not at all if it may change an alert.
+    fn push_batch(&mut self, batch: Batch, policy: &CommitPolicy, spacing: tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        let due = match policy.wait_of(&batch) {
+            None => now,
+            Some(None) => spacing,
+            Some(Some(delay)) => spacing.max(now + delay),
+        };
+        self.due_by(due);
+        self.rows += batch.readings.len();
+        self.batches.push(batch);
     }
 }
 
@@ -205,8 +306,16 @@ impl Writer {
         let max_rows = self.config.batch_max_rows.max(1);
         let max_delay = self.config.batch_max_delay.get();
         let mut last_commit = tokio::time::Instant::now();
+        let policy = self.policy.clone();
         while batches_open || (ops_open && !closing) {
             let mut group = Group::default();
+            // Group commit: a batch waits no sooner than `batch_max_delay` after the
+            // previous commit (bounding fsyncs per second on SD cards), a batch of a
+            // source that acknowledges nothing waits longer (`CommitPolicy`), a write
+            // operation or a reading that may change an alert not at all. Everything
+            // already queued joins the group, up to `batch_max_rows` rows; whatever
+            // arrives during a commit's fsync forms the next group.
+            let spacing = last_commit + max_delay;
             tokio::select! {
                 biased;
                 _ = close.cancelled(), if !closing => {
@@ -214,11 +323,11 @@ impl Writer {
                     continue;
                 }
                 op = ops.recv(), if ops_open => match op {
-                    Some(op) => group.ops.push(op),
+                    Some(op) => group.push_op(op),
                     None => ops_open = false,
                 },
                 batch = batches.recv(), if batches_open => match batch {
-                    Some(batch) => group.push_batch(batch),
+                    Some(batch) => group.push_batch(batch, &policy, spacing),
                     None => batches_open = false,
                 },
                 _ = prune_timer.tick() => {
@@ -227,18 +336,12 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                // Group commit: take everything already queued; commit as soon as the
-                // queue is empty, but never sooner than `batch_max_delay` after the
-                // previous commit (bounding fsyncs per second on SD cards) and never
-                // with more than `batch_max_rows` rows. Whatever arrives during a
-                // commit's fsync forms the next group.
-                let earliest = last_commit + max_delay;
                 while group.rows < max_rows && (batches_open || ops_open) {
                     let mut took = false;
                     if ops_open {
                         match ops.try_recv() {
                             Ok(op) => {
-                                group.ops.push(op);
+                                group.push_op(op);
                                 took = true;
                             }
                             Err(mpsc::error::TryRecvError::Disconnected) => ops_open = false,
@@ -248,7 +351,7 @@ impl Writer {
                     if batches_open && group.rows < max_rows {
                         match batches.try_recv() {
                             Ok(batch) => {
-                                group.push_batch(batch);
+                                group.push_batch(batch, &policy, spacing);
                                 took = true;
                             }
                             Err(mpsc::error::TryRecvError::Disconnected) => batches_open = false,
@@ -258,20 +361,26 @@ impl Writer {
                     if took {
                         continue;
                     }
-                    if tokio::time::Instant::now() >= earliest {
+                    // Closing (or no more readings to come): nothing waits any more.
+                    let due = match group.due {
+                        Some(due) if !closing && batches_open => due,
+                        _ => break,
+                    };
+                    if tokio::time::Instant::now() >= due {
                         break;
                     }
                     tokio::select! {
                         biased;
+                        _ = close.cancelled(), if !closing => closing = true,
                         op = ops.recv(), if ops_open => match op {
-                            Some(op) => group.ops.push(op),
+                            Some(op) => group.push_op(op),
                             None => ops_open = false,
                         },
                         batch = batches.recv(), if batches_open => match batch {
-                            Some(batch) => group.push_batch(batch),
+                            Some(batch) => group.push_batch(batch, &policy, spacing),
                             None => batches_open = false,
                         },
-                        _ = tokio::time::sleep_until(earliest) => break,
+                        _ = tokio::time::sleep_until(due) => break,
                     }
                 }
                 let full = self.commit(group).is_err();
@@ -492,6 +601,9 @@ impl Writer {
         if let Err(e) = upsert {
             return Err((fail(&e), completions));
         }
+        // The group transaction is about to commit: every row of this commit is
+        // written above (readings, operations, series); per-commit work that must be
+        // in the same transaction goes here, and only here.
         if let Err(e) = super::chain::seal(conn, self.clock.now().timestamp_micros()) {
             return Err((fail(&e), completions));
         }
