@@ -30,12 +30,40 @@ impl Uid {
         Uid(bytes)
     }
 
+    /// The hash state after `parts`, to derive many uids that share them (the readings
+    /// of one message): `Uid::prefix(&a).derive(b)` equals `Uid::derive(&[a…, b])`.
+    pub fn prefix(parts: &[&str]) -> UidPrefix {
+        let mut hasher = Sha256::new();
+        for part in parts {
+            hasher.update(part.as_bytes());
+            hasher.update([0xff]);
+        }
+        UidPrefix(hasher)
+    }
+
     pub fn from_slice(bytes: &[u8]) -> Option<Uid> {
         <[u8; 16]>::try_from(bytes).ok().map(Uid)
     }
 
     pub fn to_hex(self) -> String {
         hex::encode(self.0)
+    }
+}
+
+/// The common first parts of several uids (see [`Uid::prefix`]).
+#[derive(Clone)]
+pub struct UidPrefix(Sha256);
+
+impl UidPrefix {
+    /// The uid of the prefix's parts followed by `last`.
+    pub fn derive(&self, last: &str) -> Uid {
+        let mut hasher = self.0.clone();
+        hasher.update(last.as_bytes());
+        hasher.update([0xff]);
+        let digest = hasher.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        Uid(bytes)
     }
 }
 
@@ -173,5 +201,8 @@ mod tests {
         assert_eq!(a.to_hex().len(), 32);
         assert_eq!(Uid::from_slice(&a.0), Some(a));
         assert_eq!(Uid::from_slice(&[1, 2, 3]), None);
+        let prefix = Uid::prefix(&["ttn", "dev"]);
+        assert_eq!(prefix.derive("42"), a);
+        assert_eq!(Uid::prefix(&[]).derive("x"), Uid::derive(&["x"]));
     }
 }

@@ -171,15 +171,34 @@ pub fn head(conn: &Connection) -> rusqlite::Result<i64> {
     })
 }
 
-/// Marks readings synced. Runs on the store writer, after the central commit.
+/// Marks readings synced. Runs on the store writer, after the central commit. A batch's
+/// ids are mostly consecutive (a backlog read in id order), so they are marked as runs
+/// of consecutive ids, one statement per run rather than one per row.
 pub fn mark_readings_synced(conn: &Connection, ids: &[i64]) -> rusqlite::Result<usize> {
-    let mut stmt =
-        conn.prepare_cached("UPDATE readings SET synced = 1 WHERE id = ?1 AND synced = 0")?;
+    let mut stmt = conn.prepare_cached(
+        "UPDATE readings SET synced = 1 WHERE id BETWEEN ?1 AND ?2 AND synced = 0",
+    )?;
     let mut n = 0;
-    for id in ids {
-        n += stmt.execute([id])?;
+    for (first, last) in runs(ids) {
+        n += stmt.execute([first, last])?;
     }
     Ok(n)
+}
+
+/// `ids` (in any order, duplicates allowed) as runs of consecutive ids, each
+/// `(first, last)` inclusive; every id of a run is in `ids`.
+fn runs(ids: &[i64]) -> Vec<(i64, i64)> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for id in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if id.checked_sub(1) == Some(*last) => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    runs
 }
 
 /// Alert events as columns. The local `alert_events` table belongs to the alerts
@@ -450,6 +469,32 @@ mod tests {
         assert_eq!(oldest.ids, [1, 2, 5]);
         assert_eq!(crate::store::backlog(&conn).unwrap().rows, 8);
         assert_eq!(head(&conn).unwrap(), 10);
+    }
+
+    #[test]
+    fn marks_touch_exactly_the_ids_given() {
+        assert_eq!(runs(&[7, 3, 4, 5, 9, 4, 10]), [(3, 5), (7, 7), (9, 10)]);
+        assert_eq!(runs(&[]), []);
+        assert_eq!(
+            runs(&[i64::MIN, i64::MAX]),
+            [(i64::MIN, i64::MIN), (i64::MAX, i64::MAX)]
+        );
+        let conn = db();
+        for i in 1..=12 {
+            insert(&conn, i, 0);
+        }
+        // Gaps (rows held back, or sent in another batch) stay unsynced.
+        assert_eq!(
+            mark_readings_synced(&conn, &[2, 3, 4, 6, 8, 9, 11]).unwrap(),
+            7
+        );
+        assert_eq!(
+            mark_readings_synced(&conn, &[3, 4, 5]).unwrap(),
+            1,
+            "3, 4 already"
+        );
+        let left = select_readings(&conn, Window::OldestFirst { after: 0 }, 0, 100).unwrap();
+        assert_eq!(left.ids, [1, 7, 10, 12]);
     }
 
     #[test]

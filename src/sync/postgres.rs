@@ -6,8 +6,10 @@
 //! is unnamed (`query_typed` / `execute_typed`, which parse, bind and execute in one
 //! round trip) or a `simple_query`, runs inside an explicit `BEGIN … COMMIT`, and the
 //! only setting is `SET LOCAL statement_timeout`. `Client::prepare` — a named statement
-//! that would stay on one server connection — is never used, nor `copy_in` with a
-//! string (it prepares a named statement internally).
+//! that would stay on one server connection — is never used. The one exception is the
+//! readings upload's `copy_in`, whose named statement is closed before the `COMMIT` of
+//! its own transaction (see `copy_in_transaction`), and whose staging table is
+//! `ON COMMIT DROP`.
 
 use super::local::{AlertEventColumns, ReadingColumns};
 use super::{SslMode, SyncConfig};
@@ -17,6 +19,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::Client;
@@ -566,6 +569,12 @@ impl Central {
 
     /// Uploads readings in one transaction; already present rows are skipped. Returns
     /// how many rows were new centrally.
+    ///
+    /// Binary `COPY` into a staging table that lives only for the transaction, then one
+    /// `INSERT … SELECT … ON CONFLICT DO NOTHING` (the columns are [`READING_COLUMNS`]).
+    /// Allowed behind PgBouncer in transaction mode (G6): the temporary table is
+    /// `ON COMMIT DROP`, and the statement `copy_in` prepares is named but closed inside
+    /// the same transaction (see [`copy_in_transaction`]).
     pub async fn upload_readings(
         &self,
         gateway_id: &str,
@@ -574,27 +583,24 @@ impl Central {
         if rows.is_empty() {
             return Ok(0);
         }
-        self.transaction(self.client.execute_typed(
-            "INSERT INTO outpost.readings \
-                   (gateway_id, uid, observed_at, received_at, source, device, metric, value, unit, flags, meta) \
-                 SELECT $1, r.* FROM unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[], $5::text[], \
-                   $6::text[], $7::text[], $8::float8[], $9::text[], $10::int4[], $11::jsonb[]) \
-                   AS r(uid, observed_at, received_at, source, device, metric, value, unit, flags, meta) \
-                 ON CONFLICT DO NOTHING",
-            &[
-                (&gateway_id, Type::TEXT),
-                (&rows.uid, Type::UUID_ARRAY),
-                (&rows.observed_at, Type::TIMESTAMPTZ_ARRAY),
-                (&rows.received_at, Type::TIMESTAMPTZ_ARRAY),
-                (&rows.source, Type::TEXT_ARRAY),
-                (&rows.device, Type::TEXT_ARRAY),
-                (&rows.metric, Type::TEXT_ARRAY),
-                (&rows.value, Type::FLOAT8_ARRAY),
-                (&rows.unit, Type::TEXT_ARRAY),
-                (&rows.flags, Type::INT4_ARRAY),
-                (&rows.meta, Type::JSONB_ARRAY),
-            ],
-        ))
+        let client = &self.client;
+        self.transaction(async move {
+            client.batch_execute(&stage_ddl()).await?;
+            let types: Vec<Type> = READING_COLUMNS.iter().map(|c| c.ty.clone()).collect();
+            let sink = copy_in_transaction(client, &stage_copy()).await?;
+            let writer = BinaryCopyInWriter::new(sink, &types);
+            tokio::pin!(writer);
+            let mut row: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(READING_COLUMNS.len());
+            for i in 0..rows.len() {
+                row.clear();
+                row.extend(READING_COLUMNS.iter().map(|c| (c.value)(rows, i)));
+                writer.as_mut().write(&row).await?;
+            }
+            writer.finish().await?;
+            client
+                .execute_typed(&stage_insert(), &[(&gateway_id, Type::TEXT)])
+                .await
+        })
         .await
     }
 
@@ -747,6 +753,121 @@ impl Central {
         ))
         .await
     }
+}
+
+/// One column of a readings upload: its name in `outpost.readings` (and in the staging
+/// table), its type, and where a batch holds its value.
+pub struct ReadingColumn {
+    pub name: &'static str,
+    pub ty: Type,
+    pub value: for<'a> fn(&'a ReadingColumns, usize) -> &'a (dyn ToSql + Sync),
+}
+
+/// **The** column list of a readings upload, in `COPY` order (`gateway_id` is added by
+/// the `INSERT`). Adding a column centrally is one row here (plus its field in
+/// [`ReadingColumns`] and its `SELECT` in `local::select_readings` if it is new there):
+/// the staging table, the `COPY` and the `INSERT` are all built from this list.
+pub const READING_COLUMNS: &[ReadingColumn] = &[
+    ReadingColumn {
+        name: "uid",
+        ty: Type::UUID,
+        value: |c, i| &c.uid[i],
+    },
+    ReadingColumn {
+        name: "observed_at",
+        ty: Type::TIMESTAMPTZ,
+        value: |c, i| &c.observed_at[i],
+    },
+    ReadingColumn {
+        name: "received_at",
+        ty: Type::TIMESTAMPTZ,
+        value: |c, i| &c.received_at[i],
+    },
+    ReadingColumn {
+        name: "source",
+        ty: Type::TEXT,
+        value: |c, i| &c.source[i],
+    },
+    ReadingColumn {
+        name: "device",
+        ty: Type::TEXT,
+        value: |c, i| &c.device[i],
+    },
+    ReadingColumn {
+        name: "metric",
+        ty: Type::TEXT,
+        value: |c, i| &c.metric[i],
+    },
+    ReadingColumn {
+        name: "value",
+        ty: Type::FLOAT8,
+        value: |c, i| &c.value[i],
+    },
+    ReadingColumn {
+        name: "unit",
+        ty: Type::TEXT,
+        value: |c, i| &c.unit[i],
+    },
+    ReadingColumn {
+        name: "flags",
+        ty: Type::INT4,
+        value: |c, i| &c.flags[i],
+    },
+    ReadingColumn {
+        name: "meta",
+        ty: Type::JSONB,
+        value: |c, i| &c.meta[i],
+    },
+];
+
+/// The staging table of one readings upload: the upload's columns, gone at `COMMIT`
+/// (or rollback), so nothing outlives the transaction (G6).
+const STAGE: &str = "outpost_upload_stage";
+
+fn column_names() -> String {
+    READING_COLUMNS
+        .iter()
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn stage_ddl() -> String {
+    let columns = READING_COLUMNS
+        .iter()
+        .map(|c| format!("{} {}", c.name, c.ty.name()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("CREATE TEMP TABLE {STAGE} ({columns}) ON COMMIT DROP")
+}
+
+fn stage_copy() -> String {
+    format!(
+        "COPY {STAGE} ({}) FROM STDIN (FORMAT binary)",
+        column_names()
+    )
+}
+
+fn stage_insert() -> String {
+    let columns = column_names();
+    format!(
+        "INSERT INTO outpost.readings (gateway_id, {columns}) \
+         SELECT $1, {columns} FROM {STAGE} ON CONFLICT DO NOTHING"
+    )
+}
+
+/// `Client::copy_in` inside a transaction behind PgBouncer. tokio-postgres prepares the
+/// `COPY` as a *named* statement; the statement is dropped when `copy_in` returns, and
+/// its `Close` is queued behind the copy data on the same connection, so it reaches
+/// the server before the caller's `COMMIT`: the statement is created and closed on the
+/// server connection PgBouncer lent to this transaction and never outlives it (G6).
+/// `COPY` takes no parameters and returns no columns, so no type lookup (a cached
+/// statement) is involved either.
+async fn copy_in_transaction(
+    client: &Client,
+    statement: &str,
+) -> Result<tokio_postgres::CopyInSink<bytes::Bytes>, tokio_postgres::Error> {
+    client.copy_in(statement).await
 }
 
 /// A 16-byte uid sent as a PostgreSQL `uuid` (binary format: the 16 bytes).

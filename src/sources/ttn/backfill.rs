@@ -320,9 +320,9 @@ pub struct BackfillStats {
 
 /// One line of the Storage Integration's response.
 #[derive(Deserialize)]
-struct StorageLine {
-    #[serde(default)]
-    result: Option<ApplicationUp>,
+struct StorageLine<'a> {
+    #[serde(default, borrow)]
+    result: Option<ApplicationUp<'a>>,
     #[serde(default)]
     error: Option<Value>,
 }

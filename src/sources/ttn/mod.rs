@@ -34,6 +34,7 @@ use chrono::{DateTime, Utc};
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
@@ -222,44 +223,47 @@ impl DecodeError {
 
 /// The Things Stack's `ApplicationUp`, as far as Outpost reads it. Every field is
 /// optional because the server omits zero values.
+///
+/// Strings are borrowed from the message where it has no escapes (decoding allocates
+/// only what the readings keep); the parts Outpost does not read are skipped unparsed.
 #[derive(Debug, Deserialize, Default)]
-pub(super) struct ApplicationUp {
-    #[serde(default)]
-    end_device_ids: EndDeviceIds,
-    #[serde(default)]
-    received_at: Option<String>,
-    #[serde(default)]
-    uplink_message: Option<UplinkMessage>,
+pub(super) struct ApplicationUp<'a> {
+    #[serde(default, borrow)]
+    end_device_ids: EndDeviceIds<'a>,
+    #[serde(default, borrow)]
+    received_at: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    uplink_message: Option<UplinkMessage<'a>>,
     #[serde(default)]
     simulated: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
-struct EndDeviceIds {
-    #[serde(default)]
-    device_id: String,
-    #[serde(default)]
-    dev_eui: Option<String>,
+struct EndDeviceIds<'a> {
+    #[serde(default, borrow)]
+    device_id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    dev_eui: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
-struct UplinkMessage {
+struct UplinkMessage<'a> {
     #[serde(default)]
     f_port: u32,
     #[serde(default)]
     f_cnt: u32,
     #[serde(default)]
     decoded_payload: Option<Value>,
-    #[serde(default)]
-    rx_metadata: Vec<RxMetadata>,
-    #[serde(default)]
-    received_at: Option<String>,
+    #[serde(default, borrow)]
+    rx_metadata: Vec<RxMetadata<'a>>,
+    #[serde(default, borrow)]
+    received_at: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
-struct RxMetadata {
-    #[serde(default)]
-    gateway_ids: GatewayIds,
+struct RxMetadata<'a> {
+    #[serde(default, borrow)]
+    gateway_ids: GatewayIds<'a>,
     #[serde(default)]
     rssi: Option<f64>,
     #[serde(default)]
@@ -269,9 +273,9 @@ struct RxMetadata {
 }
 
 #[derive(Debug, Deserialize, Default)]
-struct GatewayIds {
-    #[serde(default)]
-    gateway_id: String,
+struct GatewayIds<'a> {
+    #[serde(default, borrow)]
+    gateway_id: Cow<'a, str>,
 }
 
 /// A decoded uplink: what Outpost keeps of an `ApplicationUp`.
@@ -311,14 +315,14 @@ pub fn decode_ttn(topic: &str, payload: &[u8], max_payload: usize) -> Result<Upl
 
 impl Uplink {
     pub(super) fn from_message(
-        up: ApplicationUp,
+        up: ApplicationUp<'_>,
         fallback_device: &str,
     ) -> Result<Uplink, DecodeError> {
         let message = up.uplink_message.ok_or(DecodeError::NotAnUplink)?;
         let device_id = if up.end_device_ids.device_id.is_empty() {
             fallback_device.to_string()
         } else {
-            up.end_device_ids.device_id
+            up.end_device_ids.device_id.into_owned()
         };
         if device_id.is_empty() {
             return Err(DecodeError::NoDevice);
@@ -334,12 +338,17 @@ impl Uplink {
             .iter()
             .map(|m| {
                 let rssi = m.rssi.or(m.channel_rssi).unwrap_or(0.0);
-                (m.gateway_ids.gateway_id.clone(), rssi, m.snr.unwrap_or(0.0))
+                (&m.gateway_ids.gateway_id, rssi, m.snr.unwrap_or(0.0))
             })
-            .max_by(|a, b| a.1.total_cmp(&b.1).then(a.2.total_cmp(&b.2)));
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(a.2.total_cmp(&b.2)))
+            .map(|(gateway, rssi, snr)| (gateway.to_string(), rssi, snr));
         Ok(Uplink {
             device_id,
-            dev_eui: up.end_device_ids.dev_eui.filter(|s| !s.is_empty()),
+            dev_eui: up
+                .end_device_ids
+                .dev_eui
+                .filter(|s| !s.is_empty())
+                .map(Cow::into_owned),
             f_port: message.f_port,
             f_cnt: message.f_cnt,
             ns_received_at,
@@ -447,19 +456,14 @@ impl UplinkMapper {
             })
             .to_string();
         let meta = uplink.meta();
+        // The parts every reading of this uplink shares are hashed once.
+        let prefix = Uid::prefix(&["ttn", &self.application, &uplink.device_id, &f_cnt, &ns]);
         let readings = flatten_numeric(decoded)
             .into_iter()
             .filter_map(|(key, raw)| {
                 let mapped = self.mapping.map(&uplink.device_id, &key, raw)?;
                 mapped.value.is_finite().then(|| Reading {
-                    uid: Uid::derive(&[
-                        "ttn",
-                        &self.application,
-                        &uplink.device_id,
-                        &f_cnt,
-                        &ns,
-                        &key,
-                    ]),
+                    uid: prefix.derive(&key),
                     source: self.source.clone(),
                     device: uplink.device_id.clone(),
                     metric: mapped.metric,
