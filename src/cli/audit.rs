@@ -76,7 +76,10 @@ pub fn filter(args: &Args, now: chrono::DateTime<chrono::Utc>) -> Result<AuditFi
         Some(k) => Some(AuditKind::parse(k).ok_or_else(|| {
             let shown: String = k.chars().take(64).collect();
             let known: Vec<&str> = AuditKind::ALL.iter().map(|k| k.as_str()).collect();
-            format!("--kind: unknown kind {shown:?}; one of {}", known.join(", "))
+            format!(
+                "--kind: unknown kind {shown:?}; one of {}",
+                known.join(", ")
+            )
         })?),
     };
     Ok(AuditFilter {

@@ -16,6 +16,7 @@
 
 pub mod alerting;
 pub mod collector;
+pub mod console;
 pub mod health;
 pub mod http;
 pub mod pipeline;
