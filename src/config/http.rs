@@ -1,5 +1,6 @@
-//! `[http]`: where `/metrics` and `/health` are served and when a stage counts as
-//! stalled. The section sits here, not beside the server (`crate::run::http`), because
+//! `[http]`: where `/metrics`, `/health` and the web console are served, who may log
+//! in to the console, and when a stage counts as stalled. The section sits here, not
+//! beside the server (`crate::run::http`), because
 //! the configuration is a lower layer than the run layer that serves it.
 
 use crate::settings::{HumanDuration, Problems};
@@ -27,6 +28,52 @@ pub struct HttpConfig {
     /// no longer fed, so systemd restarts the agent (G9).
     #[serde(default = "default_stall_after")]
     pub stall_after: HumanDuration,
+    /// `[[http.users]]`: who may log in to the console. A console on a loopback
+    /// `listen` needs no login; on any other address it shows nothing until a user
+    /// exists.
+    #[serde(default)]
+    pub users: Vec<ConsoleUser>,
+    /// A console session ends after this long without a request.
+    #[serde(default = "default_session_idle")]
+    pub session_idle: HumanDuration,
+    /// A console session ends this long after the login, used or not.
+    #[serde(default = "default_session_max")]
+    pub session_max: HumanDuration,
+    /// Serve HTTPS with this certificate chain (PEM); with `tls_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// The private key of `tls_cert_file` (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+/// `[[http.users]]`: one console user.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleUser {
+    /// The login name, also the name written with an acknowledgement.
+    pub name: String,
+    /// `viewer` sees everything; `operator` may also acknowledge alarms.
+    pub role: Role,
+    /// Argon2id PHC string printed by `outpost passwd`.
+    pub password_hash: String,
+}
+
+/// What a console user may do.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -36,6 +83,11 @@ impl Default for HttpConfig {
             listen: default_listen(),
             source_max_silence: default_source_max_silence(),
             stall_after: default_stall_after(),
+            users: Vec::new(),
+            session_idle: default_session_idle(),
+            session_max: default_session_max(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -48,6 +100,12 @@ fn default_listen() -> String {
 }
 fn default_source_max_silence() -> HumanDuration {
     HumanDuration::from_secs(3600)
+}
+fn default_session_idle() -> HumanDuration {
+    HumanDuration::from_secs(30 * 60)
+}
+fn default_session_max() -> HumanDuration {
+    HumanDuration::from_secs(12 * 3600)
 }
 fn default_stall_after() -> HumanDuration {
     HumanDuration::from_secs(crate::progress::DEFAULT_STALL_AFTER.as_secs())
@@ -76,5 +134,90 @@ impl HttpConfig {
         if !(STALL_AFTER_MIN..=STALL_AFTER_MAX).contains(&stall_after) {
             problems.push(format!("{path}.stall_after"), "must be between 1s and 24h");
         }
+        let (idle, max) = (self.session_idle.get(), self.session_max.get());
+        let minute = std::time::Duration::from_secs(60);
+        let week = std::time::Duration::from_secs(7 * 24 * 3600);
+        // Below a minute only for tests of expiry (debug builds).
+        let floor = if cfg!(debug_assertions) {
+            std::time::Duration::from_secs(1)
+        } else {
+            minute
+        };
+        if !(floor..=week).contains(&idle) {
+            problems.push(format!("{path}.session_idle"), "must be between 1m and 7d");
+        }
+        if !(floor..=week).contains(&max) {
+            problems.push(format!("{path}.session_max"), "must be between 1m and 7d");
+        } else if max < idle {
+            problems.push(
+                format!("{path}.session_max"),
+                "must be at least session_idle",
+            );
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => problems.push(
+                format!("{path}.tls_key_file"),
+                "tls_cert_file is set: the key file is needed too",
+            ),
+            (None, Some(_)) => problems.push(
+                format!("{path}.tls_cert_file"),
+                "tls_key_file is set: the certificate file is needed too",
+            ),
+            _ => {}
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, user) in self.users.iter().enumerate() {
+            let at = format!("{path}.users[{i}]");
+            if !valid_user_name(&user.name) {
+                problems.push(
+                    format!("{at}.name"),
+                    format!(
+                        "expected 1 to 64 letters, digits, '.', '_', '-' or '@', found {:?}",
+                        user.name
+                    ),
+                );
+            } else if !seen.insert(user.name.as_str()) {
+                problems.push(
+                    format!("{at}.name"),
+                    format!("user {:?} is listed twice", user.name),
+                );
+            }
+            if let Err(why) = check_password_hash(&user.password_hash) {
+                problems.push(format!("{at}.password_hash"), why);
+            }
+        }
     }
+
+    /// `listen` is a loopback address: the console needs no login.
+    pub fn is_loopback(&self) -> bool {
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback())
+    }
+
+    /// The user named `name`, if configured.
+    pub fn user(&self, name: &str) -> Option<&ConsoleUser> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+/// A console user name: what the login form and acknowledgements carry.
+pub fn valid_user_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+}
+
+/// A password hash as `outpost passwd` prints it: an Argon2id PHC string.
+pub fn check_password_hash(hash: &str) -> Result<(), String> {
+    if !hash.starts_with("$argon2id$") {
+        return Err(
+            "expected an Argon2id hash (\"$argon2id$v=19$...\") as `outpost passwd` prints it"
+                .into(),
+        );
+    }
+    argon2::PasswordHash::new(hash)
+        .map(|_| ())
+        .map_err(|e| format!("not a valid Argon2id hash ({e}); make one with `outpost passwd`"))
 }

@@ -1,8 +1,11 @@
 //! The local HTTP endpoint (default `127.0.0.1:9464`): `/metrics` in Prometheus text
-//! format and `/health` as JSON (200 or 503 with the reasons).
+//! format, `/health` as JSON (200 or 503 with the reasons), and every other path to
+//! the web console ([`crate::run::console`]), over HTTPS when `http.tls_cert_file` is
+//! set.
 
 pub use crate::config::http::{HttpConfig, STALL_AFTER_MAX, STALL_AFTER_MIN};
 use crate::metrics::Metrics;
+use crate::run::console::Console;
 use crate::run::health::HealthProbe;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,6 +24,7 @@ pub async fn run(
     listen: String,
     metrics: Metrics,
     health: Arc<HealthProbe>,
+    console: Arc<Console>,
     shutdown: CancellationToken,
 ) {
     let mut logged = false;
@@ -30,7 +34,7 @@ pub async fn run(
             Err(e) => {
                 if !logged {
                     logged = true;
-                    tracing::error!(listen = %listen, error = %e, "Cannot listen for /metrics and /health; retrying every 30 s.");
+                    tracing::error!(listen = %listen, error = %e, "Cannot listen for /metrics, /health and the console; retrying every 30 s.");
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -39,8 +43,8 @@ pub async fn run(
             }
         }
     };
-    tracing::info!(listen = %listen, "Serving /metrics and /health.");
-    serve(listener, metrics, health, shutdown).await
+    tracing::info!(listen = %listen, "Serving /metrics, /health and the console.");
+    serve(listener, metrics, health, console, shutdown).await
 }
 
 /// Serves until `shutdown`.
@@ -48,6 +52,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     health: Arc<HealthProbe>,
+    console: Arc<Console>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -56,10 +61,10 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "Accepting an HTTP connection failed.");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -68,10 +73,15 @@ pub async fn serve(
             },
         };
         let (metrics, health, token) = (metrics.clone(), health.clone(), shutdown.clone());
+        let console = console.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let (metrics, health) = (metrics.clone(), health.clone());
-                async move { Ok::<_, std::convert::Infallible>(route(req, &metrics, &health).await) }
+                let (metrics, health, console) = (metrics.clone(), health.clone(), console.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        route(req, &metrics, &health, &console, peer.ip()).await,
+                    )
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
@@ -89,7 +99,13 @@ async fn route<B>(
     req: Request<B>,
     metrics: &Metrics,
     health: &HealthProbe,
-) -> Response<Full<Bytes>> {
+    console: &Arc<Console>,
+    peer: std::net::IpAddr,
+) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let respond = |status: StatusCode, content_type: &str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -98,6 +114,10 @@ async fn route<B>(
         }
         r
     };
+    let path = req.uri().path();
+    if path != "/metrics" && path != "/health" {
+        return crate::run::console::server::handle(console, req, peer).await;
+    }
     if req.method() != hyper::Method::GET {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -105,26 +125,20 @@ async fn route<B>(
             "only GET\n".into(),
         );
     }
-    match req.uri().path() {
-        "/metrics" => respond(
+    if path == "/metrics" {
+        respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             crate::run::collector::encode(metrics).await,
-        ),
-        "/health" => {
-            let report = health.report().await;
-            let status = if report.healthy() {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            let body = serde_json::to_string_pretty(&report).unwrap_or_default() + "\n";
-            respond(status, "application/json", body)
-        }
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "try /metrics or /health\n".into(),
-        ),
+        )
+    } else {
+        let report = health.report().await;
+        let status = if report.healthy() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let body = serde_json::to_string_pretty(&report).unwrap_or_default() + "\n";
+        respond(status, "application/json", body)
     }
 }

@@ -7,7 +7,8 @@
 //!   down in order.
 //! - [`alerting`]: the alert engine and the notification outbox, started together.
 //! - [`health`]: `/health` and the store-probing liveness the watchdog feeds on.
-//! - [`http`]: the local endpoint serving `/metrics` and `/health`.
+//! - [`http`]: the local endpoint serving `/metrics`, `/health` and the [`console`].
+//! - [`console`]: the local web console (pages, login, sessions).
 //! - [`collector`]: the `/metrics` gauges read from SQLite, sync state and the
 //!   certificate watch, registered on the in-memory [`crate::metrics::Metrics`] and
 //!   computed on the blocking pool, never on a runtime worker.

@@ -345,11 +345,18 @@ pub async fn run(
         sync_enabled: sync_enabled(&config).into(),
         calibrations: pipeline.calibrations.clone(),
     });
+    let console = Arc::new(crate::run::console::Console::new(
+        &config,
+        pipeline.store.clone(),
+        pipeline.clock.clone(),
+        probe.clone(),
+    ));
     if config.http.enabled {
         pipeline.spawn_consumer(crate::run::http::run(
             config.http.listen.clone(),
             pipeline.metrics.clone(),
             probe.clone(),
+            console.clone(),
             shutdown.clone(),
         ));
     }
@@ -382,6 +389,7 @@ pub async fn run(
             Some(()) = reload.recv() => {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
                 apply_reload(&mut pipeline, &path, &mut config, &probe).await;
+                console.set_config(&config);
                 crate::run::systemd::notify_ready();
             }
         }
