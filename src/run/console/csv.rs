@@ -14,8 +14,9 @@ use rusqlite::{params, Connection};
 
 /// The longest range one download may cover.
 pub const MAX_RANGE: Duration = Duration::days(92);
-/// The most readings one download may hold (about 80 MB of CSV).
-pub const MAX_ROWS: i64 = 1_000_000;
+/// The most readings one download may hold (about 20 MB of CSV: the reply is built
+/// in memory, so this bounds what one download costs the gateway).
+pub const MAX_ROWS: i64 = 250_000;
 /// The header line, as `outpost readings --format csv` prints it.
 pub const HEADER: &str = "observed_at,device,metric,value,unit,source,flags,synced\n";
 
