@@ -284,9 +284,9 @@ pub struct Chart<'a> {
 
 /// The SVG's coordinate system: the image scales to the page's width (CSS), and the
 /// text stays readable on a 390-pixel phone at this size.
-const WIDTH: f64 = 600.0;
-const HEIGHT: f64 = 260.0;
-const LEFT: f64 = 56.0;
+const WIDTH: f64 = 520.0;
+const HEIGHT: f64 = 240.0;
+const LEFT: f64 = 50.0;
 const RIGHT: f64 = 10.0;
 const TOP: f64 = 14.0;
 const BOTTOM: f64 = 26.0;
@@ -320,8 +320,8 @@ impl Chart<'_> {
         let _ = write!(
             out,
             "<svg class=\"chart\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
-             preserveAspectRatio=\"xMidYMid meet\" role=\"img\" aria-label=\"{t}\" \
-             xmlns=\"http://www.w3.org/2000/svg\" font-size=\"13\" font-family=\"sans-serif\">\
+             width=\"100%\" preserveAspectRatio=\"xMidYMid meet\" role=\"img\" aria-label=\"{t}\" \
+             xmlns=\"http://www.w3.org/2000/svg\" font-size=\"14\" font-family=\"sans-serif\">\
              <title>{t}</title>",
             t = escape(&title)
         );
@@ -368,7 +368,7 @@ impl Chart<'_> {
                 "<line class=\"threshold\" x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\" \
                  stroke=\"#c0392b\" stroke-width=\"1.5\" stroke-dasharray=\"6 4\"/>\
                  <text class=\"threshold-label\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" \
-                 fill=\"#c0392b\" font-size=\"11\">{}</text>",
+                 fill=\"#c0392b\" font-size=\"13\">{}</text>",
                 WIDTH - RIGHT,
                 WIDTH - RIGHT - 4.0,
                 y - 4.0,
@@ -812,7 +812,7 @@ mod tests {
         assert!(!svg.contains("style="));
         let (lo, hi) = chart.value_range();
         assert!(lo < -20.0 && hi > -12.0);
-        assert!(svg.starts_with("<svg class=\"chart\" viewBox=\"0 0 600 260\""));
+        assert!(svg.starts_with("<svg class=\"chart\" viewBox=\"0 0 520 240\""));
     }
 
     #[test]

@@ -40,17 +40,18 @@ pub async fn get(ctx: &Ctx, req: &Req) -> Reply {
     };
     let tz = ctx.config.agent.tz();
     let today = DayBounds::date_of(tz, ctx.now);
-    let day =
-        match crate::report::parse_date(day) {
-            Ok(d) if d <= today && d.year() >= 1971 && DayBounds::of(tz, d).is_some() => d,
-            Ok(d) => return text(
+    let day = match crate::report::parse_date(day) {
+        Ok(d) if d <= today && d.year() >= 1971 && DayBounds::of(tz, d).is_some() => d,
+        Ok(d) => {
+            return text(
                 StatusCode::NOT_FOUND,
                 &format!(
                     "No report for {d}: it is not a day this gateway has seen (today is {today})."
                 ),
-            ),
-            Err(e) => return text(StatusCode::NOT_FOUND, &format!("No such report: {e}.")),
-        };
+            )
+        }
+        Err(e) => return text(StatusCode::NOT_FOUND, &format!("No such report: {e}.")),
+    };
     let config = ctx.config.clone();
     let now = ctx.now;
     let report = match ctx
