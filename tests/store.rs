@@ -186,6 +186,16 @@ async fn a_corrupt_database_is_moved_aside_and_a_fresh_one_created() {
         .unwrap()
         .starts_with(b"this is not"));
     assert_eq!(count(&cfg.path), 1);
+    // The fresh database's audit log says what happened to the old one (G10).
+    let conn = rusqlite::Connection::open(&cfg.path).unwrap();
+    let details: String = conn
+        .query_row(
+            "SELECT details FROM audit_log WHERE kind = 'store.moved_aside'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(details.contains("outpost.db.corrupt-"), "{details}");
 }
 
 #[tokio::test]

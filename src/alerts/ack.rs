@@ -18,6 +18,7 @@ use super::state::{self, Ack, NewEvent};
 use super::{AlertEvent, EventKind};
 use crate::model::{from_micros, to_micros, Uid};
 use crate::settings::check_identifier;
+use crate::store::audit::{AuditEntry, AuditKind};
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -359,7 +360,40 @@ fn apply_ack(
         Duration::from_secs(3600),
         now,
     )?;
+    crate::store::audit::append_at(conn, now, &audit_entry(req, &alarms))?;
     Ok(AckOutcome::Applied { alarms })
+}
+
+/// The audit log's record of an applied acknowledgement: the console's user, central,
+/// or the user the command ran as (the name given with `--by` is in the details).
+fn audit_entry(req: &AckRequest, alarms: &[Acknowledged]) -> AuditEntry {
+    let actor = match req.channel {
+        Channel::Console => format!("console:{}", req.by),
+        Channel::Central => "central".to_string(),
+        Channel::Cli => crate::store::audit::process_actor(),
+    };
+    let alarms: Vec<serde_json::Value> = alarms
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "device": a.device,
+                "metric": a.metric,
+                "firing_since": a.firing_since.to_rfc3339(),
+            })
+        })
+        .collect();
+    AuditEntry::new(
+        AuditKind::AlarmAcknowledged,
+        actor,
+        serde_json::json!({
+            "rule": req.rule,
+            "device": req.device,
+            "by": req.by,
+            "note": req.note,
+            "channel": req.channel.as_str(),
+            "alarms": alarms,
+        }),
+    )
 }
 
 fn severity_from(s: &str) -> super::Severity {
@@ -402,10 +436,11 @@ pub fn acknowledge_file(
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let has_columns = conn
         .prepare("SELECT acked_at FROM alert_state LIMIT 0")
-        .is_ok();
+        .is_ok()
+        && conn.prepare("SELECT id FROM audit_log LIMIT 0").is_ok();
     if !has_columns {
         return Err(format!(
-            "the database {} has no acknowledgement columns yet (or no alert tables); start the upgraded agent once so that it migrates the database, then retry",
+            "the database {} has no acknowledgement columns or audit log yet (or no alert tables); start the upgraded agent once so that it migrates the database, then retry",
             path.display()
         ));
     }

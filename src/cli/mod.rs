@@ -9,6 +9,7 @@ pub mod central;
 pub mod check;
 pub mod demo;
 pub mod notify_test;
+pub mod passwd;
 pub mod readings;
 pub mod rejected;
 pub mod report;
@@ -68,6 +69,9 @@ pub enum Command {
         /// The notifier's `name` in [[notifiers]].
         name: String,
     },
+    /// Print the Argon2id hash of a web console password as `[[http.users]]` lines to
+    /// paste into the configuration (asks twice without echo, or `--stdin`).
+    Passwd(passwd::Args),
     /// Query local history (newest first).
     Readings(readings::Args),
     /// List the rejected input the agent kept (newest first): payload excerpt, topic,
@@ -97,6 +101,7 @@ pub fn main() -> ExitCode {
         Command::NotifyTest { name } => {
             notify_test::main(&config::resolve_path(config_path), &name)
         }
+        Command::Passwd(args) => passwd::main(args),
         Command::Readings(args) => readings::main(config_path, args),
         Command::Rejected(args) => rejected::main(config_path, args),
         Command::Report(args) => report::main(config_path, args),

@@ -195,6 +195,15 @@ impl HttpConfig {
             .is_ok_and(|a| a.ip().is_loopback())
     }
 
+    /// The HTTPS certificate for the certificate watch (expiry in the log, `/health`,
+    /// `/metrics` and `outpost status`).
+    pub fn tls_endpoint(&self) -> Option<crate::tls::Endpoint> {
+        self.tls_cert_file.as_ref().map(|cert| {
+            crate::tls::Endpoint::new("http")
+                .with_file("http.tls_cert_file".to_string(), Some(cert))
+        })
+    }
+
     /// The user named `name`, if configured.
     pub fn user(&self, name: &str) -> Option<&ConsoleUser> {
         self.users.iter().find(|u| u.name == name)
@@ -217,7 +226,101 @@ pub fn check_password_hash(hash: &str) -> Result<(), String> {
                 .into(),
         );
     }
-    argon2::PasswordHash::new(hash)
+    let invalid =
+        |why: String| format!("not a valid Argon2id hash ({why}); make one with `outpost passwd`");
+    let parsed = argon2::PasswordHash::new(hash).map_err(|e| invalid(e.to_string()))?;
+    if parsed.salt.is_none() || parsed.hash.is_none() {
+        return Err(invalid("no salt or no hash".into()));
+    }
+    argon2::Params::try_from(&parsed)
         .map(|_| ())
-        .map_err(|e| format!("not a valid Argon2id hash ({e}); make one with `outpost passwd`"))
+        .map_err(|e| invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A well-formed Argon2id PHC string.
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Vg4bRh4H3u0bX0zqKzJ2yYqj2m3wz9Zb0l7o5Q8dJ3E";
+
+    fn problems(http: &HttpConfig) -> Vec<(String, String)> {
+        let mut p = Problems::default();
+        http.validate("http", &mut p);
+        p.0
+    }
+
+    fn user(name: &str, hash: &str) -> ConsoleUser {
+        ConsoleUser {
+            name: name.into(),
+            role: Role::Viewer,
+            password_hash: hash.into(),
+        }
+    }
+
+    #[test]
+    fn users_are_checked_with_clear_errors() {
+        let http = HttpConfig {
+            users: vec![
+                user("anna", HASH),
+                user("anna", HASH),
+                user("bad name", HASH),
+                user("bob", "hunter2"),
+                user("carl", "$argon2id$v=19$garbage"),
+            ],
+            ..HttpConfig::default()
+        };
+        let p = problems(&http);
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "http.users[1].name",
+                "http.users[2].name",
+                "http.users[3].password_hash",
+                "http.users[4].password_hash"
+            ],
+            "{p:?}"
+        );
+        assert!(p[0].1.contains("listed twice"));
+        assert!(p[2].1.contains("outpost passwd"), "{}", p[2].1);
+        assert!(problems(&HttpConfig::default()).is_empty());
+    }
+
+    #[test]
+    fn sessions_and_tls_are_checked() {
+        let http = HttpConfig {
+            session_idle: HumanDuration::from_secs(3600),
+            session_max: HumanDuration::from_secs(60),
+            tls_cert_file: Some("/etc/outpost/console.crt".into()),
+            ..HttpConfig::default()
+        };
+        let p = problems(&http);
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["http.session_max", "http.tls_key_file"], "{p:?}");
+        let http = HttpConfig {
+            session_idle: HumanDuration::from_secs(30 * 86400),
+            ..HttpConfig::default()
+        };
+        assert_eq!(problems(&http)[0].0, "http.session_idle");
+    }
+
+    #[test]
+    fn loopback_listen_addresses() {
+        for (listen, loopback) in [
+            ("127.0.0.1:9464", true),
+            ("[::1]:9464", true),
+            ("127.0.0.2:80", true),
+            ("0.0.0.0:9464", false),
+            ("192.168.1.10:9464", false),
+            ("[::]:9464", false),
+            ("nonsense", false),
+        ] {
+            let http = HttpConfig {
+                listen: listen.into(),
+                ..HttpConfig::default()
+            };
+            assert_eq!(http.is_loopback(), loopback, "{listen}");
+        }
+    }
 }

@@ -130,9 +130,9 @@ fn parent_path(path: &str) -> Option<&str> {
     Some(&path[..cut])
 }
 
-/// Reads the main file, its drop-ins and the environment. Problems are pushed to
-/// `errors`; a file with a syntax error is skipped so the others are still checked.
-pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
+/// The files a configuration is read from, in merge order: the main file, then the
+/// drop-ins `conf.d/*.toml` beside it sorted by name.
+pub fn files(main: &Path) -> Vec<PathBuf> {
     let mut files = vec![main.to_path_buf()];
     if let Some(dir) = main.parent().map(|p| p.join("conf.d")) {
         if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -144,6 +144,13 @@ pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
             files.extend(dropins);
         }
     }
+    files
+}
+
+/// Reads the main file, its drop-ins and the environment. Problems are pushed to
+/// `errors`; a file with a syntax error is skipped so the others are still checked.
+pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
+    let files = files(main);
 
     let mut merged = Map::new();
     let mut index = HashMap::new();

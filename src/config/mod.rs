@@ -14,7 +14,7 @@ mod tests;
 
 pub use crate::settings::types;
 pub use crate::settings::{check_identifier, quoted, ByteSize, HumanDuration, Problems, Secret};
-pub use load::{expand_env, ConfigError, ConfigErrors, Origin, SECRET_KEYS};
+pub use load::{expand_env, files, ConfigError, ConfigErrors, Origin, SECRET_KEYS};
 
 use crate::alerts::AlertRule;
 use crate::notify::NotifierConfig;
@@ -153,6 +153,7 @@ impl Config {
             .collect();
         endpoints.extend(self.sync.iter().map(|s| s.tls_endpoint()));
         endpoints.extend(self.notifiers.iter().flat_map(|n| n.tls_endpoints()));
+        endpoints.extend(self.http.tls_endpoint());
         endpoints
     }
 

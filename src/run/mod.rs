@@ -5,6 +5,8 @@
 //! - [`pipeline`]: builds the store, the certificate watch and the clock, starts every
 //!   component with them, reloads on SIGHUP (only what changed restarts) and shuts
 //!   down in order.
+//! - [`audit`]: the audit log's entries about the agent itself (configuration loaded,
+//!   reloaded or refused; version changed).
 //! - [`alerting`]: the alert engine and the notification outbox, started together.
 //! - [`health`]: `/health` and the store-probing liveness the watchdog feeds on.
 //! - [`http`]: the local endpoint serving `/metrics`, `/health` and the [`console`].
@@ -16,6 +18,7 @@
 //! - [`systemd`]: READY/STOPPING/WATCHDOG notifications.
 
 pub mod alerting;
+pub mod audit;
 pub mod collector;
 pub mod console;
 pub mod health;

@@ -369,6 +369,7 @@ pub async fn run(
     start_alerts(&mut pipeline, &config).await;
     start_sync(&mut pipeline, config.sync.clone(), config.agent.clone()).await;
     start_reports(&mut pipeline, &config).await;
+    crate::run::audit::record_start(&pipeline.store, &path).await;
     crate::run::systemd::notify_ready();
     tracing::info!(
         gateway = %config.agent.gateway_id,
@@ -490,6 +491,7 @@ async fn apply_reload(
     let new = match Config::load(path) {
         Ok(new) => new,
         Err(errors) => {
+            crate::run::audit::record_reload(&pipeline.store, path, Err(&errors)).await;
             for e in &errors.0 {
                 tracing::error!(problem = %e, "Rejected configuration.");
             }
@@ -513,6 +515,7 @@ async fn apply_reload(
             );
         }
     }
+    crate::run::audit::record_reload(&pipeline.store, path, Ok((current, &new))).await;
     let changes = pipeline.apply_sources(&new.sources).await;
     if new.sync != current.sync {
         // The running [agent] section stays: it changes only at restart.

@@ -161,7 +161,10 @@ pub fn boottime_micros() -> i64 {
     if rc != 0 {
         return 0;
     }
-    ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000
+    // `time_t` and `c_long` are 32 bits on armhf: the casts are not no-ops there.
+    #[allow(clippy::unnecessary_cast)]
+    let micros = ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000;
+    micros
 }
 
 /// The kernel's id of the current boot (changes at every reboot).
@@ -174,12 +177,22 @@ pub fn boot_id() -> Option<String> {
 
 /// Appends `entry` on `conn` (inside the caller's transaction, if any) and returns its id.
 pub fn append(conn: &Connection, clock: &Clock, entry: &AuditEntry) -> rusqlite::Result<i64> {
+    append_at(conn, clock.now(), entry)
+}
+
+/// [`append`] stamped with `at`, for writes that already took their time (one
+/// acknowledgement: the alarm's state, its event and this entry carry the same time).
+pub fn append_at(
+    conn: &Connection,
+    at: chrono::DateTime<chrono::Utc>,
+    entry: &AuditEntry,
+) -> rusqlite::Result<i64> {
     let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".to_string());
     conn.execute(
         "INSERT INTO audit_log (at, boot_id, since_boot, kind, actor, details) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
-            clock.now().timestamp_micros(),
+            at.timestamp_micros(),
             boot_id().unwrap_or_default(),
             boottime_micros(),
             entry.kind.as_str(),

@@ -483,10 +483,23 @@ fn open_writer_connection(
                 reason = %reason,
                 "The database is unusable; it was moved aside and a fresh one created. Unsynced readings in it were not sent."
             );
-            try_open(config, options).map_err(|f| StoreError::Open {
+            let conn = try_open(config, options).map_err(|f| StoreError::Open {
                 path: path.display().to_string(),
                 reason: f.to_string(),
-            })
+            })?;
+            let clock = options.clock.clone().unwrap_or_else(Clock::system);
+            let entry = audit::AuditEntry::by_process(
+                audit::AuditKind::DatabaseMovedAside,
+                serde_json::json!({
+                    "path": path.display().to_string(),
+                    "moved_to": aside.display().to_string(),
+                    "reason": reason.to_string(),
+                }),
+            );
+            if let Err(e) = audit::append(&conn, &clock, &entry) {
+                tracing::warn!(error = %e, "Cannot write to the audit log.");
+            }
+            Ok(conn)
         }
         Err(f @ OpenFailure::Environment(_)) => Err(StoreError::Open {
             path: path.display().to_string(),

@@ -43,6 +43,10 @@ pub async fn post(ctx: &Ctx, req: &Req) -> Reply {
     let name = req.form("name").unwrap_or("").trim().to_string();
     let password = req.form("password").unwrap_or("").to_string();
     let address = req.peer;
+    // Queued behind any other check, so the limit below sees its failures.
+    let Ok(_permit) = ctx.console.password_checks.acquire().await else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "The agent is stopping.");
+    };
     if let Err(wait) = ctx.console.limiter().check(address, Instant::now()) {
         let mut r = html(
             StatusCode::TOO_MANY_REQUESTS,

@@ -39,6 +39,9 @@ pub struct Console {
     pub tls: bool,
     pub(crate) sessions: Mutex<Sessions>,
     pub(crate) limiter: Mutex<LoginLimiter>,
+    /// One password check at a time: each takes Argon2id's 19 MiB and a good part of
+    /// a core, so concurrent login attempts queue instead of exhausting memory.
+    pub(crate) password_checks: tokio::sync::Semaphore,
 }
 
 impl Console {
@@ -54,6 +57,7 @@ impl Console {
                 config.http.session_max.get(),
             )),
             limiter: Mutex::new(LoginLimiter::default()),
+            password_checks: tokio::sync::Semaphore::new(1),
             config: RwLock::new(Arc::new(config.clone())),
         }
     }
