@@ -174,8 +174,16 @@ async fn an_operator_logs_in_acknowledges_and_reads_charts_csv_reports_and_gatew
         .click()
         .await
         .unwrap();
-    client.goto(&format!("{base}/alarms")).await.unwrap();
-    let alarms = source(&client).await;
+    // The form posts and lands back on the alarm page: wait for that page (going
+    // elsewhere before it arrives would cancel the post).
+    let mut alarms = String::new();
+    for _ in 0..100 {
+        alarms = source(&client).await;
+        if alarms.contains("door closed, checking in 30 min") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(
         alarms.contains("ann") && alarms.contains("door closed, checking in 30 min"),
         "the acknowledgement on the alarm page: {alarms}"

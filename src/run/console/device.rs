@@ -195,7 +195,7 @@ fn latest(conn: &Connection, device: &str) -> rusqlite::Result<Vec<crate::store:
             rows.push(r?);
         }
     }
-    rows.sort_by(|a, b| (b.reading.observed_at, b.id).cmp(&(a.reading.observed_at, a.id)));
+    rows.sort_by_key(|r| std::cmp::Reverse((r.reading.observed_at, r.id)));
     rows.truncate(LATEST);
     Ok(rows)
 }

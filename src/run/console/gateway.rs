@@ -193,7 +193,7 @@ pub async fn get(ctx: &Ctx, _req: &Req) -> Reply {
         esc(&ctx.config.storage.path.display().to_string()),
         bytes(s.bytes),
         bytes(cap),
-        if cap > 0 { s.bytes * 100 / cap } else { 0 },
+        (s.bytes * 100).checked_div(cap).unwrap_or(0),
         thousands(s.readings),
         s.per_day
             .map(|d| format!(", {} a day", thousands(d.round() as i64)))

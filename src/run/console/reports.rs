@@ -260,9 +260,9 @@ fn render_day(ctx: &Ctx, report: &DayReport, today: NaiveDate) -> String {
             items.push(line);
         }
         if !items.is_empty() {
-            let _ = write!(
+            let _ = writeln!(
                 details,
-                "<h3>{} {}</h3><ul>{}</ul>\n",
+                "<h3>{} {}</h3><ul>{}</ul>",
                 esc(&s.device),
                 esc(&s.metric),
                 items
