@@ -7,6 +7,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
+pub mod browser;
 pub mod ca;
 pub mod cold_room;
 pub mod config_keys;

@@ -19,11 +19,16 @@
 
 pub mod alarms;
 pub mod assets;
+pub mod chart;
 pub mod context;
+pub mod csv;
+pub mod device;
+pub mod gateway;
 pub mod html;
 pub mod layout;
 pub mod login;
 pub mod overview;
+pub mod reports;
 pub mod server;
 pub mod session;
 pub mod words;
@@ -38,6 +43,9 @@ pub async fn route(ctx: &Ctx, req: &Req) -> Reply {
     match (req.method, req.path.as_str()) {
         (Get, "/") => overview::get(ctx, req).await,
         (Get, "/alarms") => alarms::get(ctx, req).await,
+        (Get, p) if p.starts_with("/device/") => device::get(ctx, req).await,
+        (Get, "/gateway") => gateway::get(ctx, req).await,
+        (Get, p) if p == "/reports" || p.starts_with("/reports/") => reports::get(ctx, req).await,
         (Post, "/alarms/ack") => alarms::post_ack(ctx, req).await,
         (Get, "/login") => login::get(ctx, req).await,
         (Post, "/login") => login::post(ctx, req).await,
