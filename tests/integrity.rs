@@ -259,7 +259,7 @@ fn an_older_database_upgrades_and_its_earlier_readings_are_reported_uncovered() 
     let db = dir.path().join("outpost.db");
     {
         let mut conn = Connection::open(&db).unwrap();
-        outpost::store::schema::migrate_to(&mut conn, outpost::store::schema::CURRENT_VERSION - 1)
+        outpost::store::schema::migrate_to(&mut conn, outpost::store::schema::CHAIN_VERSION - 1)
             .unwrap();
         for i in 0..5i64 {
             conn.execute(

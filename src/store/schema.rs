@@ -295,6 +295,10 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// The schema version that added the hash chain (G10): databases below it hold rows
+/// from before the chain.
+pub const CHAIN_VERSION: i64 = 8;
+
 /// The schema version this build writes.
 pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
 

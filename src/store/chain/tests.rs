@@ -224,7 +224,7 @@ fn corrections_recover_sealed_values() {
 #[test]
 fn pre_chain_rows_are_left_out_on_upgrade() {
     let mut conn = Connection::open_in_memory().unwrap();
-    crate::store::schema::migrate_to(&mut conn, crate::store::schema::CURRENT_VERSION - 1).unwrap();
+    crate::store::schema::migrate_to(&mut conn, crate::store::schema::CHAIN_VERSION - 1).unwrap();
     insert_reading(&conn, 1, 1.0, None);
     insert_reading(&conn, 2, 1.0, None);
     crate::store::schema::migrate(&mut conn).unwrap();
