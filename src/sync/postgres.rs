@@ -576,10 +576,10 @@ impl Central {
         }
         self.transaction(self.client.execute_typed(
             "INSERT INTO outpost.readings \
-                   (gateway_id, uid, observed_at, received_at, source, device, metric, value, unit, flags, meta) \
+                   (gateway_id, uid, observed_at, received_at, source, device, metric, value, unit, flags, meta, seq) \
                  SELECT $1, r.* FROM unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[], $5::text[], \
-                   $6::text[], $7::text[], $8::float8[], $9::text[], $10::int4[], $11::jsonb[]) \
-                   AS r(uid, observed_at, received_at, source, device, metric, value, unit, flags, meta) \
+                   $6::text[], $7::text[], $8::float8[], $9::text[], $10::int4[], $11::jsonb[], $12::int8[]) \
+                   AS r(uid, observed_at, received_at, source, device, metric, value, unit, flags, meta, seq) \
                  ON CONFLICT DO NOTHING",
             &[
                 (&gateway_id, Type::TEXT),
@@ -593,6 +593,8 @@ impl Central {
                 (&rows.unit, Type::TEXT_ARRAY),
                 (&rows.flags, Type::INT4_ARRAY),
                 (&rows.meta, Type::JSONB_ARRAY),
+                // The local id: the chain position (issue 17).
+                (&rows.ids, Type::INT8_ARRAY),
             ],
         ))
         .await
@@ -610,12 +612,13 @@ impl Central {
         self.transaction(self.client.execute_typed(
             "INSERT INTO outpost.alert_events \
                    (gateway_id, uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message, \
-                    actor, note, channel) \
+                    actor, note, channel, seq, unit, since, message_text) \
                  SELECT $1, e.* FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
                    $7::text[], $8::float8[], $9::float8[], $10::timestamptz[], $11::jsonb[], \
-                   $12::text[], $13::text[], $14::text[]) \
+                   $12::text[], $13::text[], $14::text[], $15::int8[], $16::text[], $17::timestamptz[], \
+                   $18::text[]) \
                    AS e(uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message, \
-                   actor, note, channel) \
+                   actor, note, channel, seq, unit, since, message_text) \
                  ON CONFLICT DO NOTHING",
             &[
                 (&gateway_id, Type::TEXT),
@@ -632,6 +635,12 @@ impl Central {
                 (&rows.actor, Type::TEXT_ARRAY),
                 (&rows.note, Type::TEXT_ARRAY),
                 (&rows.channel, Type::TEXT_ARRAY),
+                // What the chain covers besides (issue 17): the local id, unit, since and
+                // the message exactly as stored.
+                (&rows.ids, Type::INT8_ARRAY),
+                (&rows.unit, Type::TEXT_ARRAY),
+                (&rows.since, Type::TIMESTAMPTZ_ARRAY),
+                (&rows.message_text, Type::TEXT_ARRAY),
             ],
         ))
         .await
