@@ -416,7 +416,9 @@ pub fn acknowledge_file(
         rusqlite::Error::InvalidParameterName(problem) => problem,
         e => format!("cannot write to {}: {e}", path.display()),
     })?;
-    tx.commit()
+    // Rows written outside the agent's writer are sealed here (G10).
+    crate::store::chain::seal(&tx, now.timestamp_micros())
+        .and_then(|_| tx.commit())
         .map_err(|e| format!("cannot write to {}: {e}", path.display()))?;
     Ok(outcome)
 }

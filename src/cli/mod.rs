@@ -14,6 +14,7 @@ pub mod rejected;
 pub mod report;
 pub mod run;
 pub mod status;
+pub mod verify;
 
 use crate::config::{self, Config};
 use clap::{Parser, Subcommand};
@@ -62,6 +63,8 @@ pub enum Command {
     /// The audit log (oldest first): configuration loads and reloads, version changes,
     /// acknowledgements, console logins, clock steps, pruning, commands that wrote.
     Audit(audit::Args),
+    /// Check the local hash chain and signed heads (exit 0 intact, 1 at the first damage).
+    Verify(verify::Args),
     /// Send a test notification through one configured notifier and print the outcome
     /// (exit 1 if it was not delivered).
     NotifyTest {
@@ -94,6 +97,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::main(config_path, args),
         Command::Ack(args) => ack::main(config_path, args),
         Command::Audit(args) => audit::main(config_path, args),
+        Command::Verify(args) => verify::main(config_path, args),
         Command::NotifyTest { name } => {
             notify_test::main(&config::resolve_path(config_path), &name)
         }

@@ -107,6 +107,11 @@ impl Pipeline {
         for source in &config.sources {
             pipeline.start_source(source.clone());
         }
+        // Signs the chain's head every minute and at the stop (G10).
+        pipeline.spawn_consumer(crate::store::signing::sign_periodically(
+            pipeline.store.clone(),
+            pipeline.shutdown.clone(),
+        ));
         Ok(pipeline)
     }
 

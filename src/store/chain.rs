@@ -22,6 +22,8 @@
 //! seq order, and for each link its rows in id order; memory does not grow with the
 //! store.
 
+pub mod local;
+
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest as _, Sha256};
 
@@ -851,6 +853,32 @@ pub fn seal(conn: &Connection, now_micros: i64) -> rusqlite::Result<usize> {
         sealed += 1;
     }
     Ok(sealed)
+}
+
+/// Records that rows of `tbl` up to id `pruned_up_to` may be gone (`reason`:
+/// `retention` or `size_cap`), with the chain's seq and head at this moment; signed
+/// by the next signing ([`super::signing::sign_pending`]).
+pub fn checkpoint(
+    conn: &Connection,
+    tbl: Table,
+    pruned_up_to: i64,
+    reason: &str,
+    at: i64,
+) -> rusqlite::Result<()> {
+    let (seq, head) = tip(conn)?;
+    conn.prepare_cached(
+        "INSERT INTO chain_checkpoints (tbl, pruned_up_to, seq, head, reason, at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        tbl.as_str(),
+        pruned_up_to,
+        seq,
+        &head[..],
+        reason,
+        at
+    ])?;
+    Ok(())
 }
 
 #[cfg(test)]

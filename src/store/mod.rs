@@ -31,6 +31,7 @@ pub mod chain;
 mod clock_steps;
 mod read;
 pub mod schema;
+pub mod signing;
 pub mod state;
 mod writer;
 
@@ -239,6 +240,8 @@ pub struct Store {
     progress: Arc<crate::progress::Registry>,
     /// The wall clock of [`StoreOptions::clock`].
     clock: Clock,
+    /// The gateway's signing key (G10, [`signing`]); `None` if it cannot be read.
+    key: Option<signing::GatewayKey>,
 }
 
 /// What [`Store::open`] returns besides the handle: the ingest side of the pipeline and
@@ -267,6 +270,13 @@ impl Store {
         let background_check = !check_at_open(&config.path, max_bytes);
         let clock = options.clock.clone().unwrap_or_else(Clock::system);
         let conn = open_writer_connection(config, &options)?;
+        let key = match signing::load_or_create(&signing::key_path(&config.path)) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::error!(error = %e, "The chain's heads will not be signed.");
+                None
+            }
+        };
         let (damaged_tx, damaged_rx) = watch::channel(None);
         if background_check {
             spawn_background_check(config.path.clone(), config.busy_timeout.get(), damaged_tx);
@@ -326,6 +336,7 @@ impl Store {
                 damaged: damaged_rx,
                 progress,
                 clock,
+                key,
             },
             Ingest {
                 sender: batch_tx,

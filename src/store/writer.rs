@@ -492,6 +492,9 @@ impl Writer {
         if let Err(e) = upsert {
             return Err((fail(&e), completions));
         }
+        if let Err(e) = super::chain::seal(conn, self.clock.now().timestamp_micros()) {
+            return Err((fail(&e), completions));
+        }
         if let Err(e) = conn.execute_batch("COMMIT") {
             let error = if is_full(&e) {
                 StoreError::Full
@@ -694,9 +697,11 @@ fn prune_retention(
     conn: &Connection,
     cutoff: i64,
     scan: &mut RetentionScan,
+    newest: i64,
+    at: i64,
 ) -> rusqlite::Result<usize> {
-    let bound = retention_bound(conn, cutoff)?;
-    if bound == 0 {
+    let bound = retention_bound(conn, cutoff)?.min(newest - 1);
+    if bound <= 0 {
         return Ok(0);
     }
     let oldest_unsynced: Option<i64> = conn
@@ -709,12 +714,16 @@ fn prune_retention(
     let delete_range = |after: i64, up_to: i64| -> rusqlite::Result<usize> {
         let mut deleted = 0;
         loop {
-            let n = conn.execute(
+            let n = delete_checkpointed(
+                conn,
                 "DELETE FROM readings WHERE id IN (SELECT id FROM readings \
                  WHERE id > ?1 AND id <= ?2 AND synced = 1 AND received_at < ?3 \
-                 ORDER BY id LIMIT ?4)",
+                 ORDER BY id LIMIT ?4) RETURNING id",
                 params![after, up_to, cutoff, PRUNE_CHUNK],
-            )?;
+                "retention",
+                at,
+            )?
+            .0;
             deleted += n;
             if n < PRUNE_CHUNK {
                 return Ok(deleted);
@@ -730,6 +739,41 @@ fn prune_retention(
         scan.after = if to >= bound { 0 } else { to };
     }
     Ok(deleted)
+}
+
+/// Runs one pruning `DELETE … RETURNING id` of readings and, in the same transaction
+/// (a savepoint), records a chain checkpoint up to the highest id it deleted (G10), so
+/// `outpost verify` knows rows up to there may be gone. Returns the rows deleted and
+/// the range of their ids.
+fn delete_checkpointed(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    reason: &str,
+    at: i64,
+) -> rusqlite::Result<(usize, Option<(i64, i64)>)> {
+    conn.execute_batch("SAVEPOINT prune")?;
+    let result = (|| {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params)?;
+        let (mut n, mut range) = (0usize, None::<(i64, i64)>);
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            n += 1;
+            range = Some(range.map_or((id, id), |(a, b)| (a.min(id), b.max(id))));
+        }
+        if let Some((_, last)) = range {
+            super::chain::checkpoint(conn, super::chain::Table::Readings, last, reason, at)?;
+        }
+        Ok((n, range))
+    })();
+    match result {
+        Ok(v) => conn.execute_batch("RELEASE prune").map(|()| v),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO prune; RELEASE prune");
+            Err(e)
+        }
+    }
 }
 
 /// Enforces retention and the size cap (G4), in this order: synced readings older than
@@ -749,16 +793,26 @@ pub(crate) fn prune(
         now.checked_sub_signed(retention)
             .unwrap_or(chrono::DateTime::UNIX_EPOCH),
     );
-    let mut synced = prune_retention(conn, cutoff, scan)?;
+    // The newest reading is never pruned: SQLite gives a new row the highest id + 1,
+    // and an emptied table would hand out ids the chain already covers (G10).
+    let newest: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| {
+        r.get(0)
+    })?;
+    let at = to_micros(now);
+    let mut synced = prune_retention(conn, cutoff, scan, newest, at)?;
     conn.execute(
         "DELETE FROM rejected WHERE id <= (SELECT MAX(id) FROM rejected) - 1000",
         [],
     )?;
     let cap = config.max_size.0;
     while used_bytes(conn)? > cap {
-        let n = conn.execute(
-            "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE synced = 1 ORDER BY id LIMIT ?1)",
-            [PRUNE_CHUNK],
+        let (n, _) = delete_checkpointed(
+            conn,
+            "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE synced = 1 \
+             AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id",
+            params![newest, PRUNE_CHUNK],
+            "size_cap",
+            at,
         )?;
         synced += n;
         if n == 0 {
@@ -766,15 +820,25 @@ pub(crate) fn prune(
         }
     }
     let mut unsynced = 0usize;
+    let mut unsynced_ids: Option<(i64, i64)> = None;
     while used_bytes(conn)? > cap {
-        let n = conn.execute(
-            "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE synced = 0 ORDER BY id LIMIT ?1)",
-            [PRUNE_CHUNK],
+        let (n, range) = delete_checkpointed(
+            conn,
+            "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE synced = 0 \
+             AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id",
+            params![newest, PRUNE_CHUNK],
+            "size_cap",
+            at,
         )?;
         if n == 0 {
             break;
         }
         unsynced += n;
+        if let Some((first, last)) = range {
+            unsynced_ids = Some(unsynced_ids.map_or((first, last), |(a, b): (i64, i64)| {
+                (a.min(first), b.max(last))
+            }));
+        }
     }
     if unsynced > 0 {
         conn.execute(
@@ -782,6 +846,30 @@ pub(crate) fn prune(
              ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
             [unsynced as i64],
         )?;
+        let (first_id, last_id) = unsynced_ids.unwrap_or((0, 0));
+        // The entry is sealed at once (pruning runs between group commits).
+        conn.execute_batch("SAVEPOINT pruned_unsynced")?;
+        let entry = super::audit::append(
+            conn,
+            &crate::clock::Clock::from_fn(move || now),
+            &super::audit::AuditEntry::by_process(
+                super::audit::AuditKind::PrunedUnsynced,
+                serde_json::json!({
+                    "readings": unsynced,
+                    "first_id": first_id,
+                    "last_id": last_id,
+                    "max_size": config.max_size.0,
+                }),
+            ),
+        )
+        .and_then(|_| super::chain::seal(conn, at));
+        match entry {
+            Ok(_) => conn.execute_batch("RELEASE pruned_unsynced")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK TO pruned_unsynced; RELEASE pruned_unsynced");
+                return Err(e);
+            }
+        }
         stats.pruned_unsynced.fetch_add(unsynced as u64, Relaxed);
         tracing::error!(
             pruned = unsynced,
