@@ -199,7 +199,7 @@ pub fn describe_report(r: &GatewayReport, now: chrono::DateTime<Utc>) -> String 
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  a NEW KEY presented by the gateway is refused{when}: accept it with              SELECT outpost.accept_gateway_key('{}'); (docs/central.md)",
+            "  a NEW KEY presented by the gateway is refused{when}: accept it with SELECT outpost.accept_gateway_key('{}'); (docs/central.md)",
             r.gateway_id
         );
     }
@@ -239,7 +239,7 @@ pub fn describe_report(r: &GatewayReport, now: chrono::DateTime<Utc>) -> String 
     if pr + pe + pa > 0 || r.backlog_rows > 0 {
         let _ = writeln!(
             out,
-            "  pending (not yet covered by a link at central): {pr} readings, {pe} alert events,              {pa} audit entries; {} readings not yet synced (last heartbeat)",
+            "  pending (not yet covered by a link at central): {pr} readings, {pe} alert events, {pa} audit entries; {} readings not yet synced (last heartbeat)",
             r.backlog_rows
         );
     }

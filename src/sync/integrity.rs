@@ -453,8 +453,8 @@ pub async fn upload_starts(
 // The sync worker's part: one call per round.
 
 /// The public key of the gateway's signing key (beside the database), if there is one.
-pub fn gateway_public_key(_store: &Store) -> Option<Vec<u8>> {
-    None
+pub fn gateway_public_key(store: &Store) -> Option<Vec<u8>> {
+    store.gateway_key().map(|k| k.public_key().to_vec())
 }
 
 /// The chain's share of a sync round: present the key, then the audit log, and (while
@@ -580,6 +580,11 @@ impl ChainSync {
                 }
                 return Ok(());
             }
+        }
+        // Sign the newest head (and unsigned checkpoints) so that this round's upload
+        // ends with a signature of what it sent.
+        if let Err(e) = self.store.sign_head().await {
+            tracing::debug!(error = %e, "Could not sign the chain's head before upload.");
         }
         if !self.starts_sent {
             let starts = self.read(select_starts).await?;
@@ -934,20 +939,7 @@ async fn fetch_rows(
 
 /// Verifies an Ed25519 signature of the head `head` at `seq`.
 pub fn signature_valid(public_key: &[u8], seq: i64, head: &[u8; 32], signature: &[u8]) -> bool {
-    let Ok(key) = <[u8; 32]>::try_from(public_key) else {
-        return false;
-    };
-    let Ok(sig) = <[u8; 64]>::try_from(signature) else {
-        return false;
-    };
-    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
-        return false;
-    };
-    key.verify_strict(
-        &chain::head_message(seq, head),
-        &ed25519_dalek::Signature::from_bytes(&sig),
-    )
-    .is_ok()
+    crate::store::signing::verify(public_key, &chain::head_message(seq, head), signature)
 }
 
 /// The gateways to verify, in order.
@@ -1074,7 +1066,7 @@ async fn table_starts(
         let message = chain::checkpoint_message(t, pruned, seq, &head, reason);
         let valid = match (signature, key) {
             (Some(sig), Some(key)) if keys.iter().any(|k| k.as_slice() == key) => {
-                checkpoint_signature_valid(key, &message, sig)
+                crate::store::signing::verify(key, &message, sig)
             }
             _ => false,
         };
@@ -1102,17 +1094,6 @@ async fn table_starts(
         }
     }
     Ok((out, c, problems))
-}
-
-fn checkpoint_signature_valid(key: &[u8], message: &[u8], signature: &[u8]) -> bool {
-    let (Ok(key), Ok(sig)) = (<[u8; 32]>::try_from(key), <[u8; 64]>::try_from(signature)) else {
-        return false;
-    };
-    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
-        return false;
-    };
-    key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig))
-        .is_ok()
 }
 
 /// A signature row at central.
