@@ -470,6 +470,8 @@ pub struct ChainSync {
     refused: Option<Vec<u8>>,
     /// Whether the sync state is known to hold no refusal (cleared once per run).
     cleared: bool,
+    /// Uploads refused for lack of grants (SQLSTATE 42501).
+    grant_log: crate::ratelimit::LogLimiter,
     starts_sent: bool,
 }
 
@@ -484,6 +486,7 @@ impl ChainSync {
             reader: std::sync::Mutex::new(None),
             refused: None,
             cleared: false,
+            grant_log: crate::ratelimit::LogLimiter::new(std::time::Duration::from_secs(3600)),
             starts_sent: false,
         }
     }
@@ -539,8 +542,22 @@ impl ChainSync {
         self.refused.is_some()
     }
 
-    /// One round, after the readings and events of the round went up.
+    /// One round, after the readings and events of the round went up. A role without
+    /// the schema-4 grants does not stop readings from syncing: the chain waits, with a
+    /// warning at most once an hour.
     pub async fn round(&mut self, central: &Central, gateway_id: &str) -> Result<(), SyncError> {
+        match self.upload(central, gateway_id).await {
+            Err(SyncError::Database(text)) if text.contains("SQLSTATE 42501") => {
+                if let Some(suppressed) = self.grant_log.allow() {
+                    tracing::warn!(error = %text, suppressed, "Cannot upload the hash chain or the audit log to central: grant the gateways' role INSERT on outpost.audit_log, outpost.chain_links, outpost.chain_signatures, outpost.chain_checkpoints and outpost.chain_starts (docs/operator.md); readings and events still sync.");
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn upload(&mut self, central: &Central, gateway_id: &str) -> Result<(), SyncError> {
         let max = self.batch;
         loop {
             let rows = self.read(move |c| select_audit(c, max)).await?;
