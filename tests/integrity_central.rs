@@ -7,10 +7,11 @@
 
 mod support;
 
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 use support::agent::{outpost, Agent};
-use support::{free_port, PgBouncer, Postgres};
+use support::{free_port, PgBouncer, Postgres, SerialLink};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -505,4 +506,95 @@ fn a_new_gateway_key_is_refused_and_reported_until_an_operator_accepts_it() {
     assert_eq!(code, Some(0), "{out}");
     let b = block(&out, "gw-k");
     assert!(b.contains("  OK") && !b.contains("NEW KEY"), "{b}");
+}
+
+/// G8 at central: readings stamped while the clock was not synchronised are held back,
+/// corrected after the clock steps, then sent; central verification replays the
+/// corrections from the audit log and finds the chain intact.
+#[test]
+fn corrected_readings_verify_centrally() {
+    let pg = Postgres::start();
+    let bouncer = PgBouncer::start(&pg);
+    migrate(&bouncer, false);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "0 unsynchronized").unwrap();
+    let link = SerialLink::start();
+    let config = format!(
+        "{}{}[[sources]]\ntype = \"serial\"\nname = \"ser\"\npath = \"{}\"\nformat = \"key-value\"\n\
+         reopen_max_delay = \"500ms\"\n[sources.fields]\ndevice = \"p1\"\n",
+        head(dir.path(), "gw-c", free_port()),
+        sync_section(&bouncer),
+        link.device_path().display()
+    );
+    let mut agent = Agent::new(dir.path(), &config)
+        .env("OUTPOST_TEST_CLOCK_OFFSET_FILE", &clock)
+        .deadline(DEADLINE)
+        .start();
+    let write_lines = |from: usize, to: usize| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(link.peer_path())
+            .unwrap();
+        for i in from..to {
+            f.write_all(format!("n={i}\n").as_bytes()).unwrap();
+        }
+        f.flush().unwrap();
+    };
+    // The port opens shortly after the start: write until the first readings arrive.
+    let mut written = 0;
+    agent.wait_until("readings flagged CLOCK_UNSYNCED", || {
+        write_lines(written, written + 1);
+        written += 1;
+        std::thread::sleep(Duration::from_millis(100));
+        agent.try_count("SELECT COUNT(*) FROM readings WHERE flags & 1 = 1") >= Some(1)
+    });
+    write_lines(written, written + 30);
+    agent.wait_until("30 more", || {
+        agent.try_count("SELECT COUNT(*) FROM readings WHERE flags & 1 = 1") >= Some(21)
+    });
+    std::fs::write(&clock, "86400 synchronized").unwrap();
+    agent.wait_until("the readings to be corrected", || {
+        agent.try_count("SELECT COUNT(*) FROM readings WHERE flags & 9 = 9") >= Some(20)
+    });
+    write_lines(1000, 1005);
+    agent.wait_until("the corrected readings and their links at central", || {
+        let corrected = count(
+            &pg,
+            "SELECT count(*) FROM outpost.readings WHERE gateway_id = 'gw-c' AND flags & 9 = 9",
+        );
+        let newest_corrected = agent
+            .try_count("SELECT COALESCE(MAX(id), 0) FROM readings WHERE flags & 9 = 9")
+            .unwrap_or(i64::MAX);
+        let covered = count(
+            &pg,
+            "SELECT COALESCE(max(last_id), 0) FROM outpost.chain_links \
+             WHERE gateway_id = 'gw-c' AND tbl = 'readings'",
+        );
+        corrected >= 20 && covered > newest_corrected
+    });
+    agent.terminate();
+    assert!(
+        count(
+            &pg,
+            "SELECT count(*) FROM outpost.audit_log WHERE gateway_id = 'gw-c' AND kind = 'clock.correction'"
+        ) >= 1,
+        "the corrections reached central"
+    );
+    let (code, out) = verify(&bouncer, &["--gateway", "gw-c"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(block(&out, "gw-c").contains("  OK"), "{out}");
+    // The corrected time changed centrally is still found.
+    pg.psql(
+        "UPDATE outpost.readings SET observed_at = observed_at + interval '1 hour' \
+         WHERE gateway_id = 'gw-c' AND seq = (SELECT min(seq) FROM outpost.readings \
+           WHERE gateway_id = 'gw-c' AND flags & 9 = 9)",
+    );
+    let (code, out) = verify(&bouncer, &["--gateway", "gw-c"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(
+        damage_code(&block(&out, "gw-c")).as_deref(),
+        Some("digest"),
+        "{out}"
+    );
 }
