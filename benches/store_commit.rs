@@ -150,11 +150,21 @@ fn main() {
     let base = baseline(&dir.path().join("baseline.db"), rows);
     println!("  baseline  rusqlite, 1 transaction per 1000 rows: {base:>10.0} rows/s");
     for batch in [1u64, 10, 100] {
+        // The hash chain's cost (G10): the same writer without sealing, same run.
+        std::env::set_var(outpost::store::chain::BENCH_NO_CHAIN_ENV, "1");
+        let path = dir.path().join(format!("nochain-{batch}.db"));
+        let plain = runtime.block_on(agent(&path, rows, batch));
+        std::env::remove_var(outpost::store::chain::BENCH_NO_CHAIN_ENV);
+        println!(
+            "  outpost   without the chain, batches of {batch:>3} rows: {plain:>10.0} rows/s   ratio {:.2}",
+            plain / base
+        );
         let path = dir.path().join(format!("agent-{batch}.db"));
         let rate = runtime.block_on(agent(&path, rows, batch));
         println!(
-            "  outpost   store writer, batches of {batch:>3} rows:   {rate:>10.0} rows/s   ratio {:.2}",
-            rate / base
+            "  outpost   store writer, batches of {batch:>3} rows:   {rate:>10.0} rows/s   ratio {:.2}   chain/no chain {:.3}",
+            rate / base,
+            rate / plain
         );
     }
     println!("  peak RSS of the bench process: {} KiB", rss_kib());

@@ -126,8 +126,13 @@ pub fn render_report(db: &Path, r: &Report, now: i64) -> String {
             );
         }
         if r.pre_chain[i] > 0 {
+            let rows = match tbl {
+                Table::Readings => "readings",
+                Table::AlertEvents => "alert events",
+                Table::AuditLog => "audit entries",
+            };
             out += &format!(
-                "  {} {tbl} rows from before the chain (version upgrade) not covered\n",
+                "  {} {rows} from before the chain (version upgrade) not covered\n",
                 r.pre_chain[i]
             );
         }
@@ -146,6 +151,10 @@ pub fn render_failure(db: &Path, f: &Failure) -> String {
     let d = &f.damage;
     let mut out = format!("{}: DAMAGED\n  {}\n", db.display(), d.kind);
     let table = d.tbl.map(|t| t.as_str()).unwrap_or("-");
+    if d.tbl.is_none() && d.seq > 0 {
+        out += &format!("  the signed head of link {}\n", d.seq);
+        return out;
+    }
     if d.seq > 0 {
         out += &format!("  at link {} ({table}", d.seq);
     } else {
@@ -157,6 +166,9 @@ pub fn render_failure(db: &Path, f: &Failure) -> String {
     out += ")\n";
     if let Some((a, b)) = f.time_range {
         out += &format!("  rows from {} to {}\n", time(a), time(b));
+    }
+    if let Some(at) = f.sealed_at {
+        out += &format!("  link sealed {}\n", time(at));
     }
     out
 }

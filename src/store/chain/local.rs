@@ -49,6 +49,8 @@ pub struct Report {
 pub struct Failure {
     pub damage: Damage,
     pub time_range: Option<(i64, i64)>,
+    /// When the link concerned was sealed (µs), if the damage is in a link.
+    pub sealed_at: Option<i64>,
 }
 
 impl From<Damage> for Failure {
@@ -56,6 +58,7 @@ impl From<Damage> for Failure {
         Failure {
             damage,
             time_range: None,
+            sealed_at: None,
         }
     }
 }
@@ -119,6 +122,7 @@ fn not_covered(conn: &Connection, tbl: Table, id: i64, seq: i64) -> Failure {
             last_id: id,
         },
         time_range: time_range(conn, tbl, id, id),
+        sealed_at: None,
     }
 }
 
@@ -281,6 +285,7 @@ fn verify_in(
                     return Ok(Err(Failure {
                         damage: d,
                         time_range,
+                        sealed_at: Some(link.sealed_at),
                     }));
                 }
             };
@@ -323,6 +328,7 @@ fn verify_in(
                         return Ok(Err(Failure {
                             damage: d,
                             time_range,
+                            sealed_at: Some(link.sealed_at),
                         }));
                     }
                 }

@@ -236,3 +236,170 @@ fn pre_chain_rows_are_left_out_on_upgrade() {
         .unwrap();
     assert_eq!(first, 3);
 }
+
+/// Readings as the writer commits them: each group sealed; `synced` as given.
+fn committed_groups(
+    conn: &Connection,
+    groups: usize,
+    per_group: usize,
+    age: chrono::Duration,
+    synced: bool,
+) {
+    let t = crate::model::to_micros(chrono::Utc::now() - age);
+    for _ in 0..groups {
+        let tx = conn.unchecked_transaction().unwrap();
+        for _ in 0..per_group {
+            let uid: [u8; 16] = rand::random();
+            tx.execute(
+                "INSERT INTO readings (uid, source, device, metric, value, observed_at, received_at, synced, meta) \
+                 VALUES (?1, 's', 'd', 'm', 1.5, ?2, ?2, ?3, ?4)",
+                params![&uid[..], t, synced as i64, "x".repeat(200)],
+            )
+            .unwrap();
+        }
+        seal(&tx, t).unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+fn verify_clean(conn: &Connection) -> local::Report {
+    match local::verify(conn, &local::VerifyOptions::default(), |_, _| {}).unwrap() {
+        Ok(report) => report,
+        Err(f) => panic!("damaged: {f:?}"),
+    }
+}
+
+fn store_conn(max_size: u64) -> (tempfile::TempDir, Connection, crate::store::StorageConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::store::StorageConfig {
+        path: dir.path().join("t.db"),
+        retention: crate::settings::HumanDuration::from_secs(86400),
+        max_size: crate::settings::ByteSize(max_size),
+        ..crate::store::StorageConfig::default()
+    };
+    let conn =
+        crate::store::open_writer_connection(&config, &crate::store::StoreOptions::default())
+            .unwrap();
+    (dir, conn, config)
+}
+
+#[test]
+fn retention_and_the_size_cap_leave_a_verifiable_chain() {
+    use crate::store::writer::{prune, used_bytes, RetentionScan};
+    let (_d, conn, mut config) = store_conn(1 << 30);
+    committed_groups(&conn, 10, 100, chrono::Duration::days(3), true); // old, synced
+    committed_groups(&conn, 5, 100, chrono::Duration::days(3), false); // old, unsynced
+    committed_groups(&conn, 10, 100, chrono::Duration::hours(1), true);
+    committed_groups(&conn, 10, 100, chrono::Duration::minutes(1), false);
+    verify_clean(&conn);
+    let stats = crate::store::StoreStats::default();
+    prune(
+        &conn,
+        &config,
+        chrono::Utc::now(),
+        &stats,
+        &mut RetentionScan::default(),
+    )
+    .unwrap();
+    let left: i64 = conn
+        .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 2500, "retention pruned the old synced readings");
+    let report = verify_clean(&conn);
+    assert_eq!(report.pruned_up_to[0], 1000);
+    assert_eq!(report.checkpoints_unsigned, report.checkpoints);
+
+    // The size cap: synced first, then the oldest unsynced (audited).
+    config.max_size = crate::settings::ByteSize(used_bytes(&conn).unwrap() / 3);
+    prune(
+        &conn,
+        &config,
+        chrono::Utc::now(),
+        &stats,
+        &mut RetentionScan::default(),
+    )
+    .unwrap();
+    assert!(
+        stats
+            .pruned_unsynced
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    let audited: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM audit_log WHERE kind = 'store.pruned_unsynced'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(audited, 1);
+    // Signing covers the checkpoints too; everything verifies.
+    let key = crate::store::signing::GatewayKey::generate();
+    let signed = crate::store::signing::sign_pending(&conn, &key, 1).unwrap();
+    assert!(signed.head.is_some() && signed.checkpoints > 0);
+    let report = match local::verify(
+        &conn,
+        &local::VerifyOptions {
+            since: None,
+            public_key: Some(key.public_key()),
+        },
+        |_, _| {},
+    )
+    .unwrap()
+    {
+        Ok(r) => r,
+        Err(f) => panic!("damaged: {f:?}"),
+    };
+    assert_eq!(report.signatures, 1);
+    assert_eq!(report.checkpoints_unsigned, 0);
+    // The newest reading is never pruned: ids are never handed out twice.
+    let newest: i64 = conn
+        .query_row("SELECT MAX(id) FROM readings", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(newest, 3500);
+
+    // A row deleted above the pruned range is still damage.
+    committed_groups(&conn, 2, 100, chrono::Duration::minutes(1), false);
+    verify_clean(&conn);
+    conn.execute(
+        "DELETE FROM readings WHERE id = (SELECT MAX(id) - 5 FROM readings)",
+        [],
+    )
+    .unwrap();
+    let failure = local::verify(&conn, &local::VerifyOptions::default(), |_, _| {})
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(failure.damage.kind, DamageKind::RowsMissing { .. }),
+        "{failure:?}"
+    );
+    assert!(failure.time_range.is_some());
+}
+
+#[test]
+fn a_forged_checkpoint_signature_is_found() {
+    use crate::store::writer::{prune, RetentionScan};
+    let (_d, conn, config) = store_conn(1 << 30);
+    committed_groups(&conn, 3, 10, chrono::Duration::days(3), true);
+    committed_groups(&conn, 1, 10, chrono::Duration::hours(1), true);
+    let stats = crate::store::StoreStats::default();
+    prune(
+        &conn,
+        &config,
+        chrono::Utc::now(),
+        &stats,
+        &mut RetentionScan::default(),
+    )
+    .unwrap();
+    let key = crate::store::signing::GatewayKey::generate();
+    crate::store::signing::sign_pending(&conn, &key, 1).unwrap();
+    conn.execute(
+        "UPDATE chain_checkpoints SET pruned_up_to = pruned_up_to + 10",
+        [],
+    )
+    .unwrap();
+    let failure = local::verify(&conn, &local::VerifyOptions::default(), |_, _| {})
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(failure.damage.kind, DamageKind::CheckpointInvalid);
+}
