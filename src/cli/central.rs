@@ -224,11 +224,15 @@ pub fn describe_report(r: &GatewayReport, now: chrono::DateTime<Utc>) -> String 
     }
     match r.newest_signed {
         Some((seq, at)) => {
+            let when = if at > now {
+                format!("signed at {} (ahead of this clock)", at.to_rfc3339())
+            } else {
+                format!("signed {} ago", age(now, at))
+            };
             let _ = writeln!(
                 out,
-                "  {} signatures valid; newest signed head: seq {seq}, signed {} ago",
-                r.signatures,
-                age(now, at)
+                "  {} signatures valid; newest signed head: seq {seq}, {when}",
+                r.signatures
             );
         }
         None => {
