@@ -5,6 +5,7 @@ use crate::sync::central::{
     maintain, migrate, readings_is_partitioned, resolve_connection, schema_sql, ConnectionArgs,
     Layout, LoadSync, DEFAULT_MONTHS_BACK,
 };
+use crate::sync::integrity::{fingerprint, verify, GatewayReport, VerifyOptions};
 use crate::sync::postgres::{connect, Central};
 use crate::sync::SyncError;
 use chrono::Utc;
@@ -108,7 +109,168 @@ fn run_command(
                 })
             },
         ),
+        CentralCommand::Verify {
+            connection,
+            gateway,
+            since,
+            until,
+        } => {
+            let options = VerifyOptions {
+                gateway,
+                since,
+                until,
+                page_rows: 10_000,
+            };
+            run_verify(config_path, load_sync, &connection, options)
+        }
     }
+}
+
+/// `outpost central verify`: a summary per gateway as it is verified; exit 0 when all
+/// verify, 1 on damage (or when central cannot be read).
+fn run_verify(
+    config_path: &Path,
+    load_sync: LoadSync<'_>,
+    args: &ConnectionArgs,
+    options: VerifyOptions,
+) -> ExitCode {
+    let connect_options = match resolve_connection(config_path, load_sync, args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(crate::exit::CONFIG);
+        }
+    };
+    let done = super::block_on(super::Runtime::CurrentThread, async {
+        let central = match connect(&connect_options).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let started = std::time::Instant::now();
+        let now = Utc::now();
+        let mut print = |r: &GatewayReport| print!("{}", describe_report(r, now));
+        match verify(&central, &options, &mut print).await {
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                ExitCode::FAILURE
+            }
+            Ok(reports) => {
+                let rows: u64 = reports.iter().map(|r| r.rows.iter().sum::<u64>()).sum();
+                let damaged = reports.iter().filter(|r| !r.is_clean()).count();
+                let secs = started.elapsed().as_secs_f64();
+                println!(
+                    "{} gateway(s), {} verified clean, {damaged} damaged; {rows} rows in {secs:.1} s ({:.0} rows/s).",
+                    reports.len(),
+                    reports.len() - damaged,
+                    rows as f64 / secs.max(1e-6)
+                );
+                if reports.is_empty() {
+                    if let Some(g) = &options.gateway {
+                        eprintln!("outpost: no gateway {g:?} in central");
+                        return ExitCode::FAILURE;
+                    }
+                }
+                if damaged > 0 {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+        }
+    });
+    done.unwrap_or_else(|code| code)
+}
+
+/// A gateway's summary, as `outpost central verify` prints it.
+pub fn describe_report(r: &GatewayReport, now: chrono::DateTime<Utc>) -> String {
+    use crate::display::age;
+    let mut out = String::new();
+    let key = match &r.public_key {
+        Some(k) => format!("key {} pinned", fingerprint(k)),
+        None => "no key pinned".to_string(),
+    };
+    let _ = writeln!(out, "Gateway {}: {key}", r.gateway_id);
+    if let Some(since) = &r.key_pending_since {
+        let when = since
+            .map(|t| format!(" since {} ago", age(now, t)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  a NEW KEY presented by the gateway is refused{when}: accept it with SELECT outpost.accept_gateway_key('{}'); (docs/central.md)",
+            r.gateway_id
+        );
+    }
+    let [readings, events, audit] = r.rows;
+    let _ =
+        writeln!(
+        out,
+        "  {} links verified{}: {readings} readings, {events} alert events, {audit} audit entries",
+        r.links,
+        if r.links_pruned > 0 {
+            format!(" ({} partly pruned on the gateway before sync)", r.links_pruned)
+        } else {
+            String::new()
+        }
+    );
+    if r.skipped_links > 0 {
+        let _ = writeln!(
+            out,
+            "  {} links before --since: chained, rows not re-hashed",
+            r.skipped_links
+        );
+    }
+    match r.newest_signed {
+        Some((seq, at)) => {
+            let when = if at > now {
+                format!("signed at {} (ahead of this clock)", at.to_rfc3339())
+            } else {
+                format!("signed {} ago", age(now, at))
+            };
+            let _ = writeln!(
+                out,
+                "  {} signatures valid; newest signed head: seq {seq}, {when}",
+                r.signatures
+            );
+        }
+        None => {
+            let _ = writeln!(out, "  no signed head at central yet");
+        }
+    }
+    let [pr, pe, pa] = r.pending_rows;
+    if pr + pe + pa > 0 || r.backlog_rows > 0 {
+        let _ = writeln!(
+            out,
+            "  pending (not yet covered by a link at central): {pr} readings, {pe} alert events, {pa} audit entries; {} readings not yet synced (last heartbeat)",
+            r.backlog_rows
+        );
+    }
+    match &r.damage {
+        None => {
+            let _ = writeln!(out, "  OK");
+        }
+        Some(d) => {
+            let place = match &d.tbl {
+                Some(t) if d.seq > 0 => {
+                    format!("{t} link {} (ids {}..={})", d.seq, d.first_id, d.last_id)
+                }
+                Some(t) => format!("{t} (ids {}..={})", d.first_id, d.last_id),
+                None => format!("seq {}", d.seq),
+            };
+            let times = d
+                .time_range
+                .map(|(a, b)| format!(", rows from {} to {}", a.to_rfc3339(), b.to_rfc3339()))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  DAMAGED: first at {place}{times}: {} [{}]; {} damaged link(s) or row(s) in all",
+                d.kind, d.code, r.damaged_links
+            );
+        }
+    }
+    out
 }
 
 fn run_admin<F, Fut>(

@@ -101,11 +101,7 @@ pub fn render_with(report: &StatusReport, database: &str, display: &DisplayConfi
     };
     let _ = writeln!(out, "Central sync: {last}");
     if let (Some(error), Some(at)) = (&sync.last_error, sync.last_error_at) {
-        let failing = match sync.last_sync_at {
-            Some(ok) => ok < at,
-            None => true,
-        };
-        if failing {
+        if sync.failing {
             let _ = writeln!(
                 out,
                 "Central sync is FAILING since {} ago: {error}",

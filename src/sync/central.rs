@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 
 /// The central schema version this agent writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Key of the transaction-scoped advisory lock that serialises migrations and
 /// partition maintenance (`pg_advisory_xact_lock`, released at commit).
@@ -57,7 +57,135 @@ const MIGRATIONS: &[Migration] = &[
         description: "daily_summaries",
         sql: migration_3,
     },
+    // 4: the hash chain at central (issue 17): the local sequence on readings and alert
+    // events, the audit log, links, signatures, checkpoints and the pinned key.
+    Migration {
+        version: 4,
+        description:
+            "hash chain: seq, audit_log, chain links, signatures, checkpoints, starts, pinned keys",
+        sql: migration_4,
+    },
 ];
+
+/// The chain at central (G10, issue 17). `seq` is the gateway's local row id (the
+/// position its chain links cover; NULL for rows sent by agents from before the chain).
+/// Links, signatures, checkpoints and the audit log mirror the gateway's tables, keyed by
+/// gateway. The gateway's Ed25519 public key is pinned at first contact; a different key
+/// is parked in `public_key_pending` and refused until an operator runs
+/// `SELECT outpost.accept_gateway_key('<gateway>')` (docs/central.md), which keeps the
+/// previous key in `outpost.gateway_keys` so that what it signed still verifies.
+fn migration_4(_: Layout) -> String {
+    "\
+-- The gateway's local row id: the position its hash chain covers (NULL: sent by an older agent).
+ALTER TABLE outpost.readings ADD COLUMN IF NOT EXISTS seq bigint;
+CREATE INDEX IF NOT EXISTS readings_gateway_seq ON outpost.readings (gateway_id, seq) WHERE seq IS NOT NULL;
+-- Rows without a chain position: those an older agent sent, and any inserted behind its back.
+CREATE INDEX IF NOT EXISTS readings_unsequenced ON outpost.readings (gateway_id, inserted_at) WHERE seq IS NULL;
+-- Alert events: the local id, and the columns the chain covers that central did not keep
+-- (message_text: the event's JSON exactly as the gateway stored it; jsonb reorders keys).
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS seq bigint;
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS unit text;
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS since timestamptz;
+ALTER TABLE outpost.alert_events ADD COLUMN IF NOT EXISTS message_text text;
+CREATE INDEX IF NOT EXISTS alert_events_gateway_seq ON outpost.alert_events (gateway_id, seq) WHERE seq IS NOT NULL;
+
+-- The gateways' audit logs (append-only on the gateway): details exactly as written (JSON text).
+CREATE TABLE IF NOT EXISTS outpost.audit_log (
+    gateway_id  text NOT NULL,
+    id          bigint NOT NULL,              -- the gateway's local id (chain position)
+    at          timestamptz NOT NULL,         -- gateway's wall clock
+    boot_id     text NOT NULL,
+    since_boot  bigint NOT NULL,              -- µs since that boot (CLOCK_BOOTTIME)
+    kind        text NOT NULL,
+    actor       text NOT NULL,
+    details     text NOT NULL,                -- JSON object, the exact text the chain covers
+    inserted_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT audit_log_unique UNIQUE (gateway_id, id)
+);
+CREATE INDEX IF NOT EXISTS audit_log_gateway_time ON outpost.audit_log (gateway_id, at DESC);
+CREATE INDEX IF NOT EXISTS audit_log_kind_time ON outpost.audit_log (kind, at DESC);
+
+-- The hash chain: one link per table per group commit on the gateway.
+CREATE TABLE IF NOT EXISTS outpost.chain_links (
+    gateway_id  text NOT NULL,
+    seq         bigint NOT NULL,
+    tbl         text NOT NULL,                -- readings, alert_events or audit_log
+    first_id    bigint NOT NULL,
+    last_id     bigint NOT NULL,
+    rows        bigint NOT NULL,
+    digest      bytea NOT NULL,
+    head        bytea NOT NULL,
+    sealed_at   timestamptz NOT NULL,
+    inserted_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT chain_links_unique UNIQUE (gateway_id, seq)
+);
+-- Signed heads (Ed25519 over the head at link `seq`).
+CREATE TABLE IF NOT EXISTS outpost.chain_signatures (
+    gateway_id  text NOT NULL,
+    id          bigint NOT NULL,              -- the gateway's local id
+    seq         bigint NOT NULL,
+    head        bytea NOT NULL,
+    signature   bytea NOT NULL,
+    public_key  bytea NOT NULL,
+    signed_at   timestamptz NOT NULL,
+    inserted_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT chain_signatures_unique UNIQUE (gateway_id, id)
+);
+CREATE INDEX IF NOT EXISTS chain_signatures_seq ON outpost.chain_signatures (gateway_id, seq);
+-- Where the gateway pruned a table (retention, size cap): its rows up to pruned_up_to may
+-- be gone (those pruned before they were synced never reach central).
+CREATE TABLE IF NOT EXISTS outpost.chain_checkpoints (
+    gateway_id   text NOT NULL,
+    id           bigint NOT NULL,             -- the gateway's local id
+    tbl          text NOT NULL,
+    pruned_up_to bigint NOT NULL,
+    seq          bigint NOT NULL,             -- the link (and head) at that point
+    head         bytea NOT NULL,
+    reason       text NOT NULL,               -- retention or size_cap
+    at           timestamptz NOT NULL,
+    signature    bytea,
+    public_key   bytea,
+    inserted_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT chain_checkpoints_unique UNIQUE (gateway_id, id)
+);
+-- Where each table's chain begins on the gateway: rows up to start_id predate the chain
+-- (a gateway upgraded from a version without it).
+CREATE TABLE IF NOT EXISTS outpost.chain_starts (
+    gateway_id text NOT NULL,
+    tbl        text NOT NULL,
+    start_id   bigint NOT NULL,
+    CONSTRAINT chain_starts_unique UNIQUE (gateway_id, tbl)
+);
+
+-- The gateway's public key, pinned at first contact; a different one waits for an operator.
+ALTER TABLE outpost.gateways ADD COLUMN IF NOT EXISTS public_key bytea;
+ALTER TABLE outpost.gateways ADD COLUMN IF NOT EXISTS public_key_pinned_at timestamptz;
+ALTER TABLE outpost.gateways ADD COLUMN IF NOT EXISTS public_key_pending bytea;
+ALTER TABLE outpost.gateways ADD COLUMN IF NOT EXISTS public_key_refused_at timestamptz;
+-- Keys pinned before the current one (accepted replacements): what they signed still verifies.
+CREATE TABLE IF NOT EXISTS outpost.gateway_keys (
+    gateway_id  text NOT NULL,
+    public_key  bytea NOT NULL,
+    pinned_at   timestamptz,
+    retired_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT gateway_keys_unique UNIQUE (gateway_id, public_key)
+);
+-- The documented way to accept a gateway's new key: SELECT outpost.accept_gateway_key('gw-1');
+CREATE OR REPLACE FUNCTION outpost.accept_gateway_key(gateway text) RETURNS bytea
+LANGUAGE sql AS $fn$
+    INSERT INTO outpost.gateway_keys (gateway_id, public_key, pinned_at)
+        SELECT gateway_id, public_key, public_key_pinned_at FROM outpost.gateways
+        WHERE gateway_id = gateway AND public_key IS NOT NULL AND public_key_pending IS NOT NULL
+        ON CONFLICT DO NOTHING;
+    UPDATE outpost.gateways
+       SET public_key = public_key_pending, public_key_pinned_at = now(),
+           public_key_pending = NULL, public_key_refused_at = NULL
+     WHERE gateway_id = gateway AND public_key_pending IS NOT NULL
+    RETURNING public_key;
+$fn$;
+"
+    .to_string()
+}
 
 /// `outpost.daily_summaries`: one row per gateway, local day, device and metric, as the
 /// gateway computed it (`outpost report`); a recomputed day (late readings) replaces it.
@@ -439,6 +567,46 @@ pub enum CentralCommand {
         #[arg(long, default_value_t = DEFAULT_MONTHS_AHEAD)]
         months_ahead: i32,
     },
+    /// Verify the gateways' hash chains in the central tables (docs/integrity.md): every
+    /// link's rows, heads and signatures against the pinned keys. Exit 0 when all
+    /// verify, 1 on damage.
+    Verify {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        /// Only this gateway (default: every gateway).
+        #[arg(long, value_name = "ID")]
+        gateway: Option<String>,
+        /// Re-hash only the rows of links sealed at or after this time (RFC 3339, or a
+        /// date); the links before are still chained.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Option<chrono::DateTime<Utc>>,
+        /// Stop at links sealed after this time.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        until: Option<chrono::DateTime<Utc>>,
+    },
+}
+
+/// `2026-03-01T12:00:00Z`, `2026-03-01 12:00`, or a date `2026-03-01` (midnight UTC).
+pub fn parse_time(text: &str) -> Result<chrono::DateTime<Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for format in [
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
+    }
+    Err(format!(
+        "{text:?}: expected a time like 2026-03-01T12:00:00Z or a date like 2026-03-01 (UTC)"
+    ))
 }
 
 /// Where `outpost central migrate|maintain` connect: `[sync]` of the configuration, or
@@ -548,7 +716,10 @@ mod tests {
         assert!(!plain.contains("PARTITION"));
         // Every CREATE is idempotent.
         for line in plain.lines().filter(|l| l.starts_with("CREATE")) {
-            assert!(line.contains("IF NOT EXISTS"), "{line}");
+            assert!(
+                line.contains("IF NOT EXISTS") || line.starts_with("CREATE OR REPLACE"),
+                "{line}"
+            );
         }
         let partitioned = schema_sql(Layout::Partitioned, d);
         assert!(partitioned.contains("PARTITION BY RANGE (observed_at)"));

@@ -221,6 +221,11 @@ pub struct AlertEventColumns {
     pub actor: Vec<Option<String>>,
     pub note: Vec<Option<String>>,
     pub channel: Vec<Option<String>>,
+    /// What the hash chain covers besides (issue 17): the unit, when the condition
+    /// began, and the message exactly as stored (`message` above goes to a `jsonb`).
+    pub unit: Vec<Option<String>>,
+    pub since: Vec<Option<DateTime<Utc>>>,
+    pub message_text: Vec<Option<String>>,
 }
 
 impl AlertEventColumns {
@@ -245,7 +250,7 @@ pub fn has_alert_events(conn: &Connection) -> rusqlite::Result<bool> {
 pub fn select_alert_events(conn: &Connection, max: usize) -> rusqlite::Result<AlertEventColumns> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message, \
-         actor, note, channel FROM alert_events WHERE synced = 0 ORDER BY id LIMIT ?1",
+         actor, note, channel, unit, since FROM alert_events WHERE synced = 0 ORDER BY id LIMIT ?1",
     )?;
     let mut rows = stmt.query([max as i64])?;
     let mut out = AlertEventColumns::default();
@@ -264,14 +269,19 @@ pub fn select_alert_events(conn: &Connection, max: usize) -> rusqlite::Result<Al
         out.value.push(row.get(7)?);
         out.threshold.push(row.get(8)?);
         out.occurred_at.push(central_time(row.get(9)?));
-        out.message
-            .push(row.get::<_, Option<String>>(10)?.map(clean_json));
+        let message = row.get::<_, Option<String>>(10)?;
+        out.message_text.push(message.clone().map(clean_text));
+        out.message.push(message.map(clean_json));
         out.actor
             .push(row.get::<_, Option<String>>(11)?.map(clean_text));
         out.note
             .push(row.get::<_, Option<String>>(12)?.map(clean_text));
         out.channel
             .push(row.get::<_, Option<String>>(13)?.map(clean_text));
+        out.unit
+            .push(row.get::<_, Option<String>>(14)?.map(clean_text));
+        out.since
+            .push(row.get::<_, Option<i64>>(15)?.map(central_time));
     }
     Ok(out)
 }
@@ -405,12 +415,33 @@ pub fn record_error(conn: &Connection, at: DateTime<Utc>, error: &str) -> rusqli
     put(conn, "last_error_at", &at.timestamp_micros().to_string())
 }
 
+/// Records that central refused this gateway's public key (`message`), or that it no
+/// longer does (`None`). While refused, the sync state reads as failing with `message`,
+/// so `outpost status` and `/health` report it.
+pub fn record_key_refused(
+    conn: &Connection,
+    refused: Option<(&str, DateTime<Utc>)>,
+) -> rusqlite::Result<usize> {
+    let (message, at) = match refused {
+        Some((m, at)) => (
+            m.chars().take(1000).collect(),
+            at.timestamp_micros().to_string(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    put(conn, "key_refused", &message)?;
+    put(conn, "key_refused_at", &at)?;
+    Ok(1)
+}
+
 /// Reads the sync state (empty if sync never ran).
 pub fn read_state(conn: &Connection) -> rusqlite::Result<SyncState> {
     let mut stmt = conn.prepare("SELECT key, value FROM source_state WHERE source = ?1")?;
     let mut rows = stmt.query([STATE_SOURCE])?;
     let mut state = SyncState::default();
     let time = |v: &str| v.parse::<i64>().ok().map(from_micros);
+    let mut key_refused = None;
+    let mut key_refused_at = None;
     while let Some(row) = rows.next()? {
         let key: String = row.get(0)?;
         let value: String = row.get(1)?;
@@ -418,6 +449,8 @@ pub fn read_state(conn: &Connection) -> rusqlite::Result<SyncState> {
             "last_sync_at" => state.last_sync_at = time(&value),
             "last_error" => state.last_error = Some(value),
             "last_error_at" => state.last_error_at = time(&value),
+            "key_refused" if !value.is_empty() => key_refused = Some(value),
+            "key_refused_at" => key_refused_at = time(&value),
             _ => {}
         }
     }
@@ -426,6 +459,12 @@ pub fn read_state(conn: &Connection) -> rusqlite::Result<SyncState> {
         (Some(_), None) => true,
         (None, _) => false,
     };
+    if let Some(refused) = key_refused {
+        // Rounds complete (readings go up), but the chain waits for a person.
+        state.last_error = Some(refused);
+        state.last_error_at = key_refused_at.or(state.last_error_at);
+        state.failing = true;
+    }
     Ok(state)
 }
 

@@ -26,6 +26,7 @@
 
 pub mod central;
 pub mod heartbeat;
+pub mod integrity;
 pub mod local;
 pub mod postgres;
 mod worker;

@@ -616,12 +616,13 @@ impl Central {
         self.transaction(self.client.execute_typed(
             "INSERT INTO outpost.alert_events \
                    (gateway_id, uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message, \
-                    actor, note, channel) \
+                    actor, note, channel, seq, unit, since, message_text) \
                  SELECT $1, e.* FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
                    $7::text[], $8::float8[], $9::float8[], $10::timestamptz[], $11::jsonb[], \
-                   $12::text[], $13::text[], $14::text[]) \
+                   $12::text[], $13::text[], $14::text[], $15::int8[], $16::text[], $17::timestamptz[], \
+                   $18::text[]) \
                    AS e(uid, rule, device, metric, kind, severity, value, threshold, occurred_at, message, \
-                   actor, note, channel) \
+                   actor, note, channel, seq, unit, since, message_text) \
                  ON CONFLICT DO NOTHING",
             &[
                 (&gateway_id, Type::TEXT),
@@ -638,6 +639,12 @@ impl Central {
                 (&rows.actor, Type::TEXT_ARRAY),
                 (&rows.note, Type::TEXT_ARRAY),
                 (&rows.channel, Type::TEXT_ARRAY),
+                // What the chain covers besides (issue 17): the local id, unit, since and
+                // the message exactly as stored.
+                (&rows.ids, Type::INT8_ARRAY),
+                (&rows.unit, Type::TEXT_ARRAY),
+                (&rows.since, Type::TIMESTAMPTZ_ARRAY),
+                (&rows.message_text, Type::TEXT_ARRAY),
             ],
         ))
         .await
@@ -817,6 +824,12 @@ pub const READING_COLUMNS: &[ReadingColumn] = &[
         name: "meta",
         ty: Type::JSONB,
         value: |c, i| &c.meta[i],
+    },
+    // The local id: the reading's position in the gateway's hash chain (G10).
+    ReadingColumn {
+        name: "seq",
+        ty: Type::INT8,
+        value: |c, i| &c.ids[i],
     },
 ];
 

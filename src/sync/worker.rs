@@ -216,6 +216,8 @@ struct Worker {
     failure_log: LogLimiter,
     /// Acknowledgements from central that cannot be read or marked for lack of grants.
     ack_grant_log: LogLimiter,
+    /// The hash chain's share of each round (issue 17): key pinning, audit log, links.
+    chain: super::integrity::ChainSync,
     /// G9: a round under way is work waiting for this worker, except while it waits
     /// for central (bounded by the connect and statement timeouts; a failure is
     /// reported by the `sync` check, not as a stall).
@@ -247,6 +249,7 @@ impl Worker {
                     Jitter::None
                 }),
             hold: HoldBack::new(config.clock_hold_max.get()),
+            chain: super::integrity::ChainSync::for_store(&store, config.batch_size),
             gateway_id: gateway.gateway_id,
             site: gateway.site,
             clock,
@@ -358,6 +361,7 @@ impl Worker {
         self.send_live(floor, head, release).await?;
         self.live_floor = Some(head);
         self.drain_backlog(deadline, release).await?;
+        self.sync_chain().await?;
         let at = self.clock.now();
         self.last_sync_at = Some(at);
         let _ = self
@@ -515,6 +519,17 @@ impl Worker {
                 return Ok(());
             }
         }
+    }
+
+    /// The audit log, the hash chain's links, signatures and checkpoints (after the rows
+    /// they cover), and the key pinned centrally.
+    async fn sync_chain(&mut self) -> Result<(), SyncError> {
+        let central = self.central.as_ref().ok_or_else(not_connected)?;
+        self.stage.set_waiting(0);
+        let done = self.chain.round(central, &self.gateway_id).await;
+        self.stage.set_waiting(1);
+        self.stage.progress();
+        done
     }
 
     /// Live first: everything that arrived since the previous round, newest first.
