@@ -200,18 +200,32 @@ fn read_database<T>(
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps, which the
 /// journal adds itself, and without colours unless stderr is a terminal. `RUST_LOG` overrides the configured level.
 pub fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // A `Targets` filter ("info,outpost::sources=debug"), not `EnvFilter`: the same
+    // syntax for levels per module without the regex engine behind span and field
+    // filters (issue 15: binary size).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| crate::config::log_filter(&v).ok())
+        .or_else(|| crate::config::log_filter(level).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).try_init()
+        builder
+            .without_time()
+            .with_ansi(false)
+            .finish()
+            .with(filter)
+            .try_init()
     } else {
         // Colours only on a terminal: a log file or pipe gets plain text.
         builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .finish()
+            .with(filter)
             .try_init()
     };
 }

@@ -46,11 +46,12 @@ pub fn status_report(path: &Path) -> rusqlite::Result<StatusReport> {
 /// The summary from the store and from what each component keeps in it.
 pub fn report(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<StatusReport> {
     let disk_free_bytes = crate::store::database_disk_free(conn);
+    let counts = crate::store::reading_counts(conn)?;
     Ok(StatusReport {
         now,
         series: crate::store::series(conn)?,
-        total_readings: conn.query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?,
-        backlog: crate::store::backlog(conn)?,
+        total_readings: counts.stored,
+        backlog: crate::store::backlog_from(conn, counts)?,
         pruned_unsynced: crate::store::counter(conn, "pruned_unsynced")?,
         rejected: conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get(0))?,
         schema_version: conn.query_row("PRAGMA user_version", [], |r| r.get(0))?,

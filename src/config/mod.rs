@@ -25,6 +25,33 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tables::{Declared, Tables};
 
+/// A log filter: a default level and levels per module, e.g.
+/// `"info,outpost::sources=debug"` (`log.level`, `RUST_LOG`).
+/// Each directive is a level, a module path, or `module=level`; anything else (e.g. the
+/// span and field filters of `EnvFilter`) is refused rather than read as a module name.
+pub fn log_filter(spec: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    use tracing_subscriber::filter::LevelFilter;
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (target, level) = match part.split_once('=') {
+            Some((t, l)) => (t.trim(), Some(l.trim())),
+            None => (part, None),
+        };
+        if level.is_none() && target.parse::<LevelFilter>().is_ok() {
+            continue;
+        }
+        let module = |c: char| c.is_ascii_alphanumeric() || "_:-.".contains(c);
+        if target.is_empty() || !target.chars().all(module) {
+            return Err(format!("`{part}` is neither a level nor a module"));
+        }
+        if let Some(level) = level {
+            level
+                .parse::<LevelFilter>()
+                .map_err(|e| format!("`{part}`: {e}"))?;
+        }
+    }
+    spec.trim().parse().map_err(|e| format!("{e}"))
+}
+
 /// The default location of the main configuration file.
 pub const DEFAULT_PATH: &str = "/etc/outpost/outpost.toml";
 
@@ -375,7 +402,7 @@ impl Config {
             "agent.timezone",
             crate::report::parse_timezone(&self.agent.timezone).map(|_| ()),
         );
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+        if let Err(e) = log_filter(&self.log.level) {
             problems.push(
                 "log.level",
                 format!("not a valid log filter ({e}); try \"info\" or \"debug\""),

@@ -37,9 +37,9 @@ mod writer;
 
 pub use crate::model::StoreError;
 pub use read::{
-    backlog, counter, database_disk_free, disk_free_bytes, reading_from_row, series,
-    BacklogSummary, CommittedReadings, SeriesSummary, StoredReading, DISK_FULL_BELOW,
-    SELECT_READING,
+    backlog, backlog_from, counted_readings, counter, database_disk_free, disk_free_bytes,
+    reading_counts, reading_from_row, series, BacklogSummary, CommittedReadings, ReadingCounts,
+    SeriesSummary, StoredReading, DISK_FULL_BELOW, SELECT_READING,
 };
 pub use writer::{StoreStats, Urgency, WriteOp};
 
