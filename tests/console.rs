@@ -421,6 +421,28 @@ fn loopback_console_shows_devices_and_takes_an_acknowledgement() {
         agent.count("SELECT COUNT(*) FROM alert_events WHERE kind = 'acknowledged'"),
         1
     );
+
+    // The gateway page checks the file the agent was started with, as it is on disk.
+    let file = agent.config_path().display().to_string();
+    let gateway = get(port, "/gateway", Some(&cookie));
+    assert_eq!(gateway.status, 200);
+    assert!(
+        gateway.body.contains(&format!("valid</span> {file}")),
+        "{}",
+        gateway.body
+    );
+    let text = std::fs::read_to_string(agent.config_path()).unwrap();
+    std::fs::write(
+        agent.config_path(),
+        format!("{text}\n[storage]\nbogus = 1\n"),
+    )
+    .unwrap();
+    let gateway = get(port, "/gateway", Some(&cookie));
+    assert!(
+        gateway.body.contains(&format!("invalid</span> {file}")),
+        "{}",
+        gateway.body
+    );
     agent.terminate();
 }
 

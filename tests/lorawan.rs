@@ -380,8 +380,18 @@ reconnect_max = "1s"
     }
     publish(&m, &topic, &event("queued-0"), 1); // a duplicate event from ChirpStack
 
-    // 3. Start with a long commit window and kill it between receipt and commit.
-    let mut agent = start_agent(dir.path(), &config("10s"));
+    // 3. Start with the store writer held before its commit (a long commit window is
+    // not enough: any write operation, such as the health probe or the audit entry of
+    // the start, commits the readings queued with it) and kill it between receipt and
+    // commit.
+    let mut agent = Agent::new(dir.path(), &config("10s"))
+        .log_filter("info,outpost=debug")
+        .deadline(DEADLINE)
+        .env(
+            outpost::progress::fault::ENV,
+            outpost::progress::fault::STORE_WRITER_HANG,
+        )
+        .start();
     let connects = |m: &Mosquitto| m.log().matches("as outpost-test-cs").count();
     assert!(
         wait_until(DEADLINE, || connects(&m) >= 2),

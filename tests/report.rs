@@ -701,7 +701,7 @@ fn summaries_sync_to_central_through_pgbouncer() {
     assert_eq!(
         pg.psql("SELECT MAX(version) FROM outpost.schema_version")
             .trim(),
-        "3"
+        outpost::sync::central::SCHEMA_VERSION.to_string()
     );
     let dir = tempfile::tempdir().unwrap();
     let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();

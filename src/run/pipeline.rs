@@ -355,6 +355,7 @@ pub async fn run(
     });
     let console = Arc::new(crate::run::console::Console::new(
         &config,
+        path.clone(),
         pipeline.store.clone(),
         pipeline.clock.clone(),
         probe.clone(),

@@ -36,7 +36,7 @@ pub async fn get(ctx: &Ctx, _req: &Req) -> Reply {
         Err(reply) => return reply,
     };
     let health = ctx.health.report().await;
-    let config_path = crate::config::resolve_path(None);
+    let config_path = ctx.console.config_path.clone();
     let check = {
         let path = config_path.clone();
         tokio::task::spawn_blocking(move || crate::config::Config::load(&path).map(|_| ()))

@@ -32,6 +32,9 @@ pub struct Console {
     pub clock: Clock,
     pub health: Arc<HealthProbe>,
     config: RwLock<Arc<Config>>,
+    /// The configuration file the agent was started with (`--config`), which the
+    /// gateway page checks as it is on disk now.
+    pub config_path: std::path::PathBuf,
     /// The listen address is loopback: no login needed (fixed at start, like
     /// `http.listen`).
     pub loopback: bool,
@@ -48,8 +51,15 @@ pub struct Console {
 }
 
 impl Console {
-    pub fn new(config: &Config, store: Store, clock: Clock, health: Arc<HealthProbe>) -> Console {
+    pub fn new(
+        config: &Config,
+        config_path: std::path::PathBuf,
+        store: Store,
+        clock: Clock,
+        health: Arc<HealthProbe>,
+    ) -> Console {
         Console {
+            config_path,
             store,
             clock,
             health,
