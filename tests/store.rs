@@ -498,6 +498,18 @@ async fn a_delayed_source_is_committed_with_the_next_operation_an_urgent_reading
     assert_eq!(urgent.map(|c| c.inserted), Ok(1));
     assert_eq!(held.await.unwrap().map(|c| c.inserted), Ok(1));
 
+    // A backfill page of the delayed source keeps the default spacing: the backfill
+    // waits for each page's commit.
+    let mut recovered = reading(5);
+    recovered.flags |= outpost::model::flags::BACKFILLED;
+    let stored = tokio::time::timeout(
+        Duration::from_secs(60),
+        send(&ingest.sender, vec![recovered]),
+    )
+    .await
+    .expect("a backfill page is committed after the spacing");
+    assert_eq!(stored.map(|c| c.inserted), Ok(1));
+
     // Another source keeps the default spacing.
     let mut other = reading(3);
     other.source = "other".into();
@@ -516,5 +528,5 @@ async fn a_delayed_source_is_committed_with_the_next_operation_an_urgent_reading
         .await
         .expect("closing does not wait for the delay");
     assert_eq!(done.unwrap().map(|c| c.inserted), Ok(1));
-    assert_eq!(count(&cfg.path), 5);
+    assert_eq!(count(&cfg.path), 6);
 }

@@ -98,7 +98,8 @@ impl CommitPolicy {
     }
 
     /// How long `batch` may wait after it was taken: `None` for at once (a reading
-    /// that may change an alert), else its source's delay if it has one.
+    /// that may change an alert), else its source's delay if it has one (not for a
+    /// backfill page).
     fn wait_of(&self, batch: &Batch) -> Option<Option<Duration>> {
         let mut urgent = false;
         if let Ok(mut slot) = self.urgency.lock() {
@@ -112,7 +113,14 @@ impl CommitPolicy {
         if urgent {
             return None;
         }
-        let source = batch.readings.first().map(|r| r.source.as_str());
+        // Recovered readings (a backfill page) are not held: the backfill waits for
+        // each page's commit before it fetches the next, and a page is already many
+        // readings per commit.
+        let first = batch.readings.first();
+        if first.is_some_and(|r| r.flags & crate::model::flags::BACKFILLED != 0) {
+            return Some(None);
+        }
+        let source = first.map(|r| r.source.as_str());
         Some(source.and_then(|s| self.lazy.read().ok().and_then(|l| l.get(s).copied())))
     }
 }
