@@ -294,14 +294,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX readings_series ON readings(device, metric, observed_at, value);
     "#,
     // 10: the counts `outpost status` and `/metrics` show (readings stored, unsynced
-    // backlog), kept by triggers so that neither counts a 5M-row table
-    // (`store::read::reading_counts`). `stored` and `unsynced` count the readings with
-    // `id <= through`; a reader adds the few above it (at most 1,023, a range of the
-    // primary key). Only every 1,024th insert moves `through` forward, because a
-    // trigger that updated the counts on every insert cost a bulk insert about 70 % more
-    // CPU; deletes and `synced` changes below `through` adjust the counts row by row
-    // (they are rarer and already update indexes). When the last counted row goes,
-    // `through` drops to 0, so ids reused by an emptied table are counted again.
+    // backlog), so that neither counts a 5M-row table (`store::read::reading_counts`).
+    // `stored` and `unsynced` count the readings with `id <= through`; a reader adds
+    // the few above it (a range of the primary key). The store writer moves `through`
+    // forward in its commit once 1,024 readings are above it
+    // (`store::read::advance_counts`): a trigger on every insert cost the writer about
+    // 15 % of its throughput even with a `WHEN` that let it run once per 1,024 inserts
+    // (docs/benchmarks.md). Deletes and `synced` changes below `through` adjust the
+    // counts row by row in triggers (they are rarer and already update indexes). When
+    // the last counted row goes, `through` drops to 0, so ids reused by an emptied
+    // table are counted again.
     r#"
     CREATE TABLE readings_count (
         one      INTEGER PRIMARY KEY CHECK (one = 1),
@@ -311,16 +313,6 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO readings_count (one, through, stored, unsynced)
         SELECT 1, COALESCE(MAX(id), 0), COUNT(*), COALESCE(SUM(synced = 0), 0) FROM readings;
-    CREATE TRIGGER readings_count_advance AFTER INSERT ON readings
-    WHEN NEW.id % 1024 = 0
-    BEGIN
-        UPDATE readings_count SET
-            stored = stored + (SELECT COUNT(*) FROM readings WHERE id > readings_count.through),
-            unsynced = unsynced + (SELECT COUNT(*) FROM readings
-                                   WHERE id > readings_count.through AND synced = 0),
-            through = (SELECT MAX(id) FROM readings)
-        WHERE one = 1;
-    END;
     CREATE TRIGGER readings_count_delete AFTER DELETE ON readings
     WHEN OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
     BEGIN

@@ -612,6 +612,9 @@ impl Writer {
         // The group transaction is about to commit: every row of this commit is
         // written above (readings, operations, series); per-commit work that must be
         // in the same transaction goes here, and only here.
+        if let Err(e) = super::read::advance_counts(conn) {
+            return Err((fail(&e), completions));
+        }
         if let Err(e) = super::chain::seal(conn, self.clock.now().timestamp_micros()) {
             return Err((fail(&e), completions));
         }
