@@ -196,7 +196,8 @@ fn main() {
         Some(&baseline),
     );
 
-    // `outpost run` on the store: one simulated source reading once an hour.
+    // `outpost run` on the store: one simulated source reading once an hour, a size cap
+    // above the store's (the default 1 GiB would prune the oldest unsynced readings).
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -206,7 +207,7 @@ fn main() {
     std::fs::write(
         &config,
         format!(
-            "[agent]\ngateway_id = \"bench\"\n[storage]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+            "[agent]\ngateway_id = \"bench\"\n[storage]\npath = \"{}\"\nmax_size = \"16GiB\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
              [[sources]]\ntype = \"simulated\"\nname = \"sim\"\nperiod = \"1h\"\n",
             db.display()
         ),
