@@ -1274,11 +1274,19 @@ fn ttn_reconciliation_bytes_for_200_devices_with_and_without_field_mask() {
             "agent log:\n{}",
             agent.log()
         );
-        let served = storage.served.lock().unwrap().clone();
-        assert_eq!(served.len(), 4, "1,000 uplinks per page: {served:?}");
+        let mut served = storage.served.lock().unwrap().clone();
         assert!(served
             .iter()
             .all(|(path, _)| path.contains("field_mask=") == field_mask));
+        // When the MQTT subscription comes up after the start-up fetch began, its
+        // connection fetches once more from the newest uplink (it may have missed
+        // what arrived in between): one short request after the four pages, not part
+        // of the walk measured here.
+        if served.len() == 5 {
+            assert!(served[4].1 < served[0].1 / 2, "{served:?}");
+            served.truncate(4);
+        }
+        assert_eq!(served.len(), 4, "1,000 uplinks per page: {served:?}");
         let bytes: usize = served.iter().map(|(_, b)| b).sum();
         println!(
             "field_mask = {field_mask}: {bytes} bytes in {} requests for {uplinks} uplinks ({} bytes each)",
