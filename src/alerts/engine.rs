@@ -353,23 +353,7 @@ impl Engine {
                     period,
                     hold,
                 } => {
-                    let window = &mut s.window;
-                    if window.back().map_or(true, |(t, _)| r.observed_at >= *t) {
-                        window.push_back((r.observed_at, r.value));
-                    }
-                    let horizon = r.observed_at
-                        - chrono::Duration::from_std(period).unwrap_or(chrono::Duration::MAX);
-                    while window.front().is_some_and(|(t, _)| *t < horizon)
-                        || window.len() > MAX_RATE_SAMPLES
-                    {
-                        window.pop_front();
-                    }
-                    let values = window.iter().map(|(_, v)| *v);
-                    let change = match direction {
-                        Direction::Above => r.value - values.fold(f64::INFINITY, f64::min),
-                        Direction::Below => r.value - values.fold(f64::NEG_INFINITY, f64::max),
-                    };
-                    let change = if change.is_finite() { change } else { 0.0 };
+                    let change = rate_change(&mut s.window, r, direction, period);
                     if s.rate_hold_until.is_some_and(|t| now < t) {
                         s.value = Some(r.value);
                         continue;
@@ -782,6 +766,36 @@ struct Mark {
     window: VecDeque<(DateTime<Utc>, f64)>,
 }
 
+/// A rate rule's step: `r` joins the series' `window` (in observed order; samples older
+/// than `period` before it, or beyond [`MAX_RATE_SAMPLES`], leave it) and the change
+/// of `r` against the window's minimum (`Above`) or maximum (`Below`), 0 when none.
+/// The engine and the urgency test keep their own windows and share this step.
+fn rate_change(
+    window: &mut VecDeque<(DateTime<Utc>, f64)>,
+    r: &Reading,
+    direction: Direction,
+    period: std::time::Duration,
+) -> f64 {
+    if window.back().map_or(true, |(t, _)| r.observed_at >= *t) {
+        window.push_back((r.observed_at, r.value));
+    }
+    let horizon =
+        r.observed_at - chrono::Duration::from_std(period).unwrap_or(chrono::Duration::MAX);
+    while window.front().is_some_and(|(t, _)| *t < horizon) || window.len() > MAX_RATE_SAMPLES {
+        window.pop_front();
+    }
+    let values = window.iter().map(|(_, v)| *v);
+    let change = match direction {
+        Direction::Above => r.value - values.fold(f64::INFINITY, f64::min),
+        Direction::Below => r.value - values.fold(f64::NEG_INFINITY, f64::max),
+    };
+    if change.is_finite() {
+        change
+    } else {
+        0.0
+    }
+}
+
 /// 0: cleared, 1: in between, 2: past the alert level.
 fn zone(direction: Direction, x: f64, level: f64, clear: f64) -> u8 {
     if direction.breaches(x, level) {
@@ -849,23 +863,7 @@ impl Urgency {
                     period,
                     ..
                 } => {
-                    let window = &mut mark.window;
-                    if window.back().map_or(true, |(t, _)| r.observed_at >= *t) {
-                        window.push_back((r.observed_at, r.value));
-                    }
-                    let horizon = r.observed_at
-                        - chrono::Duration::from_std(period).unwrap_or(chrono::Duration::MAX);
-                    while window.front().is_some_and(|(t, _)| *t < horizon)
-                        || window.len() > MAX_RATE_SAMPLES
-                    {
-                        window.pop_front();
-                    }
-                    let values = window.iter().map(|(_, v)| *v);
-                    let change = match direction {
-                        Direction::Above => r.value - values.fold(f64::INFINITY, f64::min),
-                        Direction::Below => r.value - values.fold(f64::NEG_INFINITY, f64::max),
-                    };
-                    let change = if change.is_finite() { change } else { 0.0 };
+                    let change = rate_change(&mut mark.window, r, direction, period);
                     zone(direction, change, delta, clear)
                 }
                 Condition::Stale { after } => {
