@@ -1577,27 +1577,7 @@ async fn count_above(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Uid;
-
-    fn db() -> Connection {
-        let mut conn = Connection::open_in_memory().unwrap();
-        crate::store::schema::migrate(&mut conn).unwrap();
-        conn
-    }
-
-    fn insert(conn: &Connection, n: i64, flags: u32) {
-        conn.execute(
-            "INSERT INTO readings(uid, source, device, metric, value, observed_at, received_at, flags) \
-             VALUES (?1, 's', 'd', 'm', ?2, ?3, ?3, ?4)",
-            params![
-                Uid::derive(&[&n.to_string()]).0.to_vec(),
-                n as f64,
-                n * 1_000_000,
-                flags
-            ],
-        )
-        .unwrap();
-    }
+    use crate::sync::local::tests::{db, insert};
 
     #[test]
     fn links_go_up_in_order_and_only_once_their_rows_are_synced() {

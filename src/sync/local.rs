@@ -469,16 +469,18 @@ pub fn read_state(conn: &Connection) -> rusqlite::Result<SyncState> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn db() -> Connection {
+    /// A migrated in-memory store (also for the tests of `sync::integrity`).
+    pub(crate) fn db() -> Connection {
         let mut conn = Connection::open_in_memory().unwrap();
         crate::store::schema::migrate(&mut conn).unwrap();
         conn
     }
 
-    fn insert(conn: &Connection, n: i64, flags: u32) {
+    /// Reading `n` (value `n`, observed at `n` seconds) with `flags`.
+    pub(crate) fn insert(conn: &Connection, n: i64, flags: u32) {
         conn.execute(
             "INSERT INTO readings(uid, source, device, metric, value, observed_at, received_at, flags) \
              VALUES (?1, 's', 'd', 'm', ?2, ?3, ?3, ?4)",
