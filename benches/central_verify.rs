@@ -4,6 +4,11 @@
 //!
 //!     cargo bench --bench central_verify
 //!     ROWS=5000000 LINK_ROWS=500 cargo bench --bench central_verify
+//!     OUTPOST_TEST_TMPDIR=/var/tmp/outpost-bench ROWS=50000000 cargo bench --bench central_verify
+//!
+//! PostgreSQL's data directory is in `/dev/shm` (RAM) by default, like every test's;
+//! 50M rows with their indexes need about 25 GB, so the size runs with
+//! `OUTPOST_TEST_TMPDIR` pointing at a disk (a directory the `postgres` user can enter).
 //!
 //! The readings are generated in PostgreSQL (`INSERT … SELECT generate_series`), and a
 //! matching chain — links of `LINK_ROWS` readings, as group commits seal them, a signed
