@@ -2,11 +2,10 @@
 //!
 //! The `config` crate merges the layers (main file, `conf.d/*.toml` drop-ins, then
 //! `OUTPOST__SECTION__KEY` environment variables), but its errors carry no file or line.
-//! So each file is also parsed with `toml`'s spanned document (`toml::de::DeTable`, the
-//! same `toml` crate the `config` crate links, so the binary holds one TOML parser), and
-//! every key path is
-//! indexed to the file and line that set it last. Errors found later (types, unknown
-//! keys, contradictions) are reported as `outpost.toml:42: alerts[1].above: …`.
+//! So each file is also parsed with `toml`'s spanned document (`toml::de::DeTable`, of
+//! the same `toml` crate the `config` crate links: one TOML parser in the binary), and
+//! every key path is indexed to the file and line that set it last. Errors found later
+//! (types, unknown keys, contradictions) are reported as `outpost.toml:42: alerts[1].above: …`.
 //!
 //! Drop-ins merge table by table; arrays of tables (`[[sources]]`, `[[alerts]]`, …)
 //! are appended, so a drop-in can add a source without repeating the others.
