@@ -372,6 +372,25 @@ fn toml_syntax_errors_have_lines() {
         "outpost.toml:3: TOML syntax error",
     );
     assert_error("[agent\n", "outpost.toml:1: TOML syntax error");
+    // The parser leaves integer ranges to the reader (src/config/load.rs): one error,
+    // with its line and key, and no second type error for the same key.
+    let errors = errors_of("[storage]\n\nbatch_max_rows = 99999999999999999999\n");
+    assert_eq!(
+        errors
+            .iter()
+            .filter(|e| e.contains("storage.batch_max_rows"))
+            .count(),
+        1,
+        "{errors:#?}"
+    );
+    assert_error(
+        "[storage]\n\nbatch_max_rows = 99999999999999999999\n",
+        "outpost.toml:3: storage.batch_max_rows: the number 99999999999999999999 is out of range",
+    );
+    assert_error(
+        "[storage]\nbatch_max_rows = -0x1\n",
+        "outpost.toml:2: TOML syntax error",
+    );
 }
 
 #[test]
@@ -451,6 +470,22 @@ fn dropins_merge_and_append_and_are_located() {
         .map(|s| s.name().to_string())
         .collect();
     assert_eq!(names, ["a", "b"]);
+
+    // An inline array (`sources = [{ … }]`) is a value: a drop-in's replaces the list
+    // instead of appending to it, as any other value does.
+    write(
+        dir.path(),
+        "conf.d/15-inline.toml",
+        "sources = [{ type = \"simulated\", name = \"c\" }]\n",
+    );
+    let config = Config::load(&main).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<_> = config
+        .sources
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
+    assert_eq!(names, ["c"]);
+    std::fs::remove_file(dir.path().join("conf.d/15-inline.toml")).unwrap();
 
     write(
         dir.path(),

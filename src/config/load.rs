@@ -2,9 +2,10 @@
 //!
 //! The `config` crate merges the layers (main file, `conf.d/*.toml` drop-ins, then
 //! `OUTPOST__SECTION__KEY` environment variables), but its errors carry no file or line.
-//! So each file is also parsed with `toml_edit`, which keeps spans, and every key path is
-//! indexed to the file and line that set it last. Errors found later (types, unknown
-//! keys, contradictions) are reported as `outpost.toml:42: alerts[1].above: …`.
+//! So each file is also parsed with `toml`'s spanned document (`toml::de::DeTable`, of
+//! the same `toml` crate the `config` crate links: one TOML parser in the binary), and
+//! every key path is indexed to the file and line that set it last. Errors found later
+//! (types, unknown keys, contradictions) are reported as `outpost.toml:42: alerts[1].above: …`.
 //!
 //! Drop-ins merge table by table; arrays of tables (`[[sources]]`, `[[alerts]]`, …)
 //! are appended, so a drop-in can add a source without repeating the others.
@@ -169,14 +170,16 @@ pub fn read_layers(main: &Path, errors: &mut Vec<ConfigError>) -> Layers {
                 continue;
             }
         };
-        match toml_edit::ImDocument::parse(text.as_str()) {
+        match toml::de::DeTable::parse(text.as_str()) {
             Ok(doc) => {
                 let mut walker = Walker {
                     text: &text,
+                    file: path,
                     file_idx,
                     index: &mut index,
+                    errors: &mut *errors,
                 };
-                walker.merge_table(&mut merged, doc.as_table(), "");
+                walker.merge_table(&mut merged, doc.get_ref(), "");
             }
             Err(e) => {
                 let line = e.span().map(|s| line_of(&text, s.start));
@@ -291,33 +294,54 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 struct Walker<'a> {
     text: &'a str,
+    file: &'a Path,
     file_idx: usize,
     index: &'a mut HashMap<String, (usize, usize)>,
+    errors: &'a mut Vec<ConfigError>,
 }
 
+type Spanned<T> = toml::Spanned<T>;
+
 impl Walker<'_> {
-    fn record(&mut self, path: &str, span: Option<std::ops::Range<usize>>) {
-        if let Some(span) = span {
-            let line = line_of(self.text, span.start);
-            self.index.insert(path.to_string(), (self.file_idx, line));
-        }
+    fn record(&mut self, path: &str, span: std::ops::Range<usize>) {
+        let line = line_of(self.text, span.start);
+        self.index.insert(path.to_string(), (self.file_idx, line));
+    }
+
+    /// `[[name]]` headers: the parser gives each table of such an array the span of its
+    /// own header, where an inline array of tables (`name = [{ … }]`) has the span of
+    /// each `{`. Only the former appends across files.
+    fn is_array_of_tables(&self, array: &toml::de::DeArray<'_>) -> bool {
+        !array.is_empty()
+            && array.iter().all(|elem| {
+                elem.get_ref().is_table()
+                    && self
+                        .text
+                        .get(elem.span().start..)
+                        .is_some_and(|rest| rest.starts_with("[["))
+            })
     }
 
     fn merge_table(
         &mut self,
         dst: &mut Map<String, Value>,
-        table: &dyn toml_edit::TableLike,
+        table: &toml::de::DeTable<'_>,
         prefix: &str,
     ) {
         for (key, item) in table.iter() {
-            let path = join_path(prefix, key);
-            let key_span = table.key(key).and_then(|k| k.span());
-            match item {
-                toml_edit::Item::None => {}
-                toml_edit::Item::Table(t) => {
-                    self.record(&path, t.span().or(key_span));
+            let path = join_path(prefix, key.get_ref());
+            let key_span = key.span();
+            match item.get_ref() {
+                toml::de::DeValue::Table(t) => {
+                    // A `[table]` header's span, or the key of an implicit or inline table.
+                    let span = item.span();
+                    let header = self
+                        .text
+                        .get(span.start..)
+                        .is_some_and(|r| r.starts_with('['));
+                    self.record(&path, if header { span } else { key_span });
                     let slot = dst
-                        .entry(key.to_string())
+                        .entry(key.get_ref().to_string())
                         .or_insert_with(|| Value::Object(Map::new()));
                     if !slot.is_object() {
                         *slot = Value::Object(Map::new());
@@ -326,9 +350,9 @@ impl Walker<'_> {
                         self.merge_table(m, t, &path);
                     }
                 }
-                toml_edit::Item::ArrayOfTables(arr) => {
+                toml::de::DeValue::Array(arr) if self.is_array_of_tables(arr) => {
                     let slot = dst
-                        .entry(key.to_string())
+                        .entry(key.get_ref().to_string())
                         .or_insert_with(|| Value::Array(Vec::new()));
                     if !slot.is_array() {
                         *slot = Value::Array(Vec::new());
@@ -338,58 +362,70 @@ impl Walker<'_> {
                             let elem_path = format!("{path}[{}]", list.len());
                             self.record(&elem_path, t.span());
                             let mut m = Map::new();
-                            self.merge_table(&mut m, t, &elem_path);
+                            if let toml::de::DeValue::Table(t) = t.get_ref() {
+                                self.merge_table(&mut m, t, &elem_path);
+                            }
                             list.push(Value::Object(m));
                         }
                     }
                 }
-                toml_edit::Item::Value(v) => {
-                    self.record(&path, key_span.or(v.span()));
-                    if let toml_edit::Value::InlineTable(t) = v {
-                        let slot = dst
-                            .entry(key.to_string())
-                            .or_insert_with(|| Value::Object(Map::new()));
-                        if !slot.is_object() {
-                            *slot = Value::Object(Map::new());
-                        }
-                        if let Value::Object(m) = slot {
-                            self.merge_table(m, t, &path);
-                        }
-                    } else {
-                        let json = self.value_to_json(v, &path);
-                        dst.insert(key.to_string(), json);
+                _ => {
+                    self.record(&path, key_span);
+                    if let Some(json) = self.value_to_json(item, &path) {
+                        dst.insert(key.get_ref().to_string(), json);
                     }
                 }
             }
         }
     }
 
-    fn value_to_json(&mut self, v: &toml_edit::Value, path: &str) -> Value {
-        use toml_edit::Value as T;
-        match v {
-            T::String(s) => Value::String(s.value().clone()),
-            T::Integer(i) => Value::from(*i.value()),
-            T::Float(f) => serde_json::Number::from_f64(*f.value())
-                .map(Value::Number)
-                .unwrap_or_else(|| Value::String(f.value().to_string())),
-            T::Boolean(b) => Value::Bool(*b.value()),
-            T::Datetime(d) => Value::String(d.value().to_string()),
-            T::Array(a) => Value::Array(
-                a.iter()
-                    .enumerate()
-                    .map(|(i, elem)| {
-                        let p = format!("{path}[{i}]");
-                        self.record(&p, elem.span());
-                        self.value_to_json(elem, &p)
-                    })
-                    .collect(),
-            ),
-            T::InlineTable(t) => {
+    /// `None` for a value that cannot be represented (an integer beyond 64 bits): its
+    /// error is pushed here, and the key is left out so that no second, confusing type
+    /// error follows for it.
+    fn value_to_json(&mut self, v: &Spanned<toml::de::DeValue<'_>>, path: &str) -> Option<Value> {
+        use toml::de::DeValue as T;
+        Some(match v.get_ref() {
+            T::String(s) => Value::String(s.to_string()),
+            T::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => Value::from(n),
+                Err(_) => {
+                    // The parser leaves the range to the reader; TOML integers are i64.
+                    self.errors.push(ConfigError {
+                        origin: Origin::File {
+                            path: self.file.to_path_buf(),
+                            line: Some(line_of(self.text, v.span().start)),
+                        },
+                        key: path.to_string(),
+                        message: format!(
+                            "the number {i} is out of range (TOML integers are 64-bit signed)"
+                        ),
+                    });
+                    return None;
+                }
+            },
+            T::Float(f) => match f.as_str().parse::<f64>() {
+                Ok(x) => serde_json::Number::from_f64(x)
+                    .map(Value::Number)
+                    .unwrap_or_else(|| Value::String(x.to_string())),
+                Err(_) => Value::String(f.as_str().to_string()),
+            },
+            T::Boolean(b) => Value::Bool(*b),
+            T::Datetime(d) => Value::String(d.to_string()),
+            T::Array(a) => {
+                let mut list = Vec::with_capacity(a.len());
+                for (i, elem) in a.iter().enumerate() {
+                    let p = format!("{path}[{i}]");
+                    self.record(&p, elem.span());
+                    list.extend(self.value_to_json(elem, &p));
+                }
+                Value::Array(list)
+            }
+            T::Table(t) => {
                 let mut m = Map::new();
                 self.merge_table(&mut m, t, path);
                 Value::Object(m)
             }
-        }
+        })
     }
 }
 
