@@ -462,10 +462,11 @@ async fn close_ends_the_writer_even_while_a_handle_is_held() {
 }
 
 /// A source with a commit delay (`storage.ttn_commit_delay`) lets its batches wait in
-/// the writer; a write operation, a reading the urgency test marks, and closing the
-/// store each commit them at once, and only then are they acknowledged (G1).
+/// the writer; a write operation commits without them (issue 15), while a reading the
+/// urgency test marks and closing the store each commit them at once, and only then
+/// are they acknowledged (G1).
 #[tokio::test]
-async fn a_delayed_source_is_committed_with_the_next_operation_an_urgent_reading_or_close() {
+async fn a_delayed_source_is_committed_with_the_next_urgent_reading_or_close() {
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
@@ -473,7 +474,7 @@ async fn a_delayed_source_is_committed_with_the_next_operation_an_urgent_reading
     store.set_commit_delay("test", Some(Duration::from_secs(3600)));
     let _urgency = store.set_urgency(Box::new(|r: &Reading| r.value >= 100.0));
 
-    // Held: not committed, not acknowledged; a write operation commits it.
+    // Held: not committed, not acknowledged, not even by a write operation's commit.
     let (batch, mut ack) = Batch::with_ack(vec![reading(1)]);
     ingest.sender.send(batch).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -482,11 +483,14 @@ async fn a_delayed_source_is_committed_with_the_next_operation_an_urgent_reading
         "not acknowledged before its commit"
     );
     assert_eq!(count(&cfg.path), 0);
+    let commits = store.stats().commits.load(Ordering::Relaxed);
     store.write(|_| Ok(())).await.unwrap();
-    assert_eq!(ack.await.unwrap().map(|c| c.inserted), Ok(1));
-    assert_eq!(count(&cfg.path), 1);
+    assert_eq!(store.stats().commits.load(Ordering::Relaxed), commits + 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(ack.try_recv().is_err(), "left waiting by the operation");
+    assert_eq!(count(&cfg.path), 0);
 
-    // A held batch goes with the next reading that may change an alert.
+    // Held batches go, in order, with the next reading that may change an alert.
     let (batch, held) = Batch::with_ack(vec![reading(2)]);
     ingest.sender.send(batch).await.unwrap();
     let urgent = tokio::time::timeout(
@@ -496,7 +500,9 @@ async fn a_delayed_source_is_committed_with_the_next_operation_an_urgent_reading
     .await
     .expect("an urgent reading does not wait for the source's delay");
     assert_eq!(urgent.map(|c| c.inserted), Ok(1));
+    assert_eq!(ack.await.unwrap().map(|c| c.inserted), Ok(1));
     assert_eq!(held.await.unwrap().map(|c| c.inserted), Ok(1));
+    assert_eq!(values_by_id(&cfg.path), vec![1.0, 2.0, 100.0]);
 
     // A backfill page of the delayed source keeps the default spacing: the backfill
     // waits for each page's commit.
@@ -529,4 +535,88 @@ async fn a_delayed_source_is_committed_with_the_next_operation_an_urgent_reading
         .expect("closing does not wait for the delay");
     assert_eq!(done.unwrap().map(|c| c.inserted), Ok(1));
     assert_eq!(count(&cfg.path), 6);
+}
+
+fn values_by_id(path: &Path) -> Vec<f64> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT value FROM readings ORDER BY id")
+        .unwrap();
+    let rows = stmt.query_map([], |r| r.get::<_, f64>(0)).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// A delayed source's batches wait for their own due time, not for the next write
+/// operation (sync marks, cursors and state rows commit without them, issue 15): an
+/// operation commits at once, the held batches at their delay, together, in order.
+/// `commit_held_now` (a source with no room left) commits them at once.
+#[tokio::test]
+async fn a_delayed_sources_batches_wait_for_their_due_time_not_for_an_operation() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    let delay = Duration::from_millis(1500);
+    store.set_commit_delay("test", Some(delay));
+
+    let sent = Instant::now();
+    let (batch, first) = Batch::with_ack(vec![reading(1)]);
+    ingest.sender.send(batch).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let commits = store.stats().commits.load(Ordering::Relaxed);
+    // Operations come and go, each committed at once and alone.
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_millis(1000), store.write(|_| Ok(())))
+            .await
+            .expect("an operation is committed at once")
+            .unwrap();
+    }
+    let (batch, second) = Batch::with_ack(vec![reading(2)]);
+    ingest.sender.send(batch).await.unwrap();
+    store.write(|_| Ok(())).await.unwrap();
+    assert_eq!(store.stats().commits.load(Ordering::Relaxed), commits + 4);
+    assert_eq!(
+        count(&cfg.path),
+        0,
+        "the operations left the readings waiting"
+    );
+
+    let first = tokio::time::timeout(Duration::from_secs(30), first)
+        .await
+        .expect("committed by its due time");
+    let waited = sent.elapsed();
+    assert_eq!(first.unwrap().map(|c| c.inserted), Ok(1));
+    assert!(
+        waited >= delay - Duration::from_millis(100),
+        "committed after {waited:?}, before its delay"
+    );
+    assert_eq!(second.await.unwrap().map(|c| c.inserted), Ok(1));
+    assert_eq!(values_by_id(&cfg.path), vec![1.0, 2.0]);
+    assert_eq!(
+        store.stats().commits.load(Ordering::Relaxed),
+        commits + 5,
+        "both readings in one commit"
+    );
+
+    // No room left at the source: held batches are committed at once.
+    store.set_commit_delay("test", Some(Duration::from_secs(3600)));
+    let (batch, third) = Batch::with_ack(vec![reading(3)]);
+    ingest.sender.send(batch).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.write(|_| Ok(())).await.unwrap();
+    store.commit_held_now();
+    let third = tokio::time::timeout(Duration::from_secs(30), third)
+        .await
+        .expect("committed when asked, not after an hour");
+    assert_eq!(third.unwrap().map(|c| c.inserted), Ok(1));
+
+    // A source without a delay still rides with an operation's commit.
+    let mut eager = reading(4);
+    eager.source = "other".into();
+    let (batch, fourth) = Batch::with_ack(vec![eager]);
+    ingest.sender.send(batch).await.unwrap();
+    store.write(|_| Ok(())).await.unwrap();
+    assert_eq!(fourth.await.unwrap().map(|c| c.inserted), Ok(1));
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
 }

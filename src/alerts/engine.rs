@@ -752,8 +752,14 @@ impl Engine {
 /// readings are sorted into zones — past the alert level, back at the clear level, in
 /// between (for rate rules, of the change over the window as the engine computes it) —
 /// and a reading is urgent when its zone differs from the series' previous one, and
-/// for stale rules when the series was silent for `after`. A misjudgement costs only
-/// latency or a commit more: the engine still decides on committed readings alone.
+/// for stale rules when the series was silent for `after`. For threshold and rate
+/// rules a move between the clear level and the in-between zone is not urgent unless
+/// the series was past the alert level since it last cleared: the engine starts an
+/// alert only past the alert level, ends a pending one only when it leaves that zone,
+/// and resolves a firing one only at the clear level, so such a move changes nothing
+/// (a value hovering around the clear level would otherwise commit every reading
+/// alone). A misjudgement costs only latency or a commit more: the engine still
+/// decides on committed readings alone.
 pub struct Urgency {
     rules: Vec<CompiledRule>,
     series: HashMap<(usize, String), Mark>,
@@ -762,6 +768,9 @@ pub struct Urgency {
 #[derive(Default)]
 struct Mark {
     zone: u8,
+    /// Past the alert level since it last cleared (or unknown, after a start with a
+    /// first reading out of range): only then can a return to the clear level resolve.
+    armed: bool,
     seen: Option<std::time::Instant>,
     window: VecDeque<(DateTime<Utc>, f64)>,
 }
@@ -875,7 +884,18 @@ impl Urgency {
                     0
                 }
             };
-            urgent |= if first { zone != 0 } else { zone != mark.zone };
+            let changed = if first { zone != 0 } else { zone != mark.zone };
+            let hysteresis = matches!(
+                rule.condition,
+                Condition::Threshold { .. } | Condition::Rate { .. }
+            );
+            let may_change = !hysteresis || first || zone == 2 || mark.zone == 2 || mark.armed;
+            urgent |= changed && may_change;
+            if zone == 2 || (first && zone != 0) {
+                mark.armed = true;
+            } else if zone == 0 {
+                mark.armed = false;
+            }
             mark.zone = zone;
             mark.seen = Some(now);
         }
@@ -1292,6 +1312,31 @@ mod tests {
         assert!(check(240, 7.0), "back between the levels");
         assert!(check(300, 5.0), "back at the clear level");
         assert!(!check(360, 5.5));
+        // Between the levels and back without passing the alert level: nothing can
+        // change (issue 15: a value hovering at the clear level is not urgent).
+        assert!(
+            !check(960, 6.5),
+            "above the clear level, never past the alert level"
+        );
+        assert!(!check(1020, 5.9), "back at the clear level, nothing fired");
+        assert!(!check(1080, 6.9));
+        assert!(check(1140, 8.5), "past the alert level");
+        assert!(check(1200, 6.9), "between the levels: ends a pending alert");
+        assert!(!check(1260, 7.5));
+        assert!(
+            check(1320, 5.0),
+            "at the clear level: resolves a firing alert"
+        );
+        // A first reading between the levels may meet a firing alert restored at start.
+        let mut u = Urgency::from_config(&rules).unwrap().unwrap();
+        assert!(
+            u.check(&reading("fridge", 7.0, at(0))),
+            "first, between the levels"
+        );
+        assert!(
+            u.check(&reading("fridge", 5.0, at(60))),
+            "then at the clear level"
+        );
         assert!(!Urgency::from_config(&rules)
             .unwrap()
             .unwrap()

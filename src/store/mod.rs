@@ -265,6 +265,8 @@ pub struct Store {
     policy: Arc<writer::CommitPolicy>,
     /// `storage.ttn_commit_delay`.
     ttn_commit_delay: std::time::Duration,
+    /// `storage.batch_max_delay`.
+    batch_max_delay: std::time::Duration,
 }
 
 /// Keeps a test of [`Store::set_urgency`] installed; dropping it removes the test
@@ -378,6 +380,7 @@ impl Store {
                 key,
                 policy,
                 ttn_commit_delay: config.ttn_commit_delay.get(),
+                batch_max_delay: config.batch_max_delay.get(),
             },
             Ingest {
                 sender: batch_tx,
@@ -426,6 +429,22 @@ impl Store {
     /// readings nobody acknowledges (see [`Store::ttn_commit_delay`]).
     pub fn set_commit_delay(&self, source: &str, delay: Option<std::time::Duration>) {
         self.policy.set_delay(source, delay);
+    }
+
+    /// How long readings of `source` may wait for their commit, if longer than
+    /// `storage.batch_max_delay` (see [`Store::set_commit_delay`]): such a source
+    /// keeps more batches awaiting their commit, so that they can wait together.
+    pub fn commit_delay(&self, source: &str) -> Option<std::time::Duration> {
+        self.policy
+            .delay_of(source)
+            .filter(|d| *d > self.batch_max_delay)
+    }
+
+    /// Commits the batches the writer holds for their sources' delay now rather than
+    /// at their due time: for a source that has no room left for more batches
+    /// awaiting their commit (a burst), so that it drains at full speed.
+    pub fn commit_held_now(&self) {
+        self.policy.commit_held_now();
     }
 
     /// `storage.ttn_commit_delay`: how long readings of The Things Stack sources may

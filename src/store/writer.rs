@@ -61,6 +61,10 @@ pub(super) struct CommitPolicy {
     /// The alert engine's test of readings that must not wait (with its generation).
     urgency: std::sync::Mutex<Option<(u64, Urgency)>>,
     generation: AtomicU64,
+    /// Asks the writer to commit the batches it holds now (see
+    /// [`CommitPolicy::commit_held_now`]). A request made while nothing is held is
+    /// remembered and commits the next group at once: harmless, one early commit.
+    commit_held: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for CommitPolicy {
@@ -77,6 +81,18 @@ impl CommitPolicy {
                 None => lazy.remove(source),
             };
         }
+    }
+
+    /// `source`'s delay, if it has one (see [`CommitPolicy::set_delay`]).
+    pub(super) fn delay_of(&self, source: &str) -> Option<Duration> {
+        self.lazy.read().ok().and_then(|l| l.get(source).copied())
+    }
+
+    /// A source whose batches wait has no room left for more: the writer commits
+    /// what it holds at once instead of at its due time, so a burst drains at full
+    /// speed rather than one window per delay.
+    pub(super) fn commit_held_now(&self) {
+        self.commit_held.notify_one();
     }
 
     /// Installs `urgency`; returns its generation for [`CommitPolicy::clear_urgency`].
@@ -263,6 +279,11 @@ struct Group {
     /// When the group must be committed at the latest (if nothing fills it sooner):
     /// the earliest of what its members may wait.
     due: Option<tokio::time::Instant>,
+    /// The earliest of what its batches alone may wait.
+    batches_due: Option<tokio::time::Instant>,
+    /// Whether every batch may wait longer than the spacing (its source's delay):
+    /// only such batches are left out of a commit made for write operations.
+    all_lazy: bool,
 }
 
 impl Group {
@@ -272,6 +293,35 @@ impl Group {
 
     fn due_by(&mut self, at: tokio::time::Instant) {
         self.due = Some(self.due.map_or(at, |d| d.min(at)));
+    }
+
+    /// The batches to keep for a later commit when this group is committed now:
+    /// all of them if the commit is due for write operations only and every batch
+    /// is a delayed source's, not yet due (they keep their due time, and their order,
+    /// since they go first into the next group). Another commit would cost the same
+    /// pages for the operations and again for the readings; but the readings of a
+    /// delayed source gain most from waiting together (one commit per delay rather
+    /// than one per operation: sync marks, cursors, state rows). Any batch due, or
+    /// a full group, commits everything it holds.
+    fn split_held(&mut self, now: tokio::time::Instant, max_rows: usize) -> Group {
+        let keep = !self.ops.is_empty()
+            && !self.batches.is_empty()
+            && self.all_lazy
+            && self.rows < max_rows
+            && self.batches_due.is_some_and(|due| due > now);
+        if !keep {
+            return Group::default();
+        }
+        let held = Group {
+            batches: std::mem::take(&mut self.batches),
+            ops: Vec::new(),
+            rows: std::mem::take(&mut self.rows),
+            due: self.batches_due,
+            batches_due: self.batches_due.take(),
+            all_lazy: true,
+        };
+        self.due = Some(now);
+        held
     }
 
     /// A write operation is committed at once: its caller waits for it, and an alert
@@ -285,12 +335,14 @@ impl Group {
     /// if its source may (`CommitPolicy`), or not at all if it may change an alert.
     fn push_batch(&mut self, batch: Batch, policy: &CommitPolicy, spacing: tokio::time::Instant) {
         let now = tokio::time::Instant::now();
-        let due = match policy.wait_of(&batch) {
-            None => now,
-            Some(None) => spacing,
-            Some(Some(delay)) => spacing.max(now + delay),
+        let (due, lazy) = match policy.wait_of(&batch) {
+            None => (now, false),
+            Some(None) => (spacing, false),
+            Some(Some(delay)) => (spacing.max(now + delay), now + delay > spacing),
         };
+        self.all_lazy = lazy && (self.all_lazy || self.batches.is_empty());
         self.due_by(due);
+        self.batches_due = Some(self.batches_due.map_or(due, |d| d.min(due)));
         self.rows += batch.readings.len();
         self.batches.push(batch);
     }
@@ -315,35 +367,45 @@ impl Writer {
         let max_delay = self.config.batch_max_delay.get();
         let mut last_commit = tokio::time::Instant::now();
         let policy = self.policy.clone();
+        // Batches of delayed sources left out of a commit made for write operations:
+        // they open the next group, with their own due time.
+        let mut held = Group::default();
         while batches_open || (ops_open && !closing) {
-            let mut group = Group::default();
+            let mut group = std::mem::take(&mut held);
             // Group commit: a batch waits no sooner than `batch_max_delay` after the
             // previous commit (bounding fsyncs per second on SD cards), a batch of a
             // source that acknowledges nothing waits longer (`CommitPolicy`), a write
             // operation or a reading that may change an alert not at all. Everything
             // already queued joins the group, up to `batch_max_rows` rows; whatever
             // arrives during a commit's fsync forms the next group.
+            //
+            // A commit due for write operations alone leaves held batches of delayed
+            // sources waiting for their own due time (`Group::split_held`), unless
+            // their source has no room for more (`CommitPolicy::commit_held_now`).
             let spacing = last_commit + max_delay;
-            tokio::select! {
-                biased;
-                _ = close.cancelled(), if !closing => {
-                    closing = true;
-                    continue;
-                }
-                op = ops.recv(), if ops_open => match op {
-                    Some(op) => group.push_op(op),
-                    None => ops_open = false,
-                },
-                batch = batches.recv(), if batches_open => match batch {
-                    Some(batch) => group.push_batch(batch, &policy, spacing),
-                    None => batches_open = false,
-                },
-                _ = prune_timer.tick() => {
-                    self.prune_now();
-                    continue;
+            if group.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = close.cancelled(), if !closing => {
+                        closing = true;
+                        continue;
+                    }
+                    op = ops.recv(), if ops_open => match op {
+                        Some(op) => group.push_op(op),
+                        None => ops_open = false,
+                    },
+                    batch = batches.recv(), if batches_open => match batch {
+                        Some(batch) => group.push_batch(batch, &policy, spacing),
+                        None => batches_open = false,
+                    },
+                    _ = prune_timer.tick() => {
+                        self.prune_now();
+                        continue;
+                    }
                 }
             }
             if !group.is_empty() {
+                let mut commit_held = false;
                 while group.rows < max_rows && (batches_open || ops_open) {
                     let mut took = false;
                     if ops_open {
@@ -388,8 +450,15 @@ impl Writer {
                             Some(batch) => group.push_batch(batch, &policy, spacing),
                             None => batches_open = false,
                         },
+                        _ = policy.commit_held.notified() => {
+                            commit_held = true;
+                            break;
+                        }
                         _ = tokio::time::sleep_until(due) => break,
                     }
+                }
+                if !closing && batches_open && !commit_held {
+                    held = group.split_held(tokio::time::Instant::now(), max_rows);
                 }
                 let full = self.commit(group).is_err();
                 last_commit = tokio::time::Instant::now();
@@ -403,7 +472,9 @@ impl Writer {
             }
         }
         ops.close();
-        let mut last = Group::default();
+        // Nothing is held once the readings channel is closed (see `split_held`'s
+        // caller), but whatever is must not be lost.
+        let mut last = held;
         while let Ok(op) = ops.try_recv() {
             last.ops.push(op);
         }

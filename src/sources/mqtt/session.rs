@@ -8,7 +8,7 @@
 //!   |---|---|---|---|
 //!   | hand-off | [`HANDOFF_CAPACITY`] messages | poll loop (`try_send`, never waits) | worker |
 //!   | store ingest | the store's | worker, acker (retries) | store writer thread |
-//!   | ack pipeline | [`ACK_PIPELINE_CAPACITY`] batches | worker | acker |
+//!   | ack pipeline | [`ACK_PIPELINE_CAPACITY`] batches (a delayed source: [`DELAYED_ACK_WINDOW_MESSAGES`] messages) | worker | acker |
 //!   | owed PUBACKs | [`ACK_PIPELINE_CAPACITY`] batches | acker | poll loop |
 //!
 //!   The worker waits for the store and the acker; the acker waits for commits and,
@@ -59,7 +59,7 @@
 //! - **Options are validated before rumqttc sees them** (its setters assert).
 
 use super::broker::REQUEST_CAPACITY;
-use super::worker::{acker, worker, AckRoute, Handoff, Pending, PubAckRef};
+use super::worker::{acker, worker, AckRoute, AckWindow, Handoff, Pending, PubAckRef};
 use super::{Decode, SessionStats};
 use crate::backoff::Backoff;
 use crate::ratelimit::LogLimiter;
@@ -83,6 +83,14 @@ pub const HANDOFF_CAPACITY: usize = 1_024;
 ///
 /// [`MAX_MESSAGES_PER_BATCH`]: super::MAX_MESSAGES_PER_BATCH
 pub(super) const ACK_PIPELINE_CAPACITY: usize = 4;
+/// For a source whose batches wait for their commit (`Store::commit_delay`: TTN's
+/// `storage.ttn_commit_delay`): the most messages awaiting their commit, in up to as
+/// many batches. At a site's rate every message is a batch of its own, and with
+/// [`ACK_PIPELINE_CAPACITY`] batches a 5 s delay would hold only four or five
+/// readings; this lets one commit carry the whole delay's worth (at most as much
+/// memory as [`ACK_PIPELINE_CAPACITY`] full batches). When it is full, the store
+/// commits what it holds at once, so a burst is not slowed to one window per delay.
+pub(super) const DELAYED_ACK_WINDOW_MESSAGES: usize = HANDOFF_CAPACITY;
 /// How long the session keeps polling at shutdown so PUBACKs of committed batches reach
 /// the broker (must stay below the pipeline's source grace period).
 const SHUTDOWN_FLUSH: Duration = Duration::from_millis(1500);
@@ -126,7 +134,12 @@ pub async fn run_session(
         let tx = handed_off.upgrade()?;
         Some(tx.max_capacity().saturating_sub(tx.capacity()) as u64)
     }));
-    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(ACK_PIPELINE_CAPACITY);
+    let window = AckWindow::new(
+        ctx.store.commit_delay(&session.source).is_some(),
+        ACK_PIPELINE_CAPACITY,
+        DELAYED_ACK_WINDOW_MESSAGES,
+    );
+    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(window.batches);
     let (owed_tx, mut owed_acks) = mpsc::channel::<Vec<PubAckRef>>(ACK_PIPELINE_CAPACITY);
     // The connection PUBACKs may go to: its number while connected, 0 otherwise.
     let live_connection = Arc::new(AtomicU64::new(0));
@@ -138,6 +151,7 @@ pub async fn run_session(
         session.source.clone(),
         manual_acks,
         pending_tx,
+        window.messages,
         session.stats.clone(),
     ));
     let acker = tokio::spawn(acker(

@@ -12,7 +12,7 @@ use rumqttc::{AsyncClient, Publish, QoS};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 /// The most messages decoded into one batch.
 pub const MAX_MESSAGES_PER_BATCH: usize = 250;
@@ -45,8 +45,70 @@ pub(super) struct Pending {
     messages: usize,
     min_mark: Option<DateTime<Utc>>,
     max_mark: Option<DateTime<Utc>>,
+    /// Its messages' share of the window ([`AckWindow::messages`]), given back when
+    /// the acker is done with the batch.
+    _room: Option<OwnedSemaphorePermit>,
 }
 
+/// How much of a session's input may await its commit at once: at most `batches`
+/// batches (the ack pipeline's capacity) and, for a source whose batches wait for
+/// their commit, at most [`AckWindow::messages`] messages. When the window is full
+/// the worker waits, the hand-off queue fills and the poll loop stops reading (G4).
+pub(super) struct AckWindow {
+    pub(super) batches: usize,
+    /// Permits of one message each; `None` for a source committed at once, which
+    /// [`MAX_MESSAGES_PER_BATCH`] and `batches` bound.
+    pub(super) messages: Option<Arc<Semaphore>>,
+}
+
+impl AckWindow {
+    /// A source committed at once keeps at most `eager_batches` batches awaiting
+    /// their commit: its batches grow while it waits, so a few are enough. A source
+    /// whose batches wait for their commit (`delayed`: TTN's `ttn_commit_delay`) sees
+    /// its messages arrive one by one, a batch each, at a site's rate; it keeps up to
+    /// `lazy_messages` messages, in as many batches, so that one commit can carry a
+    /// whole delay's worth of them.
+    /// `lazy_messages` is at least [`MAX_MESSAGES_PER_BATCH`], so a batch always fits.
+    pub(super) fn new(delayed: bool, eager_batches: usize, lazy_messages: usize) -> AckWindow {
+        if delayed {
+            let messages = lazy_messages.max(MAX_MESSAGES_PER_BATCH);
+            AckWindow {
+                batches: messages,
+                messages: Some(Arc::new(Semaphore::new(messages))),
+            }
+        } else {
+            AckWindow {
+                batches: eager_batches.max(1),
+                messages: None,
+            }
+        }
+    }
+}
+
+/// Takes room for `messages` in the window; when there is none, asks the store to
+/// commit the batches it holds now (they would otherwise wait for their delay while
+/// the source cannot read), then waits. `None` if the window is closed.
+async fn reserve(
+    window: &Option<Arc<Semaphore>>,
+    messages: usize,
+    ctx: &SourceContext,
+) -> Option<Option<OwnedSemaphorePermit>> {
+    let Some(window) = window else {
+        return Some(None);
+    };
+    // A batch holds 1 to MAX_MESSAGES_PER_BATCH messages; the window holds at least that.
+    let n = messages.clamp(1, MAX_MESSAGES_PER_BATCH) as u32;
+    match window.clone().try_acquire_many_owned(n) {
+        Ok(permit) => Some(Some(permit)),
+        Err(tokio::sync::TryAcquireError::Closed) => None,
+        Err(tokio::sync::TryAcquireError::NoPermits) => {
+            ctx.store.commit_held_now();
+            window.clone().acquire_many_owned(n).await.ok().map(Some)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn worker(
     mut rx: mpsc::Receiver<Handoff>,
     mut decoder: impl Decode,
@@ -54,6 +116,7 @@ pub(super) async fn worker(
     source: String,
     manual_acks: bool,
     pending: mpsc::Sender<Pending>,
+    window: Option<Arc<Semaphore>>,
     stats: Arc<SessionStats>,
 ) {
     let mut buf = Vec::with_capacity(MAX_MESSAGES_PER_BATCH);
@@ -98,6 +161,11 @@ pub(super) async fn worker(
         if readings.is_empty() && acks.is_empty() {
             continue;
         }
+        // Room in the window before the batch goes to the store: what awaits its
+        // commit is bounded (G4).
+        let Some(room) = reserve(&window, messages, &ctx).await else {
+            break;
+        };
         let retry = manual_acks.then(|| readings.clone());
         let (batch, ack) = Batch::with_ack(readings);
         if ctx.out.send(batch).await.is_err() {
@@ -110,6 +178,7 @@ pub(super) async fn worker(
             messages,
             min_mark,
             max_mark,
+            _room: room,
         };
         if pending.send(item).await.is_err() {
             break;
@@ -257,8 +326,204 @@ pub(super) async fn acker(
 #[cfg(test)]
 mod tests {
     use super::super::session::ACK_PIPELINE_CAPACITY;
+    use super::super::Decoded;
     use super::*;
     use rumqttc::MqttOptions;
+
+    /// One reading per message, its uid from the payload.
+    struct OneReading;
+    impl Decode for OneReading {
+        fn decode(
+            &mut self,
+            _: &str,
+            payload: &[u8],
+            at: DateTime<Utc>,
+        ) -> Result<Decoded, Rejection> {
+            let n = String::from_utf8_lossy(payload).to_string();
+            Ok(Decoded {
+                readings: vec![Reading {
+                    uid: crate::model::Uid::derive(&["window", &n]),
+                    source: "lazy".into(),
+                    device: format!("d{}", n.len()),
+                    metric: "m".into(),
+                    value: 1.0,
+                    unit: None,
+                    observed_at: at,
+                    received_at: at,
+                    flags: 0,
+                    meta: None,
+                }],
+                mark: None,
+            })
+        }
+    }
+
+    fn handoff(n: usize) -> Handoff {
+        Handoff {
+            publish: Publish::new("t", QoS::AtMostOnce, n.to_string().into_bytes()),
+            received_at: Utc::now(),
+            connection: 1,
+        }
+    }
+
+    /// A store whose source "lazy" waits `delay` for its commit, and a context for it.
+    fn lazy_store(dir: &std::path::Path, delay: Duration) -> (SourceContext, crate::store::Ingest) {
+        let storage = crate::store::StorageConfig {
+            path: dir.join("db"),
+            batch_max_rows: 100_000,
+            ..Default::default()
+        };
+        let (store, ingest) = crate::store::Store::open(&storage, Default::default()).unwrap();
+        store.set_commit_delay("lazy", Some(delay));
+        assert_eq!(store.commit_delay("lazy"), Some(delay));
+        assert_eq!(store.commit_delay("other"), None);
+        let ctx = SourceContext {
+            out: ingest.sender.clone(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: crate::metrics::Metrics::new(&store),
+            store,
+            gateway_id: "gw".into(),
+            clock: crate::clock::Clock::system(),
+            certs: crate::tls::CertWatch::default(),
+        };
+        (ctx, ingest)
+    }
+
+    /// Sends `n` messages one by one, each taken by the worker before the next, so each
+    /// is a batch of its own (as at a site's rate); stops early, returning how many were
+    /// taken, when the worker stops taking them.
+    async fn feed_one_by_one(tx: &mpsc::Sender<Handoff>, from: usize, n: usize) -> usize {
+        for i in 0..n {
+            tx.send(handoff(from + i)).await.unwrap();
+            let taken = tokio::time::timeout(Duration::from_millis(500), async {
+                while tx.capacity() < tx.max_capacity() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            if taken.is_err() {
+                return i;
+            }
+        }
+        n
+    }
+
+    /// A delayed source keeps up to its window of messages awaiting their commit, one
+    /// batch each at a site's rate (not four batches: issue 15), and no more (G4):
+    /// the worker waits, and asks the store to commit what it holds.
+    #[tokio::test]
+    async fn a_delayed_sources_window_is_bounded_by_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, _ingest) = lazy_store(dir.path(), Duration::from_secs(3600));
+        // Batches go to a queue nobody drains: nothing is ever committed here.
+        let (out, mut sent) = mpsc::channel(10_000);
+        ctx.out = out;
+        let window = AckWindow::new(true, ACK_PIPELINE_CAPACITY, 300);
+        assert_eq!(window.batches, 300);
+        let (tx, rx) = mpsc::channel(16);
+        let (pending_tx, mut pending) = mpsc::channel(window.batches);
+        let stats = Arc::new(SessionStats::default());
+        let task = tokio::spawn(worker(
+            rx,
+            OneReading,
+            ctx,
+            "lazy".into(),
+            false,
+            pending_tx,
+            window.messages.clone(),
+            stats,
+        ));
+        let taken = feed_one_by_one(&tx, 0, 400).await;
+        // 300 sent, the 301st taken and waiting for room.
+        assert_eq!(taken, 301);
+        let mut batches = 0;
+        while let Ok(batch) = sent.try_recv() {
+            assert_eq!(batch.readings.len(), 1, "a batch per message");
+            batches += 1;
+        }
+        assert_eq!(batches, 300, "the window holds 300 messages, no more");
+        // The acker is done with ten: ten more go.
+        for _ in 0..10 {
+            drop(pending.recv().await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let taken = feed_one_by_one(&tx, 1000, 20).await;
+        // The 301st, the 302nd (left in the hand-off queue) and eight more fill the
+        // room again; the ninth is taken and waits.
+        assert_eq!(taken, 9);
+        let mut more = 0;
+        while sent.try_recv().is_ok() {
+            more += 1;
+        }
+        assert_eq!(more, 10);
+        task.abort();
+
+        // A source committed at once keeps its four batches (and one in hand).
+        let window = AckWindow::new(false, ACK_PIPELINE_CAPACITY, 300);
+        assert_eq!(window.batches, ACK_PIPELINE_CAPACITY);
+        assert!(window.messages.is_none());
+    }
+
+    /// A burst of a delayed source drains at full speed: a full window commits what
+    /// the store holds at once instead of waiting for the delay. Here 20 windows with
+    /// a 10 s delay: 200 s if each waited; only the last one does.
+    #[tokio::test]
+    async fn a_burst_of_a_delayed_source_drains_without_waiting_for_the_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let delay = Duration::from_secs(10);
+        let (ctx, ingest) = lazy_store(dir.path(), delay);
+        let store = ctx.store.clone();
+        let window = AckWindow::new(true, ACK_PIPELINE_CAPACITY, 256);
+        let (tx, rx) = mpsc::channel(1024);
+        let (pending_tx, mut pending) = mpsc::channel::<Pending>(window.batches);
+        let stats = Arc::new(SessionStats::default());
+        let worker = tokio::spawn(worker(
+            rx,
+            OneReading,
+            ctx,
+            "lazy".into(),
+            false,
+            pending_tx,
+            window.messages.clone(),
+            stats,
+        ));
+        // The acker's part: await each commit in order.
+        let acker = tokio::spawn(async move {
+            let mut committed = 0;
+            while let Some(item) = pending.recv().await {
+                match item.ack.await {
+                    Ok(Ok(c)) => committed += c.inserted,
+                    other => panic!("not committed: {other:?}"),
+                }
+                if committed == 5_000 {
+                    break;
+                }
+            }
+            committed
+        });
+        let started = std::time::Instant::now();
+        for i in 0..5_000 {
+            tx.send(handoff(i)).await.unwrap();
+            if i % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let committed = tokio::time::timeout(Duration::from_secs(120), acker)
+            .await
+            .expect("the burst drains without waiting for the delay")
+            .unwrap();
+        assert_eq!(committed, 5_000);
+        let took = started.elapsed();
+        assert!(took < delay * 4, "{took:?} for 20 windows");
+        let commits = store.stats().commits.load(Relaxed);
+        assert!(
+            commits >= 5_000 / 256,
+            "{commits} commits: each window is committed when full"
+        );
+        drop(tx);
+        worker.await.unwrap();
+        drop((store, ingest.sender));
+    }
 
     /// The acker never waits for the event loop: acks owed on an older connection are
     /// dropped, one ack per batch goes into rumqttc's queue (to wake `poll()`), the
