@@ -156,8 +156,8 @@ fn default_batch_size() -> usize {
 fn default_backlog_rows_per_second() -> u64 {
     20_000
 }
-/// Two: with one upload in flight central's insert waits while the agent reads and
-/// encodes the next batch; two keep it busy (docs/benchmarks.md, "Central sync").
+/// Two: a second transaction lets central use a second core; measured slightly ahead
+/// of one on an unpaced drain (docs/benchmarks.md, "Central sync", session 7).
 fn default_backlog_connections() -> usize {
     2
 }
