@@ -26,6 +26,7 @@ use crate::store::Store;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -213,6 +214,14 @@ struct Worker {
     /// The connections besides `central` that upload backlog batches concurrently
     /// (`sync.backlog_connections` - 1 of them while a backlog drains, else none).
     backlog_central: Vec<Central>,
+    /// Whether one connection was seen to be slower than `backlog_rows_per_second`: a
+    /// backlog round on one connection ran to its end without the pacing ever holding
+    /// it back. Only then (or without pacing) do extra connections open: where the
+    /// pacing is the limit they would add connections to central and nothing else.
+    one_too_slow: bool,
+    /// Set when the pacing held the current backlog round back (a relaxed flag only
+    /// because the drain borrows the worker shared).
+    paced: AtomicBool,
     backoff: Backoff,
     hold: HoldBack,
     /// The newest id at the start of the previous round: what arrived since is "live".
@@ -265,6 +274,8 @@ impl Worker {
             reader: std::sync::Mutex::new(None),
             central: None,
             backlog_central: Vec::new(),
+            one_too_slow: false,
+            paced: AtomicBool::new(false),
             live_floor: None,
             last_sync_at: None,
             last_error: None,
@@ -586,16 +597,24 @@ impl Worker {
         let first = self
             .read(move |c| local::select_readings(c, window, release, max))
             .await?;
-        if first.len() < max {
-            // No more than a batch: one connection is plenty.
+        let unpaced = self.config.backlog_rows_per_second == 0 || self.one_too_slow;
+        if first.len() < max || !unpaced {
+            // No more than a batch, or one connection keeps up with the pacing: one
+            // connection is plenty.
             self.backlog_central.clear();
         } else {
             self.open_backlog_connections().await;
         }
+        let alone = self.backlog_central.is_empty();
+        self.paced.store(false, Relaxed);
         let result = self.drain_batches(first, deadline, release).await;
         if result.is_ok() && !self.shutdown.is_cancelled() && Instant::now() < deadline {
             // Drained before the deadline: the extra connections are not needed now.
             self.backlog_central.clear();
+            self.one_too_slow = false;
+        } else if result.is_ok() && alone {
+            // A whole round on one connection: did the pacing ever hold it back?
+            self.one_too_slow = !self.paced.load(Relaxed);
         }
         result
     }
@@ -709,7 +728,9 @@ impl Worker {
                     }
                 }
                 // Paced on purpose: not a stall.
-                _ = tokio::time::sleep_until(due.unwrap_or(deadline).min(deadline)), if due.is_some() && !stopping => {}
+                _ = tokio::time::sleep_until(due.unwrap_or(deadline).min(deadline)), if due.is_some() && !stopping => {
+                    self.paced.store(true, Relaxed);
+                }
                 _ = self.shutdown.cancelled(), if !stopping => {}
             }
         }
