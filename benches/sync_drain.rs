@@ -3,11 +3,15 @@
 //! `INSERT … ON CONFLICT DO NOTHING` through the same PgBouncer, in the same run.
 //!
 //!     cargo bench --bench sync_drain
-//!     ROWS=200000 BATCH=10000 cargo bench --bench sync_drain
+//!     ROWS=200000 BATCH=10000 CONNECTIONS=1 cargo bench --bench sync_drain
+//!
+//! (`BATCH` is `sync.batch_size`, `CONNECTIONS` is `sync.backlog_connections`; both
+//! default to the agent's defaults.)
 //!
 //! The agent's path is the whole of it: reading unsynced rows from SQLite on its own
-//! connection, the upload transactions (`unnest` arrays through `execute_typed`), and
-//! the synced marks through the store writer (`synchronous=FULL`). The backlog is
+//! connection, the upload transactions (binary `COPY` into an `ON COMMIT DROP` staging
+//! table, then `INSERT … SELECT … ON CONFLICT DO NOTHING`, up to `CONNECTIONS` of them
+//! in flight), and the synced marks through the store writer (`synchronous=FULL`). The backlog is
 //! written straight into SQLite first, as an outage leaves it. The central table is
 //! emptied before each contender. RSS of this process is sampled while draining (every
 //! 20 ms, with the progress read from the lowest unsynced id).
@@ -134,7 +138,9 @@ fn psql_baseline(bouncer: &PgBouncer, csv: &Path) -> Duration {
 
 fn main() {
     let rows = env_usize("ROWS", 1_000_000);
-    let batch = env_usize("BATCH", 5000);
+    let defaults = SyncConfig::with_url("postgres://bench@localhost/bench");
+    let batch = env_usize("BATCH", defaults.batch_size);
+    let connections = env_usize("CONNECTIONS", defaults.backlog_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -157,6 +163,7 @@ fn main() {
     let mut sync = SyncConfig::with_url(bouncer.url());
     sync.sslmode = SslMode::Disable;
     sync.batch_size = batch;
+    sync.backlog_connections = connections;
     sync.backlog_rows_per_second = 0;
     sync.interval = HumanDuration::from_secs(10);
     let options = ConnectOptions::from_config(&sync, "bench");
@@ -238,7 +245,7 @@ fn main() {
             .unwrap_or(0)
     };
     let max = rss_samples.iter().map(|(_, r)| *r).max().unwrap_or(0);
-    println!("rows {rows}, batch {batch}");
+    println!("rows {rows}, batch {batch}, backlog connections {connections}");
     println!(
         "outpost drain: {:.1}s, {agent_rate:.0} rows/s",
         drain.as_secs_f64()

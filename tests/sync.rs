@@ -283,6 +283,112 @@ async fn three_agents_sync_exactly_once_into_the_partitioned_layout() {
     three_agents_through_a_pool_of_two(Layout::Partitioned).await;
 }
 
+/// Client connections of the agents (not the admin console) that PgBouncer holds.
+fn agent_clients(bouncer: &PgBouncer) -> usize {
+    bouncer
+        .admin_rows("SHOW CLIENTS")
+        .iter()
+        .filter(|c| c.get("database").map(String::as_str) == Some("outpost"))
+        .count()
+}
+
+/// `sync.backlog_connections`: a backlog drains over that many connections (two
+/// transactions in flight), exactly once, each row with its own `seq`; once drained the
+/// extra connection is closed. With 1, only one connection is ever open.
+async fn drain_with_connections(connections: usize) {
+    let (pg, bouncer) = central(Layout::Plain).await;
+    let pg_url = pg.url();
+    let mut agent = Agent::open_as(&format!("gw-conns-{connections}"));
+    let total = 40_000;
+    bulk_insert(
+        &agent,
+        total,
+        chrono::Utc::now() - chrono::Duration::hours(1),
+        0,
+    );
+    let mut sync = fast_sync(&bouncer.url());
+    sync.batch_size = 1000;
+    sync.backlog_connections = connections;
+    start_sync(&mut agent, sync);
+    let sql = format!(
+        "SELECT COUNT(*) FROM outpost.readings WHERE gateway_id = '{}'",
+        agent.gateway_id()
+    );
+    let mut most = 0;
+    let started = Instant::now();
+    while unsynced(&agent) > 0 || pg_i64(&pg_url, &sql).await != Some(total as i64) {
+        assert!(started.elapsed() < DEADLINE, "the backlog did not drain");
+        most = most.max(tokio::task::block_in_place(|| agent_clients(&bouncer)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_exactly_once(&pg_url, &agent, total).await;
+    let seqs = format!(
+        "SELECT COUNT(DISTINCT seq) FILTER (WHERE seq BETWEEN 1 AND {total}) FROM outpost.readings"
+    );
+    assert_eq!(
+        pg_i64(&pg_url, &seqs).await,
+        Some(total as i64),
+        "seq per row"
+    );
+    if connections == 1 {
+        assert_eq!(most, 1, "one connection only");
+    } else {
+        assert_eq!(most, connections, "uploads on {connections} connections");
+        wait_until_async("the extra connection to close", DEADLINE, async || {
+            tokio::task::block_in_place(|| agent_clients(&bouncer)) == 1
+        })
+        .await;
+    }
+    assert_no_prepared_statement_errors(&pg, &bouncer);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_drains_over_two_connections_then_keeps_one() {
+    drain_with_connections(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backlog_connection_means_one_connection() {
+    drain_with_connections(1).await;
+}
+
+/// With pacing that one connection keeps up with, `backlog_connections = 2` never
+/// opens the second: it would hold a connection to central and add nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_backlog_that_one_connection_keeps_up_with_uses_one() {
+    let (pg, bouncer) = central(Layout::Plain).await;
+    let pg_url = pg.url();
+    let mut agent = Agent::open_as("gw-conns-paced");
+    let total = 8_000;
+    bulk_insert(
+        &agent,
+        total,
+        chrono::Utc::now() - chrono::Duration::hours(1),
+        0,
+    );
+    let mut sync = fast_sync(&bouncer.url());
+    sync.batch_size = 1000;
+    sync.backlog_connections = 2;
+    // 4 s of rounds of 1 s at 2,000 rows/s: far below what one connection uploads.
+    sync.backlog_rows_per_second = 2_000;
+    start_sync(&mut agent, sync);
+    let sql = format!(
+        "SELECT COUNT(*) FROM outpost.readings WHERE gateway_id = '{}'",
+        agent.gateway_id()
+    );
+    let mut most = 0;
+    let started = Instant::now();
+    while unsynced(&agent) > 0 || pg_i64(&pg_url, &sql).await != Some(total as i64) {
+        assert!(started.elapsed() < DEADLINE, "the backlog did not drain");
+        most = most.max(tokio::task::block_in_place(|| agent_clients(&bouncer)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_exactly_once(&pg_url, &agent, total).await;
+    assert_eq!(most, 1, "the pacing is the limit: one connection");
+    agent.shutdown().await;
+}
+
 /// What is interrupted in the middle of a batch.
 #[derive(Clone, Copy)]
 enum Outage {

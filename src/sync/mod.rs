@@ -93,6 +93,12 @@ pub struct SyncConfig {
     /// from flooding the central server.
     #[serde(default = "default_backlog_rows_per_second")]
     pub backlog_rows_per_second: u64,
+    /// Upload transactions in flight at once while a backlog drains, each on its own
+    /// connection (1 to 4). The extra connections are opened only when a full batch of
+    /// backlog is waiting and closed once it is drained; fresh readings, events and the
+    /// heartbeat always use the first connection.
+    #[serde(default = "default_backlog_connections")]
+    pub backlog_connections: usize,
     /// How long to wait for a connection (TCP, TLS and authentication).
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
@@ -150,6 +156,11 @@ fn default_batch_size() -> usize {
 fn default_backlog_rows_per_second() -> u64 {
     20_000
 }
+/// Two: a second transaction lets central use a second core; measured slightly ahead
+/// of one on an unpaced drain (docs/benchmarks.md, "Central sync", session 7).
+fn default_backlog_connections() -> usize {
+    2
+}
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration::from_secs(10)
 }
@@ -168,6 +179,10 @@ fn default_backoff_max() -> HumanDuration {
 fn default_clock_hold_max() -> HumanDuration {
     HumanDuration::from_secs(3600)
 }
+
+/// The most connections one gateway opens to drain a backlog: a fleet shares central's
+/// (or PgBouncer's) server connections.
+const MAX_BACKLOG_CONNECTIONS: usize = 4;
 
 /// The longest URL accepted; anything longer is a paste accident.
 const MAX_URL_LEN: usize = 2048;
@@ -190,6 +205,7 @@ impl SyncConfig {
             interval: default_interval(),
             batch_size: default_batch_size(),
             backlog_rows_per_second: default_backlog_rows_per_second(),
+            backlog_connections: default_backlog_connections(),
             connect_timeout: default_connect_timeout(),
             statement_timeout: default_statement_timeout(),
             backoff_initial: default_backoff_initial(),
@@ -279,6 +295,15 @@ impl SyncConfig {
             problems.push(
                 format!("{path}.batch_size"),
                 format!("must be between 1 and 100000, found {}", self.batch_size),
+            );
+        }
+        if !(1..=MAX_BACKLOG_CONNECTIONS).contains(&self.backlog_connections) {
+            problems.push(
+                format!("{path}.backlog_connections"),
+                format!(
+                    "must be between 1 and {MAX_BACKLOG_CONNECTIONS}, found {}",
+                    self.backlog_connections
+                ),
             );
         }
         if self.backlog_rows_per_second > 10_000_000 {
@@ -387,6 +412,33 @@ mod tests {
         assert_eq!(keys(&problems), ["sync.batch_size"]);
         let problems = check(json!({"url": "postgres://u@h/d", "batch_size": -1}));
         assert_eq!(keys(&problems), ["sync.batch_size"]);
+    }
+
+    #[test]
+    fn backlog_connections_are_bounded() {
+        let c: SyncConfig = serde_json::from_value(json!({"url": "postgres://u@h/d"})).unwrap();
+        assert_eq!(c.backlog_connections, 2, "the measured default");
+        for ok in [1, 4] {
+            let problems = check(json!({"url": "postgres://u@h/d", "backlog_connections": ok}));
+            assert!(problems.is_empty(), "{ok}: {problems:?}");
+        }
+        for bad in [
+            json!(0),
+            json!(5),
+            json!(1_000_000),
+            json!(-1),
+            json!("two"),
+            json!(1.5),
+        ] {
+            let problems = check(json!({"url": "postgres://u@h/d", "backlog_connections": bad}));
+            assert_eq!(
+                keys(&problems),
+                ["sync.backlog_connections"],
+                "{bad}: {problems:?}"
+            );
+        }
+        let problems = check(json!({"url": "postgres://u@h/d", "backlog_connections": 9}));
+        assert!(problems[0].1.contains("between 1 and 4"), "{problems:?}");
     }
 
     #[test]

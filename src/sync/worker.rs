@@ -2,13 +2,16 @@
 //! the readings that arrived since the previous round (newest first) and then as much
 //! backlog (oldest first, paced) as fits before the next round is due.
 //!
-//! Batches are pipelined: while one batch is uploading, the next is read from SQLite,
-//! and the previous batch's synced mark is committed by the store writer. A mark is
-//! only ever requested after the central commit of its batch.
+//! Batches are pipelined: while a backlog batch is uploading, the next is read from
+//! SQLite, and the synced marks of batches already committed are written by the store
+//! writer. Up to `sync.backlog_connections` backlog batches upload at once, each in its
+//! own transaction on its own connection. A mark is only ever requested after the
+//! central commit of its batch.
 //!
 //! **Queues and waits (G9).** The worker waits for PostgreSQL, for its own blocking
 //! reads, and for the store writer to commit marks (one in flight while backlog is
-//! pipelined; the live phase's marks are awaited before its end). Nothing waits for the
+//! pipelined, the ids that come due meanwhile merged into the next; the live phase's
+//! marks are awaited before its end). Nothing waits for the
 //! worker, and the writer never waits for anyone, so sync can be slow but never wedge
 //! another stage or itself.
 
@@ -23,6 +26,7 @@ use crate::store::Store;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -207,6 +211,17 @@ struct Worker {
     /// (In a mutex only so that the worker is `Sync`; it is never contended.)
     reader: std::sync::Mutex<Option<Connection>>,
     central: Option<Central>,
+    /// The connections besides `central` that upload backlog batches concurrently
+    /// (`sync.backlog_connections` - 1 of them while a backlog drains, else none).
+    backlog_central: Vec<Central>,
+    /// Whether one connection was seen to be slower than `backlog_rows_per_second`: a
+    /// backlog round on one connection ran to its end without the pacing ever holding
+    /// it back. Only then (or without pacing) do extra connections open: where the
+    /// pacing is the limit they would add connections to central and nothing else.
+    one_too_slow: bool,
+    /// Set when the pacing held the current backlog round back (a relaxed flag only
+    /// because the drain borrows the worker shared).
+    paced: AtomicBool,
     backoff: Backoff,
     hold: HoldBack,
     /// The newest id at the start of the previous round: what arrived since is "live".
@@ -258,6 +273,9 @@ impl Worker {
             shutdown,
             reader: std::sync::Mutex::new(None),
             central: None,
+            backlog_central: Vec::new(),
+            one_too_slow: false,
+            paced: AtomicBool::new(false),
             live_floor: None,
             last_sync_at: None,
             last_error: None,
@@ -272,12 +290,12 @@ impl Worker {
     }
 
     /// Runs `f` on the read connection on the blocking pool.
-    fn start_read<T, F>(&mut self, f: F) -> JoinHandle<(Option<Connection>, Result<T, SyncError>)>
+    fn start_read<T, F>(&self, f: F) -> JoinHandle<(Option<Connection>, Result<T, SyncError>)>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let conn = self.reader.get_mut().ok().and_then(|c| c.take());
+        let conn = self.reader.lock().ok().and_then(|mut c| c.take());
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let conn = match conn {
@@ -292,13 +310,14 @@ impl Worker {
         })
     }
 
-    async fn finish_read<T>(
-        &mut self,
-        handle: JoinHandle<(Option<Connection>, Result<T, SyncError>)>,
+    /// The result of a [`Worker::start_read`]; its connection goes back to the worker.
+    fn finished_read<T>(
+        &self,
+        joined: Result<(Option<Connection>, Result<T, SyncError>), tokio::task::JoinError>,
     ) -> Result<T, SyncError> {
-        match handle.await {
+        match joined {
             Ok((conn, result)) => {
-                if let Ok(slot) = self.reader.get_mut() {
+                if let Ok(mut slot) = self.reader.lock() {
                     *slot = conn;
                 }
                 result
@@ -307,7 +326,14 @@ impl Worker {
         }
     }
 
-    async fn read<T, F>(&mut self, f: F) -> Result<T, SyncError>
+    async fn finish_read<T>(
+        &self,
+        handle: JoinHandle<(Option<Connection>, Result<T, SyncError>)>,
+    ) -> Result<T, SyncError> {
+        self.finished_read(handle.await)
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, SyncError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -559,57 +585,173 @@ impl Worker {
     }
 
     /// The backlog, oldest first, paced to `backlog_rows_per_second`, until `deadline`.
+    ///
+    /// Up to `backlog_connections` batches upload at once, each in its own transaction
+    /// on its own connection, while the next batch is read. Batches commit in any order:
+    /// each row carries its own `seq`, and each batch's rows are marked synced after its
+    /// own commit (marks that come due while one is being written are merged into the
+    /// next). Memory: the batches in flight plus the one being read.
     async fn drain_backlog(&mut self, deadline: Instant, release: i64) -> Result<(), SyncError> {
+        let max = self.config.batch_size;
+        let window = Window::OldestFirst { after: 0 };
+        let first = self
+            .read(move |c| local::select_readings(c, window, release, max))
+            .await?;
+        let unpaced = self.config.backlog_rows_per_second == 0 || self.one_too_slow;
+        if first.len() < max || !unpaced {
+            // No more than a batch, or one connection keeps up with the pacing: one
+            // connection is plenty.
+            self.backlog_central.clear();
+        } else {
+            self.open_backlog_connections().await;
+        }
+        let alone = self.backlog_central.is_empty();
+        self.paced.store(false, Relaxed);
+        let result = self.drain_batches(first, deadline, release).await;
+        if result.is_ok() && !self.shutdown.is_cancelled() && Instant::now() < deadline {
+            // Drained before the deadline: the extra connections are not needed now.
+            self.backlog_central.clear();
+            self.one_too_slow = false;
+        } else if result.is_ok() && alone {
+            // A whole round on one connection: did the pacing ever hold it back?
+            self.one_too_slow = !self.paced.load(Relaxed);
+        }
+        result
+    }
+
+    /// Opens the extra backlog connections that are missing. One that cannot be opened
+    /// only means fewer uploads in flight this round.
+    async fn open_backlog_connections(&mut self) {
+        let wanted = self.config.backlog_connections.saturating_sub(1);
+        while self.backlog_central.len() < wanted && !self.shutdown.is_cancelled() {
+            match connect(&self.options).await {
+                Ok(central) => self.backlog_central.push(central),
+                Err(e) => {
+                    tracing::debug!(error = %e, "An extra connection for the backlog failed; draining with fewer.");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn drain_batches(
+        &self,
+        first: ReadingColumns,
+        deadline: Instant,
+        release: i64,
+    ) -> Result<(), SyncError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
         let max = self.config.batch_size;
         let rate = self.config.backlog_rows_per_second;
         let started = Instant::now();
+        let central = self.central.as_ref().ok_or_else(not_connected)?;
+        let mut idle: Vec<&Central> = self.backlog_central.iter().rev().collect();
+        idle.push(central);
+        let mut uploads = FuturesUnordered::new();
+        // The next batch: read (`ready`) or being read (`reading`); `None` in both once
+        // the backlog is exhausted.
+        let mut ready = (!first.is_empty()).then_some(first);
+        let mut reading = None;
         let mut sent = 0u64;
-        let mut pending_mark: Option<JoinHandle<()>> = None;
-        let window = Window::OldestFirst { after: 0 };
-        let mut rows = self
-            .read(move |c| local::select_readings(c, window, release, max))
-            .await?;
-        let result = loop {
-            let Some(&last) = rows.ids.last() else {
-                break Ok(());
-            };
-            if self.shutdown.is_cancelled() || Instant::now() >= deadline {
-                break Ok(());
+        let mut marking: Option<JoinHandle<()>> = None;
+        let mut unmarked: Vec<i64> = Vec::new();
+        let mut result = Ok(());
+        loop {
+            let stopping =
+                result.is_err() || self.shutdown.is_cancelled() || Instant::now() >= deadline;
+            let due = (rate > 0)
+                .then(|| started + Duration::from_secs_f64(sent as f64 / rate as f64))
+                .filter(|due| *due > Instant::now());
+            if result.is_err() {
+                // The round fails; uploads still in flight are abandoned (not marked,
+                // so sent again and deduplicated).
+                break;
             }
-            let window = Window::OldestFirst { after: last };
-            let prefetch =
-                self.start_read(move |c| local::select_readings(c, window, release, max));
-            let uploaded = self.upload(&rows).await;
-            let next = self.finish_read(prefetch).await;
-            if let Err(e) = uploaded {
-                break Err(e);
-            }
-            if let Some(m) = pending_mark.take() {
-                let _ = m.await;
-            }
-            sent += rows.len() as u64;
-            pending_mark = Some(self.spawn_mark(std::mem::take(&mut rows.ids)));
-            rows = match next {
-                Ok(r) => r,
-                Err(e) => break Err(e),
-            };
-            if rate > 0 {
-                let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
-                if due > Instant::now() {
-                    // Paced on purpose: not a stall.
-                    self.stage.set_waiting(0);
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => {}
-                        _ = tokio::time::sleep_until(due.min(deadline)) => {}
+            if !stopping && due.is_none() && ready.is_some() {
+                if let Some(on) = idle.pop() {
+                    let rows = ready.take().unwrap_or_default();
+                    if let Some(&last) = rows.ids.last() {
+                        let window = Window::OldestFirst { after: last };
+                        reading =
+                            Some(self.start_read(move |c| {
+                                local::select_readings(c, window, release, max)
+                            }));
                     }
-                    self.stage.set_waiting(1);
+                    sent += rows.len() as u64;
+                    uploads.push(async move {
+                        let uploaded = self.upload_on(on, &rows).await;
+                        (on, rows.ids, uploaded)
+                    });
+                    continue;
                 }
             }
-        };
-        if let Some(m) = pending_mark {
+            let exhausted = ready.is_none() && reading.is_none();
+            if uploads.is_empty() && (stopping || exhausted) {
+                break;
+            }
+            let waiting_for_batch = ready.is_none() && reading.is_some();
+            self.stage.set_waiting(u64::from(uploads.is_empty()));
+            tokio::select! {
+                Some((on, ids, uploaded)) = uploads.next(), if !uploads.is_empty() => {
+                    idle.push(on);
+                    self.stage.progress();
+                    match uploaded {
+                        Ok(_) => {
+                            unmarked.extend(ids);
+                            if marking.is_none() {
+                                marking = Some(self.spawn_mark(std::mem::take(&mut unmarked)));
+                            }
+                        }
+                        Err(e) => {
+                            if result.is_ok() {
+                                result = Err(e);
+                            }
+                        }
+                    }
+                }
+                joined = async { reading.as_mut().expect("guarded").await }, if waiting_for_batch => {
+                    reading = None;
+                    match self.finished_read(joined) {
+                        Ok(rows) if rows.is_empty() => {}
+                        Ok(rows) => ready = Some(rows),
+                        Err(e) => {
+                            if result.is_ok() {
+                                result = Err(e);
+                            }
+                        }
+                    }
+                }
+                _ = async { marking.as_mut().expect("guarded").await }, if marking.is_some() => {
+                    marking = None;
+                    if !unmarked.is_empty() {
+                        marking = Some(self.spawn_mark(std::mem::take(&mut unmarked)));
+                    }
+                }
+                // Paced on purpose: not a stall.
+                _ = tokio::time::sleep_until(due.unwrap_or(deadline).min(deadline)), if due.is_some() && !stopping => {
+                    self.paced.store(true, Relaxed);
+                }
+                _ = self.shutdown.cancelled(), if !stopping => {}
+            }
+        }
+        self.stage.set_waiting(1);
+        drop(uploads);
+        if let Some(handle) = reading {
+            // Give the read connection back (the read itself is harmless).
+            let _ = self.finished_read(handle.await);
+        }
+        if let Some(m) = marking {
             let _ = m.await;
         }
+        if !unmarked.is_empty() {
+            let _ = self.spawn_mark(unmarked).await;
+        }
         result
+    }
+
+    async fn upload_on(&self, central: &Central, rows: &ReadingColumns) -> Result<u64, SyncError> {
+        crate::progress::fault::hold(crate::progress::fault::SYNC_HANG).await;
+        central.upload_readings(&self.gateway_id, rows).await
     }
 
     async fn upload(&self, rows: &ReadingColumns) -> Result<u64, SyncError> {
@@ -626,6 +768,7 @@ impl Worker {
     /// report the error, log it without flooding the journal.
     async fn failed(&mut self, e: &SyncError, wait: Duration) {
         self.central = None;
+        self.backlog_central.clear();
         let at = self.clock.now();
         let message = e.to_string();
         self.last_error = Some((message.clone(), at));
