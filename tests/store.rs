@@ -537,6 +537,53 @@ async fn a_delayed_source_is_committed_with_the_next_urgent_reading_or_close() {
     assert_eq!(count(&cfg.path), 6);
 }
 
+/// After a burst (a full group) a delayed source's next batch waits only for the
+/// spacing, so a burst's tail is not held for the whole delay; once a group is no
+/// longer full, the delay applies again.
+#[tokio::test]
+async fn a_bursts_tail_is_not_held_for_the_delay() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StorageConfig {
+        batch_max_rows: 10,
+        ..config(dir.path())
+    };
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    store.set_commit_delay("test", Some(Duration::from_secs(3600)));
+
+    let full = tokio::time::timeout(
+        Duration::from_secs(60),
+        send(&ingest.sender, (1..=10).map(reading).collect()),
+    )
+    .await
+    .expect("a full group is committed at once");
+    assert_eq!(full.map(|c| c.inserted), Ok(10));
+    let tail = tokio::time::timeout(
+        Duration::from_secs(60),
+        send(&ingest.sender, vec![reading(11)]),
+    )
+    .await
+    .expect("the tail of a burst waits only for the spacing");
+    assert_eq!(tail.map(|c| c.inserted), Ok(1));
+
+    // The group of the tail was not full: the next batch is held again.
+    let (batch, mut held) = Batch::with_ack(vec![reading(12)]);
+    ingest.sender.send(batch).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        held.try_recv().is_err(),
+        "held for the delay after the burst"
+    );
+    drop(ingest.sender);
+    ingest.close.cancel();
+    let done = tokio::time::timeout(Duration::from_secs(60), held)
+        .await
+        .expect("closing commits it");
+    assert_eq!(done.unwrap().map(|c| c.inserted), Ok(1));
+    assert_eq!(count(&cfg.path), 12);
+    drop(store);
+}
+
 fn values_by_id(path: &Path) -> Vec<f64> {
     let conn = rusqlite::Connection::open(path).unwrap();
     let mut stmt = conn

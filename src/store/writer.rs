@@ -333,11 +333,22 @@ impl Group {
 
     /// A batch waits for the spacing after the previous commit (`spacing`), or longer
     /// if its source may (`CommitPolicy`), or not at all if it may change an alert.
-    fn push_batch(&mut self, batch: Batch, policy: &CommitPolicy, spacing: tokio::time::Instant) {
+    /// After a burst (`pressed`: the previous group was full, or cut short because a
+    /// source had no room left) a delayed source's batch waits only for the spacing:
+    /// the burst's commits already carry many readings each, and its tail would
+    /// otherwise sit out the whole delay for no saving.
+    fn push_batch(
+        &mut self,
+        batch: Batch,
+        policy: &CommitPolicy,
+        spacing: tokio::time::Instant,
+        pressed: bool,
+    ) {
         let now = tokio::time::Instant::now();
         let (due, lazy) = match policy.wait_of(&batch) {
             None => (now, false),
             Some(None) => (spacing, false),
+            Some(Some(_)) if pressed => (spacing, false),
             Some(Some(delay)) => (spacing.max(now + delay), now + delay > spacing),
         };
         self.all_lazy = lazy && (self.all_lazy || self.batches.is_empty());
@@ -366,6 +377,8 @@ impl Writer {
         let max_rows = self.config.batch_max_rows.max(1);
         let max_delay = self.config.batch_max_delay.get();
         let mut last_commit = tokio::time::Instant::now();
+        // The previous group was full or cut short for room (see `Group::push_batch`).
+        let mut pressed = false;
         let policy = self.policy.clone();
         // Batches of delayed sources left out of a commit made for write operations:
         // they open the next group, with their own due time.
@@ -395,7 +408,7 @@ impl Writer {
                         None => ops_open = false,
                     },
                     batch = batches.recv(), if batches_open => match batch {
-                        Some(batch) => group.push_batch(batch, &policy, spacing),
+                        Some(batch) => group.push_batch(batch, &policy, spacing, pressed),
                         None => batches_open = false,
                     },
                     _ = prune_timer.tick() => {
@@ -421,7 +434,7 @@ impl Writer {
                     if batches_open && group.rows < max_rows {
                         match batches.try_recv() {
                             Ok(batch) => {
-                                group.push_batch(batch, &policy, spacing);
+                                group.push_batch(batch, &policy, spacing, pressed);
                                 took = true;
                             }
                             Err(mpsc::error::TryRecvError::Disconnected) => batches_open = false,
@@ -447,7 +460,7 @@ impl Writer {
                             None => ops_open = false,
                         },
                         batch = batches.recv(), if batches_open => match batch {
-                            Some(batch) => group.push_batch(batch, &policy, spacing),
+                            Some(batch) => group.push_batch(batch, &policy, spacing, pressed),
                             None => batches_open = false,
                         },
                         _ = policy.commit_held.notified() => {
@@ -460,6 +473,7 @@ impl Writer {
                 if !closing && batches_open && !commit_held {
                     held = group.split_held(tokio::time::Instant::now(), max_rows);
                 }
+                pressed = group.rows >= max_rows || commit_held;
                 let full = self.commit(group).is_err();
                 last_commit = tokio::time::Instant::now();
                 if full {
