@@ -292,14 +292,19 @@ fn agent_clients(bouncer: &PgBouncer) -> usize {
         .count()
 }
 
-/// `sync.backlog_connections`: a backlog drains over that many connections (two
-/// transactions in flight), exactly once, each row with its own `seq`; once drained the
-/// extra connection is closed. With 1, only one connection is ever open.
-async fn drain_with_connections(connections: usize) {
+/// Drains a backlog of `total` readings with `sync.backlog_connections = connections`
+/// and `backlog_rows_per_second = rate`: every row arrives exactly once, each with its
+/// own `seq`. Returns the most agent connections PgBouncer held at once, and leaves the
+/// agent running.
+async fn drain_counting_connections(
+    name: &str,
+    connections: usize,
+    rate: u64,
+    total: usize,
+) -> (Postgres, PgBouncer, Agent, usize) {
     let (pg, bouncer) = central(Layout::Plain).await;
     let pg_url = pg.url();
-    let mut agent = Agent::open_as(&format!("gw-conns-{connections}"));
-    let total = 40_000;
+    let mut agent = Agent::open_as(name);
     bulk_insert(
         &agent,
         total,
@@ -309,6 +314,7 @@ async fn drain_with_connections(connections: usize) {
     let mut sync = fast_sync(&bouncer.url());
     sync.batch_size = 1000;
     sync.backlog_connections = connections;
+    sync.backlog_rows_per_second = rate;
     start_sync(&mut agent, sync);
     let sql = format!(
         "SELECT COUNT(*) FROM outpost.readings WHERE gateway_id = '{}'",
@@ -330,6 +336,16 @@ async fn drain_with_connections(connections: usize) {
         Some(total as i64),
         "seq per row"
     );
+    (pg, bouncer, agent, most)
+}
+
+/// `sync.backlog_connections` without pacing: a backlog drains over that many
+/// connections (two transactions in flight); once drained the extra connection is
+/// closed. With 1, only one connection is ever open.
+async fn drain_with_connections(connections: usize) {
+    let name = format!("gw-conns-{connections}");
+    let (pg, bouncer, agent, most) =
+        drain_counting_connections(&name, connections, 0, 40_000).await;
     if connections == 1 {
         assert_eq!(most, 1, "one connection only");
     } else {
@@ -353,38 +369,13 @@ async fn one_backlog_connection_means_one_connection() {
     drain_with_connections(1).await;
 }
 
-/// With pacing that one connection keeps up with, `backlog_connections = 2` never
-/// opens the second: it would hold a connection to central and add nothing.
+/// With pacing that one connection keeps up with (here 2,000 rows/s, far below what one
+/// connection uploads), `backlog_connections = 2` never opens the second: it would
+/// hold a connection to central and add nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paced_backlog_that_one_connection_keeps_up_with_uses_one() {
-    let (pg, bouncer) = central(Layout::Plain).await;
-    let pg_url = pg.url();
-    let mut agent = Agent::open_as("gw-conns-paced");
-    let total = 8_000;
-    bulk_insert(
-        &agent,
-        total,
-        chrono::Utc::now() - chrono::Duration::hours(1),
-        0,
-    );
-    let mut sync = fast_sync(&bouncer.url());
-    sync.batch_size = 1000;
-    sync.backlog_connections = 2;
-    // 4 s of rounds of 1 s at 2,000 rows/s: far below what one connection uploads.
-    sync.backlog_rows_per_second = 2_000;
-    start_sync(&mut agent, sync);
-    let sql = format!(
-        "SELECT COUNT(*) FROM outpost.readings WHERE gateway_id = '{}'",
-        agent.gateway_id()
-    );
-    let mut most = 0;
-    let started = Instant::now();
-    while unsynced(&agent) > 0 || pg_i64(&pg_url, &sql).await != Some(total as i64) {
-        assert!(started.elapsed() < DEADLINE, "the backlog did not drain");
-        most = most.max(tokio::task::block_in_place(|| agent_clients(&bouncer)));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_exactly_once(&pg_url, &agent, total).await;
+    let (_pg, _bouncer, agent, most) =
+        drain_counting_connections("gw-conns-paced", 2, 2_000, 8_000).await;
     assert_eq!(most, 1, "the pacing is the limit: one connection");
     agent.shutdown().await;
 }
