@@ -239,6 +239,22 @@ pub struct SourceContext {
     pub certs: crate::tls::CertWatch,
 }
 
+impl SourceContext {
+    /// A context for unit tests: `store`, its readings channel `out`, the system clock.
+    #[cfg(test)]
+    pub(crate) fn for_test(store: Store, out: mpsc::Sender<Batch>) -> SourceContext {
+        SourceContext {
+            out,
+            shutdown: CancellationToken::new(),
+            metrics: crate::metrics::Metrics::new(&store),
+            store,
+            gateway_id: "gw".into(),
+            clock: crate::clock::Clock::system(),
+            certs: crate::tls::CertWatch::default(),
+        }
+    }
+}
+
 /// Counts one more wait for a full disk in `waits` and logs "The disk is full: {what}
 /// until the store takes them." at every power of two.
 pub fn note_disk_full(what: &str, waits: &mut u64) {

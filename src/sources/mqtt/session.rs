@@ -629,15 +629,7 @@ mod tests {
             committed_mark: None,
             gaps: None,
         };
-        let ctx = SourceContext {
-            out: ingest.sender.clone(),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            metrics: crate::metrics::Metrics::new(&store),
-            store,
-            gateway_id: "gw".into(),
-            clock: crate::clock::Clock::system(),
-            certs: crate::tls::CertWatch::default(),
-        };
+        let ctx = SourceContext::for_test(store, ingest.sender.clone());
         let shutdown = ctx.shutdown.clone();
         let task = tokio::spawn(async move { run_session(session, Nothing, &ctx).await });
         tokio::time::sleep(Duration::from_secs(60)).await;

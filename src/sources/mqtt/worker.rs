@@ -377,16 +377,34 @@ mod tests {
         store.set_commit_delay("lazy", Some(delay));
         assert_eq!(store.commit_delay("lazy"), Some(delay));
         assert_eq!(store.commit_delay("other"), None);
-        let ctx = SourceContext {
-            out: ingest.sender.clone(),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            metrics: crate::metrics::Metrics::new(&store),
-            store,
-            gateway_id: "gw".into(),
-            clock: crate::clock::Clock::system(),
-            certs: crate::tls::CertWatch::default(),
-        };
+        let ctx = SourceContext::for_test(store, ingest.sender.clone());
         (ctx, ingest)
+    }
+
+    /// Starts the worker of source "lazy" with `window` and a hand-off queue of
+    /// `handoff` messages; returns that queue, the ack pipeline and the task.
+    fn spawn_lazy_worker(
+        ctx: SourceContext,
+        window: &AckWindow,
+        handoff: usize,
+    ) -> (
+        mpsc::Sender<Handoff>,
+        mpsc::Receiver<Pending>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, rx) = mpsc::channel(handoff);
+        let (pending_tx, pending) = mpsc::channel::<Pending>(window.batches);
+        let task = tokio::spawn(worker(
+            rx,
+            OneReading,
+            ctx,
+            "lazy".into(),
+            false,
+            pending_tx,
+            window.messages.clone(),
+            Arc::new(SessionStats::default()),
+        ));
+        (tx, pending, task)
     }
 
     /// Sends `n` messages one by one, each taken by the worker before the next, so each
@@ -420,19 +438,7 @@ mod tests {
         ctx.out = out;
         let window = AckWindow::new(true, ACK_PIPELINE_CAPACITY, 300);
         assert_eq!(window.batches, 300);
-        let (tx, rx) = mpsc::channel(16);
-        let (pending_tx, mut pending) = mpsc::channel(window.batches);
-        let stats = Arc::new(SessionStats::default());
-        let task = tokio::spawn(worker(
-            rx,
-            OneReading,
-            ctx,
-            "lazy".into(),
-            false,
-            pending_tx,
-            window.messages.clone(),
-            stats,
-        ));
+        let (tx, mut pending, task) = spawn_lazy_worker(ctx, &window, 16);
         let taken = feed_one_by_one(&tx, 0, 400).await;
         // 300 sent, the 301st taken and waiting for room.
         assert_eq!(taken, 301);
@@ -474,19 +480,7 @@ mod tests {
         let (ctx, ingest) = lazy_store(dir.path(), delay);
         let store = ctx.store.clone();
         let window = AckWindow::new(true, ACK_PIPELINE_CAPACITY, 256);
-        let (tx, rx) = mpsc::channel(1024);
-        let (pending_tx, mut pending) = mpsc::channel::<Pending>(window.batches);
-        let stats = Arc::new(SessionStats::default());
-        let worker = tokio::spawn(worker(
-            rx,
-            OneReading,
-            ctx,
-            "lazy".into(),
-            false,
-            pending_tx,
-            window.messages.clone(),
-            stats,
-        ));
+        let (tx, mut pending, worker) = spawn_lazy_worker(ctx, &window, 1024);
         // The acker's part: await each commit in order.
         let acker = tokio::spawn(async move {
             let mut committed = 0;
