@@ -395,7 +395,7 @@ async fn sample(
             pg_backends: -1,
             ..Sample::default()
         };
-        if admin.as_ref().map_or(true, |c| c.is_closed()) {
+        if admin.as_ref().is_none_or(|c| c.is_closed()) {
             admin = try_connect(&admin_url).await;
         }
         if let Some(c) = &admin {
@@ -424,7 +424,7 @@ async fn sample(
                     .count() as i64;
             }
         }
-        if pg.as_ref().map_or(true, |c| c.is_closed()) {
+        if pg.as_ref().is_none_or(|c| c.is_closed()) {
             pg = try_connect(&pg_url).await;
         }
         if let Some(c) = &pg {

@@ -535,7 +535,7 @@ impl StorageIntegration {
                     let at =
                         chrono::DateTime::parse_from_rfc3339(up["received_at"].as_str().unwrap())
                             .unwrap();
-                    after.map_or(true, |a| at > a)
+                    after.is_none_or(|a| at > a)
                 })
                 .cloned()
                 .collect();

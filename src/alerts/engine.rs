@@ -785,7 +785,7 @@ fn rate_change(
     direction: Direction,
     period: std::time::Duration,
 ) -> f64 {
-    if window.back().map_or(true, |(t, _)| r.observed_at >= *t) {
+    if window.back().is_none_or(|(t, _)| r.observed_at >= *t) {
         window.push_back((r.observed_at, r.value));
     }
     let horizon =
@@ -880,7 +880,7 @@ impl Urgency {
                     // restart the silence is unknown: the first reading counts).
                     urgent |= mark
                         .seen
-                        .map_or(true, |seen| now.duration_since(seen) >= after);
+                        .is_none_or(|seen| now.duration_since(seen) >= after);
                     0
                 }
             };

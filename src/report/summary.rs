@@ -201,7 +201,7 @@ pub fn compute(
         keys.insert((d.clone(), m.clone()));
     }
     for d in ctx.devices {
-        if device.map_or(true, |only| only == d.id) && !keys.iter().any(|(k, _)| *k == d.id) {
+        if device.is_none_or(|only| only == d.id) && !keys.iter().any(|(k, _)| *k == d.id) {
             keys.insert((d.id.clone(), String::new()));
         }
     }

@@ -201,7 +201,7 @@ pub struct Plausible {
 
 impl Plausible {
     pub fn contains(&self, v: f64) -> bool {
-        self.min.map_or(true, |min| v >= min) && self.max.map_or(true, |max| v <= max)
+        self.min.is_none_or(|min| v >= min) && self.max.is_none_or(|max| v <= max)
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {

@@ -156,7 +156,7 @@ impl CertRecorder {
                 Ok(parsed) => {
                     if earliest
                         .as_ref()
-                        .map_or(true, |e| parsed.not_after < e.not_after)
+                        .is_none_or(|e| parsed.not_after < e.not_after)
                     {
                         earliest = Some(parsed);
                     }

@@ -284,7 +284,7 @@ pub(super) async fn acker(
                     }
                     if let (Some(tx), Some(mark)) = (&committed_mark, item.max_mark) {
                         tx.send_if_modified(|current| {
-                            if current.map_or(true, |c| c < mark) {
+                            if current.is_none_or(|c| c < mark) {
                                 *current = Some(mark);
                                 true
                             } else {

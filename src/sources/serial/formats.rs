@@ -412,7 +412,7 @@ fn looks_like_header(cells: &[&str], roles: &FieldRoles) -> bool {
     plain
         && required
             .iter()
-            .all(|r| r.as_ref().map_or(true, |r| names.contains(&r.as_str())))
+            .all(|r| r.as_ref().is_none_or(|r| names.contains(&r.as_str())))
 }
 
 /// `key=value` pairs separated by whitespace, `,` or `;`. Tokens without `=` are ignored.

@@ -393,7 +393,7 @@ fn verify_in(
                 })));
             }
             report.signatures += 1;
-            if report.newest_signed.map_or(true, |(s, _)| seq >= s) {
+            if report.newest_signed.is_none_or(|(s, _)| seq >= s) {
                 report.newest_signed = Some((seq, signed_at));
             }
         }
