@@ -470,10 +470,11 @@ impl Writer {
                         _ = tokio::time::sleep_until(due) => break,
                     }
                 }
+                // Before `split_held`, which takes the rows of what it keeps.
+                pressed = group.rows >= max_rows || commit_held;
                 if !closing && batches_open && !commit_held {
                     held = group.split_held(tokio::time::Instant::now(), max_rows);
                 }
-                pressed = group.rows >= max_rows || commit_held;
                 let full = self.commit(group).is_err();
                 last_commit = tokio::time::Instant::now();
                 if full {

@@ -26,7 +26,6 @@ use crate::store::Store;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -219,9 +218,6 @@ struct Worker {
     /// it back. Only then (or without pacing) do extra connections open: where the
     /// pacing is the limit they would add connections to central and nothing else.
     one_too_slow: bool,
-    /// Set when the pacing held the current backlog round back (a relaxed flag only
-    /// because the drain borrows the worker shared).
-    paced: AtomicBool,
     backoff: Backoff,
     hold: HoldBack,
     /// The newest id at the start of the previous round: what arrived since is "live".
@@ -275,7 +271,6 @@ impl Worker {
             central: None,
             backlog_central: Vec::new(),
             one_too_slow: false,
-            paced: AtomicBool::new(false),
             live_floor: None,
             last_sync_at: None,
             last_error: None,
@@ -606,17 +601,16 @@ impl Worker {
             self.open_backlog_connections().await;
         }
         let alone = self.backlog_central.is_empty();
-        self.paced.store(false, Relaxed);
-        let result = self.drain_batches(first, deadline, release).await;
-        if result.is_ok() && !self.shutdown.is_cancelled() && Instant::now() < deadline {
+        let paced = self.drain_batches(first, deadline, release).await?;
+        if !self.shutdown.is_cancelled() && Instant::now() < deadline {
             // Drained before the deadline: the extra connections are not needed now.
             self.backlog_central.clear();
             self.one_too_slow = false;
-        } else if result.is_ok() && alone {
+        } else if alone {
             // A whole round on one connection: did the pacing ever hold it back?
-            self.one_too_slow = !self.paced.load(Relaxed);
+            self.one_too_slow = !paced;
         }
-        result
+        Ok(())
     }
 
     /// Opens the extra backlog connections that are missing. One that cannot be opened
@@ -634,12 +628,15 @@ impl Worker {
         }
     }
 
+    /// Uploads the backlog from `first` on, on the connections there are, until it is
+    /// exhausted, `deadline` passes or an upload fails. Returns whether the pacing held
+    /// it back at least once.
     async fn drain_batches(
         &self,
         first: ReadingColumns,
         deadline: Instant,
         release: i64,
-    ) -> Result<(), SyncError> {
+    ) -> Result<bool, SyncError> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
         let max = self.config.batch_size;
         let rate = self.config.backlog_rows_per_second;
@@ -656,6 +653,7 @@ impl Worker {
         let mut marking: Option<JoinHandle<()>> = None;
         let mut unmarked: Vec<i64> = Vec::new();
         let mut result = Ok(());
+        let mut paced = false;
         loop {
             let stopping =
                 result.is_err() || self.shutdown.is_cancelled() || Instant::now() >= deadline;
@@ -729,7 +727,7 @@ impl Worker {
                 }
                 // Paced on purpose: not a stall.
                 _ = tokio::time::sleep_until(due.unwrap_or(deadline).min(deadline)), if due.is_some() && !stopping => {
-                    self.paced.store(true, Relaxed);
+                    paced = true;
                 }
                 _ = self.shutdown.cancelled(), if !stopping => {}
             }
@@ -746,7 +744,7 @@ impl Worker {
         if !unmarked.is_empty() {
             let _ = self.spawn_mark(unmarked).await;
         }
-        result
+        result.map(|()| paced)
     }
 
     async fn upload_on(&self, central: &Central, rows: &ReadingColumns) -> Result<u64, SyncError> {
