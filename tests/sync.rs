@@ -943,3 +943,80 @@ fn central_commands_print_migrate_and_maintain() {
     ]);
     assert!(!ok && err.contains("verify-full"), "{err}");
 }
+
+/// Issue 15 (SD-card wear): at a site's rate a round writes locally once — the marks of
+/// its live readings, the previous round's chain marks, the head's signature and the
+/// round's success in one commit — and everything still reaches central exactly once,
+/// the chain included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_at_a_sites_rate_costs_one_local_commit() {
+    use std::sync::atomic::Ordering;
+    let (pg, bouncer) = central(Layout::Plain).await;
+    let pg_url = pg.url();
+    let mut agent = Agent::open_as("gw-one-write");
+    let identity = AgentConfig {
+        gateway_id: agent.gateway_id().into(),
+        site: "test site".into(),
+        ..Default::default()
+    };
+    let (rounds_tx, mut rounds) = tokio::sync::mpsc::unbounded_channel();
+    let observe: outpost::sync::SyncObserver = std::sync::Arc::new(move |event| {
+        if matches!(event, outpost::sync::SyncEvent::RoundSucceeded) {
+            let _ = rounds_tx.send(());
+        }
+    });
+    let mut sync = fast_sync(&bouncer.url());
+    sync.interval = HumanDuration::from_millis(1500);
+    let worker = outpost::sync::run_observed(
+        sync,
+        identity,
+        agent.store().clone(),
+        agent.shutdown_token(),
+        observe,
+    );
+    agent.spawn(worker);
+    let round = async |rounds: &mut tokio::sync::mpsc::UnboundedReceiver<()>| {
+        tokio::time::timeout(DEADLINE, rounds.recv())
+            .await
+            .expect("a sync round succeeds in time")
+            .expect("the worker runs");
+    };
+    round(&mut rounds).await;
+    let commits = || agent.store().stats().commits.load(Ordering::SeqCst);
+    let mut sent = 0;
+    let mut per_round = Vec::new();
+    for i in 0..4 {
+        // Readings of a site's rate, committed between two rounds (their own commits
+        // are not the round's).
+        for j in 0..3 {
+            agent
+                .ingest(vec![fresh_reading("gw-one-write", &format!("{i}-{j}"))])
+                .await;
+            sent += 1;
+        }
+        let before = commits();
+        round(&mut rounds).await;
+        per_round.push(commits() - before);
+    }
+    // The first of these rounds may be one whose start raced the readings above.
+    assert!(
+        per_round[1..].iter().all(|&n| n == 1),
+        "local commits per round: {per_round:?}"
+    );
+    round(&mut rounds).await;
+    wait_drained(&pg_url, &agent, sent).await;
+    assert_exactly_once(&pg_url, &agent, sent).await;
+    // The chain went up with signatures of its head, and its marks were written.
+    let links = "SELECT COUNT(*) FROM outpost.chain_links WHERE gateway_id = 'gw-one-write'";
+    let signatures =
+        "SELECT COUNT(*) FROM outpost.chain_signatures WHERE gateway_id = 'gw-one-write'";
+    assert!(pg_i64(&pg_url, links).await.unwrap_or(0) > 0);
+    assert!(pg_i64(&pg_url, signatures).await.unwrap_or(0) > 0);
+    round(&mut rounds).await;
+    assert_eq!(
+        agent.count("SELECT COUNT(*) FROM chain_links WHERE synced = 0 AND seq < (SELECT MAX(seq) FROM chain_links)"),
+        0,
+        "links uploaded in earlier rounds are marked synced"
+    );
+    agent.shutdown().await;
+}

@@ -246,15 +246,22 @@ impl Store {
     }
 
     /// Signs the chain's newest head (if not signed yet) and unsigned pruning
-    /// checkpoints, in the writer's next commit. The sync worker calls it at each
-    /// round, before it uploads signatures.
+    /// checkpoints, in the writer's next commit.
     pub async fn sign_head(&self) -> Result<Signed, StoreError> {
-        let Some(key) = self.key.clone() else {
-            return Ok(Signed::default());
-        };
+        match self.head_signing() {
+            Some(sign) => self.write(sign).await,
+            None => Ok(Signed::default()),
+        }
+    }
+
+    /// [`Store::sign_head`] as a write to make part of another (the sync worker's
+    /// one write per round, before it uploads signatures); `None` without a key.
+    pub fn head_signing(
+        &self,
+    ) -> Option<impl FnOnce(&Connection) -> rusqlite::Result<Signed> + Send + 'static> {
+        let key = self.key.clone()?;
         let clock = self.clock().clone();
-        self.write(move |conn| sign_pending(conn, &key, clock.now().timestamp_micros()))
-            .await
+        Some(move |conn: &Connection| sign_pending(conn, &key, clock.now().timestamp_micros()))
     }
 }
 

@@ -16,7 +16,7 @@
 //! operator runs `SELECT outpost.accept_gateway_key('<gateway>')` (docs/central.md). The
 //! gateway reports the refusal in `outpost status`, `/health` and one ERROR log line.
 
-use super::local;
+use super::local::{self, Owed};
 use super::postgres::Central;
 use super::SyncError;
 use crate::model::from_micros;
@@ -526,14 +526,15 @@ impl ChainSync {
         }
     }
 
-    async fn mark(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<usize> + Send + 'static,
-    ) -> Result<(), SyncError> {
+    /// Applies what the round owes so far, before a select that must not see those
+    /// rows again (a loop that goes on past a full batch).
+    async fn settle(&self, owed: &mut Owed) -> Result<(), SyncError> {
+        if owed.is_empty() {
+            return Ok(());
+        }
         self.store
-            .write(f)
+            .write(owed.take())
             .await
-            .map(|_| ())
             .map_err(|e| SyncError::Local(e.to_string()))
     }
 
@@ -542,11 +543,19 @@ impl ChainSync {
         self.refused.is_some()
     }
 
-    /// One round, after the readings and events of the round went up. A role without
-    /// the schema-4 grants does not stop readings from syncing: the chain waits, with a
+    /// One round, after the readings and events of the round went up, were marked
+    /// synced and the head was signed (the sync worker's one write of the round). The
+    /// marks of what this uploads are added to `owed`: they ride in the next round's
+    /// write (or sooner where a loop goes on past a full batch). A role without the
+    /// schema-4 grants does not stop readings from syncing: the chain waits, with a
     /// warning at most once an hour.
-    pub async fn round(&mut self, central: &Central, gateway_id: &str) -> Result<(), SyncError> {
-        match self.upload(central, gateway_id).await {
+    pub async fn round(
+        &mut self,
+        central: &Central,
+        gateway_id: &str,
+        owed: &mut Owed,
+    ) -> Result<(), SyncError> {
+        match self.upload(central, gateway_id, owed).await {
             Err(SyncError::Database(text)) if text.contains("SQLSTATE 42501") => {
                 if let Some(suppressed) = self.grant_log.allow() {
                     tracing::warn!(error = %text, suppressed, "Cannot upload the hash chain or the audit log to central: grant the gateways' role INSERT on outpost.audit_log, outpost.chain_links, outpost.chain_signatures, outpost.chain_checkpoints and outpost.chain_starts (docs/operator.md); readings and events still sync.");
@@ -557,7 +566,12 @@ impl ChainSync {
         }
     }
 
-    async fn upload(&mut self, central: &Central, gateway_id: &str) -> Result<(), SyncError> {
+    async fn upload(
+        &mut self,
+        central: &Central,
+        gateway_id: &str,
+        owed: &mut Owed,
+    ) -> Result<(), SyncError> {
         let max = self.batch;
         loop {
             let rows = self.read(move |c| select_audit(c, max)).await?;
@@ -566,10 +580,11 @@ impl ChainSync {
             }
             upload_audit(central, gateway_id, &rows).await?;
             let done = rows.id.len() < max;
-            self.mark(move |c| mark_audit_synced(c, &rows.id)).await?;
+            owed.push(move |c| mark_audit_synced(c, &rows.id));
             if done {
                 break;
             }
+            self.settle(owed).await?;
         }
         let Some(key) = self.public_key.clone() else {
             return Ok(());
@@ -598,11 +613,6 @@ impl ChainSync {
                 return Ok(());
             }
         }
-        // Sign the newest head (and unsigned checkpoints) so that this round's upload
-        // ends with a signature of what it sent.
-        if let Err(e) = self.store.sign_head().await {
-            tracing::debug!(error = %e, "Could not sign the chain's head before upload.");
-        }
         if !self.starts_sent {
             let starts = self.read(select_starts).await?;
             upload_starts(central, gateway_id, &starts).await?;
@@ -615,10 +625,11 @@ impl ChainSync {
             }
             upload_links(central, gateway_id, &links).await?;
             let done = links.seq.len() < max;
-            self.mark(move |c| mark_links_synced(c, &links.seq)).await?;
+            owed.push(move |c| mark_links_synced(c, &links.seq));
             if done {
                 break;
             }
+            self.settle(owed).await?;
         }
         loop {
             let sigs = self.read(move |c| select_signatures(c, max)).await?;
@@ -627,11 +638,11 @@ impl ChainSync {
             }
             upload_signatures(central, gateway_id, &sigs).await?;
             let done = sigs.id.len() < max;
-            self.mark(move |c| mark_signatures_synced(c, &sigs.id))
-                .await?;
+            owed.push(move |c| mark_signatures_synced(c, &sigs.id));
             if done {
                 break;
             }
+            self.settle(owed).await?;
         }
         loop {
             let cps = self.read(move |c| select_checkpoints(c, max)).await?;
@@ -640,11 +651,11 @@ impl ChainSync {
             }
             upload_checkpoints(central, gateway_id, &cps).await?;
             let done = cps.id.len() < max;
-            self.mark(move |c| mark_checkpoints_synced(c, &cps.id))
-                .await?;
+            owed.push(move |c| mark_checkpoints_synced(c, &cps.id));
             if done {
                 break;
             }
+            self.settle(owed).await?;
         }
         Ok(())
     }

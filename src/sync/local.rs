@@ -14,13 +14,71 @@ use rusqlite::{params, Connection};
 /// contain `@`, so it never collides with a configured source.
 pub const STATE_SOURCE: &str = "@sync";
 
+/// One local write that sync owes after a central commit (a synced mark, the sync
+/// state).
+type OwedWrite = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + Send + Sync>;
+
+/// The local writes a sync round owes, applied together in one store write (one commit)
+/// instead of one each: at a site's rate a round's marks of readings, events, audit
+/// rows, links and signatures, the signature of the head and the round's success were
+/// six commits every interval, most of the SD-card wear left at 1× (issue 15,
+/// docs/reliability.md). A write is owed only after the central commit it records, so
+/// applying it late (or never, after a crash) only means rows are sent again and
+/// deduplicated centrally (G2).
+#[derive(Default)]
+pub struct Owed(Vec<OwedWrite>);
+
+impl Owed {
+    /// Owes `write`; its count of changed rows is not needed.
+    pub fn push<T: 'static>(
+        &mut self,
+        write: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + Sync + 'static,
+    ) {
+        self.0.push(Box::new(move |c| write(c).map(|_| ())));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Everything owed, as one write for [`crate::store::Store::write`]. Each owed
+    /// write runs in its own savepoint: one that fails (a mark only: the rows are sent
+    /// again) is rolled back alone and the others stand.
+    pub fn take(&mut self) -> impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static {
+        let writes = std::mem::take(&mut self.0);
+        move |c| {
+            for write in writes {
+                c.execute_batch("SAVEPOINT owed")?;
+                match write(c) {
+                    Ok(()) => c.execute_batch("RELEASE owed")?,
+                    Err(e) => {
+                        c.execute_batch("ROLLBACK TO owed; RELEASE owed")?;
+                        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                            // The store's full handling applies to the whole write.
+                            return Err(e);
+                        }
+                        tracing::warn!(error = %e, "A local write of sync failed; the rows it marks will be sent again.");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+impl std::fmt::Debug for Owed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Owed({} writes)", self.0.len())
+    }
+}
+
 /// Which unsynced readings to read next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
     /// Live first: ids in `(above, up_to]`, newest first.
     NewestFirst { above: i64, up_to: i64 },
-    /// Backlog: ids above `after`, oldest first.
-    OldestFirst { after: i64 },
+    /// Backlog: ids in `(after, up_to]`, oldest first.
+    OldestFirst { after: i64, up_to: i64 },
 }
 
 /// A batch of readings as columns, with their local ids.
@@ -95,12 +153,13 @@ pub fn select_readings(
             let rows = stmt.query(params![release_up_to, above, up_to, max as i64])?;
             read_columns(rows, max)
         }
-        Window::OldestFirst { after } => {
+        Window::OldestFirst { after, up_to } => {
             let sql = format!(
-                "SELECT {columns} FROM readings WHERE {eligible} AND id > ?2 ORDER BY id LIMIT ?3"
+                "SELECT {columns} FROM readings WHERE {eligible} AND id > ?2 AND id <= ?3 \
+                 ORDER BY id LIMIT ?4"
             );
             let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query(params![release_up_to, after, max as i64])?;
+            let rows = stmt.query(params![release_up_to, after, up_to, max as i64])?;
             read_columns(rows, max)
         }
     }
@@ -503,10 +562,28 @@ pub(crate) mod tests {
         let newest =
             select_readings(&conn, Window::NewestFirst { above: 5, up_to: 9 }, 0, 3).unwrap();
         assert_eq!(newest.ids, [9, 8, 7]);
-        let oldest = select_readings(&conn, Window::OldestFirst { after: 2 }, 0, 3).unwrap();
+        let oldest = select_readings(
+            &conn,
+            Window::OldestFirst {
+                after: 2,
+                up_to: i64::MAX,
+            },
+            0,
+            3,
+        )
+        .unwrap();
         assert_eq!(oldest.ids, [3, 4, 5]);
         mark_readings_synced(&conn, &[3, 4]).unwrap();
-        let oldest = select_readings(&conn, Window::OldestFirst { after: 0 }, 0, 3).unwrap();
+        let oldest = select_readings(
+            &conn,
+            Window::OldestFirst {
+                after: 0,
+                up_to: i64::MAX,
+            },
+            0,
+            3,
+        )
+        .unwrap();
         assert_eq!(oldest.ids, [1, 2, 5]);
         assert_eq!(crate::store::backlog(&conn).unwrap().rows, 8);
         assert_eq!(head(&conn).unwrap(), 10);
@@ -534,7 +611,16 @@ pub(crate) mod tests {
             1,
             "3, 4 already"
         );
-        let left = select_readings(&conn, Window::OldestFirst { after: 0 }, 0, 100).unwrap();
+        let left = select_readings(
+            &conn,
+            Window::OldestFirst {
+                after: 0,
+                up_to: i64::MAX,
+            },
+            0,
+            100,
+        )
+        .unwrap();
         assert_eq!(left.ids, [1, 7, 10, 12]);
     }
 
@@ -546,7 +632,10 @@ pub(crate) mod tests {
         insert(&conn, 3, flags::CLOCK_UNSYNCED | flags::CLOCK_CORRECTED);
         insert(&conn, 4, flags::CLOCK_UNSYNCED);
         insert(&conn, 5, flags::SIMULATED);
-        let all = Window::OldestFirst { after: 0 };
+        let all = Window::OldestFirst {
+            after: 0,
+            up_to: i64::MAX,
+        };
         assert_eq!(select_readings(&conn, all, 0, 10).unwrap().ids, [1, 3, 5]);
         // Released up to id 2: held for long enough; sent with its flag unchanged.
         let released = select_readings(&conn, all, 2, 10).unwrap();
@@ -573,7 +662,16 @@ pub(crate) mod tests {
             [i64::MAX],
         )
         .unwrap();
-        let rows = select_readings(&conn, Window::OldestFirst { after: 0 }, 0, 10).unwrap();
+        let rows = select_readings(
+            &conn,
+            Window::OldestFirst {
+                after: 0,
+                up_to: i64::MAX,
+            },
+            0,
+            10,
+        )
+        .unwrap();
         assert_eq!(rows.device[0], "de\u{fffd}v");
         assert_eq!(rows.uid[0], UuidBytes(uid_bytes(&[1, 2])));
         assert_ne!(rows.uid[0], rows.uid[1]);

@@ -8,15 +8,21 @@
 //! own transaction on its own connection. A mark is only ever requested after the
 //! central commit of its batch.
 //!
+//! **One local write per round.** The marks of the live readings, alert events and
+//! summaries, the previous round's chain marks, the head's signature and the round's
+//! success are owed and written together before the chain goes up ([`Worker::settle`]):
+//! at a site's rate a round costs one commit, not six (issue 15: SD-card wear). The
+//! backlog, which stays below the live readings, marks its batches as they commit.
+//!
 //! **Queues and waits (G9).** The worker waits for PostgreSQL, for its own blocking
 //! reads, and for the store writer to commit marks (one in flight while backlog is
-//! pipelined, the ids that come due meanwhile merged into the next; the live phase's
-//! marks are awaited before its end). Nothing waits for the
+//! pipelined, the ids that come due meanwhile merged into the next; the round's one
+//! write before the chain goes up). Nothing waits for the
 //! worker, and the writer never waits for anyone, so sync can be slow but never wedge
 //! another stage or itself.
 
 use super::heartbeat::{self, Heartbeat};
-use super::local::{self, AlertEventColumns, ReadingColumns, Window};
+use super::local::{self, AlertEventColumns, Owed, ReadingColumns, Window};
 use super::postgres::{connect, Central, ConnectOptions};
 use super::{Gateway, SyncConfig, SyncContext, SyncError};
 use crate::backoff::{Backoff, Jitter};
@@ -195,6 +201,11 @@ pub async fn run_in(
             }
         }
     }
+    if !worker.owed.is_empty() {
+        // Marks of what central committed (the store writer outlives the worker); if
+        // this does not make it, the rows are sent again and deduplicated.
+        let _ = tokio::time::timeout(Duration::from_secs(2), worker.settle_owed()).await;
+    }
     tracing::info!("Central sync stopped.");
 }
 
@@ -229,6 +240,9 @@ struct Worker {
     ack_grant_log: LogLimiter,
     /// The hash chain's share of each round (issue 17): key pinning, audit log, links.
     chain: super::integrity::ChainSync,
+    /// The local writes owed for what central committed (marks), applied in the round's
+    /// one write ([`Worker::settle`]); the chain's wait for the next round's.
+    owed: Owed,
     /// G9: a round under way is work waiting for this worker, except while it waits
     /// for central (bounded by the connect and statement timeouts; a failure is
     /// reported by the `sync` check, not as a stall).
@@ -261,6 +275,7 @@ impl Worker {
                 }),
             hold: HoldBack::new(config.clock_hold_max.get()),
             chain: super::integrity::ChainSync::for_store(&store, config.batch_size),
+            owed: Owed::default(),
             gateway_id: gateway.gateway_id,
             site: gateway.site,
             clock,
@@ -364,7 +379,8 @@ impl Worker {
         Ok(())
     }
 
-    /// One round: heartbeat, alert events, live readings, then backlog until `deadline`.
+    /// One round: heartbeat, alert events, live readings, then backlog until `deadline`,
+    /// then the round's one local write ([`Worker::settle`]), then the hash chain.
     async fn round(&mut self, deadline: Instant) -> Result<(), SyncError> {
         self.connected().await?;
         self.stage.set_waiting(1);
@@ -381,15 +397,48 @@ impl Worker {
             .unwrap_or_else(|| head.saturating_sub(self.config.batch_size as i64));
         self.send_live(floor, head, release).await?;
         self.live_floor = Some(head);
-        self.drain_backlog(deadline, release).await?;
-        self.sync_chain().await?;
+        // The live readings' marks are owed until `settle`: the backlog stays below them.
+        self.drain_backlog(deadline, release, floor).await?;
         let at = self.clock.now();
+        self.settle(Some(at)).await?;
+        self.sync_chain().await?;
         self.last_sync_at = Some(at);
-        let _ = self
-            .store
-            .write(move |c| local::record_success(c, at))
-            .await;
         Ok(())
+    }
+
+    /// The round's one local write: every mark owed (this round's readings, events and
+    /// summaries, the previous round's audit rows, links and signatures), the signature
+    /// of the chain's head (uploaded next, with the links those marks make eligible) and
+    /// the round's success (`at`). At a site's rate that is one commit per interval
+    /// rather than one per kind of row (issue 15: SD-card wear).
+    async fn settle(&mut self, success: Option<DateTime<Utc>>) -> Result<(), SyncError> {
+        let marks = self.owed.take();
+        let sign = self.store.head_signing();
+        self.store
+            .write(move |c| {
+                marks(c)?;
+                if let Some(sign) = sign {
+                    sign(c)?;
+                }
+                match success {
+                    Some(at) => local::record_success(c, at),
+                    None => Ok(()),
+                }
+            })
+            .await
+            .map_err(|e| SyncError::Local(e.to_string()))
+    }
+
+    /// Applies what is owed now, before a select that must not see those rows again.
+    async fn settle_owed(&mut self) -> Result<(), SyncError> {
+        if self.owed.is_empty() {
+            return Ok(());
+        }
+        let marks = self.owed.take();
+        self.store
+            .write(marks)
+            .await
+            .map_err(|e| SyncError::Local(e.to_string()))
     }
 
     async fn heartbeat(&mut self) -> Result<(), SyncError> {
@@ -506,13 +555,12 @@ impl Worker {
             uploaded?;
             let count = events.len();
             let ids = events.ids;
-            self.store
-                .write(move |c| local::mark_alert_events_synced(c, &ids))
-                .await
-                .map_err(|e| SyncError::Local(e.to_string()))?;
+            self.owed
+                .push(move |c| local::mark_alert_events_synced(c, &ids));
             if count < max {
                 return Ok(());
             }
+            self.settle_owed().await?;
         }
     }
 
@@ -532,13 +580,12 @@ impl Worker {
             uploaded?;
             let count = rows.len();
             let keys = rows.keys;
-            self.store
-                .write(move |c| local::mark_summaries_synced(c, &keys))
-                .await
-                .map_err(|e| SyncError::Local(e.to_string()))?;
+            self.owed
+                .push(move |c| local::mark_summaries_synced(c, &keys));
             if count < max {
                 return Ok(());
             }
+            self.settle_owed().await?;
         }
     }
 
@@ -547,17 +594,20 @@ impl Worker {
     async fn sync_chain(&mut self) -> Result<(), SyncError> {
         let central = self.central.as_ref().ok_or_else(not_connected)?;
         self.stage.set_waiting(0);
-        let done = self.chain.round(central, &self.gateway_id).await;
+        let done = self
+            .chain
+            .round(central, &self.gateway_id, &mut self.owed)
+            .await;
         self.stage.set_waiting(1);
         self.stage.progress();
         done
     }
 
-    /// Live first: everything that arrived since the previous round, newest first.
+    /// Live first: everything that arrived since the previous round, newest first. The
+    /// marks are owed to the round's one write.
     async fn send_live(&mut self, floor: i64, head: i64, release: i64) -> Result<(), SyncError> {
         let max = self.config.batch_size;
         let mut up_to = head;
-        let mut marks = Vec::new();
         while up_to > floor && !self.shutdown.is_cancelled() {
             let window = Window::NewestFirst {
                 above: floor,
@@ -570,11 +620,10 @@ impl Worker {
                 break;
             };
             self.upload(&rows).await?;
-            marks.push(self.spawn_mark(rows.ids));
+            let ids = rows.ids;
+            self.owed
+                .push(move |c| local::mark_readings_synced(c, &ids));
             up_to = lowest - 1;
-        }
-        for m in marks {
-            let _ = m.await;
         }
         Ok(())
     }
@@ -585,10 +634,16 @@ impl Worker {
     /// on its own connection, while the next batch is read. Batches commit in any order:
     /// each row carries its own `seq`, and each batch's rows are marked synced after its
     /// own commit (marks that come due while one is being written are merged into the
-    /// next). Memory: the batches in flight plus the one being read.
-    async fn drain_backlog(&mut self, deadline: Instant, release: i64) -> Result<(), SyncError> {
+    /// next). Memory: the batches in flight plus the one being read. Ids above `up_to`
+    /// are the round's live readings, sent already and marked in the round's write.
+    async fn drain_backlog(
+        &mut self,
+        deadline: Instant,
+        release: i64,
+        up_to: i64,
+    ) -> Result<(), SyncError> {
         let max = self.config.batch_size;
-        let window = Window::OldestFirst { after: 0 };
+        let window = Window::OldestFirst { after: 0, up_to };
         let first = self
             .read(move |c| local::select_readings(c, window, release, max))
             .await?;
@@ -601,7 +656,7 @@ impl Worker {
             self.open_backlog_connections().await;
         }
         let alone = self.backlog_central.is_empty();
-        let paced = self.drain_batches(first, deadline, release).await?;
+        let paced = self.drain_batches(first, deadline, release, up_to).await?;
         if !self.shutdown.is_cancelled() && Instant::now() < deadline {
             // Drained before the deadline: the extra connections are not needed now.
             self.backlog_central.clear();
@@ -628,14 +683,15 @@ impl Worker {
         }
     }
 
-    /// Uploads the backlog from `first` on, on the connections there are, until it is
-    /// exhausted, `deadline` passes or an upload fails. Returns whether the pacing held
-    /// it back at least once.
+    /// Uploads the backlog from `first` on (ids up to `up_to`), on the connections there
+    /// are, until it is exhausted, `deadline` passes or an upload fails. Returns whether
+    /// the pacing held it back at least once.
     async fn drain_batches(
         &self,
         first: ReadingColumns,
         deadline: Instant,
         release: i64,
+        up_to: i64,
     ) -> Result<bool, SyncError> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
         let max = self.config.batch_size;
@@ -669,7 +725,7 @@ impl Worker {
                 if let Some(on) = idle.pop() {
                     let rows = ready.take().unwrap_or_default();
                     if let Some(&last) = rows.ids.last() {
-                        let window = Window::OldestFirst { after: last };
+                        let window = Window::OldestFirst { after: last, up_to };
                         reading =
                             Some(self.start_read(move |c| {
                                 local::select_readings(c, window, release, max)
@@ -771,9 +827,15 @@ impl Worker {
         let message = e.to_string();
         self.last_error = Some((message.clone(), at));
         let stored = message.clone();
+        // What central committed before the failure is still owed: marked now, with
+        // the error (one write).
+        let marks = self.owed.take();
         let _ = self
             .store
-            .write(move |c| local::record_error(c, at, &stored))
+            .write(move |c| {
+                marks(c)?;
+                local::record_error(c, at, &stored)
+            })
             .await;
         if let Some(suppressed) = self.failure_log.allow() {
             if e.needs_a_person() {
