@@ -667,3 +667,66 @@ async fn a_delayed_sources_batches_wait_for_their_due_time_not_for_an_operation(
     drop((store, ingest.sender));
     ingest.finished.await.unwrap();
 }
+
+/// An operation that may wait (`Store::write_within`, sync's marks) costs no commit of
+/// its own where one is made anyway: it rides with a delayed source's batches, stays
+/// with them when an operation that cannot wait commits alone, and without anything
+/// else commits alone at its own due time (issue 15: SD-card wear).
+#[tokio::test]
+async fn an_operation_that_may_wait_rides_with_the_held_readings() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    let delay = Duration::from_millis(1500);
+    store.set_commit_delay("test", Some(delay));
+    let marks = |value: f64| {
+        move |c: &rusqlite::Connection| {
+            c.execute(
+                "INSERT INTO counters(name, value) VALUES ('lazy', ?1) \
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                [value],
+            )
+        }
+    };
+
+    let (batch, held) = Batch::with_ack(vec![reading(1)]);
+    ingest.sender.send(batch).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let commits = store.stats().commits.load(Ordering::Relaxed);
+    let lazy = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write_within(Duration::from_secs(60), marks(1.0))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // An operation that cannot wait (a health probe) commits alone: the held batch
+    // and the operation that may wait stay.
+    store.write(|_| Ok(())).await.unwrap();
+    assert_eq!(store.stats().commits.load(Ordering::Relaxed), commits + 1);
+    assert!(!lazy.is_finished(), "left waiting by the probe's commit");
+    assert_eq!(count(&cfg.path), 0);
+    // The held batch's due time commits both, in one commit.
+    assert_eq!(held.await.unwrap().map(|c| c.inserted), Ok(1));
+    assert_eq!(lazy.await.unwrap(), Ok(1));
+    assert_eq!(store.stats().commits.load(Ordering::Relaxed), commits + 2);
+
+    // Alone, it is committed at its own due time.
+    let started = Instant::now();
+    let within = Duration::from_millis(300);
+    assert_eq!(store.write_within(within, marks(2.0)).await, Ok(1));
+    assert!(started.elapsed() >= within - Duration::from_millis(50));
+    assert_eq!(store.stats().commits.load(Ordering::Relaxed), commits + 3);
+    let value: f64 = rusqlite::Connection::open(&cfg.path)
+        .unwrap()
+        .query_row("SELECT value FROM counters WHERE name = 'lazy'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(value, 2.0);
+    drop((store, ingest.sender));
+    ingest.finished.await.unwrap();
+}

@@ -481,9 +481,36 @@ impl Store {
         F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let op = WriteOp::new(op, tx);
+        self.submit_op(WriteOp::new(op, tx), rx).await
+    }
+
+    /// [`Store::write`] for an operation that may wait up to `within` for a commit
+    /// the writer makes anyway (readings held for their delay, another operation)
+    /// rather than cost a commit of its own: one WAL append and fsync fewer on the SD
+    /// card (issue 15). For writes nobody waits on at once, e.g. sync's marks of what
+    /// central committed; never for an alert event (G3) or a cursor an acknowledgement
+    /// depends on.
+    pub async fn write_within<T, F>(
+        &self,
+        within: std::time::Duration,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.submit_op(WriteOp::new(op, tx).within(within), rx)
+            .await
+    }
+
+    async fn submit_op<T>(
+        &self,
+        op: WriteOp,
+        done: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         self.ops.send(op).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        done.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Keeps input that could not be used in the bounded `rejected` table (the newest

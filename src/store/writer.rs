@@ -22,6 +22,8 @@ type OpFn = Box<dyn FnOnce(&Connection) -> Result<Completion, rusqlite::Error> +
 /// rides in the writer's next group transaction.
 pub struct WriteOp {
     run: OpFn,
+    /// How long it may wait for a commit the writer makes anyway (`None`: at once).
+    within: Option<Duration>,
 }
 
 impl WriteOp {
@@ -40,6 +42,18 @@ impl WriteOp {
                     Err(e)
                 }
             }),
+            within: None,
+        }
+    }
+
+    /// An operation that may wait up to `within` for a commit made anyway (see
+    /// [`Store::write_within`]).
+    ///
+    /// [`Store::write_within`]: super::Store::write_within
+    pub(super) fn within(self, within: Duration) -> WriteOp {
+        WriteOp {
+            within: Some(within),
+            ..self
         }
     }
 }
@@ -274,7 +288,10 @@ struct Writer {
 #[derive(Default)]
 struct Group {
     batches: Vec<Batch>,
+    /// Operations to commit at once.
     ops: Vec<WriteOp>,
+    /// Operations that may wait, each with the time it is due.
+    lazy_ops: Vec<(tokio::time::Instant, WriteOp)>,
     rows: usize,
     /// When the group must be committed at the latest (if nothing fills it sooner):
     /// the earliest of what its members may wait.
@@ -288,47 +305,67 @@ struct Group {
 
 impl Group {
     fn is_empty(&self) -> bool {
-        self.batches.is_empty() && self.ops.is_empty()
+        self.batches.is_empty() && self.ops.is_empty() && self.lazy_ops.is_empty()
     }
 
     fn due_by(&mut self, at: tokio::time::Instant) {
         self.due = Some(self.due.map_or(at, |d| d.min(at)));
     }
 
-    /// The batches to keep for a later commit when this group is committed now:
-    /// all of them if the commit is due for write operations only and every batch
-    /// is a delayed source's, not yet due (they keep their due time, and their order,
-    /// since they go first into the next group). Another commit would cost the same
-    /// pages for the operations and again for the readings; but the readings of a
-    /// delayed source gain most from waiting together (one commit per delay rather
-    /// than one per operation: sync marks, cursors, state rows). Any batch due, or
-    /// a full group, commits everything it holds.
+    /// What to keep for a later commit when this group is committed now for write
+    /// operations that cannot wait: all the batches if every one is a delayed
+    /// source's, not yet due (they keep their due time, and their order, since they
+    /// go first into the next group), and the operations that may wait and are not
+    /// due, unless the batches commit now (they ride along for free). Another commit
+    /// would cost the same pages for the operations and again for the readings; but
+    /// the readings of a delayed source gain most from waiting together (one commit
+    /// per delay rather than one per operation: cursors, state rows, health probes).
+    /// Any batch due, or a full group, commits every batch it holds.
     fn split_held(&mut self, now: tokio::time::Instant, max_rows: usize) -> Group {
-        let keep = !self.ops.is_empty()
+        let forced = !self.ops.is_empty();
+        let keep_batches = forced
             && !self.batches.is_empty()
             && self.all_lazy
             && self.rows < max_rows
             && self.batches_due.is_some_and(|due| due > now);
-        if !keep {
-            return Group::default();
+        let keep_ops = forced && (keep_batches || self.batches.is_empty());
+        let mut held = Group::default();
+        if keep_batches {
+            held.batches = std::mem::take(&mut self.batches);
+            held.rows = std::mem::take(&mut self.rows);
+            held.due = self.batches_due;
+            held.batches_due = self.batches_due.take();
+            held.all_lazy = true;
         }
-        let held = Group {
-            batches: std::mem::take(&mut self.batches),
-            ops: Vec::new(),
-            rows: std::mem::take(&mut self.rows),
-            due: self.batches_due,
-            batches_due: self.batches_due.take(),
-            all_lazy: true,
-        };
-        self.due = Some(now);
+        if keep_ops {
+            let (later, due): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lazy_ops)
+                .into_iter()
+                .partition(|(at, _)| *at > now);
+            self.lazy_ops = due;
+            for (at, op) in later {
+                held.due_by(at);
+                held.lazy_ops.push((at, op));
+            }
+        }
+        if !held.is_empty() {
+            self.due = Some(now);
+        }
         held
     }
 
     /// A write operation is committed at once: its caller waits for it, and an alert
-    /// event must be durable before it is sent (G3).
+    /// event must be durable before it is sent (G3). One that may wait
+    /// ([`Store::write_within`]) is due after its `within`, or with any commit sooner.
+    ///
+    /// [`Store::write_within`]: super::Store::write_within
     fn push_op(&mut self, op: WriteOp) {
-        self.ops.push(op);
-        self.due_by(tokio::time::Instant::now());
+        let due = tokio::time::Instant::now() + op.within.unwrap_or_default();
+        self.due_by(due);
+        if op.within.is_some() {
+            self.lazy_ops.push((due, op));
+        } else {
+            self.ops.push(op);
+        }
     }
 
     /// A batch waits for the spacing after the previous commit (`spacing`), or longer
@@ -499,7 +536,12 @@ impl Writer {
     }
 
     /// Commits one group. Returns `Err` only when the disk is full.
-    fn commit(&mut self, group: Group) -> Result<(), ()> {
+    fn commit(&mut self, mut group: Group) -> Result<(), ()> {
+        group.ops.extend(
+            std::mem::take(&mut group.lazy_ops)
+                .into_iter()
+                .map(|(_, op)| op),
+        );
         self.stage
             .set_waiting((group.batches.len() + group.ops.len()) as u64);
         crate::progress::fault::hold_blocking(crate::progress::fault::STORE_WRITER_HANG);

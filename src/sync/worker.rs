@@ -410,12 +410,16 @@ impl Worker {
     /// summaries, the previous round's audit rows, links and signatures), the signature
     /// of the chain's head (uploaded next, with the links those marks make eligible) and
     /// the round's success (`at`). At a site's rate that is one commit per interval
-    /// rather than one per kind of row (issue 15: SD-card wear).
+    /// rather than one per kind of row, and usually not even that: it rides with the
+    /// next commit of readings (issue 15: SD-card wear).
     async fn settle(&mut self, success: Option<DateTime<Utc>>) -> Result<(), SyncError> {
         let marks = self.owed.take();
         let sign = self.store.head_signing();
+        // It may wait for a commit the writer makes anyway (readings held for their
+        // delay): nothing waits on these rows but the chain's upload below.
+        let within = (self.config.interval.get() / 2).min(SETTLE_WITHIN);
         self.store
-            .write(move |c| {
+            .write_within(within, move |c| {
                 marks(c)?;
                 if let Some(sign) = sign {
                     sign(c)?;
@@ -852,6 +856,10 @@ impl Worker {
 fn is_missing_grant(e: &SyncError) -> bool {
     matches!(e, SyncError::Database(text) if text.contains("SQLSTATE 42501"))
 }
+
+/// How long the round's one write may wait for a commit of readings at most (the
+/// default `storage.ttn_commit_delay`): it then costs no commit of its own.
+const SETTLE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Acknowledgements from central applied per round, at most.
 const ACKS_PER_ROUND: i64 = 100;
