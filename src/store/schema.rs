@@ -330,6 +330,63 @@ const MIGRATIONS: &[&str] = &[
         WHERE one = 1;
     END;
     "#,
+    // 11: the uid dedupe (G2) keyed by time (issue 15). UNIQUE(uid) put every insert at
+    // a random place of a 16-byte-key index that outgrows the writer's page cache after
+    // a few 100k rows (a read and a dirty page per commit). Two indexes replace it, each
+    // written at its right edge or small: UNIQUE(observed_at, uid) for every reading,
+    // and UNIQUE(uid) for the readings stamped with their arrival time
+    // (observed_at = received_at). Together they refuse exactly what UNIQUE(uid) did,
+    // given how every source derives its uids: a uid from the message's own time or
+    // origin (ttn, mqtt_json, simulated, chirpstack with `time`) always comes with the
+    // same observed_at; a uid that does not fix observed_at (chirpstack without `time`,
+    // modbus and serial sequences) comes with its arrival time, and the clock-step
+    // moves shift both times alike (docs/reliability.md, G2). The inline UNIQUE is an
+    // index that cannot be dropped, so the table is rebuilt: ids, every column, the
+    // other indexes and the count triggers are kept (the chain covers contents by id).
+    r#"
+    DROP TRIGGER readings_count_delete;
+    DROP TRIGGER readings_count_synced;
+    CREATE TABLE readings_rebuilt (
+        id          INTEGER PRIMARY KEY,          -- local sequence, also the sync order
+        uid         BLOB NOT NULL,                -- 16 bytes, stable across redeliveries (G2)
+        source      TEXT NOT NULL,
+        device      TEXT NOT NULL,
+        metric      TEXT NOT NULL,
+        value       REAL NOT NULL,
+        unit        TEXT,
+        observed_at INTEGER NOT NULL,             -- microseconds since the epoch, UTC
+        received_at INTEGER NOT NULL,
+        flags       INTEGER NOT NULL DEFAULT 0,
+        meta        TEXT,                         -- JSON with source context (f_cnt, RSSI, ...)
+        synced      INTEGER NOT NULL DEFAULT 0    -- 1 once central has committed it
+    );
+    INSERT INTO readings_rebuilt
+        (id, uid, source, device, metric, value, unit, observed_at, received_at, flags, meta, synced)
+        SELECT id, uid, source, device, metric, value, unit, observed_at, received_at, flags, meta, synced
+        FROM readings ORDER BY id;
+    DROP TABLE readings;
+    ALTER TABLE readings_rebuilt RENAME TO readings;
+    CREATE INDEX readings_unsynced ON readings(id) WHERE synced = 0;
+    CREATE INDEX readings_series ON readings(device, metric, observed_at, value);
+    CREATE UNIQUE INDEX readings_uid_time ON readings(observed_at, uid);
+    CREATE UNIQUE INDEX readings_uid_arrival ON readings(uid) WHERE observed_at = received_at;
+    CREATE TRIGGER readings_count_delete AFTER DELETE ON readings
+    WHEN OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
+    BEGIN
+        UPDATE readings_count SET
+            stored = stored - 1,
+            unsynced = unsynced - (OLD.synced = 0),
+            through = CASE WHEN stored = 1 THEN 0 ELSE through END
+        WHERE one = 1;
+    END;
+    CREATE TRIGGER readings_count_synced AFTER UPDATE OF synced ON readings
+    WHEN (OLD.synced = 0) IS NOT (NEW.synced = 0)
+      AND OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
+    BEGIN
+        UPDATE readings_count SET unsynced = unsynced + CASE WHEN NEW.synced = 0 THEN 1 ELSE -1 END
+        WHERE one = 1;
+    END;
+    "#,
 ];
 
 /// The schema version that added the hash chain (G10): databases below it hold rows
@@ -339,6 +396,10 @@ pub const CHAIN_VERSION: i64 = 8;
 /// The schema version that added the kept reading counts (`readings_count`): databases
 /// below it are counted row by row.
 pub const COUNTS_VERSION: i64 = 10;
+
+/// The schema version that keyed the readings' dedupe by time (`readings_uid_time`):
+/// the rebuild of the readings table, logged with its duration at the upgrade.
+pub const UID_TIME_VERSION: i64 = 11;
 
 /// The schema version this build writes.
 pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -368,10 +429,92 @@ pub fn migrate_to(conn: &mut Connection, target: i64) -> rusqlite::Result<i64> {
         .take(target.max(0) as usize)
         .skip(version.max(0) as usize)
     {
+        let started = std::time::Instant::now();
+        let rebuild = if (i + 1) as i64 == UID_TIME_VERSION {
+            match rebuild_room(conn)? {
+                Room::Empty => None,
+                Room::Enough(rows) => {
+                    tracing::warn!(
+                        readings = rows,
+                        "Rebuilding the readings table once for the time-keyed dedupe index (schema 11); \
+                         this takes about 7 s per million readings on a fast disk and several times that on an SD card. Do not interrupt: \
+                         an interrupted rebuild is rolled back and starts again."
+                    );
+                    // Under systemd the start must not time out mid-rebuild (it would be
+                    // rolled back and retried at every start): extend the start timeout
+                    // generously, 2 min plus 2 min per million readings.
+                    let usec =
+                        120_000_000u64.saturating_add((rows.max(0) as u64).saturating_mul(120));
+                    let _ = sd_notify::notify(
+                        false,
+                        &[sd_notify::NotifyState::ExtendTimeoutUsec(
+                            usec.min(u32::MAX as u64) as u32,
+                        )],
+                    );
+                    Some(rows)
+                }
+                Room::Short { need, free } => {
+                    tracing::warn!(
+                        need_mib = need >> 20,
+                        free_mib = free >> 20,
+                        "Not enough free disk to rebuild the readings table for the time-keyed dedupe \
+                         index (schema 11); the store stays at schema 10 (dedupe by the uid index, slower \
+                         ingest) and the upgrade is tried again at the next start."
+                    );
+                    return Ok(i as i64);
+                }
+            }
+        } else {
+            None
+        };
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
+        if let Some(rows) = rebuild {
+            // The copy went through the WAL: write it back now and give the WAL file's
+            // space back rather than keep a file the size of the table. (The old
+            // table's pages stay in the database as free pages, which new readings
+            // reuse; `storage.max_size` counts only pages in use.)
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            tracing::warn!(
+                readings = rows,
+                seconds = started.elapsed().as_secs_f64(),
+                "Rebuilt the readings table (schema 11)."
+            );
+        }
     }
     Ok(version.max(target))
+}
+
+/// Whether the disk has room for the rebuild of migration 11.
+enum Room {
+    /// No readings: the rebuild is instant.
+    Empty,
+    /// About this many readings to copy.
+    Enough(i64),
+    /// The copy and its WAL need `need` bytes; `free` are available.
+    Short { need: u64, free: u64 },
+}
+
+/// The rebuild of migration 11 writes a second copy of the readings table and its
+/// indexes, all of it into the WAL first (one transaction), before the old pages are
+/// freed: about twice the database's size must be free, or the migration would fail on
+/// a full disk at every start (and the agent with it).
+fn rebuild_room(conn: &Connection) -> rusqlite::Result<Room> {
+    let rows: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM readings",
+        [],
+        |r| r.get(0),
+    )?;
+    if rows == 0 {
+        return Ok(Room::Empty);
+    }
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let need = (pages.max(0) as u64 * size.max(0) as u64).saturating_mul(2) + (64 << 20);
+    match super::read::database_disk_free(conn) {
+        Some(free) if free < need => Ok(Room::Short { need, free }),
+        _ => Ok(Room::Enough(rows)),
+    }
 }
