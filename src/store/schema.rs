@@ -332,15 +332,18 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 11: the uid dedupe (G2) keyed by time (issue 15). UNIQUE(uid) put every insert at
     // a random place of a 16-byte-key index that outgrows the writer's page cache after
-    // a few 100k rows (a read and a dirty page per commit). Two indexes replace it, each
-    // written at its right edge or small: UNIQUE(observed_at, uid) for every reading,
-    // and UNIQUE(uid) for the readings stamped with their arrival time
-    // (observed_at = received_at). Together they refuse exactly what UNIQUE(uid) did,
+    // a few 100k rows (a read and a dirty page per commit). Two indexes replace it:
+    // UNIQUE(observed_at, uid) for every reading, written at its right edge, and
+    // UNIQUE(uid) only for the readings stamped with their arrival time
+    // (observed_at = received_at), so a source that carries its message's time (the
+    // ones that burst: TTN, ChirpStack and MQTT with a time) never touches a random
+    // index. Together they refuse exactly what UNIQUE(uid) did,
     // given how every source derives its uids: a uid from the message's own time or
     // origin (ttn, mqtt_json, simulated, chirpstack with `time`) always comes with the
-    // same observed_at; a uid that does not fix observed_at (chirpstack without `time`,
-    // modbus and serial sequences) comes with its arrival time, and the clock-step
-    // moves shift both times alike (docs/reliability.md, G2). The inline UNIQUE is an
+    // same observed_at; a uid that does not fix observed_at comes with its arrival time
+    // (chirpstack without `time`) or is never reused (modbus and serial sequences); and
+    // the clock-step moves shift both times of a row alike (docs/benchmarks.md,
+    // "Session 8: the dedupe keyed by time"). The inline UNIQUE is an
     // index that cannot be dropped, so the table is rebuilt: ids, every column, the
     // other indexes and the count triggers are kept (the chain covers contents by id).
     r#"
