@@ -424,6 +424,15 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<i64> {
 /// returns the version reached. [`migrate`] is this with the current version; tools
 /// and benchmarks use it to build a database of an older version.
 pub fn migrate_to(conn: &mut Connection, target: i64) -> rusqlite::Result<i64> {
+    migrate_with(conn, target, super::read::database_disk_free)
+}
+
+/// [`migrate_to`] with the free disk space for migration 11's rebuild told by `free`.
+fn migrate_with(
+    conn: &mut Connection,
+    target: i64,
+    free: fn(&Connection) -> Option<u64>,
+) -> rusqlite::Result<i64> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let target = target.min(CURRENT_VERSION);
     for (i, sql) in MIGRATIONS
@@ -434,7 +443,7 @@ pub fn migrate_to(conn: &mut Connection, target: i64) -> rusqlite::Result<i64> {
     {
         let started = std::time::Instant::now();
         let rebuild = if (i + 1) as i64 == UID_TIME_VERSION {
-            match rebuild_room(conn)? {
+            match rebuild_room(conn, free(conn))? {
                 Room::Empty => None,
                 Room::Enough(rows) => {
                     tracing::warn!(
@@ -504,7 +513,7 @@ enum Room {
 /// indexes, all of it into the WAL first (one transaction), before the old pages are
 /// freed: about twice the database's size must be free, or the migration would fail on
 /// a full disk at every start (and the agent with it).
-fn rebuild_room(conn: &Connection) -> rusqlite::Result<Room> {
+fn rebuild_room(conn: &Connection, free: Option<u64>) -> rusqlite::Result<Room> {
     let rows: i64 = conn.query_row(
         "SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM readings",
         [],
@@ -516,8 +525,49 @@ fn rebuild_room(conn: &Connection) -> rusqlite::Result<Room> {
     let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
     let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let need = (pages.max(0) as u64 * size.max(0) as u64).saturating_mul(2) + (64 << 20);
-    match super::read::database_disk_free(conn) {
+    match free {
         Some(free) if free < need => Ok(Room::Short { need, free }),
         _ => Ok(Room::Enough(rows)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert(conn: &Connection, uid: &[u8], observed: i64, received: i64) -> usize {
+        conn.execute(
+            "INSERT INTO readings (uid, source, device, metric, value, observed_at, received_at) \
+             VALUES (?1, 's', 'd', 'm', 1.0, ?2, ?3) ON CONFLICT DO NOTHING",
+            rusqlite::params![uid, observed, received],
+        )
+        .unwrap()
+    }
+
+    /// A store whose disk has no room for the rebuild stays at schema 10, keeps its
+    /// `UNIQUE(uid)` (the writer's `ON CONFLICT DO NOTHING` dedupes by it), and is
+    /// upgraded at a later start once there is room.
+    #[test]
+    fn the_rebuild_waits_for_disk_room_and_the_old_layout_keeps_deduping() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("outpost.db")).unwrap();
+        migrate_to(&mut conn, UID_TIME_VERSION - 1).unwrap();
+        assert_eq!(insert(&conn, &[1; 16], 10, 20), 1);
+        let v = migrate_with(&mut conn, CURRENT_VERSION, |_| Some(0)).unwrap();
+        assert_eq!(v, UID_TIME_VERSION - 1, "deferred");
+        // Another time with the same uid: still a duplicate on the old layout.
+        assert_eq!(insert(&conn, &[1; 16], 11, 21), 0);
+        let v = migrate_with(&mut conn, CURRENT_VERSION, |_| Some(u64::MAX)).unwrap();
+        assert_eq!(v, CURRENT_VERSION);
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+        // The new layout: the same uid and time, or an arrival-stamped redelivery with
+        // another time, are duplicates; a new uid is not.
+        assert_eq!(insert(&conn, &[1; 16], 10, 30), 0);
+        assert_eq!(insert(&conn, &[2; 16], 40, 40), 1);
+        assert_eq!(insert(&conn, &[2; 16], 50, 50), 0);
+        assert_eq!(insert(&conn, &[3; 16], 10, 30), 1);
     }
 }
