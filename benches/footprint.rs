@@ -6,6 +6,9 @@
 //!     cargo bench --bench footprint
 //!     FOOTPRINT_IDLE_SECS=60 FOOTPRINT_LOAD_SECS=30 cargo bench --bench footprint
 //!
+//! `FOOTPRINT_BINARY=PATH` runs another `outpost` binary (e.g. a copy of main's) with
+//! the same harness, for before/after runs back to back.
+//!
 //! Sync points at a closed port (a site whose uplink is down): the worker retries with
 //! backoff and the backlog grows, which is the case where memory must stay flat.
 
@@ -40,16 +43,28 @@ fn env_secs(name: &str, default: u64) -> u64 {
 
 /// Resident and peak resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
+    let field = status_fields(pid);
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A reader of the KiB fields of `/proc/PID/status` (0 for a missing one).
+fn status_fields(pid: u32) -> impl Fn(&str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
+    move |name: &str| {
         status
             .lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+/// The `outpost` binary to measure: `FOOTPRINT_BINARY`, else this build's.
+fn binary() -> std::path::PathBuf {
+    std::env::var_os("FOOTPRINT_BINARY")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_outpost").into())
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
@@ -164,7 +179,7 @@ fn main() {
     let config = write_config(dir.path(), mqtt_port, &dev);
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     let agent = Killed(
-        Command::new(env!("CARGO_BIN_EXE_outpost"))
+        Command::new(binary())
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
@@ -189,6 +204,7 @@ fn main() {
     println!("footprint: idle {idle}s, then ~1000 readings/s for {load}s (release binary)");
     std::thread::sleep(Duration::from_secs(idle));
     let (agent_idle, _) = rss_kib(agent.0.id());
+    let anon_idle = status_fields(agent.0.id())("RssAnon:");
     let (base_idle, _) = rss_kib(baseline.0.id());
     println!(
         "  idle     outpost RSS {:>6} KiB   mosquitto_sub RSS {:>6} KiB   ratio {:.1}",
@@ -207,6 +223,7 @@ fn main() {
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
     let (mut peak_agent, mut peak_base, mut sum_agent, mut samples) = (0u64, 0u64, 0u64, 0u64);
+    let mut peak_anon = 0u64;
     rt.block_on(async {
         let poll = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
         let start = tokio::time::Instant::now();
@@ -231,6 +248,7 @@ fn main() {
                 let (a, _) = rss_kib(agent.0.id());
                 let (b, _) = rss_kib(baseline.0.id());
                 peak_agent = peak_agent.max(a);
+                peak_anon = peak_anon.max(status_fields(agent.0.id())("RssAnon:"));
                 peak_base = peak_base.max(b);
                 sum_agent += a;
                 samples += 1;
@@ -245,6 +263,7 @@ fn main() {
         "  loaded   outpost RSS avg {avg:>6} KiB, peak {peak_agent:>6} KiB   mosquitto_sub peak {peak_base:>6} KiB   ratio {:.1}",
         peak_agent as f64 / peak_base.max(1) as f64
     );
+    println!("  outpost RssAnon idle {anon_idle:>6} KiB, loaded peak {peak_anon:>6} KiB (heap, stacks, SQLite caches)");
     let conn = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
     let rows: i64 = conn
         .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
@@ -255,9 +274,7 @@ fn main() {
         })
         .unwrap();
     println!("  stored {rows} readings ({unsynced} waiting for central, which is unreachable)");
-    let binary = std::fs::metadata(env!("CARGO_BIN_EXE_outpost"))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let binary = std::fs::metadata(binary()).map(|m| m.len()).unwrap_or(0);
     println!(
         "  binary size (this build): {:.1} MiB",
         binary as f64 / (1 << 20) as f64

@@ -295,6 +295,141 @@ fn an_older_database_upgrades_and_its_earlier_readings_are_reported_uncovered() 
     );
 }
 
+/// Issue 15: the upgrade that keys the readings' dedupe by time (schema 11) rebuilds the
+/// table. Every row keeps its id and columns, the kept counts stay right, a redelivery
+/// of a pre-upgrade reading is still refused (G2) both where its uid fixes its time
+/// (TTN) and where it comes with its arrival time (sequences, ChirpStack without
+/// `time`), and the chain sealed before the upgrade still verifies intact (G10).
+#[tokio::test]
+async fn the_time_keyed_dedupe_upgrade_keeps_every_row_and_still_dedupes() {
+    use outpost::model::{Batch, Reading, Uid};
+    use outpost::store::{schema, StorageConfig, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outpost.db");
+    // An hour ago: within the retention window, so the first pruning pass keeps them.
+    let base = chrono::Utc::now().timestamp_micros() - 3_600_000_000;
+    let ttn_uid = |i: i64| Uid::derive(&["ttn", "app", "dev", &i.to_string(), "t"]);
+    let seq_uid = |i: i64| Uid::derive(&["station", &i.to_string(), "t"]);
+    {
+        let mut conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "page_size", 1024).unwrap();
+        let _: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .unwrap();
+        schema::migrate_to(&mut conn, schema::UID_TIME_VERSION - 1).unwrap();
+        for i in 0..300i64 {
+            // Network-server time, received 1.5 s later; and arrival-stamped.
+            conn.execute(
+                "INSERT INTO readings (uid, source, device, metric, value, unit, observed_at, \
+                 received_at, flags, meta) VALUES (?1, 'ttn', 'dev', 't', ?2, '°C', ?3, ?4, 0, ?5)",
+                params![
+                    &ttn_uid(i).0[..],
+                    i as f64,
+                    base + i,
+                    base + i + 1_500_000,
+                    format!("{{\"f_cnt\":{i}}}")
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO readings (uid, source, device, metric, value, observed_at, received_at, flags) \
+                 VALUES (?1, 'station', 'st', 't', ?2, ?3, ?3, 1)",
+                params![&seq_uid(i).0[..], i as f64 / 2.0, base + i * 1000],
+            )
+            .unwrap();
+        }
+        chain::seal(&conn, base + 10_000_000).unwrap();
+        conn.execute("UPDATE readings SET synced = 1 WHERE id <= 100", [])
+            .unwrap();
+    }
+    let rows = |db: &Path| -> Vec<Vec<rusqlite::types::Value>> {
+        let conn = Connection::open(db).unwrap();
+        let mut stmt = conn.prepare("SELECT * FROM readings ORDER BY id").unwrap();
+        let n = stmt.column_count();
+        let all = stmt
+            .query_map([], |r| {
+                (0..n).map(|c| r.get(c)).collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        all
+    };
+    let before = rows(&db);
+    assert_eq!(before.len(), 600);
+    let cfg = StorageConfig {
+        path: db.clone(),
+        batch_max_delay: outpost::config::HumanDuration::from_millis(5),
+        ..StorageConfig::default()
+    };
+    let (store, ingest) = Store::open(&cfg, StoreOptions::default()).unwrap();
+    assert_eq!(rows(&db), before, "every row, id and column kept");
+    {
+        let conn = Connection::open(&db).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, schema::CURRENT_VERSION);
+        let auto: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name LIKE 'sqlite_autoindex_readings%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(auto, 0, "the random uid index is gone");
+        let counts = outpost::store::reading_counts(&conn).unwrap();
+        assert_eq!((counts.stored, counts.unsynced), (600, 500));
+    }
+    let now = chrono::Utc::now();
+    let reading = |uid: Uid, source: &str, observed: chrono::DateTime<chrono::Utc>| Reading {
+        uid,
+        source: source.into(),
+        device: "dev".into(),
+        metric: "t".into(),
+        value: 1.0,
+        unit: None,
+        observed_at: observed,
+        received_at: if source == "ttn" { now } else { observed },
+        flags: 0,
+        meta: None,
+    };
+    let at = |us: i64| outpost::model::from_micros(us);
+    let (batch, ack) = Batch::with_ack(vec![
+        // Redeliveries: a TTN uplink (same NS time, new arrival), a sequence reading
+        // stamped again on arrival (a new time for the same uid).
+        reading(ttn_uid(7), "ttn", at(base + 7)),
+        reading(seq_uid(7), "station", now),
+        // New readings.
+        reading(ttn_uid(1000), "ttn", at(base + 1000)),
+        reading(seq_uid(1000), "station", now),
+    ]);
+    ingest.sender.send(batch).await.unwrap();
+    let committed = ack.await.unwrap().unwrap();
+    assert_eq!((committed.inserted, committed.duplicates), (2, 2));
+    drop(store);
+    drop(ingest.sender);
+    ingest.finished.await.unwrap();
+    let out = assert_intact(&db);
+    assert!(out.contains("602 rows checked"), "{out}");
+    // Deletes and sync marks still move the kept counts (the triggers were rebuilt).
+    let conn = Connection::open(&db).unwrap();
+    conn.execute("DELETE FROM readings WHERE id <= 10", [])
+        .unwrap();
+    conn.execute(
+        "UPDATE readings SET synced = 1 WHERE id BETWEEN 101 AND 150",
+        [],
+    )
+    .unwrap();
+    let counts = outpost::store::reading_counts(&conn).unwrap();
+    let counted = outpost::store::counted_readings(&conn).unwrap();
+    assert_eq!(
+        (counts.stored, counts.unsynced),
+        (counted.stored, counted.unsynced)
+    );
+    assert_eq!((counts.stored, counts.unsynced), (592, 452));
+}
+
 /// G8: readings stamped while the clock was not synchronised are moved with the step
 /// and flagged corrected; the audit entries let the verifier recover what was sealed.
 #[test]

@@ -229,6 +229,13 @@ pub const NEW_DATABASE_PAGE_SIZE: i64 = 1024;
 /// The WAL is checkpointed into the database file after about this many bytes.
 const WAL_CHECKPOINT_BYTES: i64 = 16 << 20;
 
+/// The writer's SQLite page cache in KiB, with the time-keyed dedupe index (schema 11).
+const WRITER_CACHE_KIB: i64 = 1024;
+
+/// The writer's page cache in KiB while the readings table still has the random uid
+/// index (a store whose rebuild waits for disk room).
+const WRITER_CACHE_KIB_RANDOM_UID: i64 = 8192;
+
 /// The marker a failed background check leaves: `<database>.check-failed`.
 fn check_marker(path: &Path) -> PathBuf {
     PathBuf::from(format!("{}.check-failed", path.display()))
@@ -676,11 +683,6 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         .map_err(classify)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(classify)?;
-    // The writer's page cache: the uid index takes inserts at random places, and a
-    // cache that holds its upper levels keeps ingest fast. Pages are allocated only as
-    // used, so an idle agent does not pay for it.
-    conn.pragma_update(None, "cache_size", -8192)
-        .map_err(classify)?;
     // Checkpoint the WAL into the database every ~16 MiB rather than every 4 MiB:
     // fewer checkpoint fsyncs under sustained ingest, and a page changed by many
     // commits meanwhile is written to the database file once.
@@ -738,6 +740,28 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         rusqlite::Error::InvalidParameterName(msg) => OpenFailure::Environment(msg),
         other => classify(other),
     })?;
+    // The writer's page cache, sized by the layout of the readings' dedupe index. Since
+    // schema 11 every index takes its inserts at a right edge (or is small), so a 1 MiB
+    // cache keeps ingest at full speed and holds a 1,000-reading group's dirty pages;
+    // an 8 MiB one only filled with pages written once (+7-10 MiB of RSS at 1,000
+    // readings/s, docs/benchmarks.md "Session 8"). A store still on the random uid
+    // index (its rebuild waits for disk room) keeps 8 MiB so its upper levels stay
+    // cached. Pages are allocated only as used, so an idle agent pays for neither.
+    let random_uid_index: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' \
+             AND tbl_name = 'readings' AND name LIKE 'sqlite_autoindex_readings%')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(classify)?;
+    let cache_kib: i64 = if random_uid_index {
+        WRITER_CACHE_KIB_RANDOM_UID
+    } else {
+        WRITER_CACHE_KIB
+    };
+    conn.pragma_update(None, "cache_size", -cache_kib)
+        .map_err(classify)?;
     // What the writer reads first; damage here counts as damage, not as an error that
     // would stop every start.
     conn.query_row("SELECT COALESCE(MAX(id), 0) FROM readings", [], |r| {

@@ -330,6 +330,66 @@ const MIGRATIONS: &[&str] = &[
         WHERE one = 1;
     END;
     "#,
+    // 11: the uid dedupe (G2) keyed by time (issue 15). UNIQUE(uid) put every insert at
+    // a random place of a 16-byte-key index that outgrows the writer's page cache after
+    // a few 100k rows (a read and a dirty page per commit). Two indexes replace it:
+    // UNIQUE(observed_at, uid) for every reading, written at its right edge, and
+    // UNIQUE(uid) only for the readings stamped with their arrival time
+    // (observed_at = received_at), so a source that carries its message's time (the
+    // ones that burst: TTN, ChirpStack and MQTT with a time) never touches a random
+    // index. Together they refuse exactly what UNIQUE(uid) did,
+    // given how every source derives its uids: a uid from the message's own time or
+    // origin (ttn, mqtt_json, simulated, chirpstack with `time`) always comes with the
+    // same observed_at; a uid that does not fix observed_at comes with its arrival time
+    // (chirpstack without `time`) or is never reused (modbus and serial sequences); and
+    // the clock-step moves shift both times of a row alike (docs/benchmarks.md,
+    // "Session 8: the dedupe keyed by time"). The inline UNIQUE is an
+    // index that cannot be dropped, so the table is rebuilt: ids, every column, the
+    // other indexes and the count triggers are kept (the chain covers contents by id).
+    r#"
+    DROP TRIGGER readings_count_delete;
+    DROP TRIGGER readings_count_synced;
+    CREATE TABLE readings_rebuilt (
+        id          INTEGER PRIMARY KEY,          -- local sequence, also the sync order
+        uid         BLOB NOT NULL,                -- 16 bytes, stable across redeliveries (G2)
+        source      TEXT NOT NULL,
+        device      TEXT NOT NULL,
+        metric      TEXT NOT NULL,
+        value       REAL NOT NULL,
+        unit        TEXT,
+        observed_at INTEGER NOT NULL,             -- microseconds since the epoch, UTC
+        received_at INTEGER NOT NULL,
+        flags       INTEGER NOT NULL DEFAULT 0,
+        meta        TEXT,                         -- JSON with source context (f_cnt, RSSI, ...)
+        synced      INTEGER NOT NULL DEFAULT 0    -- 1 once central has committed it
+    );
+    INSERT INTO readings_rebuilt
+        (id, uid, source, device, metric, value, unit, observed_at, received_at, flags, meta, synced)
+        SELECT id, uid, source, device, metric, value, unit, observed_at, received_at, flags, meta, synced
+        FROM readings ORDER BY id;
+    DROP TABLE readings;
+    ALTER TABLE readings_rebuilt RENAME TO readings;
+    CREATE INDEX readings_unsynced ON readings(id) WHERE synced = 0;
+    CREATE INDEX readings_series ON readings(device, metric, observed_at, value);
+    CREATE UNIQUE INDEX readings_uid_time ON readings(observed_at, uid);
+    CREATE UNIQUE INDEX readings_uid_arrival ON readings(uid) WHERE observed_at = received_at;
+    CREATE TRIGGER readings_count_delete AFTER DELETE ON readings
+    WHEN OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
+    BEGIN
+        UPDATE readings_count SET
+            stored = stored - 1,
+            unsynced = unsynced - (OLD.synced = 0),
+            through = CASE WHEN stored = 1 THEN 0 ELSE through END
+        WHERE one = 1;
+    END;
+    CREATE TRIGGER readings_count_synced AFTER UPDATE OF synced ON readings
+    WHEN (OLD.synced = 0) IS NOT (NEW.synced = 0)
+      AND OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
+    BEGIN
+        UPDATE readings_count SET unsynced = unsynced + CASE WHEN NEW.synced = 0 THEN 1 ELSE -1 END
+        WHERE one = 1;
+    END;
+    "#,
 ];
 
 /// The schema version that added the hash chain (G10): databases below it hold rows
@@ -339,6 +399,10 @@ pub const CHAIN_VERSION: i64 = 8;
 /// The schema version that added the kept reading counts (`readings_count`): databases
 /// below it are counted row by row.
 pub const COUNTS_VERSION: i64 = 10;
+
+/// The schema version that keyed the readings' dedupe by time (`readings_uid_time`):
+/// the rebuild of the readings table, logged with its duration at the upgrade.
+pub const UID_TIME_VERSION: i64 = 11;
 
 /// The schema version this build writes.
 pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -360,6 +424,15 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<i64> {
 /// returns the version reached. [`migrate`] is this with the current version; tools
 /// and benchmarks use it to build a database of an older version.
 pub fn migrate_to(conn: &mut Connection, target: i64) -> rusqlite::Result<i64> {
+    migrate_with(conn, target, super::read::database_disk_free)
+}
+
+/// [`migrate_to`] with the free disk space for migration 11's rebuild told by `free`.
+fn migrate_with(
+    conn: &mut Connection,
+    target: i64,
+    free: fn(&Connection) -> Option<u64>,
+) -> rusqlite::Result<i64> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let target = target.min(CURRENT_VERSION);
     for (i, sql) in MIGRATIONS
@@ -368,10 +441,133 @@ pub fn migrate_to(conn: &mut Connection, target: i64) -> rusqlite::Result<i64> {
         .take(target.max(0) as usize)
         .skip(version.max(0) as usize)
     {
+        let started = std::time::Instant::now();
+        let rebuild = if (i + 1) as i64 == UID_TIME_VERSION {
+            match rebuild_room(conn, free(conn))? {
+                Room::Empty => None,
+                Room::Enough(rows) => {
+                    tracing::warn!(
+                        readings = rows,
+                        "Rebuilding the readings table once for the time-keyed dedupe index (schema 11); \
+                         this takes about 7 s per million readings on a fast disk and several times that on an SD card. Do not interrupt: \
+                         an interrupted rebuild is rolled back and starts again."
+                    );
+                    // Under systemd the start must not time out mid-rebuild (it would be
+                    // rolled back and retried at every start): extend the start timeout
+                    // generously, 2 min plus 2 min per million readings.
+                    let usec =
+                        120_000_000u64.saturating_add((rows.max(0) as u64).saturating_mul(120));
+                    let _ = sd_notify::notify(
+                        false,
+                        &[sd_notify::NotifyState::ExtendTimeoutUsec(
+                            usec.min(u32::MAX as u64) as u32,
+                        )],
+                    );
+                    Some(rows)
+                }
+                Room::Short { need, free } => {
+                    tracing::warn!(
+                        need_mib = need >> 20,
+                        free_mib = free >> 20,
+                        "Not enough free disk to rebuild the readings table for the time-keyed dedupe \
+                         index (schema 11); the store stays at schema 10 (dedupe by the uid index, slower \
+                         ingest) and the upgrade is tried again at the next start."
+                    );
+                    return Ok(i as i64);
+                }
+            }
+        } else {
+            None
+        };
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
+        if let Some(rows) = rebuild {
+            // The copy went through the WAL: write it back now and give the WAL file's
+            // space back rather than keep a file the size of the table. (The old
+            // table's pages stay in the database as free pages, which new readings
+            // reuse; `storage.max_size` counts only pages in use.)
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            tracing::warn!(
+                readings = rows,
+                seconds = started.elapsed().as_secs_f64(),
+                "Rebuilt the readings table (schema 11)."
+            );
+        }
     }
     Ok(version.max(target))
+}
+
+/// Whether the disk has room for the rebuild of migration 11.
+enum Room {
+    /// No readings: the rebuild is instant.
+    Empty,
+    /// About this many readings to copy.
+    Enough(i64),
+    /// The copy and its WAL need `need` bytes; `free` are available.
+    Short { need: u64, free: u64 },
+}
+
+/// The rebuild of migration 11 writes a second copy of the readings table and its
+/// indexes, all of it into the WAL first (one transaction), before the old pages are
+/// freed: about twice the database's size must be free, or the migration would fail on
+/// a full disk at every start (and the agent with it).
+fn rebuild_room(conn: &Connection, free: Option<u64>) -> rusqlite::Result<Room> {
+    let rows: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM readings",
+        [],
+        |r| r.get(0),
+    )?;
+    if rows == 0 {
+        return Ok(Room::Empty);
+    }
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let need = (pages.max(0) as u64 * size.max(0) as u64).saturating_mul(2) + (64 << 20);
+    match free {
+        Some(free) if free < need => Ok(Room::Short { need, free }),
+        _ => Ok(Room::Enough(rows)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert(conn: &Connection, uid: &[u8], observed: i64, received: i64) -> usize {
+        conn.execute(
+            "INSERT INTO readings (uid, source, device, metric, value, observed_at, received_at) \
+             VALUES (?1, 's', 'd', 'm', 1.0, ?2, ?3) ON CONFLICT DO NOTHING",
+            rusqlite::params![uid, observed, received],
+        )
+        .unwrap()
+    }
+
+    /// A store whose disk has no room for the rebuild stays at schema 10, keeps its
+    /// `UNIQUE(uid)` (the writer's `ON CONFLICT DO NOTHING` dedupes by it), and is
+    /// upgraded at a later start once there is room.
+    #[test]
+    fn the_rebuild_waits_for_disk_room_and_the_old_layout_keeps_deduping() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("outpost.db")).unwrap();
+        migrate_to(&mut conn, UID_TIME_VERSION - 1).unwrap();
+        assert_eq!(insert(&conn, &[1; 16], 10, 20), 1);
+        let v = migrate_with(&mut conn, CURRENT_VERSION, |_| Some(0)).unwrap();
+        assert_eq!(v, UID_TIME_VERSION - 1, "deferred");
+        // Another time with the same uid: still a duplicate on the old layout.
+        assert_eq!(insert(&conn, &[1; 16], 11, 21), 0);
+        let v = migrate_with(&mut conn, CURRENT_VERSION, |_| Some(u64::MAX)).unwrap();
+        assert_eq!(v, CURRENT_VERSION);
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+        // The new layout: the same uid and time, or an arrival-stamped redelivery with
+        // another time, are duplicates; a new uid is not.
+        assert_eq!(insert(&conn, &[1; 16], 10, 30), 0);
+        assert_eq!(insert(&conn, &[2; 16], 40, 40), 1);
+        assert_eq!(insert(&conn, &[2; 16], 50, 50), 0);
+        assert_eq!(insert(&conn, &[3; 16], 10, 30), 1);
+    }
 }

@@ -201,7 +201,7 @@ impl Default for StoreStats {
 
 const INSERT_READING: &str = "INSERT INTO readings \
     (uid, source, device, metric, value, unit, observed_at, received_at, flags, meta) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(uid) DO NOTHING";
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING";
 
 const UPSERT_SERIES: &str = "INSERT INTO series \
     (source, device, metric, value, unit, observed_at, received_at, count) \
