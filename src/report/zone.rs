@@ -4,8 +4,8 @@
 //!
 //! Each zone's TZif file is read once, on first use, and kept for the life of the
 //! process (a zone is a few KiB, and a configuration names one). The compiled-in database
-//! this replaces (chrono-tz) was 2 MiB of the binary and, through its 66,000 relocated
-//! string pointers, about 2 MiB of every agent's idle memory (docs/benchmarks.md,
+//! this replaces (chrono-tz) was 1.8 MiB of the binary and, through its 66,000
+//! relocated string pointers, 1.7 MiB of every agent's idle memory (docs/benchmarks.md,
 //! "Session 8: binary size"). `UTC` needs no file, so the default configuration works on
 //! a system without tzdata.
 //!
