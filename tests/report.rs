@@ -516,7 +516,7 @@ fn the_agent_keeps_and_mails_the_daily_summary_and_warns_about_calibration() {
     use support::{free_port, SmtpOptions, SmtpServer};
     let smtp = SmtpServer::start(SmtpOptions::new());
     let dir = tempfile::tempdir().unwrap();
-    let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    let tz = outpost::report::Tz::load("Europe/Berlin").unwrap();
     let now = chrono::Utc::now();
     let yesterday = (now.with_timezone(&tz).date_naive()).pred_opt().unwrap();
     let bounds = outpost::report::summary::DayBounds::of(tz, yesterday).unwrap();
@@ -704,7 +704,7 @@ fn summaries_sync_to_central_through_pgbouncer() {
         outpost::sync::central::SCHEMA_VERSION.to_string()
     );
     let dir = tempfile::tempdir().unwrap();
-    let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    let tz = outpost::report::Tz::load("Europe/Berlin").unwrap();
     let now = chrono::Utc::now();
     let yesterday = now.with_timezone(&tz).date_naive().pred_opt().unwrap();
     let bounds = outpost::report::summary::DayBounds::of(tz, yesterday).unwrap();
@@ -830,7 +830,7 @@ fn a_clock_stepped_back_never_sends_a_report_again() {
     let mut agent = Agent::new(dir.path(), &text)
         .env("OUTPOST_TEST_CLOCK_OFFSET_FILE", &offset)
         .start();
-    let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    let tz = outpost::report::Tz::load("Europe/Berlin").unwrap();
     let stepped_yesterday = (chrono::Utc::now() + chrono::Duration::days(2))
         .with_timezone(&tz)
         .date_naive()

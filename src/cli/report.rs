@@ -55,7 +55,7 @@ pub fn main(config_path: Option<&Path>, args: Args) -> ExitCode {
             Err(e) => return usage(format!("--timezone: {e}")),
         },
         (None, Some(c)) => c.agent.tz(),
-        (None, None) => chrono_tz::UTC,
+        (None, None) => Tz::UTC,
     };
     let now = crate::clock::Clock::system().now();
     let day = match parse_day(args.day.as_deref(), tz, now) {
@@ -128,7 +128,7 @@ mod tests {
             "2026-10-26"
         );
         assert_eq!(
-            parse_day(Some("yesterday"), chrono_tz::UTC, now)
+            parse_day(Some("yesterday"), Tz::UTC, now)
                 .unwrap()
                 .to_string(),
             "2026-10-24"

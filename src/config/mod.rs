@@ -98,7 +98,7 @@ fn default_timezone() -> String {
 impl AgentConfig {
     /// The configured time zone (validated; UTC if it somehow is not).
     pub fn tz(&self) -> crate::report::Tz {
-        crate::report::parse_timezone(&self.timezone).unwrap_or(chrono_tz::UTC)
+        crate::report::parse_timezone(&self.timezone).unwrap_or(crate::report::Tz::UTC)
     }
 }
 

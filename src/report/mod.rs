@@ -14,29 +14,21 @@
 pub mod calibration;
 pub mod render;
 pub mod summary;
+pub mod zone;
 
 use crate::settings::{check_identifier, HumanDuration, Problems};
 use chrono::{NaiveDate, NaiveTime};
 use serde::{Deserialize, Serialize};
 
-pub use chrono_tz::Tz;
+pub use zone::{Tz, TzError};
 
 /// The time zone when `agent.timezone` is not set.
 pub const DEFAULT_TIMEZONE: &str = "UTC";
 
-/// Parses an IANA time zone name (`Europe/Berlin`, `UTC`), with a clear error.
+/// Parses an IANA time zone name (`Europe/Berlin`, `UTC`) and reads the zone from the
+/// system's database ([`zone`]), with a clear error.
 pub fn parse_timezone(name: &str) -> Result<Tz, String> {
-    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
-        let shown: String = name.chars().take(64).collect();
-        return Err(format!(
-            "{shown:?} is not a time zone name; write an IANA name like \"Europe/Berlin\" or \"UTC\""
-        ));
-    }
-    name.parse::<Tz>().map_err(|_| {
-        format!(
-            "unknown time zone {name:?}; write an IANA name like \"Europe/Berlin\", \"America/New_York\" or \"UTC\" (`timedatectl list-timezones` lists them)"
-        )
-    })
+    Tz::load(name).map_err(|e| e.to_string())
 }
 
 /// Parses a calendar date `YYYY-MM-DD`, with a clear error.

@@ -24,7 +24,7 @@ pub fn render(report: &DayReport, format: Format, display: &DisplayConfig) -> St
 }
 
 fn tz_of(report: &DayReport) -> Tz {
-    report.timezone.parse().unwrap_or(chrono_tz::UTC)
+    report.timezone.parse().unwrap_or(Tz::UTC)
 }
 
 fn local(tz: Tz, t: DateTime<Utc>) -> String {

@@ -22,8 +22,8 @@
 
 use crate::alerts::{AlertRule, CompiledRule, Condition, Direction};
 use crate::model::to_micros;
+use crate::report::Tz;
 use chrono::{DateTime, Duration, NaiveTime, TimeZone, Utc};
-use chrono_tz::Tz;
 use rusqlite::{params, Connection};
 use std::fmt::Write;
 
@@ -759,7 +759,7 @@ mod tests {
             gap_threshold: threshold,
             thresholds,
             alarms,
-            tz: chrono_tz::Europe::Berlin,
+            tz: Tz::load("Europe/Berlin").unwrap(),
             precision: None,
         }
     }

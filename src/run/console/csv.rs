@@ -8,8 +8,8 @@
 //! are written in chunks ([`write_rows`]) so the download never sits whole in memory.
 
 use crate::model::{from_micros, to_micros};
+use crate::report::Tz;
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, TimeZone, Utc};
-use chrono_tz::Tz;
 use rusqlite::{params, Connection};
 
 /// The longest range one download may cover.
@@ -275,14 +275,16 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 12, 5, 10, 0, 0).unwrap()
     }
 
-    const BERLIN: Tz = chrono_tz::Europe::Berlin;
+    fn berlin() -> Tz {
+        Tz::load("Europe/Berlin").unwrap()
+    }
 
     #[test]
     fn dates_are_local_days_and_to_is_inclusive() {
         let r = parse_range(
             "f",
             &q(&[("from", "2026-12-01"), ("to", "2026-12-02")]),
-            BERLIN,
+            berlin(),
             now(),
         )
         .unwrap();
@@ -294,22 +296,22 @@ mod tests {
         let r = parse_range(
             "f",
             &q(&[("from", "2026-12-01T08:00"), ("metric", "temperature")]),
-            BERLIN,
+            berlin(),
             now(),
         )
         .unwrap();
         assert_eq!(r.from, Utc.with_ymd_and_hms(2026, 12, 1, 7, 0, 0).unwrap());
         assert_eq!(r.to, now());
         assert_eq!(r.metric.as_deref(), Some("temperature"));
-        let r = parse_range("f", &[], BERLIN, now()).unwrap();
+        let r = parse_range("f", &[], berlin(), now()).unwrap();
         assert_eq!(r.to - r.from, Duration::hours(24));
-        assert_eq!(r.file_name(BERLIN), "f-2026-12-04-2026-12-05.csv");
+        assert_eq!(r.file_name(berlin()), "f-2026-12-04-2026-12-05.csv");
     }
 
     #[test]
     fn hostile_ranges_are_refused_with_a_sentence() {
         let refused =
-            |pairs: &[(&str, &str)]| parse_range("f", &q(pairs), BERLIN, now()).unwrap_err();
+            |pairs: &[(&str, &str)]| parse_range("f", &q(pairs), berlin(), now()).unwrap_err();
         assert!(
             refused(&[("from", "1971-01-01"), ("to", "2026-12-01")]).contains("at most 92 days")
         );
@@ -327,7 +329,13 @@ mod tests {
         assert!(refused(&[("metric", "temp\u{0}")]).contains("the metric"));
         assert!(refused(&[("limit", "1")]).contains("unknown parameter"));
         // The largest accepted range.
-        assert!(parse_range("f", &q(&[("from", "2026-09-04T10:00:00Z")]), BERLIN, now()).is_ok());
+        assert!(parse_range(
+            "f",
+            &q(&[("from", "2026-09-04T10:00:00Z")]),
+            berlin(),
+            now()
+        )
+        .is_ok());
     }
 
     fn store() -> Connection {
