@@ -526,18 +526,6 @@ impl ChainSync {
         }
     }
 
-    /// Applies what the round owes so far, before a select that must not see those
-    /// rows again (a loop that goes on past a full batch).
-    async fn settle(&self, owed: &mut Owed) -> Result<(), SyncError> {
-        if owed.is_empty() {
-            return Ok(());
-        }
-        self.store
-            .write(owed.take())
-            .await
-            .map_err(|e| SyncError::Local(e.to_string()))
-    }
-
     /// Whether central refused this gateway's key in the latest round.
     pub fn refused(&self) -> bool {
         self.refused.is_some()
@@ -584,7 +572,8 @@ impl ChainSync {
             if done {
                 break;
             }
-            self.settle(owed).await?;
+            // The next select must not see these rows again.
+            owed.apply(&self.store).await?;
         }
         let Some(key) = self.public_key.clone() else {
             return Ok(());
@@ -629,7 +618,8 @@ impl ChainSync {
             if done {
                 break;
             }
-            self.settle(owed).await?;
+            // The next select must not see these rows again.
+            owed.apply(&self.store).await?;
         }
         loop {
             let sigs = self.read(move |c| select_signatures(c, max)).await?;
@@ -642,7 +632,8 @@ impl ChainSync {
             if done {
                 break;
             }
-            self.settle(owed).await?;
+            // The next select must not see these rows again.
+            owed.apply(&self.store).await?;
         }
         loop {
             let cps = self.read(move |c| select_checkpoints(c, max)).await?;
@@ -655,7 +646,8 @@ impl ChainSync {
             if done {
                 break;
             }
-            self.settle(owed).await?;
+            // The next select must not see these rows again.
+            owed.apply(&self.store).await?;
         }
         Ok(())
     }

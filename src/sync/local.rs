@@ -41,6 +41,17 @@ impl Owed {
         self.0.is_empty()
     }
 
+    /// Applies everything owed now, in one store write that commits at once.
+    pub async fn apply(&mut self, store: &crate::store::Store) -> Result<(), super::SyncError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        store
+            .write(self.take())
+            .await
+            .map_err(|e| super::SyncError::Local(e.to_string()))
+    }
+
     /// Everything owed, as one write for [`crate::store::Store::write`]. Each owed
     /// write runs in its own savepoint: one that fails (a mark only: the rows are sent
     /// again) is rolled back alone and the others stand.
@@ -57,7 +68,7 @@ impl Owed {
                             // The store's full handling applies to the whole write.
                             return Err(e);
                         }
-                        tracing::warn!(error = %e, "A local write of sync failed; the rows it marks will be sent again.");
+                        tracing::warn!(error = %e, "A local write of sync failed; it is redone next round, or the rows it marks are sent again.");
                     }
                 }
             }

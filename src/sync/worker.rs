@@ -204,7 +204,8 @@ pub async fn run_in(
     if !worker.owed.is_empty() {
         // Marks of what central committed (the store writer outlives the worker); if
         // this does not make it, the rows are sent again and deduplicated.
-        let _ = tokio::time::timeout(Duration::from_secs(2), worker.settle_owed()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), worker.owed.apply(&worker.store)).await;
     }
     tracing::info!("Central sync stopped.");
 }
@@ -400,7 +401,7 @@ impl Worker {
         // The live readings' marks are owed until `settle`: the backlog stays below them.
         self.drain_backlog(deadline, release, floor).await?;
         let at = self.clock.now();
-        self.settle(Some(at)).await?;
+        self.settle(at).await?;
         self.sync_chain().await?;
         self.last_sync_at = Some(at);
         Ok(())
@@ -412,35 +413,17 @@ impl Worker {
     /// the round's success (`at`). At a site's rate that is one commit per interval
     /// rather than one per kind of row, and usually not even that: it rides with the
     /// next commit of readings (issue 15: SD-card wear).
-    async fn settle(&mut self, success: Option<DateTime<Utc>>) -> Result<(), SyncError> {
-        let marks = self.owed.take();
-        let sign = self.store.head_signing();
+    async fn settle(&mut self, at: DateTime<Utc>) -> Result<(), SyncError> {
+        // Each in its own savepoint (`Owed`): a signature that fails leaves the marks.
+        if let Some(sign) = self.store.head_signing() {
+            self.owed.push(sign);
+        }
+        self.owed.push(move |c| local::record_success(c, at));
         // It may wait for a commit the writer makes anyway (readings held for their
         // delay): nothing waits on these rows but the chain's upload below.
         let within = (self.config.interval.get() / 2).min(SETTLE_WITHIN);
         self.store
-            .write_within(within, move |c| {
-                marks(c)?;
-                if let Some(sign) = sign {
-                    sign(c)?;
-                }
-                match success {
-                    Some(at) => local::record_success(c, at),
-                    None => Ok(()),
-                }
-            })
-            .await
-            .map_err(|e| SyncError::Local(e.to_string()))
-    }
-
-    /// Applies what is owed now, before a select that must not see those rows again.
-    async fn settle_owed(&mut self) -> Result<(), SyncError> {
-        if self.owed.is_empty() {
-            return Ok(());
-        }
-        let marks = self.owed.take();
-        self.store
-            .write(marks)
+            .write_within(within, self.owed.take())
             .await
             .map_err(|e| SyncError::Local(e.to_string()))
     }
@@ -564,7 +547,8 @@ impl Worker {
             if count < max {
                 return Ok(());
             }
-            self.settle_owed().await?;
+            // The next select must not see these rows again.
+            self.owed.apply(&self.store).await?;
         }
     }
 
@@ -589,7 +573,8 @@ impl Worker {
             if count < max {
                 return Ok(());
             }
-            self.settle_owed().await?;
+            // The next select must not see these rows again.
+            self.owed.apply(&self.store).await?;
         }
     }
 
