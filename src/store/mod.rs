@@ -736,7 +736,7 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         conn.pragma_update(None, "max_page_count", pages)
             .map_err(classify)?;
     }
-    schema::migrate(&mut conn).map_err(|e| match e {
+    let version = schema::migrate(&mut conn).map_err(|e| match e {
         rusqlite::Error::InvalidParameterName(msg) => OpenFailure::Environment(msg),
         other => classify(other),
     })?;
@@ -745,17 +745,10 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
     // cache keeps ingest at full speed and holds a 1,000-reading group's dirty pages;
     // an 8 MiB one only filled with pages written once (+7-10 MiB of RSS at 1,000
     // readings/s, docs/benchmarks.md "Session 8"). A store still on the random uid
-    // index (its rebuild waits for disk room) keeps 8 MiB so its upper levels stay
-    // cached. Pages are allocated only as used, so an idle agent pays for neither.
-    let random_uid_index: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' \
-             AND tbl_name = 'readings' AND name LIKE 'sqlite_autoindex_readings%')",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(classify)?;
-    let cache_kib: i64 = if random_uid_index {
+    // index (its rebuild waits for disk room, so `migrate` stopped below schema 11)
+    // keeps 8 MiB so its upper levels stay cached. Pages are allocated only as used,
+    // so an idle agent pays for neither.
+    let cache_kib: i64 = if version < schema::UID_TIME_VERSION {
         WRITER_CACHE_KIB_RANDOM_UID
     } else {
         WRITER_CACHE_KIB

@@ -8,6 +8,32 @@
 
 use rusqlite::Connection;
 
+/// The triggers that keep `readings_count` (migration 10) right on deletes and
+/// `synced` changes below `through`; created by migration 10 and again by migration 11,
+/// whose rebuild of the readings table drops them with the old table.
+macro_rules! readings_count_triggers {
+    () => {
+        r#"
+    CREATE TRIGGER readings_count_delete AFTER DELETE ON readings
+    WHEN OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
+    BEGIN
+        UPDATE readings_count SET
+            stored = stored - 1,
+            unsynced = unsynced - (OLD.synced = 0),
+            through = CASE WHEN stored = 1 THEN 0 ELSE through END
+        WHERE one = 1;
+    END;
+    CREATE TRIGGER readings_count_synced AFTER UPDATE OF synced ON readings
+    WHEN (OLD.synced = 0) IS NOT (NEW.synced = 0)
+      AND OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
+    BEGIN
+        UPDATE readings_count SET unsynced = unsynced + CASE WHEN NEW.synced = 0 THEN 1 ELSE -1 END
+        WHERE one = 1;
+    END;
+    "#
+    };
+}
+
 /// Each entry upgrades the schema from version `index` to `index + 1`.
 const MIGRATIONS: &[&str] = &[
     // 1: readings, per-series summary, source state, rejected input, counters.
@@ -304,7 +330,8 @@ const MIGRATIONS: &[&str] = &[
     // counts row by row in triggers (they are rarer and already update indexes). When
     // the last counted row goes, `through` drops to 0, so ids reused by an emptied
     // table are counted again.
-    r#"
+    concat!(
+        r#"
     CREATE TABLE readings_count (
         one      INTEGER PRIMARY KEY CHECK (one = 1),
         through  INTEGER NOT NULL,                -- readings with id <= through are counted
@@ -313,23 +340,9 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO readings_count (one, through, stored, unsynced)
         SELECT 1, COALESCE(MAX(id), 0), COUNT(*), COALESCE(SUM(synced = 0), 0) FROM readings;
-    CREATE TRIGGER readings_count_delete AFTER DELETE ON readings
-    WHEN OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
-    BEGIN
-        UPDATE readings_count SET
-            stored = stored - 1,
-            unsynced = unsynced - (OLD.synced = 0),
-            through = CASE WHEN stored = 1 THEN 0 ELSE through END
-        WHERE one = 1;
-    END;
-    CREATE TRIGGER readings_count_synced AFTER UPDATE OF synced ON readings
-    WHEN (OLD.synced = 0) IS NOT (NEW.synced = 0)
-      AND OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
-    BEGIN
-        UPDATE readings_count SET unsynced = unsynced + CASE WHEN NEW.synced = 0 THEN 1 ELSE -1 END
-        WHERE one = 1;
-    END;
     "#,
+        readings_count_triggers!()
+    ),
     // 11: the uid dedupe (G2) keyed by time (issue 15). UNIQUE(uid) put every insert at
     // a random place of a 16-byte-key index that outgrows the writer's page cache after
     // a few 100k rows (a read and a dirty page per commit). Two indexes replace it:
@@ -346,7 +359,8 @@ const MIGRATIONS: &[&str] = &[
     // "Session 8: the dedupe keyed by time"). The inline UNIQUE is an
     // index that cannot be dropped, so the table is rebuilt: ids, every column, the
     // other indexes and the count triggers are kept (the chain covers contents by id).
-    r#"
+    concat!(
+        r#"
     DROP TRIGGER readings_count_delete;
     DROP TRIGGER readings_count_synced;
     CREATE TABLE readings_rebuilt (
@@ -373,23 +387,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX readings_series ON readings(device, metric, observed_at, value);
     CREATE UNIQUE INDEX readings_uid_time ON readings(observed_at, uid);
     CREATE UNIQUE INDEX readings_uid_arrival ON readings(uid) WHERE observed_at = received_at;
-    CREATE TRIGGER readings_count_delete AFTER DELETE ON readings
-    WHEN OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
-    BEGIN
-        UPDATE readings_count SET
-            stored = stored - 1,
-            unsynced = unsynced - (OLD.synced = 0),
-            through = CASE WHEN stored = 1 THEN 0 ELSE through END
-        WHERE one = 1;
-    END;
-    CREATE TRIGGER readings_count_synced AFTER UPDATE OF synced ON readings
-    WHEN (OLD.synced = 0) IS NOT (NEW.synced = 0)
-      AND OLD.id <= (SELECT through FROM readings_count WHERE one = 1)
-    BEGIN
-        UPDATE readings_count SET unsynced = unsynced + CASE WHEN NEW.synced = 0 THEN 1 ELSE -1 END
-        WHERE one = 1;
-    END;
     "#,
+        readings_count_triggers!()
+    ),
 ];
 
 /// The schema version that added the hash chain (G10): databases below it hold rows
