@@ -115,7 +115,18 @@ impl LazyFs {
 
     /// Mounts a fresh LazyFS (empty backing directory) and waits until it serves.
     pub fn mount(binary: &Path) -> LazyFs {
-        let dir = temp_dir("lazyfs");
+        // LazyFS (src/main.cpp) takes a `--config-path` value containing "-o" (any
+        // case) for a FUSE option and falls back to config/default.toml, so it never
+        // mounts: no '-' before tempfile's random suffix, which may start with 'o'.
+        let dir = tempfile::Builder::new()
+            .prefix("outpost-lazyfs.")
+            .tempdir()
+            .expect("create temp dir");
+        assert!(
+            !dir.path().to_string_lossy().to_lowercase().contains("-o"),
+            "LazyFS cannot take a config path containing \"-o\": {} (set TMPDIR elsewhere)",
+            dir.path().display()
+        );
         let root = dir.path().join("root");
         let mount = dir.path().join("mnt");
         fs::create_dir_all(&root).expect("create the LazyFS backing dir");
