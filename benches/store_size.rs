@@ -70,7 +70,7 @@ fn reading(shape: Shape, i: u64, rows: u64, now: chrono::DateTime<Utc>) -> Readi
         observed_at: observed,
         received_at: observed + Duration::milliseconds(800),
         flags: 0,
-        meta,
+        meta: meta.map(Into::into),
     }
 }
 

@@ -131,6 +131,36 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) so far of this process's threads named `name`: the
+/// store's writer ("outpost-store") and the runtime the pipeline runs on
+/// ("tokio-rt-worker"; the publisher has its own unnamed thread).
+fn thread_cpu(name: &str) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        for i in [11, 12] {
+            total += fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    Duration::from_secs_f64(total / ticks)
+}
+
 fn sys_value(port: u16, topic: &str) -> String {
     let out = Command::new("mosquitto_sub")
         .args([
@@ -261,6 +291,8 @@ fn main() {
     // The publisher: QoS 1 with 100 in flight, so it goes as fast as the broker
     // acknowledges, and every message is known to have reached the broker.
     let uplinks = Uplinks::new(base);
+    let cpu_before = (thread_cpu("outpost-store"), thread_cpu("tokio-rt-worker"));
+    let mut cpu_used = None;
     let started = Instant::now();
     let publisher = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -312,6 +344,10 @@ fn main() {
         }
         if agent_done.is_none() && stats.readings_inserted.load(Relaxed) >= want {
             agent_done = Some(started.elapsed());
+            cpu_used = Some((
+                thread_cpu("outpost-store").saturating_sub(cpu_before.0),
+                thread_cpu("tokio-rt-worker").saturating_sub(cpu_before.1),
+            ));
         }
         peak_rss = peak_rss.max(rss_kib("VmRSS:"));
         std::thread::sleep(Duration::from_millis(2));
@@ -354,6 +390,15 @@ fn main() {
         "  ratio outpost / mosquitto_sub       {:.2}",
         agent_rate / sub_rate
     );
+    if let Some((writer, runtime)) = cpu_used {
+        // Less noisy than the rates when other processes share the cores.
+        let per_k = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "  agent CPU per 1,000 uplinks         store writer {:.1} ms, runtime {:.1} ms",
+            per_k(writer),
+            per_k(runtime)
+        );
+    }
     println!("  readings stored {stored} (expected {})", 3 * n);
     println!("  broker dropped messages ($SYS)     {dropped}");
     println!(

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// A stable 128-bit identifier derived from a reading's origin (G2).
@@ -113,7 +114,64 @@ pub struct Reading {
     pub received_at: DateTime<Utc>,
     pub flags: u32,
     /// Source-specific context kept with the reading (f_port, f_cnt, RSSI, …) as JSON.
-    pub meta: Option<serde_json::Value>,
+    pub meta: Option<Meta>,
+}
+
+/// A reading's source context (f_port, f_cnt, RSSI, tags, …): the JSON value and its
+/// text, made once per message and shared by the message's readings. The store writes
+/// the text as it is: serialising the value again for each reading, and freeing a copy
+/// per reading, cost the store's writer thread about a quarter of its time at full
+/// TTN ingest (docs/benchmarks.md, "Session 10").
+#[derive(Clone)]
+pub struct Meta(Arc<(serde_json::Value, Box<str>)>);
+
+impl Meta {
+    pub fn new(value: serde_json::Value) -> Meta {
+        let text = value.to_string().into_boxed_str();
+        Meta(Arc::new((value, text)))
+    }
+
+    /// Meta as stored: the text is kept as it is; `None` when it is not JSON.
+    pub fn from_text(text: String) -> Option<Meta> {
+        let value = serde_json::from_str(&text).ok()?;
+        Some(Meta(Arc::new((value, text.into_boxed_str()))))
+    }
+
+    /// The JSON text the store writes.
+    pub fn text(&self) -> &str {
+        &self.0 .1
+    }
+}
+
+impl From<serde_json::Value> for Meta {
+    fn from(value: serde_json::Value) -> Meta {
+        Meta::new(value)
+    }
+}
+
+impl std::ops::Deref for Meta {
+    type Target = serde_json::Value;
+    fn deref(&self) -> &serde_json::Value {
+        &self.0 .0
+    }
+}
+
+impl PartialEq for Meta {
+    fn eq(&self, other: &Meta) -> bool {
+        self.0 .0 == other.0 .0
+    }
+}
+
+impl fmt::Debug for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0 .0, f)
+    }
+}
+
+impl Serialize for Meta {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0 .0.serialize(s)
+    }
 }
 
 /// What the store reports for a committed batch.
@@ -204,5 +262,31 @@ mod tests {
         let prefix = Uid::prefix(&["ttn", "dev"]);
         assert_eq!(prefix.derive("42"), a);
         assert_eq!(Uid::prefix(&[]).derive("x"), Uid::derive(&["x"]));
+    }
+
+    #[test]
+    fn meta_is_serialised_once_and_shared() {
+        let value = serde_json::json!({"f_cnt": 7, "rssi": -97.5, "tags": {"zone": "n"}});
+        let meta = Meta::new(value.clone());
+        assert_eq!(meta.text(), value.to_string());
+        assert_eq!(meta["tags"]["zone"], "n");
+        let copy = meta.clone();
+        assert!(
+            std::ptr::eq(meta.text(), copy.text()),
+            "clones share the text"
+        );
+        assert_eq!(serde_json::to_value(&meta).unwrap(), value);
+        assert_eq!(format!("{meta:?}"), format!("{value:?}"));
+    }
+
+    #[test]
+    fn meta_from_stored_text_keeps_it_and_refuses_what_is_not_json() {
+        let stored = r#"{"slave":3, "note":"spaced as stored"}"#.to_string();
+        let meta = Meta::from_text(stored.clone()).unwrap();
+        assert_eq!(meta.text(), stored);
+        assert_eq!(meta["slave"], 3);
+        assert_eq!(Meta::from_text("{\"f_cnt\": ".into()), None);
+        assert_eq!(Meta::from_text(String::new()), None);
+        assert_eq!(Meta::from_text("\u{0}".into()), None);
     }
 }

@@ -29,7 +29,7 @@ fn reading(i: u64) -> Reading {
         observed_at: now,
         received_at: now,
         flags: 0,
-        meta: Some(serde_json::json!({"i": i})),
+        meta: Some(serde_json::json!({"i": i}).into()),
     }
 }
 

@@ -159,7 +159,7 @@ fn fresh_reading(gateway: &str, tag: &str) -> Reading {
         observed_at: now,
         received_at: now,
         flags: 0,
-        meta: Some(serde_json::json!({"tag": tag})),
+        meta: Some(serde_json::json!({"tag": tag}).into()),
     }
 }
 

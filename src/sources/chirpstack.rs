@@ -18,7 +18,7 @@ use super::mqtt::{
     Session, Subscription,
 };
 use super::{SourceContext, SourceKind};
-use crate::model::{Reading, Uid};
+use crate::model::{Meta, Reading, Uid};
 use crate::settings::{check_identifier, ByteSize, Problems};
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
@@ -328,6 +328,7 @@ impl EventMapper {
         if !up.tags.is_empty() {
             meta["tags"] = json!(up.tags);
         }
+        let meta = Meta::new(meta);
         let observed_at = up.time.unwrap_or(received_at);
         Ok(flatten_numeric(object)
             .into_iter()

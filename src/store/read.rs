@@ -3,7 +3,7 @@
 //! free space); the summary itself is assembled by the command line
 //! (`crate::cli::status`), which can see every component's state.
 
-use crate::model::{from_micros, Reading, Uid};
+use crate::model::{from_micros, Meta, Reading, Uid};
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
@@ -35,7 +35,7 @@ pub fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
             observed_at: from_micros(row.get(7)?),
             received_at: from_micros(row.get(8)?),
             flags: row.get(9)?,
-            meta: meta.and_then(|m| serde_json::from_str(&m).ok()),
+            meta: meta.and_then(Meta::from_text),
         },
         synced: row.get::<_, i64>(11)? != 0,
     })

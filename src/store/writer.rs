@@ -833,7 +833,6 @@ fn insert_batch<'a>(
                 stats.readings_invalid.fetch_add(1, Relaxed);
                 continue;
             }
-            let meta = r.meta.as_ref().map(|m| m.to_string());
             let n = stmt.execute(params![
                 &r.uid.0[..],
                 r.source,
@@ -844,7 +843,7 @@ fn insert_batch<'a>(
                 to_micros(r.observed_at),
                 to_micros(r.received_at),
                 r.flags,
-                meta
+                r.meta.as_ref().map(|m| m.text())
             ])?;
             if n == 1 {
                 committed.inserted += 1;

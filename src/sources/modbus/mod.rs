@@ -801,7 +801,7 @@ impl ModbusSource {
                 observed_at,
                 received_at: observed_at,
                 flags,
-                meta: Some(serde_json::json!({ "slave": slave_id })),
+                meta: Some(serde_json::json!({ "slave": slave_id }).into()),
             })
             .collect();
         self.ctx

@@ -28,7 +28,7 @@ use super::mqtt::{
     Session, Subscription,
 };
 use super::{SourceContext, SourceKind};
-use crate::model::{flags, Reading, Uid};
+use crate::model::{flags, Meta, Reading, Uid};
 use crate::settings::{check_identifier, ByteSize, Problems, Secret};
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
@@ -455,7 +455,7 @@ impl UplinkMapper {
                     .saturating_mul(1000)
             })
             .to_string();
-        let meta = uplink.meta();
+        let meta = Meta::new(uplink.meta());
         // The parts every reading of this uplink shares are hashed once.
         let prefix = Uid::prefix(&["ttn", &self.application, &uplink.device_id, &f_cnt, &ns]);
         let readings = flatten_numeric(decoded)
