@@ -814,10 +814,98 @@ pub fn to_hash(bytes: &[u8]) -> Hash {
 #[cfg(feature = "fuzzing")]
 pub const BENCH_NO_CHAIN_ENV: &str = "OUTPOST_BENCH_NO_CHAIN";
 
+/// The readings a group transaction inserted, hashed as the writer bound them, in
+/// insert order: what [`seal`] would read back, handed to [`seal_bound`] so that it
+/// need not read them (the read-back was about a tenth of the writer's time at full
+/// ingest, docs/benchmarks.md "Session 10").
+#[derive(Default)]
+pub struct BoundReadings {
+    first: Option<i64>,
+    last: i64,
+    rows: i64,
+    digest: RowDigest,
+    buf: Vec<u8>,
+}
+
+impl BoundReadings {
+    pub fn new() -> Self {
+        BoundReadings::default()
+    }
+
+    /// Adds the row just inserted as `row.id`.
+    pub fn add(&mut self, row: &ReadingRow<'_>) {
+        self.first.get_or_insert(row.id);
+        self.last = row.id;
+        self.rows += 1;
+        self.buf.clear();
+        // As SQLite gives the value back: it stores an integral REAL as an integer, so
+        // −0.0 is read as 0.0 (`+ 0.0` maps −0.0 to 0.0 and leaves every other value).
+        let row = ReadingRow {
+            value: row.value + 0.0,
+            ..*row
+        };
+        encode_reading(&row, &mut self.buf);
+        self.digest.add(&self.buf);
+    }
+
+    /// The link's first id, last id, row count and digest, if these rows are exactly
+    /// the readings above `after` (else the caller reads them back): they start right
+    /// after it, have no gaps and end at the table's highest id, so no row was
+    /// inserted, removed or reused beside them.
+    fn covering(
+        self,
+        conn: &Connection,
+        after: i64,
+    ) -> rusqlite::Result<Option<(i64, i64, i64, Hash)>> {
+        let Some(first) = self.first else {
+            return Ok(None);
+        };
+        if first != after + 1 || self.rows != self.last - after {
+            return Ok(None);
+        }
+        let max: Option<i64> = conn
+            .prepare_cached("SELECT MAX(id) FROM readings")?
+            .query_row([], |r| r.get(0))?;
+        if max != Some(self.last) {
+            return Ok(None);
+        }
+        let digest = self.digest.finish();
+        // Every test that commits readings through the writer checks that the hash of
+        // the rows as bound is the hash of the rows as stored.
+        #[cfg(debug_assertions)]
+        {
+            let mut stored = RowDigest::new();
+            let walked = for_each_row(conn, Table::Readings, after, None, None, |_, enc, _| {
+                stored.add(enc);
+                Ok(())
+            })?;
+            debug_assert!(walked.is_ok());
+            assert_eq!(
+                stored.finish(),
+                digest,
+                "readings {first}..={} hashed as bound differ from the rows stored",
+                self.last
+            );
+        }
+        Ok(Some((first, self.last, self.rows, digest)))
+    }
+}
+
 /// Seals the rows the current transaction added: for each table with rows above its
 /// last sealed id, one link. Called by the writer inside the group transaction, just
 /// before it commits. Returns the number of links written.
 pub fn seal(conn: &Connection, now_micros: i64) -> rusqlite::Result<usize> {
+    seal_bound(conn, now_micros, None)
+}
+
+/// [`seal`], with the readings' link taken from `bound` when it covers exactly the
+/// readings above the last sealed id (see [`BoundReadings::covering`]); read back
+/// otherwise.
+pub fn seal_bound(
+    conn: &Connection,
+    now_micros: i64,
+    mut bound: Option<BoundReadings>,
+) -> rusqlite::Result<usize> {
     // Benchmarks measure the chain's cost against the same run without it; the agent
     // binary is never built with this feature.
     #[cfg(feature = "fuzzing")]
@@ -828,20 +916,32 @@ pub fn seal(conn: &Connection, now_micros: i64) -> rusqlite::Result<usize> {
     let mut sealed = 0;
     for tbl in Table::ALL {
         let after = sealed_up_to(conn, tbl)?;
-        let mut digest = RowDigest::new();
-        let mut first = None;
-        let mut last = after;
-        let mut rows = 0i64;
-        let walked = for_each_row(conn, tbl, after, None, None, |id, enc, _| {
-            first.get_or_insert(id);
-            last = id;
-            rows += 1;
-            digest.add(enc);
-            Ok(())
-        })?;
-        debug_assert!(walked.is_ok());
-        let Some(first) = first else { continue };
-        let digest = digest.finish();
+        let covered = match bound.take() {
+            Some(b) if tbl == Table::Readings => b.covering(conn, after)?,
+            other => {
+                bound = other;
+                None
+            }
+        };
+        let (first, last, rows, digest) = match covered {
+            Some(link) => link,
+            None => {
+                let mut digest = RowDigest::new();
+                let mut first = None;
+                let mut last = after;
+                let mut rows = 0i64;
+                let walked = for_each_row(conn, tbl, after, None, None, |id, enc, _| {
+                    first.get_or_insert(id);
+                    last = id;
+                    rows += 1;
+                    digest.add(enc);
+                    Ok(())
+                })?;
+                debug_assert!(walked.is_ok());
+                let Some(first) = first else { continue };
+                (first, last, rows, digest.finish())
+            }
+        };
         seq += 1;
         head = link_head(&head, seq, tbl, first, last, rows, &digest);
         conn.prepare_cached(

@@ -5,6 +5,7 @@
 //! batch cannot fail the others), commits with `synchronous=FULL`, and only then
 //! resolves the acknowledgements and announces the newest committed reading id.
 
+use super::chain::{BoundReadings, ReadingRow};
 use super::{StorageConfig, StoreError};
 use crate::model::{to_micros, Batch, Committed, Reading};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -673,13 +674,25 @@ impl Writer {
         // unexpected (the insert ignores duplicates, non-finite values are filtered);
         // then the group is redone with a savepoint per batch, so only that batch fails.
         let mut fast = true;
-        let (per_batch, series, max_id) = loop {
+        let (per_batch, series, max_id, bound) = loop {
             let mut per_batch = Vec::with_capacity(batches.len());
             let mut series: Touched<'_> = HashMap::new();
             let mut max_id = None;
             let mut redo = false;
+            // The chain's link of these readings, hashed as they are bound; only on the
+            // fast path (a batch rolled back to its savepoint would leave its rows in
+            // the hash) and when no operation rides with them (one may change a reading
+            // not yet sealed, e.g. a clock step's move), else the seal reads the rows
+            // back.
+            let mut bound = (fast && ops.is_empty()).then(BoundReadings::new);
             for batch in batches {
-                match insert_batch(conn, &batch.readings, &self.stats, &mut series, !fast) {
+                match insert_batch(
+                    conn,
+                    &batch.readings,
+                    &self.stats,
+                    &mut series,
+                    bound.as_mut(),
+                ) {
                     Ok((committed, id)) => {
                         max_id = max_id.max(id);
                         per_batch.push(Ok(committed));
@@ -696,7 +709,7 @@ impl Writer {
                 }
             }
             if !redo {
-                break (per_batch, series, max_id);
+                break (per_batch, series, max_id, bound);
             }
             fast = false;
             let _ = conn.execute_batch("ROLLBACK");
@@ -743,7 +756,7 @@ impl Writer {
         if let Err(e) = super::read::advance_counts(conn) {
             return Err((fail(&e), completions));
         }
-        if let Err(e) = super::chain::seal(conn, self.clock.now().timestamp_micros()) {
+        if let Err(e) = super::chain::seal_bound(conn, self.clock.now().timestamp_micros(), bound) {
             return Err((fail(&e), completions));
         }
         if let Err(e) = conn.execute_batch("COMMIT") {
@@ -806,16 +819,18 @@ fn is_full(e: &rusqlite::Error) -> bool {
 
 type Touched<'a> = HashMap<(&'a str, &'a str, &'a str), (&'a Reading, i64)>;
 
-/// Inserts one batch, adding the series it touched to `series`; returns what was
-/// inserted and the highest new id. `guarded` wraps it in a savepoint so a failure
-/// leaves no trace of this batch (and nothing in `series`).
+/// Inserts one batch, adding the series it touched to `series` and the rows it
+/// inserted to `bound`; returns what was inserted and the highest new id. Without
+/// `bound` (the guarded path) it is wrapped in a savepoint so a failure leaves no trace
+/// of this batch (and nothing in `series`).
 fn insert_batch<'a>(
     conn: &Connection,
     readings: &'a [Reading],
     stats: &StoreStats,
     series: &mut Touched<'a>,
-    guarded: bool,
+    mut bound: Option<&mut BoundReadings>,
 ) -> rusqlite::Result<(Committed, Option<i64>)> {
+    let guarded = bound.is_none();
     let mut local: Touched<'a> = HashMap::new();
     let target = if guarded {
         conn.execute_batch("SAVEPOINT batch")?;
@@ -846,9 +861,23 @@ fn insert_batch<'a>(
                 r.meta.as_ref().map(|m| m.text())
             ])?;
             if n == 1 {
+                let id = conn.last_insert_rowid();
                 committed.inserted += 1;
-                max_id = Some(conn.last_insert_rowid());
+                max_id = Some(id);
                 touch(target, r, 1);
+                if let Some(bound) = bound.as_deref_mut() {
+                    bound.add(&ReadingRow {
+                        id,
+                        uid: &r.uid.0,
+                        source: &r.source,
+                        device: &r.device,
+                        metric: &r.metric,
+                        value: r.value,
+                        unit: r.unit.as_deref(),
+                        observed_at: to_micros(r.observed_at),
+                        flags: i64::from(r.flags),
+                    });
+                }
             } else {
                 committed.duplicates += 1;
             }

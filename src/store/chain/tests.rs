@@ -403,3 +403,132 @@ fn a_forged_checkpoint_signature_is_found() {
         .unwrap_err();
     assert_eq!(failure.damage.kind, DamageKind::CheckpointInvalid);
 }
+
+/// Inserts a reading as [`insert_reading`] does and adds it to `bound` as the writer's
+/// fast path would.
+fn insert_and_add(conn: &Connection, bound: &mut BoundReadings, uid: u8, value: f64) {
+    let unit = (uid % 2 == 0).then_some("°C");
+    let id = insert_reading(conn, uid, value, unit);
+    bound.add(&ReadingRow {
+        id,
+        uid: &[uid; 16],
+        source: "s",
+        device: "d",
+        metric: "m",
+        value,
+        unit,
+        observed_at: 1_000_000 * uid as i64,
+        flags: 0,
+    });
+}
+
+/// Inserts readings with `values` and returns what the writer's fast path hashes of them.
+fn insert_bound(conn: &Connection, first_uid: u8, values: &[f64]) -> BoundReadings {
+    let mut bound = BoundReadings::new();
+    for (i, &value) in values.iter().enumerate() {
+        insert_and_add(conn, &mut bound, first_uid + i as u8, value);
+    }
+    bound
+}
+
+/// A link's first_id, last_id, rows, digest and head.
+type LinkColumns = (i64, i64, i64, Vec<u8>, Vec<u8>);
+
+fn links(conn: &Connection) -> Vec<LinkColumns> {
+    conn.prepare("SELECT first_id, last_id, rows, digest, head FROM chain_links ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn readings_hashed_as_bound_seal_the_same_link_as_read_back() {
+    // −0.0 comes back from SQLite as 0.0; integral, huge and tiny values come back
+    // exactly.
+    let values = [
+        -0.0,
+        0.0,
+        1.5,
+        -3.0,
+        1e15,
+        2f64.powi(60),
+        -1e300,
+        5e-324,
+        f64::MAX,
+    ];
+    let read_back = db();
+    insert_bound(&read_back, 1, &values);
+    assert_eq!(seal(&read_back, 7).unwrap(), 1);
+    let hashed = db();
+    let bound = insert_bound(&hashed, 1, &values);
+    assert_eq!(seal_bound(&hashed, 7, Some(bound)).unwrap(), 1);
+    assert_eq!(links(&hashed), links(&read_back));
+    assert_eq!(walk(&hashed), Ok((1, values.len() as u64)));
+
+    // A second group continues the chain the same way.
+    let bound = insert_bound(&hashed, 20, &[4.0, -0.0]);
+    seal_bound(&hashed, 8, Some(bound)).unwrap();
+    insert_bound(&read_back, 20, &[4.0, -0.0]);
+    seal(&read_back, 8).unwrap();
+    assert_eq!(links(&hashed), links(&read_back));
+    assert_eq!(walk(&hashed), Ok((2, values.len() as u64 + 2)));
+}
+
+#[test]
+fn bound_readings_that_miss_a_row_are_read_back() {
+    // A reading inserted beside the bound ones (before, between or after them), one
+    // of them changed or removed in the same transaction: the seal reads the rows, so
+    // the link is what was committed and verifies.
+    let cases: [&dyn Fn(&Connection) -> BoundReadings; 4] = [
+        &|c| {
+            insert_reading(c, 1, 1.0, None);
+            insert_bound(c, 2, &[2.0, 3.0])
+        },
+        &|c| {
+            let mut b = insert_bound(c, 1, &[1.0]);
+            insert_reading(c, 2, 2.0, None);
+            insert_and_add(c, &mut b, 3, 3.0);
+            b
+        },
+        &|c| {
+            let b = insert_bound(c, 1, &[1.0, 2.0]);
+            insert_reading(c, 3, 3.0, None);
+            b
+        },
+        &|c| {
+            let b = insert_bound(c, 1, &[1.0, 2.0]);
+            c.execute("DELETE FROM readings WHERE id = 2", []).unwrap();
+            b
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let conn = db();
+        let bound = case(&conn);
+        seal_bound(&conn, 1, Some(bound)).unwrap();
+        let stored: i64 = conn
+            .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(walk(&conn), Ok((1, stored as u64)), "case {i}");
+    }
+}
+
+/// A reading changed after it was bound keeps the ids and the count, so only the hash
+/// differs: the writer must not hand over such a group (it hashes as bound only when no
+/// operation rides with the readings), and debug builds check every bound link.
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "hashed as bound differ from the rows stored")]
+fn a_reading_changed_after_it_was_bound_fails_the_debug_check() {
+    let conn = db();
+    let bound = insert_bound(&conn, 1, &[1.0, 2.0]);
+    conn.execute(
+        "UPDATE readings SET observed_at = observed_at + 5 WHERE id = 2",
+        [],
+    )
+    .unwrap();
+    let _ = seal_bound(&conn, 1, Some(bound));
+}
