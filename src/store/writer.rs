@@ -691,6 +691,7 @@ impl Writer {
                     &batch.readings,
                     &self.stats,
                     &mut series,
+                    !fast,
                     bound.as_mut(),
                 ) {
                     Ok((committed, id)) => {
@@ -820,17 +821,17 @@ fn is_full(e: &rusqlite::Error) -> bool {
 type Touched<'a> = HashMap<(&'a str, &'a str, &'a str), (&'a Reading, i64)>;
 
 /// Inserts one batch, adding the series it touched to `series` and the rows it
-/// inserted to `bound`; returns what was inserted and the highest new id. Without
-/// `bound` (the guarded path) it is wrapped in a savepoint so a failure leaves no trace
-/// of this batch (and nothing in `series`).
+/// inserted to `bound`; returns what was inserted and the highest new id. `guarded`
+/// wraps it in a savepoint so a failure leaves no trace of this batch (and nothing in
+/// `series`; the caller passes no `bound` then).
 fn insert_batch<'a>(
     conn: &Connection,
     readings: &'a [Reading],
     stats: &StoreStats,
     series: &mut Touched<'a>,
+    guarded: bool,
     mut bound: Option<&mut BoundReadings>,
 ) -> rusqlite::Result<(Committed, Option<i64>)> {
-    let guarded = bound.is_none();
     let mut local: Touched<'a> = HashMap::new();
     let target = if guarded {
         conn.execute_batch("SAVEPOINT batch")?;
