@@ -848,19 +848,14 @@ impl BoundReadings {
         self.digest.add(&self.buf);
     }
 
-    /// The link's first id, last id, row count and digest, if these rows are exactly
-    /// the readings above `after` (else the caller reads them back): they start right
-    /// after it, have no gaps and end at the table's highest id, so no row was
-    /// inserted, removed or reused beside them.
-    fn covering(
-        self,
-        conn: &Connection,
-        after: i64,
-    ) -> rusqlite::Result<Option<(i64, i64, i64, Hash)>> {
-        let Some(first) = self.first else {
+    /// The link of these rows, if they are exactly the readings above `after` (else
+    /// the caller reads them back): they start right after it, have no gaps and end at
+    /// the table's highest id, so no row was inserted, removed or reused beside them.
+    fn covering(self, conn: &Connection, after: i64) -> rusqlite::Result<Option<LinkRows>> {
+        let Some(first_id) = self.first else {
             return Ok(None);
         };
-        if first != after + 1 || self.rows != self.last - after {
+        if first_id != after + 1 || self.rows != self.last - after {
             return Ok(None);
         }
         let max: Option<i64> = conn
@@ -869,26 +864,55 @@ impl BoundReadings {
         if max != Some(self.last) {
             return Ok(None);
         }
-        let digest = self.digest.finish();
+        let link = LinkRows {
+            first_id,
+            last_id: self.last,
+            rows: self.rows,
+            digest: self.digest.finish(),
+        };
         // Every test that commits readings through the writer checks that the hash of
         // the rows as bound is the hash of the rows as stored.
         #[cfg(debug_assertions)]
-        {
-            let mut stored = RowDigest::new();
-            let walked = for_each_row(conn, Table::Readings, after, None, None, |_, enc, _| {
-                stored.add(enc);
-                Ok(())
-            })?;
-            debug_assert!(walked.is_ok());
-            assert_eq!(
-                stored.finish(),
-                digest,
-                "readings {first}..={} hashed as bound differ from the rows stored",
-                self.last
-            );
-        }
-        Ok(Some((first, self.last, self.rows, digest)))
+        assert_eq!(
+            read_back(conn, Table::Readings, after)?.as_ref(),
+            Some(&link),
+            "readings {first_id}..={} hashed as bound differ from the rows stored",
+            link.last_id
+        );
+        Ok(Some(link))
     }
+}
+
+/// What a link covers of its table: the id range, the row count and their digest.
+#[derive(Debug, PartialEq)]
+struct LinkRows {
+    first_id: i64,
+    last_id: i64,
+    rows: i64,
+    digest: Hash,
+}
+
+/// The link of the rows of `tbl` above `after`, read from the table (`None` when there
+/// are none).
+fn read_back(conn: &Connection, tbl: Table, after: i64) -> rusqlite::Result<Option<LinkRows>> {
+    let mut digest = RowDigest::new();
+    let mut first = None;
+    let mut last = after;
+    let mut rows = 0i64;
+    let walked = for_each_row(conn, tbl, after, None, None, |id, enc, _| {
+        first.get_or_insert(id);
+        last = id;
+        rows += 1;
+        digest.add(enc);
+        Ok(())
+    })?;
+    debug_assert!(walked.is_ok());
+    Ok(first.map(|first_id| LinkRows {
+        first_id,
+        last_id: last,
+        rows,
+        digest: digest.finish(),
+    }))
 }
 
 /// Seals the rows the current transaction added: for each table with rows above its
@@ -916,32 +940,24 @@ pub fn seal_bound(
     let mut sealed = 0;
     for tbl in Table::ALL {
         let after = sealed_up_to(conn, tbl)?;
-        let covered = match bound.take() {
-            Some(b) if tbl == Table::Readings => b.covering(conn, after)?,
-            other => {
-                bound = other;
-                None
-            }
+        // `Table::ALL` starts with the readings, which `bound` is about.
+        let covered = match (tbl, bound.take()) {
+            (Table::Readings, Some(b)) => b.covering(conn, after)?,
+            _ => None,
         };
-        let (first, last, rows, digest) = match covered {
+        let link = match covered {
             Some(link) => link,
-            None => {
-                let mut digest = RowDigest::new();
-                let mut first = None;
-                let mut last = after;
-                let mut rows = 0i64;
-                let walked = for_each_row(conn, tbl, after, None, None, |id, enc, _| {
-                    first.get_or_insert(id);
-                    last = id;
-                    rows += 1;
-                    digest.add(enc);
-                    Ok(())
-                })?;
-                debug_assert!(walked.is_ok());
-                let Some(first) = first else { continue };
-                (first, last, rows, digest.finish())
-            }
+            None => match read_back(conn, tbl, after)? {
+                Some(link) => link,
+                None => continue,
+            },
         };
+        let LinkRows {
+            first_id: first,
+            last_id: last,
+            rows,
+            digest,
+        } = link;
         seq += 1;
         head = link_head(&head, seq, tbl, first, last, rows, &digest);
         conn.prepare_cached(
