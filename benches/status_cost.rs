@@ -58,10 +58,9 @@ fn build_store(db: &Path, rows: u64) {
         .unwrap();
     conn.pragma_update(None, "synchronous", "OFF").unwrap();
     conn.pragma_update(None, "cache_size", -262_144).unwrap();
-    // Below the kept counts, so that the migration counts the rows inserted here (they
-    // bypass the store writer, which keeps the counts current in every commit). Built
-    // at CURRENT_VERSION - 1 once schema 11 existed, the counts started at an empty
-    // table and every "kept" read counted all 5M rows.
+    // Below the kept counts, so that the migration counts the rows inserted here: they
+    // bypass the store writer, which keeps the counts current in every commit, so
+    // counts made before them would describe an empty table.
     let before = outpost::store::schema::COUNTS_VERSION - 1;
     outpost::store::schema::migrate_to(&mut conn, before).unwrap();
     let start = Instant::now();
