@@ -213,12 +213,16 @@ fn passwd(args: &[&str], password: &str) -> (Option<i32>, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run outpost passwd");
-    child
+    // A name refused before the password is read (e.g. "bad name") may exit before
+    // this write: its status and stderr are what the caller checks, not the pipe.
+    let written = child
         .stdin
         .take()
         .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
+        .write_all(format!("{password}\n").as_bytes());
+    if let Err(e) = written {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+    }
     let out = child.wait_with_output().unwrap();
     (
         out.status.code(),
