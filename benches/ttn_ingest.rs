@@ -131,6 +131,19 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The `/proc/self/task/TID` directories of this process's threads named `name`.
+fn threads_named(name: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|task| task.path())
+        .filter(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .collect()
+}
+
 /// CPU time (user + system) so far of this process's threads named `name`: the
 /// store's writer ("outpost-store") and the runtime the pipeline runs on
 /// ("tokio-rt-worker"; the publisher has its own unnamed thread).
@@ -138,16 +151,8 @@ fn thread_cpu(name: &str) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut total = 0.0;
-    for task in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+    for task in threads_named(name) {
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap_or_default();
         // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -159,6 +164,21 @@ fn thread_cpu(name: &str) -> Duration {
         }
     }
     Duration::from_secs_f64(total / ticks)
+}
+
+/// Time on a CPU and time waiting for one (runnable), so far, of this process's
+/// threads named `name`, from `/proc/self/task/*/schedstat` (nanoseconds).
+fn thread_sched(name: &str) -> (Duration, Duration) {
+    let (mut run, mut wait) = (0u64, 0u64);
+    for task in threads_named(name) {
+        let stat = std::fs::read_to_string(task.join("schedstat")).unwrap_or_default();
+        let mut fields = stat
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        run += fields.next().unwrap_or(0);
+        wait += fields.next().unwrap_or(0);
+    }
+    (Duration::from_nanos(run), Duration::from_nanos(wait))
 }
 
 fn sys_value(port: u16, topic: &str) -> String {
@@ -292,7 +312,9 @@ fn main() {
     // acknowledges, and every message is known to have reached the broker.
     let uplinks = Uplinks::new(base);
     let cpu_before = (thread_cpu("outpost-store"), thread_cpu("tokio-rt-worker"));
+    let sched_before = thread_sched("outpost-store");
     let mut cpu_used = None;
+    let mut writer_sched = None;
     let started = Instant::now();
     let publisher = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -348,6 +370,11 @@ fn main() {
                 thread_cpu("outpost-store").saturating_sub(cpu_before.0),
                 thread_cpu("tokio-rt-worker").saturating_sub(cpu_before.1),
             ));
+            let (run, wait) = thread_sched("outpost-store");
+            writer_sched = Some((
+                run.saturating_sub(sched_before.0),
+                wait.saturating_sub(sched_before.1),
+            ));
         }
         peak_rss = peak_rss.max(rss_kib("VmRSS:"));
         std::thread::sleep(Duration::from_millis(2));
@@ -397,6 +424,15 @@ fn main() {
             "  agent CPU per 1,000 uplinks         store writer {:.1} ms, runtime {:.1} ms",
             per_k(writer),
             per_k(runtime)
+        );
+    }
+    if let (Some((run, wait)), Some(done)) = (writer_sched, agent_done) {
+        // Off a CPU without waiting for one: in fsync, or awaiting batches.
+        println!(
+            "  store writer thread                 on a CPU {:.2}s, runnable {:.2}s, asleep {:.2}s",
+            run.as_secs_f64(),
+            wait.as_secs_f64(),
+            done.saturating_sub(run + wait).as_secs_f64()
         );
     }
     println!("  readings stored {stored} (expected {})", 3 * n);

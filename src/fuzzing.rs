@@ -156,7 +156,8 @@ pub fn ttn_uplink(data: &[u8]) {
         Err(rejection) => check_rejection(&rejection),
     }
     if let Ok(up) = crate::sources::ttn::decode_ttn(&topic, payload, 64 * 1024) {
-        let _ = up.meta().to_string();
+        // Serialised without a JSON value: the text must still be a JSON object.
+        assert!(up.meta().is_object(), "the meta is not a JSON object");
     }
 }
 

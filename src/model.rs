@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::oneshot;
 
 /// A stable 128-bit identifier derived from a reading's origin (G2).
@@ -117,29 +117,64 @@ pub struct Reading {
     pub meta: Option<Meta>,
 }
 
-/// A reading's source context (f_port, f_cnt, RSSI, tags, …): the JSON value and its
-/// text, made once per message and shared by the message's readings. The store writes
-/// the text as it is: serialising the value again for each reading, and freeing a copy
-/// per reading, cost the store's writer thread about a quarter of its time at full
-/// TTN ingest (docs/benchmarks.md, "Session 10").
+/// A reading's source context (f_port, f_cnt, RSSI, tags, …): its JSON text, made once
+/// per message and shared by the message's readings, and the JSON value, parsed from
+/// the text only when something reads it (an alert rule's tag filter). The store
+/// writes the text as it is: serialising the value again for each reading, and freeing
+/// a copy per reading, cost the store's writer thread about a quarter of its time at
+/// full TTN ingest, and building and freeing the value cost the TTN source about a
+/// tenth of its own (docs/benchmarks.md, "Session 10" and "Session 11").
 #[derive(Clone)]
-pub struct Meta(Arc<(serde_json::Value, Box<str>)>);
+pub struct Meta(Arc<MetaInner>);
+
+struct MetaInner {
+    text: Box<str>,
+    value: OnceLock<serde_json::Value>,
+}
 
 impl Meta {
     pub fn new(value: serde_json::Value) -> Meta {
         let text = value.to_string().into_boxed_str();
-        Meta(Arc::new((value, text)))
+        Meta(Arc::new(MetaInner {
+            text,
+            value: OnceLock::from(value),
+        }))
+    }
+
+    /// Meta serialised from `fields` (a struct of the source's context); the value is
+    /// parsed from the text if something reads it. Serialising a struct of strings
+    /// and numbers cannot fail (serde_json writes a non-finite number as `null`); if
+    /// it did, the meta would be `null`.
+    pub fn serialized<T: Serialize>(fields: &T) -> Meta {
+        match serde_json::to_string(fields) {
+            Ok(text) => Meta(Arc::new(MetaInner {
+                text: text.into_boxed_str(),
+                value: OnceLock::new(),
+            })),
+            Err(_) => Meta::new(serde_json::Value::Null),
+        }
     }
 
     /// Meta as stored: the text is kept as it is; `None` when it is not JSON.
     pub fn from_text(text: String) -> Option<Meta> {
-        let value = serde_json::from_str(&text).ok()?;
-        Some(Meta(Arc::new((value, text.into_boxed_str()))))
+        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(Meta(Arc::new(MetaInner {
+            text: text.into_boxed_str(),
+            value: OnceLock::from(value),
+        })))
     }
 
     /// The JSON text the store writes.
     pub fn text(&self) -> &str {
-        &self.0 .1
+        &self.0.text
+    }
+
+    fn value(&self) -> &serde_json::Value {
+        // The text was serialised by `serialized`, so it parses; `null` is only a
+        // fallback that keeps this total.
+        self.0
+            .value
+            .get_or_init(|| serde_json::from_str(&self.0.text).unwrap_or(serde_json::Value::Null))
     }
 }
 
@@ -152,25 +187,25 @@ impl From<serde_json::Value> for Meta {
 impl std::ops::Deref for Meta {
     type Target = serde_json::Value;
     fn deref(&self) -> &serde_json::Value {
-        &self.0 .0
+        self.value()
     }
 }
 
 impl PartialEq for Meta {
     fn eq(&self, other: &Meta) -> bool {
-        self.0 .0 == other.0 .0
+        self.value() == other.value()
     }
 }
 
 impl fmt::Debug for Meta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0 .0, f)
+        fmt::Debug::fmt(self.value(), f)
     }
 }
 
 impl Serialize for Meta {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0 .0.serialize(s)
+        self.value().serialize(s)
     }
 }
 
@@ -277,6 +312,28 @@ mod tests {
         );
         assert_eq!(serde_json::to_value(&meta).unwrap(), value);
         assert_eq!(format!("{meta:?}"), format!("{value:?}"));
+    }
+
+    #[test]
+    fn meta_serialized_from_fields_parses_its_value_when_read() {
+        #[derive(Serialize)]
+        struct Fields<'a> {
+            f_cnt: u32,
+            gateway_id: &'a str,
+            rssi: f64,
+            snr: f64,
+        }
+        let fields = Fields {
+            f_cnt: 7,
+            gateway_id: "gw \"one\"\n",
+            rssi: -97.0,
+            snr: f64::NAN,
+        };
+        let meta = Meta::serialized(&fields);
+        let value = serde_json::json!({"f_cnt": 7, "gateway_id": "gw \"one\"\n", "rssi": -97.0, "snr": null});
+        assert_eq!(meta.text(), value.to_string(), "the text a value gives");
+        assert_eq!(meta["gateway_id"], "gw \"one\"\n");
+        assert_eq!(meta.clone(), Meta::new(value));
     }
 
     #[test]

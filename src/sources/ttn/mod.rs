@@ -33,7 +33,7 @@ use crate::settings::{check_identifier, ByteSize, Problems, Secret};
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
@@ -359,20 +359,33 @@ impl Uplink {
         })
     }
 
-    /// Context kept with each reading.
-    pub fn meta(&self) -> Value {
-        let mut meta = json!({ "f_port": self.f_port, "f_cnt": self.f_cnt });
-        if let Some(eui) = &self.dev_eui {
-            meta["dev_eui"] = json!(eui);
+    /// Context kept with each reading: f_port, f_cnt, the DevEUI and the best
+    /// gateway's id, RSSI and SNR, in the order a JSON object of them is written.
+    pub fn meta(&self) -> Meta {
+        #[derive(Serialize)]
+        struct UplinkMeta<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            dev_eui: Option<&'a str>,
+            f_cnt: u32,
+            f_port: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            gateway_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            rssi: Option<f64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            snr: Option<f64>,
         }
-        if let Some((gateway, rssi, snr)) = &self.best_gateway {
-            meta["rssi"] = json!(rssi);
-            meta["snr"] = json!(snr);
-            if !gateway.is_empty() {
-                meta["gateway_id"] = json!(gateway);
-            }
-        }
-        meta
+        let gateway = self.best_gateway.as_ref();
+        Meta::serialized(&UplinkMeta {
+            dev_eui: self.dev_eui.as_deref(),
+            f_cnt: self.f_cnt,
+            f_port: self.f_port,
+            gateway_id: gateway
+                .map(|(id, _, _)| id.as_str())
+                .filter(|id| !id.is_empty()),
+            rssi: gateway.map(|g| g.1),
+            snr: gateway.map(|g| g.2),
+        })
     }
 }
 
@@ -455,7 +468,7 @@ impl UplinkMapper {
                     .saturating_mul(1000)
             })
             .to_string();
-        let meta = Meta::new(uplink.meta());
+        let meta = uplink.meta();
         // The parts every reading of this uplink shares are hashed once.
         let prefix = Uid::prefix(&["ttn", &self.application, &uplink.device_id, &f_cnt, &ns]);
         let readings = flatten_numeric(decoded)
@@ -546,6 +559,7 @@ pub async fn run(config: TtnConfig, ctx: SourceContext) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const FIXTURE: &str = include_str!("../../../tests/fixtures/ttn-uplink.json");
     const TOPIC: &str = "v3/bistro-cold-chain@ttn/devices/walkin-freezer-2/up";
@@ -612,6 +626,11 @@ mod tests {
         assert_eq!(meta["rssi"], -97.0);
         assert_eq!(meta["snr"], 6.25);
         assert_eq!(meta["dev_eui"], "A84041C2A1B2C3D4");
+        assert_eq!(
+            meta.text(),
+            r#"{"dev_eui":"A84041C2A1B2C3D4","f_cnt":1842,"f_port":2,"gateway_id":"bistro-gw-01","rssi":-97.0,"snr":6.25}"#,
+            "the text a JSON object of the fields gives (stored, and synced to central)"
+        );
         // Uids are stable and distinct per field.
         let again = mapper().readings(&up, Utc::now(), 0).unwrap();
         assert_eq!(
@@ -651,6 +670,18 @@ mod tests {
         let readings = mapper().readings(&up, Utc::now(), 0).unwrap();
         assert_eq!(readings.len(), 1);
         assert_eq!(readings[0].meta.as_ref().unwrap()["f_cnt"], 0);
+        assert_eq!(
+            readings[0].meta.as_ref().unwrap().text(),
+            r#"{"f_cnt":0,"f_port":0}"#
+        );
+        // A gateway without an id keeps its RSSI and SNR.
+        let mut no_id = fixture();
+        no_id["uplink_message"]["rx_metadata"] =
+            json!([{"gateway_ids": {"gateway_id": ""}, "rssi": -40, "snr": 2.5}]);
+        assert_eq!(
+            decode_value(&no_id).unwrap().meta().text(),
+            r#"{"dev_eui":"A84041C2A1B2C3D4","f_cnt":1842,"f_port":2,"rssi":-40.0,"snr":2.5}"#
+        );
 
         // Without the NS time the AS time is used.
         let as_only = json!({"received_at": "2026-01-01T00:00:01Z", "end_device_ids": {"device_id": "d1"},
