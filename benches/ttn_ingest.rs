@@ -145,8 +145,9 @@ fn threads_named(name: &str) -> Vec<std::path::PathBuf> {
 }
 
 /// CPU time (user + system) so far of this process's threads named `name`: the
-/// store's writer ("outpost-store") and the runtime the pipeline runs on
-/// ("tokio-rt-worker"; the publisher has its own unnamed thread).
+/// store's writer ("outpost-store"), its WAL checkpoint ("outpost-ckpt") and the
+/// runtime the pipeline runs on ("tokio-rt-worker"; the publisher has its own unnamed
+/// thread).
 fn thread_cpu(name: &str) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -311,7 +312,8 @@ fn main() {
     // The publisher: QoS 1 with 100 in flight, so it goes as fast as the broker
     // acknowledges, and every message is known to have reached the broker.
     let uplinks = Uplinks::new(base);
-    let cpu_before = (thread_cpu("outpost-store"), thread_cpu("tokio-rt-worker"));
+    let threads = ["outpost-store", "outpost-ckpt", "tokio-rt-worker"];
+    let cpu_before = threads.map(thread_cpu);
     let sched_before = thread_sched("outpost-store");
     let mut cpu_used = None;
     let mut writer_sched = None;
@@ -366,10 +368,10 @@ fn main() {
         }
         if agent_done.is_none() && stats.readings_inserted.load(Relaxed) >= want {
             agent_done = Some(started.elapsed());
-            cpu_used = Some((
-                thread_cpu("outpost-store").saturating_sub(cpu_before.0),
-                thread_cpu("tokio-rt-worker").saturating_sub(cpu_before.1),
-            ));
+            let cpu_now = threads.map(thread_cpu);
+            cpu_used = Some(std::array::from_fn::<_, 3, _>(|i| {
+                cpu_now[i].saturating_sub(cpu_before[i])
+            }));
             let (run, wait) = thread_sched("outpost-store");
             writer_sched = Some((
                 run.saturating_sub(sched_before.0),
@@ -417,12 +419,13 @@ fn main() {
         "  ratio outpost / mosquitto_sub       {:.2}",
         agent_rate / sub_rate
     );
-    if let Some((writer, runtime)) = cpu_used {
+    if let Some([writer, checkpoint, runtime]) = cpu_used {
         // Less noisy than the rates when other processes share the cores.
         let per_k = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
         println!(
-            "  agent CPU per 1,000 uplinks         store writer {:.1} ms, runtime {:.1} ms",
+            "  agent CPU per 1,000 uplinks         store writer {:.1} ms, WAL checkpoint {:.1} ms, runtime {:.1} ms",
             per_k(writer),
+            per_k(checkpoint),
             per_k(runtime)
         );
     }

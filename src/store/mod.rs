@@ -28,6 +28,7 @@
 
 pub mod audit;
 pub mod chain;
+mod checkpoint;
 mod clock_steps;
 mod read;
 pub mod schema;
@@ -360,6 +361,10 @@ impl Store {
                 (b, o) => Some(b.unwrap_or(0) + o.unwrap_or(0)),
             }
         }));
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(|e| StoreError::from_sqlite(&e))?;
+        let checkpoint_sizes = checkpoint::Sizes::for_bytes(WAL_CHECKPOINT_BYTES, page_size);
         writer::spawn(
             conn,
             config.clone(),
@@ -373,6 +378,7 @@ impl Store {
             close.clone(),
             (stage, progress.clone()),
             clock.clone(),
+            checkpoint_sizes,
         )?;
         Ok((
             Store {
@@ -685,7 +691,9 @@ fn try_open(config: &StorageConfig, options: &StoreOptions) -> Result<Connection
         .map_err(classify)?;
     // Checkpoint the WAL into the database every ~16 MiB rather than every 4 MiB:
     // fewer checkpoint fsyncs under sustained ingest, and a page changed by many
-    // commits meanwhile is written to the database file once.
+    // commits meanwhile is written to the database file once. The writer hands this
+    // to a thread of its own (`checkpoint`); the auto-checkpoint stays for the
+    // migrations and for a writer whose thread could not start.
     let page_size: i64 = conn
         .query_row("PRAGMA page_size", [], |r| r.get(0))
         .map_err(classify)?;

@@ -231,12 +231,25 @@ pub(super) fn spawn(
     close: CancellationToken,
     (stage, progress): (crate::progress::Stage, Arc<crate::progress::Registry>),
     clock: crate::clock::Clock,
+    checkpoint_sizes: super::checkpoint::Sizes,
 ) -> Result<(), StoreError> {
     if let Some(hook) = commit_hook {
         conn.commit_hook(Some(hook));
     }
+    // Without the thread (it could not start), SQLite's auto-checkpoint stays.
+    let checkpointer = super::checkpoint::Checkpointer::start(
+        &conn,
+        &config.path,
+        config.busy_timeout.get(),
+        checkpoint_sizes,
+    )
+    .map_err(|e| {
+        tracing::warn!(error = %e, "The WAL checkpoint thread did not start; the store writer checkpoints the WAL itself.");
+    })
+    .ok();
     let writer = Writer {
         conn,
+        _checkpointer: checkpointer,
         config,
         stats,
         committed: Some(committed),
@@ -266,6 +279,9 @@ pub(super) fn spawn(
 
 struct Writer {
     conn: Connection,
+    /// Checkpoints the WAL beside the writer. Declared after `conn`, so dropped after
+    /// it: the connection's WAL hook points into it.
+    _checkpointer: Option<super::checkpoint::Checkpointer>,
     config: StorageConfig,
     stats: Arc<StoreStats>,
     /// Dropped once the readings channel is closed and drained, which ends every

@@ -1,0 +1,312 @@
+//! The WAL checkpoint on its own thread and connection.
+//!
+//! SQLite checkpoints the WAL into the database file from the connection whose commit
+//! took the WAL past `wal_autocheckpoint`: the store writer, which then copies and
+//! fsyncs up to 16 MiB before it can take its next group. At full TTN ingest that was
+//! 8 % of the writer's CPU time and a sixth of its time asleep, and without it the
+//! agent kept up about 12 % better (docs/benchmarks.md, "Session 11"); on an SD card
+//! the commit after which it runs, and every reading waiting behind it, waits as long.
+//!
+//! Here the writer's connection reports the WAL's size after each commit (SQLite's WAL
+//! hook, which takes the place of the auto-checkpoint) and a thread with a connection
+//! of its own checkpoints it (`PASSIVE`: it never blocks the writer or a reader):
+//! once the WAL holds [`Sizes::start`] pages, and from then on every
+//! [`Sizes::chunk`] pages more. SQLite restarts the WAL from its beginning when a write
+//! transaction starts with everything in it checkpointed. At a site's rate that
+//! happens after the first checkpoint, so the WAL cycles as it did with the
+//! auto-checkpoint at the same size (the same pages reach the database file, as
+//! often). Under sustained ingest the thread seldom finishes between two commits, so
+//! at [`Sizes::limit`] pages the writer checkpoints itself, as the auto-checkpoint did
+//! (by then the thread has copied all but the last few commits' pages), and the WAL
+//! restarts. The WAL file grows beyond `limit` pages only by what is committed while
+//! a checkpoint of the thread's is still running at that point (the writer's is busy
+//! then, and is tried again after each commit).
+//!
+//! Durability is SQLite's own: a checkpoint by another connection of the same process
+//! is ordinary SQLite use, with the same fsyncs (`synchronous=FULL`: the WAL before
+//! the copy, the database file after it).
+
+use rusqlite::{ffi, Connection};
+use std::ffi::{c_char, c_int, c_void};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// When the checkpoints happen, in WAL pages (frames).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sizes {
+    /// The thread starts checkpointing once the WAL holds this many pages.
+    pub start: i64,
+    /// It checkpoints again once this many more pages were committed.
+    pub chunk: i64,
+    /// The writer checkpoints itself at this many pages.
+    pub limit: i64,
+}
+
+impl Sizes {
+    /// For a WAL of `page_size`-byte pages checkpointed after `bytes` bytes: the thread
+    /// starts there and follows each 1/16 of it; the writer steps in at twice that.
+    pub(super) fn for_bytes(bytes: i64, page_size: i64) -> Sizes {
+        let start = (bytes / page_size.max(512)).max(16);
+        Sizes {
+            start,
+            chunk: (start / 16).max(1),
+            limit: 2 * start,
+        }
+    }
+}
+
+/// What the writer's WAL hook tells the thread.
+#[derive(Default)]
+struct Wal {
+    /// Pages in the WAL after the latest commit.
+    frames: i64,
+    /// Times the WAL was seen to restart (fewer pages than at the previous commit).
+    restarts: u64,
+    stop: bool,
+}
+
+struct Shared {
+    wal: Mutex<Wal>,
+    changed: Condvar,
+    sizes: Sizes,
+}
+
+/// The checkpoint thread of one writer connection. Dropping it stops the thread (after
+/// a checkpoint in progress).
+pub(super) struct Checkpointer {
+    shared: Arc<Shared>,
+}
+
+impl Checkpointer {
+    /// Opens the thread's connection to `path`, starts the thread and hooks the
+    /// writer's connection `writer`. The caller keeps the returned value at least as
+    /// long as `writer` (the hook points into it): a field declared after the
+    /// connection's is dropped after it.
+    pub(super) fn start(
+        writer: &Connection,
+        path: &Path,
+        busy_timeout: Duration,
+        sizes: Sizes,
+    ) -> Result<Checkpointer, String> {
+        let conn = Connection::open(path).map_err(|e| e.to_string())?;
+        conn.busy_timeout(busy_timeout).map_err(|e| e.to_string())?;
+        // The checkpoint's own fsyncs follow this connection's setting.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| e.to_string())?;
+        let shared = Arc::new(Shared {
+            wal: Mutex::new(Wal::default()),
+            changed: Condvar::new(),
+            sizes,
+        });
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("outpost-ckpt".into())
+            .spawn(move || run(conn, &thread_shared))
+            .map_err(|e| e.to_string())?;
+        // SAFETY: the hook's argument is `shared`, which the caller keeps alive for as
+        // long as the connection (see above); the hook only reads through it.
+        unsafe {
+            ffi::sqlite3_wal_hook(
+                writer.handle(),
+                Some(on_commit),
+                Arc::as_ptr(&shared).cast_mut().cast::<c_void>(),
+            );
+        }
+        Ok(Checkpointer { shared })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        if let Ok(mut wal) = self.shared.wal.lock() {
+            wal.stop = true;
+        }
+        self.shared.changed.notify_all();
+    }
+}
+
+/// SQLite's WAL hook on the writer's connection, called after each commit with the
+/// WAL's size in pages, once the write lock is released.
+unsafe extern "C" fn on_commit(
+    arg: *mut c_void,
+    db: *mut ffi::sqlite3,
+    name: *const c_char,
+    frames: c_int,
+) -> c_int {
+    // SAFETY: `arg` is the `Shared` of a live `Checkpointer` (see `start`).
+    let shared = unsafe { &*(arg as *const Shared) };
+    let frames = i64::from(frames);
+    if frames >= shared.sizes.limit {
+        // The thread has not caught up: checkpoint here, as SQLite's auto-checkpoint
+        // does (what is left is what the thread has not yet copied), so that the next
+        // write restarts the WAL. A failure (a reader holding old pages) is retried
+        // after the next commit, as the auto-checkpoint's would be.
+        // SAFETY: called by SQLite on this connection with its own handle and name.
+        unsafe {
+            ffi::sqlite3_wal_checkpoint_v2(
+                db,
+                name,
+                ffi::SQLITE_CHECKPOINT_PASSIVE,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+        }
+    }
+    // Never panics (this is called from C): a poisoned lock only skips the news.
+    if let Ok(mut wal) = shared.wal.lock() {
+        if frames < wal.frames {
+            wal.restarts += 1;
+        }
+        wal.frames = frames;
+    }
+    shared.changed.notify_one();
+    ffi::SQLITE_OK
+}
+
+/// The thread: waits for the WAL to need a checkpoint, checkpoints, repeats.
+fn run(conn: Connection, shared: &Shared) {
+    let sizes = shared.sizes;
+    // The WAL's size at the last checkpoint, and the restart it belongs to.
+    let mut ran_at = 0i64;
+    let mut restarts = 0u64;
+    loop {
+        let due = {
+            let Ok(wal) = shared.wal.lock() else { return };
+            let wal = shared.changed.wait_while(wal, |wal| {
+                // Pages since the last checkpoint, all of them in a restarted WAL.
+                let since = if wal.restarts == restarts {
+                    wal.frames - ran_at
+                } else {
+                    wal.frames
+                };
+                !(wal.stop || wal.frames >= sizes.start && since >= sizes.chunk)
+            });
+            let Ok(wal) = wal else { return };
+            if wal.stop {
+                return;
+            }
+            restarts = wal.restarts;
+            wal.frames
+        };
+        // The next one after `chunk` more pages, whatever this one copied: a reader of
+        // older pages can hold part of the WAL back (the next run copies it), and
+        // the writer's own checkpoint can make this one busy.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "A WAL checkpoint failed; the next commits ask again.");
+        }
+        ran_at = due;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_the_checkpoint_size() {
+        let s = Sizes::for_bytes(16 << 20, 1024);
+        assert_eq!((s.start, s.chunk, s.limit), (16384, 1024, 32768));
+        let s = Sizes::for_bytes(16 << 20, 4096);
+        assert_eq!((s.start, s.chunk, s.limit), (4096, 256, 8192));
+        let tiny = Sizes::for_bytes(0, 0);
+        assert!(tiny.start >= 16 && tiny.chunk >= 1 && tiny.limit > tiny.start);
+    }
+
+    fn wal_pages(path: &Path) -> i64 {
+        let wal = path.with_extension("db-wal");
+        let bytes = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0) as i64;
+        (bytes - 32).max(0) / (1024 + 24)
+    }
+
+    /// A writer committing as fast as it can: the thread checkpoints, the WAL stays
+    /// within the limit (plus one commit), and nothing is lost.
+    #[test]
+    fn the_thread_checkpoints_and_the_wal_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch(
+                "PRAGMA page_size = 1024; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+                 CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL);",
+            )
+            .unwrap();
+        let sizes = Sizes {
+            start: 200,
+            chunk: 20,
+            limit: 400,
+        };
+        let checkpointer =
+            Checkpointer::start(&writer, &path, Duration::from_secs(5), sizes).unwrap();
+        let mut stmt = writer.prepare("INSERT INTO t (v) VALUES (?1)").unwrap();
+        let mut largest = 0;
+        for _ in 0..400 {
+            writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+            for _ in 0..5 {
+                stmt.execute([vec![7u8; 900]]).unwrap();
+            }
+            writer.execute_batch("COMMIT").unwrap();
+            largest = largest.max(wal_pages(&path));
+        }
+        // One commit writes about 6 pages; the WAL restarts after the limit, or
+        // once the thread's checkpoint in progress there ends (the writer's is then
+        // busy), which a loaded machine can delay by some commits.
+        assert!(
+            largest <= 2 * sizes.limit,
+            "the WAL grew to {largest} pages"
+        );
+        assert!(
+            largest >= sizes.start,
+            "no checkpoint was needed ({largest} pages)"
+        );
+        let rows: i64 = writer
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 2000);
+        // The thread did copy pages: the database file holds more than its schema.
+        let db_pages = std::fs::metadata(&path).unwrap().len() / 1024;
+        assert!(db_pages > 100, "the database file has {db_pages} pages");
+        drop(stmt);
+        drop(writer);
+        drop(checkpointer);
+    }
+
+    /// At a slow rate the thread's first checkpoint catches up and the WAL restarts
+    /// without the writer checkpointing: the WAL never reaches the limit.
+    #[test]
+    fn at_a_slow_rate_the_wal_restarts_after_the_threads_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch(
+                "PRAGMA page_size = 1024; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+                 CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL);",
+            )
+            .unwrap();
+        let sizes = Sizes {
+            start: 60,
+            chunk: 10,
+            limit: 100_000,
+        };
+        let _checkpointer =
+            Checkpointer::start(&writer, &path, Duration::from_secs(5), sizes).unwrap();
+        let mut restarted = false;
+        let mut previous = 0;
+        for _ in 0..60 {
+            writer
+                .execute("INSERT INTO t (v) VALUES (?1)", [vec![1u8; 900]])
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let frames: i64 = {
+                // The WAL's size as the hook sees it: pages of the current cycle.
+                let wal = _checkpointer.shared.wal.lock().unwrap();
+                wal.frames
+            };
+            restarted |= frames < previous;
+            previous = frames;
+        }
+        assert!(restarted, "the WAL never restarted");
+    }
+}
