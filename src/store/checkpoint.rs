@@ -213,18 +213,10 @@ mod tests {
         assert!(tiny.start >= 16 && tiny.chunk >= 1 && tiny.limit > tiny.start);
     }
 
-    fn wal_pages(path: &Path) -> i64 {
-        let wal = path.with_extension("db-wal");
-        let bytes = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0) as i64;
-        (bytes - 32).max(0) / (1024 + 24)
-    }
-
-    /// A writer committing as fast as it can: the thread checkpoints, the WAL stays
-    /// within the limit (plus one commit), and nothing is lost.
-    #[test]
-    fn the_thread_checkpoints_and_the_wal_stays_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
+    /// A database like the store's (1 KiB pages, WAL, FULL) with one table, its
+    /// writing connection and that connection's checkpoint thread.
+    fn writer_db(dir: &Path, sizes: Sizes) -> (std::path::PathBuf, Connection, Checkpointer) {
+        let path = dir.join("t.db");
         let writer = Connection::open(&path).unwrap();
         writer
             .execute_batch(
@@ -232,13 +224,28 @@ mod tests {
                  CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL);",
             )
             .unwrap();
+        let checkpointer =
+            Checkpointer::start(&writer, &path, Duration::from_secs(5), sizes).unwrap();
+        (path, writer, checkpointer)
+    }
+
+    fn wal_pages(path: &Path) -> i64 {
+        let wal = path.with_extension("db-wal");
+        let bytes = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0) as i64;
+        (bytes - 32).max(0) / (1024 + 24)
+    }
+
+    /// A writer committing as fast as it can: the thread checkpoints, the WAL stays
+    /// bounded, and nothing is lost.
+    #[test]
+    fn the_thread_checkpoints_and_the_wal_stays_bounded() {
         let sizes = Sizes {
             start: 200,
             chunk: 20,
             limit: 400,
         };
-        let checkpointer =
-            Checkpointer::start(&writer, &path, Duration::from_secs(5), sizes).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, writer, checkpointer) = writer_db(dir.path(), sizes);
         let mut stmt = writer.prepare("INSERT INTO t (v) VALUES (?1)").unwrap();
         let mut largest = 0;
         for _ in 0..400 {
@@ -276,22 +283,13 @@ mod tests {
     /// without the writer checkpointing: the WAL never reaches the limit.
     #[test]
     fn at_a_slow_rate_the_wal_restarts_after_the_threads_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let writer = Connection::open(&path).unwrap();
-        writer
-            .execute_batch(
-                "PRAGMA page_size = 1024; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
-                 CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL);",
-            )
-            .unwrap();
         let sizes = Sizes {
             start: 60,
             chunk: 10,
             limit: 100_000,
         };
-        let _checkpointer =
-            Checkpointer::start(&writer, &path, Duration::from_secs(5), sizes).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, writer, checkpointer) = writer_db(dir.path(), sizes);
         let mut restarted = false;
         let mut previous = 0;
         for _ in 0..60 {
@@ -301,7 +299,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             let frames: i64 = {
                 // The WAL's size as the hook sees it: pages of the current cycle.
-                let wal = _checkpointer.shared.wal.lock().unwrap();
+                let wal = checkpointer.shared.wal.lock().unwrap();
                 wal.frames
             };
             restarted |= frames < previous;
