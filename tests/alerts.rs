@@ -63,6 +63,7 @@ fn start_alerting_in(dir: tempfile::TempDir, config: Config) -> InProcessAgent {
     for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
         agent.spawn(task);
     }
+    agent.wait_for_alert_engine();
     agent
 }
 

@@ -42,6 +42,7 @@ fn start(data: &Path, body: &str, clock: outpost::clock::Clock) -> InProcessAgen
     for task in [alerting.engine, alerting.outbox].into_iter().flatten() {
         agent.spawn(task);
     }
+    agent.wait_for_alert_engine();
     agent
 }
 

@@ -789,6 +789,18 @@ mod in_process {
                 .unwrap_or_else(|e| panic!("{sql}: {e}"))
         }
 
+        /// Waits until the alert engine has fixed its starting point (its cursor row).
+        /// On a first start it evaluates only readings committed after that point, so
+        /// a reading a test stores sooner would be passed over.
+        pub fn wait_for_alert_engine(&self) {
+            let started = crate::support::util::wait_until(Duration::from_secs(30), || {
+                self.count(
+                    "SELECT COUNT(*) FROM source_state WHERE source = 'alerts' AND key = 'cursor'",
+                ) > 0
+            });
+            assert!(started, "the alert engine did not start within 30 s");
+        }
+
         /// Every row `sql` returns, every column as a `T`.
         pub fn query<T: rusqlite::types::FromSql>(&self, sql: &str) -> Vec<Vec<T>> {
             let conn = self.conn();
