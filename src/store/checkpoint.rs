@@ -72,10 +72,13 @@ struct Shared {
     sizes: Sizes,
 }
 
-/// The checkpoint thread of one writer connection. Dropping it stops the thread (after
-/// a checkpoint in progress).
+/// The checkpoint thread of one writer connection. Dropping it stops the thread and
+/// waits for it (after a checkpoint in progress): its connection is closed then, so
+/// that once the writer's is closed too, the last connection's close checkpoints the
+/// WAL and removes it, as at every clean shutdown before.
 pub(super) struct Checkpointer {
     shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Checkpointer {
@@ -100,7 +103,7 @@ impl Checkpointer {
             sizes,
         });
         let thread_shared = shared.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("outpost-ckpt".into())
             .spawn(move || run(conn, &thread_shared))
             .map_err(|e| e.to_string())?;
@@ -113,7 +116,10 @@ impl Checkpointer {
                 Arc::as_ptr(&shared).cast_mut().cast::<c_void>(),
             );
         }
-        Ok(Checkpointer { shared })
+        Ok(Checkpointer {
+            shared,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -123,6 +129,9 @@ impl Drop for Checkpointer {
             wal.stop = true;
         }
         self.shared.changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -277,6 +286,29 @@ mod tests {
         drop(stmt);
         drop(writer);
         drop(checkpointer);
+    }
+
+    /// The writer's connection closed first, then the checkpointer: the last close
+    /// checkpoints the WAL and removes it, as a clean shutdown did before the thread.
+    #[test]
+    fn a_clean_shutdown_leaves_no_wal() {
+        let sizes = Sizes::for_bytes(16 << 20, 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let (path, writer, checkpointer) = writer_db(dir.path(), sizes);
+        for _ in 0..50 {
+            writer
+                .execute("INSERT INTO t (v) VALUES (?1)", [vec![3u8; 900]])
+                .unwrap();
+        }
+        assert!(wal_pages(&path) > 0);
+        drop(writer);
+        drop(checkpointer);
+        assert!(!path.with_extension("db-wal").exists(), "the WAL is left");
+        let rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 50);
     }
 
     /// At a slow rate the thread's first checkpoint catches up and the WAL restarts
