@@ -192,8 +192,11 @@ impl std::ops::Deref for Meta {
 }
 
 impl PartialEq for Meta {
+    /// The same text is the same meta (without parsing it); else the values compare.
     fn eq(&self, other: &Meta) -> bool {
-        self.value() == other.value()
+        Arc::ptr_eq(&self.0, &other.0)
+            || self.0.text == other.0.text
+            || self.value() == other.value()
     }
 }
 

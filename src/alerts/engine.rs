@@ -327,7 +327,7 @@ impl Engine {
 
     fn evaluate_reading(&mut self, r: &Reading, now: DateTime<Utc>) {
         for i in 0..self.rules.len() {
-            if !self.rules[i].matches(&r.device, &r.metric, r.meta.as_deref()) {
+            if !self.rules[i].matches_reading(r) {
                 continue;
             }
             let key = (i, r.device.clone());
@@ -841,7 +841,7 @@ impl Urgency {
         let now = std::time::Instant::now();
         let mut urgent = false;
         for (i, rule) in self.rules.iter().enumerate() {
-            if !rule.matches(&r.device, &r.metric, r.meta.as_deref()) {
+            if !rule.matches_reading(r) {
                 continue;
             }
             let key = (i, r.device.clone());

@@ -571,6 +571,16 @@ impl CompiledRule {
         metric == self.def.metric && self.devices.is_match(device) && self.tags_match(meta)
     }
 
+    /// [`CompiledRule::matches`] for a reading: its meta (parsed from its text on
+    /// first use, see [`crate::model::Meta`]) is read only by a rule with tags, and
+    /// only once the metric and device match. Readings are shown to rules on the store
+    /// writer's thread too (a reading that may change an alert commits at once).
+    pub fn matches_reading(&self, r: &crate::model::Reading) -> bool {
+        r.metric == self.def.metric
+            && self.devices.is_match(&r.device)
+            && (self.tags.is_empty() || self.tags_match(r.meta.as_deref()))
+    }
+
     fn tags_match(&self, meta: Option<&serde_json::Value>) -> bool {
         if self.tags.is_empty() {
             return true;

@@ -18,9 +18,10 @@
 //! often). Under sustained ingest the thread seldom finishes between two commits, so
 //! at [`Sizes::limit`] pages the writer checkpoints itself, as the auto-checkpoint did
 //! (by then the thread has copied all but the last few commits' pages), and the WAL
-//! restarts. The WAL file grows beyond `limit` pages only by what is committed while
-//! a checkpoint of the thread's is still running at that point (the writer's is busy
-//! then, and is tried again after each commit).
+//! restarts. The thread starts no checkpoint of its own from `limit` on, so the WAL
+//! file grows beyond `limit` pages only by what is committed while one of the
+//! thread's, started before, is still running (the writer's is busy then, and is
+//! tried again after each commit).
 //!
 //! Durability is SQLite's own: a checkpoint by another connection of the same process
 //! is ordinary SQLite use, with the same fsyncs (`synchronous=FULL`: the WAL before
@@ -83,9 +84,10 @@ pub(super) struct Checkpointer {
 
 impl Checkpointer {
     /// Opens the thread's connection to `path`, starts the thread and hooks the
-    /// writer's connection `writer`. The caller keeps the returned value at least as
-    /// long as `writer` (the hook points into it): a field declared after the
-    /// connection's is dropped after it.
+    /// writer's connection `writer`. The hook holds a reference of its own to what it
+    /// shares with the thread, never given back (a few dozen bytes per store opened):
+    /// a connection may outlive its `Checkpointer`, and rusqlite does not unregister
+    /// a WAL hook, so the hook's argument must stay valid for the life of the process.
     pub(super) fn start(
         writer: &Connection,
         path: &Path,
@@ -107,14 +109,11 @@ impl Checkpointer {
             .name("outpost-ckpt".into())
             .spawn(move || run(conn, &thread_shared))
             .map_err(|e| e.to_string())?;
-        // SAFETY: the hook's argument is `shared`, which the caller keeps alive for as
-        // long as the connection (see above); the hook only reads through it.
+        let hook_arg = Arc::into_raw(shared.clone()).cast_mut().cast::<c_void>();
+        // SAFETY: `hook_arg` is a reference to `Shared` that is never released (see
+        // above), and the hook only reads through it; `writer` is a live connection.
         unsafe {
-            ffi::sqlite3_wal_hook(
-                writer.handle(),
-                Some(on_commit),
-                Arc::as_ptr(&shared).cast_mut().cast::<c_void>(),
-            );
+            ffi::sqlite3_wal_hook(writer.handle(), Some(on_commit), hook_arg);
         }
         Ok(Checkpointer {
             shared,
@@ -143,7 +142,7 @@ unsafe extern "C" fn on_commit(
     name: *const c_char,
     frames: c_int,
 ) -> c_int {
-    // SAFETY: `arg` is the `Shared` of a live `Checkpointer` (see `start`).
+    // SAFETY: `arg` is a `Shared` that is never freed (see `Checkpointer::start`).
     let shared = unsafe { &*(arg as *const Shared) };
     let frames = i64::from(frames);
     if frames >= shared.sizes.limit {
@@ -162,15 +161,34 @@ unsafe extern "C" fn on_commit(
             );
         }
     }
-    // Never panics (this is called from C): a poisoned lock only skips the news.
+    // Never panics (this is called from C): a poisoned lock only skips the news. The
+    // thread is woken only when it may have work: below `start` pages it has none.
+    let mut wake = frames >= shared.sizes.start;
     if let Ok(mut wal) = shared.wal.lock() {
         if frames < wal.frames {
             wal.restarts += 1;
+            wake = true;
         }
         wal.frames = frames;
     }
-    shared.changed.notify_one();
+    if wake {
+        shared.changed.notify_one();
+    }
     ffi::SQLITE_OK
+}
+
+/// Whether the thread checkpoints now: the WAL holds `start` pages and `chunk` more
+/// than at its last checkpoint (all of them in a restarted WAL), and fewer than
+/// `limit`. From `limit` on the writer's checkpoint is due: the thread starts none of
+/// its own until the WAL restarts, or back-to-back checkpoints of the thread (a slow
+/// disk) would keep the writer's busy for ever.
+fn due(wal: &Wal, sizes: Sizes, ran_at: i64, restarts: u64) -> bool {
+    let since = if wal.restarts == restarts {
+        wal.frames - ran_at
+    } else {
+        wal.frames
+    };
+    (sizes.start..sizes.limit).contains(&wal.frames) && since >= sizes.chunk
 }
 
 /// The thread: waits for the WAL to need a checkpoint, checkpoints, repeats.
@@ -180,17 +198,11 @@ fn run(conn: Connection, shared: &Shared) {
     let mut ran_at = 0i64;
     let mut restarts = 0u64;
     loop {
-        let due = {
+        let frames = {
             let Ok(wal) = shared.wal.lock() else { return };
-            let wal = shared.changed.wait_while(wal, |wal| {
-                // Pages since the last checkpoint, all of them in a restarted WAL.
-                let since = if wal.restarts == restarts {
-                    wal.frames - ran_at
-                } else {
-                    wal.frames
-                };
-                !(wal.stop || wal.frames >= sizes.start && since >= sizes.chunk)
-            });
+            let wal = shared
+                .changed
+                .wait_while(wal, |wal| !(wal.stop || due(wal, sizes, ran_at, restarts)));
             let Ok(wal) = wal else { return };
             if wal.stop {
                 return;
@@ -204,7 +216,7 @@ fn run(conn: Connection, shared: &Shared) {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "A WAL checkpoint failed; the next commits ask again.");
         }
-        ran_at = due;
+        ran_at = frames;
     }
 }
 
@@ -236,6 +248,32 @@ mod tests {
         let checkpointer =
             Checkpointer::start(&writer, &path, Duration::from_secs(5), sizes).unwrap();
         (path, writer, checkpointer)
+    }
+
+    #[test]
+    fn the_thread_checkpoints_between_start_and_limit_every_chunk() {
+        let sizes = Sizes {
+            start: 100,
+            chunk: 10,
+            limit: 200,
+        };
+        let wal = |frames, restarts| Wal {
+            frames,
+            restarts,
+            stop: false,
+        };
+        assert!(!due(&wal(99, 0), sizes, 0, 0), "below start");
+        assert!(due(&wal(100, 0), sizes, 0, 0));
+        assert!(!due(&wal(105, 0), sizes, 100, 0), "less than a chunk since");
+        assert!(due(&wal(110, 0), sizes, 100, 0));
+        assert!(
+            !due(&wal(200, 0), sizes, 100, 0),
+            "the writer's turn at limit"
+        );
+        assert!(!due(&wal(5_000, 0), sizes, 100, 0), "and beyond it");
+        // A restarted WAL counts from 0, whatever the last run saw.
+        assert!(due(&wal(150, 1), sizes, 190, 0));
+        assert!(!due(&wal(50, 1), sizes, 190, 0));
     }
 
     fn wal_pages(path: &Path) -> i64 {

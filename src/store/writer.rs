@@ -269,7 +269,11 @@ pub(super) fn spawn(
                 .build()
             {
                 Ok(rt) => rt.block_on(writer.run(batches, ops, close)),
-                Err(e) => tracing::error!(error = %e, "Cannot start the store writer's runtime."),
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot start the store writer's runtime.");
+                    // Closed (and its checkpoint thread joined) before `finished`.
+                    drop(writer);
+                }
             }
             let _ = finished.send(());
         })
@@ -279,8 +283,9 @@ pub(super) fn spawn(
 
 struct Writer {
     conn: Connection,
-    /// Checkpoints the WAL beside the writer. Declared after `conn`, so dropped after
-    /// it: the connection's WAL hook points into it.
+    /// Checkpoints the WAL beside the writer. Declared after `conn`, so dropped (its
+    /// thread joined, its connection closed) after it: the last connection's close
+    /// checkpoints and removes the WAL at a clean shutdown.
     _checkpointer: Option<super::checkpoint::Checkpointer>,
     config: StorageConfig,
     stats: Arc<StoreStats>,
