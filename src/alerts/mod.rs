@@ -568,7 +568,7 @@ impl CompiledRule {
 
     /// Whether a reading of `device`/`metric` with `meta` is in this rule's scope.
     pub fn matches(&self, device: &str, metric: &str, meta: Option<&serde_json::Value>) -> bool {
-        metric == self.def.metric && self.devices.is_match(device) && self.tags_match(meta)
+        self.matches_with(device, metric, || meta)
     }
 
     /// [`CompiledRule::matches`] for a reading: its meta (parsed from its text on
@@ -576,15 +576,22 @@ impl CompiledRule {
     /// only once the metric and device match. Readings are shown to rules on the store
     /// writer's thread too (a reading that may change an alert commits at once).
     pub fn matches_reading(&self, r: &crate::model::Reading) -> bool {
-        r.metric == self.def.metric
-            && self.devices.is_match(&r.device)
-            && (self.tags.is_empty() || self.tags_match(r.meta.as_deref()))
+        self.matches_with(&r.device, &r.metric, || r.meta.as_deref())
+    }
+
+    /// The metric, then the device, then (only for a rule with tags) the meta.
+    fn matches_with<'m>(
+        &self,
+        device: &str,
+        metric: &str,
+        meta: impl FnOnce() -> Option<&'m serde_json::Value>,
+    ) -> bool {
+        metric == self.def.metric
+            && self.devices.is_match(device)
+            && (self.tags.is_empty() || self.tags_match(meta()))
     }
 
     fn tags_match(&self, meta: Option<&serde_json::Value>) -> bool {
-        if self.tags.is_empty() {
-            return true;
-        }
         let Some(tags) = meta.and_then(|m| m.get("tags")).and_then(|t| t.as_object()) else {
             return false;
         };

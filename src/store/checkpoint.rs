@@ -45,15 +45,22 @@ pub(super) struct Sizes {
 }
 
 impl Sizes {
-    /// For a WAL of `page_size`-byte pages checkpointed after `bytes` bytes: the thread
-    /// starts there and follows each 1/16 of it; the writer steps in at twice that.
-    pub(super) fn for_bytes(bytes: i64, page_size: i64) -> Sizes {
-        let start = (bytes / page_size.max(512)).max(16);
+    /// For a WAL checkpointed after `pages` pages: the thread starts there and follows
+    /// each 1/16 of it; the writer steps in at twice that.
+    pub(super) fn after(pages: i64) -> Sizes {
+        let start = pages.max(16);
         Sizes {
             start,
             chunk: (start / 16).max(1),
             limit: 2 * start,
         }
+    }
+
+    /// For the auto-checkpoint `conn` was opened with (`wal_autocheckpoint`, which
+    /// the store sets from the page size), read before the hook replaces it.
+    pub(super) fn of(conn: &Connection) -> rusqlite::Result<Sizes> {
+        let pages: i64 = conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?;
+        Ok(Sizes::after(pages))
     }
 }
 
@@ -226,11 +233,14 @@ mod tests {
 
     #[test]
     fn sizes_follow_the_checkpoint_size() {
-        let s = Sizes::for_bytes(16 << 20, 1024);
+        let conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 16384)
+            .unwrap();
+        let s = Sizes::of(&conn).unwrap();
         assert_eq!((s.start, s.chunk, s.limit), (16384, 1024, 32768));
-        let s = Sizes::for_bytes(16 << 20, 4096);
+        let s = Sizes::after(4096);
         assert_eq!((s.start, s.chunk, s.limit), (4096, 256, 8192));
-        let tiny = Sizes::for_bytes(0, 0);
+        let tiny = Sizes::after(0);
         assert!(tiny.start >= 16 && tiny.chunk >= 1 && tiny.limit > tiny.start);
     }
 
@@ -318,7 +328,8 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 2000);
-        // The thread did copy pages: the database file holds more than its schema.
+        // Checkpoints (the thread's or the writer's) copied pages: the database file
+        // holds more than its schema.
         let db_pages = std::fs::metadata(&path).unwrap().len() / 1024;
         assert!(db_pages > 100, "the database file has {db_pages} pages");
         drop(stmt);
@@ -330,7 +341,7 @@ mod tests {
     /// checkpoints the WAL and removes it, as a clean shutdown did before the thread.
     #[test]
     fn a_clean_shutdown_leaves_no_wal() {
-        let sizes = Sizes::for_bytes(16 << 20, 1024);
+        let sizes = Sizes::after(16384);
         let dir = tempfile::tempdir().unwrap();
         let (path, writer, checkpointer) = writer_db(dir.path(), sizes);
         for _ in 0..50 {

@@ -361,10 +361,6 @@ impl Store {
                 (b, o) => Some(b.unwrap_or(0) + o.unwrap_or(0)),
             }
         }));
-        let page_size: i64 = conn
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(|e| StoreError::from_sqlite(&e))?;
-        let checkpoint_sizes = checkpoint::Sizes::for_bytes(WAL_CHECKPOINT_BYTES, page_size);
         writer::spawn(
             conn,
             config.clone(),
@@ -378,7 +374,6 @@ impl Store {
             close.clone(),
             (stage, progress.clone()),
             clock.clone(),
-            checkpoint_sizes,
         )?;
         Ok((
             Store {

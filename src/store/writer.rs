@@ -231,19 +231,22 @@ pub(super) fn spawn(
     close: CancellationToken,
     (stage, progress): (crate::progress::Stage, Arc<crate::progress::Registry>),
     clock: crate::clock::Clock,
-    checkpoint_sizes: super::checkpoint::Sizes,
 ) -> Result<(), StoreError> {
     if let Some(hook) = commit_hook {
         conn.commit_hook(Some(hook));
     }
     // Without the thread (it could not start), SQLite's auto-checkpoint stays.
-    let checkpointer = super::checkpoint::Checkpointer::start(
-        &conn,
-        &config.path,
-        config.busy_timeout.get(),
-        checkpoint_sizes,
-    )
-    .map_err(|e| {
+    let checkpointer = super::checkpoint::Sizes::of(&conn)
+        .map_err(|e| e.to_string())
+        .and_then(|sizes| {
+            super::checkpoint::Checkpointer::start(
+                &conn,
+                &config.path,
+                config.busy_timeout.get(),
+                sizes,
+            )
+        })
+        .map_err(|e| {
         tracing::warn!(error = %e, "The WAL checkpoint thread did not start; the store writer checkpoints the WAL itself.");
     })
     .ok();
