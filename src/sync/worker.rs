@@ -12,7 +12,9 @@
 //! summaries, the previous round's chain marks, the head's signature and the round's
 //! success are owed and written together before the chain goes up ([`Worker::settle`]):
 //! at a site's rate a round costs one commit, not six (issue 15: SD-card wear). The
-//! backlog, which stays below the live readings, marks its batches as they commit.
+//! backlog, which stays below the live readings, marks its batches as they commit; a
+//! round that found backlog makes its one write at once rather than wait for a commit
+//! of readings.
 //!
 //! **Queues and waits (G9).** The worker waits for PostgreSQL, for its own blocking
 //! reads, and for the store writer to commit marks (one in flight while backlog is
@@ -399,9 +401,9 @@ impl Worker {
         self.send_live(floor, head, release).await?;
         self.live_floor = Some(head);
         // The live readings' marks are owed until `settle`: the backlog stays below them.
-        self.drain_backlog(deadline, release, floor).await?;
+        let drained = self.drain_backlog(deadline, release, floor).await?;
         let at = self.clock.now();
-        self.settle(at).await?;
+        self.settle(at, drained).await?;
         self.sync_chain().await?;
         self.last_sync_at = Some(at);
         Ok(())
@@ -412,8 +414,12 @@ impl Worker {
     /// of the chain's head (uploaded next, with the links those marks make eligible) and
     /// the round's success (`at`). At a site's rate that is one commit per interval
     /// rather than one per kind of row, and usually not even that: it rides with the
-    /// next commit of readings (issue 15: SD-card wear).
-    async fn settle(&mut self, at: DateTime<Utc>) -> Result<(), SyncError> {
+    /// next commit of readings (issue 15: SD-card wear). After a round that found
+    /// backlog (`drained`) it is written at once: the drain's marks make a commit per
+    /// batch anyway, so waiting saves next to nothing, and the round's newest
+    /// readings would show as unsynced for up to [`SETTLE_WITHIN`] after the backlog is
+    /// in central (a quiet site's writer may make no other commit meanwhile).
+    async fn settle(&mut self, at: DateTime<Utc>, drained: bool) -> Result<(), SyncError> {
         // Each in its own savepoint (`Owed`): a signature that fails leaves the marks.
         if let Some(sign) = self.store.head_signing() {
             self.owed.push(sign);
@@ -421,11 +427,14 @@ impl Worker {
         self.owed.push(move |c| local::record_success(c, at));
         // It may wait for a commit the writer makes anyway (readings held for their
         // delay): nothing waits on these rows but the chain's upload below.
-        let within = (self.config.interval.get() / 2).min(SETTLE_WITHIN);
-        self.store
-            .write_within(within, self.owed.take())
-            .await
-            .map_err(|e| SyncError::Local(e.to_string()))
+        let owed = self.owed.take();
+        let written = if drained {
+            self.store.write(owed).await
+        } else {
+            let within = (self.config.interval.get() / 2).min(SETTLE_WITHIN);
+            self.store.write_within(within, owed).await
+        };
+        written.map_err(|e| SyncError::Local(e.to_string()))
     }
 
     async fn heartbeat(&mut self) -> Result<(), SyncError> {
@@ -625,12 +634,13 @@ impl Worker {
     /// own commit (marks that come due while one is being written are merged into the
     /// next). Memory: the batches in flight plus the one being read. Ids above `up_to`
     /// are the round's live readings, sent already and marked in the round's write.
+    /// Returns whether there was backlog to upload.
     async fn drain_backlog(
         &mut self,
         deadline: Instant,
         release: i64,
         up_to: i64,
-    ) -> Result<(), SyncError> {
+    ) -> Result<bool, SyncError> {
         let max = self.config.batch_size;
         let window = Window::OldestFirst { after: 0, up_to };
         let first = self
@@ -645,6 +655,7 @@ impl Worker {
             self.open_backlog_connections().await;
         }
         let alone = self.backlog_central.is_empty();
+        let any = !first.is_empty();
         let paced = self.drain_batches(first, deadline, release, up_to).await?;
         if !self.shutdown.is_cancelled() && Instant::now() < deadline {
             // Drained before the deadline: the extra connections are not needed now.
@@ -654,7 +665,7 @@ impl Worker {
             // A whole round on one connection: did the pacing ever hold it back?
             self.one_too_slow = !paced;
         }
-        Ok(())
+        Ok(any)
     }
 
     /// Opens the extra backlog connections that are missing. One that cannot be opened
