@@ -16,7 +16,6 @@
 //!   computed on the blocking pool, never on a runtime worker.
 //! - [`reports`]: daily summaries kept and sent each morning, calibration reminders.
 //! - [`systemd`]: READY/STOPPING/WATCHDOG notifications.
-//! - [`memory`]: gives back the pages only start-up touched.
 
 pub mod alerting;
 pub mod audit;
@@ -24,7 +23,6 @@ pub mod collector;
 pub mod console;
 pub mod health;
 pub mod http;
-pub mod memory;
 pub mod pipeline;
 pub mod reports;
 pub mod systemd;

@@ -386,7 +386,6 @@ pub async fn run(
         database = %config.storage.path.display(),
         "Outpost is running."
     );
-    tokio::spawn(release_startup_pages(shutdown.clone()));
     let store = pipeline.store.clone();
     let mut damaged = None;
     loop {
@@ -415,25 +414,6 @@ pub async fn run(
         None => Ok(()),
     }
 }
-
-/// A few seconds into the run, gives back the pages of code and read-only data that
-/// only start-up touched ([`crate::run::memory`]).
-async fn release_startup_pages(shutdown: CancellationToken) {
-    tokio::select! {
-        _ = shutdown.cancelled() => return,
-        _ = tokio::time::sleep(STARTUP_SETTLES) => {}
-    }
-    match tokio::task::spawn_blocking(crate::run::memory::release_startup_pages).await {
-        Ok(Ok(bytes)) => tracing::debug!(bytes, "Start-up pages released."),
-        Ok(Err(e)) => tracing::debug!(error = %e, "Start-up pages not released."),
-        Err(_) => {}
-    }
-}
-
-/// How long after start the start-up pages are released: the sources have connected
-/// and the first readings, sync round and probes ran, so what the running agent
-/// needs again is what it already touched since.
-const STARTUP_SETTLES: Duration = Duration::from_secs(3);
 
 /// Starts or restarts the alert engine and the notification outbox for `config`.
 async fn start_alerts(pipeline: &mut Pipeline, config: &Config) {
