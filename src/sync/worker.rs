@@ -13,8 +13,8 @@
 //! success are owed and written together before the chain goes up ([`Worker::settle`]):
 //! at a site's rate a round costs one commit, not six (issue 15: SD-card wear). The
 //! backlog, which stays below the live readings, marks its batches as they commit; a
-//! round that found backlog makes its one write at once rather than wait for a commit
-//! of readings.
+//! round that drained a full batch of it makes its one write at once rather than wait
+//! for a commit of readings.
 //!
 //! **Queues and waits (G9).** The worker waits for PostgreSQL, for its own blocking
 //! reads, and for the store writer to commit marks (one in flight while backlog is
@@ -403,7 +403,8 @@ impl Worker {
         // The live readings' marks are owed until `settle`: the backlog stays below them.
         let drained = self.drain_backlog(deadline, release, floor).await?;
         let at = self.clock.now();
-        self.settle(at, drained).await?;
+        self.settle(at, drained >= self.config.batch_size as u64)
+            .await?;
         self.sync_chain().await?;
         self.last_sync_at = Some(at);
         Ok(())
@@ -414,11 +415,12 @@ impl Worker {
     /// of the chain's head (uploaded next, with the links those marks make eligible) and
     /// the round's success (`at`). At a site's rate that is one commit per interval
     /// rather than one per kind of row, and usually not even that: it rides with the
-    /// next commit of readings (issue 15: SD-card wear). After a round that found
-    /// backlog (`drained`) it is written at once: the drain's marks make a commit per
-    /// batch anyway, so waiting saves next to nothing, and the round's newest
+    /// next commit of readings (issue 15: SD-card wear). After a round that drained at
+    /// least a full batch of backlog (`drained`) it is written at once: those marks made
+    /// a commit per batch, so waiting saves next to nothing, and the round's newest
     /// readings would show as unsynced for up to [`SETTLE_WITHIN`] after the backlog is
-    /// in central (a quiet site's writer may make no other commit meanwhile).
+    /// in central (a quiet site's writer may make no other commit meanwhile). Less than
+    /// a batch (readings released after a clock hold, G8, at a site's rate) still waits.
     async fn settle(&mut self, at: DateTime<Utc>, drained: bool) -> Result<(), SyncError> {
         // Each in its own savepoint (`Owed`): a signature that fails leaves the marks.
         if let Some(sign) = self.store.head_signing() {
@@ -634,13 +636,13 @@ impl Worker {
     /// own commit (marks that come due while one is being written are merged into the
     /// next). Memory: the batches in flight plus the one being read. Ids above `up_to`
     /// are the round's live readings, sent already and marked in the round's write.
-    /// Returns whether there was backlog to upload.
+    /// Returns the rows uploaded.
     async fn drain_backlog(
         &mut self,
         deadline: Instant,
         release: i64,
         up_to: i64,
-    ) -> Result<bool, SyncError> {
+    ) -> Result<u64, SyncError> {
         let max = self.config.batch_size;
         let window = Window::OldestFirst { after: 0, up_to };
         let first = self
@@ -655,8 +657,7 @@ impl Worker {
             self.open_backlog_connections().await;
         }
         let alone = self.backlog_central.is_empty();
-        let any = !first.is_empty();
-        let paced = self.drain_batches(first, deadline, release, up_to).await?;
+        let Drained { paced, rows } = self.drain_batches(first, deadline, release, up_to).await?;
         if !self.shutdown.is_cancelled() && Instant::now() < deadline {
             // Drained before the deadline: the extra connections are not needed now.
             self.backlog_central.clear();
@@ -665,7 +666,7 @@ impl Worker {
             // A whole round on one connection: did the pacing ever hold it back?
             self.one_too_slow = !paced;
         }
-        Ok(any)
+        Ok(rows)
     }
 
     /// Opens the extra backlog connections that are missing. One that cannot be opened
@@ -684,15 +685,14 @@ impl Worker {
     }
 
     /// Uploads the backlog from `first` on (ids up to `up_to`), on the connections there
-    /// are, until it is exhausted, `deadline` passes or an upload fails. Returns whether
-    /// the pacing held it back at least once.
+    /// are, until it is exhausted, `deadline` passes or an upload fails.
     async fn drain_batches(
         &self,
         first: ReadingColumns,
         deadline: Instant,
         release: i64,
         up_to: i64,
-    ) -> Result<bool, SyncError> {
+    ) -> Result<Drained, SyncError> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
         let max = self.config.batch_size;
         let rate = self.config.backlog_rows_per_second;
@@ -709,7 +709,7 @@ impl Worker {
         let mut marking: Option<JoinHandle<()>> = None;
         let mut unmarked: Vec<i64> = Vec::new();
         let mut result = Ok(());
-        let mut paced = false;
+        let mut drained = Drained::default();
         loop {
             let stopping =
                 result.is_err() || self.shutdown.is_cancelled() || Instant::now() >= deadline;
@@ -751,6 +751,7 @@ impl Worker {
                     self.stage.progress();
                     match uploaded {
                         Ok(_) => {
+                            drained.rows += ids.len() as u64;
                             unmarked.extend(ids);
                             if marking.is_none() {
                                 marking = Some(self.spawn_mark(std::mem::take(&mut unmarked)));
@@ -783,7 +784,7 @@ impl Worker {
                 }
                 // Paced on purpose: not a stall.
                 _ = tokio::time::sleep_until(due.unwrap_or(deadline).min(deadline)), if due.is_some() && !stopping => {
-                    paced = true;
+                    drained.paced = true;
                 }
                 _ = self.shutdown.cancelled(), if !stopping => {}
             }
@@ -800,7 +801,7 @@ impl Worker {
         if !unmarked.is_empty() {
             let _ = self.spawn_mark(unmarked).await;
         }
-        result.map(|()| paced)
+        result.map(|()| drained)
     }
 
     async fn upload_on(&self, central: &Central, rows: &ReadingColumns) -> Result<u64, SyncError> {
@@ -851,6 +852,15 @@ impl Worker {
 /// still usable (the failed transaction was rolled back).
 fn is_missing_grant(e: &SyncError) -> bool {
     matches!(e, SyncError::Database(text) if text.contains("SQLSTATE 42501"))
+}
+
+/// What a backlog drain did.
+#[derive(Debug, Default)]
+struct Drained {
+    /// The pacing held it back at least once.
+    paced: bool,
+    /// Rows uploaded (committed centrally).
+    rows: u64,
 }
 
 /// How long the round's one write may wait for a commit of readings at most (the
