@@ -147,6 +147,20 @@ fn bulk_insert(agent: &Agent, n: usize, start: chrono::DateTime<chrono::Utc>, fl
     tx.commit().unwrap();
 }
 
+/// A central PostgreSQL behind PgBouncer and an agent `name` whose store holds `rows`
+/// unsynced readings observed from `age` ago on: a gateway back from an outage.
+async fn with_backlog(
+    layout: Layout,
+    name: &str,
+    rows: usize,
+    age: chrono::Duration,
+) -> (Postgres, PgBouncer, Agent) {
+    let (pg, bouncer) = central(layout).await;
+    let agent = Agent::open_as(name);
+    bulk_insert(&agent, rows, chrono::Utc::now() - age, 0);
+    (pg, bouncer, agent)
+}
+
 fn fresh_reading(gateway: &str, tag: &str) -> Reading {
     let now = chrono::Utc::now();
     Reading {
@@ -302,15 +316,9 @@ async fn drain_counting_connections(
     rate: u64,
     total: usize,
 ) -> (Postgres, PgBouncer, Agent, usize) {
-    let (pg, bouncer) = central(Layout::Plain).await;
+    let (pg, bouncer, mut agent) =
+        with_backlog(Layout::Plain, name, total, chrono::Duration::hours(1)).await;
     let pg_url = pg.url();
-    let mut agent = Agent::open_as(name);
-    bulk_insert(
-        &agent,
-        total,
-        chrono::Utc::now() - chrono::Duration::hours(1),
-        0,
-    );
     let mut sync = fast_sync(&bouncer.url());
     sync.batch_size = 1000;
     sync.backlog_connections = connections;
@@ -388,16 +396,10 @@ enum Outage {
 }
 
 async fn interrupted_mid_sync(layout: Layout, outage: Outage) {
-    let (mut pg, mut bouncer) = central(layout).await;
-    let pg_url = pg.url();
-    let mut agent = Agent::open_as("gw-crash");
     let total = 60_000;
-    bulk_insert(
-        &agent,
-        total,
-        chrono::Utc::now() - chrono::Duration::hours(3),
-        0,
-    );
+    let (mut pg, mut bouncer, mut agent) =
+        with_backlog(layout, "gw-crash", total, chrono::Duration::hours(3)).await;
+    let pg_url = pg.url();
     let mut sync = fast_sync(&bouncer.url());
     sync.batch_size = 5000;
     start_sync(&mut agent, sync);
@@ -701,16 +703,10 @@ async fn partitioned_rows_land_in_their_month_and_maintain_is_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_reading_reaches_central_within_one_interval_despite_a_200k_backlog() {
-    let (pg, bouncer) = central(Layout::Plain).await;
-    let pg_url = pg.url();
-    let mut agent = Agent::open_as("gw-live");
     let backlog = 200_000;
-    bulk_insert(
-        &agent,
-        backlog,
-        chrono::Utc::now() - chrono::Duration::days(1),
-        0,
-    );
+    let (pg, bouncer, mut agent) =
+        with_backlog(Layout::Plain, "gw-live", backlog, chrono::Duration::days(1)).await;
+    let pg_url = pg.url();
     let interval = Duration::from_secs(2);
     let mut sync = fast_sync(&bouncer.url());
     sync.interval = HumanDuration(interval);
@@ -1027,16 +1023,15 @@ async fn a_round_at_a_sites_rate_costs_one_local_commit() {
 /// as unsynced for seconds after everything is in central (found by `sync_drain`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_backlog_is_marked_as_soon_as_central_has_it() {
-    let (pg, bouncer) = central(Layout::Plain).await;
-    let pg_url = pg.url();
-    let mut agent = Agent::open_as("gw-drained-settle");
     let total = 8_000;
-    bulk_insert(
-        &agent,
+    let (pg, bouncer, mut agent) = with_backlog(
+        Layout::Plain,
+        "gw-drained-settle",
         total,
-        chrono::Utc::now() - chrono::Duration::hours(1),
-        0,
-    );
+        chrono::Duration::hours(1),
+    )
+    .await;
+    let pg_url = pg.url();
     // A long interval: a round's write may wait min(interval / 2, 5 s) for a commit.
     let mut sync = fast_sync(&bouncer.url());
     sync.interval = HumanDuration::from_secs(30);

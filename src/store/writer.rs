@@ -236,20 +236,19 @@ pub(super) fn spawn(
         conn.commit_hook(Some(hook));
     }
     // Without the thread (it could not start), SQLite's auto-checkpoint stays.
-    let checkpointer = super::checkpoint::Sizes::of(&conn)
+    let started = super::checkpoint::Sizes::of(&conn)
         .map_err(|e| e.to_string())
         .and_then(|sizes| {
-            super::checkpoint::Checkpointer::start(
-                &conn,
-                &config.path,
-                config.busy_timeout.get(),
-                sizes,
-            )
-        })
-        .map_err(|e| {
-        tracing::warn!(error = %e, "The WAL checkpoint thread did not start; the store writer checkpoints the WAL itself.");
-    })
-    .ok();
+            let timeout = config.busy_timeout.get();
+            super::checkpoint::Checkpointer::start(&conn, &config.path, timeout, sizes)
+        });
+    let checkpointer = match started {
+        Ok(checkpointer) => Some(checkpointer),
+        Err(e) => {
+            tracing::warn!(error = %e, "The WAL checkpoint thread did not start; the store writer checkpoints the WAL itself.");
+            None
+        }
+    };
     let writer = Writer {
         conn,
         _checkpointer: checkpointer,

@@ -403,8 +403,7 @@ impl Worker {
         // The live readings' marks are owed until `settle`: the backlog stays below them.
         let drained = self.drain_backlog(deadline, release, floor).await?;
         let at = self.clock.now();
-        self.settle(at, drained >= self.config.batch_size as u64)
-            .await?;
+        self.settle(at, drained).await?;
         self.sync_chain().await?;
         self.last_sync_at = Some(at);
         Ok(())
@@ -416,12 +415,13 @@ impl Worker {
     /// the round's success (`at`). At a site's rate that is one commit per interval
     /// rather than one per kind of row, and usually not even that: it rides with the
     /// next commit of readings (issue 15: SD-card wear). After a round that drained at
-    /// least a full batch of backlog (`drained`) it is written at once: those marks made
-    /// a commit per batch, so waiting saves next to nothing, and the round's newest
-    /// readings would show as unsynced for up to [`SETTLE_WITHIN`] after the backlog is
-    /// in central (a quiet site's writer may make no other commit meanwhile). Less than
-    /// a batch (readings released after a clock hold, G8, at a site's rate) still waits.
-    async fn settle(&mut self, at: DateTime<Utc>, drained: bool) -> Result<(), SyncError> {
+    /// least a full batch of backlog (`drained` rows) it is written at once: those
+    /// marks made a commit per batch, so waiting saves next to nothing, and the round's
+    /// newest readings would show as unsynced for up to [`SETTLE_WITHIN`] after the
+    /// backlog is in central (a quiet site's writer may make no other commit
+    /// meanwhile). Less than a batch (readings released after a clock hold, G8, at a
+    /// site's rate) still waits.
+    async fn settle(&mut self, at: DateTime<Utc>, drained: u64) -> Result<(), SyncError> {
         // Each in its own savepoint (`Owed`): a signature that fails leaves the marks.
         if let Some(sign) = self.store.head_signing() {
             self.owed.push(sign);
@@ -430,7 +430,7 @@ impl Worker {
         // It may wait for a commit the writer makes anyway (readings held for their
         // delay): nothing waits on these rows but the chain's upload below.
         let owed = self.owed.take();
-        let written = if drained {
+        let written = if drained >= self.config.batch_size as u64 {
             self.store.write(owed).await
         } else {
             let within = (self.config.interval.get() / 2).min(SETTLE_WITHIN);
