@@ -16,6 +16,7 @@
 //!   computed on the blocking pool, never on a runtime worker.
 //! - [`reports`]: daily summaries kept and sent each morning, calibration reminders.
 //! - [`systemd`]: READY/STOPPING/WATCHDOG notifications.
+//! - [`memory`]: unmaps the code and read-only data only start-up touched.
 
 pub mod alerting;
 pub mod audit;
@@ -23,6 +24,7 @@ pub mod collector;
 pub mod console;
 pub mod health;
 pub mod http;
+pub mod memory;
 pub mod pipeline;
 pub mod reports;
 pub mod systemd;

@@ -386,6 +386,7 @@ pub async fn run(
         database = %config.storage.path.display(),
         "Outpost is running."
     );
+    tokio::spawn(unmap_startup_pages(shutdown.clone()));
     let store = pipeline.store.clone();
     let mut damaged = None;
     loop {
@@ -414,6 +415,27 @@ pub async fn run(
         None => Ok(()),
     }
 }
+
+/// Once the agent has settled, unmaps the code and read-only data only start-up touched
+/// ([`crate::run::memory`]).
+async fn unmap_startup_pages(shutdown: CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = tokio::time::sleep(STARTUP_SETTLES) => {}
+    }
+    if let Ok(done) = tokio::task::spawn_blocking(crate::run::memory::unmap_startup_pages).await {
+        tracing::debug!(
+            ranges = done.ranges,
+            bytes = done.bytes,
+            "Start-up pages unmapped."
+        );
+    }
+}
+
+/// How long after "Outpost is running." the start-up pages are unmapped: the sources
+/// have connected and stored their first readings. A second pass after the first minute
+/// was measured and freed nothing lasting (docs/benchmarks.md, "Session 13").
+const STARTUP_SETTLES: Duration = Duration::from_secs(3);
 
 /// Starts or restarts the alert engine and the notification outbox for `config`.
 async fn start_alerts(pipeline: &mut Pipeline, config: &Config) {
