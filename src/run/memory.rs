@@ -208,6 +208,15 @@ mod tests {
         }
     }
 
+    fn relro(vaddr: usize, memsz: usize) -> Segment {
+        Segment {
+            kind: libc::PT_GNU_RELRO,
+            flags: libc::PF_R,
+            vaddr,
+            memsz,
+        }
+    }
+
     const R: u32 = libc::PF_R;
     const RX: u32 = libc::PF_R | libc::PF_X;
     const RW: u32 = libc::PF_R | libc::PF_W;
@@ -218,12 +227,7 @@ mod tests {
             load(R, 0, 0x2850),
             load(RX, 0x2850, 0x6000),
             load(RW, 0x9000, 0x3000),
-            Segment {
-                kind: libc::PT_GNU_RELRO,
-                flags: R,
-                vaddr: 0x9000,
-                memsz: 0x2000,
-            },
+            relro(0x9000, 0x2000),
         ];
         assert_eq!(
             unchanged_ranges(0x10000, &headers, 0x1000),
@@ -233,15 +237,7 @@ mod tests {
 
     #[test]
     fn a_relro_range_inside_a_read_only_segment_is_cut_out() {
-        let headers = [
-            load(R, 0, 0x8000),
-            Segment {
-                kind: libc::PT_GNU_RELRO,
-                flags: R,
-                vaddr: 0x3000,
-                memsz: 0x2000,
-            },
-        ];
+        let headers = [load(R, 0, 0x8000), relro(0x3000, 0x2000)];
         assert_eq!(
             unchanged_ranges(0, &headers, 0x1000),
             vec![(0, 0x3000), (0x5000, 0x8000)]
